@@ -1,0 +1,226 @@
+"""``roadwork <command> key=value ...`` — one entry point for the whole job."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from roadwork.errors import RoadworkError
+
+HELP = """\
+roadwork — labelled images in; a calibrated, conformal, certified, deployable classifier out.
+
+Usage:
+  roadwork demo [key=value ...] [--force STAGE]     the whole job on generated roadwork scenes
+  roadwork run [CONFIG] [key=value ...] [--force STAGE] [--until STAGE]
+  roadwork STAGE [CONFIG] [key=value ...]           run up to one stage (data, train, calibrate, conformal,
+                                                   selective, policy, export, evaluate)
+  roadwork config show [CONFIG] [key=value ...]     print the resolved configuration
+  roadwork data synthetic n=N size=PX seed=S out=DIR [label_noise=R]
+                                                   write generated scenes and a manifest.csv into DIR
+  roadwork predict BUNDLE PATH [PATH ...]           one JSON line per image (label, probability, set, abstain)
+  roadwork help                                     this text
+
+CONFIG is a YAML file or a preset (default, demo). Overrides use dotted keys and YAML values.
+
+Examples:
+  roadwork demo                                     # ~5 min on 2 CPU cores; prints a summary and the report path
+  roadwork demo train.epochs=3 data.synthetic.n=1500
+  roadwork run demo name=fog data.synthetic.seed=7 --force train
+  roadwork run data.source=path/to/folder name=mydata   # one subfolder per class
+  roadwork run data.source=manifest.csv conformal.alpha=0.05 selective.target_risk=0.01
+  roadwork config show demo train.lr=1e-3
+  roadwork data synthetic n=200 out=scenes/
+  roadwork predict runs/demo/export/bundle scenes/000001.jpg
+"""
+
+
+def _print(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _split_flags(args: list[str], flags: tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
+    rest: list[str] = []
+    found: dict[str, list[str]] = {f: [] for f in flags}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name, _, val = a.partition("=")
+        if name in flags:
+            if not val:
+                if i + 1 >= len(args):
+                    raise RoadworkError(f"{name} needs a value, e.g. {name} train.")
+                val = args[i + 1]
+                i += 1
+            found[name].append(val)
+        elif a.startswith("--"):
+            raise RoadworkError(f"Unknown option {a!r}. Options: {', '.join(flags) or 'none'}. See 'roadwork help'.")
+        else:
+            rest.append(a)
+        i += 1
+    return rest, found
+
+
+def _config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _summary(result: object) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from roadwork.evaluation.report import summary_rows
+    from roadwork.pipeline import RunResult
+
+    assert isinstance(result, RunResult)
+    console = Console()
+    t = Table(title="stages", show_lines=False)
+    for col in ("stage", "status", "seconds"):
+        t.add_column(col, justify="right" if col == "seconds" else "left")
+    for r in result.stages:
+        t.add_row(r.name, "[green]cached[/green]" if r.cached else "ran", f"{r.seconds:.1f}")
+    console.print(t)
+    m = result.metrics
+    if m is not None:
+        s = Table(title="test results")
+        s.add_column("metric")
+        s.add_column("value", justify="right")
+        for k, v in summary_rows(m):
+            s.add_row(k, v)
+        console.print(s)
+        worst = sorted(m["slices"].items(), key=lambda kv: kv[1]["accuracy"])[:4]
+        console.print("hardest slices: " + ", ".join(f"{k} ({v['accuracy']:.3f})" for k, v in worst))
+    if result.report.is_file():
+        console.print(f"report:  {result.report}")
+    if result.bundle.is_dir():
+        console.print(f"bundle:  {result.bundle}   (try: roadwork predict {result.bundle} IMAGE)")
+    if result.tracking_uri:
+        console.print(f"MLflow:  mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+def _run(config: str | None, overrides: list[str], force: list[str], until: str | None) -> int:
+    from roadwork.config import load_config
+    from roadwork.pipeline import STAGE_NAMES, run_pipeline
+
+    cfg = load_config(config, overrides)  # fails here, before any work, on a bad key or value
+    bad = [s for s in [*force, *([until] if until else [])] if s not in STAGE_NAMES]
+    if bad:
+        raise RoadworkError(f"Unknown stage {bad[0]!r}; the stages are: {', '.join(STAGE_NAMES)}.")
+    t0 = time.perf_counter()
+
+    def on_stage(r: object) -> None:
+        from roadwork.pipeline.runner import StageResult
+
+        assert isinstance(r, StageResult)
+        status = "cached" if r.cached else f"done in {r.seconds:.1f}s"
+        print(f"[{r.name}] {status}", file=sys.stderr, flush=True)
+
+    result = run_pipeline(cfg, force=force, until=until, progress=sys.stderr.isatty() or "CI" not in os.environ,
+                          on_stage=on_stage)
+    _summary(result)
+    _print(f"total: {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _synthetic(args: list[str]) -> int:
+    from roadwork.config import ConfigError, SyntheticConfig, parse_overrides
+    from roadwork.data.synthetic import CLASSES, generate_dataset
+
+    values = parse_overrides(args)
+    out = values.pop("out", None)
+    if not out:
+        raise ConfigError("roadwork data synthetic needs out=DIR, the folder to write images into.")
+    try:
+        s = SyntheticConfig.model_validate(values)
+    except Exception as e:
+        raise ConfigError(f"Invalid synthetic option: {e}") from None
+    out_dir = Path(str(out))
+    rows = generate_dataset(out_dir, s.n, size=s.size, seed=s.seed, positive_fraction=s.positive_fraction,
+                            domain_b_fraction=s.domain_b_fraction, label_noise=s.label_noise, workers=s.workers)
+    import csv
+
+    cols = ["path", "label", "weather", "time", "camera", "domain", "zone_distance", "distractor", "label_flipped"]
+    with open(out_dir / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([r["path"], CLASSES[int(r["label"])]] + [r[c] for c in cols[2:]])  # type: ignore[call-overload]
+    _print(f"wrote {len(rows)} images and {out_dir / 'manifest.csv'}")
+    return 0
+
+
+def _predict(args: list[str]) -> int:
+    from roadwork.export.bundle import Bundle
+
+    if len(args) < 2:
+        raise RoadworkError("Usage: roadwork predict BUNDLE PATH [PATH ...] (images or folders of images).")
+    bundle = Bundle.load(args[0])
+    paths: list[Path] = []
+    for a in args[1:]:
+        p = Path(a)
+        if p.is_dir():
+            paths.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp",
+                                                                                ".webp"}))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise RoadworkError(f"roadwork predict: {a!r} is neither an image file nor a folder.")
+    for i in range(0, len(paths), 64):
+        for rec in bundle.predict_paths(paths[i : i + 64]):
+            print(json.dumps(rec), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("help", "-h", "--help"):
+        _print(HELP)
+        return 0
+    cmd, rest = args[0], args[1:]
+    try:
+        from roadwork.pipeline import STAGE_NAMES
+
+        if cmd == "demo":
+            rest, flags = _split_flags(rest, ("--force",))
+            return _run("demo", rest, flags["--force"], None)
+        if cmd == "run":
+            rest, flags = _split_flags(rest, ("--force", "--until"))
+            config, overrides = _config_and_overrides(rest)
+            return _run(config, overrides, flags["--force"], (flags["--until"] or [None])[-1])
+        if cmd == "config":
+            if not rest or rest[0] != "show":
+                raise RoadworkError("Usage: roadwork config show [CONFIG] [key=value ...]")
+            from roadwork.config import dump_config, load_config
+
+            config, overrides = _config_and_overrides(rest[1:])
+            _print(dump_config(load_config(config, overrides)).rstrip())
+            return 0
+        if cmd == "data" and rest and rest[0] == "synthetic":
+            return _synthetic(rest[1:])
+        if cmd == "predict":
+            return _predict(rest)
+        if cmd in STAGE_NAMES:
+            rest, flags = _split_flags(rest, ("--force",))
+            config, overrides = _config_and_overrides(rest)
+            return _run(config, overrides, flags["--force"], cmd)
+        import difflib
+
+        options = ["demo", "run", "config", "predict", "help", *STAGE_NAMES]
+        close = difflib.get_close_matches(cmd, options, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise RoadworkError(f"Unknown command {cmd!r}.{hint} Run 'roadwork help' for the commands.")
+    except RoadworkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed stages are kept; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

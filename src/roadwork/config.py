@@ -1,0 +1,286 @@
+"""Configuration: one Pydantic model per stage, YAML files, ``key=value`` overrides.
+
+Resolution order: model defaults (mirrored in ``configs/default.yaml``) ← a YAML file or preset
+(``demo``) ← ``key=value`` overrides (``train.epochs=3``). Values are parsed as YAML scalars/lists
+(``3`` → int, ``true`` → bool, ``[a, b]`` → list), never with ``eval``. Unknown keys get a
+"did you mean" suggestion; invalid values fail before any work starts, naming key, value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from roadwork.errors import ConfigError
+
+__all__ = [
+    "CalibrateConfig",
+    "ConformalConfig",
+    "DataConfig",
+    "EvaluateConfig",
+    "ExportConfig",
+    "ModelConfig",
+    "RunConfig",
+    "SelectiveConfig",
+    "SplitConfig",
+    "SyntheticConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_overrides",
+    "preset_names",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Strict):
+    """Procedural roadwork scenes (see :mod:`roadwork.data.synthetic`)."""
+
+    n: int = Field(6000, ge=8, description="number of images to generate")
+    size: int = Field(128, ge=32, le=1024, description="image side in pixels")
+    seed: int = Field(0, description="generator seed; same seed, same images")
+    positive_fraction: float = Field(0.5, gt=0, lt=1, description="share of work-zone images")
+    domain_b_fraction: float = Field(0.5, ge=0, le=1, description="share of images in visual style B")
+    label_noise: float = Field(0.0, ge=0, lt=0.5, description="rate of flipped labels (recorded per image)")
+    workers: int = Field(0, ge=0, description="processes for generation; 0 = all cores")
+
+
+class SplitConfig(_Strict):
+    """Fractions of the stable, hash-based split. They must sum to 1."""
+
+    train: float = Field(0.5, gt=0, lt=1)
+    val: float = Field(0.1, gt=0, lt=1)
+    calib: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+    salt: str = Field("roadwork", description="changing it reshuffles every split")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.calib + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1 (train+val+calib+test); they sum to {total:g}")
+        return self
+
+
+class DataConfig(_Strict):
+    source: str = Field(
+        "synthetic",
+        description="'synthetic', an image folder (one subfolder per class), or a CSV/Parquet manifest",
+    )
+    synthetic: SyntheticConfig = SyntheticConfig()
+    splits: SplitConfig = SplitConfig()
+    min_per_class: int = Field(10, ge=2, description="a class with fewer usable images is an error")
+    max_pixels: int = Field(40_000_000, ge=1, description="larger images are skipped (decompression bombs)")
+    max_file_mb: float = Field(64.0, gt=0, description="larger files are skipped")
+
+
+class ModelConfig(_Strict):
+    backbone: str = Field("mobilenetv3_small_100", description="timm model name")
+    pretrained: bool = Field(False, description="download pretrained weights from the hub")
+    weights: str | None = Field(None, description="local safetensors file with backbone weights")
+    image_size: int = Field(96, ge=16, le=1024, description="network input side in pixels")
+    drop_rate: float = Field(0.1, ge=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.02, ge=0)
+    warmup_epochs: float = Field(0.5, ge=0)
+    patience: int = Field(4, ge=1, description="epochs without val improvement before stopping")
+    augment: bool = True
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+
+
+class CalibrateConfig(_Strict):
+    method: Literal["temperature", "none"] = "temperature"
+
+
+class ConformalConfig(_Strict):
+    method: Literal["lac"] = "lac"
+    alpha: float = Field(0.1, gt=0, lt=1, description="miscoverage level: sets contain the label w.p. ≥ 1-α")
+
+
+class SelectiveConfig(_Strict):
+    target_risk: float = Field(0.02, gt=0, lt=1, description="error rate allowed on answered images")
+    delta: float = Field(0.05, gt=0, lt=1, description="the certificate holds with probability ≥ 1-δ")
+
+
+class EvaluateConfig(_Strict):
+    ece_bins: int = Field(15, ge=2)
+    n_examples: int = Field(16, ge=0, description="images in the sample and worst-mistake grids")
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(18, ge=18)
+    parity_atol: float = Field(1e-4, gt=0, description="max |logit difference| torch vs ONNX")
+    parity_samples: int = Field(64, ge=1)
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<root>/mlflow.db")
+    experiment: str = "roadwork"
+
+
+class RunConfig(_Strict):
+    name: str = Field("default", description="run folder name under root")
+    root: str = Field("runs", description="folder holding every run")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
+    conformal: ConformalConfig = ConformalConfig()
+    selective: SelectiveConfig = SelectiveConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\") or v.startswith("."):
+            raise ValueError("must be a plain folder name (no slashes, not starting with '.')")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("roadwork.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_all_keys(ann, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _suggest(key: str) -> str:
+    keys = _all_keys(RunConfig)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:  # match on the last component too: 'epoch' → 'train.epochs'
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
+    return f" Did you mean '{close[0]}'?" if close else " Run 'roadwork config show' to list every key."
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ``["train.epochs=3", "data.source=imgs/"]`` into a nested dict with typed values."""
+    nested: dict[str, Any] = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"Override {arg!r} is not of the form key=value (for example train.epochs=3).")
+        key, raw = arg.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"Override {arg!r} has an empty key; write key=value, e.g. train.epochs=3.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # not valid YAML: keep the string, the model decides whether that is allowed
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {arg!r} sets a key below {part!r}, which is a value, not a section.")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}.")
+    return data
+
+
+def _resolve_source(config: str | Path | None) -> dict[str, Any]:
+    if config is None:
+        return {}
+    path = Path(config)
+    if path.is_file():
+        return _read_yaml(path)
+    name = str(config)
+    if name in preset_names():
+        return _read_yaml(Path(str(resources.files("roadwork.configs").joinpath(f"{name}.yaml"))))
+    raise ConfigError(
+        f"Config {name!r} is neither a YAML file nor a preset. Pass a path to a .yaml file or one of the "
+        f"presets: {', '.join(preset_names())}."
+    )
+
+
+def _explain(err: ValidationError, values: dict[str, Any]) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"Unknown config key '{key}'.{_suggest(key)}")
+            continue
+        got = e.get("input")
+        allowed = e["msg"]
+        ctx = e.get("ctx") or {}
+        if "expected" in ctx:
+            allowed = f"one of {ctx['expected']}"
+        where = f"'{key}'" if key else "the config"
+        lines.append(f"Invalid value for {where}: got {got!r}; {allowed}.")
+    return ConfigError("\n".join(lines))
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Resolve defaults ← ``config`` (YAML path or preset name) ← ``overrides`` into a validated RunConfig.
+
+    >>> load_config("demo", ["train.epochs=2"]).train.epochs
+    2
+    """
+    values = _resolve_source(config)
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        values = _merge(values, extra)
+    try:
+        return RunConfig.model_validate(values)
+    except ValidationError as e:
+        raise _explain(e, values) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

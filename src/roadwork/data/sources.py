@@ -1,0 +1,195 @@
+"""Load a labelled image source into the dataset table, skipping and reporting bad files.
+
+The dataset table (``dataset.parquet``) has one row per usable image:
+
+    id        str   stable identifier (path relative to the source root)
+    path      str   absolute path of the image file
+    label     str   class name
+    split     str   train / val / calib / test (see :mod:`roadwork.data.splits`)
+    sha256    str   content hash
+    <slices>  str   any further columns (weather, time, camera, ...) used for per-slice results
+
+Sources: an image folder (one subfolder per class), a CSV or Parquet manifest (``path,label`` plus
+any slice columns, relative paths resolved against the manifest's folder), or the synthetic generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+
+from roadwork.config import DataConfig
+from roadwork.data.splits import assign_splits
+from roadwork.errors import DataError
+
+__all__ = ["DataReport", "build_dataset", "check_image", "CORE_COLUMNS"]
+
+CORE_COLUMNS = ("id", "path", "label", "split", "sha256")
+
+
+@dataclass
+class DataReport:
+    """What happened to every file of the source."""
+
+    n_found: int = 0
+    n_used: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    duplicates: list[list[str]] = field(default_factory=list)
+    class_counts: dict[str, int] = field(default_factory=dict)
+    split_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_found": self.n_found, "n_used": self.n_used, "n_skipped": len(self.skipped),
+            "skipped": self.skipped, "duplicates": self.duplicates,
+            "class_counts": self.class_counts, "split_counts": self.split_counts,
+        }
+
+
+def check_image(path: Path, *, max_pixels: int, max_bytes: int) -> tuple[str | None, str]:
+    """Return ``(sha256, "")`` for a usable image, or ``(None, reason)``.
+
+    Decodes the whole file: ``Image.verify`` misses truncated JPEGs, a full ``load`` does not.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    if size == 0:
+        return None, "zero-byte file"
+    if size > max_bytes:
+        return None, f"file too large ({size / 2**20:.1f} MiB > {max_bytes / 2**20:.1f} MiB)"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    return None, f"too many pixels ({w}x{h} > {max_pixels}; possible decompression bomb)"
+                im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return None, f"decompression bomb: {e}"
+    except Exception as e:  # PIL raises many types for bad files; all of them mean "skip"
+        kind = "not an image" if "cannot identify image file" in str(e) else f"corrupt image ({type(e).__name__}: {e})"
+        return None, kind
+    return hashlib.sha256(data).hexdigest(), ""
+
+
+def _from_folder(root: Path) -> pd.DataFrame:
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise DataError(
+            f"data.source={str(root)!r} is a folder with {len(class_dirs)} class subfolder(s); an image folder "
+            "needs one subfolder per class (at least two), e.g. roadwork/ and no_roadwork/."
+        )
+    rows = [
+        {"id": f.relative_to(root).as_posix(), "path": str(f.resolve()), "label": d.name}
+        for d in class_dirs
+        for f in sorted(d.rglob("*"))
+        if f.is_file() and not f.name.startswith(".")
+    ]
+    return pd.DataFrame(rows, columns=["id", "path", "label"])
+
+
+def _from_manifest(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise DataError(f"data.source={str(path)!r} could not be read as a manifest: {e}") from None
+    missing = {"path", "label"} - set(df.columns)
+    if missing:
+        raise DataError(
+            f"Manifest {str(path)!r} lacks the column(s) {sorted(missing)}; it needs 'path' and 'label' "
+            f"(plus any slice columns). Found: {list(df.columns)}."
+        )
+    reserved = {"id", "split", "sha256"} & set(df.columns)
+    if reserved:
+        raise DataError(f"Manifest {str(path)!r} uses reserved column name(s) {sorted(reserved)}; rename them.")
+    base = path.parent
+    df = df.astype({"path": str, "label": str})
+    df.insert(0, "id", df["path"])
+    df["path"] = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in df["path"]]
+    for col in df.columns:
+        if col not in ("id", "path", "label"):
+            df[col] = df[col].astype(str)
+    return df
+
+
+def _validate_files(df: pd.DataFrame, cfg: DataConfig, report: DataReport) -> pd.DataFrame:
+    from tqdm.auto import tqdm
+
+    hashes: list[str | None] = []
+    for rid, p in tqdm(zip(df["id"], df["path"], strict=True), total=len(df), desc="checking images",
+                       unit="img", leave=False):
+        digest, reason = check_image(Path(p), max_pixels=cfg.max_pixels, max_bytes=int(cfg.max_file_mb * 2**20))
+        if digest is None:
+            report.skipped.append({"id": rid, "path": p, "reason": reason})
+        hashes.append(digest)
+    df = df.assign(sha256=hashes)
+    return df[df["sha256"].notna()].reset_index(drop=True)
+
+
+def build_dataset(cfg: DataConfig, *, synthetic_rows: list[dict[str, Any]] | None = None,
+                  synthetic_root: Path | None = None) -> tuple[pd.DataFrame, list[str], DataReport]:
+    """Build the dataset table for ``cfg.source``; returns ``(table, class_names, report)``.
+
+    For ``source='synthetic'`` the caller generates the images and passes their rows (already hashed).
+    """
+    report = DataReport()
+    if cfg.source == "synthetic":
+        if synthetic_rows is None or synthetic_root is None:
+            raise DataError("source='synthetic' needs the generated rows; use roadwork.pipeline to run the data stage.")
+        from roadwork.data.synthetic import CLASSES
+
+        df = pd.DataFrame(synthetic_rows)
+        df["id"] = df["path"]
+        df["path"] = [str((synthetic_root / p).resolve()) for p in df["path"]]
+        df["label"] = [CLASSES[i] for i in df["label"]]
+        df["true_label"] = [CLASSES[i] for i in df["true_label"]]
+        df = df.drop(columns=["index"]).astype({"label_flipped": str})
+        report.n_found = len(df)
+    else:
+        src = Path(cfg.source)
+        if not src.exists():
+            raise DataError(
+                f"data.source={cfg.source!r} does not exist. Pass 'synthetic', an image folder with one subfolder "
+                "per class, or a .csv/.parquet manifest with 'path' and 'label' columns."
+            )
+        if src.is_dir():
+            df = _from_folder(src)
+        elif src.suffix in (".csv", ".parquet"):
+            df = _from_manifest(src)
+        else:
+            raise DataError(f"data.source={cfg.source!r} is a file but not a .csv or .parquet manifest.")
+        report.n_found = len(df)
+        df = _validate_files(df, cfg, report)  # suffixes are not trusted: every file is decoded
+    classes = sorted(df["label"].unique().tolist())
+    counts = df["label"].value_counts().to_dict()
+    report.class_counts = {c: int(counts.get(c, 0)) for c in classes}
+    too_few = {c: n for c, n in report.class_counts.items() if n < cfg.min_per_class}
+    if len(classes) < 2 or too_few:
+        detail = ", ".join(f"'{c}' has {n}" for c, n in too_few.items()) or f"found classes {classes}"
+        raise DataError(
+            f"Not enough usable images per class in {cfg.source!r}: {detail}; each class needs at least "
+            f"data.min_per_class={cfg.min_per_class} (and there must be two classes). Add images or lower "
+            f"data.min_per_class. {len(report.skipped)} file(s) were skipped as unusable."
+        )
+    dup = df[df.duplicated("sha256", keep=False)]
+    report.duplicates = [sorted(g["id"].tolist()) for _, g in dup.groupby("sha256")]
+    df["split"] = assign_splits(df["sha256"].tolist(), cfg.splits)
+    report.n_used = len(df)
+    report.split_counts = {
+        s: {c: int(n) for c, n in g["label"].value_counts().sort_index().items()} for s, g in df.groupby("split")
+    }
+    slices = [c for c in df.columns if c not in CORE_COLUMNS]
+    return df[list(CORE_COLUMNS) + slices], classes, report

@@ -1,0 +1,88 @@
+"""Compute ``metrics.json`` from test predictions and the policy: overall, conformal, selective, slices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from roadwork.trust import metrics as M
+from roadwork.trust._checks import softmax
+from roadwork.trust.policy import PolicyOutput, TrustPolicy
+from roadwork.trust.predictions import Predictions
+
+__all__ = ["METRICS_SCHEMA", "compute_metrics", "slice_rows"]
+
+METRICS_SCHEMA = 1
+
+
+def _group(out: PolicyOutput, labels: np.ndarray, n_bins: int) -> dict[str, float]:
+    correct = out.pred == labels
+    answered = ~out.abstain
+    covered = out.sets[np.arange(len(labels)), labels]
+    return {
+        "n": int(len(labels)),
+        "accuracy": M.accuracy(out.probs, labels),
+        "ece": M.ece(out.probs, labels, n_bins),
+        "coverage": float(covered.mean()) if len(labels) else float("nan"),
+        "mean_set_size": float(out.sets.sum(axis=1).mean()) if len(labels) else float("nan"),
+        "abstain_rate": float(out.abstain.mean()) if len(labels) else float("nan"),
+        "selective_risk": float(1 - correct[answered].mean()) if answered.any() else 0.0,
+    }
+
+
+def slice_rows(preds: Predictions, out: PolicyOutput, n_bins: int) -> dict[str, dict[str, float]]:
+    """``{"weather=fog": {n, accuracy, ece, coverage, ...}, ...}`` for every slice column and value."""
+    rows: dict[str, dict[str, float]] = {}
+    for col, values in sorted(preds.slices.items()):
+        for v in sorted(set(values.tolist())):
+            m = values == v
+            sub = PolicyOutput(out.probs[m], out.pred[m], out.confidence[m], out.sets[m], out.abstain[m])
+            rows[f"{col}={v}"] = _group(sub, preds.labels[m], n_bins)
+    return rows
+
+
+def compute_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15) -> dict[str, Any]:
+    y = test.labels
+    out = policy.apply(test.logits)
+    raw = softmax(test.logits)
+    correct = out.pred == y
+    answered = ~out.abstain
+    set_size = out.sets.sum(axis=1)
+    return {
+        "schema": METRICS_SCHEMA,
+        "classes": test.classes,
+        "test": {
+            "n": len(test),
+            "accuracy": M.accuracy(out.probs, y),
+            "mcc": M.mcc(out.probs, y),
+            "auroc": M.auroc(out.probs, y),
+            "nll": M.nll(out.probs, y),
+            "nll_uncalibrated": M.nll(raw, y),
+            "brier": M.brier(out.probs, y),
+            "ece": {"uncalibrated": M.ece(raw, y, n_bins), "calibrated": M.ece(out.probs, y, n_bins),
+                    "bins": n_bins},
+            "aurc": M.aurc(out.confidence, correct),
+        },
+        "calibration": policy.calibrator.to_dict(),
+        "conformal": {
+            "method": policy.conformal.method,
+            "alpha": policy.conformal.alpha,
+            "threshold": policy.conformal.threshold_,
+            "n_calib": policy.conformal.n_,
+            "coverage": float(out.sets[np.arange(len(y)), y].mean()),
+            "mean_set_size": float(set_size.mean()),
+            "singleton_rate": float((set_size == 1).mean()),
+            "empty_rate": float((set_size == 0).mean()),
+        },
+        "selective": {
+            "target_risk": policy.abstention.target_risk,
+            "delta": policy.abstention.delta,
+            "threshold": policy.abstention.threshold,
+            "coverage": float(answered.mean()),
+            "risk": float(1 - correct[answered].mean()) if answered.any() else 0.0,
+            "calib_coverage": policy.abstention.coverage,
+            "calib_risk_upper_bound": policy.abstention.risk_upper_bound,
+        },
+        "slices": slice_rows(test, out, n_bins),
+    }

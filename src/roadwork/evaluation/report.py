@@ -1,0 +1,127 @@
+"""Self-contained ``report.html`` (plots embedded as base64) and ``MODEL_CARD.md``."""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import Any
+
+__all__ = ["render_html", "render_model_card", "summary_rows"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
+h1{margin-bottom:0}.sub{color:#666;margin-top:.2rem}
+table{border-collapse:collapse;margin:.6rem 0 1.4rem;font-size:.9rem}
+th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}.bad{background:#fde2e2}.ok{background:#e3f5e1}
+figure{margin:.6rem 0 1.4rem}img{max-width:100%;border:1px solid #eee}
+.note{background:#f7f7fb;border-left:4px solid #88a;padding:.6rem 1rem}
+"""
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]], classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for i, r in enumerate(rows):
+        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img(name: str, png: bytes, caption: str) -> str:
+    b64 = base64.b64encode(png).decode()
+    return (f'<figure id="fig-{name}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The headline numbers, shared by the terminal summary and the report."""
+    t, c, s = metrics["test"], metrics["conformal"], metrics["selective"]
+    return [
+        ("test images", f"{t['n']}"),
+        ("accuracy", f"{t['accuracy']:.4f}"),
+        ("MCC / AUROC", f"{t['mcc']:.4f} / {t['auroc']:.4f}"),
+        ("ECE (15 bins) before → after", f"{t['ece']['uncalibrated']:.4f} → {t['ece']['calibrated']:.4f}"),
+        ("NLL before → after", f"{t['nll_uncalibrated']:.4f} → {t['nll']:.4f}"),
+        (f"conformal coverage (target ≥ {1 - c['alpha']:.2f})", f"{c['coverage']:.4f}"),
+        ("mean set size / singletons", f"{c['mean_set_size']:.3f} / {c['singleton_rate']:.3f}"),
+        (f"selective risk (target ≤ {s['target_risk']}, δ={s['delta']})", f"{s['risk']:.4f}"),
+        ("answered (coverage) at certified threshold", f"{s['coverage']:.4f}"),
+    ]
+
+
+def render_html(*, metrics: dict[str, Any], figures: dict[str, tuple[bytes, str]], data_report: dict[str, Any],
+                config_yaml: str, run_name: str) -> str:
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>roadwork report: "
+             f"{html.escape(run_name)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>roadwork report — {html.escape(run_name)}</h1>",
+             f"<p class='sub'>classes: {html.escape(', '.join(metrics['classes']))}</p>",
+             "<h2>Summary</h2>", _table(["metric", "value"], [list(r) for r in summary_rows(metrics)])]
+    c, s = metrics["conformal"], metrics["selective"]
+    parts.append(
+        "<div class='note'><b>What the guarantees mean.</b> "
+        f"Prediction sets contain the true class for at least {1 - c['alpha']:.0%} of images <i>on average over "
+        "images and calibration draws</i>, provided calibration and test images are exchangeable (drawn from "
+        "the same distribution). The abstain rule answers only images whose calibrated confidence is at least "
+        f"{s['threshold']:.4f}; with probability ≥ {1 - s['delta']:.0%} over the calibration draw, the error rate "
+        f"on answered images is at most {s['target_risk']}. Neither holds under distribution shift.</div>")
+    order = ["reliability", "risk_coverage", "confusion", "training", "samples", "mistakes"]
+    for name in order:
+        if name in figures:
+            png, caption = figures[name]
+            parts.append(f"<h2>{html.escape(caption.split(':')[0])}</h2>{_img(name, png, caption)}")
+    rows, marks = [], []
+    for key, r in metrics["slices"].items():
+        rows.append([key, r["n"], r["accuracy"], r["ece"], r["coverage"], r["mean_set_size"], r["abstain_rate"],
+                     r["selective_risk"]])
+        marks.append("bad" if r["accuracy"] < metrics["test"]["accuracy"] - 0.05 else "")
+    parts.append("<h2>Per-slice results</h2><p>Rows more than 5 points below overall accuracy are shaded.</p>")
+    parts.append(_table(["slice", "n", "accuracy", "ECE", "coverage", "mean set size", "abstain rate",
+                         "selective risk"], rows, marks))
+    parts.append("<h2>Data</h2>")
+    split_rows = [[sp, *cnt.values()] for sp, cnt in data_report.get("split_counts", {}).items()]
+    class_names = list(data_report.get("class_counts", {}))
+    parts.append(_table(["split", *class_names], split_rows))
+    skipped = data_report.get("skipped", [])
+    parts.append(f"<p>{data_report.get('n_used', 0)} images used of {data_report.get('n_found', 0)} found; "
+                 f"{len(skipped)} skipped; {len(data_report.get('duplicates', []))} duplicate groups.</p>")
+    if skipped:
+        parts.append(_table(["skipped file", "reason"], [[r["id"], r["reason"]] for r in skipped]))
+    if data_report.get("duplicates"):
+        parts.append(_table(["duplicate group (same content)"], [[", ".join(g)] for g in data_report["duplicates"]]))
+    parts.append(f"<h2>Configuration</h2><pre>{html.escape(config_yaml)}</pre></body></html>")
+    return "\n".join(parts)
+
+
+def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, data_source: str) -> str:
+    t, c, s = metrics["test"], metrics["conformal"], metrics["selective"]
+    worst = sorted(metrics["slices"].items(), key=lambda kv: kv[1]["accuracy"])[:5]
+    lines = [
+        f"# Model card — {run_name}", "",
+        f"- **Task:** image classification into {', '.join(metrics['classes'])}",
+        f"- **Backbone:** `{backbone}`", f"- **Training data:** `{data_source}`",
+        f"- **Test accuracy:** {t['accuracy']:.4f} on {t['n']} images (MCC {t['mcc']:.4f}, AUROC {t['auroc']:.4f})",
+        f"- **Calibration:** {metrics['calibration']['kind']}; ECE {t['ece']['uncalibrated']:.4f} → "
+        f"{t['ece']['calibrated']:.4f}", "",
+        "## Guarantees and their assumptions", "",
+        f"1. **Conformal prediction sets ({c['method'].upper()}, α = {c['alpha']}).** For a new image drawn "
+        "exchangeably with the calibration images, the set contains its true class with probability at least "
+        f"{1 - c['alpha']:.2f}, averaged over images and over the draw of the {c['n_calib']} calibration images. "
+        f"Measured on test: coverage {c['coverage']:.4f}, mean set size {c['mean_set_size']:.3f}.",
+        f"2. **Certified abstention.** The model answers when calibrated confidence ≥ {s['threshold']:.4f}. "
+        f"With probability ≥ {1 - s['delta']:.2f} over the calibration draw, the error rate on answered images is "
+        f"at most {s['target_risk']} (Clopper–Pearson bound, union over a fixed grid of thresholds). "
+        f"Measured on test: answered {s['coverage']:.4f}, error on answered {s['risk']:.4f}.",
+        "", "**Assumption:** calibration and deployment images are exchangeable (same distribution). Under "
+        "distribution shift — new cities, cameras, seasons — or label noise in the calibration split, neither "
+        "guarantee holds as stated. Monitor the slices below and recalibrate on fresh labelled data.", "",
+        "## Weakest slices (test)", "", "| slice | n | accuracy | coverage |", "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {k} | {r['n']} | {r['accuracy']:.4f} | {r['coverage']:.4f} |" for k, r in worst]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""The bundle: the deployable unit. No torch needed to read or run it.
+
+    bundle/
+      model.onnx      the network (dynamic batch)
+      model.json      architecture, class names, preprocessing
+      policy.json     the TrustPolicy (calibration, conformal threshold, certified abstention)
+      manifest.json   schema, sha256 of every file above, library versions, export parity
+
+:meth:`Bundle.load` refuses a bundle whose files do not match the manifest's hashes, naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from roadwork.data.preprocess import load_rgb, preprocess
+from roadwork.errors import ArtifactError
+from roadwork.export.onnx import onnx_logits, onnx_session
+from roadwork.models.factory import ModelCard
+from roadwork.trust.policy import PolicyOutput, TrustPolicy
+
+__all__ = ["BUNDLE_SCHEMA", "Bundle", "file_sha256", "write_bundle"]
+
+BUNDLE_SCHEMA = 1
+_FILES = ("model.onnx", "model.json", "policy.json")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("roadwork", "numpy", "onnxruntime", "onnx", "torch", "timm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_bundle(out_dir: Path, *, onnx_path: Path, card: ModelCard, policy: TrustPolicy,
+                 export_info: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, out_dir / "model.onnx")
+    (out_dir / "model.json").write_text(json.dumps(card.to_dict(), indent=2))
+    policy.save(out_dir / "policy.json")
+    manifest = {
+        "schema": BUNDLE_SCHEMA,
+        "files": {name: file_sha256(out_dir / name) for name in _FILES},
+        "classes": card.classes,
+        "versions": _versions(),
+        "export": export_info,
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+@dataclass
+class Bundle:
+    path: Path
+    card: ModelCard
+    policy: TrustPolicy
+    manifest: dict[str, Any]
+    session: Any
+
+    @classmethod
+    def load(cls, path: str | Path, *, threads: int = 0) -> Bundle:
+        """Verify every hash in ``manifest.json``, then open the ONNX model and the policy."""
+        root = Path(path)
+        mpath = root / "manifest.json"
+        if not mpath.is_file():
+            raise ArtifactError(f"{str(root)!r} is not a roadwork bundle: it has no manifest.json. Pass the bundle "
+                                "folder written by 'roadwork run' (runs/<name>/export/bundle).")
+        try:
+            manifest = json.loads(mpath.read_text())
+            files = manifest["files"]
+        except (ValueError, KeyError) as e:
+            raise ArtifactError(f"{str(mpath)!r} is not a valid bundle manifest: {e}") from None
+        if manifest.get("schema") != BUNDLE_SCHEMA:
+            raise ArtifactError(f"Bundle schema {manifest.get('schema')!r} is not {BUNDLE_SCHEMA}; re-export it.")
+        for name in _FILES:
+            f = root / name
+            if name not in files:
+                raise ArtifactError(f"Bundle manifest does not list {name!r}; the bundle is incomplete.")
+            if not f.is_file():
+                raise ArtifactError(f"Bundle file {name!r} is missing from {str(root)!r}.")
+            if file_sha256(f) != files[name]:
+                raise ArtifactError(f"Bundle file {name!r} does not match its sha256 in manifest.json: it was "
+                                    "modified or corrupted after export. Re-export the bundle; do not edit it.")
+        card = ModelCard.load(root / "model.json")
+        policy = TrustPolicy.load(root / "policy.json")
+        return cls(root, card, policy, manifest, onnx_session(root / "model.onnx", threads=threads))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card.classes
+
+    def logits(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> np.ndarray:
+        x = preprocess(list(images), self.card.preprocess)
+        return onnx_logits(self.session, x, batch_size=batch_size)
+
+    def predict_images(self, images: Sequence[Image.Image]) -> PolicyOutput:
+        return self.policy.apply(self.logits(images))
+
+    def predict_paths(self, paths: Sequence[str | Path], *, batch_size: int = 64) -> list[dict[str, Any]]:
+        """One record per image (label, probability, prediction set, abstain[, score]) with its path."""
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i : i + batch_size]
+            res = self.predict_images([load_rgb(p) for p in chunk])
+            for p, rec in zip(chunk, res.records(self.classes, self.policy.positive_index), strict=True):
+                out.append({"path": str(p), **rec})
+        return out

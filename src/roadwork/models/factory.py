@@ -1,0 +1,123 @@
+"""Backbone factory: timm names, hub weights when online, local safetensors weights when not.
+
+``model.json`` (:class:`ModelCard`) carries everything needed to rebuild the network and feed it:
+architecture, class names and the :class:`~roadwork.data.preprocess.PreprocessSpec`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from roadwork._deps import require
+from roadwork.config import ModelConfig
+from roadwork.data.preprocess import PreprocessSpec
+from roadwork.errors import ArtifactError, ConfigError
+
+__all__ = ["MODEL_SCHEMA", "ModelCard", "create_model", "load_model", "save_model"]
+
+MODEL_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    backbone: str
+    classes: list[str]
+    preprocess: PreprocessSpec
+    drop_rate: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": MODEL_SCHEMA, "backbone": self.backbone, "classes": self.classes,
+                "drop_rate": self.drop_rate, "preprocess": self.preprocess.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        if d.get("schema") != MODEL_SCHEMA:
+            raise ArtifactError(f"model.json schema {d.get('schema')!r} is not {MODEL_SCHEMA}.")
+        return cls(backbone=d["backbone"], classes=list(d["classes"]),
+                   preprocess=PreprocessSpec.from_dict(d["preprocess"]), drop_rate=float(d.get("drop_rate", 0)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise ArtifactError(f"Could not read model card {str(path)!r}: {e}") from None
+
+
+def _unknown_backbone(name: str) -> ConfigError:
+    timm = require("timm")
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else " See timm.list_models()."
+    return ConfigError(f"Unknown backbone model.backbone={name!r}.{hint}")
+
+
+def _load_weights(model: Any, path: str) -> None:
+    st = require("safetensors.torch")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"model.weights={path!r} does not exist; pass the path of a .safetensors file.")
+    try:
+        state = st.load_file(str(p))
+    except Exception as e:
+        raise ConfigError(f"model.weights={path!r} is not a readable safetensors file ({e}).") from None
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ConfigError(f"model.weights={path!r} shares no tensor (name and shape) with backbone "
+                          f"{type(model).__name__}; check model.backbone matches the weights.")
+    model.load_state_dict(usable, strict=False)  # the classifier head is new when class counts differ
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpec]:
+    """Build the network and its preprocessing. Hub weights only when ``pretrained`` and no local file."""
+    timm = require("timm")
+    from_hub = cfg.pretrained and cfg.weights is None
+    try:
+        model = timm.create_model(cfg.backbone, pretrained=from_hub, num_classes=num_classes,
+                                  drop_rate=cfg.drop_rate)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise _unknown_backbone(cfg.backbone) from None
+        raise
+    except OSError as e:  # huggingface_hub's offline/connection errors are OSErrors
+        raise ConfigError(
+            f"Could not download pretrained weights for model.backbone={cfg.backbone!r} ({type(e).__name__}); "
+            "this machine may be offline. Pass model.weights=PATH to a local .safetensors file, or set "
+            "model.pretrained=false to start from random weights."
+        ) from None
+    if cfg.weights is not None:
+        _load_weights(model, cfg.weights)
+    if cfg.pretrained or cfg.weights is not None:
+        dc = timm.data.resolve_data_config(model=model)
+        spec = PreprocessSpec(size=cfg.image_size, crop_pct=float(dc.get("crop_pct", 1.0)),
+                              interpolation=dc.get("interpolation", "bilinear"),
+                              mean=tuple(dc["mean"]), std=tuple(dc["std"]))
+    else:
+        spec = PreprocessSpec(size=cfg.image_size)
+    return model, spec
+
+
+def save_model(model: Any, card: ModelCard, out_dir: Path) -> None:
+    st = require("safetensors.torch")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    st.save_file(state, str(out_dir / "model.safetensors"))
+    (out_dir / "model.json").write_text(json.dumps(card.to_dict(), indent=2))
+
+
+def load_model(model_dir: str | Path) -> tuple[Any, ModelCard]:
+    """Rebuild a trained network from ``model.safetensors`` + ``model.json`` (eval mode, CPU)."""
+    timm = require("timm")
+    st = require("safetensors.torch")
+    d = Path(model_dir)
+    card = ModelCard.load(d / "model.json")
+    model = timm.create_model(card.backbone, pretrained=False, num_classes=len(card.classes),
+                              drop_rate=card.drop_rate)
+    try:
+        model.load_state_dict(st.load_file(str(d / "model.safetensors")))
+    except Exception as e:
+        raise ArtifactError(f"Could not load weights from {str(d / 'model.safetensors')!r}: {e}") from None
+    return model.eval(), card

@@ -1,0 +1,68 @@
+"""Run the main job: the stage graph, cached, tracked in MLflow."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from roadwork.config import RunConfig
+from roadwork.pipeline.runner import StageResult, run_stages
+from roadwork.pipeline.stages import STAGES
+
+__all__ = ["RunResult", "STAGE_NAMES", "run_pipeline"]
+
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    stages: list[StageResult]
+    tracking_uri: str | None = None
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        p = self.run_dir / "evaluate" / "metrics.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    @property
+    def report(self) -> Path:
+        return self.run_dir / "evaluate" / "report.html"
+
+    @property
+    def bundle(self) -> Path:
+        return self.run_dir / "export" / "bundle"
+
+
+def run_pipeline(
+    cfg: RunConfig, *, force: Iterable[str] = (), until: str | None = None, progress: bool = True,
+    on_stage: Callable[[StageResult], None] | None = None,
+) -> RunResult:
+    """Run (or reuse from cache) every stage up to ``until``; ``force`` re-runs stages and their dependents."""
+    tracker = None
+    if cfg.tracking.enabled:
+        from roadwork.pipeline.tracking import Tracker
+
+        tracker = Tracker(cfg)
+    try:
+        results = run_stages(STAGES, cfg, force=force, until=until, tracker=tracker, progress=progress,
+                             on_stage=on_stage)
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    out = RunResult(cfg.run_dir, results, tracker.uri if tracker else None)
+    if tracker is not None:
+        tracker.set_tags({f"stage.{r.name}": "cached" if r.cached else "ran" for r in results})
+        m = out.metrics
+        if m is not None:
+            tracker.log_metrics({k: m[k] for k in ("test", "conformal", "selective", "timing")})
+            tracker.log_artifact(out.report, "report")
+            tracker.log_artifact(cfg.run_dir / "evaluate" / "MODEL_CARD.md", "report")
+        if out.bundle.is_dir():
+            tracker.log_artifact(out.bundle, "bundle")
+        tracker.end()
+    return out

@@ -1,0 +1,190 @@
+"""Cached, atomic stage runner.
+
+Each stage writes into ``runs/<name>/<stage>/`` through a temp folder that is renamed into place only
+when the stage finished, with a ``manifest.json``: schema, cache key, config section, the output digests
+of its inputs, sha256 of every output file, library versions and duration. A stage is a cache hit when
+its key — hash of (stage, config sections, input digests, code version, source fingerprint) — matches
+the manifest on disk and every listed output still has its size. An interrupted run leaves only
+``.tmp-*`` folders, removed on the next run, which resumes at the first stage that is not complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from roadwork.config import RunConfig
+from roadwork.errors import ConfigError
+
+__all__ = ["STAGE_SCHEMA", "Stage", "StageContext", "StageResult", "code_version", "run_stages"]
+
+STAGE_SCHEMA = 1
+
+
+@dataclass
+class StageContext:
+    cfg: RunConfig
+    out: Path  # temp folder to write into
+    inputs: dict[str, Path]  # final folders of the stages this one depends on
+    tracker: Any
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    deps: tuple[str, ...]
+    config: tuple[str, ...]  # RunConfig sections that change the output
+    fn: Callable[[StageContext], dict[str, Any]]
+    fingerprint: Callable[[RunConfig], str] | None = None  # e.g. the state of a source folder
+
+
+@dataclass
+class StageResult:
+    name: str
+    cached: bool
+    seconds: float  # duration of the run that produced the outputs (the original run for cache hits)
+    path: Path
+    digest: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_CODE_VERSION: str | None = None
+
+
+def code_version() -> str:
+    """Package version plus a hash of roadwork's own source files: any code change invalidates caches."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        h = hashlib.sha256()
+        root = Path(__file__).resolve().parents[1]
+        for p in sorted(root.rglob("*.py")):
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+        try:
+            version = metadata.version("roadwork")
+        except metadata.PackageNotFoundError:
+            version = "0+unknown"
+        _CODE_VERSION = f"{version}+{h.hexdigest()[:12]}"
+    return _CODE_VERSION
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("numpy", "torch", "timm", "onnxruntime", "lightning-fabric"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _key(stage: Stage, cfg: RunConfig, input_digests: dict[str, str]) -> str:
+    payload = {
+        "stage": stage.name, "code": code_version(), "inputs": input_digests,
+        "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.config},
+        "fingerprint": stage.fingerprint(cfg) if stage.fingerprint else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _read_manifest(d: Path) -> dict[str, Any] | None:
+    try:
+        m = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for rel, entry in m.get("outputs", {}).items():
+        p = d / rel
+        if not p.is_file() or p.stat().st_size != entry["size"]:
+            return None
+    return m
+
+
+def _descendants(stages: list[Stage], roots: set[str]) -> set[str]:
+    out = set(roots)
+    for s in stages:  # stages are in topological order
+        if any(d in out for d in s.deps):
+            out.add(s.name)
+    return out
+
+
+def run_stages(
+    stages: list[Stage], cfg: RunConfig, *, force: Iterable[str] = (), until: str | None = None,
+    tracker: Any = None, progress: bool = True, on_stage: Callable[[StageResult], None] | None = None,
+) -> list[StageResult]:
+    names = [s.name for s in stages]
+    force = set(force)
+    unknown = force - set(names) | ({until} - set(names) if until else set())
+    if unknown:
+        raise ConfigError(f"Unknown stage(s) {sorted(unknown)}; the stages are: {', '.join(names)}.")
+    if until:
+        keep = {until}
+        for s in reversed(stages):
+            if s.name in keep:
+                keep.update(s.deps)
+        stages = [s for s in stages if s.name in keep]
+    forced = _descendants(stages, force)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in run_dir.glob(".tmp-*"):  # an interrupted earlier run
+        shutil.rmtree(leftover, ignore_errors=True)
+
+    done: dict[str, StageResult] = {}
+    results: list[StageResult] = []
+    for stage in stages:
+        final = run_dir / stage.name
+        digests = {d: done[d].digest for d in stage.deps}
+        key = _key(stage, cfg, digests)
+        manifest = None if stage.name in forced else _read_manifest(final)
+        if manifest is not None and manifest.get("key") == key and manifest.get("schema") == STAGE_SCHEMA:
+            res = StageResult(stage.name, True, float(manifest["seconds"]), final, manifest["digest"],
+                              manifest.get("info", {}))
+        else:
+            tmp = run_dir / f".tmp-{stage.name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            t0 = time.perf_counter()
+            try:
+                info = stage.fn(StageContext(cfg, tmp, {d: done[d].path for d in stage.deps}, tracker, progress))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            seconds = time.perf_counter() - t0
+            outputs = {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
+                       for p in sorted(tmp.rglob("*")) if p.is_file()}
+            digest = hashlib.sha256(json.dumps({k: v["sha256"] for k, v in outputs.items()},
+                                               sort_keys=True).encode()).hexdigest()
+            manifest = {
+                "schema": STAGE_SCHEMA, "stage": stage.name, "key": key, "digest": digest, "seconds": seconds,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "code": code_version(),
+                "inputs": digests, "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.config},
+                "versions": _versions(), "info": info, "outputs": outputs,
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            old = run_dir / f".tmp-old-{stage.name}-{os.getpid()}"
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)  # the stage becomes visible only complete
+            shutil.rmtree(old, ignore_errors=True)
+            res = StageResult(stage.name, False, seconds, final, digest, info)
+        done[stage.name] = res
+        results.append(res)
+        if on_stage is not None:
+            on_stage(res)
+    return results

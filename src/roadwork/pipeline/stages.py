@@ -1,0 +1,308 @@
+"""The stage functions of the main job and their graph.
+
+    data → train → predict → calibrate → conformal, selective → policy → export → evaluate
+
+Each function reads its inputs' folders and writes into ``ctx.out``; see :mod:`roadwork.pipeline.runner`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from roadwork.config import RunConfig, dump_config
+from roadwork.pipeline.runner import Stage, StageContext
+from roadwork.trust import (
+    LACConformal,
+    Predictions,
+    TrustPolicy,
+    certify_abstention,
+    make_calibrator,
+)
+from roadwork.trust.calibration import calibrator_from_dict
+from roadwork.trust.selective import AbstentionCertificate
+
+__all__ = ["STAGES", "load_dataset", "load_policy"]
+
+SPLITS_PREDICTED = ("val", "calib", "test")
+
+
+def load_dataset(data_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    df = pd.read_parquet(data_dir / "dataset.parquet")
+    report = json.loads((data_dir / "data_report.json").read_text())
+    return df, list(report["classes"])
+
+
+def load_policy(run_dir: Path) -> TrustPolicy:
+    return TrustPolicy.load(run_dir / "policy" / "policy.json")
+
+
+def _labels(df: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    return df["label"].map(index).to_numpy(dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _source_fingerprint(cfg: RunConfig) -> str:
+    """For folders and manifests: a hash of every file's path, size and mtime (cheap, no reading)."""
+    if cfg.data.source == "synthetic":
+        return "synthetic"
+    src = Path(cfg.data.source)
+    h = hashlib.sha256(str(src.resolve()).encode())
+    if src.is_dir():
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+    elif src.is_file():
+        files = [src]
+    else:
+        return "missing"
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(src) if src.is_dir() else p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def stage_data(ctx: StageContext) -> dict[str, Any]:
+    from roadwork.data.sources import build_dataset
+    from roadwork.data.synthetic import generate_dataset
+
+    d = ctx.cfg.data
+    rows, root = None, None
+    if d.source == "synthetic":
+        s = d.synthetic
+        root = ctx.out / "images"
+        rows = generate_dataset(root, s.n, size=s.size, seed=s.seed, positive_fraction=s.positive_fraction,
+                                domain_b_fraction=s.domain_b_fraction, label_noise=s.label_noise,
+                                workers=s.workers, progress=ctx.progress)
+    df, classes, report = build_dataset(d, synthetic_rows=rows, synthetic_root=root)
+    if root is not None:  # paths inside the run folder are stored relative, so the folder can move
+        df["path"] = [f"images/{Path(p).name}" for p in df["path"]]
+    df.to_parquet(ctx.out / "dataset.parquet", index=False)
+    rep = {"classes": classes, "source": d.source, **report.to_dict()}
+    (ctx.out / "data_report.json").write_text(json.dumps(rep, indent=2))
+    return {"n": report.n_used, "skipped": len(report.skipped), "classes": classes}
+
+
+def _abs_paths(df: pd.DataFrame, data_dir: Path) -> list[str]:
+    return [p if Path(p).is_absolute() else str(data_dir / p) for p in df["path"]]
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def stage_train(ctx: StageContext) -> dict[str, Any]:
+    from roadwork.evaluation.plots import training_png
+    from roadwork.models.factory import save_model
+    from roadwork.training.loop import save_history, train_model
+
+    df, classes = load_dataset(ctx.inputs["data"])
+    tr, va = df[df["split"] == "train"], df[df["split"] == "val"]
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        if ctx.tracker is not None:
+            ctx.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+
+    res = train_model(ctx.cfg.model, ctx.cfg.train, classes=classes,
+                      train_paths=_abs_paths(tr, ctx.inputs["data"]), train_labels=_labels(tr, classes),
+                      val_paths=_abs_paths(va, ctx.inputs["data"]), val_labels=_labels(va, classes),
+                      on_epoch=on_epoch, progress=ctx.progress)
+    save_model(res.model, res.card, ctx.out)
+    save_history(res.history, ctx.out / "history.json")
+    (ctx.out / "training.png").write_bytes(training_png(res.history))
+    last = res.history[res.best_epoch - 1] if res.best_epoch else res.history[-1]
+    return {"best_epoch": res.best_epoch, "epochs_run": len(res.history), "val_loss": last["val_loss"],
+            "val_accuracy": last["val_accuracy"]}
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+def stage_predict(ctx: StageContext) -> dict[str, Any]:
+    from roadwork.models.factory import load_model
+    from roadwork.training.loop import load_uint8, predict_logits
+
+    df, classes = load_dataset(ctx.inputs["data"])
+    model, card = load_model(ctx.inputs["train"])
+    slice_cols = [c for c in df.columns if c not in ("id", "path", "label", "split", "sha256")]
+    counts = {}
+    for split in SPLITS_PREDICTED:
+        part = df[df["split"] == split]
+        u8 = load_uint8(_abs_paths(part, ctx.inputs["data"]), card.preprocess, f"predicting {split}")
+        logits = predict_logits(model, u8, card.preprocess)
+        Predictions(part["id"].to_numpy(), _labels(part, classes), logits.reshape(len(part), len(classes)),
+                    classes, {c: part[c].to_numpy() for c in slice_cols}).to_parquet(
+            ctx.out / f"predictions-{split}.parquet")
+        counts[split] = len(part)
+    return counts
+
+
+def _preds(ctx: StageContext, split: str) -> Predictions:
+    return Predictions.from_parquet(ctx.inputs["predict"] / f"predictions-{split}.parquet")
+
+
+# --------------------------------------------------------------------------------------------- trust
+
+
+def stage_calibrate(ctx: StageContext) -> dict[str, Any]:
+    cal = _preds(ctx, "calib")
+    calibrator = make_calibrator(ctx.cfg.calibrate.method).fit(cal.logits, cal.labels)
+    (ctx.out / "calibrator.json").write_text(json.dumps(calibrator.to_dict(), indent=2))
+    return calibrator.to_dict()
+
+
+def _calibrated_calib(ctx: StageContext) -> tuple[Predictions, np.ndarray]:
+    cal = _preds(ctx, "calib")
+    calibrator = calibrator_from_dict(json.loads((ctx.inputs["calibrate"] / "calibrator.json").read_text()))
+    return cal, calibrator.predict_proba(cal.logits)
+
+
+def stage_conformal(ctx: StageContext) -> dict[str, Any]:
+    cal, probs = _calibrated_calib(ctx)
+    conf = LACConformal(alpha=ctx.cfg.conformal.alpha).fit(probs, cal.labels)
+    (ctx.out / "conformal.json").write_text(json.dumps(conf.to_dict(), indent=2))
+    return conf.to_dict()
+
+
+def stage_selective(ctx: StageContext) -> dict[str, Any]:
+    cal, probs = _calibrated_calib(ctx)
+    s = ctx.cfg.selective
+    cert = certify_abstention(probs.max(axis=1), probs.argmax(axis=1) == cal.labels, target_risk=s.target_risk,
+                              delta=s.delta, n_classes=cal.n_classes)
+    (ctx.out / "selective.json").write_text(json.dumps(cert.to_dict(), indent=2))
+    return cert.to_dict()
+
+
+def stage_policy(ctx: StageContext) -> dict[str, Any]:
+    classes = _preds(ctx, "calib").classes
+    positive = "roadwork" if classes == ["no_roadwork", "roadwork"] else (classes[1] if len(classes) == 2 else None)
+    policy = TrustPolicy(
+        classes=classes,
+        calibrator=calibrator_from_dict(json.loads((ctx.inputs["calibrate"] / "calibrator.json").read_text())),
+        conformal=LACConformal.from_dict(json.loads((ctx.inputs["conformal"] / "conformal.json").read_text())),
+        abstention=AbstentionCertificate.from_dict(
+            json.loads((ctx.inputs["selective"] / "selective.json").read_text())),
+        positive_class=positive,
+    )
+    policy.save(ctx.out / "policy.json")
+    return {"classes": classes, "positive_class": positive}
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def stage_export(ctx: StageContext) -> dict[str, Any]:
+    from roadwork._deps import require
+    from roadwork.data.preprocess import load_rgb, preprocess
+    from roadwork.errors import ArtifactError
+    from roadwork.export.bundle import write_bundle
+    from roadwork.export.onnx import export_onnx, onnx_logits, onnx_session
+    from roadwork.models.factory import load_model
+
+    e = ctx.cfg.export
+    model, card = load_model(ctx.inputs["train"])
+    df, _ = load_dataset(ctx.inputs["data"])
+    test = df[df["split"] == "test"].head(e.parity_samples)
+    x = preprocess([load_rgb(p) for p in _abs_paths(test, ctx.inputs["data"])], card.preprocess)
+    onnx_path = ctx.out / "model.onnx.tmp"
+    exporter = export_onnx(model, x, onnx_path, opset=e.opset)
+    torch = require("torch")
+    with torch.inference_mode():  # the reference: the torch model on the very inputs the bundle will see
+        ref = model(torch.from_numpy(x)).double().numpy()
+    got = onnx_logits(onnx_session(onnx_path), x)
+    max_diff = float(np.abs(ref - got).max()) if len(x) else 0.0
+    if max_diff > e.parity_atol:
+        raise ArtifactError(f"ONNX parity check failed: max |logit difference| {max_diff:.2e} exceeds "
+                            f"export.parity_atol={e.parity_atol:g}. The exported graph is not trustworthy.")
+    info = {"exporter": exporter, "opset": e.opset, "parity_max_abs_diff": max_diff, "parity_n": len(x)}
+    write_bundle(ctx.out / "bundle", onnx_path=onnx_path, card=card,
+                 policy=TrustPolicy.load(ctx.inputs["policy"] / "policy.json"), export_info=info)
+    onnx_path.unlink()
+    return info
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+
+
+def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
+    from roadwork.evaluation.metrics_table import compute_metrics
+    from roadwork.evaluation.plots import confusion_png, image_grid_png, reliability_png, risk_coverage_png
+    from roadwork.evaluation.report import render_html, render_model_card
+    from roadwork.trust._checks import softmax
+
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    test = _preds(ctx, "test")
+    policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
+    metrics = compute_metrics(test, policy, n_bins=cfg.evaluate.ece_bins)
+    out = policy.apply(test.logits)
+    df, _ = load_dataset(ctx.inputs["data"])
+    path_of = dict(zip(df["id"], _abs_paths(df, ctx.inputs["data"]), strict=True))
+
+    figures: dict[str, tuple[bytes, str]] = {
+        "reliability": (reliability_png(softmax(test.logits), out.probs, test.labels, cfg.evaluate.ece_bins),
+                        "Reliability: top-label confidence vs accuracy on test, before and after calibration"),
+        "risk_coverage": (risk_coverage_png(out.confidence, out.pred == test.labels,
+                                            target=policy.abstention.target_risk,
+                                            threshold=policy.abstention.threshold),
+                          "Risk–coverage: error on answered images as the model answers more of them"),
+        "confusion": (confusion_png(test.labels, out.pred, test.classes), "Confusion matrix: test split"),
+    }
+    train_png = ctx.inputs["train"] / "training.png"
+    if train_png.is_file():
+        figures["training"] = (train_png.read_bytes(), "Training curves: loss and validation accuracy per epoch")
+    k = min(cfg.evaluate.n_examples, len(test))
+    if k:
+        rng = np.random.default_rng(0)
+        pick = rng.choice(len(test), size=k, replace=False)
+        cap = [f"{test.classes[test.labels[i]]}\np={out.confidence[i]:.2f} {test.classes[out.pred[i]]}" for i in pick]
+        figures["samples"] = (image_grid_png([path_of[test.ids[i]] for i in pick], cap),
+                              "Sample test images: true label, then calibrated confidence and prediction")
+        wrong = np.flatnonzero(out.pred != test.labels)
+        worst = wrong[np.argsort(-out.confidence[wrong])][:k]
+        if len(worst):
+            cap = [f"true {test.classes[test.labels[i]]}\np={out.confidence[i]:.2f} {test.classes[out.pred[i]]}"
+                   for i in worst]
+            figures["mistakes"] = (image_grid_png([path_of[test.ids[i]] for i in worst], cap),
+                                   "Worst mistakes: the most confident wrong predictions on test")
+    fig_dir = ctx.out / "figures"
+    fig_dir.mkdir()
+    for name, (png, _) in figures.items():
+        (fig_dir / f"{name}.png").write_bytes(png)
+
+    timing = {name: json.loads((p / "manifest.json").read_text())["seconds"]
+              for name, p in ctx.inputs.items() if (p / "manifest.json").is_file()}
+    timing["evaluate"] = time.perf_counter() - t0
+    metrics["timing"] = timing
+    bundle_manifest = json.loads((ctx.inputs["export"] / "bundle" / "manifest.json").read_text())
+    metrics["export"] = bundle_manifest["export"]
+    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    pd.DataFrame([{"slice": k, **v} for k, v in metrics["slices"].items()]).to_csv(ctx.out / "slices.csv",
+                                                                                    index=False)
+    data_report = json.loads((ctx.inputs["data"] / "data_report.json").read_text())
+    (ctx.out / "report.html").write_text(render_html(metrics=metrics, figures=figures, data_report=data_report,
+                                                     config_yaml=dump_config(cfg), run_name=cfg.name))
+    (ctx.out / "MODEL_CARD.md").write_text(render_model_card(metrics=metrics, run_name=cfg.name,
+                                                             backbone=cfg.model.backbone,
+                                                             data_source=cfg.data.source))
+    return {"accuracy": metrics["test"]["accuracy"]}
+
+
+STAGES: list[Stage] = [
+    Stage("data", (), ("data",), stage_data, fingerprint=_source_fingerprint),
+    Stage("train", ("data",), ("model", "train"), stage_train),
+    Stage("predict", ("data", "train"), (), stage_predict),
+    Stage("calibrate", ("predict",), ("calibrate",), stage_calibrate),
+    Stage("conformal", ("predict", "calibrate"), ("conformal",), stage_conformal),
+    Stage("selective", ("predict", "calibrate"), ("selective",), stage_selective),
+    Stage("policy", ("predict", "calibrate", "conformal", "selective"), (), stage_policy),
+    Stage("export", ("data", "train", "policy"), ("export",), stage_export),
+    Stage("evaluate", ("data", "train", "predict", "calibrate", "conformal", "selective", "policy", "export"),
+          ("evaluate",), stage_evaluate),
+]

@@ -1,0 +1,180 @@
+"""Supervised training on Lightning Fabric: AdamW, warmup + cosine, light augmentation, early stopping.
+
+Images are decoded and resized once (uint8, shared preprocessing path) and augmented per batch in
+torch: random horizontal flip, a small random translation and brightness/contrast jitter. Early stopping
+watches the validation loss; the calibration split is never loaded here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from roadwork._deps import require
+from roadwork.config import ModelConfig, TrainConfig
+from roadwork.data.preprocess import PreprocessSpec, load_rgb, resize_uint8
+from roadwork.models.factory import ModelCard, create_model
+
+__all__ = ["TrainResult", "load_uint8", "predict_logits", "train_model"]
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    card: ModelCard
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+def load_uint8(paths: Sequence[str], spec: PreprocessSpec, desc: str = "loading images") -> np.ndarray:
+    """Decode and resize images once: uint8 array of shape (N, size, size, 3)."""
+    from tqdm.auto import tqdm
+
+    out = np.empty((len(paths), spec.size, spec.size, 3), np.uint8)
+    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
+        out[i] = resize_uint8(load_rgb(p), spec)
+    return out
+
+
+def _to_input(torch: Any, u8: Any, spec: PreprocessSpec) -> Any:
+    """(B, H, W, 3) uint8 tensor → normalised (B, 3, H, W) float32, same arithmetic as preprocess.to_float."""
+    x = u8.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _augment(torch: Any, x: Any, gen: Any) -> Any:
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+    pad = max(1, h // 16)  # translate by up to ~6% with reflection padding
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx, dy = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=gen))
+    x = xp[:, :, dy : dy + h, dx : dx + w]
+    gain = 1.0 + 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
+    bias = 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
+    return x * gain + bias
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def train_model(
+    model_cfg: ModelConfig, cfg: TrainConfig, *, classes: list[str], train_paths: Sequence[str],
+    train_labels: np.ndarray, val_paths: Sequence[str], val_labels: np.ndarray,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
+) -> TrainResult:
+    torch = require("torch")
+    fabric_mod = require("lightning_fabric")
+    from tqdm.auto import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    fabric_mod.seed_everything(cfg.seed, verbose=False)
+    fabric = fabric_mod.Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
+
+    net, spec = create_model(model_cfg, len(classes))
+    card = ModelCard(backbone=model_cfg.backbone, classes=list(classes), preprocess=spec,
+                     drop_rate=model_cfg.drop_rate)
+    x_train = torch.from_numpy(load_uint8(train_paths, spec, "loading train images"))
+    x_val = torch.from_numpy(load_uint8(val_paths, spec, "loading val images"))
+    y_train = torch.as_tensor(train_labels, dtype=torch.long)
+    y_val = torch.as_tensor(val_labels, dtype=torch.long)
+
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
+    model, opt = fabric.setup(net, opt)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    result = TrainResult(model=net, card=card)
+    best_loss, best_state, stale = math.inf, None, 0
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   leave=False, disable=not progress)
+        run_loss, seen = 0.0, 0
+        for step in bar:
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x = _to_input(torch, x_train[idx], spec)
+            if cfg.augment:
+                x = _augment(torch, x, gen)
+            x, y = fabric.to_device((x, y_train[idx]))
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            opt.step()
+            sched.step()
+            run_loss += float(loss) * len(idx)  # float() is a device sync; fine at this batch size
+            seen += len(idx)
+            bar.set_postfix(loss=f"{run_loss / seen:.4f}")
+        train_time = time.perf_counter() - t0
+        val_logits = predict_logits(model, x_val, spec, batch_size=256, fabric=fabric)
+        val_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits), y_val))
+        val_acc = float((val_logits.argmax(1) == val_labels).mean())
+        row = {"epoch": epoch + 1, "train_loss": run_loss / max(seen, 1), "val_loss": val_loss,
+               "val_accuracy": val_acc, "lr": float(sched.get_last_lr()[0]),
+               "train_images_per_s": seen / train_time, "seconds": time.perf_counter() - t0}
+        result.history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, row)
+        if progress:
+            tqdm.write(f"epoch {epoch + 1:>3}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}  "
+                       f"val_acc {val_acc:.4f}  {row['train_images_per_s']:.0f} img/s")
+        if val_loss < best_loss - 1e-4:
+            best_loss, stale, result.best_epoch = val_loss, 0, epoch + 1
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                if progress:
+                    tqdm.write(f"early stopping: val_loss has not improved for {cfg.patience} epochs")
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return result
+
+
+def predict_logits(model: Any, images_u8: Any, spec: PreprocessSpec, *, batch_size: int = 256,
+                   fabric: Any = None) -> np.ndarray:
+    """Logits (float64, shape (N, K)) for uint8 images of shape (N, size, size, 3) (array or tensor)."""
+    torch = require("torch")
+    u8 = torch.from_numpy(images_u8) if isinstance(images_u8, np.ndarray) else images_u8
+    was_training = model.training
+    model.eval()
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(u8), batch_size):
+            x = _to_input(torch, u8[i : i + batch_size], spec)
+            if fabric is not None:
+                x = fabric.to_device(x)
+            outs.append(model(x).float().cpu().numpy())
+    model.train(was_training)
+    if not outs:
+        return np.zeros((0, int(getattr(model, "num_classes", 0))))
+    return np.concatenate(outs).astype(np.float64)
+
+
+def save_history(history: list[dict[str, float]], path: Path) -> None:
+    import json
+
+    path.write_text(json.dumps(history, indent=2))

@@ -1,0 +1,103 @@
+"""``TrustPolicy``: everything after the network, in numpy, serialised to JSON.
+
+calibrate → prediction set → abstain → decision. The evaluator, the Python API, ``roadwork predict``
+and the bundle all call :meth:`TrustPolicy.apply`, so offline metrics are the metrics of what is served.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from roadwork.errors import ArtifactError
+from roadwork.trust._checks import check_logits
+from roadwork.trust.calibration import Calibrator, calibrator_from_dict
+from roadwork.trust.conformal import LACConformal
+from roadwork.trust.selective import AbstentionCertificate
+
+__all__ = ["POLICY_SCHEMA", "PolicyOutput", "TrustPolicy"]
+
+POLICY_SCHEMA = 1
+
+
+@dataclass
+class PolicyOutput:
+    probs: np.ndarray  # (n, K) calibrated probabilities, float64
+    pred: np.ndarray  # (n,) argmax class index
+    confidence: np.ndarray  # (n,) max calibrated probability
+    sets: np.ndarray  # (n, K) bool conformal prediction sets
+    abstain: np.ndarray  # (n,) bool: confidence below the certified threshold
+
+    def records(self, classes: list[str], positive: int | None = None) -> list[dict[str, Any]]:
+        """One JSON-ready dict per row (what ``roadwork predict`` prints and the server returns)."""
+        out = []
+        for i in range(len(self.pred)):
+            rec: dict[str, Any] = {
+                "label": classes[self.pred[i]],
+                "probability": round(float(self.confidence[i]), 6),
+                "prediction_set": [classes[k] for k in np.flatnonzero(self.sets[i])],
+                "abstain": bool(self.abstain[i]),
+            }
+            if positive is not None:  # StreetVision-style binary score: P(positive class), 0.5 decides
+                rec["score"] = round(float(self.probs[i, positive]), 6)
+            out.append(rec)
+        return out
+
+
+@dataclass
+class TrustPolicy:
+    classes: list[str]
+    calibrator: Calibrator
+    conformal: LACConformal
+    abstention: AbstentionCertificate
+    positive_class: str | None = None  # for binary tasks: the class whose probability is the score
+
+    def apply(self, logits: object) -> PolicyOutput:
+        z = check_logits(logits, "TrustPolicy.apply")
+        probs = self.calibrator.predict_proba(z)
+        conf = probs.max(axis=1)
+        return PolicyOutput(probs=probs, pred=probs.argmax(axis=1), confidence=conf,
+                            sets=self.conformal.predict_sets(probs), abstain=conf < self.abstention.threshold)
+
+    @property
+    def positive_index(self) -> int | None:
+        return None if self.positive_class is None else self.classes.index(self.positive_class)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": POLICY_SCHEMA, "classes": self.classes, "positive_class": self.positive_class,
+            "calibrator": self.calibrator.to_dict(), "conformal": self.conformal.to_dict(),
+            "abstention": self.abstention.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrustPolicy:
+        if d.get("schema") != POLICY_SCHEMA:
+            raise ArtifactError(f"policy schema {d.get('schema')!r} is not {POLICY_SCHEMA}; re-export the bundle "
+                                "with this roadwork version.")
+        return cls(classes=list(d["classes"]), calibrator=calibrator_from_dict(d["calibrator"]),
+                   conformal=LACConformal.from_dict(d["conformal"]),
+                   abstention=AbstentionCertificate.from_dict(d["abstention"]),
+                   positive_class=d.get("positive_class"))
+
+    def to_json(self) -> str:
+        # json writes +inf as Infinity; Python's json reads it back (thresholds may be infinite)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrustPolicy:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrustPolicy:
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (OSError, ValueError, KeyError) as e:
+            raise ArtifactError(f"Could not read policy {str(path)!r}: {e}") from None
