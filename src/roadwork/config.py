@@ -10,6 +10,7 @@ allowed.
 from __future__ import annotations
 
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -89,6 +90,7 @@ class ModelConfig(_Strict):
     weights: str | None = Field(None, description="local safetensors file with backbone weights")
     image_size: int = Field(96, ge=16, le=1024, description="network input side in pixels")
     drop_rate: float = Field(0.1, ge=0, lt=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
 
 
 class TrainConfig(_Strict):
@@ -166,6 +168,9 @@ class RunConfig(_Strict):
 # Loading, overrides and error messages
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("roadwork.configs").iterdir() if p.name.endswith(".yaml"))
 
@@ -205,6 +210,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw  # not valid YAML: keep the string, the model decides whether that is allowed
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads '1e-3' as a string; users mean a number
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:

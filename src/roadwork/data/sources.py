@@ -155,8 +155,7 @@ def build_dataset(cfg: DataConfig, *, synthetic_rows: list[dict[str, Any]] | Non
         df["id"] = df["path"]
         df["path"] = [str((synthetic_root / p).resolve()) for p in df["path"]]
         df["label"] = [CLASSES[i] for i in df["label"]]
-        df["true_label"] = [CLASSES[i] for i in df["true_label"]]
-        df = df.drop(columns=["index"]).astype({"label_flipped": str})
+        df = df.drop(columns=["index", "true_label"]).astype({"label_flipped": str})
         report.n_found = len(df)
     else:
         src = Path(cfg.source)

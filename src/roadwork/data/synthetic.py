@@ -326,7 +326,7 @@ def _apply_conditions(
         cx = size * rng.uniform(0.4, 0.6)
         cols = np.arange(size, dtype=np.float32)[None, :, None]
         beam = np.exp(-(((cols - cx) / (size * 0.35)) ** 2)) * np.clip(depth * 1.6 - 0.5, 0, 1)
-        img = img * (0.12 + 0.75 * beam) + np.array([0, 0, 8], np.float32)
+        img = img * (0.2 + 0.75 * beam) + np.array([0, 0, 8], np.float32)
     if spec.weather == "fog":
         density = rng.uniform(0.08, 0.35)
         fog = 1 - np.exp(-density / depth)
@@ -352,7 +352,7 @@ def _apply_conditions(
         im = im.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.8, 1.8) * size / 128))
     elif spec.camera == "jpeg":
         buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=int(rng.integers(5, 16)))
+        im.save(buf, format="JPEG", quality=int(rng.integers(8, 26)))
         im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     return np.asarray(im)
 

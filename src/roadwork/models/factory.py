@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,19 @@ class ModelCard:
     classes: list[str]
     preprocess: PreprocessSpec
     drop_rate: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": MODEL_SCHEMA, "backbone": self.backbone, "classes": self.classes,
-                "drop_rate": self.drop_rate, "preprocess": self.preprocess.to_dict()}
+                "drop_rate": self.drop_rate, "kwargs": self.kwargs, "preprocess": self.preprocess.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         if d.get("schema") != MODEL_SCHEMA:
             raise ArtifactError(f"model.json schema {d.get('schema')!r} is not {MODEL_SCHEMA}.")
         return cls(backbone=d["backbone"], classes=list(d["classes"]),
-                   preprocess=PreprocessSpec.from_dict(d["preprocess"]), drop_rate=float(d.get("drop_rate", 0)))
+                   preprocess=PreprocessSpec.from_dict(d["preprocess"]), drop_rate=float(d.get("drop_rate", 0)),
+                   kwargs=dict(d.get("kwargs", {})))
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
@@ -78,11 +80,13 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpe
     from_hub = cfg.pretrained and cfg.weights is None
     try:
         model = timm.create_model(cfg.backbone, pretrained=from_hub, num_classes=num_classes,
-                                  drop_rate=cfg.drop_rate)
+                                  drop_rate=cfg.drop_rate, **cfg.kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise _unknown_backbone(cfg.backbone) from None
         raise
+    except TypeError as e:  # an unknown keyword in model.kwargs
+        raise ConfigError(f"model.kwargs={cfg.kwargs!r} is not accepted by {cfg.backbone!r}: {e}") from None
     except OSError as e:  # huggingface_hub's offline/connection errors are OSErrors
         raise ConfigError(
             f"Could not download pretrained weights for model.backbone={cfg.backbone!r} ({type(e).__name__}); "
@@ -115,7 +119,7 @@ def load_model(model_dir: str | Path) -> tuple[Any, ModelCard]:
     d = Path(model_dir)
     card = ModelCard.load(d / "model.json")
     model = timm.create_model(card.backbone, pretrained=False, num_classes=len(card.classes),
-                              drop_rate=card.drop_rate)
+                              drop_rate=card.drop_rate, **card.kwargs)
     try:
         model.load_state_dict(st.load_file(str(d / "model.safetensors")))
     except Exception as e:

@@ -134,7 +134,7 @@ def stage_predict(ctx: StageContext) -> dict[str, Any]:
     counts = {}
     for split in SPLITS_PREDICTED:
         part = df[df["split"] == split]
-        u8 = load_uint8(_abs_paths(part, ctx.inputs["data"]), card.preprocess, f"predicting {split}")
+        u8 = load_uint8(_abs_paths(part, ctx.inputs["data"]), card.preprocess, f"reading {split}", ctx.progress)
         logits = predict_logits(model, u8, card.preprocess)
         Predictions(part["id"].to_numpy(), _labels(part, classes), logits.reshape(len(part), len(classes)),
                     classes, {c: part[c].to_numpy() for c in slice_cols}).to_parquet(

@@ -32,12 +32,13 @@ class TrainResult:
     best_epoch: int = 0
 
 
-def load_uint8(paths: Sequence[str], spec: PreprocessSpec, desc: str = "loading images") -> np.ndarray:
+def load_uint8(paths: Sequence[str], spec: PreprocessSpec, desc: str = "loading images",
+               progress: bool = True) -> np.ndarray:
     """Decode and resize images once: uint8 array of shape (N, size, size, 3)."""
     from tqdm.auto import tqdm
 
     out = np.empty((len(paths), spec.size, spec.size, 3), np.uint8)
-    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
+    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", leave=False, disable=not progress)):
         out[i] = resize_uint8(load_rgb(p), spec)
     return out
 
@@ -89,11 +90,11 @@ def train_model(
 
     net, spec = create_model(model_cfg, len(classes))
     card = ModelCard(backbone=model_cfg.backbone, classes=list(classes), preprocess=spec,
-                     drop_rate=model_cfg.drop_rate)
-    x_train = torch.from_numpy(load_uint8(train_paths, spec, "loading train images"))
-    x_val = torch.from_numpy(load_uint8(val_paths, spec, "loading val images"))
-    y_train = torch.as_tensor(train_labels, dtype=torch.long)
-    y_val = torch.as_tensor(val_labels, dtype=torch.long)
+                     drop_rate=model_cfg.drop_rate, kwargs=dict(model_cfg.kwargs))
+    x_train = torch.from_numpy(load_uint8(train_paths, spec, "loading train images", progress))
+    x_val = torch.from_numpy(load_uint8(val_paths, spec, "loading val images", progress))
+    y_train = torch.tensor(np.asarray(train_labels), dtype=torch.long)
+    y_val = torch.tensor(np.asarray(val_labels), dtype=torch.long)
 
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
@@ -123,7 +124,7 @@ def train_model(
             fabric.backward(loss)
             opt.step()
             sched.step()
-            run_loss += float(loss) * len(idx)  # float() is a device sync; fine at this batch size
+            run_loss += float(loss.detach()) * len(idx)  # a device sync; fine at this batch size
             seen += len(idx)
             bar.set_postfix(loss=f"{run_loss / seen:.4f}")
         train_time = time.perf_counter() - t0

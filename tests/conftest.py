@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from roadwork.errors import RoadworkWarning
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-roadwork-mini"
+
+
+def tiny_overrides(root: Path, name: str = "tiny", **extra: object) -> list[str]:
+    """A configuration small enough to train and export in seconds on one core."""
+    base = {
+        "name": name, "root": str(root), "data.synthetic.n": 400, "data.synthetic.workers": 1,
+        "data.min_per_class": 5, "model.backbone": "test_resnet", "model.image_size": 64,
+        "train.epochs": 2, "train.batch_size": 32, "train.lr": 0.002, "export.parity_samples": 8,
+        "evaluate.n_examples": 4, "tracking.enabled": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """One tiny end-to-end run shared by the pipeline, export and evaluation tests."""
+    from roadwork.config import load_config
+    from roadwork.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = load_config("demo", tiny_overrides(root, **{"tracking.enabled": True}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoadworkWarning)  # a tiny model may certify nothing; that is correct
+        return cfg, run_pipeline(cfg, progress=False)

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from roadwork.config import DataConfig
+from roadwork.data.sources import build_dataset
+from roadwork.errors import DataError
+
+
+def _jpeg(rng: np.random.Generator, size: int = 24) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("roadwork", "no_roadwork"):
+        (tmp_path / cls).mkdir()
+        for i in range(12):
+            (tmp_path / cls / f"{i}.jpg").write_bytes(_jpeg(rng))
+    good = _jpeg(rng)
+    (tmp_path / "roadwork" / "dup_a.jpg").write_bytes(good)
+    (tmp_path / "roadwork" / "dup_b.jpg").write_bytes(good)
+    (tmp_path / "roadwork" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "roadwork" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "no_roadwork" / "notes.txt").write_text("not an image")
+    (tmp_path / "no_roadwork" / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    big = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(big, format="PNG")  # tiny file, many pixels
+    (tmp_path / "no_roadwork" / "bomb.png").write_bytes(big.getvalue())
+    return tmp_path
+
+
+def test_bad_files_are_skipped_with_reasons(messy_folder):
+    cfg = DataConfig(source=str(messy_folder), max_pixels=4_000_000, min_per_class=5)
+    df, classes, report = build_dataset(cfg)
+    assert classes == ["no_roadwork", "roadwork"]
+    reasons = {r["id"]: r["reason"] for r in report.skipped}
+    assert set(reasons) == {"roadwork/empty.jpg", "roadwork/truncated.jpg", "no_roadwork/notes.txt",
+                            "no_roadwork/fake.png", "no_roadwork/bomb.png"}
+    assert reasons["roadwork/empty.jpg"] == "zero-byte file"
+    assert reasons["no_roadwork/notes.txt"] == "not an image"
+    assert "corrupt" in reasons["roadwork/truncated.jpg"]
+    assert "decompression bomb" in reasons["no_roadwork/bomb.png"]
+    assert report.duplicates == [["roadwork/dup_a.jpg", "roadwork/dup_b.jpg"]]
+    assert len(df) == report.n_used == 26 and report.n_found == 31
+    # exact duplicates share a split: no leakage between train and test
+    assert df.loc[df["id"].str.startswith("roadwork/dup"), "split"].nunique() == 1
+
+
+def test_too_few_images_per_class_says_how_many_are_needed(messy_folder):
+    with pytest.raises(DataError, match=r"'no_roadwork' has 13, 'roadwork' has 14.*at least data.min_per_class=20"):
+        build_dataset(DataConfig(source=str(messy_folder), min_per_class=20))
+
+
+def test_manifest_with_slices_and_relative_paths(messy_folder):
+    rows = [{"path": f"roadwork/{i}.jpg", "label": "roadwork", "city": "a" if i % 2 else "b"} for i in range(12)]
+    rows += [{"path": f"no_roadwork/{i}.jpg", "label": "no_roadwork", "city": "a"} for i in range(12)]
+    pd.DataFrame(rows).to_csv(messy_folder / "m.csv", index=False)
+    df, classes, report = build_dataset(DataConfig(source=str(messy_folder / "m.csv"), min_per_class=5))
+    assert len(df) == 24 and "city" in df.columns and not report.skipped
+    assert set(df["city"]) == {"a", "b"}
+
+
+def test_manifest_without_label_column_is_explained(tmp_path):
+    (tmp_path / "m.csv").write_text("path,klass\na.jpg,x\n")
+    with pytest.raises(DataError, match=r"lacks the column\(s\) \['label'\]"):
+        build_dataset(DataConfig(source=str(tmp_path / "m.csv")))
+
+
+def test_missing_source_names_the_fix(tmp_path):
+    with pytest.raises(DataError, match="does not exist. Pass 'synthetic', an image folder"):
+        build_dataset(DataConfig(source=str(tmp_path / "nope")))

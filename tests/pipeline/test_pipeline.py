@@ -1,0 +1,129 @@
+"""End to end on a tiny configuration: caching, forcing, resuming, metrics schema, bundle parity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from roadwork.config import load_config
+from roadwork.pipeline import STAGE_NAMES, run_pipeline
+from roadwork.pipeline import stages as stages_mod
+from tests.conftest import tiny_overrides
+
+# A 2-epoch model on 400 images cannot certify a low risk: the policy abstaining everywhere (with a
+# RoadworkWarning) is the correct outcome there, not a failure of these tests.
+pytestmark = pytest.mark.filterwarnings("ignore::roadwork.errors.RoadworkWarning")
+
+
+def test_metrics_json_has_the_promised_keys(tiny_run):
+    _, result = tiny_run
+    m = result.metrics
+    assert m is not None
+    for k in ("n", "accuracy", "mcc", "auroc", "nll", "brier"):
+        assert isinstance(m["test"][k], float | int)
+    assert set(m["test"]["ece"]) >= {"uncalibrated", "calibrated"}
+    assert set(m["conformal"]) >= {"method", "alpha", "coverage", "mean_set_size", "singleton_rate"}
+    assert set(m["selective"]) >= {"target_risk", "delta", "coverage", "risk"}
+    assert any(k.startswith("weather=") for k in m["slices"])
+    assert all({"accuracy", "ece", "coverage"} <= set(v) for v in m["slices"].values())
+    assert set(m["timing"]) >= set(STAGE_NAMES) - {"evaluate"} | {"evaluate"}
+    assert m["export"]["parity_max_abs_diff"] <= 1e-4
+    assert result.report.is_file() and (result.run_dir / "evaluate" / "MODEL_CARD.md").is_file()
+    html = result.report.read_text()
+    assert html.count("data:image/png;base64,") >= 4 and "Per-slice results" in html
+
+
+def test_second_run_is_all_cache_hits(tiny_run):
+    cfg, _ = tiny_run
+    again = run_pipeline(cfg, progress=False)
+    assert [r.cached for r in again.stages] == [True] * len(STAGE_NAMES)
+
+
+def test_force_reruns_the_stage_and_its_dependents_only(tiny_run):
+    cfg, _ = tiny_run
+    res = run_pipeline(cfg, force=["conformal"], progress=False)
+    ran = {r.name for r in res.stages if not r.cached}
+    assert ran == {"conformal", "policy", "export", "evaluate"}
+
+
+def test_changing_a_config_section_invalidates_only_downstream(tiny_run):
+    cfg, _ = tiny_run
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.selective.target_risk = 0.3
+    res = run_pipeline(cfg2, progress=False)
+    assert {r.name for r in res.stages if not r.cached} == {"selective", "policy", "export", "evaluate"}
+
+
+def test_interrupted_run_resumes_and_leaves_no_partial_stage(tmp_path, monkeypatch):
+    cfg = load_config("demo", tiny_overrides(tmp_path, name="crash", **{"train.epochs": 1}))
+
+    def boom(ctx):
+        (ctx.out / "half-written.json").write_text("{")
+        raise KeyboardInterrupt
+
+    stages = list(stages_mod.STAGES)
+    idx = STAGE_NAMES.index("calibrate")
+    monkeypatch.setattr(stages_mod, "STAGES", stages)
+    import roadwork.pipeline as pipeline_mod
+
+    crashing = [*stages[:idx], type(stages[idx])("calibrate", stages[idx].deps, stages[idx].config, boom),
+                *stages[idx + 1 :]]
+    monkeypatch.setattr(pipeline_mod, "STAGES", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, progress=False)
+    assert not (cfg.run_dir / "calibrate").exists()
+    assert not list(cfg.run_dir.glob(".tmp-*"))
+    monkeypatch.setattr(pipeline_mod, "STAGES", stages)
+    res = run_pipeline(cfg, progress=False)
+    cached = {r.name: r.cached for r in res.stages}
+    assert cached["data"] and cached["train"] and cached["predict"] and not cached["calibrate"]
+
+
+def test_bundle_matches_the_in_process_pipeline_on_test(tiny_run):
+    from roadwork.export.bundle import Bundle
+    from roadwork.pipeline.stages import load_dataset, load_policy
+    from roadwork.trust import Predictions
+
+    cfg, result = tiny_run
+    bundle = Bundle.load(result.bundle)
+    test = Predictions.from_parquet(result.run_dir / "predict" / "predictions-test.parquet")
+    df, _ = load_dataset(result.run_dir / "data")
+    paths = {i: str(result.run_dir / "data" / p) for i, p in zip(df["id"], df["path"], strict=True)}
+    records = bundle.predict_paths([paths[i] for i in test.ids])
+    inproc = load_policy(result.run_dir).apply(test.logits).records(test.classes, bundle.policy.positive_index)
+    assert [r["label"] for r in records] == [r["label"] for r in inproc]
+    assert [r["prediction_set"] for r in records] == [r["prediction_set"] for r in inproc]
+    assert [r["abstain"] for r in records] == [r["abstain"] for r in inproc]
+    assert np.allclose([r["probability"] for r in records], [r["probability"] for r in inproc], atol=1e-5)
+
+
+def test_tampered_bundle_is_refused_naming_the_file(tiny_run, tmp_path):
+    import shutil
+
+    from roadwork.errors import ArtifactError
+    from roadwork.export.bundle import Bundle
+
+    _, result = tiny_run
+    copy = tmp_path / "bundle"
+    shutil.copytree(result.bundle, copy)
+    policy = json.loads((copy / "policy.json").read_text())
+    policy["abstention"]["threshold"] = 0.0
+    (copy / "policy.json").write_text(json.dumps(policy))
+    with pytest.raises(ArtifactError, match="'policy.json' does not match its sha256"):
+        Bundle.load(copy)
+    (copy / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="'model.onnx' is missing"):
+        Bundle.load(copy)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        Bundle.load(tmp_path)
+
+
+def test_mlflow_run_was_logged(tiny_run):
+    mlflow = pytest.importorskip("mlflow")
+    cfg, result = tiny_run
+    mlflow.set_tracking_uri(result.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment])
+    assert len(runs) >= 1
+    assert "metrics.test.accuracy" in runs.columns and "metrics.val_loss" in runs.columns

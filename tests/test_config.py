@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from roadwork.config import RunConfig, load_config, parse_overrides, preset_names
+from roadwork.errors import ConfigError
+
+
+def test_default_yaml_mirrors_the_model_defaults():
+    path = Path(__file__).resolve().parents[1] / "src" / "roadwork" / "configs" / "default.yaml"
+    assert yaml.safe_load(path.read_text()) == RunConfig().model_dump(mode="json")
+
+
+def test_presets_load_and_demo_is_named_demo():
+    assert {"default", "demo"} <= set(preset_names())
+    assert load_config("demo").name == "demo"
+
+
+def test_overrides_are_typed_without_eval():
+    got = parse_overrides(["train.epochs=3", "train.augment=false", "train.lr=1e-3", "name=x", "a.b=[1, 2]"])
+    assert got == {"train": {"epochs": 3, "augment": False, "lr": 1e-3}, "name": "x", "a": {"b": [1, 2]}}
+    assert parse_overrides(["name=__import__('os')"]) == {"name": "__import__('os')"}  # a string, not code
+
+
+def test_nested_override_wins_over_preset():
+    cfg = load_config("demo", ["train.epochs=2", "conformal.alpha=0.2"])
+    assert (cfg.train.epochs, cfg.conformal.alpha) == (2, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [("train.epoch=3", "train.epochs"), ("conformal.alhpa=0.1", "conformal.alpha"), ("epochs=3", "train.epochs")],
+)
+def test_unknown_key_suggests_the_right_one(override, suggestion):
+    with pytest.raises(ConfigError, match=f"Unknown config key .*Did you mean '{suggestion}'"):
+        load_config("demo", [override])
+
+
+def test_invalid_value_names_key_value_and_allowed():
+    with pytest.raises(ConfigError, match=r"'conformal.alpha': got 1.5; .*less than 1"):
+        load_config(None, ["conformal.alpha=1.5"])
+    with pytest.raises(ConfigError, match=r"'calibrate.method': got 'platt'; one of 'temperature' or 'none'"):
+        load_config(None, ["calibrate.method=platt"])
+
+
+def test_split_fractions_must_sum_to_one():
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(None, ["data.splits.train=0.9"])
+
+
+def test_missing_config_file_lists_presets():
+    with pytest.raises(ConfigError, match="neither a YAML file nor a preset.*demo"):
+        load_config("no-such.yaml")
+
+
+def test_override_without_equals_is_explained():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["train.epochs"])
+
+
+def test_yaml_file_with_typo(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epohcs: 3\n")
+    with pytest.raises(ConfigError, match="Did you mean 'train.epochs'"):
+        load_config(p)

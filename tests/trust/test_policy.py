@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import numpy as np
+
+from roadwork.trust import AbstentionCertificate, LACConformal, Predictions, TemperatureScaler, TrustPolicy
+from roadwork.trust._checks import softmax
+
+
+def _policy() -> tuple[TrustPolicy, np.ndarray]:
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (400, 2))
+    y = (softmax(z / 2)[:, 1] > rng.random(400)).astype(int)
+    cal = TemperatureScaler().fit(z, y)
+    conf = LACConformal(alpha=0.1).fit(cal.predict_proba(z), y)
+    cert = AbstentionCertificate(0.8, 0.05, 0.05, 400, 0.5, 0.03, 0.049)
+    return TrustPolicy(["no_roadwork", "roadwork"], cal, conf, cert, positive_class="roadwork"), z
+
+
+def test_policy_json_round_trip_is_bit_for_bit():
+    policy, z = _policy()
+    back = TrustPolicy.from_json(policy.to_json())
+    assert back.to_json() == policy.to_json()
+    a, b = policy.apply(z), back.apply(z)
+    for field in ("probs", "pred", "confidence", "sets", "abstain"):
+        assert np.array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_apply_is_consistent():
+    policy, z = _policy()
+    out = policy.apply(z)
+    assert np.array_equal(out.abstain, out.confidence < 0.8)
+    assert np.array_equal(out.pred, out.probs.argmax(1))
+    rec = out.records(policy.classes, policy.positive_index)[0]
+    assert set(rec) == {"label", "probability", "prediction_set", "abstain", "score"}
+    assert rec["score"] == round(float(out.probs[0, 1]), 6)
+
+
+def test_infinite_thresholds_survive_json():
+    policy, z = _policy()
+    policy.abstention = AbstentionCertificate(float("inf"), 0.01, 0.05, 10, 0.0, 0.0, 1.0)
+    assert TrustPolicy.from_json(policy.to_json()).apply(z).abstain.all()
+
+
+def test_predictions_parquet_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    p = Predictions(np.array(["a", "b", "c"]), np.array([0, 1, 1]), rng.normal(size=(3, 2)), ["x", "y"],
+                    {"weather": np.array(["fog", "clear", "fog"])})
+    p.to_parquet(tmp_path / "p.parquet")
+    q = Predictions.from_parquet(tmp_path / "p.parquet")
+    assert np.array_equal(q.logits, p.logits) and q.classes == p.classes
+    assert list(q.ids) == ["a", "b", "c"] and list(q.slices["weather"]) == ["fog", "clear", "fog"]

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from roadwork.errors import RoadworkWarning
+from roadwork.trust import certify_abstention
+from roadwork.trust.selective import clopper_pearson_upper
+
+
+def test_clopper_pearson_matches_scipy_beta():
+    from scipy.stats import beta
+
+    k, n = np.array([0, 3, 10]), np.array([50, 100, 40])
+    assert np.allclose(clopper_pearson_upper(k, n, 0.05), beta.ppf(0.95, k + 1, n - k))
+    assert clopper_pearson_upper(np.array([0]), np.array([0]), 0.05)[0] == 1.0
+
+
+def test_certified_risk_holds_over_many_calibration_draws():
+    """Confidence c ~ U(0.5, 1) and P(correct | c) = c, so the true selective risk at λ is (1 - λ) / 2.
+
+    The certificate promises: P(true risk at the chosen λ > target) <= δ. Check over 300 draws, allowing
+    three Monte-Carlo standard errors.
+    """
+    target, delta, n, reps = 0.1, 0.1, 4000, 300
+    rng = np.random.default_rng(11)
+    violations, answered = 0, []
+    for _ in range(reps):
+        c = rng.uniform(0.5, 1.0, n)
+        correct = rng.random(n) < c
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RoadworkWarning)  # a draw that certifies nothing abstains everywhere
+            cert = certify_abstention(c, correct, target_risk=target, delta=delta, n_classes=2)
+        lam = cert.threshold
+        true_risk = (1 - lam) / 2 if math.isfinite(lam) else 0.0
+        violations += true_risk > target
+        answered.append(cert.coverage)
+    assert violations / reps <= delta + 3 * math.sqrt(delta * (1 - delta) / reps)
+    # and it is not vacuous: the best possible coverage at risk 0.1 is (1 - 0.8) / 0.5 = 0.4
+    assert 0.2 < np.mean(answered) <= 0.4, np.mean(answered)
+
+
+def test_impossible_target_abstains_everywhere_with_a_warning():
+    c = np.full(50, 0.9)
+    correct = np.arange(50) % 2 == 0
+    with pytest.warns(RoadworkWarning, match="abstains on everything"):
+        cert = certify_abstention(c, correct, target_risk=0.01, delta=0.05, n_classes=2)
+    assert math.isinf(cert.threshold) and cert.coverage == 0.0
