@@ -17,10 +17,19 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "re
 def tiny_overrides(root: Path, name: str = "tiny", **extra: object) -> list[str]:
     """A configuration small enough to train and export in seconds on one core."""
     base = {
-        "name": name, "root": str(root), "data.synthetic.n": 400, "data.synthetic.workers": 1,
-        "data.min_per_class": 5, "model.backbone": "test_resnet", "model.image_size": 64,
-        "train.epochs": 2, "train.batch_size": 32, "train.lr": 0.002, "export.parity_samples": 8,
-        "evaluate.n_examples": 4, "tracking.enabled": False,
+        "name": name,
+        "root": str(root),
+        "data.synthetic.n": 400,
+        "data.synthetic.workers": 1,
+        "data.min_per_class": 5,
+        "model.backbone": "test_resnet",
+        "model.image_size": 64,
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.lr": 0.002,
+        "export.parity_samples": 8,
+        "evaluate.n_examples": 4,
+        "tracking.enabled": False,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -32,7 +32,11 @@ def test_nested_override_wins_over_preset():
 
 @pytest.mark.parametrize(
     ("override", "suggestion"),
-    [("train.epoch=3", "train.epochs"), ("conformal.alhpa=0.1", "conformal.alpha"), ("epochs=3", "train.epochs")],
+    [
+        ("train.epoch=3", "train.epochs"),
+        ("conformal.alhpa=0.1", "conformal.alpha"),
+        ("epochs=3", "train.epochs"),
+    ],
 )
 def test_unknown_key_suggests_the_right_one(override, suggestion):
     with pytest.raises(ConfigError, match=f"Unknown config key .*Did you mean '{suggestion}'"):

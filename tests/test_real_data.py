@@ -18,17 +18,30 @@ pytestmark = [
 
 
 def test_trains_and_reports_on_real_photographs(tmp_path):
-    cfg = load_config("demo", tiny_overrides(tmp_path, name="real", **{
-        "data.source": str(REAL_DATA / "manifest.csv"), "train.epochs": 3, "selective.target_risk": 0.2,
-    }))
+    cfg = load_config(
+        "demo",
+        tiny_overrides(
+            tmp_path,
+            name="real",
+            **{
+                "data.source": str(REAL_DATA / "manifest.csv"),
+                "train.epochs": 3,
+                "selective.target_risk": 0.2,
+            },
+        ),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RoadworkWarning)
         result = run_pipeline(cfg, progress=False)
     m = result.metrics
     assert m is not None
     assert m["test"]["n"] > 150
-    assert m["test"]["accuracy"] > 0.6  # a 3-epoch tiny CNN at 64 px; a smoke test on real JPEGs, not a benchmark
-    assert {"slice=test", "source=tracon"} <= {k.replace("slice.", "") for k in m["slices"]} | set(m["slices"])
+    assert (
+        m["test"]["accuracy"] > 0.6
+    )  # a 3-epoch tiny CNN at 64 px; a smoke test on real JPEGs, not a benchmark
+    assert {"slice=test", "source=tracon"} <= {k.replace("slice.", "") for k in m["slices"]} | set(
+        m["slices"]
+    )
     assert result.report.is_file()
     report = (result.run_dir / "data" / "data_report.json").read_text()
     assert '"n_found": 1079' in report

@@ -8,8 +8,15 @@ from types import ModuleType
 from roadwork.errors import MissingDependencyError
 
 _EXTRA = {
-    "torch": "train", "timm": "train", "lightning_fabric": "train", "safetensors": "train", "onnx": "train",
-    "onnxscript": "train", "matplotlib": "train", "mlflow": "train", "onnxruntime": "serve",
+    "torch": "train",
+    "timm": "train",
+    "lightning_fabric": "train",
+    "safetensors": "train",
+    "onnx": "train",
+    "onnxscript": "train",
+    "matplotlib": "train",
+    "mlflow": "train",
+    "onnxruntime": "serve",
 }
 
 

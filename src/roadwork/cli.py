@@ -57,7 +57,9 @@ def _split_flags(args: list[str], flags: tuple[str, ...]) -> tuple[list[str], di
                 i += 1
             found[name].append(val)
         elif a.startswith("--"):
-            raise RoadworkError(f"Unknown option {a!r}. Options: {', '.join(flags) or 'none'}. See 'roadwork help'.")
+            raise RoadworkError(
+                f"Unknown option {a!r}. Options: {', '.join(flags) or 'none'}. See 'roadwork help'."
+            )
         else:
             rest.append(a)
         i += 1
@@ -120,8 +122,13 @@ def _run(config: str | None, overrides: list[str], force: list[str], until: str 
         status = "cached" if r.cached else f"done in {r.seconds:.1f}s"
         print(f"[{r.name}] {status}", file=sys.stderr, flush=True)
 
-    result = run_pipeline(cfg, force=force, until=until, progress=sys.stderr.isatty() or "CI" not in os.environ,
-                          on_stage=on_stage)
+    result = run_pipeline(
+        cfg,
+        force=force,
+        until=until,
+        progress=sys.stderr.isatty() or "CI" not in os.environ,
+        on_stage=on_stage,
+    )
     _summary(result)
     _print(f"total: {time.perf_counter() - t0:.1f}s")
     return 0
@@ -140,11 +147,29 @@ def _synthetic(args: list[str]) -> int:
     except Exception as e:
         raise ConfigError(f"Invalid synthetic option: {e}") from None
     out_dir = Path(str(out))
-    rows = generate_dataset(out_dir, s.n, size=s.size, seed=s.seed, positive_fraction=s.positive_fraction,
-                            domain_b_fraction=s.domain_b_fraction, label_noise=s.label_noise, workers=s.workers)
+    rows = generate_dataset(
+        out_dir,
+        s.n,
+        size=s.size,
+        seed=s.seed,
+        positive_fraction=s.positive_fraction,
+        domain_b_fraction=s.domain_b_fraction,
+        label_noise=s.label_noise,
+        workers=s.workers,
+    )
     import csv
 
-    cols = ["path", "label", "weather", "time", "camera", "domain", "zone_distance", "distractor", "label_flipped"]
+    cols = [
+        "path",
+        "label",
+        "weather",
+        "time",
+        "camera",
+        "domain",
+        "zone_distance",
+        "distractor",
+        "label_flipped",
+    ]
     with open(out_dir / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -164,8 +189,11 @@ def _predict(args: list[str]) -> int:
     for a in args[1:]:
         p = Path(a)
         if p.is_dir():
-            paths.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp",
-                                                                                ".webp"}))
+            paths.extend(
+                sorted(
+                    f for f in p.rglob("*") if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+                )
+            )
         elif p.is_file():
             paths.append(p)
         else:
@@ -191,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "run":
             rest, flags = _split_flags(rest, ("--force", "--until"))
             config, overrides = _config_and_overrides(rest)
-            return _run(config, overrides, flags["--force"], (flags["--until"] or [None])[-1])
+            until = flags["--until"][-1] if flags["--until"] else None
+            return _run(config, overrides, flags["--force"], until)
         if cmd == "config":
             if not rest or rest[0] != "show":
                 raise RoadworkError("Usage: roadwork config show [CONFIG] [key=value ...]")
@@ -218,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: completed stages are kept; run the same command again to resume.", file=sys.stderr)
+        print(
+            "interrupted: completed stages are kept; run the same command again to resume.", file=sys.stderr
+        )
         return 130
 
 

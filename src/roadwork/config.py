@@ -172,7 +172,9 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("roadwork.configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("roadwork.configs").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -217,7 +219,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"Override {arg!r} sets a key below {part!r}, which is a value, not a section.")
+                raise ConfigError(
+                    f"Override {arg!r} sets a key below {part!r}, which is a value, not a section."
+                )
         node[parts[-1]] = value
     return nested
 
@@ -237,7 +241,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}.")
+        raise ConfigError(
+            f"Config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}."
+        )
     return data
 
 
@@ -273,7 +279,9 @@ def _explain(err: ValidationError, values: dict[str, Any]) -> ConfigError:
     return ConfigError("\n".join(lines))
 
 
-def load_config(config: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    config: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> RunConfig:
     """Resolve defaults ← ``config`` (YAML path or preset name) ← ``overrides`` into a validated RunConfig.
 
     >>> load_config("demo", ["train.epochs=2"]).train.epochs

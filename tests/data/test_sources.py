@@ -43,8 +43,13 @@ def test_bad_files_are_skipped_with_reasons(messy_folder):
     df, classes, report = build_dataset(cfg)
     assert classes == ["no_roadwork", "roadwork"]
     reasons = {r["id"]: r["reason"] for r in report.skipped}
-    assert set(reasons) == {"roadwork/empty.jpg", "roadwork/truncated.jpg", "no_roadwork/notes.txt",
-                            "no_roadwork/fake.png", "no_roadwork/bomb.png"}
+    assert set(reasons) == {
+        "roadwork/empty.jpg",
+        "roadwork/truncated.jpg",
+        "no_roadwork/notes.txt",
+        "no_roadwork/fake.png",
+        "no_roadwork/bomb.png",
+    }
     assert reasons["roadwork/empty.jpg"] == "zero-byte file"
     assert reasons["no_roadwork/notes.txt"] == "not an image"
     assert "corrupt" in reasons["roadwork/truncated.jpg"]
@@ -56,15 +61,19 @@ def test_bad_files_are_skipped_with_reasons(messy_folder):
 
 
 def test_too_few_images_per_class_says_how_many_are_needed(messy_folder):
-    with pytest.raises(DataError, match=r"'no_roadwork' has 13, 'roadwork' has 14.*at least data.min_per_class=20"):
+    with pytest.raises(
+        DataError, match=r"'no_roadwork' has 13, 'roadwork' has 14.*at least data.min_per_class=20"
+    ):
         build_dataset(DataConfig(source=str(messy_folder), min_per_class=20))
 
 
 def test_manifest_with_slices_and_relative_paths(messy_folder):
-    rows = [{"path": f"roadwork/{i}.jpg", "label": "roadwork", "city": "a" if i % 2 else "b"} for i in range(12)]
+    rows = [
+        {"path": f"roadwork/{i}.jpg", "label": "roadwork", "city": "a" if i % 2 else "b"} for i in range(12)
+    ]
     rows += [{"path": f"no_roadwork/{i}.jpg", "label": "no_roadwork", "city": "a"} for i in range(12)]
     pd.DataFrame(rows).to_csv(messy_folder / "m.csv", index=False)
-    df, classes, report = build_dataset(DataConfig(source=str(messy_folder / "m.csv"), min_per_class=5))
+    df, _classes, report = build_dataset(DataConfig(source=str(messy_folder / "m.csv"), min_per_class=5))
     assert len(df) == 24 and "city" in df.columns and not report.skipped
     assert set(df["city"]) == {"a", "b"}
 

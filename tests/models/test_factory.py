@@ -15,7 +15,11 @@ def test_unknown_backbone_gets_a_suggestion():
 
 
 def test_pretrained_offline_says_to_pass_local_weights(monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(
+        hub.constants, "HF_HUB_OFFLINE", True
+    )  # read at import time; this machine is offline anyway
     with pytest.raises(ConfigError, match="Pass model.weights=PATH"):
         create_model(ModelConfig(backbone="test_resnet", pretrained=True), 2)
 
@@ -25,7 +29,9 @@ def test_local_weights_are_loaded_and_head_is_replaced(tmp_path):
 
     src, _ = create_model(ModelConfig(backbone="test_resnet"), 5)
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    model, spec = create_model(ModelConfig(backbone="test_resnet", weights=str(tmp_path / "w.safetensors")), 2)
+    model, spec = create_model(
+        ModelConfig(backbone="test_resnet", weights=str(tmp_path / "w.safetensors")), 2
+    )
     assert torch.equal(model.state_dict()["conv1.0.weight"], src.state_dict()["conv1.0.weight"])
     assert model.get_classifier().out_features == 2
     assert spec.size == 96

@@ -68,8 +68,11 @@ def test_interrupted_run_resumes_and_leaves_no_partial_stage(tmp_path, monkeypat
     monkeypatch.setattr(stages_mod, "STAGES", stages)
     import roadwork.pipeline as pipeline_mod
 
-    crashing = [*stages[:idx], type(stages[idx])("calibrate", stages[idx].deps, stages[idx].config, boom),
-                *stages[idx + 1 :]]
+    crashing = [
+        *stages[:idx],
+        type(stages[idx])("calibrate", stages[idx].deps, stages[idx].config, boom),
+        *stages[idx + 1 :],
+    ]
     monkeypatch.setattr(pipeline_mod, "STAGES", crashing)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, progress=False)
@@ -86,13 +89,15 @@ def test_bundle_matches_the_in_process_pipeline_on_test(tiny_run):
     from roadwork.pipeline.stages import load_dataset, load_policy
     from roadwork.trust import Predictions
 
-    cfg, result = tiny_run
+    _cfg, result = tiny_run
     bundle = Bundle.load(result.bundle)
     test = Predictions.from_parquet(result.run_dir / "predict" / "predictions-test.parquet")
     df, _ = load_dataset(result.run_dir / "data")
     paths = {i: str(result.run_dir / "data" / p) for i, p in zip(df["id"], df["path"], strict=True)}
     records = bundle.predict_paths([paths[i] for i in test.ids])
-    inproc = load_policy(result.run_dir).apply(test.logits).records(test.classes, bundle.policy.positive_index)
+    inproc = (
+        load_policy(result.run_dir).apply(test.logits).records(test.classes, bundle.policy.positive_index)
+    )
     assert [r["label"] for r in records] == [r["label"] for r in inproc]
     assert [r["prediction_set"] for r in records] == [r["prediction_set"] for r in inproc]
     assert [r["abstain"] for r in records] == [r["abstain"] for r in inproc]

@@ -54,7 +54,9 @@ def test_sets_round_trip_and_validate():
     assert np.array_equal(back.predict_sets(p), conf.predict_sets(p))
     with pytest.raises(NotFittedError):
         LACConformal().predict_sets(p)
-    with pytest.raises(InputError, match=r"'alpha' parameter of LACConformal.fit must be a float in \(0, 1\)"):
+    with pytest.raises(
+        InputError, match=r"'alpha' parameter of LACConformal.fit must be a float in \(0, 1\)"
+    ):
         LACConformal(alpha=1.5).fit(p, y)
     with pytest.raises(InputError, match="rows sum to 1"):
         LACConformal().fit(p * 2, y)

@@ -41,4 +41,6 @@ def test_brier_and_risk_coverage():
     assert M.brier(p, y) == pytest.approx((0 + 0.5) / 2)
     cov, risk = M.risk_coverage(np.array([0.9, 0.8, 0.7]), np.array([True, False, True]))
     assert np.allclose(cov, [1 / 3, 2 / 3, 1]) and np.allclose(risk, [0, 0.5, 1 / 3])
-    assert M.aurc(np.array([0.9, 0.8, 0.7]), np.array([True, False, True])) == pytest.approx((0 + 0.5 + 1 / 3) / 3)
+    assert M.aurc(np.array([0.9, 0.8, 0.7]), np.array([True, False, True])) == pytest.approx(
+        (0 + 0.5 + 1 / 3) / 3
+    )

@@ -43,8 +43,13 @@ def test_infinite_thresholds_survive_json():
 
 def test_predictions_parquet_round_trip(tmp_path):
     rng = np.random.default_rng(0)
-    p = Predictions(np.array(["a", "b", "c"]), np.array([0, 1, 1]), rng.normal(size=(3, 2)), ["x", "y"],
-                    {"weather": np.array(["fog", "clear", "fog"])})
+    p = Predictions(
+        np.array(["a", "b", "c"]),
+        np.array([0, 1, 1]),
+        rng.normal(size=(3, 2)),
+        ["x", "y"],
+        {"weather": np.array(["fog", "clear", "fog"])},
+    )
     p.to_parquet(tmp_path / "p.parquet")
     q = Predictions.from_parquet(tmp_path / "p.parquet")
     assert np.array_equal(q.logits, p.logits) and q.classes == p.classes

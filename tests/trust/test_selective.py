@@ -32,7 +32,9 @@ def test_certified_risk_holds_over_many_calibration_draws():
         c = rng.uniform(0.5, 1.0, n)
         correct = rng.random(n) < c
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RoadworkWarning)  # a draw that certifies nothing abstains everywhere
+            warnings.simplefilter(
+                "ignore", RoadworkWarning
+            )  # a draw that certifies nothing abstains everywhere
             cert = certify_abstention(c, correct, target_risk=target, delta=delta, n_classes=2)
         lam = cert.threshold
         true_risk = (1 - lam) / 2 if math.isfinite(lam) else 0.0

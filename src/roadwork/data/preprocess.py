@@ -17,8 +17,11 @@ from PIL import Image
 
 __all__ = ["PreprocessSpec", "load_rgb", "preprocess", "resize_uint8", "to_float"]
 
-_INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-           "nearest": Image.Resampling.NEAREST}
+_INTERP = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,13 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
-        return cls(size=int(d["size"]), crop_pct=float(d["crop_pct"]), interpolation=d["interpolation"],
-                   mean=tuple(d["mean"]), std=tuple(d["std"]))  # type: ignore[arg-type]
+        return cls(
+            size=int(d["size"]),
+            crop_pct=float(d["crop_pct"]),
+            interpolation=d["interpolation"],
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+        )
 
 
 def load_rgb(src: str | Path | bytes) -> Image.Image:
@@ -63,7 +71,7 @@ def resize_uint8(im: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 def to_float(batch_uint8: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """(N, H, W, 3) uint8 → (N, 3, H, W) float32, scaled to [0, 1] and normalised."""
-    x = batch_uint8.astype(np.float32) / np.float32(255.0)
+    x: np.ndarray = batch_uint8.astype(np.float32) / np.float32(255.0)
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 

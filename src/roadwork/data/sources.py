@@ -28,7 +28,7 @@ from roadwork.config import DataConfig
 from roadwork.data.splits import assign_splits
 from roadwork.errors import DataError
 
-__all__ = ["DataReport", "build_dataset", "check_image", "CORE_COLUMNS"]
+__all__ = ["CORE_COLUMNS", "DataReport", "build_dataset", "check_image"]
 
 CORE_COLUMNS = ("id", "path", "label", "split", "sha256")
 
@@ -46,9 +46,13 @@ class DataReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "n_found": self.n_found, "n_used": self.n_used, "n_skipped": len(self.skipped),
-            "skipped": self.skipped, "duplicates": self.duplicates,
-            "class_counts": self.class_counts, "split_counts": self.split_counts,
+            "n_found": self.n_found,
+            "n_used": self.n_used,
+            "n_skipped": len(self.skipped),
+            "skipped": self.skipped,
+            "duplicates": self.duplicates,
+            "class_counts": self.class_counts,
+            "split_counts": self.split_counts,
         }
 
 
@@ -80,7 +84,11 @@ def check_image(path: Path, *, max_pixels: int, max_bytes: int) -> tuple[str | N
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return None, f"decompression bomb: {e}"
     except Exception as e:  # PIL raises many types for bad files; all of them mean "skip"
-        kind = "not an image" if "cannot identify image file" in str(e) else f"corrupt image ({type(e).__name__}: {e})"
+        kind = (
+            "not an image"
+            if "cannot identify image file" in str(e)
+            else f"corrupt image ({type(e).__name__}: {e})"
+        )
         return None, kind
     return hashlib.sha256(data).hexdigest(), ""
 
@@ -103,7 +111,11 @@ def _from_folder(root: Path) -> pd.DataFrame:
 
 def _from_manifest(path: Path) -> pd.DataFrame:
     try:
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = (
+            pd.read_parquet(path)
+            if path.suffix == ".parquet"
+            else pd.read_csv(path, dtype=str, keep_default_na=False)
+        )
     except Exception as e:
         raise DataError(f"data.source={str(path)!r} could not be read as a manifest: {e}") from None
     missing = {"path", "label"} - set(df.columns)
@@ -114,7 +126,9 @@ def _from_manifest(path: Path) -> pd.DataFrame:
         )
     reserved = {"id", "split", "sha256"} & set(df.columns)
     if reserved:
-        raise DataError(f"Manifest {str(path)!r} uses reserved column name(s) {sorted(reserved)}; rename them.")
+        raise DataError(
+            f"Manifest {str(path)!r} uses reserved column name(s) {sorted(reserved)}; rename them."
+        )
     base = path.parent
     df = df.astype({"path": str, "label": str})
     df.insert(0, "id", df["path"])
@@ -129,18 +143,22 @@ def _validate_files(df: pd.DataFrame, cfg: DataConfig, report: DataReport) -> pd
     from tqdm.auto import tqdm
 
     hashes: list[str | None] = []
-    for rid, p in tqdm(zip(df["id"], df["path"], strict=True), total=len(df), desc="checking images",
-                       unit="img", leave=False):
-        digest, reason = check_image(Path(p), max_pixels=cfg.max_pixels, max_bytes=int(cfg.max_file_mb * 2**20))
+    for rid, p in tqdm(
+        zip(df["id"], df["path"], strict=True), total=len(df), desc="checking images", unit="img", leave=False
+    ):
+        digest, reason = check_image(
+            Path(p), max_pixels=cfg.max_pixels, max_bytes=int(cfg.max_file_mb * 2**20)
+        )
         if digest is None:
             report.skipped.append({"id": rid, "path": p, "reason": reason})
         hashes.append(digest)
-    df = df.assign(sha256=hashes)
+    df = df.assign(sha256=pd.Series(hashes, index=df.index, dtype=object))
     return df[df["sha256"].notna()].reset_index(drop=True)
 
 
-def build_dataset(cfg: DataConfig, *, synthetic_rows: list[dict[str, Any]] | None = None,
-                  synthetic_root: Path | None = None) -> tuple[pd.DataFrame, list[str], DataReport]:
+def build_dataset(
+    cfg: DataConfig, *, synthetic_rows: list[dict[str, Any]] | None = None, synthetic_root: Path | None = None
+) -> tuple[pd.DataFrame, list[str], DataReport]:
     """Build the dataset table for ``cfg.source``; returns ``(table, class_names, report)``.
 
     For ``source='synthetic'`` the caller generates the images and passes their rows (already hashed).
@@ -148,7 +166,9 @@ def build_dataset(cfg: DataConfig, *, synthetic_rows: list[dict[str, Any]] | Non
     report = DataReport()
     if cfg.source == "synthetic":
         if synthetic_rows is None or synthetic_root is None:
-            raise DataError("source='synthetic' needs the generated rows; use roadwork.pipeline to run the data stage.")
+            raise DataError(
+                "source='synthetic' needs the generated rows; use roadwork.pipeline to run the data stage."
+            )
         from roadwork.data.synthetic import CLASSES
 
         df = pd.DataFrame(synthetic_rows)
@@ -188,7 +208,8 @@ def build_dataset(cfg: DataConfig, *, synthetic_rows: list[dict[str, Any]] | Non
     df["split"] = assign_splits(df["sha256"].tolist(), cfg.splits)
     report.n_used = len(df)
     report.split_counts = {
-        s: {c: int(n) for c, n in g["label"].value_counts().sort_index().items()} for s, g in df.groupby("split")
+        str(s): {str(c): int(n) for c, n in g["label"].value_counts().sort_index().items()}
+        for s, g in df.groupby("split")
     }
     slices = [c for c in df.columns if c not in CORE_COLUMNS]
     return df[list(CORE_COLUMNS) + slices], classes, report

@@ -102,10 +102,30 @@ class _Style:
 
 
 _STYLES = {
-    "A": _Style((70, 130, 210), (180, 205, 230), (80, 125, 55), (100, 100, 104), (235, 235, 235),
-                (250, 115, 20), (245, 245, 245), (40, 100, 40), (150, 140, 130), 10.0),
-    "B": _Style((150, 170, 185), (215, 215, 205), (185, 165, 115), (62, 64, 74), (230, 200, 40),
-                (225, 65, 25), (250, 250, 250), (95, 110, 55), (225, 220, 205), 4.0),
+    "A": _Style(
+        (70, 130, 210),
+        (180, 205, 230),
+        (80, 125, 55),
+        (100, 100, 104),
+        (235, 235, 235),
+        (250, 115, 20),
+        (245, 245, 245),
+        (40, 100, 40),
+        (150, 140, 130),
+        10.0,
+    ),
+    "B": _Style(
+        (150, 170, 185),
+        (215, 215, 205),
+        (185, 165, 115),
+        (62, 64, 74),
+        (230, 200, 40),
+        (225, 65, 25),
+        (250, 250, 250),
+        (95, 110, 55),
+        (225, 220, 205),
+        4.0,
+    ),
 }
 
 
@@ -174,21 +194,38 @@ def _diamond(d: ImageDraw.ImageDraw, x: float, y: float, s: float, face: Color, 
     d.polygon([(x, cy - r), (x + r, cy), (x, cy + r), (x - r, cy)], fill=face, outline=(20, 20, 20))
     if glyph:  # a worker-with-shovel pictogram, reduced to a head and a slanted body
         d.ellipse([x - 0.012 * s, cy - 0.04 * s, x + 0.012 * s, cy - 0.016 * s], fill=(20, 20, 20))
-        d.line([(x, cy - 0.016 * s), (x - 0.02 * s, cy + 0.035 * s)], fill=(20, 20, 20), width=max(1, int(0.01 * s)))
+        d.line(
+            [(x, cy - 0.016 * s), (x - 0.02 * s, cy + 0.035 * s)],
+            fill=(20, 20, 20),
+            width=max(1, int(0.01 * s)),
+        )
     else:  # a non-work warning: a curve arrow
-        d.arc([x - 0.035 * s, cy - 0.035 * s, x + 0.035 * s, cy + 0.035 * s], 180, 360, fill=(20, 20, 20),
-              width=max(1, int(0.012 * s)))
+        d.arc(
+            [x - 0.035 * s, cy - 0.035 * s, x + 0.035 * s, cy + 0.035 * s],
+            180,
+            360,
+            fill=(20, 20, 20),
+            width=max(1, int(0.012 * s)),
+        )
 
 
-def _zone_object(d: ImageDraw.ImageDraw, kind: str, x: float, y: float, s: float, st: _Style,
-                 rng: np.random.Generator) -> None:
+def _zone_object(
+    d: ImageDraw.ImageDraw, kind: str, x: float, y: float, s: float, st: _Style, rng: np.random.Generator
+) -> None:
     orange = _jitter(rng, st.zone_orange, 10)
     white = st.zone_stripe
     if kind == "cone":
         hgt, base = 0.13 * s, 0.045 * s
         d.polygon([(x, y - hgt), (x + base, y), (x - base, y)], fill=orange)
-        d.polygon([(x - base * 0.55, y - hgt * 0.45), (x + base * 0.55, y - hgt * 0.45),
-                   (x + base * 0.42, y - hgt * 0.6), (x - base * 0.42, y - hgt * 0.6)], fill=white)
+        d.polygon(
+            [
+                (x - base * 0.55, y - hgt * 0.45),
+                (x + base * 0.55, y - hgt * 0.45),
+                (x + base * 0.42, y - hgt * 0.6),
+                (x - base * 0.42, y - hgt * 0.6),
+            ],
+            fill=white,
+        )
         d.rectangle([x - base * 1.2, y - 0.012 * s, x + base * 1.2, y], fill=(30, 30, 30))
     elif kind == "drum":
         wd, hgt = 0.05 * s, 0.12 * s
@@ -204,8 +241,10 @@ def _zone_object(d: ImageDraw.ImageDraw, kind: str, x: float, y: float, s: float
         n = 5
         for i in range(n):
             x0 = x - wd + 2 * wd * i / n
-            d.polygon([(x0, bottom), (x0 + wd / n, top), (x0 + 1.6 * wd / n, top), (x0 + 0.6 * wd / n, bottom)],
-                      fill=orange)
+            d.polygon(
+                [(x0, bottom), (x0 + wd / n, top), (x0 + 1.6 * wd / n, top), (x0 + 0.6 * wd / n, bottom)],
+                fill=orange,
+            )
     elif kind == "diamond":
         _diamond(d, x, y, s, orange, glyph=True)
     elif kind == "arrow_board":
@@ -255,31 +294,44 @@ def _draw_scene(spec: SceneSpec, rng: np.random.Generator, w: int) -> tuple[np.n
         for k in range(14):
             t0 = ((k + phase) / 14) ** 2
             t1 = ((k + phase + 0.5) / 14) ** 2
-            d.line([(sc.x(t0, lat), sc.row(t0)), (sc.x(t1, lat), sc.row(t1))], fill=st.marking,
-                   width=max(1, int(lw * (0.5 + 2 * t1))))
+            d.line(
+                [(sc.x(t0, lat), sc.row(t0)), (sc.x(t1, lat), sc.row(t1))],
+                fill=st.marking,
+                width=max(1, int(lw * (0.5 + 2 * t1))),
+            )
 
     # Everything standing on the ground, drawn far to near: (t, kind, lateral).
     items: list[tuple[float, str, float]] = []
     for _ in range(int(rng.integers(2, 9))):  # roadside trees and buildings
         side = rng.choice([-1.0, 1.0])
-        items.append((rng.uniform(0.05, 0.9), "tree" if rng.random() < 0.6 else "building",
-                      side * rng.uniform(1.25, 2.4)))
+        items.append(
+            (
+                rng.uniform(0.05, 0.9),
+                "tree" if rng.random() < 0.6 else "building",
+                side * rng.uniform(1.25, 2.4),
+            )
+        )
     for _ in range(int(rng.integers(0, 4))):  # traffic
         items.append((rng.uniform(0.12, 0.95), "vehicle", rng.uniform(-0.7, 0.7)))
     if spec.distractor != "none":
         t = rng.uniform(0.2, 0.85)
-        lat = rng.uniform(-0.6, 0.6) if spec.distractor == "orange_vehicle" else rng.choice([-1, 1]) * rng.uniform(1.1, 1.5)
+        lat = (
+            rng.uniform(-0.6, 0.6)
+            if spec.distractor == "orange_vehicle"
+            else rng.choice([-1, 1]) * rng.uniform(1.1, 1.5)
+        )
         items.append((t, spec.distractor, lat))
     if spec.true_label:
         lo, hi = _DEPTHS[spec.zone_distance]
         n = {"near": int(rng.integers(3, 9)), "mid": int(rng.integers(2, 7)), "far": int(rng.integers(1, 4))}[
-            spec.zone_distance]
+            spec.zone_distance
+        ]
         kinds = rng.choice(ZONE_OBJECTS, size=n, p=(0.35, 0.15, 0.15, 0.15, 0.08, 0.12))
         side = rng.choice([-1.0, 1.0])
         taper = rng.random() < 0.5  # cones closing a lane, or objects along the shoulder
         t_near = rng.uniform(lo, hi)
         for i, kind in enumerate(kinds):
-            t = t_near * (0.8 ** i) if i else t_near
+            t = t_near * (0.8**i) if i else t_near
             t = max(t, 0.06)
             lat = side * (0.85 - 0.55 * i / max(n - 1, 1)) if taper else side * rng.uniform(0.75, 1.05)
             items.append((t, str(kind), lat))
@@ -296,8 +348,17 @@ def _draw_scene(spec: SceneSpec, rng: np.random.Generator, w: int) -> tuple[np.n
             bw, bh = s * rng.uniform(0.3, 0.6), s * rng.uniform(0.4, 0.9)
             d.rectangle([x - bw / 2, y - bh, x + bw / 2, y], fill=_jitter(rng, st.building, 20))
         elif kind == "vehicle":
-            pal = [(200, 200, 205), (30, 30, 35), (160, 20, 25), (30, 60, 140), (120, 120, 125), (230, 230, 230)]
-            _vehicle(d, x, y, s, _jitter(rng, pal[int(rng.integers(len(pal)))], 10), truck=rng.random() < 0.25)
+            pal = [
+                (200, 200, 205),
+                (30, 30, 35),
+                (160, 20, 25),
+                (30, 60, 140),
+                (120, 120, 125),
+                (230, 230, 230),
+            ]
+            _vehicle(
+                d, x, y, s, _jitter(rng, pal[int(rng.integers(len(pal)))], 10), truck=rng.random() < 0.25
+            )
         elif kind == "orange_vehicle":
             _vehicle(d, x, y, s, _jitter(rng, (245, 125, 25), 15), truck=rng.random() < 0.6)
         elif kind == "yellow_sign":
@@ -306,8 +367,11 @@ def _draw_scene(spec: SceneSpec, rng: np.random.Generator, w: int) -> tuple[np.n
             top = y - 0.3 * s
             d.rectangle([x - 0.008 * s, top, x + 0.008 * s, y], fill=(90, 90, 90))
             d.rectangle([x - 0.1 * s, top - 0.07 * s, x + 0.1 * s, top], fill=_jitter(rng, (165, 80, 30), 15))
-            d.line([(x - 0.07 * s, top - 0.035 * s), (x + 0.07 * s, top - 0.035 * s)], fill=(240, 240, 240),
-                   width=max(1, int(0.012 * s)))
+            d.line(
+                [(x - 0.07 * s, top - 0.035 * s), (x + 0.07 * s, top - 0.035 * s)],
+                fill=(240, 240, 240),
+                width=max(1, int(0.012 * s)),
+            )
         elif kind == "autumn_tree":
             _tree(d, x, y, s * 1.4, _jitter(rng, (235, 120, 25), 15))
         else:
@@ -365,14 +429,25 @@ def render_scene(spec: SceneSpec, size: int, seed: int) -> Image.Image:
 
 
 def iter_scenes(
-    n: int, *, size: int = 128, seed: int = 0, start: int = 0, positive_fraction: float = 0.5,
-    domain_b_fraction: float = 0.5, label_noise: float = 0.0,
+    n: int,
+    *,
+    size: int = 128,
+    seed: int = 0,
+    start: int = 0,
+    positive_fraction: float = 0.5,
+    domain_b_fraction: float = 0.5,
+    label_noise: float = 0.0,
 ) -> Iterator[tuple[SceneSpec, Image.Image]]:
     """Yield ``(spec, image)`` for indices ``start .. start+n-1``."""
     for i in range(start, start + n):
         rng = np.random.default_rng([seed, i, 0])
-        spec = sample_spec(i, rng, positive_fraction=positive_fraction, domain_b_fraction=domain_b_fraction,
-                           label_noise=label_noise)
+        spec = sample_spec(
+            i,
+            rng,
+            positive_fraction=positive_fraction,
+            domain_b_fraction=domain_b_fraction,
+            label_noise=label_noise,
+        )
         yield spec, render_scene(spec, size, seed)
 
 
@@ -393,16 +468,29 @@ def _write_chunk(args: tuple[Path, int, int, dict[str, float | int]]) -> list[di
 
 
 def generate_dataset(
-    out_dir: str | Path, n: int, *, size: int = 128, seed: int = 0, positive_fraction: float = 0.5,
-    domain_b_fraction: float = 0.5, label_noise: float = 0.0, workers: int = 0, progress: bool = True,
+    out_dir: str | Path,
+    n: int,
+    *,
+    size: int = 128,
+    seed: int = 0,
+    positive_fraction: float = 0.5,
+    domain_b_fraction: float = 0.5,
+    label_noise: float = 0.0,
+    workers: int = 0,
+    progress: bool = True,
 ) -> list[dict[str, object]]:
     """Write ``n`` JPEG scenes into ``out_dir`` and return one row per image (paths relative to it)."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kw: dict[str, float | int] = dict(size=size, seed=seed, positive_fraction=positive_fraction,
-                                      domain_b_fraction=domain_b_fraction, label_noise=label_noise)
+    kw: dict[str, float | int] = dict(
+        size=size,
+        seed=seed,
+        positive_fraction=positive_fraction,
+        domain_b_fraction=domain_b_fraction,
+        label_noise=label_noise,
+    )
     workers = workers or (os.cpu_count() or 1)
     chunk = 64
     jobs = [(out, s, min(chunk, n - s), kw) for s in range(0, n, chunk)]

@@ -21,7 +21,7 @@ def _group(out: PolicyOutput, labels: np.ndarray, n_bins: int) -> dict[str, floa
     answered = ~out.abstain
     covered = out.sets[np.arange(len(labels)), labels]
     return {
-        "n": int(len(labels)),
+        "n": len(labels),
         "accuracy": M.accuracy(out.probs, labels),
         "ece": M.ece(out.probs, labels, n_bins),
         "coverage": float(covered.mean()) if len(labels) else float("nan"),
@@ -60,8 +60,11 @@ def compute_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15)
             "nll": M.nll(out.probs, y),
             "nll_uncalibrated": M.nll(raw, y),
             "brier": M.brier(out.probs, y),
-            "ece": {"uncalibrated": M.ece(raw, y, n_bins), "calibrated": M.ece(out.probs, y, n_bins),
-                    "bins": n_bins},
+            "ece": {
+                "uncalibrated": M.ece(raw, y, n_bins),
+                "calibrated": M.ece(out.probs, y, n_bins),
+                "bins": n_bins,
+            },
             "aurc": M.aurc(out.confidence, correct),
         },
         "calibration": policy.calibrator.to_dict(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -14,7 +15,7 @@ from roadwork.trust import metrics as M
 __all__ = ["confusion_png", "image_grid_png", "reliability_png", "risk_coverage_png", "training_png"]
 
 
-def _plt():  # type: ignore[no-untyped-def]
+def _plt() -> Any:
     mpl = require("matplotlib")
     mpl.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -22,7 +23,7 @@ def _plt():  # type: ignore[no-untyped-def]
     return plt
 
 
-def _png(fig) -> bytes:  # type: ignore[no-untyped-def]
+def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     _plt().close(fig)
@@ -32,7 +33,10 @@ def _png(fig) -> bytes:  # type: ignore[no-untyped-def]
 def reliability_png(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> bytes:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
-    for ax, probs, title in ((axes[0], raw, "before calibration"), (axes[1], calibrated, "after calibration")):
+    for ax, probs, title in (
+        (axes[0], raw, "before calibration"),
+        (axes[1], calibrated, "after calibration"),
+    ):
         counts, conf, acc, edges = M.reliability_bins(probs, labels, n_bins)
         centers = (edges[:-1] + edges[1:]) / 2
         nz = counts > 0
@@ -48,14 +52,18 @@ def reliability_png(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray,
     return _png(fig)
 
 
-def risk_coverage_png(confidence: np.ndarray, correct: np.ndarray, *, target: float, threshold: float) -> bytes:
+def risk_coverage_png(
+    confidence: np.ndarray, correct: np.ndarray, *, target: float, threshold: float
+) -> bytes:
     plt = _plt()
     cov, risk = M.risk_coverage(confidence, correct)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot(cov, risk, lw=1.5, label=f"test (AURC {M.aurc(confidence, correct):.4f})")
     ax.axhline(target, color="tab:red", ls="--", lw=1, label=f"target risk {target}")
     answered = float((confidence >= threshold).mean())
-    ax.axvline(answered, color="tab:green", ls=":", lw=1.5, label=f"certified threshold: coverage {answered:.2f}")
+    ax.axvline(
+        answered, color="tab:green", ls=":", lw=1.5, label=f"certified threshold: coverage {answered:.2f}"
+    )
     ax.set_xlabel("coverage (share of images answered)")
     ax.set_ylabel("selective risk (error on answered)")
     ax.set_xlim(0, 1)
@@ -71,8 +79,14 @@ def confusion_png(labels: np.ndarray, pred: np.ndarray, classes: Sequence[str]) 
     ax.imshow(cm, cmap="Blues")
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
     ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")

@@ -36,8 +36,10 @@ def _table(header: list[str], rows: list[list[Any]], classes: list[str] | None =
 
 def _img(name: str, png: bytes, caption: str) -> str:
     b64 = base64.b64encode(png).decode()
-    return (f'<figure id="fig-{name}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure id="fig-{name}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
@@ -56,13 +58,22 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def render_html(*, metrics: dict[str, Any], figures: dict[str, tuple[bytes, str]], data_report: dict[str, Any],
-                config_yaml: str, run_name: str) -> str:
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>roadwork report: "
-             f"{html.escape(run_name)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>roadwork report — {html.escape(run_name)}</h1>",
-             f"<p class='sub'>classes: {html.escape(', '.join(metrics['classes']))}</p>",
-             "<h2>Summary</h2>", _table(["metric", "value"], [list(r) for r in summary_rows(metrics)])]
+def render_html(
+    *,
+    metrics: dict[str, Any],
+    figures: dict[str, tuple[bytes, str]],
+    data_report: dict[str, Any],
+    config_yaml: str,
+    run_name: str,
+) -> str:
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>roadwork report: "
+        f"{html.escape(run_name)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>roadwork report — {html.escape(run_name)}</h1>",
+        f"<p class='sub'>classes: {html.escape(', '.join(metrics['classes']))}</p>",
+        "<h2>Summary</h2>",
+        _table(["metric", "value"], [list(r) for r in summary_rows(metrics)]),
+    ]
     c, s = metrics["conformal"], metrics["selective"]
     parts.append(
         "<div class='note'><b>What the guarantees mean.</b> "
@@ -70,7 +81,8 @@ def render_html(*, metrics: dict[str, Any], figures: dict[str, tuple[bytes, str]
         "images and calibration draws</i>, provided calibration and test images are exchangeable (drawn from "
         "the same distribution). The abstain rule answers only images whose calibrated confidence is at least "
         f"{s['threshold']:.4f}; with probability ≥ {1 - s['delta']:.0%} over the calibration draw, the error rate "
-        f"on answered images is at most {s['target_risk']}. Neither holds under distribution shift.</div>")
+        f"on answered images is at most {s['target_risk']}. Neither holds under distribution shift.</div>"
+    )
     order = ["reliability", "risk_coverage", "confusion", "training", "samples", "mistakes"]
     for name in order:
         if name in figures:
@@ -78,23 +90,44 @@ def render_html(*, metrics: dict[str, Any], figures: dict[str, tuple[bytes, str]
             parts.append(f"<h2>{html.escape(caption.split(':')[0])}</h2>{_img(name, png, caption)}")
     rows, marks = [], []
     for key, r in metrics["slices"].items():
-        rows.append([key, r["n"], r["accuracy"], r["ece"], r["coverage"], r["mean_set_size"], r["abstain_rate"],
-                     r["selective_risk"]])
+        rows.append(
+            [
+                key,
+                r["n"],
+                r["accuracy"],
+                r["ece"],
+                r["coverage"],
+                r["mean_set_size"],
+                r["abstain_rate"],
+                r["selective_risk"],
+            ]
+        )
         marks.append("bad" if r["accuracy"] < metrics["test"]["accuracy"] - 0.05 else "")
-    parts.append("<h2>Per-slice results</h2><p>Rows more than 5 points below overall accuracy are shaded.</p>")
-    parts.append(_table(["slice", "n", "accuracy", "ECE", "coverage", "mean set size", "abstain rate",
-                         "selective risk"], rows, marks))
+    parts.append(
+        "<h2>Per-slice results</h2><p>Rows more than 5 points below overall accuracy are shaded.</p>"
+    )
+    parts.append(
+        _table(
+            ["slice", "n", "accuracy", "ECE", "coverage", "mean set size", "abstain rate", "selective risk"],
+            rows,
+            marks,
+        )
+    )
     parts.append("<h2>Data</h2>")
     split_rows = [[sp, *cnt.values()] for sp, cnt in data_report.get("split_counts", {}).items()]
     class_names = list(data_report.get("class_counts", {}))
     parts.append(_table(["split", *class_names], split_rows))
     skipped = data_report.get("skipped", [])
-    parts.append(f"<p>{data_report.get('n_used', 0)} images used of {data_report.get('n_found', 0)} found; "
-                 f"{len(skipped)} skipped; {len(data_report.get('duplicates', []))} duplicate groups.</p>")
+    parts.append(
+        f"<p>{data_report.get('n_used', 0)} images used of {data_report.get('n_found', 0)} found; "
+        f"{len(skipped)} skipped; {len(data_report.get('duplicates', []))} duplicate groups.</p>"
+    )
     if skipped:
         parts.append(_table(["skipped file", "reason"], [[r["id"], r["reason"]] for r in skipped]))
     if data_report.get("duplicates"):
-        parts.append(_table(["duplicate group (same content)"], [[", ".join(g)] for g in data_report["duplicates"]]))
+        parts.append(
+            _table(["duplicate group (same content)"], [[", ".join(g)] for g in data_report["duplicates"]])
+        )
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(config_yaml)}</pre></body></html>")
     return "\n".join(parts)
 
@@ -103,13 +136,17 @@ def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, 
     t, c, s = metrics["test"], metrics["conformal"], metrics["selective"]
     worst = sorted(metrics["slices"].items(), key=lambda kv: kv[1]["accuracy"])[:5]
     lines = [
-        f"# Model card — {run_name}", "",
+        f"# Model card — {run_name}",
+        "",
         f"- **Task:** image classification into {', '.join(metrics['classes'])}",
-        f"- **Backbone:** `{backbone}`", f"- **Training data:** `{data_source}`",
+        f"- **Backbone:** `{backbone}`",
+        f"- **Training data:** `{data_source}`",
         f"- **Test accuracy:** {t['accuracy']:.4f} on {t['n']} images (MCC {t['mcc']:.4f}, AUROC {t['auroc']:.4f})",
         f"- **Calibration:** {metrics['calibration']['kind']}; ECE {t['ece']['uncalibrated']:.4f} → "
-        f"{t['ece']['calibrated']:.4f}", "",
-        "## Guarantees and their assumptions", "",
+        f"{t['ece']['calibrated']:.4f}",
+        "",
+        "## Guarantees and their assumptions",
+        "",
         f"1. **Conformal prediction sets ({c['method'].upper()}, α = {c['alpha']}).** For a new image drawn "
         "exchangeably with the calibration images, the set contains its true class with probability at least "
         f"{1 - c['alpha']:.2f}, averaged over images and over the draw of the {c['n_calib']} calibration images. "
@@ -118,10 +155,15 @@ def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, 
         f"With probability ≥ {1 - s['delta']:.2f} over the calibration draw, the error rate on answered images is "
         f"at most {s['target_risk']} (Clopper–Pearson bound, union over a fixed grid of thresholds). "
         f"Measured on test: answered {s['coverage']:.4f}, error on answered {s['risk']:.4f}.",
-        "", "**Assumption:** calibration and deployment images are exchangeable (same distribution). Under "
+        "",
+        "**Assumption:** calibration and deployment images are exchangeable (same distribution). Under "
         "distribution shift — new cities, cameras, seasons — or label noise in the calibration split, neither "
-        "guarantee holds as stated. Monitor the slices below and recalibrate on fresh labelled data.", "",
-        "## Weakest slices (test)", "", "| slice | n | accuracy | coverage |", "|---|---:|---:|---:|",
+        "guarantee holds as stated. Monitor the slices below and recalibrate on fresh labelled data.",
+        "",
+        "## Weakest slices (test)",
+        "",
+        "| slice | n | accuracy | coverage |",
+        "|---|---:|---:|---:|",
     ]
     lines += [f"| {k} | {r['n']} | {r['accuracy']:.4f} | {r['coverage']:.4f} |" for k, r in worst]
     return "\n".join(lines) + "\n"

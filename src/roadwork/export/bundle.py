@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -48,15 +49,14 @@ def _versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("roadwork", "numpy", "onnxruntime", "onnx", "torch", "timm"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
-def write_bundle(out_dir: Path, *, onnx_path: Path, card: ModelCard, policy: TrustPolicy,
-                 export_info: dict[str, Any]) -> None:
+def write_bundle(
+    out_dir: Path, *, onnx_path: Path, card: ModelCard, policy: TrustPolicy, export_info: dict[str, Any]
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, out_dir / "model.onnx")
     (out_dir / "model.json").write_text(json.dumps(card.to_dict(), indent=2))
@@ -85,15 +85,19 @@ class Bundle:
         root = Path(path)
         mpath = root / "manifest.json"
         if not mpath.is_file():
-            raise ArtifactError(f"{str(root)!r} is not a roadwork bundle: it has no manifest.json. Pass the bundle "
-                                "folder written by 'roadwork run' (runs/<name>/export/bundle).")
+            raise ArtifactError(
+                f"{str(root)!r} is not a roadwork bundle: it has no manifest.json. Pass the bundle "
+                "folder written by 'roadwork run' (runs/<name>/export/bundle)."
+            )
         try:
             manifest = json.loads(mpath.read_text())
             files = manifest["files"]
         except (ValueError, KeyError) as e:
             raise ArtifactError(f"{str(mpath)!r} is not a valid bundle manifest: {e}") from None
         if manifest.get("schema") != BUNDLE_SCHEMA:
-            raise ArtifactError(f"Bundle schema {manifest.get('schema')!r} is not {BUNDLE_SCHEMA}; re-export it.")
+            raise ArtifactError(
+                f"Bundle schema {manifest.get('schema')!r} is not {BUNDLE_SCHEMA}; re-export it."
+            )
         for name in _FILES:
             f = root / name
             if name not in files:
@@ -101,8 +105,10 @@ class Bundle:
             if not f.is_file():
                 raise ArtifactError(f"Bundle file {name!r} is missing from {str(root)!r}.")
             if file_sha256(f) != files[name]:
-                raise ArtifactError(f"Bundle file {name!r} does not match its sha256 in manifest.json: it was "
-                                    "modified or corrupted after export. Re-export the bundle; do not edit it.")
+                raise ArtifactError(
+                    f"Bundle file {name!r} does not match its sha256 in manifest.json: it was "
+                    "modified or corrupted after export. Re-export the bundle; do not edit it."
+                )
         card = ModelCard.load(root / "model.json")
         policy = TrustPolicy.load(root / "policy.json")
         return cls(root, card, policy, manifest, onnx_session(root / "model.onnx", threads=threads))

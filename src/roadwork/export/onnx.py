@@ -28,9 +28,17 @@ def export_onnx(model: Any, sample: np.ndarray, path: Path, *, opset: int = 18) 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             batch = torch.export.Dim("batch", min=1, max=4096)
-            prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                     output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
-                                     external_data=False, verbose=False)
+            prog = torch.onnx.export(
+                model,
+                (x,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
+            )
             prog.save(str(path), external_data=False)
         return "dynamo"
     except Exception as e:  # the dynamo exporter still rejects some graphs; the legacy one is a fine fallback
@@ -38,9 +46,16 @@ def export_onnx(model: Any, sample: np.ndarray, path: Path, *, opset: int = 18) 
         log.warning("dynamo ONNX export failed (%s); falling back to the legacy exporter", reason)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"},
-                                                                        OUTPUT_NAME: {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
         return f"legacy: {reason}"
 
 
@@ -58,8 +73,10 @@ def onnx_session(path: Path, *, threads: int = 0) -> Any:
 
 def onnx_logits(session: Any, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """Run the session over ``x`` (N, 3, H, W) float32 in batches; float64 logits of shape (N, K)."""
-    outs = [session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x[i : i + batch_size], np.float32)})[0]
-            for i in range(0, len(x), batch_size)]
+    outs = [
+        session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x[i : i + batch_size], np.float32)})[0]
+        for i in range(0, len(x), batch_size)
+    ]
     if not outs:
         k = session.get_outputs()[0].shape[1]
         return np.zeros((0, int(k) if isinstance(k, int) else 0))

@@ -31,16 +31,26 @@ class ModelCard:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": MODEL_SCHEMA, "backbone": self.backbone, "classes": self.classes,
-                "drop_rate": self.drop_rate, "kwargs": self.kwargs, "preprocess": self.preprocess.to_dict()}
+        return {
+            "schema": MODEL_SCHEMA,
+            "backbone": self.backbone,
+            "classes": self.classes,
+            "drop_rate": self.drop_rate,
+            "kwargs": self.kwargs,
+            "preprocess": self.preprocess.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         if d.get("schema") != MODEL_SCHEMA:
             raise ArtifactError(f"model.json schema {d.get('schema')!r} is not {MODEL_SCHEMA}.")
-        return cls(backbone=d["backbone"], classes=list(d["classes"]),
-                   preprocess=PreprocessSpec.from_dict(d["preprocess"]), drop_rate=float(d.get("drop_rate", 0)),
-                   kwargs=dict(d.get("kwargs", {})))
+        return cls(
+            backbone=d["backbone"],
+            classes=list(d["classes"]),
+            preprocess=PreprocessSpec.from_dict(d["preprocess"]),
+            drop_rate=float(d.get("drop_rate", 0)),
+            kwargs=dict(d.get("kwargs", {})),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
@@ -69,8 +79,10 @@ def _load_weights(model: Any, path: str) -> None:
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ConfigError(f"model.weights={path!r} shares no tensor (name and shape) with backbone "
-                          f"{type(model).__name__}; check model.backbone matches the weights.")
+        raise ConfigError(
+            f"model.weights={path!r} shares no tensor (name and shape) with backbone "
+            f"{type(model).__name__}; check model.backbone matches the weights."
+        )
     model.load_state_dict(usable, strict=False)  # the classifier head is new when class counts differ
 
 
@@ -79,8 +91,9 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpe
     timm = require("timm")
     from_hub = cfg.pretrained and cfg.weights is None
     try:
-        model = timm.create_model(cfg.backbone, pretrained=from_hub, num_classes=num_classes,
-                                  drop_rate=cfg.drop_rate, **cfg.kwargs)
+        model = timm.create_model(
+            cfg.backbone, pretrained=from_hub, num_classes=num_classes, drop_rate=cfg.drop_rate, **cfg.kwargs
+        )
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise _unknown_backbone(cfg.backbone) from None
@@ -97,9 +110,13 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpe
         _load_weights(model, cfg.weights)
     if cfg.pretrained or cfg.weights is not None:
         dc = timm.data.resolve_data_config(model=model)
-        spec = PreprocessSpec(size=cfg.image_size, crop_pct=float(dc.get("crop_pct", 1.0)),
-                              interpolation=dc.get("interpolation", "bilinear"),
-                              mean=tuple(dc["mean"]), std=tuple(dc["std"]))
+        spec = PreprocessSpec(
+            size=cfg.image_size,
+            crop_pct=float(dc.get("crop_pct", 1.0)),
+            interpolation=dc.get("interpolation", "bilinear"),
+            mean=tuple(dc["mean"]),
+            std=tuple(dc["std"]),
+        )
     else:
         spec = PreprocessSpec(size=cfg.image_size)
     return model, spec
@@ -118,8 +135,13 @@ def load_model(model_dir: str | Path) -> tuple[Any, ModelCard]:
     st = require("safetensors.torch")
     d = Path(model_dir)
     card = ModelCard.load(d / "model.json")
-    model = timm.create_model(card.backbone, pretrained=False, num_classes=len(card.classes),
-                              drop_rate=card.drop_rate, **card.kwargs)
+    model = timm.create_model(
+        card.backbone,
+        pretrained=False,
+        num_classes=len(card.classes),
+        drop_rate=card.drop_rate,
+        **card.kwargs,
+    )
     try:
         model.load_state_dict(st.load_file(str(d / "model.safetensors")))
     except Exception as e:

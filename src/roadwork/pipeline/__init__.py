@@ -12,7 +12,7 @@ from roadwork.config import RunConfig
 from roadwork.pipeline.runner import StageResult, run_stages
 from roadwork.pipeline.stages import STAGES
 
-__all__ = ["RunResult", "STAGE_NAMES", "run_pipeline"]
+__all__ = ["STAGE_NAMES", "RunResult", "run_pipeline"]
 
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -38,7 +38,11 @@ class RunResult:
 
 
 def run_pipeline(
-    cfg: RunConfig, *, force: Iterable[str] = (), until: str | None = None, progress: bool = True,
+    cfg: RunConfig,
+    *,
+    force: Iterable[str] = (),
+    until: str | None = None,
+    progress: bool = True,
     on_stage: Callable[[StageResult], None] | None = None,
 ) -> RunResult:
     """Run (or reuse from cache) every stage up to ``until``; ``force`` re-runs stages and their dependents."""
@@ -48,8 +52,9 @@ def run_pipeline(
 
         tracker = Tracker(cfg)
     try:
-        results = run_stages(STAGES, cfg, force=force, until=until, tracker=tracker, progress=progress,
-                             on_stage=on_stage)
+        results = run_stages(
+            STAGES, cfg, force=force, until=until, tracker=tracker, progress=progress, on_stage=on_stage
+        )
     except BaseException:
         if tracker is not None:
             tracker.end("FAILED")

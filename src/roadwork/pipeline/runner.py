@@ -10,6 +10,7 @@ the manifest on disk and every listed output still has its size. An interrupted 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -88,16 +89,16 @@ def code_version() -> str:
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in ("numpy", "torch", "timm", "onnxruntime", "lightning-fabric"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
 def _key(stage: Stage, cfg: RunConfig, input_digests: dict[str, str]) -> str:
     payload = {
-        "stage": stage.name, "code": code_version(), "inputs": input_digests,
+        "stage": stage.name,
+        "code": code_version(),
+        "inputs": input_digests,
         "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.config},
         "fingerprint": stage.fingerprint(cfg) if stage.fingerprint else None,
     }
@@ -125,8 +126,14 @@ def _descendants(stages: list[Stage], roots: set[str]) -> set[str]:
 
 
 def run_stages(
-    stages: list[Stage], cfg: RunConfig, *, force: Iterable[str] = (), until: str | None = None,
-    tracker: Any = None, progress: bool = True, on_stage: Callable[[StageResult], None] | None = None,
+    stages: list[Stage],
+    cfg: RunConfig,
+    *,
+    force: Iterable[str] = (),
+    until: str | None = None,
+    tracker: Any = None,
+    progress: bool = True,
+    on_stage: Callable[[StageResult], None] | None = None,
 ) -> list[StageResult]:
     names = [s.name for s in stages]
     force = set(force)
@@ -153,28 +160,48 @@ def run_stages(
         key = _key(stage, cfg, digests)
         manifest = None if stage.name in forced else _read_manifest(final)
         if manifest is not None and manifest.get("key") == key and manifest.get("schema") == STAGE_SCHEMA:
-            res = StageResult(stage.name, True, float(manifest["seconds"]), final, manifest["digest"],
-                              manifest.get("info", {}))
+            res = StageResult(
+                stage.name,
+                True,
+                float(manifest["seconds"]),
+                final,
+                manifest["digest"],
+                manifest.get("info", {}),
+            )
         else:
             tmp = run_dir / f".tmp-{stage.name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             t0 = time.perf_counter()
             try:
-                info = stage.fn(StageContext(cfg, tmp, {d: done[d].path for d in stage.deps}, tracker, progress))
+                info = stage.fn(
+                    StageContext(cfg, tmp, {d: done[d].path for d in stage.deps}, tracker, progress)
+                )
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             seconds = time.perf_counter() - t0
-            outputs = {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
-                       for p in sorted(tmp.rglob("*")) if p.is_file()}
-            digest = hashlib.sha256(json.dumps({k: v["sha256"] for k, v in outputs.items()},
-                                               sort_keys=True).encode()).hexdigest()
+            outputs = {
+                p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            }
+            digest = hashlib.sha256(
+                json.dumps({k: v["sha256"] for k, v in outputs.items()}, sort_keys=True).encode()
+            ).hexdigest()
             manifest = {
-                "schema": STAGE_SCHEMA, "stage": stage.name, "key": key, "digest": digest, "seconds": seconds,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "code": code_version(),
-                "inputs": digests, "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.config},
-                "versions": _versions(), "info": info, "outputs": outputs,
+                "schema": STAGE_SCHEMA,
+                "stage": stage.name,
+                "key": key,
+                "digest": digest,
+                "seconds": seconds,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "code": code_version(),
+                "inputs": digests,
+                "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.config},
+                "versions": _versions(),
+                "info": info,
+                "outputs": outputs,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             old = run_dir / f".tmp-old-{stage.name}-{os.getpid()}"

@@ -78,9 +78,17 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
     if d.source == "synthetic":
         s = d.synthetic
         root = ctx.out / "images"
-        rows = generate_dataset(root, s.n, size=s.size, seed=s.seed, positive_fraction=s.positive_fraction,
-                                domain_b_fraction=s.domain_b_fraction, label_noise=s.label_noise,
-                                workers=s.workers, progress=ctx.progress)
+        rows = generate_dataset(
+            root,
+            s.n,
+            size=s.size,
+            seed=s.seed,
+            positive_fraction=s.positive_fraction,
+            domain_b_fraction=s.domain_b_fraction,
+            label_noise=s.label_noise,
+            workers=s.workers,
+            progress=ctx.progress,
+        )
     df, classes, report = build_dataset(d, synthetic_rows=rows, synthetic_root=root)
     if root is not None:  # paths inside the run folder are stored relative, so the folder can move
         df["path"] = [f"images/{Path(p).name}" for p in df["path"]]
@@ -109,16 +117,27 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         if ctx.tracker is not None:
             ctx.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
-    res = train_model(ctx.cfg.model, ctx.cfg.train, classes=classes,
-                      train_paths=_abs_paths(tr, ctx.inputs["data"]), train_labels=_labels(tr, classes),
-                      val_paths=_abs_paths(va, ctx.inputs["data"]), val_labels=_labels(va, classes),
-                      on_epoch=on_epoch, progress=ctx.progress)
+    res = train_model(
+        ctx.cfg.model,
+        ctx.cfg.train,
+        classes=classes,
+        train_paths=_abs_paths(tr, ctx.inputs["data"]),
+        train_labels=_labels(tr, classes),
+        val_paths=_abs_paths(va, ctx.inputs["data"]),
+        val_labels=_labels(va, classes),
+        on_epoch=on_epoch,
+        progress=ctx.progress,
+    )
     save_model(res.model, res.card, ctx.out)
     save_history(res.history, ctx.out / "history.json")
     (ctx.out / "training.png").write_bytes(training_png(res.history))
     last = res.history[res.best_epoch - 1] if res.best_epoch else res.history[-1]
-    return {"best_epoch": res.best_epoch, "epochs_run": len(res.history), "val_loss": last["val_loss"],
-            "val_accuracy": last["val_accuracy"]}
+    return {
+        "best_epoch": res.best_epoch,
+        "epochs_run": len(res.history),
+        "val_loss": last["val_loss"],
+        "val_accuracy": last["val_accuracy"],
+    }
 
 
 # --------------------------------------------------------------------------------------------- predict
@@ -134,11 +153,17 @@ def stage_predict(ctx: StageContext) -> dict[str, Any]:
     counts = {}
     for split in SPLITS_PREDICTED:
         part = df[df["split"] == split]
-        u8 = load_uint8(_abs_paths(part, ctx.inputs["data"]), card.preprocess, f"reading {split}", ctx.progress)
+        u8 = load_uint8(
+            _abs_paths(part, ctx.inputs["data"]), card.preprocess, f"reading {split}", ctx.progress
+        )
         logits = predict_logits(model, u8, card.preprocess)
-        Predictions(part["id"].to_numpy(), _labels(part, classes), logits.reshape(len(part), len(classes)),
-                    classes, {c: part[c].to_numpy() for c in slice_cols}).to_parquet(
-            ctx.out / f"predictions-{split}.parquet")
+        Predictions(
+            part["id"].to_numpy(),
+            _labels(part, classes),
+            logits.reshape(len(part), len(classes)),
+            classes,
+            {c: part[c].to_numpy() for c in slice_cols},
+        ).to_parquet(ctx.out / f"predictions-{split}.parquet")
         counts[split] = len(part)
     return counts
 
@@ -173,21 +198,33 @@ def stage_conformal(ctx: StageContext) -> dict[str, Any]:
 def stage_selective(ctx: StageContext) -> dict[str, Any]:
     cal, probs = _calibrated_calib(ctx)
     s = ctx.cfg.selective
-    cert = certify_abstention(probs.max(axis=1), probs.argmax(axis=1) == cal.labels, target_risk=s.target_risk,
-                              delta=s.delta, n_classes=cal.n_classes)
+    cert = certify_abstention(
+        probs.max(axis=1),
+        probs.argmax(axis=1) == cal.labels,
+        target_risk=s.target_risk,
+        delta=s.delta,
+        n_classes=cal.n_classes,
+    )
     (ctx.out / "selective.json").write_text(json.dumps(cert.to_dict(), indent=2))
     return cert.to_dict()
 
 
 def stage_policy(ctx: StageContext) -> dict[str, Any]:
     classes = _preds(ctx, "calib").classes
-    positive = "roadwork" if classes == ["no_roadwork", "roadwork"] else (classes[1] if len(classes) == 2 else None)
+    positive = (
+        "roadwork" if classes == ["no_roadwork", "roadwork"] else (classes[1] if len(classes) == 2 else None)
+    )
     policy = TrustPolicy(
         classes=classes,
-        calibrator=calibrator_from_dict(json.loads((ctx.inputs["calibrate"] / "calibrator.json").read_text())),
-        conformal=LACConformal.from_dict(json.loads((ctx.inputs["conformal"] / "conformal.json").read_text())),
+        calibrator=calibrator_from_dict(
+            json.loads((ctx.inputs["calibrate"] / "calibrator.json").read_text())
+        ),
+        conformal=LACConformal.from_dict(
+            json.loads((ctx.inputs["conformal"] / "conformal.json").read_text())
+        ),
         abstention=AbstentionCertificate.from_dict(
-            json.loads((ctx.inputs["selective"] / "selective.json").read_text())),
+            json.loads((ctx.inputs["selective"] / "selective.json").read_text())
+        ),
         positive_class=positive,
     )
     policy.save(ctx.out / "policy.json")
@@ -218,11 +255,18 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
     got = onnx_logits(onnx_session(onnx_path), x)
     max_diff = float(np.abs(ref - got).max()) if len(x) else 0.0
     if max_diff > e.parity_atol:
-        raise ArtifactError(f"ONNX parity check failed: max |logit difference| {max_diff:.2e} exceeds "
-                            f"export.parity_atol={e.parity_atol:g}. The exported graph is not trustworthy.")
+        raise ArtifactError(
+            f"ONNX parity check failed: max |logit difference| {max_diff:.2e} exceeds "
+            f"export.parity_atol={e.parity_atol:g}. The exported graph is not trustworthy."
+        )
     info = {"exporter": exporter, "opset": e.opset, "parity_max_abs_diff": max_diff, "parity_n": len(x)}
-    write_bundle(ctx.out / "bundle", onnx_path=onnx_path, card=card,
-                 policy=TrustPolicy.load(ctx.inputs["policy"] / "policy.json"), export_info=info)
+    write_bundle(
+        ctx.out / "bundle",
+        onnx_path=onnx_path,
+        card=card,
+        policy=TrustPolicy.load(ctx.inputs["policy"] / "policy.json"),
+        export_info=info,
+    )
     onnx_path.unlink()
     return info
 
@@ -246,51 +290,83 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     path_of = dict(zip(df["id"], _abs_paths(df, ctx.inputs["data"]), strict=True))
 
     figures: dict[str, tuple[bytes, str]] = {
-        "reliability": (reliability_png(softmax(test.logits), out.probs, test.labels, cfg.evaluate.ece_bins),
-                        "Reliability: top-label confidence vs accuracy on test, before and after calibration"),
-        "risk_coverage": (risk_coverage_png(out.confidence, out.pred == test.labels,
-                                            target=policy.abstention.target_risk,
-                                            threshold=policy.abstention.threshold),
-                          "Risk–coverage: error on answered images as the model answers more of them"),
+        "reliability": (
+            reliability_png(softmax(test.logits), out.probs, test.labels, cfg.evaluate.ece_bins),
+            "Reliability: top-label confidence vs accuracy on test, before and after calibration",
+        ),
+        "risk_coverage": (
+            risk_coverage_png(
+                out.confidence,
+                out.pred == test.labels,
+                target=policy.abstention.target_risk,
+                threshold=policy.abstention.threshold,
+            ),
+            "Risk–coverage: error on answered images as the model answers more of them",
+        ),
         "confusion": (confusion_png(test.labels, out.pred, test.classes), "Confusion matrix: test split"),
     }
     train_png = ctx.inputs["train"] / "training.png"
     if train_png.is_file():
-        figures["training"] = (train_png.read_bytes(), "Training curves: loss and validation accuracy per epoch")
+        figures["training"] = (
+            train_png.read_bytes(),
+            "Training curves: loss and validation accuracy per epoch",
+        )
     k = min(cfg.evaluate.n_examples, len(test))
     if k:
         rng = np.random.default_rng(0)
         pick = rng.choice(len(test), size=k, replace=False)
-        cap = [f"{test.classes[test.labels[i]]}\np={out.confidence[i]:.2f} {test.classes[out.pred[i]]}" for i in pick]
-        figures["samples"] = (image_grid_png([path_of[test.ids[i]] for i in pick], cap),
-                              "Sample test images: true label, then calibrated confidence and prediction")
+        cap = [
+            f"{test.classes[test.labels[i]]}\np={out.confidence[i]:.2f} {test.classes[out.pred[i]]}"
+            for i in pick
+        ]
+        figures["samples"] = (
+            image_grid_png([path_of[test.ids[i]] for i in pick], cap),
+            "Sample test images: true label, then calibrated confidence and prediction",
+        )
         wrong = np.flatnonzero(out.pred != test.labels)
         worst = wrong[np.argsort(-out.confidence[wrong])][:k]
         if len(worst):
-            cap = [f"true {test.classes[test.labels[i]]}\np={out.confidence[i]:.2f} {test.classes[out.pred[i]]}"
-                   for i in worst]
-            figures["mistakes"] = (image_grid_png([path_of[test.ids[i]] for i in worst], cap),
-                                   "Worst mistakes: the most confident wrong predictions on test")
+            cap = [
+                f"true {test.classes[test.labels[i]]}\np={out.confidence[i]:.2f} {test.classes[out.pred[i]]}"
+                for i in worst
+            ]
+            figures["mistakes"] = (
+                image_grid_png([path_of[test.ids[i]] for i in worst], cap),
+                "Worst mistakes: the most confident wrong predictions on test",
+            )
     fig_dir = ctx.out / "figures"
     fig_dir.mkdir()
     for name, (png, _) in figures.items():
         (fig_dir / f"{name}.png").write_bytes(png)
 
-    timing = {name: json.loads((p / "manifest.json").read_text())["seconds"]
-              for name, p in ctx.inputs.items() if (p / "manifest.json").is_file()}
+    timing = {
+        name: json.loads((p / "manifest.json").read_text())["seconds"]
+        for name, p in ctx.inputs.items()
+        if (p / "manifest.json").is_file()
+    }
     timing["evaluate"] = time.perf_counter() - t0
     metrics["timing"] = timing
     bundle_manifest = json.loads((ctx.inputs["export"] / "bundle" / "manifest.json").read_text())
     metrics["export"] = bundle_manifest["export"]
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    pd.DataFrame([{"slice": k, **v} for k, v in metrics["slices"].items()]).to_csv(ctx.out / "slices.csv",
-                                                                                    index=False)
+    pd.DataFrame([{"slice": k, **v} for k, v in metrics["slices"].items()]).to_csv(
+        ctx.out / "slices.csv", index=False
+    )
     data_report = json.loads((ctx.inputs["data"] / "data_report.json").read_text())
-    (ctx.out / "report.html").write_text(render_html(metrics=metrics, figures=figures, data_report=data_report,
-                                                     config_yaml=dump_config(cfg), run_name=cfg.name))
-    (ctx.out / "MODEL_CARD.md").write_text(render_model_card(metrics=metrics, run_name=cfg.name,
-                                                             backbone=cfg.model.backbone,
-                                                             data_source=cfg.data.source))
+    (ctx.out / "report.html").write_text(
+        render_html(
+            metrics=metrics,
+            figures=figures,
+            data_report=data_report,
+            config_yaml=dump_config(cfg),
+            run_name=cfg.name,
+        )
+    )
+    (ctx.out / "MODEL_CARD.md").write_text(
+        render_model_card(
+            metrics=metrics, run_name=cfg.name, backbone=cfg.model.backbone, data_source=cfg.data.source
+        )
+    )
     return {"accuracy": metrics["test"]["accuracy"]}
 
 
@@ -303,6 +379,10 @@ STAGES: list[Stage] = [
     Stage("selective", ("predict", "calibrate"), ("selective",), stage_selective),
     Stage("policy", ("predict", "calibrate", "conformal", "selective"), (), stage_policy),
     Stage("export", ("data", "train", "policy"), ("export",), stage_export),
-    Stage("evaluate", ("data", "train", "predict", "calibrate", "conformal", "selective", "policy", "export"),
-          ("evaluate",), stage_evaluate),
+    Stage(
+        "evaluate",
+        ("data", "train", "predict", "calibrate", "conformal", "selective", "policy", "export"),
+        ("evaluate",),
+        stage_evaluate,
+    ),
 ]

@@ -41,16 +41,20 @@ class Tracker:
             warnings.simplefilter("ignore")
             exp = self.mlflow.get_experiment_by_name(cfg.tracking.experiment)
             if exp is None:
-                exp_id = self.mlflow.create_experiment(cfg.tracking.experiment,
-                                                       artifact_location=(root / "mlartifacts").as_uri())
+                exp_id = self.mlflow.create_experiment(
+                    cfg.tracking.experiment, artifact_location=(root / "mlartifacts").as_uri()
+                )
             else:
                 exp_id = exp.experiment_id
             self.run = self.mlflow.start_run(experiment_id=exp_id, run_name=cfg.name)
         self.mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        clean = {k.replace("=", "_"): float(v) for k, v in flatten(metrics).items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")}
+        clean = {
+            k.replace("=", "_"): float(v)
+            for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+        }
         self.mlflow.log_metrics(clean, step=step)
 
     def set_tags(self, tags: dict[str, str]) -> None:

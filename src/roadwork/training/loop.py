@@ -32,8 +32,9 @@ class TrainResult:
     best_epoch: int = 0
 
 
-def load_uint8(paths: Sequence[str], spec: PreprocessSpec, desc: str = "loading images",
-               progress: bool = True) -> np.ndarray:
+def load_uint8(
+    paths: Sequence[str], spec: PreprocessSpec, desc: str = "loading images", progress: bool = True
+) -> np.ndarray:
     """Decode and resize images once: uint8 array of shape (N, size, size, 3)."""
     from tqdm.auto import tqdm
 
@@ -75,9 +76,16 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
 
 
 def train_model(
-    model_cfg: ModelConfig, cfg: TrainConfig, *, classes: list[str], train_paths: Sequence[str],
-    train_labels: np.ndarray, val_paths: Sequence[str], val_labels: np.ndarray,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    classes: list[str],
+    train_paths: Sequence[str],
+    train_labels: np.ndarray,
+    val_paths: Sequence[str],
+    val_labels: np.ndarray,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
 ) -> TrainResult:
     torch = require("torch")
     fabric_mod = require("lightning_fabric")
@@ -89,8 +97,13 @@ def train_model(
     fabric = fabric_mod.Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
 
     net, spec = create_model(model_cfg, len(classes))
-    card = ModelCard(backbone=model_cfg.backbone, classes=list(classes), preprocess=spec,
-                     drop_rate=model_cfg.drop_rate, kwargs=dict(model_cfg.kwargs))
+    card = ModelCard(
+        backbone=model_cfg.backbone,
+        classes=list(classes),
+        preprocess=spec,
+        drop_rate=model_cfg.drop_rate,
+        kwargs=dict(model_cfg.kwargs),
+    )
     x_train = torch.from_numpy(load_uint8(train_paths, spec, "loading train images", progress))
     x_val = torch.from_numpy(load_uint8(val_paths, spec, "loading val images", progress))
     y_train = torch.tensor(np.asarray(train_labels), dtype=torch.long)
@@ -99,7 +112,9 @@ def train_model(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch))
+    )
     model, opt = fabric.setup(net, opt)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -110,8 +125,13 @@ def train_model(
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   leave=False, disable=not progress)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not progress,
+        )
         run_loss, seen = 0.0, 0
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -131,15 +151,23 @@ def train_model(
         val_logits = predict_logits(model, x_val, spec, batch_size=256, fabric=fabric)
         val_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits), y_val))
         val_acc = float((val_logits.argmax(1) == val_labels).mean())
-        row = {"epoch": epoch + 1, "train_loss": run_loss / max(seen, 1), "val_loss": val_loss,
-               "val_accuracy": val_acc, "lr": float(sched.get_last_lr()[0]),
-               "train_images_per_s": seen / train_time, "seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": run_loss / max(seen, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": float(sched.get_last_lr()[0]),
+            "train_images_per_s": seen / train_time,
+            "seconds": time.perf_counter() - t0,
+        }
         result.history.append(row)
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
         if progress:
-            tqdm.write(f"epoch {epoch + 1:>3}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}  "
-                       f"val_acc {val_acc:.4f}  {row['train_images_per_s']:.0f} img/s")
+            tqdm.write(
+                f"epoch {epoch + 1:>3}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}  "
+                f"val_acc {val_acc:.4f}  {row['train_images_per_s']:.0f} img/s"
+            )
         if val_loss < best_loss - 1e-4:
             best_loss, stale, result.best_epoch = val_loss, 0, epoch + 1
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -155,8 +183,9 @@ def train_model(
     return result
 
 
-def predict_logits(model: Any, images_u8: Any, spec: PreprocessSpec, *, batch_size: int = 256,
-                   fabric: Any = None) -> np.ndarray:
+def predict_logits(
+    model: Any, images_u8: Any, spec: PreprocessSpec, *, batch_size: int = 256, fabric: Any = None
+) -> np.ndarray:
     """Logits (float64, shape (N, K)) for uint8 images of shape (N, size, size, 3) (array or tensor)."""
     torch = require("torch")
     u8 = torch.from_numpy(images_u8) if isinstance(images_u8, np.ndarray) else images_u8

@@ -10,20 +10,28 @@ from roadwork.errors import InputError, bad_value
 def check_logits(logits: object, where: str, name: str = "logits") -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] < 2:
-        raise bad_value(name, where, "an array of shape (n_samples, n_classes) with n_classes >= 2",
-                        f"an array of shape {z.shape}")
+        raise bad_value(
+            name,
+            where,
+            "an array of shape (n_samples, n_classes) with n_classes >= 2",
+            f"an array of shape {z.shape}",
+        )
     if not np.isfinite(z).all():
         bad = int((~np.isfinite(z)).any(axis=1).sum())
-        raise InputError(f"The '{name}' parameter of {where} contains NaN or inf in {bad} row(s); "
-                         "remove those rows or fix the model that produced them.")
+        raise InputError(
+            f"The '{name}' parameter of {where} contains NaN or inf in {bad} row(s); "
+            "remove those rows or fix the model that produced them."
+        )
     return z
 
 
 def check_probs(probs: object, where: str, name: str = "probs") -> np.ndarray:
     p = check_logits(probs, where, name)
     if (p < 0).any() or (p > 1).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-6):
-        raise InputError(f"The '{name}' parameter of {where} must hold probabilities in [0, 1] whose rows sum "
-                         "to 1. Pass softmax outputs, or pass logits to the logits argument instead.")
+        raise InputError(
+            f"The '{name}' parameter of {where} must hold probabilities in [0, 1] whose rows sum "
+            "to 1. Pass softmax outputs, or pass logits to the logits argument instead."
+        )
     return p
 
 
@@ -37,13 +45,18 @@ def check_labels(labels: object, n: int, n_classes: int, where: str) -> np.ndarr
         else:
             raise bad_value("labels", where, "integer class indices", f"dtype {y.dtype}")
     if n and (y.min() < 0 or y.max() >= n_classes):
-        raise bad_value("labels", where, f"class indices in [0, {n_classes - 1}]",
-                        f"values in [{y.min()}, {y.max()}]")
+        raise bad_value(
+            "labels", where, f"class indices in [0, {n_classes - 1}]", f"values in [{y.min()}, {y.max()}]"
+        )
     return y.astype(np.int64)
 
 
 def check_level(value: object, name: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 < float(value) < 1:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating))
+        or not 0 < float(value) < 1
+    ):
         raise bad_value(name, where, "a float in (0, 1)", value)
     return float(value)
 

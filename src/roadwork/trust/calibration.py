@@ -45,8 +45,14 @@ class TemperatureScaler:
             grad = -s * float(np.mean((p * z).sum(axis=1) - zy))  # dNLL/dlogT = dNLL/ds * (-s)
             return nll, np.array([grad])
 
-        res = minimize(nll_and_grad, x0=np.zeros(1), jac=True, method="L-BFGS-B",
-                       bounds=[(np.log(1e-2), np.log(1e2))], options={"maxiter": self.max_iter})
+        res = minimize(
+            nll_and_grad,
+            x0=np.zeros(1),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=[(np.log(1e-2), np.log(1e2))],
+            options={"maxiter": self.max_iter},
+        )
         self.temperature_ = float(np.exp(res.x[0]))
         return self
 
@@ -104,7 +110,8 @@ class IdentityCalibrator:
 
 Calibrator = TemperatureScaler | IdentityCalibrator
 _KINDS: dict[str, type[TemperatureScaler] | type[IdentityCalibrator]] = {
-    "temperature": TemperatureScaler, "none": IdentityCalibrator,
+    "temperature": TemperatureScaler,
+    "none": IdentityCalibrator,
 }
 
 

@@ -26,12 +26,16 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     alpha = check_level(alpha, "alpha", "conformal_quantile")
     s = np.asarray(scores, dtype=np.float64).ravel()
     n = s.size
-    k = math.ceil((n + 1) * (1 - alpha) - 1e-12)  # the epsilon guards (n+1)(1-α) landing a hair above an integer
+    k = math.ceil(
+        (n + 1) * (1 - alpha) - 1e-12
+    )  # the epsilon guards (n+1)(1-α) landing a hair above an integer
     if k > n:
         need = math.ceil(1 / alpha - 1)
         warnings.warn(
             f"{n} calibration points are too few for alpha={alpha}: at least {need} are needed for a finite "
-            "threshold, so every prediction set is the full label set.", RoadworkWarning, stacklevel=2,
+            "threshold, so every prediction set is the full label set.",
+            RoadworkWarning,
+            stacklevel=2,
         )
         return math.inf
     return float(np.partition(s, k - 1)[k - 1])

@@ -9,8 +9,16 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "accuracy", "aurc", "auroc", "brier", "confusion_matrix", "ece", "mcc", "nll",
-    "reliability_bins", "risk_coverage",
+    "accuracy",
+    "aurc",
+    "auroc",
+    "brier",
+    "confusion_matrix",
+    "ece",
+    "mcc",
+    "nll",
+    "reliability_bins",
+    "risk_coverage",
 ]
 
 

@@ -60,8 +60,13 @@ class TrustPolicy:
         z = check_logits(logits, "TrustPolicy.apply")
         probs = self.calibrator.predict_proba(z)
         conf = probs.max(axis=1)
-        return PolicyOutput(probs=probs, pred=probs.argmax(axis=1), confidence=conf,
-                            sets=self.conformal.predict_sets(probs), abstain=conf < self.abstention.threshold)
+        return PolicyOutput(
+            probs=probs,
+            pred=probs.argmax(axis=1),
+            confidence=conf,
+            sets=self.conformal.predict_sets(probs),
+            abstain=conf < self.abstention.threshold,
+        )
 
     @property
     def positive_index(self) -> int | None:
@@ -69,20 +74,28 @@ class TrustPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema": POLICY_SCHEMA, "classes": self.classes, "positive_class": self.positive_class,
-            "calibrator": self.calibrator.to_dict(), "conformal": self.conformal.to_dict(),
+            "schema": POLICY_SCHEMA,
+            "classes": self.classes,
+            "positive_class": self.positive_class,
+            "calibrator": self.calibrator.to_dict(),
+            "conformal": self.conformal.to_dict(),
             "abstention": self.abstention.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrustPolicy:
         if d.get("schema") != POLICY_SCHEMA:
-            raise ArtifactError(f"policy schema {d.get('schema')!r} is not {POLICY_SCHEMA}; re-export the bundle "
-                                "with this roadwork version.")
-        return cls(classes=list(d["classes"]), calibrator=calibrator_from_dict(d["calibrator"]),
-                   conformal=LACConformal.from_dict(d["conformal"]),
-                   abstention=AbstentionCertificate.from_dict(d["abstention"]),
-                   positive_class=d.get("positive_class"))
+            raise ArtifactError(
+                f"policy schema {d.get('schema')!r} is not {POLICY_SCHEMA}; re-export the bundle "
+                "with this roadwork version."
+            )
+        return cls(
+            classes=list(d["classes"]),
+            calibrator=calibrator_from_dict(d["calibrator"]),
+            conformal=LACConformal.from_dict(d["conformal"]),
+            abstention=AbstentionCertificate.from_dict(d["abstention"]),
+            positive_class=d.get("positive_class"),
+        )
 
     def to_json(self) -> str:
         # json writes +inf as Infinity; Python's json reads it back (thresholds may be infinite)

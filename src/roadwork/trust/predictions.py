@@ -50,8 +50,13 @@ class Predictions:
         return len(self.classes)
 
     def subset(self, mask: np.ndarray) -> Predictions:
-        return Predictions(self.ids[mask], self.labels[mask], self.logits[mask], list(self.classes),
-                           {k: v[mask] for k, v in self.slices.items()})
+        return Predictions(
+            self.ids[mask],
+            self.labels[mask],
+            self.logits[mask],
+            list(self.classes),
+            {k: v[mask] for k, v in self.slices.items()},
+        )
 
     def to_parquet(self, path: str | Path) -> None:
         import pyarrow as pa
@@ -60,8 +65,9 @@ class Predictions:
         cols = {
             "id": pa.array(self.ids.tolist(), pa.string()),
             "label": pa.array(self.labels, pa.int64()),
-            "logits": pa.FixedSizeListArray.from_arrays(pa.array(self.logits.ravel(), pa.float64()),
-                                                        self.n_classes),
+            "logits": pa.FixedSizeListArray.from_arrays(
+                pa.array(self.logits.ravel(), pa.float64()), self.n_classes
+            ),
         }
         for name, v in self.slices.items():
             cols[f"slice.{name}"] = pa.array(v.tolist(), pa.string())
@@ -79,11 +85,21 @@ class Predictions:
         except (OSError, KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{str(path)!r} is not a roadwork predictions file: {e}") from None
         if meta.get("schema") != PREDICTIONS_SCHEMA:
-            raise ArtifactError(f"{str(path)!r} has predictions schema {meta.get('schema')}; "
-                                f"this roadwork reads schema {PREDICTIONS_SCHEMA}.")
+            raise ArtifactError(
+                f"{str(path)!r} has predictions schema {meta.get('schema')}; "
+                f"this roadwork reads schema {PREDICTIONS_SCHEMA}."
+            )
         k = len(meta["classes"])
         logits = table.column("logits").combine_chunks().flatten().to_numpy().reshape(-1, k)
-        slices = {n[len("slice."):]: np.asarray(table.column(n).to_pylist(), dtype=str)
-                  for n in table.column_names if n.startswith("slice.")}
-        return cls(np.asarray(table.column("id").to_pylist(), dtype=str), table.column("label").to_numpy(),
-                   logits, list(meta["classes"]), slices)
+        slices = {
+            n[len("slice.") :]: np.asarray(table.column(n).to_pylist(), dtype=str)
+            for n in table.column_names
+            if n.startswith("slice.")
+        }
+        return cls(
+            np.asarray(table.column("id").to_pylist(), dtype=str),
+            table.column("label").to_numpy(),
+            logits,
+            list(meta["classes"]),
+            slices,
+        )

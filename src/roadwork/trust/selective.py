@@ -59,7 +59,11 @@ class AbstentionCertificate:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AbstentionCertificate:
-        return cls(**{k: (int(v) if k == "n" else float(v)) for k, v in d.items()})
+        return cls(
+            threshold=float(d["threshold"]), target_risk=float(d["target_risk"]), delta=float(d["delta"]),
+            n=int(d["n"]), coverage=float(d["coverage"]), risk=float(d["risk"]),
+            risk_upper_bound=float(d["risk_upper_bound"]),
+        )
 
 
 def certify_abstention(
@@ -85,9 +89,17 @@ def certify_abstention(
         warnings.warn(
             f"No confidence threshold certifies selective risk <= {r} at delta={d} with {c.size} calibration "
             "points: the policy abstains on everything. Raise selective.target_risk or add calibration data.",
-            RoadworkWarning, stacklevel=2,
+            RoadworkWarning,
+            stacklevel=2,
         )
         return AbstentionCertificate(math.inf, r, d, c.size, 0.0, 0.0, 1.0)
     j = good[0]  # thresholds increase along the grid: the first certified one answers the most
-    return AbstentionCertificate(float(grid[j]), r, d, int(c.size), float(n_acc[j] / max(c.size, 1)),
-                                 float(k_err[j] / n_acc[j]), float(ucb[j]))
+    return AbstentionCertificate(
+        float(grid[j]),
+        r,
+        d,
+        int(c.size),
+        float(n_acc[j] / max(c.size, 1)),
+        float(k_err[j] / n_acc[j]),
+        float(ucb[j]),
+    )
