@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 
+from roadwork.config import SyntheticConfig
 from roadwork.data.synthetic import generate_dataset, iter_scenes
 
 
@@ -27,13 +28,13 @@ def main() -> None:
         render = args.n / (time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            generate_dataset(d, args.n, size=size, seed=0, workers=1, progress=False)
+            generate_dataset(d, SyntheticConfig(n=args.n, size=size, workers=1), progress=False)
             one = args.n / (time.perf_counter() - t0)
         rows.append((size, render, one))
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        generate_dataset(d, 4 * args.n, size=128, seed=0, workers=cores, progress=False)
+        generate_dataset(d, SyntheticConfig(n=4 * args.n, size=128, workers=cores), progress=False)
         all_cores = 4 * args.n / (time.perf_counter() - t0)
     print("| size px | render only, 1 core (img/s) | render + JPEG write, 1 core (img/s) |")
     print("|---:|---:|---:|")

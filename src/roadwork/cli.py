@@ -135,28 +135,16 @@ def _run(config: str | None, overrides: list[str], force: list[str], until: str 
 
 
 def _synthetic(args: list[str]) -> int:
-    from roadwork.config import ConfigError, SyntheticConfig, parse_overrides
+    from roadwork.config import ConfigError, load_config, parse_overrides
     from roadwork.data.synthetic import CLASSES, generate_dataset
 
     values = parse_overrides(args)
     out = values.pop("out", None)
     if not out:
         raise ConfigError("roadwork data synthetic needs out=DIR, the folder to write images into.")
-    try:
-        s = SyntheticConfig.model_validate(values)
-    except Exception as e:
-        raise ConfigError(f"Invalid synthetic option: {e}") from None
+    s = load_config(None, {"data": {"synthetic": values}}).data.synthetic  # same checks and messages as a run
     out_dir = Path(str(out))
-    rows = generate_dataset(
-        out_dir,
-        s.n,
-        size=s.size,
-        seed=s.seed,
-        positive_fraction=s.positive_fraction,
-        domain_b_fraction=s.domain_b_fraction,
-        label_noise=s.label_noise,
-        workers=s.workers,
-    )
+    rows = generate_dataset(out_dir, s)
     import csv
 
     cols = [

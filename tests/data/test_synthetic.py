@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from roadwork.config import SyntheticConfig
 from roadwork.data.synthetic import CLASSES, generate_dataset, iter_scenes
 
 
@@ -14,8 +15,8 @@ def test_same_seed_same_pixels_other_seed_other_pixels():
 
 
 def test_output_does_not_depend_on_worker_count(tmp_path):
-    one = generate_dataset(tmp_path / "a", 70, size=48, seed=1, workers=1, progress=False)
-    two = generate_dataset(tmp_path / "b", 70, size=48, seed=1, workers=2, progress=False)
+    one = generate_dataset(tmp_path / "a", SyntheticConfig(n=70, size=48, seed=1, workers=1), progress=False)
+    two = generate_dataset(tmp_path / "b", SyntheticConfig(n=70, size=48, seed=1, workers=2), progress=False)
     assert [r["sha256"] for r in one] == [r["sha256"] for r in two]
 
 
@@ -40,7 +41,7 @@ def test_label_noise_is_recorded_at_the_requested_rate():
 
 
 def test_rows_carry_paths_hashes_and_class_indices(tmp_path):
-    rows = generate_dataset(tmp_path, 5, size=32, seed=0, workers=1, progress=False)
-    assert [r["path"] for r in rows] == [f"{i:06d}.jpg" for i in range(5)]
+    rows = generate_dataset(tmp_path, SyntheticConfig(n=8, size=32, workers=1), progress=False)
+    assert [r["path"] for r in rows] == [f"{i:06d}.jpg" for i in range(8)]
     assert all((tmp_path / str(r["path"])).is_file() and len(str(r["sha256"])) == 64 for r in rows)
     assert {r["label"] for r in rows} <= set(range(len(CLASSES)))

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from roadwork.config import SyntheticConfig
+
 __all__ = ["CLASSES", "SceneSpec", "generate_dataset", "render_scene", "sample_spec"]
 
 CLASSES = ("no_roadwork", "roadwork")
@@ -335,7 +337,10 @@ def _draw_scene(spec: SceneSpec, rng: np.random.Generator, w: int) -> tuple[np.n
             t = max(t, 0.06)
             lat = side * (0.85 - 0.55 * i / max(n - 1, 1)) if taper else side * rng.uniform(0.75, 1.05)
             items.append((t, str(kind), lat))
-    items.sort(key=lambda it: it[0])
+    # Far to near, except that the nearest work-zone object is drawn last: others may be occluded, but a
+    # positive always shows at least one object (how visible it is is left to distance, weather and camera).
+    lead = [it for it in items if it[1] in ZONE_OBJECTS][:1]
+    items = sorted((it for it in items if it not in lead), key=lambda it: it[0]) + lead
 
     for t, kind, lat in items:
         x, y, s = sc.x(t, lat), sc.row(t), t * w
@@ -389,8 +394,8 @@ def _apply_conditions(
     elif spec.time == "night":
         cx = size * rng.uniform(0.4, 0.6)
         cols = np.arange(size, dtype=np.float32)[None, :, None]
-        beam = np.exp(-(((cols - cx) / (size * 0.35)) ** 2)) * np.clip(depth * 1.6 - 0.5, 0, 1)
-        img = img * (0.2 + 0.75 * beam) + np.array([0, 0, 8], np.float32)
+        beam = np.exp(-(((cols - cx) / (size * 0.55)) ** 2)) * np.clip(depth * 1.6 - 0.4, 0, 1)
+        img = img * (0.3 + 0.7 * beam) + np.array([0, 0, 8], np.float32)
     if spec.weather == "fog":
         density = rng.uniform(0.08, 0.35)
         fog = 1 - np.exp(-density / depth)
@@ -468,30 +473,18 @@ def _write_chunk(args: tuple[Path, int, int, dict[str, float | int]]) -> list[di
 
 
 def generate_dataset(
-    out_dir: str | Path,
-    n: int,
-    *,
-    size: int = 128,
-    seed: int = 0,
-    positive_fraction: float = 0.5,
-    domain_b_fraction: float = 0.5,
-    label_noise: float = 0.0,
-    workers: int = 0,
-    progress: bool = True,
+    out_dir: str | Path, cfg: SyntheticConfig, *, progress: bool = True
 ) -> list[dict[str, object]]:
-    """Write ``n`` JPEG scenes into ``out_dir`` and return one row per image (paths relative to it)."""
+    """Write ``cfg.n`` JPEG scenes into ``out_dir``; one row per image (paths relative to ``out_dir``)."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kw: dict[str, float | int] = dict(
-        size=size,
-        seed=seed,
-        positive_fraction=positive_fraction,
-        domain_b_fraction=domain_b_fraction,
-        label_noise=label_noise,
+    n = cfg.n
+    kw: dict[str, float | int] = cfg.model_dump(
+        include={"size", "seed", "positive_fraction", "domain_b_fraction", "label_noise"}
     )
-    workers = workers or (os.cpu_count() or 1)
+    workers = cfg.workers or (os.cpu_count() or 1)
     chunk = 64
     jobs = [(out, s, min(chunk, n - s), kw) for s in range(0, n, chunk)]
     rows: list[dict[str, object]] = []

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from roadwork.config import RunConfig
+from roadwork.errors import DataError
 from roadwork.pipeline.runner import StageResult, run_stages
 from roadwork.pipeline.stages import STAGES
 
@@ -46,6 +47,11 @@ def run_pipeline(
     on_stage: Callable[[StageResult], None] | None = None,
 ) -> RunResult:
     """Run (or reuse from cache) every stage up to ``until``; ``force`` re-runs stages and their dependents."""
+    if cfg.data.source != "synthetic" and not Path(cfg.data.source).exists():  # fail before any work
+        raise DataError(
+            f"data.source={cfg.data.source!r} does not exist. Pass 'synthetic', an image folder with one "
+            "subfolder per class, or a .csv/.parquet manifest with 'path' and 'label' columns."
+        )
     tracker = None
     if cfg.tracking.enabled:
         from roadwork.pipeline.tracking import Tracker

@@ -76,19 +76,8 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
     d = ctx.cfg.data
     rows, root = None, None
     if d.source == "synthetic":
-        s = d.synthetic
         root = ctx.out / "images"
-        rows = generate_dataset(
-            root,
-            s.n,
-            size=s.size,
-            seed=s.seed,
-            positive_fraction=s.positive_fraction,
-            domain_b_fraction=s.domain_b_fraction,
-            label_noise=s.label_noise,
-            workers=s.workers,
-            progress=ctx.progress,
-        )
+        rows = generate_dataset(root, d.synthetic, progress=ctx.progress)
     df, classes, report = build_dataset(d, synthetic_rows=rows, synthetic_root=root)
     if root is not None:  # paths inside the run folder are stored relative, so the folder can move
         df["path"] = [f"images/{Path(p).name}" for p in df["path"]]

@@ -30,9 +30,9 @@ class Tracker:
 
     def __init__(self, cfg: RunConfig) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        for name in ("mlflow", "alembic", "sqlalchemy"):
-            logging.getLogger(name).setLevel(logging.ERROR)
         self.mlflow = require("mlflow")
+        for name in ("mlflow", "alembic", "sqlalchemy"):  # after the import: mlflow configures its logger
+            logging.getLogger(name).setLevel(logging.ERROR)
         root = Path(cfg.root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         self.uri = cfg.tracking.uri or f"sqlite:///{root / 'mlflow.db'}"

@@ -60,8 +60,12 @@ class AbstentionCertificate:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AbstentionCertificate:
         return cls(
-            threshold=float(d["threshold"]), target_risk=float(d["target_risk"]), delta=float(d["delta"]),
-            n=int(d["n"]), coverage=float(d["coverage"]), risk=float(d["risk"]),
+            threshold=float(d["threshold"]),
+            target_risk=float(d["target_risk"]),
+            delta=float(d["delta"]),
+            n=int(d["n"]),
+            coverage=float(d["coverage"]),
+            risk=float(d["risk"]),
             risk_upper_bound=float(d["risk_upper_bound"]),
         )
 
