@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from roadwork.errors import RoadworkWarning
 
@@ -46,3 +49,29 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RoadworkWarning)  # a tiny model may certify nothing; that is correct
         return cfg, run_pipeline(cfg, progress=False)
+
+
+def _jpeg(rng: np.random.Generator, size: int = 24) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("roadwork", "no_roadwork"):
+        (tmp_path / cls).mkdir()
+        for i in range(12):
+            (tmp_path / cls / f"{i}.jpg").write_bytes(_jpeg(rng))
+    good = _jpeg(rng)
+    (tmp_path / "roadwork" / "dup_a.jpg").write_bytes(good)
+    (tmp_path / "roadwork" / "dup_b.jpg").write_bytes(good)
+    (tmp_path / "roadwork" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "roadwork" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "no_roadwork" / "notes.txt").write_text("not an image")
+    (tmp_path / "no_roadwork" / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    big = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(big, format="PNG")  # tiny file, many pixels
+    (tmp_path / "no_roadwork" / "bomb.png").write_bytes(big.getvalue())
+    return tmp_path

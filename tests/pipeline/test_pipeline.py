@@ -132,3 +132,24 @@ def test_mlflow_run_was_logged(tiny_run):
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment])
     assert len(runs) >= 1
     assert "metrics.test.accuracy" in runs.columns and "metrics.val_loss" in runs.columns
+
+
+def test_a_folder_with_bad_files_runs_to_the_end_and_the_report_lists_them(messy_folder, tmp_path):
+    cfg = load_config(
+        "demo",
+        tiny_overrides(
+            tmp_path / "runs",
+            name="messy",
+            **{"data.source": str(messy_folder), "data.max_pixels": 4_000_000, "train.epochs": 1},
+        ),
+    )
+    result = run_pipeline(cfg, progress=False)
+    html = result.report.read_text()
+    for name in (
+        "roadwork/empty.jpg",
+        "roadwork/truncated.jpg",
+        "no_roadwork/notes.txt",
+        "no_roadwork/bomb.png",
+    ):
+        assert name in html
+    assert "zero-byte file" in html and "roadwork/dup_a.jpg, roadwork/dup_b.jpg" in html
