@@ -35,7 +35,10 @@ def slice_rows(preds: Predictions, out: PolicyOutput, n_bins: int) -> dict[str, 
     """``{"weather=fog": {n, accuracy, ece, coverage, ...}, ...}`` for every slice column and value."""
     rows: dict[str, dict[str, float]] = {}
     for col, values in sorted(preds.slices.items()):
-        for v in sorted(set(values.tolist())):
+        levels = sorted(set(values.tolist()))
+        if len(levels) < 2:  # a slice that covers every image says nothing the overall row does not
+            continue
+        for v in levels:
             m = values == v
             sub = PolicyOutput(out.probs[m], out.pred[m], out.confidence[m], out.sets[m], out.abstain[m])
             rows[f"{col}={v}"] = _group(sub, preds.labels[m], n_bins)
