@@ -113,8 +113,15 @@ class CalibrateConfig(_Strict):
 
 
 class ConformalConfig(_Strict):
-    method: Literal["lac"] = "lac"
+    method: Literal["lac", "aps", "raps"] = "lac"
     alpha: float = Field(0.1, gt=0, lt=1, description="miscoverage level: sets contain the label w.p. ≥ 1-α")
+    randomized: bool = Field(
+        False, description="randomised APS/RAPS (exact coverage) instead of conservative"
+    )
+    mondrian: Literal["none", "class"] = Field(
+        "none", description="'class': coverage ≥ 1-α within every class"
+    )
+    allow_empty: bool = Field(True, description="false: an empty set gets the top class")
 
 
 class SelectiveConfig(_Strict):

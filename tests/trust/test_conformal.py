@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from roadwork.errors import InputError, NotFittedError, RoadworkWarning
-from roadwork.trust import LACConformal, conformal_quantile
+from roadwork.trust import SplitConformal, conformal_quantile
 from roadwork.trust._checks import softmax
 
 
@@ -37,7 +37,7 @@ def test_coverage_holds_over_many_random_splits():
     cov = np.empty(reps)
     for r in range(reps):
         p, y = _task(n + m, rng)
-        conf = LACConformal(alpha=alpha).fit(p[:n], y[:n])
+        conf = SplitConformal(alpha=alpha).fit(p[:n], y[:n])
         cov[r] = conf.predict_sets(p[n:])[np.arange(m), y[n:]].mean()
     # per-split coverage varies as Beta(k, n+1-k) (calibration draw) plus binomial noise (test draw)
     k = math.ceil((n + 1) * (1 - alpha))
@@ -49,14 +49,95 @@ def test_coverage_holds_over_many_random_splits():
 def test_sets_round_trip_and_validate():
     rng = np.random.default_rng(0)
     p, y = _task(300, rng)
-    conf = LACConformal(alpha=0.2).fit(p, y)
-    back = LACConformal.from_dict(json.loads(json.dumps(conf.to_dict())))
+    conf = SplitConformal(alpha=0.2).fit(p, y)
+    back = SplitConformal.from_dict(json.loads(json.dumps(conf.to_dict())))
     assert np.array_equal(back.predict_sets(p), conf.predict_sets(p))
     with pytest.raises(NotFittedError):
-        LACConformal().predict_sets(p)
+        SplitConformal().predict_sets(p)
     with pytest.raises(
-        InputError, match=r"'alpha' parameter of LACConformal.fit must be a float in \(0, 1\)"
+        InputError, match=r"'alpha' parameter of SplitConformal.fit must be a float in \(0, 1\)"
     ):
-        LACConformal(alpha=1.5).fit(p, y)
+        SplitConformal(alpha=1.5).fit(p, y)
     with pytest.raises(InputError, match="rows sum to 1"):
-        LACConformal().fit(p * 2, y)
+        SplitConformal().fit(p * 2, y)
+
+
+def _se(alpha: float, n: int, m: int, reps: int) -> float:
+    """Monte-Carlo standard error of the mean coverage over ``reps`` splits (calibration + test draw)."""
+    k = math.ceil((n + 1) * (1 - alpha))
+    beta_var = k * (n + 1 - k) / ((n + 1) ** 2 * (n + 2))
+    return math.sqrt((beta_var + alpha * (1 - alpha) / m) / reps)
+
+
+@pytest.mark.parametrize(
+    ("score", "randomized"), [("lac", False), ("aps", True), ("aps", False), ("raps", True), ("raps", False)]
+)
+def test_every_score_covers_over_500_splits(score, randomized):
+    alpha, n, m, reps = 0.1, 300, 300, 500
+    rng = np.random.default_rng(["lac", "aps", "raps"].index(score) * 2 + int(randomized))
+    cov, size = np.empty(reps), np.empty(reps)
+    for r in range(reps):
+        p, y = _task(n + m, rng, k=6)
+        conf = SplitConformal(alpha=alpha, score=score, randomized=randomized, k_reg=1, lam=0.05, seed=r)
+        sets = conf.fit(p[:n], y[:n]).predict_sets(p[n:])
+        cov[r] = sets[np.arange(m), y[n:]].mean()
+        size[r] = sets.sum(axis=1).mean()
+    se = _se(alpha, n, m, reps)
+    assert cov.mean() >= 1 - alpha - 4 * se
+    if randomized or score == "lac":  # exact up to 1/(n+1); the deterministic sets are conservative by design
+        assert cov.mean() <= 1 - alpha + 1 / (n + 1) + 4 * se
+    assert size.mean() < 6
+
+
+def test_mondrian_covers_within_every_class():
+    alpha, n, m, reps = 0.1, 600, 600, 500
+    rng = np.random.default_rng(5)
+    hits = np.zeros(3)
+    counts = np.zeros(3)
+    n_c = []
+    for _ in range(reps):
+        z = rng.normal(0, 2, size=(n + m, 3)) + np.array([1.5, 0.0, -1.0])  # imbalanced classes
+        p = softmax(z)
+        y = (p.cumsum(axis=1) > rng.random((n + m, 1))).argmax(axis=1)
+        conf = SplitConformal(alpha=alpha, mondrian="class").fit(p[:n], y[:n])
+        covered = conf.predict_sets(p[n:])[np.arange(m), y[n:]]
+        for c in range(3):
+            hits[c] += covered[y[n:] == c].sum()
+            counts[c] += (y[n:] == c).sum()
+        n_c.append(np.bincount(y[:n], minlength=3))
+    per_class = hits / counts
+    n_min = int(np.min(n_c))
+    for c in range(3):  # test rows pooled across splits: binomial error plus the calibration draw
+        se = _se(alpha, n_min, int(counts[c] / reps), reps)
+        assert per_class[c] >= 1 - alpha - 4 * se, (c, per_class[c])
+
+
+def test_no_empty_sets_option_and_raps_tuning():
+    rng = np.random.default_rng(3)
+    p, y = _task(2000, rng, k=10)
+    sets = (
+        SplitConformal(alpha=0.4, score="lac", allow_empty=False)
+        .fit(p[:1000], y[:1000])
+        .predict_sets(p[1000:])
+    )
+    assert sets.any(axis=1).all()
+    tuned = SplitConformal(alpha=0.1, score="raps").fit(p[:1000], y[:1000])
+    assert tuned.k_reg_ >= 1 and tuned.lam_ in (0.0, 0.001, 0.01, 0.05, 0.1, 0.2, 0.5)
+    assert tuned.n_ == 800  # 20 % of the calibration rows went to tuning
+
+
+@pytest.mark.parametrize("score", ["lac", "aps", "raps"])
+def test_relabelling_permuting_refitting_and_json_give_identical_sets(score):
+    rng = np.random.default_rng(9)
+    p, y = _task(800, rng, k=4)
+    kw = {"alpha": 0.1, "score": score, "k_reg": 1, "lam": 0.1}
+    a = SplitConformal(**kw).fit(p[:400], y[:400])
+    sets = a.predict_sets(p[400:])
+    perm = np.array([3, 1, 0, 2])
+    b = SplitConformal(**kw).fit(p[:400][:, perm], np.argsort(perm)[y[:400]])
+    assert np.array_equal(b.predict_sets(p[400:][:, perm]), sets[:, perm])
+    rows = rng.permutation(400)
+    assert SplitConformal(**kw).fit(p[:400][rows], y[:400][rows]).threshold_ == a.threshold_
+    assert a.fit(p[:400], y[:400]).threshold_ == b.threshold_
+    back = SplitConformal.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert np.array_equal(back.predict_sets(p[400:]), sets)

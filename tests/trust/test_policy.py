@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from roadwork.trust import AbstentionCertificate, LACConformal, Predictions, TemperatureScaler, TrustPolicy
+from roadwork.trust import AbstentionCertificate, Predictions, SplitConformal, TemperatureScaler, TrustPolicy
 from roadwork.trust._checks import softmax
 
 
@@ -11,7 +11,7 @@ def _policy() -> tuple[TrustPolicy, np.ndarray]:
     z = rng.normal(0, 3, (400, 2))
     y = (softmax(z / 2)[:, 1] > rng.random(400)).astype(int)
     cal = TemperatureScaler().fit(z, y)
-    conf = LACConformal(alpha=0.1).fit(cal.predict_proba(z), y)
+    conf = SplitConformal(alpha=0.1).fit(cal.predict_proba(z), y)
     cert = AbstentionCertificate(0.8, 0.05, 0.05, 400, 0.5, 0.03, 0.049)
     return TrustPolicy(["no_roadwork", "roadwork"], cal, conf, cert, positive_class="roadwork"), z
 

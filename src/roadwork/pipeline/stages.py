@@ -19,8 +19,8 @@ import pandas as pd
 from roadwork.config import RunConfig, dump_config
 from roadwork.pipeline.runner import Stage, StageContext
 from roadwork.trust import (
-    LACConformal,
     Predictions,
+    SplitConformal,
     TrustPolicy,
     certify_abstention,
     make_calibrator,
@@ -179,7 +179,14 @@ def _calibrated_calib(ctx: StageContext) -> tuple[Predictions, np.ndarray]:
 
 def stage_conformal(ctx: StageContext) -> dict[str, Any]:
     cal, probs = _calibrated_calib(ctx)
-    conf = LACConformal(alpha=ctx.cfg.conformal.alpha).fit(probs, cal.labels)
+    c = ctx.cfg.conformal
+    conf = SplitConformal(
+        alpha=c.alpha,
+        score=c.method,
+        randomized=c.randomized,
+        mondrian=None if c.mondrian == "none" else c.mondrian,
+        allow_empty=c.allow_empty,
+    ).fit(probs, cal.labels)
     (ctx.out / "conformal.json").write_text(json.dumps(conf.to_dict(), indent=2))
     return conf.to_dict()
 
@@ -208,7 +215,7 @@ def stage_policy(ctx: StageContext) -> dict[str, Any]:
         calibrator=calibrator_from_dict(
             json.loads((ctx.inputs["calibrate"] / "calibrator.json").read_text())
         ),
-        conformal=LACConformal.from_dict(
+        conformal=SplitConformal.from_dict(
             json.loads((ctx.inputs["conformal"] / "conformal.json").read_text())
         ),
         abstention=AbstentionCertificate.from_dict(

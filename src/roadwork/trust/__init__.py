@@ -1,7 +1,7 @@
 """The trust layer: numpy only (no torch, no web framework). Fitted objects round-trip through JSON."""
 
 from roadwork.trust.calibration import IdentityCalibrator, TemperatureScaler, make_calibrator
-from roadwork.trust.conformal import LACConformal, conformal_quantile
+from roadwork.trust.conformal import SplitConformal, conformal_quantile
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
 from roadwork.trust.predictions import Predictions
 from roadwork.trust.selective import AbstentionCertificate, certify_abstention
@@ -9,9 +9,9 @@ from roadwork.trust.selective import AbstentionCertificate, certify_abstention
 __all__ = [
     "AbstentionCertificate",
     "IdentityCalibrator",
-    "LACConformal",
     "PolicyOutput",
     "Predictions",
+    "SplitConformal",
     "TemperatureScaler",
     "TrustPolicy",
     "certify_abstention",

@@ -1,24 +1,42 @@
-"""Split-conformal prediction sets (numpy only).
+"""Split-conformal prediction sets (numpy only, vectorised, float64).
 
-LAC (least ambiguous set-valued classifier, Sadinle et al. 2019): score ``s = 1 - p_y``; with ``n``
-calibration scores the threshold is the ⌈(n+1)(1-α)⌉-th smallest score, and the set of a new image is
-``{k : 1 - p_k <= q}``. If calibration and test images are exchangeable,
-``P(y ∈ set) >= 1 - α`` (and ``<= 1 - α + 1/(n+1)`` without ties). When ⌈(n+1)(1-α)⌉ > n the
-threshold is +∞ (every set is the full label set) and a warning says how many points are needed.
+Scores of an image ``x`` for a candidate class ``k`` (``p`` calibrated probabilities, ``r_k`` the 1-based rank
+of ``k`` when classes are sorted by decreasing ``p``, ``c_r`` the cumulative sum of the sorted ``p`` up to rank
+``r``, ``u ~ U(0, 1)`` one draw per image):
+
+- ``lac`` (Sadinle et al., 2019):          ``s = 1 - p_k``
+- ``aps`` (Romano et al., 2020):           ``s = c_{r_k} - (1 - u) p_k``  (randomised) or ``c_{r_k}``
+- ``raps`` (Angelopoulos et al., 2021):    the APS score ``+ λ (r_k - k_reg)^+``
+
+With ``n`` calibration scores of the true class the threshold ``q`` is the ⌈(n+1)(1-α)⌉-th smallest score
+(+∞, with a warning, when that exceeds ``n``) and the set of a new image is ``{k : s(x, k) <= q}``. The
+deterministic APS/RAPS sets include the class at which the cumulative sum crosses ``q``
+(``{k : c_{r_k} - p_k < q}``), a superset of ``{k : c_{r_k} <= q}``, so coverage stays ≥ 1-α. If calibration
+and test images are exchangeable, ``P(y ∈ set) >= 1 - α``; the randomised sets are also at most
+``1 - α + 1/(n+1)`` in expectation.
+
+Mondrian (``mondrian="class"``) fits one threshold per true class and tests each candidate class against
+its own threshold: coverage ≥ 1-α holds *within every class*. ``allow_empty=False`` adds the top class to
+an empty set (coverage can only rise). RAPS without explicit ``k_reg``/``lam`` tunes them on a held-out
+``tune_fraction`` of the calibration rows as in Angelopoulos et al. (k_reg: the (1-α) quantile of the true
+class's rank; λ: the grid value with the smallest mean set size), and uses the rest for the threshold.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from roadwork.errors import NotFittedError, RoadworkWarning
+from roadwork.errors import InputError, NotFittedError, RoadworkWarning
 from roadwork.trust._checks import check_labels, check_level, check_probs
 
-__all__ = ["LACConformal", "conformal_quantile"]
+__all__ = ["SplitConformal", "class_scores", "conformal_quantile"]
+
+Score = Literal["lac", "aps", "raps"]
+_LAMBDAS = (0.0, 0.001, 0.01, 0.05, 0.1, 0.2, 0.5)
 
 
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
@@ -26,9 +44,7 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     alpha = check_level(alpha, "alpha", "conformal_quantile")
     s = np.asarray(scores, dtype=np.float64).ravel()
     n = s.size
-    k = math.ceil(
-        (n + 1) * (1 - alpha) - 1e-12
-    )  # the epsilon guards (n+1)(1-α) landing a hair above an integer
+    k = math.ceil((n + 1) * (1 - alpha) - 1e-12)  # epsilon: (n+1)(1-α) computed a hair above an integer
     if k > n:
         need = math.ceil(1 / alpha - 1)
         warnings.warn(
@@ -41,38 +57,195 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     return float(np.partition(s, k - 1)[k - 1])
 
 
-class LACConformal:
-    """Split-conformal LAC sets from calibrated probabilities. Learned state: ``threshold_``, ``n_``."""
+def class_scores(
+    probs: np.ndarray,
+    score: Score,
+    *,
+    u: np.ndarray | None = None,
+    lam: float = 0.0,
+    k_reg: int = 0,
+    last_included: bool = False,
+) -> np.ndarray:
+    """Scores of every candidate class, shape (n_samples, n_classes).
 
-    method = "lac"
+    ``u`` (shape (n_samples,)) randomises APS/RAPS; ``last_included`` returns ``c_{r_k} - p_k`` (the mass
+    strictly above ``k``), the quantity the deterministic sets compare with ``q``.
+    """
+    if score == "lac":
+        return 1.0 - probs
+    _n, k = probs.shape
+    order = np.argsort(-probs, axis=1, kind="stable")  # (n, K) classes by decreasing probability
+    p_sorted = np.take_along_axis(probs, order, axis=1)
+    cum = np.cumsum(p_sorted, axis=1)
+    if last_included:
+        s_sorted = cum - p_sorted
+    elif u is not None:
+        s_sorted = cum - (1.0 - u[:, None]) * p_sorted
+    else:
+        s_sorted = cum
+    if score == "raps" and lam > 0:
+        ranks = np.arange(1, k + 1, dtype=np.float64)
+        s_sorted = s_sorted + lam * np.maximum(ranks - k_reg, 0.0)[None, :]
+    out = np.empty_like(s_sorted)
+    np.put_along_axis(out, order, s_sorted, axis=1)  # back to class order
+    return out
 
-    def __init__(self, *, alpha: float = 0.1) -> None:
+
+def _true_rank(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """1-based rank of the true class (ties broken as the stable sort does)."""
+    order = np.argsort(-probs, axis=1, kind="stable")
+    return np.argmax(order == labels[:, None], axis=1) + 1
+
+
+class SplitConformal:
+    """Split-conformal sets. Learned state: ``threshold_`` (or ``thresholds_`` per class), ``n_``."""
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.1,
+        score: Score = "lac",
+        randomized: bool = False,
+        mondrian: Literal["class"] | None = None,
+        allow_empty: bool = True,
+        k_reg: int | None = None,
+        lam: float | None = None,
+        tune_fraction: float = 0.2,
+        seed: int = 0,
+    ) -> None:
         self.alpha = alpha
+        self.score = score
+        self.randomized = randomized
+        self.mondrian = mondrian
+        self.allow_empty = allow_empty
+        self.k_reg = k_reg
+        self.lam = lam
+        self.tune_fraction = tune_fraction
+        self.seed = seed
 
-    def fit(self, probs: object, labels: object) -> LACConformal:
-        alpha = check_level(self.alpha, "alpha", "LACConformal.fit")
-        p = check_probs(probs, "LACConformal.fit")
-        y = check_labels(labels, len(p), p.shape[1], "LACConformal.fit")
-        scores = 1.0 - p[np.arange(len(p)), y]
-        self.threshold_ = conformal_quantile(scores, alpha)
+    @property
+    def method(self) -> str:
+        return self.score
+
+    def _check_params(self, where: str) -> float:
+        alpha = check_level(self.alpha, "alpha", where)
+        if self.score not in ("lac", "aps", "raps"):
+            raise InputError(
+                f"The 'score' parameter of {where} must be 'lac', 'aps' or 'raps'. Got {self.score!r}."
+            )
+        if self.mondrian not in (None, "class"):
+            raise InputError(
+                f"The 'mondrian' parameter of {where} must be None or 'class'. Got {self.mondrian!r}."
+            )
+        return alpha
+
+    def _u(self, n: int, salt: int) -> np.ndarray | None:
+        if not self.randomized or self.score == "lac":
+            return None
+        return np.random.default_rng([self.seed, salt, n]).random(n)
+
+    def _tune_raps(self, p: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """Choose k_reg and λ on a held-out part (Angelopoulos et al., 2021, "RAPS: size" tuning)."""
+        n_tune = round(self.tune_fraction * len(p))
+        if (self.k_reg is not None and self.lam is not None) or n_tune < 10:
+            self.k_reg_ = int(self.k_reg if self.k_reg is not None else 1)
+            self.lam_ = float(self.lam if self.lam is not None else 0.0)
+            return p, y
+        idx = np.random.default_rng([self.seed, 7]).permutation(len(p))
+        tune, rest = idx[:n_tune], idx[n_tune:]
+        pt, yt = p[tune], y[tune]
+        if self.k_reg is None:
+            ranks = np.sort(_true_rank(pt, yt))
+            self.k_reg_ = int(ranks[min(len(ranks) - 1, math.ceil((1 - alpha) * (len(ranks) + 1)) - 1)])
+        else:
+            self.k_reg_ = int(self.k_reg)
+        if self.lam is None:
+            best = (math.inf, 0.0)
+            half = len(pt) // 2
+            for lam in _LAMBDAS:  # threshold on one half of the tuning rows, set size on the other
+                s_cal = class_scores(pt[:half], "raps", lam=lam, k_reg=self.k_reg_)[
+                    np.arange(half), yt[:half]
+                ]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RoadworkWarning)
+                    q = conformal_quantile(s_cal, alpha)
+                size = (class_scores(pt[half:], "raps", lam=lam, k_reg=self.k_reg_) <= q).sum(axis=1).mean()
+                best = min(best, (float(size), lam))
+            self.lam_ = best[1]
+        else:
+            self.lam_ = float(self.lam)
+        return p[rest], y[rest]
+
+    def fit(self, probs: object, labels: object) -> SplitConformal:
+        alpha = self._check_params("SplitConformal.fit")
+        p = check_probs(probs, "SplitConformal.fit")
+        y = check_labels(labels, len(p), p.shape[1], "SplitConformal.fit")
+        self.k_reg_, self.lam_ = 0, 0.0
+        if self.score == "raps":
+            p, y = self._tune_raps(p, y, alpha)
+        s = class_scores(p, self.score, u=self._u(len(p), 0), lam=self.lam_, k_reg=self.k_reg_)
+        s_true = s[np.arange(len(p)), y]
         self.n_ = len(p)
+        self.n_classes_ = p.shape[1]
+        if self.mondrian == "class":
+            self.thresholds_ = np.array(
+                [conformal_quantile(s_true[y == c], alpha) for c in range(p.shape[1])]
+            )
+            self.threshold_ = float(self.thresholds_.max())
+        else:
+            self.threshold_ = conformal_quantile(s_true, alpha)
+            self.thresholds_ = np.full(p.shape[1], self.threshold_)
         return self
 
     def predict_sets(self, probs: object) -> np.ndarray:
         """Boolean membership of shape (n_samples, n_classes)."""
-        if not hasattr(self, "threshold_"):
+        if not hasattr(self, "thresholds_"):
             raise NotFittedError(self)
-        p = check_probs(probs, "LACConformal.predict_sets")
-        return (1.0 - p) <= self.threshold_
+        p = check_probs(probs, "SplitConformal.predict_sets")
+        if p.shape[1] != self.n_classes_:
+            raise InputError(
+                f"SplitConformal was fitted on {self.n_classes_} classes; 'probs' has {p.shape[1]} columns."
+            )
+        deterministic = self.score != "lac" and not self.randomized
+        s = class_scores(
+            p, self.score, u=self._u(len(p), 1), lam=self.lam_, k_reg=self.k_reg_, last_included=deterministic
+        )
+        sets = s < self.thresholds_[None, :] if deterministic else s <= self.thresholds_[None, :]
+        if not self.allow_empty:
+            empty = ~sets.any(axis=1)
+            sets[empty, p[empty].argmax(axis=1)] = True
+        return sets
 
     def to_dict(self) -> dict[str, Any]:
-        if not hasattr(self, "threshold_"):
+        if not hasattr(self, "thresholds_"):
             raise NotFittedError(self)
-        return {"method": self.method, "alpha": self.alpha, "threshold": self.threshold_, "n": self.n_}
+        return {
+            "method": self.score,
+            "alpha": self.alpha,
+            "randomized": self.randomized,
+            "mondrian": self.mondrian,
+            "allow_empty": self.allow_empty,
+            "k_reg": self.k_reg_,
+            "lam": self.lam_,
+            "seed": self.seed,
+            "threshold": self.threshold_,
+            "thresholds": [float(t) for t in self.thresholds_],
+            "n": self.n_,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LACConformal:
-        obj = cls(alpha=float(d["alpha"]))
-        obj.threshold_ = float(d["threshold"])  # json stores +inf as Infinity, which float() reads back
+    def from_dict(cls, d: dict[str, Any]) -> SplitConformal:
+        obj = cls(
+            alpha=float(d["alpha"]),
+            score=d["method"],
+            randomized=bool(d.get("randomized", False)),
+            mondrian=d.get("mondrian"),
+            allow_empty=bool(d.get("allow_empty", True)),
+            seed=int(d.get("seed", 0)),
+        )
+        obj.k_reg_, obj.lam_ = int(d.get("k_reg", 0)), float(d.get("lam", 0.0))
+        obj.threshold_ = float(d["threshold"])  # json writes +inf as Infinity, which float() reads back
+        obj.thresholds_ = np.array([float(t) for t in d["thresholds"]], dtype=np.float64)
         obj.n_ = int(d["n"])
+        obj.n_classes_ = len(obj.thresholds_)
         return obj

@@ -16,7 +16,7 @@ import numpy as np
 from roadwork.errors import ArtifactError
 from roadwork.trust._checks import check_logits
 from roadwork.trust.calibration import Calibrator, calibrator_from_dict
-from roadwork.trust.conformal import LACConformal
+from roadwork.trust.conformal import SplitConformal
 from roadwork.trust.selective import AbstentionCertificate
 
 __all__ = ["POLICY_SCHEMA", "PolicyOutput", "TrustPolicy"]
@@ -52,7 +52,7 @@ class PolicyOutput:
 class TrustPolicy:
     classes: list[str]
     calibrator: Calibrator
-    conformal: LACConformal
+    conformal: SplitConformal
     abstention: AbstentionCertificate
     positive_class: str | None = None  # for binary tasks: the class whose probability is the score
 
@@ -92,7 +92,7 @@ class TrustPolicy:
         return cls(
             classes=list(d["classes"]),
             calibrator=calibrator_from_dict(d["calibrator"]),
-            conformal=LACConformal.from_dict(d["conformal"]),
+            conformal=SplitConformal.from_dict(d["conformal"]),
             abstention=AbstentionCertificate.from_dict(d["abstention"]),
             positive_class=d.get("positive_class"),
         )
