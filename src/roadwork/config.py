@@ -125,6 +125,9 @@ class ConformalConfig(_Strict):
 
 
 class SelectiveConfig(_Strict):
+    method: Literal["bonferroni", "ltt", "sgr"] = Field(
+        "ltt", description="threshold search: Learn-then-Test, SGR, or a union bound on a fixed grid"
+    )
     target_risk: float = Field(0.02, gt=0, lt=1, description="error rate allowed on answered images")
     delta: float = Field(0.05, gt=0, lt=1, description="the certificate holds with probability ≥ 1-δ")
 

@@ -19,23 +19,26 @@ def test_clopper_pearson_matches_scipy_beta():
     assert clopper_pearson_upper(np.array([0]), np.array([0]), 0.05)[0] == 1.0
 
 
-def test_certified_risk_holds_over_many_calibration_draws():
+@pytest.mark.parametrize("method", ["bonferroni", "ltt", "sgr"])
+def test_certified_risk_holds_over_500_calibration_draws(method):
     """Confidence c ~ U(0.5, 1) and P(correct | c) = c, so the true selective risk at λ is (1 - λ) / 2.
 
-    The certificate promises: P(true risk at the chosen λ > target) <= δ. Check over 300 draws, allowing
-    three Monte-Carlo standard errors.
+    The certificate promises P(true risk at the chosen λ > target) <= δ. Check over 500 draws, allowing
+    three Monte-Carlo standard errors of a binomial proportion.
     """
-    target, delta, n, reps = 0.1, 0.1, 4000, 300
-    rng = np.random.default_rng(11)
+    target, delta, n, reps = 0.1, 0.1, 2000, 500
+    rng = np.random.default_rng(["bonferroni", "ltt", "sgr"].index(method))
     violations, answered = 0, []
-    for _ in range(reps):
+    for r in range(reps):
         c = rng.uniform(0.5, 1.0, n)
         correct = rng.random(n) < c
         with warnings.catch_warnings():
             warnings.simplefilter(
                 "ignore", RoadworkWarning
             )  # a draw that certifies nothing abstains everywhere
-            cert = certify_abstention(c, correct, target_risk=target, delta=delta, n_classes=2)
+            cert = certify_abstention(
+                c, correct, target_risk=target, delta=delta, n_classes=2, method=method, seed=r
+            )
         lam = cert.threshold
         true_risk = (1 - lam) / 2 if math.isfinite(lam) else 0.0
         violations += true_risk > target
@@ -43,6 +46,17 @@ def test_certified_risk_holds_over_many_calibration_draws():
     assert violations / reps <= delta + 3 * math.sqrt(delta * (1 - delta) / reps)
     # and it is not vacuous: the best possible coverage at risk 0.1 is (1 - 0.8) / 0.5 = 0.4
     assert 0.2 < np.mean(answered) <= 0.4, np.mean(answered)
+
+
+def test_hoeffding_bentkus_pvalue_is_valid_for_a_binomial():
+    from roadwork.trust.selective import hoeffding_bentkus_pvalue
+
+    rng = np.random.default_rng(0)
+    n, target = 200, 0.1
+    risk_hat = rng.binomial(n, target, size=20000) / n  # H0 true at its boundary
+    p = hoeffding_bentkus_pvalue(risk_hat, np.full(risk_hat.shape, n), target)
+    for level in (0.01, 0.05, 0.1):
+        assert (p <= level).mean() <= level + 3 * math.sqrt(level / 20000)
 
 
 def test_impossible_target_abstains_everywhere_with_a_warning():

@@ -82,6 +82,7 @@ def compute_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15)
             "empty_rate": float((set_size == 0).mean()),
         },
         "selective": {
+            "method": policy.abstention.method,
             "target_risk": policy.abstention.target_risk,
             "delta": policy.abstention.delta,
             "threshold": policy.abstention.threshold,

@@ -19,6 +19,13 @@ figure{margin:.6rem 0 1.4rem}img{max-width:100%;border:1px solid #eee}
 """
 
 
+_CERT_METHOD = {
+    "ltt": "Learn-then-Test: Hoeffding–Bentkus p-values, fixed-sequence testing",
+    "sgr": "SGR: binary search with Clopper–Pearson bounds",
+    "bonferroni": "Clopper–Pearson bounds, union over a fixed grid of thresholds",
+}
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
@@ -153,7 +160,7 @@ def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, 
         f"Measured on test: coverage {c['coverage']:.4f}, mean set size {c['mean_set_size']:.3f}.",
         f"2. **Certified abstention.** The model answers when calibrated confidence ≥ {s['threshold']:.4f}. "
         f"With probability ≥ {1 - s['delta']:.2f} over the calibration draw, the error rate on answered images is "
-        f"at most {s['target_risk']} (Clopper–Pearson bound, union over a fixed grid of thresholds). "
+        f"at most {s['target_risk']} ({_CERT_METHOD.get(s.get('method', ''), s.get('method', ''))}). "
         f"Measured on test: answered {s['coverage']:.4f}, error on answered {s['risk']:.4f}.",
         "",
         "**Assumption:** calibration and deployment images are exchangeable (same distribution). Under "

@@ -200,6 +200,7 @@ def stage_selective(ctx: StageContext) -> dict[str, Any]:
         target_risk=s.target_risk,
         delta=s.delta,
         n_classes=cal.n_classes,
+        method=s.method,
     )
     (ctx.out / "selective.json").write_text(json.dumps(cert.to_dict(), indent=2))
     return cert.to_dict()
