@@ -4,10 +4,12 @@ from roadwork.trust.calibration import IdentityCalibrator, TemperatureScaler, ma
 from roadwork.trust.conformal import SplitConformal, conformal_quantile
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
 from roadwork.trust.predictions import Predictions
+from roadwork.trust.risk import FalseNegativeControl
 from roadwork.trust.selective import AbstentionCertificate, certify_abstention
 
 __all__ = [
     "AbstentionCertificate",
+    "FalseNegativeControl",
     "IdentityCalibrator",
     "PolicyOutput",
     "Predictions",
