@@ -44,3 +44,24 @@ def test_brier_and_risk_coverage():
     assert M.aurc(np.array([0.9, 0.8, 0.7]), np.array([True, False, True])) == pytest.approx(
         (0 + 0.5 + 1 / 3) / 3
     )
+
+
+def test_equal_mass_ece_mce_and_classwise_by_hand():
+    p = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
+    y = np.array([0, 1, 1, 1])
+    # two equal-mass bins: {0.6, 0.6} all right, {0.9, 0.9} half right
+    assert M.ece_equal_mass(p, y, n_bins=2) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    assert M.mce(p, y, n_bins=10) == pytest.approx(0.4)
+    # class 1 probabilities 0.1, 0.1 (one hit) and 0.6, 0.6 (two hits); class 0 mirrors class 1
+    per_class = (abs(1 - 0.2) + abs(2 - 1.2)) / 4
+    assert M.classwise_ece(p, y, n_bins=10) == pytest.approx(per_class)
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    p = softmax(rng.normal(0, 2, (4000, 3)))
+    y = (p.cumsum(axis=1) > rng.random((4000, 1))).argmax(axis=1)
+    lo, hi = M.bootstrap_ci(M.accuracy, p, y, n_boot=200)
+    assert lo <= M.accuracy(p, y) <= hi
+    lo_s, hi_s = M.bootstrap_ci(M.accuracy, p[:400], y[:400], n_boot=200)
+    assert hi - lo < hi_s - lo_s

@@ -6,16 +6,22 @@ integer class indices of shape (n_samples,).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 __all__ = [
     "accuracy",
     "aurc",
     "auroc",
+    "bootstrap_ci",
     "brier",
+    "classwise_ece",
     "confusion_matrix",
     "ece",
+    "ece_equal_mass",
     "mcc",
+    "mce",
     "nll",
     "reliability_bins",
     "risk_coverage",
@@ -105,3 +111,58 @@ def aurc(confidence: np.ndarray, correct: np.ndarray) -> float:
     if len(confidence) == 0:
         return float("nan")
     return float(np.mean(risk_coverage(confidence, correct)[1]))
+
+
+def ece_equal_mass(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE with bins holding equal numbers of images (adaptive binning, Nixon et al., 2019)."""
+    n = len(labels)
+    if n == 0:
+        return float("nan")
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    order = np.argsort(conf, kind="stable")
+    bins = np.array_split(order, min(n_bins, n))
+    return float(sum(len(b) * abs(correct[b].mean() - conf[b].mean()) for b in bins if len(b)) / n)
+
+
+def mce(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Maximum calibration error over non-empty equal-width bins."""
+    counts, conf, acc, _ = reliability_bins(probs, labels, n_bins)
+    nz = counts > 0
+    return float(np.max(np.abs(acc[nz] - conf[nz]))) if nz.any() else float("nan")
+
+
+def classwise_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Mean over classes of the equal-width ECE of each class's one-vs-rest probability (Kull et al., 2019)."""
+    n, k = probs.shape
+    if n == 0:
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    total = 0.0
+    for c in range(k):
+        p = probs[:, c]
+        hit = (labels == c).astype(np.float64)
+        idx = np.clip(np.searchsorted(edges, p, side="left") - 1, 0, n_bins - 1)
+        cnt = np.bincount(idx, minlength=n_bins).astype(np.float64)
+        gap = np.abs(
+            np.bincount(idx, weights=hit, minlength=n_bins) - np.bincount(idx, weights=p, minlength=n_bins)
+        )
+        total += float(gap.sum() / n) if cnt.any() else 0.0
+    return total / k
+
+
+def bootstrap_ci(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    probs: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_boot: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric(probs, labels)`` over resampled images."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    vals = np.array([metric(probs[i], labels[i]) for i in (rng.integers(0, n, n) for _ in range(n_boot))])
+    lo, hi = np.nanquantile(vals, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
