@@ -109,7 +109,18 @@ class TrainConfig(_Strict):
 
 
 class CalibrateConfig(_Strict):
-    method: Literal["temperature", "none"] = "temperature"
+    method: Literal[
+        "temperature",
+        "none",
+        "classwise_temperature",
+        "vector",
+        "matrix",
+        "dirichlet",
+        "isotonic",
+        "histogram",
+        "beta",
+        "auto",
+    ] = Field("temperature", description="'auto' picks by cross-validated NLL on the calibration split")
 
 
 class ConformalConfig(_Strict):

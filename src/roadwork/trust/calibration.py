@@ -14,9 +14,22 @@ from typing import Any
 import numpy as np
 
 from roadwork.errors import InputError, NotFittedError
+from roadwork.trust._calibrators import AffineCalibrator, BetaCalibrator, HistogramBinning, IsotonicCalibrator
 from roadwork.trust._checks import check_labels, check_logits, log_softmax, softmax
 
-__all__ = ["Calibrator", "IdentityCalibrator", "TemperatureScaler", "calibrator_from_dict", "make_calibrator"]
+__all__ = [
+    "METHODS",
+    "AffineCalibrator",
+    "AutoCalibrator",
+    "BetaCalibrator",
+    "Calibrator",
+    "HistogramBinning",
+    "IdentityCalibrator",
+    "IsotonicCalibrator",
+    "TemperatureScaler",
+    "calibrator_from_dict",
+    "make_calibrator",
+]
 
 
 class TemperatureScaler:
@@ -108,22 +121,116 @@ class IdentityCalibrator:
         return cls()
 
 
-Calibrator = TemperatureScaler | IdentityCalibrator
-_KINDS: dict[str, type[TemperatureScaler] | type[IdentityCalibrator]] = {
-    "temperature": TemperatureScaler,
-    "none": IdentityCalibrator,
-}
+METHODS = (
+    "none",
+    "temperature",
+    "classwise_temperature",
+    "vector",
+    "matrix",
+    "dirichlet",
+    "isotonic",
+    "histogram",
+    "beta",
+    "auto",
+)
+_AUTO_CANDIDATES = ("temperature", "vector", "dirichlet", "isotonic", "histogram")
 
 
 def make_calibrator(method: str) -> Calibrator:
-    try:
-        return _KINDS[method]()
-    except KeyError:
-        raise InputError(f"Unknown calibration method {method!r}; choose one of {sorted(_KINDS)}.") from None
+    """A fresh calibrator for ``calibrate.method``."""
+    if method == "none":
+        return IdentityCalibrator()
+    if method == "temperature":
+        return TemperatureScaler()
+    if method in ("classwise_temperature", "vector", "matrix", "dirichlet"):
+        return AffineCalibrator(family=method)  # type: ignore[arg-type]
+    if method == "isotonic":
+        return IsotonicCalibrator()
+    if method == "histogram":
+        return HistogramBinning()
+    if method == "beta":
+        return BetaCalibrator()
+    if method == "auto":
+        return AutoCalibrator()
+    raise InputError(f"Unknown calibration method {method!r}; choose one of {', '.join(METHODS)}.")
+
+
+def _nll(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+
+
+class AutoCalibrator:
+    """Pick the calibrator with the lowest cross-validated NLL; refit it on all rows. Records why."""
+
+    kind = "auto"
+
+    def __init__(
+        self, *, candidates: tuple[str, ...] = _AUTO_CANDIDATES, folds: int = 5, seed: int = 0
+    ) -> None:
+        self.candidates = candidates
+        self.folds = folds
+        self.seed = seed
+
+    def fit(self, logits: object, labels: object) -> AutoCalibrator:
+        z = check_logits(logits, "AutoCalibrator.fit")
+        y = check_labels(labels, len(z), z.shape[1], "AutoCalibrator.fit")
+        cands = [c for c in ("none", *self.candidates) if c != "beta" or z.shape[1] == 2]
+        fold = np.random.default_rng(self.seed).permutation(len(z)) % self.folds
+        scores: dict[str, float] = {}
+        for name in cands:
+            held = []
+            for f in range(self.folds):
+                tr, te = fold != f, fold == f
+                if tr.sum() == 0 or te.sum() == 0:
+                    continue
+                held.append(
+                    _nll(make_calibrator(name).fit(z[tr], y[tr]).predict_proba(z[te]), y[te]) * te.sum()
+                )
+            scores[name] = float(np.sum(held) / len(z))
+        self.scores_ = scores
+        self.chosen_ = min(scores, key=lambda k: scores[k])
+        self.calibrator_ = make_calibrator(self.chosen_).fit(z, y)
+        return self
+
+    def _inner(self) -> Calibrator:
+        if not hasattr(self, "calibrator_"):
+            raise NotFittedError(self)
+        return self.calibrator_
+
+    def transform(self, logits: object) -> np.ndarray:
+        return self._inner().transform(logits)
+
+    def predict_proba(self, logits: object) -> np.ndarray:
+        return self._inner().predict_proba(logits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The chosen calibrator's dict, plus why it was chosen (cross-validated NLL of every candidate)."""
+        d = self._inner().to_dict()
+        d["selection"] = {"by": f"{self.folds}-fold cross-validated NLL", "scores": self.scores_}
+        return d
+
+
+Calibrator = (
+    TemperatureScaler
+    | IdentityCalibrator
+    | AffineCalibrator
+    | IsotonicCalibrator
+    | HistogramBinning
+    | BetaCalibrator
+    | AutoCalibrator
+)
 
 
 def calibrator_from_dict(d: dict[str, Any]) -> Calibrator:
     kind = d.get("kind")
-    if kind not in _KINDS:
-        raise InputError(f"Unknown calibrator kind {kind!r} in policy; known kinds: {sorted(_KINDS)}.")
-    return _KINDS[kind].from_dict(d)
+    loaders: dict[str, Any] = {
+        "temperature": TemperatureScaler.from_dict,
+        "none": IdentityCalibrator.from_dict,
+        "isotonic": IsotonicCalibrator.from_dict,
+        "histogram": HistogramBinning.from_dict,
+        "beta": BetaCalibrator.from_dict,
+        **{f: AffineCalibrator.from_dict for f in ("classwise_temperature", "vector", "matrix", "dirichlet")},
+    }
+    if kind not in loaders:
+        raise InputError(f"Unknown calibrator kind {kind!r} in policy; known kinds: {sorted(loaders)}.")
+    return loaders[str(kind)](d)
