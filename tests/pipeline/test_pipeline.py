@@ -33,6 +33,9 @@ def test_metrics_json_has_the_promised_keys(tiny_run):
     assert result.report.is_file() and (result.run_dir / "evaluate" / "MODEL_CARD.md").is_file()
     html = result.report.read_text()
     assert html.count("data:image/png;base64,") >= 4 and "Per-slice results" in html
+    assert "Calibration methods" in html and {"none", "temperature", "isotonic"} <= set(m["calibration_comparison"])
+    lo, hi = m["test"]["ci95"]["accuracy"]
+    assert lo <= m["test"]["accuracy"] <= hi
 
 
 def test_second_run_is_all_cache_hits(tiny_run):

@@ -11,7 +11,7 @@ from roadwork.trust._checks import softmax
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
 from roadwork.trust.predictions import Predictions
 
-__all__ = ["METRICS_SCHEMA", "compute_metrics", "slice_rows"]
+__all__ = ["METRICS_SCHEMA", "calibration_comparison", "compute_metrics", "slice_rows"]
 
 METRICS_SCHEMA = 1
 
@@ -101,3 +101,26 @@ def compute_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15)
         },
         "slices": slice_rows(test, out, n_bins),
     }
+
+
+def calibration_comparison(
+    calib: Predictions, test: Predictions, *, n_bins: int = 15
+) -> dict[str, dict[str, float]]:
+    """Fit every calibrator on the calibration split and score it on test: the before/after table."""
+    from roadwork.trust.calibration import METHODS, make_calibrator
+
+    rows: dict[str, dict[str, float]] = {}
+    for method in METHODS:
+        if method == "auto" or (method == "beta" and calib.n_classes != 2):
+            continue
+        probs = make_calibrator(method).fit(calib.logits, calib.labels).predict_proba(test.logits)
+        y = test.labels
+        rows[method] = {
+            "nll": M.nll(probs, y),
+            "ece": M.ece(probs, y, n_bins),
+            "ece_equal_mass": M.ece_equal_mass(probs, y, n_bins),
+            "classwise_ece": M.classwise_ece(probs, y, n_bins),
+            "brier": M.brier(probs, y),
+            "accuracy": M.accuracy(probs, y),
+        }
+    return rows

@@ -110,6 +110,31 @@ def render_html(
             ]
         )
         marks.append("bad" if r["accuracy"] < metrics["test"]["accuracy"] - 0.05 else "")
+    comparison = metrics.get("calibration_comparison", {})
+    if comparison:
+        chosen = metrics["calibration"]["kind"]
+        parts.append(
+            "<h2>Calibration methods</h2><p>Every calibrator fitted on the calibration split, scored on test. "
+            f"The policy uses <b>{html.escape(chosen)}</b> (shaded); 'none' is the raw model.</p>"
+        )
+        parts.append(
+            _table(
+                ["method", "NLL", "ECE", "ECE (equal mass)", "classwise ECE", "Brier", "accuracy"],
+                [
+                    [
+                        k,
+                        r["nll"],
+                        r["ece"],
+                        r["ece_equal_mass"],
+                        r["classwise_ece"],
+                        r["brier"],
+                        r["accuracy"],
+                    ]
+                    for k, r in comparison.items()
+                ],
+                ["ok" if k == chosen else "" for k in comparison],
+            )
+        )
     parts.append(
         "<h2>Per-slice results</h2><p>Rows more than 5 points below overall accuracy are shaded.</p>"
     )

@@ -272,7 +272,7 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
-    from roadwork.evaluation.metrics_table import compute_metrics
+    from roadwork.evaluation.metrics_table import calibration_comparison, compute_metrics
     from roadwork.evaluation.plots import confusion_png, image_grid_png, reliability_png, risk_coverage_png
     from roadwork.evaluation.report import render_html, render_model_card
     from roadwork.trust._checks import softmax
@@ -282,6 +282,9 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     test = _preds(ctx, "test")
     policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
     metrics = compute_metrics(test, policy, n_bins=cfg.evaluate.ece_bins)
+    metrics["calibration_comparison"] = calibration_comparison(
+        _preds(ctx, "calib"), test, n_bins=cfg.evaluate.ece_bins
+    )
     out = policy.apply(test.logits)
     df, _ = load_dataset(ctx.inputs["data"])
     path_of = dict(zip(df["id"], _abs_paths(df, ctx.inputs["data"]), strict=True))
