@@ -27,6 +27,7 @@ __all__ = [
     "EvaluateConfig",
     "ExportConfig",
     "ModelConfig",
+    "PolicyConfig",
     "RunConfig",
     "SelectiveConfig",
     "SplitConfig",
@@ -143,6 +144,13 @@ class SelectiveConfig(_Strict):
     delta: float = Field(0.05, gt=0, lt=1, description="the certificate holds with probability ≥ 1-δ")
 
 
+class PolicyConfig(_Strict):
+    operating_point: Literal["none", "max_mcc", "precision", "recall"] = Field(
+        "none", description="binary tasks: remap the score so this calibration-split operating point is 0.5"
+    )
+    target: float = Field(0.9, gt=0, lt=1, description="target precision or recall for operating_point")
+
+
 class EvaluateConfig(_Strict):
     ece_bins: int = Field(15, ge=2)
     n_examples: int = Field(16, ge=0, description="images in the sample and worst-mistake grids")
@@ -169,6 +177,7 @@ class RunConfig(_Strict):
     calibrate: CalibrateConfig = CalibrateConfig()
     conformal: ConformalConfig = ConformalConfig()
     selective: SelectiveConfig = SelectiveConfig()
+    policy: PolicyConfig = PolicyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()

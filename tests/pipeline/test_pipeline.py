@@ -33,7 +33,9 @@ def test_metrics_json_has_the_promised_keys(tiny_run):
     assert result.report.is_file() and (result.run_dir / "evaluate" / "MODEL_CARD.md").is_file()
     html = result.report.read_text()
     assert html.count("data:image/png;base64,") >= 4 and "Per-slice results" in html
-    assert "Calibration methods" in html and {"none", "temperature", "isotonic"} <= set(m["calibration_comparison"])
+    assert "Calibration methods" in html and {"none", "temperature", "isotonic"} <= set(
+        m["calibration_comparison"]
+    )
     lo, hi = m["test"]["ci95"]["accuracy"]
     assert lo <= m["test"]["accuracy"] <= hi
 
@@ -98,9 +100,7 @@ def test_bundle_matches_the_in_process_pipeline_on_test(tiny_run):
     df, _ = load_dataset(result.run_dir / "data")
     paths = {i: str(result.run_dir / "data" / p) for i, p in zip(df["id"], df["path"], strict=True)}
     records = bundle.predict_paths([paths[i] for i in test.ids])
-    inproc = (
-        load_policy(result.run_dir).apply(test.logits).records(test.classes, bundle.policy.positive_index)
-    )
+    inproc = load_policy(result.run_dir).apply(test.logits).records(test.classes)
     assert [r["label"] for r in records] == [r["label"] for r in inproc]
     assert [r["prediction_set"] for r in records] == [r["prediction_set"] for r in inproc]
     assert [r["abstain"] for r in records] == [r["abstain"] for r in inproc]
@@ -156,3 +156,20 @@ def test_a_folder_with_bad_files_runs_to_the_end_and_the_report_lists_them(messy
     ):
         assert name in html
     assert "zero-byte file" in html and "roadwork/dup_a.jpg, roadwork/dup_b.jpg" in html
+
+
+def test_operating_point_lands_in_the_policy_the_bundle_and_the_metrics(tiny_run):
+    from roadwork.export.bundle import Bundle
+
+    cfg, _ = tiny_run
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.policy.operating_point = "max_mcc"
+    res = run_pipeline(cfg2, progress=False)
+    ran = {r.name for r in res.stages if not r.cached}
+    assert {"policy", "export", "evaluate"} <= ran and not ran & {"data", "train", "predict", "calibrate"}
+    m = res.metrics
+    assert m is not None and m["operating_point"]["chosen"]["criterion"] == "max_mcc"
+    bundle = Bundle.load(res.bundle)
+    assert bundle.policy.operating_point is not None
+    t = bundle.policy.operating_point.threshold
+    assert bundle.policy.operating_point.remap(np.array([t]))[0] == 0.5

@@ -30,7 +30,7 @@ def test_apply_is_consistent():
     out = policy.apply(z)
     assert np.array_equal(out.abstain, out.confidence < 0.8)
     assert np.array_equal(out.pred, out.probs.argmax(1))
-    rec = out.records(policy.classes, policy.positive_index)[0]
+    rec = out.records(policy.classes)[0]
     assert set(rec) == {"label", "probability", "prediction_set", "abstain", "score"}
     assert rec["score"] == round(float(out.probs[0, 1]), 6)
 

@@ -100,6 +100,31 @@ def compute_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15)
             "calib_risk_upper_bound": policy.abstention.risk_upper_bound,
         },
         "slices": slice_rows(test, out, n_bins),
+        "operating_point": _operating_point(policy, out, y),
+    }
+
+
+def _operating_point(policy: TrustPolicy, out: PolicyOutput, y: np.ndarray) -> dict[str, Any] | None:
+    """Binary tasks: the decision ``score >= 0.5`` (the operating point) on test, next to its calib figures."""
+    k = policy.positive_index
+    if k is None or out.score is None:
+        return None
+    pred = out.score >= 0.5
+    pos = y == k
+    tp, fp, fn = int((pred & pos).sum()), int((pred & ~pos).sum()), int((~pred & pos).sum())
+    tn = len(y) - tp - fp - fn
+    denom = np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return {
+        "chosen": None if policy.operating_point is None else policy.operating_point.to_dict(),
+        "test": {
+            "threshold_on_probability": 0.5
+            if policy.operating_point is None
+            else policy.operating_point.threshold,
+            "accuracy": float((pred == pos).mean()),
+            "precision": tp / (tp + fp) if tp + fp else 0.0,
+            "recall": tp / (tp + fn) if tp + fn else 0.0,
+            "mcc": float((tp * tn - fp * fn) / denom) if denom else 0.0,
+        },
     }
 
 

@@ -130,6 +130,6 @@ class Bundle:
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
             res = self.predict_images([load_rgb(p) for p in chunk])
-            for p, rec in zip(chunk, res.records(self.classes, self.policy.positive_index), strict=True):
+            for p, rec in zip(chunk, res.records(self.classes), strict=True):
                 out.append({"path": str(p), **rec})
         return out

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from roadwork.config import RunConfig, dump_config
+from roadwork.errors import ConfigError
 from roadwork.pipeline.runner import Stage, StageContext
 from roadwork.trust import (
     Predictions,
@@ -207,10 +208,28 @@ def stage_selective(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_policy(ctx: StageContext) -> dict[str, Any]:
-    classes = _preds(ctx, "calib").classes
+    from roadwork.trust.operating import fit_operating_point
+
+    cal, probs = _calibrated_calib(ctx)
+    classes = cal.classes
     positive = (
         "roadwork" if classes == ["no_roadwork", "roadwork"] else (classes[1] if len(classes) == 2 else None)
     )
+    op = None
+    pc = ctx.cfg.policy
+    if pc.operating_point != "none":
+        if positive is None:
+            raise ConfigError(
+                f"policy.operating_point={pc.operating_point!r} needs two classes; this task has "
+                f"{len(classes)}. Set policy.operating_point=none."
+            )
+        k = classes.index(positive)
+        op = fit_operating_point(
+            probs[:, k],
+            cal.labels == k,
+            criterion=pc.operating_point,
+            target=pc.target,
+        )
     policy = TrustPolicy(
         classes=classes,
         calibrator=calibrator_from_dict(
@@ -223,9 +242,10 @@ def stage_policy(ctx: StageContext) -> dict[str, Any]:
             json.loads((ctx.inputs["selective"] / "selective.json").read_text())
         ),
         positive_class=positive,
+        operating_point=op,
     )
     policy.save(ctx.out / "policy.json")
-    return {"classes": classes, "positive_class": positive}
+    return {"classes": classes, "positive_class": positive, "operating_point": op and op.to_dict()}
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -377,7 +397,7 @@ STAGES: list[Stage] = [
     Stage("calibrate", ("predict",), ("calibrate",), stage_calibrate),
     Stage("conformal", ("predict", "calibrate"), ("conformal",), stage_conformal),
     Stage("selective", ("predict", "calibrate"), ("selective",), stage_selective),
-    Stage("policy", ("predict", "calibrate", "conformal", "selective"), (), stage_policy),
+    Stage("policy", ("predict", "calibrate", "conformal", "selective"), ("policy",), stage_policy),
     Stage("export", ("data", "train", "policy"), ("export",), stage_export),
     Stage(
         "evaluate",

@@ -17,6 +17,7 @@ from roadwork.errors import ArtifactError
 from roadwork.trust._checks import check_logits
 from roadwork.trust.calibration import Calibrator, calibrator_from_dict
 from roadwork.trust.conformal import SplitConformal
+from roadwork.trust.operating import OperatingPoint
 from roadwork.trust.selective import AbstentionCertificate
 
 __all__ = ["POLICY_SCHEMA", "PolicyOutput", "TrustPolicy"]
@@ -31,8 +32,9 @@ class PolicyOutput:
     confidence: np.ndarray  # (n,) max calibrated probability
     sets: np.ndarray  # (n, K) bool conformal prediction sets
     abstain: np.ndarray  # (n,) bool: confidence below the certified threshold
+    score: np.ndarray | None = None  # (n,) binary tasks: positive-class score, 0.5 is the operating point
 
-    def records(self, classes: list[str], positive: int | None = None) -> list[dict[str, Any]]:
+    def records(self, classes: list[str]) -> list[dict[str, Any]]:
         """One JSON-ready dict per row (what ``roadwork predict`` prints and the server returns)."""
         out = []
         for i in range(len(self.pred)):
@@ -42,8 +44,8 @@ class PolicyOutput:
                 "prediction_set": [classes[k] for k in np.flatnonzero(self.sets[i])],
                 "abstain": bool(self.abstain[i]),
             }
-            if positive is not None:  # StreetVision-style binary score: P(positive class), 0.5 decides
-                rec["score"] = round(float(self.probs[i, positive]), 6)
+            if self.score is not None:  # StreetVision-style binary score in [0, 1]; 0.5 decides
+                rec["score"] = round(float(self.score[i]), 6)
             out.append(rec)
         return out
 
@@ -55,17 +57,24 @@ class TrustPolicy:
     conformal: SplitConformal
     abstention: AbstentionCertificate
     positive_class: str | None = None  # for binary tasks: the class whose probability is the score
+    operating_point: OperatingPoint | None = None  # remaps the score so the chosen threshold sits at 0.5
 
     def apply(self, logits: object) -> PolicyOutput:
         z = check_logits(logits, "TrustPolicy.apply")
         probs = self.calibrator.predict_proba(z)
         conf = probs.max(axis=1)
+        score = None
+        if self.positive_index is not None:
+            score = probs[:, self.positive_index]
+            if self.operating_point is not None:
+                score = self.operating_point.remap(score)
         return PolicyOutput(
             probs=probs,
             pred=probs.argmax(axis=1),
             confidence=conf,
             sets=self.conformal.predict_sets(probs),
             abstain=conf < self.abstention.threshold,
+            score=score,
         )
 
     @property
@@ -80,6 +89,7 @@ class TrustPolicy:
             "calibrator": self.calibrator.to_dict(),
             "conformal": self.conformal.to_dict(),
             "abstention": self.abstention.to_dict(),
+            "operating_point": None if self.operating_point is None else self.operating_point.to_dict(),
         }
 
     @classmethod
@@ -95,6 +105,9 @@ class TrustPolicy:
             conformal=SplitConformal.from_dict(d["conformal"]),
             abstention=AbstentionCertificate.from_dict(d["abstention"]),
             positive_class=d.get("positive_class"),
+            operating_point=None
+            if d.get("operating_point") is None
+            else OperatingPoint.from_dict(d["operating_point"]),
         )
 
     def to_json(self) -> str:
