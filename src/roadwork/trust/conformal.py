@@ -206,7 +206,13 @@ class SplitConformal:
             raise InputError(
                 f"SplitConformal was fitted on {self.n_classes_} classes; 'probs' has {p.shape[1]} columns."
             )
-        deterministic = self.score != "lac" and not self.randomized
+        if self.score == "lac":  # p >= 1 - q: one pass, no (n, K) temporary for 1 - p
+            sets = p >= 1.0 - self.thresholds_[None, :]
+            if not self.allow_empty:
+                empty = ~sets.any(axis=1)
+                sets[empty, p[empty].argmax(axis=1)] = True
+            return sets
+        deterministic = not self.randomized
         s = class_scores(
             p, self.score, u=self._u(len(p), 1), lam=self.lam_, k_reg=self.k_reg_, last_included=deterministic
         )
