@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from roadwork.errors import ConfigError
+from roadwork.trust.calibration import CalibrationMethod
 
 __all__ = [
     "CalibrateConfig",
@@ -110,18 +111,9 @@ class TrainConfig(_Strict):
 
 
 class CalibrateConfig(_Strict):
-    method: Literal[
-        "temperature",
-        "none",
-        "classwise_temperature",
-        "vector",
-        "matrix",
-        "dirichlet",
-        "isotonic",
-        "histogram",
-        "beta",
-        "auto",
-    ] = Field("temperature", description="'auto' picks by cross-validated NLL on the calibration split")
+    method: CalibrationMethod = Field(
+        "temperature", description="'auto' picks by cross-validated NLL on the calibration split"
+    )
 
 
 class ConformalConfig(_Strict):

@@ -9,7 +9,7 @@ stay valid exactly in the binary case and up to one fitted parameter otherwise.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -22,6 +22,7 @@ __all__ = [
     "AffineCalibrator",
     "AutoCalibrator",
     "BetaCalibrator",
+    "CalibrationMethod",
     "Calibrator",
     "HistogramBinning",
     "IdentityCalibrator",
@@ -121,7 +122,7 @@ class IdentityCalibrator:
         return cls()
 
 
-METHODS = (
+CalibrationMethod = Literal[
     "none",
     "temperature",
     "classwise_temperature",
@@ -132,7 +133,8 @@ METHODS = (
     "histogram",
     "beta",
     "auto",
-)
+]
+METHODS: tuple[str, ...] = get_args(CalibrationMethod)
 _AUTO_CANDIDATES = ("temperature", "vector", "dirichlet", "isotonic", "histogram")
 
 
