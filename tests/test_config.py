@@ -46,7 +46,10 @@ def test_unknown_key_suggests_the_right_one(override, suggestion):
 def test_invalid_value_names_key_value_and_allowed():
     with pytest.raises(ConfigError, match=r"'conformal.alpha': got 1.5; .*less than 1"):
         load_config(None, ["conformal.alpha=1.5"])
-    with pytest.raises(ConfigError, match=r"'calibrate.method': got 'platt'; one of 'none', 'temperature', 'classwise_temperature'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'calibrate.method': got 'platt'; one of 'none', 'temperature', 'classwise_temperature'",
+    ):
         load_config(None, ["calibrate.method=platt"])
 
 
