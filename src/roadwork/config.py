@@ -141,6 +141,12 @@ class PolicyConfig(_Strict):
         "none", description="binary tasks: remap the score so this calibration-split operating point is 0.5"
     )
     target: float = Field(0.9, gt=0, lt=1, description="target precision or recall for operating_point")
+    max_miss_rate: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="binary tasks: flag images so E[missed positives] <= this (risk control)",
+    )
 
 
 class EvaluateConfig(_Strict):

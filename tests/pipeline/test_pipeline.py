@@ -158,12 +158,13 @@ def test_a_folder_with_bad_files_runs_to_the_end_and_the_report_lists_them(messy
     assert "zero-byte file" in html and "roadwork/dup_a.jpg, roadwork/dup_b.jpg" in html
 
 
-def test_operating_point_lands_in_the_policy_the_bundle_and_the_metrics(tiny_run):
+def test_operating_point_and_risk_control_land_in_the_policy_the_bundle_and_the_metrics(tiny_run):
     from roadwork.export.bundle import Bundle
 
     cfg, _ = tiny_run
     cfg2 = cfg.model_copy(deep=True)
     cfg2.policy.operating_point = "max_mcc"
+    cfg2.policy.max_miss_rate = 0.2
     res = run_pipeline(cfg2, progress=False)
     ran = {r.name for r in res.stages if not r.cached}
     assert {"policy", "export", "evaluate"} <= ran and not ran & {"data", "train", "predict", "calibrate"}
@@ -173,3 +174,6 @@ def test_operating_point_lands_in_the_policy_the_bundle_and_the_metrics(tiny_run
     assert bundle.policy.operating_point is not None
     t = bundle.policy.operating_point.threshold
     assert bundle.policy.operating_point.remap(np.array([t]))[0] == 0.5
+    assert m["risk_control"]["alpha"] == 0.2 and 0 <= m["risk_control"]["test_miss_rate"] <= 1
+    image = next((res.run_dir / "data" / "images").glob("*.jpg"))
+    assert "positive_possible" in bundle.predict_paths([image])[0]

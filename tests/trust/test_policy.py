@@ -54,3 +54,21 @@ def test_predictions_parquet_round_trip(tmp_path):
     q = Predictions.from_parquet(tmp_path / "p.parquet")
     assert np.array_equal(q.logits, p.logits) and q.classes == p.classes
     assert list(q.ids) == ["a", "b", "c"] and list(q.slices["weather"]) == ["fog", "clear", "fog"]
+
+
+def test_operating_point_and_risk_control_round_trip():
+    from roadwork.trust.operating import fit_operating_point
+    from roadwork.trust.risk import FalseNegativeControl
+
+    policy, z = _policy()
+    probs = policy.calibrator.predict_proba(z)
+    y = (probs[:, 1] > np.random.default_rng(1).random(len(z))).astype(int)
+    policy.operating_point = fit_operating_point(probs[:, 1], y == 1, criterion="max_mcc")
+    policy.risk_control = FalseNegativeControl(alpha=0.1).fit(probs, y)
+    back = TrustPolicy.from_json(policy.to_json())
+    assert back.to_json() == policy.to_json()
+    a, b = policy.apply(z), back.apply(z)
+    assert a.score is not None and b.score is not None and np.array_equal(a.score, b.score)
+    assert a.positive_possible is not None and b.positive_possible is not None
+    assert np.array_equal(a.positive_possible, b.positive_possible)
+    assert "positive_possible" in a.records(policy.classes)[0]

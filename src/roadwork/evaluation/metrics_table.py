@@ -101,6 +101,18 @@ def compute_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15)
         },
         "slices": slice_rows(test, out, n_bins),
         "operating_point": _operating_point(policy, out, y),
+        "risk_control": _risk_control(policy, out, y),
+    }
+
+
+def _risk_control(policy: TrustPolicy, out: PolicyOutput, y: np.ndarray) -> dict[str, Any] | None:
+    if policy.risk_control is None or out.positive_possible is None:
+        return None
+    pos = y == policy.risk_control.positive
+    return {
+        **policy.risk_control.to_dict(),
+        "test_miss_rate": float((~out.positive_possible[pos]).mean()) if pos.any() else 0.0,
+        "test_flag_rate": float(out.positive_possible.mean()),
     }
 
 

@@ -209,20 +209,26 @@ def stage_selective(ctx: StageContext) -> dict[str, Any]:
 
 def stage_policy(ctx: StageContext) -> dict[str, Any]:
     from roadwork.trust.operating import fit_operating_point
+    from roadwork.trust.risk import FalseNegativeControl
 
     cal, probs = _calibrated_calib(ctx)
     classes = cal.classes
     positive = (
         "roadwork" if classes == ["no_roadwork", "roadwork"] else (classes[1] if len(classes) == 2 else None)
     )
-    op = None
+    op, fnr = None, None
     pc = ctx.cfg.policy
+    if positive is None and (pc.operating_point != "none" or pc.max_miss_rate is not None):
+        raise ConfigError(
+            f"policy.operating_point and policy.max_miss_rate need two classes; this task has {len(classes)}. "
+            "Set policy.operating_point=none and policy.max_miss_rate=null."
+        )
+    if positive is not None and pc.max_miss_rate is not None:
+        fnr = FalseNegativeControl(alpha=pc.max_miss_rate, positive=classes.index(positive)).fit(
+            probs, cal.labels
+        )
     if pc.operating_point != "none":
-        if positive is None:
-            raise ConfigError(
-                f"policy.operating_point={pc.operating_point!r} needs two classes; this task has "
-                f"{len(classes)}. Set policy.operating_point=none."
-            )
+        assert positive is not None
         k = classes.index(positive)
         op = fit_operating_point(
             probs[:, k],
@@ -243,9 +249,15 @@ def stage_policy(ctx: StageContext) -> dict[str, Any]:
         ),
         positive_class=positive,
         operating_point=op,
+        risk_control=fnr,
     )
     policy.save(ctx.out / "policy.json")
-    return {"classes": classes, "positive_class": positive, "operating_point": op and op.to_dict()}
+    return {
+        "classes": classes,
+        "positive_class": positive,
+        "operating_point": op and op.to_dict(),
+        "risk_control": fnr and fnr.to_dict(),
+    }
 
 
 # --------------------------------------------------------------------------------------------- export

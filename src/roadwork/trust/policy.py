@@ -18,6 +18,7 @@ from roadwork.trust._checks import check_logits
 from roadwork.trust.calibration import Calibrator, calibrator_from_dict
 from roadwork.trust.conformal import SplitConformal
 from roadwork.trust.operating import OperatingPoint
+from roadwork.trust.risk import FalseNegativeControl
 from roadwork.trust.selective import AbstentionCertificate
 
 __all__ = ["POLICY_SCHEMA", "PolicyOutput", "TrustPolicy"]
@@ -33,6 +34,9 @@ class PolicyOutput:
     sets: np.ndarray  # (n, K) bool conformal prediction sets
     abstain: np.ndarray  # (n,) bool: confidence below the certified threshold
     score: np.ndarray | None = None  # (n,) binary tasks: positive-class score, 0.5 is the operating point
+    positive_possible: np.ndarray | None = (
+        None  # (n,) bool: risk control says the positive can't be ruled out
+    )
 
     def records(self, classes: list[str]) -> list[dict[str, Any]]:
         """One JSON-ready dict per row (what ``roadwork predict`` prints and the server returns)."""
@@ -46,6 +50,8 @@ class PolicyOutput:
             }
             if self.score is not None:  # StreetVision-style binary score in [0, 1]; 0.5 decides
                 rec["score"] = round(float(self.score[i]), 6)
+            if self.positive_possible is not None:
+                rec["positive_possible"] = bool(self.positive_possible[i])
             out.append(rec)
         return out
 
@@ -58,6 +64,7 @@ class TrustPolicy:
     abstention: AbstentionCertificate
     positive_class: str | None = None  # for binary tasks: the class whose probability is the score
     operating_point: OperatingPoint | None = None  # remaps the score so the chosen threshold sits at 0.5
+    risk_control: FalseNegativeControl | None = None  # flags images so E[missed positives] <= alpha
 
     def apply(self, logits: object) -> PolicyOutput:
         z = check_logits(logits, "TrustPolicy.apply")
@@ -75,6 +82,7 @@ class TrustPolicy:
             sets=self.conformal.predict_sets(probs),
             abstain=conf < self.abstention.threshold,
             score=score,
+            positive_possible=None if self.risk_control is None else self.risk_control.predict(probs),
         )
 
     @property
@@ -90,6 +98,7 @@ class TrustPolicy:
             "conformal": self.conformal.to_dict(),
             "abstention": self.abstention.to_dict(),
             "operating_point": None if self.operating_point is None else self.operating_point.to_dict(),
+            "risk_control": None if self.risk_control is None else self.risk_control.to_dict(),
         }
 
     @classmethod
@@ -105,6 +114,9 @@ class TrustPolicy:
             conformal=SplitConformal.from_dict(d["conformal"]),
             abstention=AbstentionCertificate.from_dict(d["abstention"]),
             positive_class=d.get("positive_class"),
+            risk_control=None
+            if d.get("risk_control") is None
+            else FalseNegativeControl.from_dict(d["risk_control"]),
             operating_point=None
             if d.get("operating_point") is None
             else OperatingPoint.from_dict(d["operating_point"]),
