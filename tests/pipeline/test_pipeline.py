@@ -46,16 +46,23 @@ def test_second_run_is_all_cache_hits(tiny_run):
     assert [r.cached for r in again.stages] == [True] * len(STAGE_NAMES)
 
 
-def test_force_reruns_the_stage_and_its_dependents_only(tiny_run):
-    cfg, _ = tiny_run
+def _isolated(cfg, tmp_path):  # type: ignore[no-untyped-def]
+    """A copy of the shared tiny run in its own root: tests that change it must not change it for others."""
+    import shutil
+
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    return cfg.model_copy(update={"root": str(tmp_path)}, deep=True)
+
+
+def test_force_reruns_the_stage_and_its_dependents_only(tiny_run, tmp_path):
+    cfg = _isolated(tiny_run[0], tmp_path)
     res = run_pipeline(cfg, force=["conformal"], progress=False)
     ran = {r.name for r in res.stages if not r.cached}
     assert ran == {"conformal", "policy", "export", "evaluate"}
 
 
-def test_changing_a_config_section_invalidates_only_downstream(tiny_run):
-    cfg, _ = tiny_run
-    cfg2 = cfg.model_copy(deep=True)
+def test_changing_a_config_section_invalidates_only_downstream(tiny_run, tmp_path):
+    cfg2 = _isolated(tiny_run[0], tmp_path)
     cfg2.selective.target_risk = 0.3
     res = run_pipeline(cfg2, progress=False)
     assert {r.name for r in res.stages if not r.cached} == {"selective", "policy", "export", "evaluate"}
@@ -158,16 +165,14 @@ def test_a_folder_with_bad_files_runs_to_the_end_and_the_report_lists_them(messy
     assert "zero-byte file" in html and "roadwork/dup_a.jpg, roadwork/dup_b.jpg" in html
 
 
-def test_operating_point_and_risk_control_land_in_the_policy_the_bundle_and_the_metrics(tiny_run):
+def test_operating_point_and_risk_control_land_in_the_policy_the_bundle_and_the_metrics(tiny_run, tmp_path):
     from roadwork.export.bundle import Bundle
 
-    cfg, _ = tiny_run
-    cfg2 = cfg.model_copy(deep=True)
+    cfg2 = _isolated(tiny_run[0], tmp_path)
     cfg2.policy.operating_point = "max_mcc"
     cfg2.policy.max_miss_rate = 0.2
     res = run_pipeline(cfg2, progress=False)
-    ran = {r.name for r in res.stages if not r.cached}
-    assert {"policy", "export", "evaluate"} <= ran and not ran & {"data", "train", "predict", "calibrate"}
+    assert {r.name for r in res.stages if not r.cached} == {"policy", "export", "evaluate"}
     m = res.metrics
     assert m is not None and m["operating_point"]["chosen"]["criterion"] == "max_mcc"
     bundle = Bundle.load(res.bundle)
