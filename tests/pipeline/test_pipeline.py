@@ -182,3 +182,5 @@ def test_operating_point_and_risk_control_land_in_the_policy_the_bundle_and_the_
     assert m["risk_control"]["alpha"] == 0.2 and 0 <= m["risk_control"]["test_miss_rate"] <= 1
     image = next((res.run_dir / "data" / "images").glob("*.jpg"))
     assert "positive_possible" in bundle.predict_paths([image])[0]
+    html = res.report.read_text()
+    assert "Operating point of the score" in html and "Missed-positive risk control" in html

@@ -110,6 +110,7 @@ def render_html(
             ]
         )
         marks.append("bad" if r["accuracy"] < metrics["test"]["accuracy"] - 0.05 else "")
+    parts.extend(_decision_rows(metrics))
     comparison = metrics.get("calibration_comparison", {})
     if comparison:
         chosen = metrics["calibration"]["kind"]
@@ -162,6 +163,39 @@ def render_html(
         )
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(config_yaml)}</pre></body></html>")
     return "\n".join(parts)
+
+
+def _decision_rows(metrics: dict[str, Any]) -> list[str]:
+    """Binary tasks: the score's operating point and the missed-positive risk control, when configured."""
+    out: list[str] = []
+    op = metrics.get("operating_point")
+    if op:
+        chosen, test = op.get("chosen"), op["test"]
+        what = (
+            "calibrated probability 0.5 (no operating point configured)"
+            if chosen is None
+            else f"{chosen['criterion']}"
+            + (f" (target {chosen['target']})" if chosen.get("target") is not None else "")
+            + f": probability {chosen['threshold']:.4f} on the calibration split, remapped to score 0.5"
+        )
+        out.append(
+            f"<h2>Operating point of the score</h2><p>Decision <code>score ≥ 0.5</code> = {html.escape(what)}.</p>"
+        )
+        rows = [["test", test["accuracy"], test["precision"], test["recall"], test["mcc"]]]
+        if chosen is not None:
+            rows.insert(
+                0, ["calibration", "", chosen["calib_precision"], chosen["calib_recall"], chosen["calib_mcc"]]
+            )
+        out.append(_table(["split", "accuracy", "precision", "recall", "MCC"], rows))
+    rc = metrics.get("risk_control")
+    if rc:
+        out.append(
+            "<h2>Missed-positive risk control</h2><p>Images whose positive-class probability is at least "
+            f"{rc['threshold']:.4f} are flagged <code>positive_possible</code>; conformal risk control bounds the "
+            f"expected share of positives left unflagged by {rc['alpha']} (fitted on {rc['n']} calibration "
+            f"positives). Test: miss rate {rc['test_miss_rate']:.4f}, {rc['test_flag_rate']:.1%} of images flagged.</p>"
+        )
+    return out
 
 
 def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, data_source: str) -> str:
