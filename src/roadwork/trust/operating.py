@@ -78,6 +78,7 @@ def fit_operating_point(
     thr, prec, rec, mcc = _sweep(p, y)
     if criterion == "max_mcc":
         j = int(np.argmax(mcc))
+        target = None  # not used by this criterion; do not record one
     elif criterion in ("precision", "recall"):
         if target is None or not 0 < target < 1:
             raise InputError(
