@@ -141,3 +141,44 @@ def test_relabelling_permuting_refitting_and_json_give_identical_sets(score):
     assert a.fit(p[:400], y[:400]).threshold_ == b.threshold_
     back = SplitConformal.from_dict(json.loads(json.dumps(a.to_dict())))
     assert np.array_equal(back.predict_sets(p[400:]), sets)
+
+
+def test_group_mondrian_covers_within_every_group_where_marginal_does_not():
+    """Two slices, one much harder (flatter logits): marginal LAC under-covers it; group Mondrian does not."""
+    alpha, n, m, reps = 0.1, 800, 800, 300
+    rng = np.random.default_rng(17)
+    cov = {"marginal": np.zeros(2), "group": np.zeros(2)}
+    counts = np.zeros(2)
+    for _ in range(reps):
+        g = (rng.random(n + m) < 0.3).astype(int)  # 30 % of rows in the hard group 1
+        z = rng.normal(0, 3, size=(n + m, 4)) * np.where(g == 1, 0.3, 1.0)[:, None]
+        p = softmax(z)
+        y = (p.cumsum(axis=1) > rng.random((n + m, 1))).argmax(axis=1)
+        gs = np.where(g == 1, "fog", "clear")
+        for kind, mond in (("marginal", None), ("group", "group")):
+            conf = SplitConformal(alpha=alpha, mondrian=mond).fit(p[:n], y[:n], groups=gs[:n])
+            covered = conf.predict_sets(p[n:], groups=gs[n:])[np.arange(m), y[n:]]
+            for k in (0, 1):
+                cov[kind][k] += covered[g[n:] == k].sum()
+        counts += np.bincount(g[n:], minlength=2)
+    for k, n_k in ((0, int(0.7 * n)), (1, int(0.3 * n))):
+        se = _se(alpha, n_k, int(counts[k] / reps), reps)
+        assert cov["group"][k] / counts[k] >= 1 - alpha - 4 * se
+    assert (
+        cov["marginal"][1] / counts[1] < 1 - alpha - 0.02
+    )  # the hard slice is under-covered without Mondrian
+
+
+def test_group_mondrian_needs_groups_falls_back_for_unseen_ones_and_round_trips():
+    rng = np.random.default_rng(2)
+    p, y = _task(600, rng)
+    groups = np.where(np.arange(600) % 2 == 0, "day", "night")
+    conf = SplitConformal(alpha=0.1, mondrian="group")
+    with pytest.raises(InputError, match="needs 'groups'"):
+        conf.fit(p, y)
+    conf.fit(p, y, groups=groups)
+    assert set(conf.group_thresholds_) == {"day", "night"}
+    unseen = conf.predict_sets(p[:5], groups=np.array(["dusk"] * 5))
+    assert np.array_equal(unseen, p[:5] >= 1 - conf.threshold_)  # the global threshold
+    back = SplitConformal.from_dict(json.loads(json.dumps(conf.to_dict())))
+    assert np.array_equal(back.predict_sets(p, groups=groups), conf.predict_sets(p, groups=groups))

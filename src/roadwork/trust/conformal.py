@@ -16,7 +16,9 @@ and test images are exchangeable, ``P(y ∈ set) >= 1 - α``; the randomised set
 ``1 - α + 1/(n+1)`` in expectation.
 
 Mondrian (``mondrian="class"``) fits one threshold per true class and tests each candidate class against
-its own threshold: coverage ≥ 1-α holds *within every class*. ``allow_empty=False`` adds the top class to
+its own threshold: coverage ≥ 1-α holds *within every class*. ``mondrian="group"`` fits one threshold per
+value of a group known at prediction time (a slice column such as weather): coverage ≥ 1-α holds within
+every group seen in calibration; rows of an unseen group get the global threshold (marginal guarantee only). ``allow_empty=False`` adds the top class to
 an empty set (coverage can only rise). RAPS without explicit ``k_reg``/``lam`` tunes them on a held-out
 ``tune_fraction`` of the calibration rows as in Angelopoulos et al. (k_reg: the (1-α) quantile of the true
 class's rank; λ: the grid value with the smallest mean set size), and uses the rest for the threshold.
@@ -106,7 +108,7 @@ class SplitConformal:
         alpha: float = 0.1,
         score: Score = "lac",
         randomized: bool = False,
-        mondrian: Literal["class"] | None = None,
+        mondrian: Literal["class", "group"] | None = None,
         allow_empty: bool = True,
         k_reg: int | None = None,
         lam: float | None = None,
@@ -133,9 +135,9 @@ class SplitConformal:
             raise InputError(
                 f"The 'score' parameter of {where} must be 'lac', 'aps' or 'raps'. Got {self.score!r}."
             )
-        if self.mondrian not in (None, "class"):
+        if self.mondrian not in (None, "class", "group"):
             raise InputError(
-                f"The 'mondrian' parameter of {where} must be None or 'class'. Got {self.mondrian!r}."
+                f"The 'mondrian' parameter of {where} must be None, 'class' or 'group'. Got {self.mondrian!r}."
             )
         return alpha
 
@@ -144,13 +146,13 @@ class SplitConformal:
             return None
         return np.random.default_rng([self.seed, salt, n]).random(n)
 
-    def _tune_raps(self, p: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    def _tune_raps(self, p: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
         """Choose k_reg and λ on a held-out part (Angelopoulos et al., 2021, "RAPS: size" tuning)."""
         n_tune = round(self.tune_fraction * len(p))
         if (self.k_reg is not None and self.lam is not None) or n_tune < 10:
             self.k_reg_ = int(self.k_reg if self.k_reg is not None else 1)
             self.lam_ = float(self.lam if self.lam is not None else 0.0)
-            return p, y
+            return np.arange(len(p))
         idx = np.random.default_rng([self.seed, 7]).permutation(len(p))
         tune, rest = idx[:n_tune], idx[n_tune:]
         pt, yt = p[tune], y[tune]
@@ -174,15 +176,30 @@ class SplitConformal:
             self.lam_ = best[1]
         else:
             self.lam_ = float(self.lam)
-        return p[rest], y[rest]
+        return rest
 
-    def fit(self, probs: object, labels: object) -> SplitConformal:
+    def _groups(self, groups: object, n: int, where: str) -> np.ndarray:
+        if groups is None:
+            raise InputError(
+                f"{where}: mondrian='group' needs 'groups', one group value per row (e.g. the "
+                "'weather' slice column)."
+            )
+        g = np.asarray(groups).astype(str)
+        if g.shape != (n,):
+            raise InputError(f"{where}: 'groups' has shape {g.shape}; expected ({n},), one value per row.")
+        return g
+
+    def fit(self, probs: object, labels: object, groups: object = None) -> SplitConformal:
+        """``groups`` (one value per row) is needed with ``mondrian='group'`` and ignored otherwise."""
         alpha = self._check_params("SplitConformal.fit")
         p = check_probs(probs, "SplitConformal.fit")
         y = check_labels(labels, len(p), p.shape[1], "SplitConformal.fit")
+        g = self._groups(groups, len(p), "SplitConformal.fit") if self.mondrian == "group" else None
         self.k_reg_, self.lam_ = 0, 0.0
+        self.group_thresholds_: dict[str, float] = {}
         if self.score == "raps":
-            p, y = self._tune_raps(p, y, alpha)
+            keep = self._tune_raps(p, y, alpha)
+            p, y, g = p[keep], y[keep], None if g is None else g[keep]
         s = class_scores(p, self.score, u=self._u(len(p), 0), lam=self.lam_, k_reg=self.k_reg_)
         s_true = s[np.arange(len(p)), y]
         self.n_ = len(p)
@@ -195,10 +212,23 @@ class SplitConformal:
         else:
             self.threshold_ = conformal_quantile(s_true, alpha)
             self.thresholds_ = np.full(p.shape[1], self.threshold_)
+        if (
+            g is not None
+        ):  # one threshold per group; unseen groups at predict time fall back to the global one
+            self.group_thresholds_ = {str(v): conformal_quantile(s_true[g == v], alpha) for v in np.unique(g)}
         return self
 
-    def predict_sets(self, probs: object) -> np.ndarray:
-        """Boolean membership of shape (n_samples, n_classes)."""
+    def _row_thresholds(self, groups: object, n: int) -> np.ndarray:
+        """(1, K) thresholds, or (n, 1) per-row group thresholds with mondrian='group'."""
+        if self.mondrian != "group":
+            return self.thresholds_[None, :]
+        g = self._groups(groups, n, "SplitConformal.predict_sets")
+        values, inverse = np.unique(g, return_inverse=True)
+        per_value = np.array([self.group_thresholds_.get(str(v), self.threshold_) for v in values])
+        return per_value[inverse][:, None]
+
+    def predict_sets(self, probs: object, groups: object = None) -> np.ndarray:
+        """Boolean membership of shape (n_samples, n_classes); ``groups`` as in :meth:`fit`."""
         if not hasattr(self, "thresholds_"):
             raise NotFittedError(self)
         p = check_probs(probs, "SplitConformal.predict_sets")
@@ -206,8 +236,9 @@ class SplitConformal:
             raise InputError(
                 f"SplitConformal was fitted on {self.n_classes_} classes; 'probs' has {p.shape[1]} columns."
             )
+        t = self._row_thresholds(groups, len(p))
         if self.score == "lac":  # p >= 1 - q: one pass, no (n, K) temporary for 1 - p
-            sets = p >= 1.0 - self.thresholds_[None, :]
+            sets = p >= 1.0 - t
             if not self.allow_empty:
                 empty = ~sets.any(axis=1)
                 sets[empty, p[empty].argmax(axis=1)] = True
@@ -216,7 +247,7 @@ class SplitConformal:
         s = class_scores(
             p, self.score, u=self._u(len(p), 1), lam=self.lam_, k_reg=self.k_reg_, last_included=deterministic
         )
-        sets = s < self.thresholds_[None, :] if deterministic else s <= self.thresholds_[None, :]
+        sets = s < t if deterministic else s <= t
         if not self.allow_empty:
             empty = ~sets.any(axis=1)
             sets[empty, p[empty].argmax(axis=1)] = True
@@ -236,6 +267,7 @@ class SplitConformal:
             "seed": self.seed,
             "threshold": self.threshold_,
             "thresholds": [float(t) for t in self.thresholds_],
+            "group_thresholds": self.group_thresholds_,
             "n": self.n_,
         }
 
@@ -252,6 +284,7 @@ class SplitConformal:
         obj.k_reg_, obj.lam_ = int(d.get("k_reg", 0)), float(d.get("lam", 0.0))
         obj.threshold_ = float(d["threshold"])  # json writes +inf as Infinity, which float() reads back
         obj.thresholds_ = np.array([float(t) for t in d["thresholds"]], dtype=np.float64)
+        obj.group_thresholds_ = {str(k): float(v) for k, v in d.get("group_thresholds", {}).items()}
         obj.n_ = int(d["n"])
         obj.n_classes_ = len(obj.thresholds_)
         return obj
