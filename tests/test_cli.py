@@ -61,3 +61,13 @@ def test_tiny_overrides_are_valid():
     from roadwork.config import load_config
 
     assert load_config("demo", tiny_overrides("/tmp/x")).model.backbone == "test_resnet"
+
+
+@pytest.mark.filterwarnings("ignore::roadwork.errors.RoadworkWarning")
+def test_predict_on_an_unreadable_image_names_the_file(tiny_run, tmp_path, capsys):
+    _, result = tiny_run
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    assert main(["predict", str(result.bundle), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot read image" in err and "broken.jpg" in err

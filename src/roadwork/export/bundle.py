@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from roadwork.data.preprocess import load_rgb, preprocess
-from roadwork.errors import ArtifactError
+from roadwork.errors import ArtifactError, InputError
 from roadwork.export.onnx import onnx_logits, onnx_session
 from roadwork.models.factory import ModelCard
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
@@ -69,6 +69,15 @@ def write_bundle(
         "export": export_info,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _open(path: str | Path) -> Image.Image:
+    try:
+        return load_rgb(path)
+    except Exception as e:  # PIL raises many types for bad files
+        raise InputError(
+            f"Cannot read image {str(path)!r} ({type(e).__name__}: {e}); pass a readable JPEG/PNG/BMP/WebP file."
+        ) from None
 
 
 @dataclass
@@ -129,7 +138,7 @@ class Bundle:
         out: list[dict[str, Any]] = []
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
-            res = self.predict_images([load_rgb(p) for p in chunk])
+            res = self.predict_images([_open(p) for p in chunk])
             for p, rec in zip(chunk, res.records(self.classes), strict=True):
                 out.append({"path": str(p), **rec})
         return out

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from roadwork.config import RunConfig
-from roadwork.errors import DataError
+from roadwork.errors import ConfigError, DataError
 from roadwork.pipeline.runner import StageResult, run_stages
 from roadwork.pipeline.stages import STAGES
 
@@ -41,13 +41,16 @@ class RunResult:
 def run_pipeline(
     cfg: RunConfig,
     *,
-    force: Iterable[str] = (),
+    force: Sequence[str] = (),
     until: str | None = None,
     progress: bool = True,
     on_stage: Callable[[StageResult], None] | None = None,
 ) -> RunResult:
     """Run (or reuse from cache) every stage up to ``until``; ``force`` re-runs stages and their dependents."""
-    if cfg.data.source != "synthetic" and not Path(cfg.data.source).exists():  # fail before any work
+    unknown = [s for s in [*force, *([until] if until else [])] if s not in STAGE_NAMES]
+    if unknown:  # fail before any work (and before an MLflow run is opened)
+        raise ConfigError(f"Unknown stage {unknown[0]!r}; the stages are: {', '.join(STAGE_NAMES)}.")
+    if cfg.data.source != "synthetic" and not Path(cfg.data.source).exists():
         raise DataError(
             f"data.source={cfg.data.source!r} does not exist. Pass 'synthetic', an image folder with one "
             "subfolder per class, or a .csv/.parquet manifest with 'path' and 'label' columns."

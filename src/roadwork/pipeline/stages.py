@@ -343,27 +343,26 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
             train_png.read_bytes(),
             "Training curves: loss and validation accuracy per epoch",
         )
+
+    def grid(rows: np.ndarray) -> bytes:  # caption: true label, then calibrated confidence and prediction
+        caps = [
+            f"true {test.classes[test.labels[i]]}\np={out.confidence[i]:.2f} {test.classes[out.pred[i]]}"
+            for i in rows
+        ]
+        return image_grid_png([path_of[test.ids[i]] for i in rows], caps)
+
     k = min(cfg.evaluate.n_examples, len(test))
     if k:
-        rng = np.random.default_rng(0)
-        pick = rng.choice(len(test), size=k, replace=False)
-        cap = [
-            f"{test.classes[test.labels[i]]}\np={out.confidence[i]:.2f} {test.classes[out.pred[i]]}"
-            for i in pick
-        ]
+        pick = np.random.default_rng(0).choice(len(test), size=k, replace=False)
         figures["samples"] = (
-            image_grid_png([path_of[test.ids[i]] for i in pick], cap),
-            "Sample test images: true label, then calibrated confidence and prediction",
+            grid(pick),
+            "Sample test images: true label, calibrated confidence and prediction",
         )
         wrong = np.flatnonzero(out.pred != test.labels)
         worst = wrong[np.argsort(-out.confidence[wrong])][:k]
         if len(worst):
-            cap = [
-                f"true {test.classes[test.labels[i]]}\np={out.confidence[i]:.2f} {test.classes[out.pred[i]]}"
-                for i in worst
-            ]
             figures["mistakes"] = (
-                image_grid_png([path_of[test.ids[i]] for i in worst], cap),
+                grid(worst),
                 "Worst mistakes: the most confident wrong predictions on test",
             )
     fig_dir = ctx.out / "figures"
