@@ -120,7 +120,9 @@ class ConformalConfig(_Strict):
     method: Literal["lac", "aps", "raps"] = "lac"
     alpha: float = Field(0.1, gt=0, lt=1, description="miscoverage level: sets contain the label w.p. ≥ 1-α")
     randomized: bool = Field(
-        False, description="randomised APS/RAPS (exact coverage) instead of conservative"
+        False,
+        description="randomised APS/RAPS sets (coverage exact up to 1/(n+1)); false: the deterministic "
+        "superset (MAPIE's include_last_label=True), coverage ≥ 1-α",
     )
     mondrian: Literal["none", "class"] = Field(
         "none", description="'class': coverage ≥ 1-α within every class"

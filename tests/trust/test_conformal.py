@@ -182,3 +182,33 @@ def test_group_mondrian_needs_groups_falls_back_for_unseen_ones_and_round_trips(
     assert np.array_equal(unseen, p[:5] >= 1 - conf.threshold_)  # the global threshold
     back = SplitConformal.from_dict(json.loads(json.dumps(conf.to_dict())))
     assert np.array_equal(back.predict_sets(p, groups=groups), conf.predict_sets(p, groups=groups))
+
+
+@pytest.mark.parametrize("start", [None, 2])
+@pytest.mark.parametrize(("lam", "randomized"), [(0.0, False), (0.05, False), (0.05, True)])
+def test_top_m_sets_equal_scoring_every_class(start, lam, randomized):
+    """The top-k shortcut (with growth from k=2, and rows of tied probabilities) equals scoring all classes."""
+    from roadwork.trust.conformal import _top_m_sets, class_scores, row_uniforms
+
+    rng = np.random.default_rng(3)
+    p = softmax(rng.normal(0, 1.5, size=(600, 12)))
+    p[:50] = np.repeat(np.array([[0.3, 0.2, 0.2, 0.1, 0.1, 0.1]]), 2, axis=1) / 2  # ties straddling the cut
+    u = row_uniforms(p, 4) if randomized else None
+    for q in (0.3, 0.62, 0.9, 0.999):
+        t = np.full((600, 1), q)
+        expected = class_scores(p, "raps", u=u, lam=lam, k_reg=2) <= t
+        assert np.array_equal(_top_m_sets(p, t, u, lam, 2, start=start), expected)
+
+
+def test_row_uniforms_are_uniform_and_invariant():
+    from scipy import stats
+
+    from roadwork.trust.conformal import row_uniforms
+
+    p = softmax(np.random.default_rng(0).normal(0, 2, size=(20000, 10)))
+    u = row_uniforms(p, 0)
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    assert abs(np.corrcoef(u, p.max(axis=1))[0, 1]) < 4 / np.sqrt(len(u))  # 4 SE of a null correlation
+    assert np.array_equal(row_uniforms(p[::-1], 0), u[::-1])  # permuting rows
+    assert np.array_equal(row_uniforms(p[:, ::-1], 0), u)  # relabelling classes
+    assert not np.array_equal(row_uniforms(p, 1), u)  # the seed matters

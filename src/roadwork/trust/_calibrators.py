@@ -137,7 +137,8 @@ class AffineCalibrator:
 def pav(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Isotonic (non-decreasing) least-squares fit by pool-adjacent-violators.
 
-    Returns block centres (mean x of each block) and block values, for ``np.interp``.
+    Returns knots for ``np.interp``: the smallest and largest ``x`` of each block, both at the block's value —
+    flat within a block, linear between blocks, as scikit-learn's ``IsotonicRegression`` predicts.
     """
     order = np.argsort(x, kind="stable")
     xs, ys = x[order], y[order]
@@ -145,21 +146,26 @@ def pav(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     uniq, start = np.unique(xs, return_index=True)
     sums = np.add.reduceat(ys, start)
     cnt = np.diff(np.append(start, len(xs))).astype(np.float64)
-    xsum = uniq * cnt
     v_sum: list[float] = []
     v_cnt: list[float] = []
-    v_x: list[float] = []
-    for s, c, xx in zip(sums, cnt, xsum, strict=True):
+    v_lo: list[float] = []
+    v_hi: list[float] = []
+    for s, c, xx in zip(sums, cnt, uniq, strict=True):
         v_sum.append(s)
         v_cnt.append(c)
-        v_x.append(xx)
+        v_lo.append(xx)
+        v_hi.append(xx)
         while len(v_sum) > 1 and v_sum[-2] / v_cnt[-2] >= v_sum[-1] / v_cnt[-1]:
-            s2, c2, x2 = v_sum.pop(), v_cnt.pop(), v_x.pop()
+            s2, c2, _, h2 = v_sum.pop(), v_cnt.pop(), v_lo.pop(), v_hi.pop()
             v_sum[-1] += s2
             v_cnt[-1] += c2
-            v_x[-1] += x2
-    c_arr = np.asarray(v_cnt)
-    return np.asarray(v_x) / c_arr, np.asarray(v_sum) / c_arr
+            v_hi[-1] = h2
+    value = np.asarray(v_sum) / np.asarray(v_cnt)
+    lo, hi = np.asarray(v_lo), np.asarray(v_hi)
+    knots_x = np.stack([lo, hi], axis=1).ravel()
+    knots_y = np.repeat(value, 2)
+    keep = np.append(True, np.diff(knots_x) > 0)  # a one-point block needs one knot
+    return knots_x[keep], knots_y[keep]
 
 
 class _OneVsRest(ABC):
@@ -228,19 +234,31 @@ class IsotonicCalibrator(_OneVsRest):
 
 
 class HistogramBinning(_OneVsRest):
+    """Histogram binning (Zadrozny & Elkan, 2001): each bin maps to its observed frequency.
+
+    ``strategy="quantile"`` (default) uses equal-mass bins; ``"uniform"`` uses equal-width bins as netcal does,
+    and maps an empty bin to its centre (netcal's fill value).
+    """
+
     kind = "histogram"
 
-    def __init__(self, *, n_bins: int = 15) -> None:
+    def __init__(self, *, n_bins: int = 15, strategy: Literal["quantile", "uniform"] = "quantile") -> None:
         self.n_bins = n_bins
+        self.strategy = strategy
 
     def _fit_1d(self, p: np.ndarray, hit: np.ndarray) -> dict[str, list[float]]:
-        qs = np.quantile(p, np.linspace(0, 1, self.n_bins + 1)[1:-1])  # equal-mass inner edges
-        edges = np.unique(qs)
+        inner = np.linspace(0, 1, self.n_bins + 1)[1:-1]
+        if self.strategy == "uniform":
+            edges = inner
+            fill = (np.r_[0.0, edges] + np.r_[edges, 1.0]) / 2  # empty bin: its centre
+        else:
+            edges = np.unique(np.quantile(p, inner))  # equal-mass inner edges
         idx = np.searchsorted(edges, p, side="right")
         cnt = np.bincount(idx, minlength=len(edges) + 1)
-        mean_p = np.bincount(idx, weights=p, minlength=len(edges) + 1)
+        if self.strategy != "uniform":
+            fill = np.bincount(idx, weights=p, minlength=len(edges) + 1) / np.maximum(cnt, 1)
         freq = np.bincount(idx, weights=hit, minlength=len(edges) + 1)
-        value = np.where(cnt > 0, freq / np.maximum(cnt, 1), mean_p / np.maximum(cnt, 1))
+        value = np.where(cnt > 0, freq / np.maximum(cnt, 1), fill)
         return {"edges": edges.tolist(), "values": value.tolist()}
 
     def _apply_1d(self, p: np.ndarray, params: dict[str, list[float]]) -> np.ndarray:

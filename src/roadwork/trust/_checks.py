@@ -16,7 +16,9 @@ def check_logits(logits: object, where: str, name: str = "logits") -> np.ndarray
             "an array of shape (n_samples, n_classes) with n_classes >= 2",
             f"an array of shape {z.shape}",
         )
-    if not np.isfinite(z).all():
+    # A finite total implies finite entries (NaN and inf propagate) without an (n, K) boolean temporary; a
+    # total that overflows on huge finite values falls through to the exact check.
+    if not np.isfinite(z.sum()) and not np.isfinite(z).all():
         bad = int((~np.isfinite(z)).any(axis=1).sum())
         raise InputError(
             f"The '{name}' parameter of {where} contains NaN or inf in {bad} row(s); "

@@ -34,40 +34,32 @@ __all__ = [
 
 
 class TemperatureScaler:
-    """Fit one temperature by NLL. Learned state: ``temperature_``."""
+    """Fit one temperature by NLL. Learned state: ``temperature_``.
+
+    The NLL is convex in ``β = 1/T`` (a log-sum-exp of a linear function), so the fit is a safeguarded Newton
+    iteration on ``β`` with the exact gradient ``mean(E_p[d] - d_y)`` and curvature ``mean(Var_p[d])`` (``d`` the
+    logits minus their row max): one pass over the logits per step, about five steps on the full data after a
+    warm start on a 4096-row subsample. ``T`` is kept in ``[1e-2, 1e2]``.
+    """
 
     kind = "temperature"
 
-    def __init__(self, *, max_iter: int = 100) -> None:
+    def __init__(self, *, max_iter: int = 100, tol: float = 1e-10) -> None:
         self.max_iter = max_iter
+        self.tol = tol
 
     def fit(self, logits: object, labels: object) -> TemperatureScaler:
-        from scipy.optimize import minimize
-
         z = check_logits(logits, "TemperatureScaler.fit")
         y = check_labels(labels, len(z), z.shape[1], "TemperatureScaler.fit")
         if len(z) == 0:
             raise InputError("TemperatureScaler.fit needs at least one calibration row; got 0.")
-        zy = z[np.arange(len(z)), y]
-
-        def nll_and_grad(log_t: np.ndarray) -> tuple[float, np.ndarray]:
-            s = float(np.exp(-log_t[0]))  # 1 / T
-            a = z * s
-            lse = a.max(axis=1) + np.log(np.exp(a - a.max(axis=1, keepdims=True)).sum(axis=1))
-            p = softmax(a)
-            nll = float(np.mean(lse - zy * s))
-            grad = -s * float(np.mean((p * z).sum(axis=1) - zy))  # dNLL/dlogT = dNLL/ds * (-s)
-            return nll, np.array([grad])
-
-        res = minimize(
-            nll_and_grad,
-            x0=np.zeros(1),
-            jac=True,
-            method="L-BFGS-B",
-            bounds=[(np.log(1e-2), np.log(1e2))],
-            options={"maxiter": self.max_iter},
-        )
-        self.temperature_ = float(np.exp(res.x[0]))
+        z_max = z.max(axis=1, keepdims=True)
+        d_true = z[np.arange(len(z)), y] - z_max[:, 0]
+        beta = 1.0
+        if len(z) > 8192:  # warm start on a subsample; the full data then needs only a few steps
+            sub = np.sort(np.random.default_rng(0).choice(len(z), 4096, replace=False))
+            beta = _newton_beta(z[sub], z_max[sub], d_true[sub], 1.0, self.max_iter, 1e-6)
+        self.temperature_ = 1.0 / _newton_beta(z, z_max, d_true, beta, self.max_iter, self.tol)
         return self
 
     def _t(self) -> float:
@@ -93,6 +85,55 @@ class TemperatureScaler:
         obj = cls()
         obj.temperature_ = float(d["temperature"])
         return obj
+
+
+def _nll_derivatives(
+    z: np.ndarray, z_max: np.ndarray, d_true: np.ndarray, beta: float
+) -> tuple[float, float]:
+    """Gradient and curvature in ``β`` of ``mean(logsumexp(β d) - β d_y)``, ``d = z - z_max``.
+
+    Works through ``z`` in blocks of rows with one small reused buffer: a logits-sized temporary would cost
+    more in page faults than the arithmetic.
+    """
+    n = len(z)
+    step = max(1, (1 << 19) // z.shape[1])  # ~4 MB of float64 per block: stays in cache
+    buf = np.empty((min(step, n), z.shape[1]))
+    s0, s1, s2 = np.empty(n), np.empty(n), np.empty(n)
+    for i in range(0, n, step):
+        zb, e = z[i : i + step], buf[: min(step, n - i)]
+        np.subtract(zb, z_max[i : i + step], out=e)  # d <= 0, so exp(β d) never overflows
+        d = e.copy()
+        np.multiply(e, beta, out=e)
+        np.exp(e, out=e)
+        s0[i : i + step] = e.sum(axis=1)
+        np.multiply(e, d, out=e)
+        s1[i : i + step] = e.sum(axis=1)
+        s2[i : i + step] = np.einsum("ij,ij->i", e, d)
+    mean_d = s1 / s0
+    return float(np.mean(mean_d - d_true)), float(np.mean(s2 / s0 - mean_d**2))
+
+
+def _newton_beta(
+    z: np.ndarray, z_max: np.ndarray, d_true: np.ndarray, beta: float, max_iter: int, tol: float
+) -> float:
+    """Root of the (increasing) NLL gradient in β ∈ [1e-2, 1e2]: Newton steps, bisection when one leaves the
+    bracket the evaluated points have established."""
+    lo, hi = 1e-2, 1e2
+    for _ in range(max_iter):
+        g, h = _nll_derivatives(z, z_max, d_true, beta)
+        if g > 0:
+            hi = beta
+        else:
+            lo = beta
+        step = g / h if h > 0 else np.inf
+        new = beta - step
+        if not lo < new < hi:
+            new = (lo + hi) / 2 if np.isfinite(step) or hi - lo < 1e2 else (hi if g < 0 else lo)
+            new = min(max(new, 1e-2), 1e2)
+        if abs(new - beta) <= tol * beta or hi - lo <= tol * beta:
+            return new
+        beta = new
+    return beta
 
 
 class IdentityCalibrator:

@@ -1,19 +1,23 @@
 """Split-conformal prediction sets (numpy only, vectorised, float64).
 
 Scores of an image ``x`` for a candidate class ``k`` (``p`` calibrated probabilities, ``r_k`` the 1-based rank
-of ``k`` when classes are sorted by decreasing ``p``, ``c_r`` the cumulative sum of the sorted ``p`` up to rank
-``r``, ``u ~ U(0, 1)`` one draw per image):
+of ``k`` when classes are sorted by decreasing ``p`` (ties by class index), ``m_k`` the probability mass ranked
+strictly before ``k``, ``u ~ U(0, 1)`` one draw per image, a seeded hash of its probabilities — see :func:`row_uniforms`):
 
 - ``lac`` (Sadinle et al., 2019):          ``s = 1 - p_k``
-- ``aps`` (Romano et al., 2020):           ``s = c_{r_k} - (1 - u) p_k``  (randomised) or ``c_{r_k}``
+- ``aps`` (Romano et al., 2020):           ``s = m_k + u p_k``
 - ``raps`` (Angelopoulos et al., 2021):    the APS score ``+ λ (r_k - k_reg)^+``
 
 With ``n`` calibration scores of the true class the threshold ``q`` is the ⌈(n+1)(1-α)⌉-th smallest score
-(+∞, with a warning, when that exceeds ``n``) and the set of a new image is ``{k : s(x, k) <= q}``. The
-deterministic APS/RAPS sets include the class at which the cumulative sum crosses ``q``
-(``{k : c_{r_k} - p_k < q}``), a superset of ``{k : c_{r_k} <= q}``, so coverage stays ≥ 1-α. If calibration
-and test images are exchangeable, ``P(y ∈ set) >= 1 - α``; the randomised sets are also at most
-``1 - α + 1/(n+1)`` in expectation.
+(+∞, with a warning, when that exceeds ``n``). APS/RAPS are always *calibrated* on the randomised score, the one
+whose quantile is exact. ``randomized=True`` predicts ``{k : s(x, k) <= q}`` with a fresh ``u`` per image
+(coverage in ``[1-α, 1-α + 1/(n+1))`` in expectation); ``randomized=False`` (default) predicts the
+deterministic superset ``{k : m_k + λ (r_k - k_reg)^+ <= q}`` — the set at ``u = 0``, which contains the
+randomised set for every ``u``, so coverage stays ≥ 1-α and the same image always gets the same set. This is
+MAPIE's ``include_last_label=True`` for APS; for RAPS MAPIE tests ``m_k + λ (r_k - 1 - k_reg)^+``, a slightly
+larger superset. The score is non-decreasing in the rank, so every APS/RAPS set is the top ``m`` classes of
+its image: prediction finds ``m`` from the ``top-k`` probabilities (``np.partition``; ``k`` grows only for the
+rows that need more) instead of sorting all ``K`` classes, and fitting needs no sort at all.
 
 Mondrian (``mondrian="class"``) fits one threshold per true class and tests each candidate class against
 its own threshold: coverage ≥ 1-α holds *within every class*. ``mondrian="group"`` fits one threshold per
@@ -35,7 +39,7 @@ import numpy as np
 from roadwork.errors import InputError, NotFittedError, RoadworkWarning
 from roadwork.trust._checks import check_labels, check_level, check_probs
 
-__all__ = ["SplitConformal", "class_scores", "conformal_quantile"]
+__all__ = ["SplitConformal", "class_scores", "conformal_quantile", "row_uniforms"]
 
 Score = Literal["lac", "aps", "raps"]
 _LAMBDAS = (0.0, 0.001, 0.01, 0.05, 0.1, 0.2, 0.5)
@@ -59,6 +63,46 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     return float(np.partition(s, k - 1)[k - 1])
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser (Steele et al., 2014): a bijective 64-bit mixer, wrapping arithmetic."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def row_uniforms(probs: np.ndarray, seed: int = 0) -> np.ndarray:
+    """One U(0, 1) draw per row, a seeded hash of the row's probabilities (shape (n_samples,)).
+
+    The same image always gets the same ``u``, and permuting rows or classes changes nothing. Because ``u`` is a
+    fixed function of the row, a score built from it is still a fixed function of ``(x, y)``: exchangeable
+    calibration and test rows give exchangeable scores, which is all the conformal guarantee needs; the mixer
+    makes distinct rows' draws look independent, which is what breaks ties for the exact upper bound.
+    """
+    bits = np.ascontiguousarray(probs, dtype=np.float64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        h = bits.sum(axis=1, dtype=np.uint64)  # order-free: invariant to relabelling classes
+        h = _splitmix64(h ^ _splitmix64(np.array([seed % 2**64], dtype=np.uint64)))
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _penalty(k: int, lam: float, k_reg: int) -> np.ndarray:
+    """RAPS penalty ``λ (r - k_reg)^+`` for ranks r = 1..k."""
+    return lam * np.maximum(np.arange(1, k + 1, dtype=np.float64) - k_reg, 0.0)
+
+
+def _sorted_scores(v: np.ndarray, u: np.ndarray | None, lam: float, k_reg: int) -> np.ndarray:
+    """APS/RAPS scores of probabilities ``v`` already sorted in decreasing order along axis 1."""
+    s = np.cumsum(v, axis=1)
+    s[:, 1:] = s[:, :-1]  # mass strictly before each rank (exactly non-decreasing, unlike cumsum - v)
+    s[:, 0] = 0.0
+    if u is not None:
+        s += u[:, None] * v
+    if lam > 0:
+        s += _penalty(v.shape[1], lam, k_reg)[None, :]
+    return s
+
+
 def class_scores(
     probs: np.ndarray,
     score: Score,
@@ -66,31 +110,72 @@ def class_scores(
     u: np.ndarray | None = None,
     lam: float = 0.0,
     k_reg: int = 0,
-    last_included: bool = False,
 ) -> np.ndarray:
-    """Scores of every candidate class, shape (n_samples, n_classes).
-
-    ``u`` (shape (n_samples,)) randomises APS/RAPS; ``last_included`` returns ``c_{r_k} - p_k`` (the mass
-    strictly above ``k``), the quantity the deterministic sets compare with ``q``.
-    """
+    """Scores of every candidate class, shape (n_samples, n_classes); ``u`` (shape (n_samples,)) randomises
+    APS/RAPS, ``u=None`` gives the deterministic score (``u = 0``)."""
     if score == "lac":
         return 1.0 - probs
-    _n, k = probs.shape
     order = np.argsort(-probs, axis=1, kind="stable")  # (n, K) classes by decreasing probability
-    p_sorted = np.take_along_axis(probs, order, axis=1)
-    cum = np.cumsum(p_sorted, axis=1)
-    if last_included:
-        s_sorted = cum - p_sorted
-    elif u is not None:
-        s_sorted = cum - (1.0 - u[:, None]) * p_sorted
-    else:
-        s_sorted = cum
-    if score == "raps" and lam > 0:
-        ranks = np.arange(1, k + 1, dtype=np.float64)
-        s_sorted = s_sorted + lam * np.maximum(ranks - k_reg, 0.0)[None, :]
+    s_sorted = _sorted_scores(np.take_along_axis(probs, order, axis=1), u, lam, k_reg)
     out = np.empty_like(s_sorted)
     np.put_along_axis(out, order, s_sorted, axis=1)  # back to class order
     return out
+
+
+def _true_class_scores(p: np.ndarray, y: np.ndarray, u: np.ndarray, lam: float, k_reg: int) -> np.ndarray:
+    """APS/RAPS score of the true class in one pass over ``p``, without sorting."""
+    n, k = p.shape
+    p_true = p[np.arange(n), y][:, None]
+    before = (p > p_true) | ((p == p_true) & (np.arange(k)[None, :] < y[:, None]))
+    s = np.where(before, p, 0.0).sum(axis=1) + u * p_true[:, 0]
+    if lam > 0:
+        s += lam * np.maximum(before.sum(axis=1) + 1.0 - k_reg, 0.0)
+    return s
+
+
+def _top_m_sets(
+    p: np.ndarray, t: np.ndarray, u: np.ndarray | None, lam: float, k_reg: int, start: int | None = None
+) -> np.ndarray:
+    """Membership of the sets ``{k : score(x, k) <= t}`` when the score is non-decreasing in the rank.
+
+    Each set is the top ``m`` classes of its row, ``m`` the length of the leading run of ranks whose score is
+    ``<= t``. Only the top ``k`` probabilities are sorted (``k`` starts from the longest run among 256 probe rows and
+    grows eightfold for the rows whose run reaches ``k``); the set is then ``p >= v_m``, with ties at ``v_m`` resolved by class index as the stable sort does.
+    """
+    n, n_cls = p.shape
+    t = np.broadcast_to(t, (n, 1))
+    m = np.zeros(n, dtype=np.int64)
+    cut = np.full(n, np.inf)
+    todo = np.arange(n)
+    if start is None:  # size the first top-k from a sample of rows so that almost every row ends in one round
+        probe = np.linspace(0, n - 1, min(n, 256)).astype(np.int64)
+        v = np.sort(p[probe], axis=1)[:, ::-1]
+        ok = _sorted_scores(v, None if u is None else u[probe], lam, k_reg) <= t[probe]
+        longest = int(np.where(ok.all(axis=1), n_cls, np.argmin(ok, axis=1)).max()) if n else 0
+        start = 1 << max(4, int(1.25 * longest + 1).bit_length())
+    k = min(start, n_cls)
+    while todo.size:
+        pt = p[todo]
+        v = np.sort(np.partition(pt, n_cls - k, axis=1)[:, n_cls - k :] if k < n_cls else pt, axis=1)[:, ::-1]
+        ok = _sorted_scores(v, None if u is None else u[todo], lam, k_reg) <= t[todo]
+        run = np.where(ok.all(axis=1), k, np.argmin(ok, axis=1))
+        done = (run < k) | (k == n_cls)
+        rows = todo[done]
+        m[rows] = run[done]
+        has = run[done] > 0
+        cut[rows[has]] = v[done][has, run[done][has] - 1]
+        todo = todo[~done]
+        k = min(k * 8, n_cls)
+    sets = p >= cut[:, None]
+    tied = np.flatnonzero(
+        sets.sum(axis=1) != m
+    )  # equal probabilities straddle the cut: first m in stable order
+    if tied.size:
+        order = np.argsort(-p[tied], axis=1, kind="stable")
+        fix = np.zeros((tied.size, n_cls), dtype=bool)
+        np.put_along_axis(fix, order, np.arange(n_cls)[None, :] < m[tied, None], axis=1)
+        sets[tied] = fix
+    return sets
 
 
 def _true_rank(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -141,10 +226,8 @@ class SplitConformal:
             )
         return alpha
 
-    def _u(self, n: int, salt: int) -> np.ndarray | None:
-        if not self.randomized or self.score == "lac":
-            return None
-        return np.random.default_rng([self.seed, salt, n]).random(n)
+    def _u(self, p: np.ndarray) -> np.ndarray:
+        return row_uniforms(p, self.seed)
 
     def _tune_raps(self, p: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
         """Choose k_reg and λ on a held-out part (Angelopoulos et al., 2021, "RAPS: size" tuning)."""
@@ -164,14 +247,13 @@ class SplitConformal:
         if self.lam is None:
             best = (math.inf, 0.0)
             half = len(pt) // 2
+            u_tune = self._u(pt[:half])
             for lam in _LAMBDAS:  # threshold on one half of the tuning rows, set size on the other
-                s_cal = class_scores(pt[:half], "raps", lam=lam, k_reg=self.k_reg_)[
-                    np.arange(half), yt[:half]
-                ]
+                s_cal = _true_class_scores(pt[:half], yt[:half], u_tune, lam, self.k_reg_)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RoadworkWarning)
                     q = conformal_quantile(s_cal, alpha)
-                size = (class_scores(pt[half:], "raps", lam=lam, k_reg=self.k_reg_) <= q).sum(axis=1).mean()
+                size = _top_m_sets(pt[half:], np.array([[q]]), None, lam, self.k_reg_).sum(axis=1).mean()
                 best = min(best, (float(size), lam))
             self.lam_ = best[1]
         else:
@@ -200,8 +282,10 @@ class SplitConformal:
         if self.score == "raps":
             keep = self._tune_raps(p, y, alpha)
             p, y, g = p[keep], y[keep], None if g is None else g[keep]
-        s = class_scores(p, self.score, u=self._u(len(p), 0), lam=self.lam_, k_reg=self.k_reg_)
-        s_true = s[np.arange(len(p)), y]
+        if self.score == "lac":
+            s_true = 1.0 - p[np.arange(len(p)), y]
+        else:
+            s_true = _true_class_scores(p, y, self._u(p), self.lam_, self.k_reg_)
         self.n_ = len(p)
         self.n_classes_ = p.shape[1]
         if self.mondrian == "class":
@@ -243,11 +327,11 @@ class SplitConformal:
                 empty = ~sets.any(axis=1)
                 sets[empty, p[empty].argmax(axis=1)] = True
             return sets
-        deterministic = not self.randomized
-        s = class_scores(
-            p, self.score, u=self._u(len(p), 1), lam=self.lam_, k_reg=self.k_reg_, last_included=deterministic
-        )
-        sets = s < t if deterministic else s <= t
+        u = self._u(p) if self.randomized else None
+        if self.mondrian == "class":  # a threshold per candidate class: sets are not top-m, score every class
+            sets = class_scores(p, self.score, u=u, lam=self.lam_, k_reg=self.k_reg_) <= t
+        else:
+            sets = _top_m_sets(p, t[:, :1], u, self.lam_, self.k_reg_)  # one threshold per row
         if not self.allow_empty:
             empty = ~sets.any(axis=1)
             sets[empty, p[empty].argmax(axis=1)] = True
