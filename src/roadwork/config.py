@@ -114,6 +114,12 @@ class CalibrateConfig(_Strict):
     method: CalibrationMethod = Field(
         "temperature", description="'auto' picks by cross-validated NLL on the calibration split"
     )
+    per_slice: str | None = Field(
+        None, description="a slice column (e.g. weather): fit the method per value, global fallback"
+    )
+    min_slice_count: int = Field(
+        200, ge=10, description="calibration rows a slice value needs for its own fit"
+    )
 
 
 class ConformalConfig(_Strict):
@@ -124,10 +130,29 @@ class ConformalConfig(_Strict):
         description="randomised APS/RAPS sets (coverage exact up to 1/(n+1)); false: the deterministic "
         "superset (MAPIE's include_last_label=True), coverage ≥ 1-α",
     )
-    mondrian: Literal["none", "class"] = Field(
-        "none", description="'class': coverage ≥ 1-α within every class"
+    mondrian: Literal["none", "class", "group"] = Field(
+        "none",
+        description="'class': coverage ≥ 1-α within every class; 'group': within every value of group_by",
     )
+    group_by: str | None = Field(None, description="slice column for mondrian=group (e.g. weather)")
     allow_empty: bool = Field(True, description="false: an empty set gets the top class")
+    label_noise: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="known rate of calibration labels resampled uniformly at random; corrects the "
+        "threshold (Clarkson et al., 2024). A flip rate f to another class is f·K/(K-1)",
+    )
+
+    @model_validator(mode="after")
+    def _group_needs_column(self) -> ConformalConfig:
+        if self.mondrian == "group" and not self.group_by:
+            raise ValueError(
+                "mondrian=group needs conformal.group_by=COLUMN (a slice column such as weather)"
+            )
+        if self.mondrian == "class" and self.label_noise:
+            raise ValueError("label_noise cannot be combined with mondrian=class; use mondrian=none or group")
+        return self
 
 
 class SelectiveConfig(_Strict):

@@ -184,3 +184,30 @@ def test_operating_point_and_risk_control_land_in_the_policy_the_bundle_and_the_
     assert "positive_possible" in bundle.predict_paths([image])[0]
     html = res.report.read_text()
     assert "Operating point of the score" in html and "Missed-positive risk control" in html
+
+
+def test_per_slice_calibration_group_mondrian_and_label_noise_flow_into_policy_and_report(tiny_run, tmp_path):
+    from roadwork.errors import ConfigError
+    from roadwork.trust import TrustPolicy
+    from roadwork.trust.calibration import SliceCalibrator
+
+    cfg2 = _isolated(tiny_run[0], tmp_path)
+    cfg2.calibrate.per_slice = "weather"
+    cfg2.calibrate.min_slice_count = 10
+    cfg2.conformal.group_by = "weather"
+    cfg2.conformal.mondrian = "group"
+    cfg2.conformal.label_noise = 0.05
+    res = run_pipeline(cfg2, progress=False)
+    policy = TrustPolicy.load(res.run_dir / "policy" / "policy.json")
+    assert isinstance(policy.calibrator, SliceCalibrator) and policy.calibrator.per_value_
+    assert policy.conformal.group_thresholds_ and policy.conformal.label_noise == 0.05
+    assert policy.slice_columns == ["weather"]
+    m = res.metrics
+    assert m is not None
+    methods = m["conformal_comparison"]["methods"]
+    assert {"lac", "aps", "raps", "lac, Mondrian by class", "lac, Mondrian by weather"} <= set(methods)
+    assert all(0 <= r["coverage"] <= 1 and r["worst_slice"] for r in methods.values())
+    assert "Conformal methods" in res.report.read_text()
+    cfg2.conformal.group_by = "season"  # not a column of the synthetic data
+    with pytest.raises(ConfigError, match=r"conformal.group_by='season'.*weather"):
+        run_pipeline(cfg2, progress=False)

@@ -72,3 +72,28 @@ def test_operating_point_and_risk_control_round_trip():
     assert a.positive_possible is not None and b.positive_possible is not None
     assert np.array_equal(a.positive_possible, b.positive_possible)
     assert "positive_possible" in a.records(policy.classes)[0]
+
+
+def test_slices_reach_the_per_slice_calibrator_and_group_mondrian():
+    from roadwork.trust.calibration import SliceCalibrator
+
+    rng = np.random.default_rng(1)
+    n = 3000
+    g = np.where(rng.random(n) < 0.5, "day", "night")
+    z = rng.normal(0, 3, (n, 2))
+    t_true = np.where(g == "night", 4.0, 1.0)  # night logits are 4x overconfident
+    y = (softmax(z / t_true[:, None])[:, 1] > rng.random(n)).astype(int)
+    cal = SliceCalibrator("temperature", "weather", min_count=100).fit(z, y, g)
+    assert cal.per_value_["night"].temperature_ > 3 > 1.5 > cal.per_value_["day"].temperature_
+    probs = cal.predict_proba(z, g)
+    conf = SplitConformal(alpha=0.1, mondrian="group", group_by="weather").fit(probs, y, g)
+    cert = AbstentionCertificate(0.8, 0.05, 0.05, n, 0.5, 0.03, 0.049)
+    policy = TrustPolicy(["no_roadwork", "roadwork"], cal, conf, cert, positive_class="roadwork")
+    with_meta = policy.apply(z, {"weather": g})
+    assert np.allclose(with_meta.probs, probs)
+    without = policy.apply(z)  # no metadata: the global calibrator and the global threshold
+    assert np.allclose(without.probs, cal.global_.predict_proba(z))
+    assert np.array_equal(without.sets, conf.predict_sets(without.probs, np.full(n, "unseen")))
+    back = TrustPolicy.from_json(policy.to_json())
+    assert np.array_equal(back.apply(z, {"weather": g}).sets, with_meta.sets)
+    assert back.slice_columns == ["weather"]

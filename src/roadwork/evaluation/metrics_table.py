@@ -11,7 +11,13 @@ from roadwork.trust._checks import softmax
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
 from roadwork.trust.predictions import Predictions
 
-__all__ = ["METRICS_SCHEMA", "calibration_comparison", "compute_metrics", "slice_rows"]
+__all__ = [
+    "METRICS_SCHEMA",
+    "calibration_comparison",
+    "compute_metrics",
+    "conformal_comparison",
+    "slice_rows",
+]
 
 METRICS_SCHEMA = 1
 
@@ -47,7 +53,7 @@ def slice_rows(preds: Predictions, out: PolicyOutput, n_bins: int) -> dict[str, 
 
 def compute_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15) -> dict[str, Any]:
     y = test.labels
-    out = policy.apply(test.logits)
+    out = policy.apply(test.logits, test.slices)
     raw = softmax(test.logits)
     correct = out.pred == y
     answered = ~out.abstain
@@ -161,3 +167,51 @@ def calibration_comparison(
             "accuracy": M.accuracy(probs, y),
         }
     return rows
+
+
+def conformal_comparison(calib: Predictions, test: Predictions, policy: TrustPolicy) -> dict[str, Any]:
+    """Every conformal method at the policy's α, fitted on the calibrated calibration split and scored on test:
+    coverage and mean set size overall and per slice value (the worst slice is what Mondrian is for)."""
+    from roadwork.trust.calibration import calibrate_proba
+    from roadwork.trust.conformal import SplitConformal
+
+    alpha = policy.conformal.alpha
+    p_cal = calibrate_proba(policy.calibrator, calib.logits, calib.slices)
+    p_test = calibrate_proba(policy.calibrator, test.logits, test.slices)
+    variants: dict[str, tuple[SplitConformal, str | None]] = {
+        "lac": (SplitConformal(alpha=alpha, score="lac"), None),
+        "aps": (SplitConformal(alpha=alpha, score="aps"), None),
+        "raps": (SplitConformal(alpha=alpha, score="raps"), None),
+        "lac, Mondrian by class": (SplitConformal(alpha=alpha, score="lac", mondrian="class"), None),
+    }
+    for column, values in sorted(test.slices.items()):
+        if column in calib.slices and len(set(values.tolist())) > 1:
+            variants[f"lac, Mondrian by {column}"] = (
+                SplitConformal(alpha=alpha, score="lac", mondrian="group"),
+                column,
+            )
+    y = test.labels
+    rows: dict[str, Any] = {}
+    for name, (conf, col) in variants.items():
+        conf.fit(p_cal, calib.labels, None if col is None else calib.slices[col])
+        sets = conf.predict_sets(p_test, None if col is None else test.slices[col])
+        covered = sets[np.arange(len(y)), y]
+        size = sets.sum(axis=1)
+        per_slice = {}
+        for scol, values in sorted(test.slices.items()):
+            for v in sorted(set(values.tolist())):
+                m = values == v
+                per_slice[f"{scol}={v}"] = {
+                    "n": int(m.sum()),
+                    "coverage": float(covered[m].mean()),
+                    "mean_set_size": float(size[m].mean()),
+                }
+        worst = min(per_slice, key=lambda k: per_slice[k]["coverage"]) if per_slice else None
+        rows[name] = {
+            "coverage": float(covered.mean()),
+            "mean_set_size": float(size.mean()),
+            "worst_slice": worst,
+            "worst_slice_coverage": None if worst is None else per_slice[worst]["coverage"],
+            "slices": per_slice,
+        }
+    return {"alpha": alpha, "methods": rows}

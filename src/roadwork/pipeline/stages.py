@@ -26,7 +26,7 @@ from roadwork.trust import (
     certify_abstention,
     make_calibrator,
 )
-from roadwork.trust.calibration import calibrator_from_dict
+from roadwork.trust.calibration import Calibrator, SliceCalibrator, calibrate_proba, calibrator_from_dict
 from roadwork.trust.selective import AbstentionCertificate
 
 __all__ = ["STAGES", "load_dataset", "load_policy"]
@@ -165,9 +165,26 @@ def _preds(ctx: StageContext, split: str) -> Predictions:
 # --------------------------------------------------------------------------------------------- trust
 
 
+def _slice_column(p: Predictions, column: str, key: str) -> np.ndarray:
+    if column not in p.slices:
+        raise ConfigError(
+            f"{key}={column!r} is not a slice column of this dataset; it has "
+            f"{', '.join(sorted(p.slices)) or 'none'}. Set {key} to one of those (or null)."
+        )
+    return p.slices[column]
+
+
 def stage_calibrate(ctx: StageContext) -> dict[str, Any]:
     cal = _preds(ctx, "calib")
-    calibrator = make_calibrator(ctx.cfg.calibrate.method).fit(cal.logits, cal.labels)
+    c = ctx.cfg.calibrate
+    calibrator: Calibrator
+    if c.per_slice:
+        groups = _slice_column(cal, c.per_slice, "calibrate.per_slice")
+        calibrator = SliceCalibrator(c.method, c.per_slice, min_count=c.min_slice_count).fit(
+            cal.logits, cal.labels, groups
+        )
+    else:
+        calibrator = make_calibrator(c.method).fit(cal.logits, cal.labels)
     (ctx.out / "calibrator.json").write_text(json.dumps(calibrator.to_dict(), indent=2))
     return calibrator.to_dict()
 
@@ -175,7 +192,7 @@ def stage_calibrate(ctx: StageContext) -> dict[str, Any]:
 def _calibrated_calib(ctx: StageContext) -> tuple[Predictions, np.ndarray]:
     cal = _preds(ctx, "calib")
     calibrator = calibrator_from_dict(json.loads((ctx.inputs["calibrate"] / "calibrator.json").read_text()))
-    return cal, calibrator.predict_proba(cal.logits)
+    return cal, calibrate_proba(calibrator, cal.logits, cal.slices)
 
 
 def stage_conformal(ctx: StageContext) -> dict[str, Any]:
@@ -187,7 +204,9 @@ def stage_conformal(ctx: StageContext) -> dict[str, Any]:
         randomized=c.randomized,
         mondrian=None if c.mondrian == "none" else c.mondrian,
         allow_empty=c.allow_empty,
-    ).fit(probs, cal.labels)
+        label_noise=c.label_noise,
+        group_by=c.group_by,
+    ).fit(probs, cal.labels, _slice_column(cal, c.group_by, "conformal.group_by") if c.group_by else None)
     (ctx.out / "conformal.json").write_text(json.dumps(conf.to_dict(), indent=2))
     return conf.to_dict()
 
@@ -304,7 +323,11 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
-    from roadwork.evaluation.metrics_table import calibration_comparison, compute_metrics
+    from roadwork.evaluation.metrics_table import (
+        calibration_comparison,
+        compute_metrics,
+        conformal_comparison,
+    )
     from roadwork.evaluation.plots import confusion_png, image_grid_png, reliability_png, risk_coverage_png
     from roadwork.evaluation.report import render_html, render_model_card
     from roadwork.trust._checks import softmax
@@ -314,10 +337,10 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     test = _preds(ctx, "test")
     policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
     metrics = compute_metrics(test, policy, n_bins=cfg.evaluate.ece_bins)
-    metrics["calibration_comparison"] = calibration_comparison(
-        _preds(ctx, "calib"), test, n_bins=cfg.evaluate.ece_bins
-    )
-    out = policy.apply(test.logits)
+    calib = _preds(ctx, "calib")
+    metrics["calibration_comparison"] = calibration_comparison(calib, test, n_bins=cfg.evaluate.ece_bins)
+    metrics["conformal_comparison"] = conformal_comparison(calib, test, policy)
+    out = policy.apply(test.logits, test.slices)
     df, _ = load_dataset(ctx.inputs["data"])
     path_of = dict(zip(df["id"], _abs_paths(df, ctx.inputs["data"]), strict=True))
 

@@ -9,6 +9,7 @@ stay valid exactly in the binary case and up to one fitted parameter otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -27,7 +28,9 @@ __all__ = [
     "HistogramBinning",
     "IdentityCalibrator",
     "IsotonicCalibrator",
+    "SliceCalibrator",
     "TemperatureScaler",
+    "calibrate_proba",
     "calibrator_from_dict",
     "make_calibrator",
 ]
@@ -253,6 +256,81 @@ class AutoCalibrator:
         return d
 
 
+class SliceCalibrator:
+    """One calibrator per value of a slice column (e.g. ``weather``), the global one for small or unseen values.
+
+    Fits ``method`` on all rows and again on the rows of every slice value with at least ``min_count`` of
+    them; at prediction each row uses its value's calibrator, or the global one (value below ``min_count``,
+    unseen, or ``groups=None`` — a request without that metadata).
+    """
+
+    kind = "per_slice"
+
+    def __init__(self, method: str, column: str, *, min_count: int = 200) -> None:
+        self.method = method
+        self.column = column
+        self.min_count = min_count
+
+    def fit(self, logits: object, labels: object, groups: object = None) -> SliceCalibrator:
+        z = check_logits(logits, "SliceCalibrator.fit")
+        y = check_labels(labels, len(z), z.shape[1], "SliceCalibrator.fit")
+        if groups is None:
+            raise InputError(
+                f"SliceCalibrator.fit needs 'groups': the {self.column!r} value of every calibration row."
+            )
+        g = np.asarray(groups).astype(str)
+        if g.shape != (len(z),):
+            raise InputError(f"SliceCalibrator.fit: 'groups' has shape {g.shape}; expected ({len(z)},).")
+        self.global_ = make_calibrator(self.method).fit(z, y)
+        values, counts = np.unique(g, return_counts=True)
+        self.per_value_ = {
+            str(v): make_calibrator(self.method).fit(z[g == v], y[g == v])
+            for v, c in zip(values, counts, strict=True)
+            if c >= self.min_count
+        }
+        return self
+
+    def predict_proba(self, logits: object, groups: object = None) -> np.ndarray:
+        if not hasattr(self, "global_"):
+            raise NotFittedError(self)
+        z = check_logits(logits, "SliceCalibrator.predict_proba")
+        out = self.global_.predict_proba(z)
+        if groups is not None and self.per_value_:
+            g = np.asarray(groups).astype(str)
+            if g.shape != (len(z),):
+                raise InputError(
+                    f"SliceCalibrator.predict_proba: 'groups' has shape {g.shape}; expected ({len(z)},)."
+                )
+            for v, cal in self.per_value_.items():
+                rows = g == v
+                if rows.any():
+                    out[rows] = cal.predict_proba(z[rows])
+        return out
+
+    def transform(self, logits: object) -> np.ndarray:
+        """Log of the calibrated probabilities (rows without a slice value use the global calibrator)."""
+        return np.log(np.clip(self.predict_proba(logits), 1e-300, None))
+
+    def to_dict(self) -> dict[str, Any]:
+        if not hasattr(self, "global_"):
+            raise NotFittedError(self)
+        return {
+            "kind": self.kind,
+            "method": self.method,
+            "column": self.column,
+            "min_count": self.min_count,
+            "global": self.global_.to_dict(),
+            "per_value": {v: c.to_dict() for v, c in self.per_value_.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SliceCalibrator:
+        obj = cls(d["method"], d["column"], min_count=int(d["min_count"]))
+        obj.global_ = calibrator_from_dict(d["global"])
+        obj.per_value_ = {str(v): calibrator_from_dict(c) for v, c in d["per_value"].items()}
+        return obj
+
+
 Calibrator = (
     TemperatureScaler
     | IdentityCalibrator
@@ -261,6 +339,7 @@ Calibrator = (
     | HistogramBinning
     | BetaCalibrator
     | AutoCalibrator
+    | SliceCalibrator
 )
 
 
@@ -272,8 +351,18 @@ def calibrator_from_dict(d: dict[str, Any]) -> Calibrator:
         "isotonic": IsotonicCalibrator.from_dict,
         "histogram": HistogramBinning.from_dict,
         "beta": BetaCalibrator.from_dict,
+        "per_slice": SliceCalibrator.from_dict,
         **{f: AffineCalibrator.from_dict for f in ("classwise_temperature", "vector", "matrix", "dirichlet")},
     }
     if kind not in loaders:
         raise InputError(f"Unknown calibrator kind {kind!r} in policy; known kinds: {sorted(loaders)}.")
     return loaders[str(kind)](d)
+
+
+def calibrate_proba(
+    calibrator: Calibrator, logits: object, slices: Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """Calibrated probabilities; a :class:`SliceCalibrator` reads its column from ``slices`` when given."""
+    if isinstance(calibrator, SliceCalibrator):
+        return calibrator.predict_proba(logits, None if slices is None else slices.get(calibrator.column))
+    return calibrator.predict_proba(logits)

@@ -39,7 +39,7 @@ import numpy as np
 from roadwork.errors import InputError, NotFittedError, RoadworkWarning
 from roadwork.trust._checks import check_labels, check_level, check_probs
 
-__all__ = ["SplitConformal", "class_scores", "conformal_quantile", "row_uniforms"]
+__all__ = ["SplitConformal", "class_scores", "conformal_quantile", "robust_quantile", "row_uniforms"]
 
 Score = Literal["lac", "aps", "raps"]
 _LAMBDAS = (0.0, 0.001, 0.01, 0.05, 0.1, 0.2, 0.5)
@@ -61,6 +61,42 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
         )
         return math.inf
     return float(np.partition(s, k - 1)[k - 1])
+
+
+def robust_quantile(scores: np.ndarray, all_scores: np.ndarray, alpha: float, label_noise: float) -> float:
+    """Threshold from calibration labels of which a known fraction is noise (Clarkson et al., 2024, CRCP).
+
+    Noise model: each calibration label was, with probability ``ε = label_noise``, replaced by a class drawn
+    uniformly from all ``K`` classes, independently of the image (a flip to one of the *other* classes at rate
+    ``f`` is ``ε = f K / (K - 1)``); test labels are clean. The observed true-class score CDF is then
+    ``F̃ = (1 - ε) F + ε F_U`` with ``F_U(t) = P(s(X, U) <= t)``, ``U`` uniform — estimated without labels from
+    the scores of *every* class of the calibration images (``all_scores``, shape (n, K)). The clean CDF estimate
+    is ``F̂ = (F̃_n - ε F_U,n) / (1 - ε)`` and the threshold is the smallest calibration score ``t`` with
+    ``F̂(t) >= (1 - α)(n + 1) / n`` — at ``ε = 0`` exactly :func:`conformal_quantile`. The guarantee is
+    asymptotic: coverage of clean test labels tends to ``1 - α`` with an error of order ``1 / ((1 - ε) √n)``
+    (the two empirical CDFs), not the exact finite-sample bound of the clean case. Plain conformal with noisy
+    labels over-covers (wider sets) when the noise is uniform, which is what this removes.
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    n = s.size
+    if not 0 <= label_noise < 1:
+        raise InputError(f"label_noise must be in [0, 1); got {label_noise!r}.")
+    if label_noise == 0 or n == 0:
+        return conformal_quantile(s, alpha)
+    ref = np.sort(np.asarray(all_scores, dtype=np.float64).ravel())
+    f_obs = np.searchsorted(s, s, side="right") / n
+    f_rand = np.searchsorted(ref, s, side="right") / ref.size
+    f_clean = (f_obs - label_noise * f_rand) / (1 - label_noise)
+    hit = np.flatnonzero(f_clean >= (1 - alpha) * (n + 1) / n - 1e-12)
+    if hit.size == 0:
+        warnings.warn(
+            f"{n} calibration points with label_noise={label_noise} are too few for alpha={alpha}: every "
+            "prediction set is the full label set.",
+            RoadworkWarning,
+            stacklevel=2,
+        )
+        return math.inf
+    return float(s[hit[0]])
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -198,6 +234,8 @@ class SplitConformal:
         k_reg: int | None = None,
         lam: float | None = None,
         tune_fraction: float = 0.2,
+        label_noise: float = 0.0,
+        group_by: str | None = None,
         seed: int = 0,
     ) -> None:
         self.alpha = alpha
@@ -208,6 +246,10 @@ class SplitConformal:
         self.k_reg = k_reg
         self.lam = lam
         self.tune_fraction = tune_fraction
+        self.label_noise = label_noise
+        self.group_by = (
+            group_by  # the slice column that holds the groups (for TrustPolicy); informational here
+        )
         self.seed = seed
 
     @property
@@ -223,6 +265,15 @@ class SplitConformal:
         if self.mondrian not in (None, "class", "group"):
             raise InputError(
                 f"The 'mondrian' parameter of {where} must be None, 'class' or 'group'. Got {self.mondrian!r}."
+            )
+        if not isinstance(self.label_noise, (int, float)) or not 0 <= self.label_noise < 1:
+            raise InputError(
+                f"The 'label_noise' parameter of {where} must be a rate in [0, 1). Got {self.label_noise!r}."
+            )
+        if self.label_noise and self.mondrian == "class":
+            raise InputError(
+                f"{where}: label_noise with mondrian='class' is not supported (noise moves rows between "
+                "classes); use mondrian=None or 'group'."
             )
         return alpha
 
@@ -282,24 +333,31 @@ class SplitConformal:
         if self.score == "raps":
             keep = self._tune_raps(p, y, alpha)
             p, y, g = p[keep], y[keep], None if g is None else g[keep]
+        u = None
         if self.score == "lac":
             s_true = 1.0 - p[np.arange(len(p)), y]
         else:
-            s_true = _true_class_scores(p, y, self._u(p), self.lam_, self.k_reg_)
+            u = self._u(p)
+            s_true = _true_class_scores(p, y, u, self.lam_, self.k_reg_)
+        s_all = (
+            class_scores(p, self.score, u=u, lam=self.lam_, k_reg=self.k_reg_) if self.label_noise else s_true
+        )
+
+        def quantile(rows: np.ndarray) -> float:
+            return robust_quantile(s_true[rows], s_all[rows], alpha, float(self.label_noise))
+
         self.n_ = len(p)
         self.n_classes_ = p.shape[1]
         if self.mondrian == "class":
-            self.thresholds_ = np.array(
-                [conformal_quantile(s_true[y == c], alpha) for c in range(p.shape[1])]
-            )
+            self.thresholds_ = np.array([quantile(y == c) for c in range(p.shape[1])])
             self.threshold_ = float(self.thresholds_.max())
         else:
-            self.threshold_ = conformal_quantile(s_true, alpha)
+            self.threshold_ = quantile(np.ones(len(p), dtype=bool))
             self.thresholds_ = np.full(p.shape[1], self.threshold_)
         if (
             g is not None
         ):  # one threshold per group; unseen groups at predict time fall back to the global one
-            self.group_thresholds_ = {str(v): conformal_quantile(s_true[g == v], alpha) for v in np.unique(g)}
+            self.group_thresholds_ = {str(v): quantile(g == v) for v in np.unique(g)}
         return self
 
     def _row_thresholds(self, groups: object, n: int) -> np.ndarray:
@@ -349,6 +407,8 @@ class SplitConformal:
             "k_reg": self.k_reg_,
             "lam": self.lam_,
             "seed": self.seed,
+            "label_noise": self.label_noise,
+            "group_by": self.group_by,
             "threshold": self.threshold_,
             "thresholds": [float(t) for t in self.thresholds_],
             "group_thresholds": self.group_thresholds_,
@@ -364,6 +424,8 @@ class SplitConformal:
             mondrian=d.get("mondrian"),
             allow_empty=bool(d.get("allow_empty", True)),
             seed=int(d.get("seed", 0)),
+            label_noise=float(d.get("label_noise", 0.0)),
+            group_by=d.get("group_by"),
         )
         obj.k_reg_, obj.lam_ = int(d.get("k_reg", 0)), float(d.get("lam", 0.0))
         obj.threshold_ = float(d["threshold"])  # json writes +inf as Infinity, which float() reads back

@@ -7,6 +7,7 @@ and the bundle all call :meth:`TrustPolicy.apply`, so offline metrics are the me
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 
 from roadwork.errors import ArtifactError
 from roadwork.trust._checks import check_logits
-from roadwork.trust.calibration import Calibrator, calibrator_from_dict
+from roadwork.trust.calibration import Calibrator, SliceCalibrator, calibrate_proba, calibrator_from_dict
 from roadwork.trust.conformal import SplitConformal
 from roadwork.trust.operating import OperatingPoint
 from roadwork.trust.risk import FalseNegativeControl
@@ -24,6 +25,7 @@ from roadwork.trust.selective import AbstentionCertificate
 __all__ = ["POLICY_SCHEMA", "PolicyOutput", "TrustPolicy"]
 
 POLICY_SCHEMA = 1
+_NO_GROUP = "\x00no-group"  # rows whose request lacks the group column: never a calibration group → global
 
 
 @dataclass
@@ -66,9 +68,16 @@ class TrustPolicy:
     operating_point: OperatingPoint | None = None  # remaps the score so the chosen threshold sits at 0.5
     risk_control: FalseNegativeControl | None = None  # flags images so E[missed positives] <= alpha
 
-    def apply(self, logits: object) -> PolicyOutput:
+    def apply(self, logits: object, slices: Mapping[str, Any] | None = None) -> PolicyOutput:
+        """``slices``: per-row metadata columns (e.g. ``{"weather": [...]}``). A per-slice calibrator and
+        Mondrian-by-group sets read their column from it; rows without it get the global calibrator and
+        threshold (the marginal guarantee only)."""
         z = check_logits(logits, "TrustPolicy.apply")
-        probs = self.calibrator.predict_proba(z)
+        probs = calibrate_proba(self.calibrator, z, slices)
+        groups = None
+        if self.conformal.mondrian == "group":
+            column = None if slices is None else slices.get(self.conformal.group_by or "")
+            groups = np.full(len(z), _NO_GROUP) if column is None else column
         conf = probs.max(axis=1)
         score = None
         if self.positive_index is not None:
@@ -79,11 +88,19 @@ class TrustPolicy:
             probs=probs,
             pred=probs.argmax(axis=1),
             confidence=conf,
-            sets=self.conformal.predict_sets(probs),
+            sets=self.conformal.predict_sets(probs, groups=groups),
             abstain=conf < self.abstention.threshold,
             score=score,
             positive_possible=None if self.risk_control is None else self.risk_control.predict(probs),
         )
+
+    @property
+    def slice_columns(self) -> list[str]:
+        """Metadata columns this policy uses when a request carries them."""
+        cols = [self.calibrator.column] if isinstance(self.calibrator, SliceCalibrator) else []
+        if self.conformal.mondrian == "group" and self.conformal.group_by:
+            cols.append(self.conformal.group_by)
+        return sorted(set(cols))
 
     @property
     def positive_index(self) -> int | None:
