@@ -120,6 +120,13 @@ class CalibrateConfig(_Strict):
     min_slice_count: int = Field(
         200, ge=10, description="calibration rows a slice value needs for its own fit"
     )
+    fit_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="share of the calibration split that fits the calibrator; the rest fits conformal, "
+        "abstention and risk control. 1: share all rows. null: 1 for none/temperature, else 0.3",
+    )
 
 
 class ConformalConfig(_Strict):

@@ -202,6 +202,9 @@ def test_per_slice_calibration_group_mondrian_and_label_noise_flow_into_policy_a
     assert isinstance(policy.calibrator, SliceCalibrator) and policy.calibrator.per_value_
     assert policy.conformal.group_thresholds_ and policy.conformal.label_noise == 0.05
     assert policy.slice_columns == ["weather"]
+    split = json.loads((res.run_dir / "calibrate" / "split.json").read_text())
+    assert split["fit_fraction"] == 0.3  # a per-slice calibrator gets its own rows by default
+    assert policy.conformal.n_ == split["n_trust"] and split["n_calibrator"] > 20
     m = res.metrics
     assert m is not None
     methods = m["conformal_comparison"]["methods"]
@@ -211,3 +214,15 @@ def test_per_slice_calibration_group_mondrian_and_label_noise_flow_into_policy_a
     cfg2.conformal.group_by = "season"  # not a column of the synthetic data
     with pytest.raises(ConfigError, match=r"conformal.group_by='season'.*weather"):
         run_pipeline(cfg2, progress=False)
+
+
+def test_each_stage_hashes_only_the_code_it_runs():
+    """Editing the report must not retrain the model; editing the training loop must."""
+    from roadwork.pipeline.runner import code_files, code_version
+    from roadwork.pipeline.stages import STAGES
+
+    files = {s.name: {p.as_posix().split("/roadwork/", 1)[1] for p in code_files(s.code)} for s in STAGES}
+    assert "training/loop.py" in files["train"] and "evaluation/report.py" not in files["train"]
+    assert "evaluation/report.py" in files["evaluate"] and "training/loop.py" not in files["calibrate"]
+    assert all("pipeline/stages.py" in f for f in files.values())
+    assert code_version(STAGES[1].code) != code_version(STAGES[-1].code)

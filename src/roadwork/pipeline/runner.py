@@ -25,7 +25,7 @@ from typing import Any
 from roadwork.config import RunConfig
 from roadwork.errors import ConfigError
 
-__all__ = ["STAGE_SCHEMA", "Stage", "StageContext", "StageResult", "code_version", "run_stages"]
+__all__ = ["STAGE_SCHEMA", "Stage", "StageContext", "StageResult", "code_files", "code_version", "run_stages"]
 
 STAGE_SCHEMA = 1
 
@@ -46,6 +46,7 @@ class Stage:
     config: tuple[str, ...]  # RunConfig sections that change the output
     fn: Callable[[StageContext], dict[str, Any]]
     fingerprint: Callable[[RunConfig], str] | None = None  # e.g. the state of a source folder
+    code: tuple[str, ...] = ()  # package-relative source paths whose edits invalidate the stage; () = all
 
 
 @dataclass
@@ -66,24 +67,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-_CODE_VERSION: str | None = None
+_ROOT = Path(__file__).resolve().parents[1]
+_CODE_VERSIONS: dict[tuple[str, ...], str] = {}
 
 
-def code_version() -> str:
-    """Package version plus a hash of roadwork's own source files: any code change invalidates caches."""
-    global _CODE_VERSION
-    if _CODE_VERSION is None:
+def code_files(paths: tuple[str, ...] = ()) -> list[Path]:
+    """roadwork's source files under ``paths`` (package-relative files or folders; () = the whole package)."""
+    roots = [_ROOT / p for p in paths] or [_ROOT]
+    files = {f for r in roots for f in ([r] if r.is_file() else r.rglob("*.py"))}
+    return sorted(files)
+
+
+def code_version(paths: tuple[str, ...] = ()) -> str:
+    """Package version plus a hash of the source files a stage runs (see ``Stage.code``): editing the report
+    does not retrain the model, editing the training loop does."""
+    if paths not in _CODE_VERSIONS:
         h = hashlib.sha256()
-        root = Path(__file__).resolve().parents[1]
-        for p in sorted(root.rglob("*.py")):
-            h.update(p.relative_to(root).as_posix().encode())
+        for p in code_files(paths):
+            h.update(p.relative_to(_ROOT).as_posix().encode())
             h.update(p.read_bytes())
         try:
             version = metadata.version("roadwork")
         except metadata.PackageNotFoundError:
             version = "0+unknown"
-        _CODE_VERSION = f"{version}+{h.hexdigest()[:12]}"
-    return _CODE_VERSION
+        _CODE_VERSIONS[paths] = f"{version}+{h.hexdigest()[:12]}"
+    return _CODE_VERSIONS[paths]
 
 
 def _versions() -> dict[str, str]:
@@ -97,7 +105,7 @@ def _versions() -> dict[str, str]:
 def _key(stage: Stage, cfg: RunConfig, input_digests: dict[str, str]) -> str:
     payload = {
         "stage": stage.name,
-        "code": code_version(),
+        "code": code_version(stage.code),
         "inputs": input_digests,
         "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.config},
         "fingerprint": stage.fingerprint(cfg) if stage.fingerprint else None,
@@ -196,7 +204,7 @@ def run_stages(
                 "digest": digest,
                 "seconds": seconds,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "code": code_version(),
+                "code": code_version(stage.code),
                 "inputs": digests,
                 "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.config},
                 "versions": _versions(),

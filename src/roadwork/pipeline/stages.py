@@ -174,23 +174,63 @@ def _slice_column(p: Predictions, column: str, key: str) -> np.ndarray:
     return p.slices[column]
 
 
+def _calibrator_rows(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Rows of the calibration split the calibrator is fitted on: a stable hash of the id below ``fraction``
+    (all rows at 1.0). The other rows fit the conformal threshold, abstention and risk control."""
+    if fraction >= 1:
+        return np.ones(len(ids), dtype=bool)
+    u = np.array([int(hashlib.sha256(f"calibrator:{i}".encode()).hexdigest()[:15], 16) for i in ids]) / 16**15
+    return u < fraction
+
+
+def _fit_fraction(cfg: RunConfig) -> float:
+    c = cfg.calibrate
+    if c.fit_fraction is not None:
+        return c.fit_fraction
+    shared = c.method in ("none", "temperature") and not c.per_slice  # ≤ 1 parameter: share all rows
+    return 1.0 if shared else 0.3
+
+
 def stage_calibrate(ctx: StageContext) -> dict[str, Any]:
     cal = _preds(ctx, "calib")
     c = ctx.cfg.calibrate
+    fraction = _fit_fraction(ctx.cfg)
+    rows = _calibrator_rows(cal.ids, fraction)
+    if fraction < 1 and (rows.sum() < 20 or (~rows).sum() < 20):
+        raise ConfigError(
+            f"calibrate.fit_fraction={fraction:g} leaves {int(rows.sum())} calibration rows for the calibrator "
+            f"and {int((~rows).sum())} for the conformal threshold; each needs at least 20. Use more data or "
+            "calibrate.fit_fraction=1 (share all rows)."
+        )
+    fit = cal.subset(rows)
     calibrator: Calibrator
     if c.per_slice:
-        groups = _slice_column(cal, c.per_slice, "calibrate.per_slice")
+        groups = _slice_column(fit, c.per_slice, "calibrate.per_slice")
         calibrator = SliceCalibrator(c.method, c.per_slice, min_count=c.min_slice_count).fit(
-            cal.logits, cal.labels, groups
+            fit.logits, fit.labels, groups
         )
     else:
-        calibrator = make_calibrator(c.method).fit(cal.logits, cal.labels)
+        calibrator = make_calibrator(c.method).fit(fit.logits, fit.labels)
     (ctx.out / "calibrator.json").write_text(json.dumps(calibrator.to_dict(), indent=2))
-    return calibrator.to_dict()
+    split = {
+        "fit_fraction": fraction,
+        "n_calibrator": int(rows.sum()),
+        "n_trust": int((~rows).sum() or len(cal)),
+    }
+    (ctx.out / "split.json").write_text(json.dumps(split, indent=2))
+    return {**calibrator.to_dict(), "rows": split}
+
+
+def _trust_calib(ctx: StageContext) -> Predictions:
+    """The calibration rows that fit conformal, abstention and risk control (disjoint from the calibrator's
+    rows unless the calibrator shares them, ``fit_fraction`` 1)."""
+    cal = _preds(ctx, "calib")
+    fraction = json.loads((ctx.inputs["calibrate"] / "split.json").read_text())["fit_fraction"]
+    return cal if fraction >= 1 else cal.subset(~_calibrator_rows(cal.ids, fraction))
 
 
 def _calibrated_calib(ctx: StageContext) -> tuple[Predictions, np.ndarray]:
-    cal = _preds(ctx, "calib")
+    cal = _trust_calib(ctx)
     calibrator = calibrator_from_dict(json.loads((ctx.inputs["calibrate"] / "calibrator.json").read_text()))
     return cal, calibrate_proba(calibrator, cal.logits, cal.slices)
 
@@ -337,9 +377,10 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     test = _preds(ctx, "test")
     policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
     metrics = compute_metrics(test, policy, n_bins=cfg.evaluate.ece_bins)
-    calib = _preds(ctx, "calib")
-    metrics["calibration_comparison"] = calibration_comparison(calib, test, n_bins=cfg.evaluate.ece_bins)
-    metrics["conformal_comparison"] = conformal_comparison(calib, test, policy)
+    metrics["calibration_comparison"] = calibration_comparison(
+        _preds(ctx, "calib"), test, n_bins=cfg.evaluate.ece_bins
+    )
+    metrics["conformal_comparison"] = conformal_comparison(_trust_calib(ctx), test, policy)
     out = policy.apply(test.logits, test.slices)
     df, _ = load_dataset(ctx.inputs["data"])
     path_of = dict(zip(df["id"], _abs_paths(df, ctx.inputs["data"]), strict=True))
@@ -424,19 +465,37 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     return {"accuracy": metrics["test"]["accuracy"]}
 
 
+def _code(*packages: str) -> tuple[str, ...]:
+    """The source a stage runs: its packages, plus this file and the run config (edited → the stage reruns)."""
+    return (*packages, "pipeline/stages.py", "config.py")
+
+
 STAGES: list[Stage] = [
-    Stage("data", (), ("data",), stage_data, fingerprint=_source_fingerprint),
-    Stage("train", ("data",), ("model", "train"), stage_train),
-    Stage("predict", ("data", "train"), (), stage_predict),
-    Stage("calibrate", ("predict",), ("calibrate",), stage_calibrate),
-    Stage("conformal", ("predict", "calibrate"), ("conformal",), stage_conformal),
-    Stage("selective", ("predict", "calibrate"), ("selective",), stage_selective),
-    Stage("policy", ("predict", "calibrate", "conformal", "selective"), ("policy",), stage_policy),
-    Stage("export", ("data", "train", "policy"), ("export",), stage_export),
+    Stage("data", (), ("data",), stage_data, fingerprint=_source_fingerprint, code=_code("data")),
+    Stage("train", ("data",), ("model", "train"), stage_train, code=_code("data", "models", "training")),
+    Stage("predict", ("data", "train"), (), stage_predict, code=_code("data", "models", "training", "trust")),
+    Stage("calibrate", ("predict",), ("calibrate",), stage_calibrate, code=_code("trust")),
+    Stage("conformal", ("predict", "calibrate"), ("conformal",), stage_conformal, code=_code("trust")),
+    Stage("selective", ("predict", "calibrate"), ("selective",), stage_selective, code=_code("trust")),
+    Stage(
+        "policy",
+        ("predict", "calibrate", "conformal", "selective"),
+        ("policy",),
+        stage_policy,
+        code=_code("trust"),
+    ),
+    Stage(
+        "export",
+        ("data", "train", "policy"),
+        ("export",),
+        stage_export,
+        code=_code("data", "models", "export", "trust"),
+    ),
     Stage(
         "evaluate",
         ("data", "train", "predict", "calibrate", "conformal", "selective", "policy", "export"),
         ("evaluate",),
         stage_evaluate,
+        code=_code("data", "evaluation", "trust"),
     ),
 ]
