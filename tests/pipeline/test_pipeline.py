@@ -211,6 +211,20 @@ def test_per_slice_calibration_group_mondrian_and_label_noise_flow_into_policy_a
     assert {"lac", "aps", "raps", "lac, Mondrian by class", "lac, Mondrian by weather"} <= set(methods)
     assert all(0 <= r["coverage"] <= 1 and r["worst_slice"] for r in methods.values())
     assert "Conformal methods" in res.report.read_text()
+    # the bundle takes the same metadata: its records equal the policy applied with the test slices
+    from roadwork.export.bundle import Bundle
+    from roadwork.pipeline.stages import load_dataset
+    from roadwork.trust import Predictions
+
+    test = Predictions.from_parquet(res.run_dir / "predict" / "predictions-test.parquet")
+    df, _ = load_dataset(res.run_dir / "data")
+    where = {i: str(res.run_dir / "data" / p) for i, p in zip(df["id"], df["path"], strict=True)}
+    records = Bundle.load(res.bundle).predict_paths(
+        [where[i] for i in test.ids], batch_size=7, slices={"weather": test.slices["weather"]}
+    )
+    inproc = policy.apply(test.logits, test.slices).records(test.classes)
+    assert [r["prediction_set"] for r in records] == [r["prediction_set"] for r in inproc]
+    assert np.allclose([r["probability"] for r in records], [r["probability"] for r in inproc], atol=1e-5)
     cfg2.conformal.group_by = "season"  # not a column of the synthetic data
     with pytest.raises(ConfigError, match=r"conformal.group_by='season'.*weather"):
         run_pipeline(cfg2, progress=False)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import platform
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,15 +130,26 @@ class Bundle:
         x = preprocess(list(images), self.card.preprocess)
         return onnx_logits(self.session, x, batch_size=batch_size)
 
-    def predict_images(self, images: Sequence[Image.Image]) -> PolicyOutput:
-        return self.policy.apply(self.logits(images))
+    def predict_images(
+        self, images: Sequence[Image.Image], slices: Mapping[str, Sequence[str]] | None = None
+    ) -> PolicyOutput:
+        """``slices``: per-image metadata (e.g. ``{"weather": [...]}``) for a per-slice calibrator or Mondrian by
+        group (see ``policy.slice_columns``); without it the global calibrator and threshold apply."""
+        return self.policy.apply(self.logits(images), slices)
 
-    def predict_paths(self, paths: Sequence[str | Path], *, batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict_paths(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        batch_size: int = 64,
+        slices: Mapping[str, Sequence[str]] | None = None,
+    ) -> list[dict[str, Any]]:
         """One record per image (label, probability, prediction set, abstain[, score]) with its path."""
         out: list[dict[str, Any]] = []
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
-            res = self.predict_images([_open(p) for p in chunk])
+            meta = None if slices is None else {k: list(v)[i : i + batch_size] for k, v in slices.items()}
+            res = self.predict_images([_open(p) for p in chunk], meta)
             for p, rec in zip(chunk, res.records(self.classes), strict=True):
                 out.append({"path": str(p), **rec})
         return out
