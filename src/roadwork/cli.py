@@ -22,6 +22,10 @@ Usage:
   roadwork data synthetic n=N size=PX seed=S out=DIR [label_noise=R]
                                                    write generated scenes and a manifest.csv into DIR
   roadwork predict BUNDLE PATH [PATH ...]           one JSON line per image (label, probability, set, abstain)
+  roadwork serve BUNDLE [key=value ...]             HTTP server: OIP v2, /v1/classify, /metrics (no torch);
+                                                   keys: host port max_batch_size max_queue_delay_ms max_queue
+                                                   max_body_mb max_pixels ort_threads drain_timeout_s;
+                                                   ROADWORK_API_KEY=... requires 'Authorization: Bearer ...'
   roadwork help                                     this text
 
 CONFIG is a YAML file or a preset (default, demo). Overrides use dotted keys and YAML values.
@@ -35,6 +39,8 @@ Examples:
   roadwork config show demo train.lr=1e-3
   roadwork data synthetic n=200 out=scenes/
   roadwork predict runs/demo/export/bundle scenes/000001.jpg
+  roadwork serve runs/demo/export/bundle port=8000 max_batch_size=16
+  curl -s --data-binary @scenes/000001.jpg -H 'content-type: image/jpeg' localhost:8000/v1/classify
 """
 
 
@@ -189,6 +195,43 @@ def _predict(args: list[str]) -> int:
     return 0
 
 
+def _serve(args: list[str]) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from roadwork.serve.settings import ServeSettings
+
+    if not args or "=" in args[0]:
+        raise RoadworkError(
+            "Usage: roadwork serve BUNDLE [key=value ...], e.g. roadwork serve runs/demo/export/bundle"
+        )
+    values: dict[str, object] = {}
+    for a in args[1:]:
+        key, eq, val = a.partition("=")
+        if not eq:
+            raise RoadworkError(f"roadwork serve: {a!r} is not key=value (e.g. port=8000).")
+        if key not in ServeSettings.model_fields:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(ServeSettings.model_fields), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise RoadworkError(f"roadwork serve: unknown setting {key!r}.{hint}")
+        values[key] = yaml.safe_load(val) if val else None
+    if os.environ.get("ROADWORK_API_KEY"):
+        values.setdefault("api_key", os.environ["ROADWORK_API_KEY"])
+    try:
+        settings = ServeSettings(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RoadworkError(
+            f"roadwork serve: {err['loc'][0]}={values.get(str(err['loc'][0]))!r}: {err['msg']}."
+        ) from None
+    from roadwork.serve import serve
+
+    serve(args[0], settings)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("help", "-h", "--help"):
@@ -218,13 +261,15 @@ def main(argv: list[str] | None = None) -> int:
             return _synthetic(rest[1:])
         if cmd == "predict":
             return _predict(rest)
+        if cmd == "serve":
+            return _serve(rest)
         if cmd in STAGE_NAMES:
             rest, flags = _split_flags(rest, ("--force",))
             config, overrides = _config_and_overrides(rest)
             return _run(config, overrides, flags["--force"], cmd)
         import difflib
 
-        options = ["demo", "run", "config", "predict", "help", *STAGE_NAMES]
+        options = ["demo", "run", "config", "predict", "serve", "help", *STAGE_NAMES]
         close = difflib.get_close_matches(cmd, options, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise RoadworkError(f"Unknown command {cmd!r}.{hint} Run 'roadwork help' for the commands.")

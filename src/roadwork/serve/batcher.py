@@ -1,0 +1,115 @@
+"""Dynamic batching: requests wait up to ``max_queue_delay_ms`` for a batch of up to ``max_batch_size`` images.
+
+One worker task takes a batch off a bounded queue and runs the model in a thread (ONNX Runtime releases the
+GIL), so the event loop keeps accepting requests. When ``max_queue`` images are waiting, :meth:`submit`
+raises :class:`QueueFull` at once (the server answers 503 with ``Retry-After``) instead of letting latency grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DynamicBatcher", "QueueFull"]
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class _Item:
+    x: np.ndarray  # (n, 3, H, W) float32
+    meta: dict[str, list[str]]
+    future: asyncio.Future[list[Any]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher:
+    """``run_batch(x, meta) -> list`` (one result per image) is called in ``executor``."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray, dict[str, list[str]]], list[Any]],
+        *,
+        max_batch_size: int,
+        max_queue_delay_ms: float,
+        max_queue: int,
+        executor: Executor,
+        on_batch: Callable[[int, list[float]], None] | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.delay = max_queue_delay_ms / 1000
+        self.max_queue = max_queue
+        self.executor = executor
+        self.on_batch = on_batch
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.waiting = 0  # images queued, not yet taken into a batch
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    async def stop(self) -> None:
+        """Finish everything already queued, then stop."""
+        while not self.queue.empty():
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def submit(self, x: np.ndarray, meta: dict[str, list[str]]) -> list[Any]:
+        if self.waiting + len(x) > self.max_queue and self.waiting > 0:
+            raise QueueFull
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.waiting += len(x)
+        self.queue.put_nowait(_Item(x, meta, fut))
+        return await fut
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            n = len(items[0].x)
+            deadline = loop.time() + self.delay
+            while n < self.max_batch_size:
+                timeout = deadline - loop.time()
+                try:
+                    nxt = (
+                        self.queue.get_nowait()
+                        if timeout <= 0
+                        else await asyncio.wait_for(self.queue.get(), timeout)
+                    )
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                items.append(nxt)
+                n += len(nxt.x)
+            self.waiting -= n
+            now = time.perf_counter()
+            waits = [now - it.enqueued for it in items]
+            x = np.concatenate([it.x for it in items]) if len(items) > 1 else items[0].x
+            keys = {k for it in items for k in it.meta}
+            meta = {k: [v for it in items for v in it.meta.get(k, [""] * len(it.x))] for k in keys}
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, x, meta)
+            except Exception as e:  # a model failure fails this batch's requests, not the server
+                for it in items:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(n, waits)
+            start = 0
+            for it in items:
+                if not it.future.done():  # the client may have gone away
+                    it.future.set_result(results[start : start + len(it.x)])
+                start += len(it.x)

@@ -1,0 +1,59 @@
+"""Request bodies → images, with the limits a public endpoint needs. Raises :class:`RequestError` (HTTP 4xx)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+from PIL import Image
+
+__all__ = ["IMAGE_TYPES", "RequestError", "decode_image"]
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "application/octet-stream")
+
+
+class RequestError(Exception):
+    """A client error: ``status`` (4xx) and a message that says what was wrong and how to fix it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def decode_b64(text: object, field: str) -> bytes:
+    if not isinstance(text, str) or not text:
+        raise RequestError(400, f"'{field}' must be a non-empty base64 string of image bytes.")
+    if text.startswith("data:") and "," in text:  # a data URL: data:image/jpeg;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"'{field}' is not valid base64.") from None
+
+
+def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Image.Image:
+    """Decode bytes to RGB. Checks the pixel count from the header *before* decoding (decompression bombs)."""
+    if not data:
+        raise RequestError(400, f"{what} is empty (0 bytes); send JPEG/PNG/WebP/BMP bytes.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > max_pixels:
+                raise RequestError(
+                    400, f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}; resize it."
+                )
+            if im.format not in ("JPEG", "PNG", "WEBP", "BMP", "MPO"):
+                raise RequestError(415, f"{what} is {im.format}; send JPEG, PNG, WebP or BMP.")
+            im.load()
+            return im.convert("RGB")
+    except RequestError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise RequestError(400, f"{what} looks like a decompression bomb: {e}") from None
+    except Exception as e:  # PIL raises many types for corrupt or truncated data
+        raise RequestError(400, f"{what} cannot be decoded ({type(e).__name__}: {e}).") from None

@@ -1,0 +1,25 @@
+"""Server settings: ``roadwork serve BUNDLE key=value ...`` (or ``ROADWORK_SERVE_<KEY>`` for the API key)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ServeSettings"]
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = Field("127.0.0.1", description="interface to bind; 0.0.0.0 in a container")
+    port: int = Field(8000, ge=0, le=65535)
+    name: str | None = Field(None, description="model name in the v2 API; default: the bundle folder's name")
+    max_batch_size: int = Field(32, ge=1, description="images per ONNX Runtime call")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    max_queue: int = Field(256, ge=1, description="images waiting; beyond it requests get 503 + Retry-After")
+    max_body_mb: float = Field(64.0, gt=0, description="request body limit (413 above it), as Triton")
+    max_pixels: int = Field(40_000_000, ge=1, description="decoded pixels per image (400 above: bombs)")
+    max_images: int = Field(64, ge=1, description="images per /v1/classify request")
+    ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
+    decode_workers: int = Field(4, ge=1, description="threads that decode and preprocess images")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (health is open)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: seconds to finish in-flight requests")

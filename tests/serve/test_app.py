@@ -1,0 +1,239 @@
+"""The HTTP server in process (FastAPI TestClient): every endpoint, every error, parity with the bundle."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from roadwork.export.bundle import Bundle  # noqa: E402
+from roadwork.serve import ServeSettings, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def images(tiny_run):
+    _cfg, result = tiny_run
+    return sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:6]
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_run):
+    return Bundle.load(tiny_run[1].bundle)
+
+
+def _client(bundle, **kw):  # type: ignore[no-untyped-def]
+    return TestClient(create_app(bundle, ServeSettings(name="tiny", max_queue_delay_ms=1, **kw)))
+
+
+@pytest.fixture(scope="module")
+def client(bundle):
+    with _client(bundle) as c:
+        yield c
+
+
+def _strip(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k not in ("path", "stage")}
+
+
+def test_health_and_metadata(client, bundle):
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get("/v2").json()["name"] == "roadwork"
+    meta = client.get("/v2/models/tiny").json()
+    size = bundle.card.preprocess.size
+    assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, size, size]}
+    assert meta["parameters"]["classes"] == bundle.classes
+    assert client.get("/v2/models/tiny/ready").status_code == 200
+    r = client.get("/v2/models/nope")
+    assert r.status_code == 404 and "serves 'tiny'" in r.json()["error"]
+    r = client.get("/nowhere")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_every_classify_body_gives_what_roadwork_predict_gives(client, bundle, images):
+    expected = [_strip(r) for r in bundle.predict_paths(images)]
+    raw = [
+        client.post("/v1/classify", content=p.read_bytes(), headers={"content-type": "image/jpeg"}).json()
+        for p in images
+    ]
+    assert [r["predictions"][0] | {} for r in raw] == [e | {"stage": "model"} for e in expected]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
+    multi = client.post("/v1/classify", files=files).json()["predictions"]
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in images]
+    js = client.post("/v1/classify", json={"images": b64}).json()["predictions"]
+    one = client.post("/v1/classify", json={"image": b64[0]}).json()["predictions"]
+    for got in (multi, js):
+        assert [_strip(r) for r in got] == expected
+    assert _strip(one[0]) == expected[0]
+
+
+def test_v2_infer_runs_the_model_and_the_policy(client, bundle, images):
+    from roadwork.data.preprocess import load_rgb, preprocess
+
+    x = preprocess([load_rgb(p) for p in images], bundle.card.preprocess)
+    body = {
+        "id": "r1",
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+    }
+    r = client.post("/v2/models/tiny/infer", json=body).json()
+    out = {o["name"]: o for o in r["outputs"]}
+    assert r["id"] == "r1" and r["model_name"] == "tiny"
+    logits = np.array(out["logits"]["data"]).reshape(out["logits"]["shape"])
+    assert np.allclose(logits, bundle.logits([load_rgb(p) for p in images]), atol=1e-5)
+    assert out["label"]["data"] == [e["label"] for e in bundle.predict_paths(images)]
+    only = client.post("/v2/models/tiny/infer", json=body | {"outputs": [{"name": "abstain"}]}).json()
+    assert [o["name"] for o in only["outputs"]] == ["abstain"]
+
+
+def _png(w: int, h: int, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "needle"),
+    [
+        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "not accepted"),
+        ({"content": b"", "headers": {"content-type": "image/jpeg"}}, 400, "empty"),
+        (
+            {"content": b"\xff\xd8\xff\xe0garbage", "headers": {"content-type": "image/jpeg"}},
+            400,
+            "cannot be decoded",
+        ),
+        ({"content": _png(12000, 12000, "1"), "headers": {"content-type": "image/png"}}, 400, "pixels"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        ({"json": {"picture": "x"}}, 400, '{"image"'),
+        ({"json": {"image": "%%%"}}, 400, "not valid base64"),
+        ({"json": {"images": []}}, 400, "non-empty list"),
+        ({"json": {"image": base64.b64encode(b"GIF89a").decode()}}, 400, "cannot be decoded"),
+    ],
+)
+def test_bad_classify_requests_are_4xx_with_a_json_reason(client, kwargs, status, needle):
+    r = client.post("/v1/classify", **kwargs)
+    assert r.status_code == status and needle in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("inp", "needle"),
+    [
+        ({"name": "x", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [0] * 48}, "unknown input"),
+        ({"name": "input", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [0] * 48}, "is not [N, 3"),
+        ({"name": "input", "shape": "big", "datatype": "FP32", "data": []}, "is not [N, 3"),
+        ({"name": "input", "shape": [1, 3, 64, 64], "datatype": "INT8", "data": []}, "not supported"),
+        ({"name": "input", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": [0.0] * 10}, "needs 12288"),
+        (
+            {"name": "input", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": ["a"] * 12288},
+            "list of numbers",
+        ),
+    ],
+)
+def test_bad_v2_requests_are_400(client, inp, needle):
+    r = client.post("/v2/models/tiny/infer", json={"inputs": [inp]})
+    assert r.status_code == 400 and needle in r.json()["error"]
+
+
+def test_limits_auth_and_metrics(bundle, images):
+    jpg = images[0].read_bytes()
+    with _client(bundle, max_body_mb=len(jpg) / 2**20 / 2, api_key="s3cret") as c:
+        assert c.get("/v2/health/ready").status_code == 200  # health is open
+        r = c.post("/v1/classify", content=jpg, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 401 and "Bearer" in r.json()["error"]
+        auth = {"authorization": "Bearer s3cret", "content-type": "image/jpeg"}
+        r = c.post("/v1/classify", content=jpg, headers=auth)
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+    with _client(bundle, max_pixels=100) as c:
+        r = c.post("/v1/classify", content=jpg, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 400 and "pixels" in r.json()["error"]
+        c.post("/v1/classify", content=b"x", headers={"content-type": "text/plain"})
+        text = c.get("/metrics").text
+    assert 'roadwork_http_requests_total{code="415",handler="/v1/classify"} 1.0' in text
+    assert "roadwork_batch_size_bucket" in text and "roadwork_confidence_bucket" in text
+
+
+def test_slice_metadata_reaches_the_policy(bundle, images, monkeypatch):
+    seen = []
+    real = bundle.policy.apply
+
+    def spy(logits, slices=None):  # type: ignore[no-untyped-def]
+        seen.append(slices)
+        return real(logits, slices)
+
+    monkeypatch.setattr(bundle.policy, "apply", spy)
+    monkeypatch.setattr(type(bundle.policy), "slice_columns", property(lambda self: ["weather"]))
+    with _client(bundle) as c:
+        b64 = base64.b64encode(images[0].read_bytes()).decode()
+        c.post("/v1/classify", json={"image": b64, "metadata": {"weather": "fog", "other": 1}})
+        c.post(
+            "/v1/classify?weather=rain",
+            content=images[0].read_bytes(),
+            headers={"content-type": "image/jpeg"},
+        )
+    assert {"weather": ["fog"]} in seen and {"weather": ["rain"]} in seen
+
+
+def test_two_thousand_bad_requests_leave_the_server_healthy(bundle):
+    """Only 4xx with JSON bodies, never a 5xx, still ready, and no memory creep (RSS growth < 50 MB)."""
+    import resource
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    good = buf.getvalue()  # noise: the pixel data is most of the file, so any cut lands inside it
+    bodies = []
+    for i in range(2000):
+        kind = i % 8
+        if kind == 0:
+            bodies.append(("raw", good[: rng.integers(1, int(len(good) * 0.9))]))  # truncated
+        elif kind == 1:
+            bodies.append(("raw", rng.bytes(int(rng.integers(1, 4000)))))  # noise
+        elif kind == 2:
+            bodies.append(("json", b'{"image": "' + rng.bytes(20).hex().encode() + b'"}'))
+        elif kind == 3:
+            bodies.append(("json", rng.bytes(50)))  # not JSON
+        elif kind == 4:
+            bodies.append(
+                (
+                    "v2",
+                    json.dumps(
+                        {"inputs": [{"name": "input", "shape": [1, 3, 2], "datatype": "FP32", "data": [1.0]}]}
+                    ).encode(),
+                )
+            )
+        elif kind == 5:
+            bodies.append(("v2", json.dumps({"inputs": "nope"}).encode()))
+        elif kind == 6:
+            bodies.append(("text", b"plain text"))
+        else:
+            bodies.append(
+                ("raw", _png(9000, 9000, "1") if i == 7 else good[:20])
+            )  # a bomb once, then headers
+    with _client(bundle) as c:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        statuses = []
+        for kind, body in bodies:
+            if kind == "raw":
+                r = c.post("/v1/classify", content=body, headers={"content-type": "image/png"})
+            elif kind == "json":
+                r = c.post("/v1/classify", content=body, headers={"content-type": "application/json"})
+            elif kind == "v2":
+                r = c.post(
+                    "/v2/models/tiny/infer", content=body, headers={"content-type": "application/json"}
+                )
+            else:
+                r = c.post("/v1/classify", content=body, headers={"content-type": "text/plain"})
+            statuses.append(r.status_code)
+            assert "error" in r.json()
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert c.get("/v2/health/ready").status_code == 200
+    assert len(statuses) == 2000 and all(400 <= s < 500 for s in statuses)
+    assert grown_mb < 50

@@ -1,0 +1,82 @@
+"""The real server on 127.0.0.1: SIGTERM mid-load lets in-flight requests finish, then the process exits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sigterm_drains_in_flight_requests(tiny_run):
+    _cfg, result = tiny_run
+    image = next((result.run_dir / "data" / "images").glob("*.jpg")).read_bytes()
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "roadwork.cli",
+            "serve",
+            str(result.bundle),
+            f"port={port}",
+            "max_queue_delay_ms=300",
+            "max_batch_size=64",
+            "drain_timeout_s=20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):  # wait until ready (imports and model load take a few seconds)
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"server exited early: {proc.stdout.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            time.sleep(0.1)
+        results: list[int | str] = []
+        started = threading.Barrier(9)
+
+        def send() -> None:
+            started.wait()
+            try:
+                r = httpx.post(
+                    f"{base}/v1/classify", content=image, headers={"content-type": "image/jpeg"}, timeout=30
+                )
+                results.append(r.status_code)
+            except httpx.TransportError as e:
+                results.append(type(e).__name__)
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for t in threads:
+            t.start()
+        started.wait()
+        time.sleep(0.1)  # the requests now sit in the 300 ms batching window
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert results == [200] * 8, results
+    assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
