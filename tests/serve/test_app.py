@@ -13,10 +13,10 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from roadwork.export.bundle import Bundle  # noqa: E402
-from roadwork.serve import ServeSettings, create_app  # noqa: E402
+from roadwork.export.bundle import Bundle
+from roadwork.serve import ServeSettings, create_app
 
 
 @pytest.fixture(scope="module")
