@@ -106,6 +106,77 @@ def _json(body: bytes) -> Any:
         raise RequestError(400, f"the body is not valid JSON ({e}).") from None
 
 
+def _json_bytes(
+    status: int, message: str, extra: list[tuple[bytes, bytes]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    return {"type": "http.response.start", "status": status, "headers": headers}, {
+        "type": "http.response.body",
+        "body": body,
+    }
+
+
+class _Gate:
+    """Pure ASGI middleware, outermost: admission control, API key, request metrics.
+
+    Admission runs before the body is read: at most ``max_queue`` prediction requests are inside the server
+    (reading, decoding, queued or running), so every internal queue stays bounded, accepted requests keep
+    their latency, and the rest get 503 + Retry-After for the price of a header parse.
+    """
+
+    def __init__(self, app: Any, settings: ServeSettings, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.inside = 0
+        self.key = settings.api_key.encode() if settings.api_key else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        path = scope["path"]
+        status = 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.key is not None and path not in _OPEN_PATHS:
+                auth = dict(scope["headers"]).get(b"authorization", b"")
+                given = auth[7:] if auth[:7].lower() == b"bearer " else b""
+                if not hmac.compare_digest(given, self.key):
+                    msg = "missing or wrong API key: send 'Authorization: Bearer <key>'."
+                    for m in _json_bytes(401, msg, [(b"www-authenticate", b"Bearer")]):
+                        await send_status(m)
+                    return
+            if scope["method"] != "POST":
+                await self.app(scope, receive, send_status)
+                return
+            if self.inside >= self.settings.max_queue:
+                self.metrics.rejected.inc()
+                msg = "the server is at capacity; retry after a second."
+                for m in _json_bytes(503, msg, [(b"retry-after", b"1")]):
+                    await send_status(m)
+                return
+            self.inside += 1
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                self.inside -= 1
+        finally:
+            # label by route template (bounded cardinality); refusals before routing by their gate
+            gate = {401: "auth", 503: "admission"}.get(status, "other")
+            handler = getattr(scope.get("route"), "path", gate)
+            self.metrics.requests.labels(handler, str(status)).inc()
+            self.metrics.latency.labels(handler).observe(time.perf_counter() - t0)
+
+
 def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app. ``bundle`` is a loaded :class:`Bundle` or its folder."""
     settings = settings or ServeSettings()
@@ -150,34 +221,15 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError) -> JSONResponse:
-        return JSONResponse({"error": e.message}, status_code=e.status)
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         msg = {404: f"no route {request.url.path!r}; see /docs", 405: f"{request.method} is not allowed here"}
         return JSONResponse({"error": msg.get(e.status_code, str(e.detail))}, status_code=e.status_code)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Any) -> Response:
-        t0 = time.perf_counter()
-        if settings.api_key and request.url.path not in _OPEN_PATHS:
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                response: Response = JSONResponse(
-                    {"error": "missing or wrong API key: send 'Authorization: Bearer <key>'."},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            else:
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        handler = getattr(route, "path", "other")
-        metrics.requests.labels(handler, str(response.status_code)).inc()
-        metrics.latency.labels(handler).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(_Gate, settings=settings, metrics=metrics)
 
     def _check_name(name: str) -> None:
         if name != model.name:

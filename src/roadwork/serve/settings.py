@@ -15,7 +15,9 @@ class ServeSettings(BaseModel):
     name: str | None = Field(None, description="model name in the v2 API; default: the bundle folder's name")
     max_batch_size: int = Field(32, ge=1, description="images per ONNX Runtime call")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
-    max_queue: int = Field(256, ge=1, description="images waiting; beyond it requests get 503 + Retry-After")
+    max_queue: int = Field(
+        64, ge=1, description="prediction requests inside the server at once; beyond it 503 + Retry-After"
+    )
     max_body_mb: float = Field(64.0, gt=0, description="request body limit (413 above it), as Triton")
     max_pixels: int = Field(40_000_000, ge=1, description="decoded pixels per image (400 above: bombs)")
     max_images: int = Field(64, ge=1, description="images per /v1/classify request")
