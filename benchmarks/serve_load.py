@@ -85,9 +85,20 @@ _POOL: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWrit
 
 async def _post(host: str, port: int, path: str, body: bytes) -> int:
     """One HTTP/1.1 POST over a pooled keep-alive loopback connection; returns the status. A bare client, so
-    that the load generator (which shares the cores with the server) spends little CPU per request."""
+    that the load generator (which shares the cores with the server) spends little CPU per request. A pooled
+    connection the server has meanwhile closed fails before any answer: the request is sent again on a fresh
+    one, as HTTP clients do."""
     pool = _POOL.setdefault((host, port), [])
-    reader, writer = pool.pop() if pool else await asyncio.open_connection(host, port)
+    if pool:
+        try:
+            return await _post_on(pool.pop(), pool, host, path, body)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            pass
+    return await _post_on(await asyncio.open_connection(host, port), pool, host, path, body)
+
+
+async def _post_on(conn, pool, host: str, path: str, body: bytes) -> int:  # type: ignore[no-untyped-def]
+    reader, writer = conn
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
@@ -96,6 +107,8 @@ async def _post(host: str, port: int, path: str, body: bytes) -> int:
         writer.write(head + body)
         await writer.drain()
         status_line = await reader.readline()
+        if not status_line:
+            raise asyncio.IncompleteReadError(b"", None)  # closed before answering: a stale pooled connection
         length, keep = 0, True
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
@@ -111,7 +124,7 @@ async def _post(host: str, port: int, path: str, body: bytes) -> int:
         pool.append((reader, writer))
     else:
         writer.close()
-    return int(status_line.split()[1]) if status_line else 0
+    return int(status_line.split()[1])
 
 
 async def _closed_loop(url: str, bodies: list[bytes], seconds: float, concurrency: int) -> dict[str, float]:

@@ -22,6 +22,8 @@ Usage:
   roadwork data synthetic n=N size=PX seed=S out=DIR [label_noise=R]
                                                    write generated scenes and a manifest.csv into DIR
   roadwork predict BUNDLE PATH [PATH ...]           one JSON line per image (label, probability, set, abstain)
+  roadwork bench BUNDLE [batch=8] [seconds=3]       every form of the model side by side: size, accuracy,
+                                                   ECE, ms/img, img/s, speed-up over torch eager
   roadwork serve BUNDLE [key=value ...]             HTTP server: OIP v2, /v1/classify, /metrics (no torch);
                                                    keys: host port max_batch_size max_queue_delay_ms max_queue
                                                    max_body_mb max_pixels ort_threads drain_timeout_s;
@@ -195,6 +197,25 @@ def _predict(args: list[str]) -> int:
     return 0
 
 
+def _bench(args: list[str]) -> int:
+    from roadwork.export.bench import bench_bundle, format_table
+
+    if not args or "=" in args[0]:
+        raise RoadworkError("Usage: roadwork bench BUNDLE [batch=8] [seconds=3]")
+    opts = {"batch": 8.0, "seconds": 3.0}
+    for a in args[1:]:
+        key, _, val = a.partition("=")
+        if key not in opts:
+            raise RoadworkError(f"roadwork bench: unknown option {key!r}; use batch=N or seconds=S.")
+        try:
+            opts[key] = float(val)
+        except ValueError:
+            raise RoadworkError(f"roadwork bench: {key}={val!r} is not a number.") from None
+    rows = bench_bundle(args[0], batch=int(opts["batch"]), seconds=opts["seconds"])
+    _print(format_table(rows))
+    return 0
+
+
 def _serve(args: list[str]) -> int:
     import yaml
     from pydantic import ValidationError
@@ -263,13 +284,15 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(rest)
         if cmd == "serve":
             return _serve(rest)
+        if cmd == "bench":
+            return _bench(rest)
         if cmd in STAGE_NAMES:
             rest, flags = _split_flags(rest, ("--force",))
             config, overrides = _config_and_overrides(rest)
             return _run(config, overrides, flags["--force"], cmd)
         import difflib
 
-        options = ["demo", "run", "config", "predict", "serve", "help", *STAGE_NAMES]
+        options = ["demo", "run", "config", "predict", "serve", "bench", "help", *STAGE_NAMES]
         close = difflib.get_close_matches(cmd, options, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise RoadworkError(f"Unknown command {cmd!r}.{hint} Run 'roadwork help' for the commands.")

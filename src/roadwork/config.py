@@ -192,6 +192,13 @@ class ExportConfig(_Strict):
     opset: int = Field(18, ge=18)
     parity_atol: float = Field(1e-4, gt=0, description="max |logit difference| torch vs ONNX")
     parity_samples: int = Field(64, ge=1)
+    int8: Literal["none", "dynamic", "static"] = Field(
+        "none",
+        description="also put an int8 ONNX model in the bundle (static: QDQ calibrated on train images)",
+    )
+    int8_calibration_images: int = Field(128, ge=1, description="training images that calibrate static int8")
+    triton: bool = Field(False, description="also write a Triton model repository (export/triton/)")
+    tensorrt: bool = Field(False, description="check TensorRT through ONNX Runtime (needs an NVIDIA GPU)")
 
 
 class TrackingConfig(_Strict):

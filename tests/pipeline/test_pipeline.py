@@ -240,3 +240,39 @@ def test_each_stage_hashes_only_the_code_it_runs():
     assert "evaluation/report.py" in files["evaluate"] and "training/loop.py" not in files["calibrate"]
     assert all("pipeline/stages.py" in f for f in files.values())
     assert code_version(STAGES[1].code) != code_version(STAGES[-1].code)
+
+
+def test_int8_and_triton_exports_and_bench(tiny_run, tmp_path):
+    from roadwork.errors import ConfigError
+    from roadwork.export.bench import bench_bundle, format_table
+    from roadwork.export.bundle import Bundle
+
+    cfg2 = _isolated(tiny_run[0], tmp_path)
+    cfg2.export.int8 = "static"
+    cfg2.export.int8_calibration_images = 32
+    cfg2.export.triton = True
+    res = run_pipeline(cfg2, progress=False)
+    manifest = json.loads((res.bundle / "manifest.json").read_text())
+    q = manifest["variants"]["int8"]
+    assert q["mode"] == "static" and q["file"] in manifest["files"] and q["test_n"] > 0
+    assert abs(q["test_accuracy_change"]) <= 1 and 0 <= q["test_ece_int8"] <= 1
+    fp32, int8 = Bundle.load(res.bundle), Bundle.load(res.bundle, variant="int8")
+    image = next((res.run_dir / "data" / "images").glob("*.jpg"))
+    a, b = fp32.predict_paths([image])[0], int8.predict_paths([image])[0]
+    assert set(a) == set(b) and abs(a["probability"] - b["probability"]) < 0.2  # same policy, int8 weights
+    with pytest.raises(Exception, match="no 'fp16' model"):
+        Bundle.load(res.bundle, variant="fp16")
+    config = (res.run_dir / "export" / "triton" / cfg2.name / "config.pbtxt").read_text()
+    assert 'name: "input"' in config and "dims: [ 3, 64, 64 ]" in config and "dynamic_batching" in config
+    assert (res.run_dir / "export" / "triton" / cfg2.name / "1" / "model.onnx").is_file()
+    rows = bench_bundle(str(res.bundle), batch=2, seconds=0.2)
+    by = {r["format"]: r for r in rows}
+    assert (
+        by["ONNX int8"]["status"] == "ok"
+        and by["ONNX fp32"]["img_s"] > 0
+        and by["torch eager"]["speedup"] == 1
+    )
+    assert "| ONNX int8 | ok |" in format_table(rows)
+    cfg2.export.tensorrt = True
+    with pytest.raises(ConfigError, match="TensorRT"):
+        run_pipeline(cfg2, progress=False)

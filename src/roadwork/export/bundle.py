@@ -55,18 +55,33 @@ def _versions() -> dict[str, str]:
 
 
 def write_bundle(
-    out_dir: Path, *, onnx_path: Path, card: ModelCard, policy: TrustPolicy, export_info: dict[str, Any]
+    out_dir: Path,
+    *,
+    onnx_path: Path,
+    card: ModelCard,
+    policy: TrustPolicy,
+    export_info: dict[str, Any],
+    variants: Mapping[str, tuple[Path, dict[str, Any]]] | None = None,
 ) -> None:
+    """``variants``: other forms of the model (``{"int8": (path, info)}``), stored as ``model-<name>.onnx``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, out_dir / "model.onnx")
     (out_dir / "model.json").write_text(json.dumps(card.to_dict(), indent=2))
     policy.save(out_dir / "policy.json")
+    files = list(_FILES)
+    described: dict[str, Any] = {}
+    for name, (path, info) in (variants or {}).items():
+        fname = f"model-{name}.onnx"
+        shutil.copyfile(path, out_dir / fname)
+        files.append(fname)
+        described[name] = {"file": fname, **info}
     manifest = {
         "schema": BUNDLE_SCHEMA,
-        "files": {name: file_sha256(out_dir / name) for name in _FILES},
+        "files": {name: file_sha256(out_dir / name) for name in files},
         "classes": card.classes,
         "versions": _versions(),
         "export": export_info,
+        "variants": described,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
@@ -89,8 +104,9 @@ class Bundle:
     session: Any
 
     @classmethod
-    def load(cls, path: str | Path, *, threads: int = 0) -> Bundle:
-        """Verify every hash in ``manifest.json``, then open the ONNX model and the policy."""
+    def load(cls, path: str | Path, *, threads: int = 0, variant: str = "fp32") -> Bundle:
+        """Verify every hash in ``manifest.json``, then open the ONNX model (``variant``: ``fp32`` or one the
+        manifest lists, e.g. ``int8``) and the policy."""
         root = Path(path)
         mpath = root / "manifest.json"
         if not mpath.is_file():
@@ -107,7 +123,16 @@ class Bundle:
             raise ArtifactError(
                 f"Bundle schema {manifest.get('schema')!r} is not {BUNDLE_SCHEMA}; re-export it."
             )
-        for name in _FILES:
+        model_file = "model.onnx"
+        if variant != "fp32":
+            known = manifest.get("variants", {})
+            if variant not in known:
+                raise ArtifactError(
+                    f"Bundle {str(root)!r} has no {variant!r} model; it has "
+                    f"{', '.join(['fp32', *known])}. Export one with export.int8=dynamic|static."
+                )
+            model_file = known[variant]["file"]
+        for name in (*_FILES, model_file):
             f = root / name
             if name not in files:
                 raise ArtifactError(f"Bundle manifest does not list {name!r}; the bundle is incomplete.")
@@ -120,7 +145,7 @@ class Bundle:
                 )
         card = ModelCard.load(root / "model.json")
         policy = TrustPolicy.load(root / "policy.json")
-        return cls(root, card, policy, manifest, onnx_session(root / "model.onnx", threads=threads))
+        return cls(root, card, policy, manifest, onnx_session(root / model_file, threads=threads))
 
     @property
     def classes(self) -> list[str]:

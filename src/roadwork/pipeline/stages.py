@@ -347,16 +347,77 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
             f"ONNX parity check failed: max |logit difference| {max_diff:.2e} exceeds "
             f"export.parity_atol={e.parity_atol:g}. The exported graph is not trustworthy."
         )
-    info = {"exporter": exporter, "opset": e.opset, "parity_max_abs_diff": max_diff, "parity_n": len(x)}
+    info: dict[str, Any] = {
+        "exporter": exporter,
+        "opset": e.opset,
+        "parity_max_abs_diff": max_diff,
+        "parity_n": len(x),
+    }
+    if e.tensorrt:
+        from roadwork.export.variants import tensorrt_available
+
+        if not tensorrt_available():
+            raise ConfigError(
+                "export.tensorrt=true needs an NVIDIA GPU and ONNX Runtime's TensorRT execution provider "
+                "(pip install onnxruntime-gpu tensorrt); this machine has neither. Set export.tensorrt=false."
+            )
+    policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
+    variants: dict[str, tuple[Path, dict[str, Any]]] = {}
+    if e.int8 != "none":
+        from roadwork.export.variants import quantize_int8
+
+        train_rows = df[df["split"] == "train"].head(e.int8_calibration_images)
+        calib_x = (
+            preprocess([load_rgb(p) for p in _abs_paths(train_rows, ctx.inputs["data"])], card.preprocess)
+            if e.int8 == "static"
+            else None
+        )
+        q_path = ctx.out / "model-int8.onnx.tmp"
+        q_info = quantize_int8(onnx_path, q_path, mode=e.int8, calibration=calib_x)
+        info["int8"] = q_info | _variant_quality(ctx, card, policy, {"fp32": onnx_path, "int8": q_path})
+        info["int8"]["size_mb"] = round(q_path.stat().st_size / 2**20, 3)
+        variants["int8"] = (q_path, info["int8"])
+    info["size_mb"] = round(onnx_path.stat().st_size / 2**20, 3)
     write_bundle(
         ctx.out / "bundle",
         onnx_path=onnx_path,
         card=card,
-        policy=TrustPolicy.load(ctx.inputs["policy"] / "policy.json"),
+        policy=policy,
         export_info=info,
+        variants=variants,
     )
+    if e.triton:
+        from roadwork.export.variants import write_triton_repository
+
+        write_triton_repository(onnx_path, ctx.out / "triton", name=ctx.cfg.name)
+        info["triton"] = str(Path("export") / "triton" / ctx.cfg.name)
     onnx_path.unlink()
+    for path, _ in variants.values():
+        path.unlink()
     return info
+
+
+def _variant_quality(
+    ctx: StageContext, card: Any, policy: TrustPolicy, models: dict[str, Path]
+) -> dict[str, Any]:
+    """Accuracy and ECE of each model file on the test split (through the same policy), and the change."""
+    from roadwork.data.preprocess import load_rgb, preprocess
+    from roadwork.export.onnx import onnx_logits, onnx_session
+    from roadwork.trust import metrics as M
+
+    df, _ = load_dataset(ctx.inputs["data"])
+    test = df[df["split"] == "test"]
+    x = preprocess([load_rgb(p) for p in _abs_paths(test, ctx.inputs["data"])], card.preprocess)
+    y = _labels(test, card.classes)
+    out: dict[str, Any] = {}
+    for name, path in models.items():
+        probs = policy.apply(onnx_logits(onnx_session(path), x)).probs
+        out[f"test_accuracy_{name}"] = M.accuracy(probs, y)
+        out[f"test_ece_{name}"] = M.ece(probs, y)
+    out["test_accuracy_change"] = out["test_accuracy_int8"] - out["test_accuracy_fp32"]
+    out["test_ece_change"] = out["test_ece_int8"] - out["test_ece_fp32"]
+    out["test_n"] = len(y)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- evaluate

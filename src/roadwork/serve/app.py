@@ -182,7 +182,7 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
     settings = settings or ServeSettings()
     metrics = ServerMetrics()
     if not isinstance(bundle, Bundle):
-        bundle = Bundle.load(bundle, threads=settings.ort_threads)
+        bundle = Bundle.load(bundle, threads=settings.ort_threads, variant=settings.variant)
     model = _Model(bundle, settings, metrics)
     limit = int(settings.max_body_mb * 2**20)
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="roadwork-decode")

@@ -13,6 +13,7 @@ class ServeSettings(BaseModel):
     host: str = Field("127.0.0.1", description="interface to bind; 0.0.0.0 in a container")
     port: int = Field(8000, ge=0, le=65535)
     name: str | None = Field(None, description="model name in the v2 API; default: the bundle folder's name")
+    variant: str = Field("fp32", description="which model of the bundle: fp32, or int8 when it was exported")
     max_batch_size: int = Field(32, ge=1, description="images per ONNX Runtime call")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queue: int = Field(
