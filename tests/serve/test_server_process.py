@@ -22,7 +22,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_sigterm_drains_in_flight_requests(tiny_run):
+def test_sigterm_drains_in_flight_requests(tiny_run, tmp_path):
     _cfg, result = tiny_run
     image = next((result.run_dir / "data" / "images").glob("*.jpg")).read_bytes()
     port = _free_port()
@@ -38,21 +38,24 @@ def test_sigterm_drains_in_flight_requests(tiny_run):
             "max_batch_size=64",
             "drain_timeout_s=20",
         ],
-        stdout=subprocess.PIPE,
+        stdout=(tmp_path / "server.log").open("wb"),  # a file: an unread pipe can fill and block the server
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):  # wait until ready (imports and model load take a few seconds)
+        deadline = time.monotonic() + 180  # a cold first start (fresh venv, no .pyc yet) can take a while
+        while True:
             try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if proc.poll() is not None:
-                pytest.fail(f"server exited early: {proc.stdout.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            time.sleep(0.1)
+                pytest.fail(f"server exited early: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("server not ready after 180 s")
+            time.sleep(0.2)
         results: list[int | str] = []
         started = threading.Barrier(9)
 
