@@ -34,7 +34,7 @@ def test_sigterm_drains_in_flight_requests(tiny_run, tmp_path):
             "serve",
             str(result.bundle),
             f"port={port}",
-            "max_queue_delay_ms=300",
+            "max_queue_delay_ms=3000",
             "max_batch_size=64",
             "drain_timeout_s=20",
         ],
@@ -73,7 +73,15 @@ def test_sigterm_drains_in_flight_requests(tiny_run, tmp_path):
         for t in threads:
             t.start()
         started.wait()
-        time.sleep(0.1)  # the requests now sit in the 300 ms batching window
+        inside = 0.0
+        deadline = time.monotonic() + 60
+        while inside < 8 and time.monotonic() < deadline:  # all eight now wait in the 3 s batching window
+            text = httpx.get(f"{base}/metrics", timeout=5).text
+            inside = float(
+                next(ln.split()[1] for ln in text.splitlines() if ln.startswith("roadwork_inflight"))
+            )
+            time.sleep(0.02)
+        assert inside == 8
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)

@@ -165,10 +165,12 @@ class _Gate:
                     await send_status(m)
                 return
             self.inside += 1
+            self.metrics.inflight.set(self.inside)
             try:
                 await self.app(scope, receive, send_status)
             finally:
                 self.inside -= 1
+                self.metrics.inflight.set(self.inside)
         finally:
             # label by route template (bounded cardinality); refusals before routing by their gate
             gate = {401: "auth", 503: "admission"}.get(status, "other")

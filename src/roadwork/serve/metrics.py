@@ -46,6 +46,11 @@ class ServerMetrics:
             "roadwork_prediction_set_size", "Conformal set size", buckets=(0, 1, 2, 3, 5, 10), registry=r
         )
         self.queue_depth = Gauge("roadwork_queue_images", "Images waiting for a batch", registry=r)
+        self.inflight = Gauge(
+            "roadwork_inflight_requests",
+            "Prediction requests inside the server (admission counts these)",
+            registry=r,
+        )
         self.rejected = Counter(
             "roadwork_rejected", "Requests refused with 503 because the queue was full", registry=r
         )
