@@ -96,6 +96,16 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    finetune: Literal["full", "linear_probe", "lora", "dora", "rslora"] = Field(
+        "full", description="full fine-tuning, a linear probe, or peft adapters (merged before export)"
+    )
+    lora_rank: int = Field(8, ge=1, description="adapter rank r")
+    lora_alpha: float = Field(16.0, gt=0, description="adapter scale α (α/r, or α/√r for rslora)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="modules that get adapters; null: per architecture"
+    )
+    accumulate: int = Field(1, ge=1, description="gradient accumulation steps per optimizer step")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)

@@ -276,3 +276,18 @@ def test_int8_and_triton_exports_and_bench(tiny_run, tmp_path):
     cfg2.export.tensorrt = True
     with pytest.raises(ConfigError, match="TensorRT"):
         run_pipeline(cfg2, progress=False)
+
+
+def test_lora_training_merges_before_save_and_exports_with_parity(tiny_run, tmp_path):
+    cfg2 = _isolated(tiny_run[0], tmp_path)
+    cfg2.train.finetune = "lora"
+    cfg2.train.lora_rank = 4
+    cfg2.train.accumulate = 2
+    res = run_pipeline(cfg2, progress=False)
+    train = json.loads((res.run_dir / "train" / "manifest.json").read_text())["info"]
+    total = json.loads((tiny_run[1].run_dir / "train" / "manifest.json").read_text())["info"][
+        "trainable_params"
+    ]
+    assert train["finetune"] == "lora" and 0 < train["trainable_params"] < total
+    export = json.loads((res.bundle / "manifest.json").read_text())["export"]
+    assert export["parity_max_abs_diff"] <= 1e-4  # the merged plain model is what was exported

@@ -127,6 +127,8 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         "epochs_run": len(res.history),
         "val_loss": last["val_loss"],
         "val_accuracy": last["val_accuracy"],
+        "finetune": ctx.cfg.train.finetune,
+        "trainable_params": res.trainable_params,
     }
 
 

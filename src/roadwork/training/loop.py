@@ -19,6 +19,7 @@ import numpy as np
 from roadwork._deps import require
 from roadwork.config import ModelConfig, TrainConfig
 from roadwork.data.preprocess import PreprocessSpec, load_rgb, resize_uint8
+from roadwork.models.adapters import count_trainable, merge_adapters, prepare_finetune
 from roadwork.models.factory import ModelCard, create_model
 
 __all__ = ["TrainResult", "load_uint8", "predict_logits", "train_model"]
@@ -30,6 +31,7 @@ class TrainResult:
     card: ModelCard
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
+    trainable_params: int = 0
 
 
 def load_uint8(
@@ -109,13 +111,23 @@ def train_model(
     y_train = torch.tensor(np.asarray(train_labels), dtype=torch.long)
     y_val = torch.tensor(np.asarray(val_labels), dtype=torch.long)
 
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(total, int(cfg.warmup_epochs * steps_per_epoch))
+    train_net = prepare_finetune(
+        net,
+        cfg.finetune,
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
     )
-    model, opt = fabric.setup(net, opt)
+    params = [p for p in train_net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
+    updates_per_epoch = math.ceil(steps_per_epoch / cfg.accumulate)
+    total = updates_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(total, int(cfg.warmup_epochs * updates_per_epoch))
+    )
+    model, opt = fabric.setup(train_net, opt)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -140,10 +152,11 @@ def train_model(
                 x = _augment(torch, x, gen)
             x, y = fabric.to_device((x, y_train[idx]))
             loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            fabric.backward(loss)
-            opt.step()
-            sched.step()
+            fabric.backward(loss / cfg.accumulate if cfg.accumulate > 1 else loss)
+            if (step + 1) % cfg.accumulate == 0 or step + 1 == steps_per_epoch:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
             run_loss += float(loss.detach()) * len(idx)  # a device sync; fine at this batch size
             seen += len(idx)
             bar.set_postfix(loss=f"{run_loss / seen:.4f}")
@@ -170,7 +183,7 @@ def train_model(
             )
         if val_loss < best_loss - 1e-4:
             best_loss, stale, result.best_epoch = val_loss, 0, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in train_net.state_dict().items()}
         else:
             stale += 1
             if stale >= cfg.patience:
@@ -178,8 +191,9 @@ def train_model(
                     tqdm.write(f"early stopping: val_loss has not improved for {cfg.patience} epochs")
                 break
     if best_state is not None:
-        net.load_state_dict(best_state)
-    net.eval()
+        train_net.load_state_dict(best_state)
+    result.trainable_params = count_trainable(train_net)  # before merging, which unfreezes the base
+    result.model = merge_adapters(train_net).eval()  # adapters folded in: a plain timm model is saved
     return result
 
 
