@@ -159,7 +159,8 @@ def train_model(
                 sched.step()
             run_loss += float(loss.detach()) * len(idx)  # a device sync; fine at this batch size
             seen += len(idx)
-            bar.set_postfix(loss=f"{run_loss / seen:.4f}")
+            if progress and (step % 10 == 0 or step + 1 == steps_per_epoch):  # formatting costs on tiny steps
+                bar.set_postfix(loss=f"{run_loss / seen:.4f}")
         train_time = time.perf_counter() - t0
         val_logits = predict_logits(model, x_val, spec, batch_size=256, fabric=fabric)
         val_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits), y_val))
