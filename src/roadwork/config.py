@@ -114,6 +114,16 @@ class TrainConfig(_Strict):
     patience: int = Field(4, ge=1, description="epochs without val improvement before stopping")
     augment: bool = True
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema: float | None = Field(
+        None, gt=0, lt=1, description="EMA decay of the weights (e.g. 0.999); EMA is kept"
+    )
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise LR decay for ViTs (e.g. 0.75): block i gets lr·d^(L-i)"
+    )
+    grad_checkpointing: bool = Field(False, description="recompute activations in backward (timm models)")
+    class_balance: Literal["none", "weights", "sampler"] = Field(
+        "none", description="inverse-frequency loss weights, or a class-balanced sampler"
+    )
     seed: int = 0
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"

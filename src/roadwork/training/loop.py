@@ -77,6 +77,48 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
+def _raise_if_oom(e: RuntimeError, cfg: TrainConfig) -> None:
+    if "out of memory" not in str(e).lower():
+        return
+    from roadwork.errors import RoadworkError
+
+    half = max(1, cfg.batch_size // 2)
+    raise RoadworkError(
+        f"Out of memory at train.batch_size={cfg.batch_size}. Try train.batch_size={half} "
+        f"train.accumulate={cfg.accumulate * 2} (same effective batch), train.grad_checkpointing=true, "
+        "train.precision=bf16-mixed on a GPU, or train.finetune=lora (far fewer gradients and optimizer states)."
+    ) from None
+
+
+def _layer_groups(net: Any, lr: float, decay: float) -> list[dict[str, Any]]:
+    """Layer-wise LR decay (BEiT/DINOv2 fine-tuning): embeddings get lr·d^(L+1), block i lr·d^(L-i), the rest lr."""
+    import re
+
+    from roadwork.errors import ConfigError
+
+    blocks = {
+        int(m.group(1)) for n, _ in net.named_modules() if (m := re.search(r"(?:^|\.)blocks\.(\d+)$", n))
+    }
+    if not blocks:
+        raise ConfigError(
+            "train.layer_decay needs a ViT-style model with 'blocks'; set train.layer_decay=null."
+        )
+    depth = max(blocks) + 1
+    groups: dict[int, list[Any]] = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        m = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+        if m:
+            layer = int(m.group(1)) + 1
+        elif any(k in name for k in ("patch_embed", "cls_token", "pos_embed", "reg_token", "mask_token")):
+            layer = 0
+        else:
+            layer = depth + 1
+        groups.setdefault(layer, []).append(p)
+    return [{"params": ps, "lr": lr * decay ** (depth + 1 - layer)} for layer, ps in sorted(groups.items())]
+
+
 def train_model(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -111,6 +153,14 @@ def train_model(
     y_train = torch.tensor(np.asarray(train_labels), dtype=torch.long)
     y_val = torch.tensor(np.asarray(val_labels), dtype=torch.long)
 
+    if cfg.grad_checkpointing:
+        if not hasattr(net, "set_grad_checkpointing"):
+            from roadwork.errors import ConfigError
+
+            raise ConfigError(
+                f"{model_cfg.backbone!r} cannot checkpoint gradients; set train.grad_checkpointing=false."
+            )
+        net.set_grad_checkpointing(True)
     train_net = prepare_finetune(
         net,
         cfg.finetune,
@@ -119,8 +169,11 @@ def train_model(
         dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules,
     )
-    params = [p for p in train_net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.layer_decay is not None:
+        groups: Any = _layer_groups(train_net, cfg.lr, cfg.layer_decay)
+    else:
+        groups = [p for p in train_net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
     updates_per_epoch = math.ceil(steps_per_epoch / cfg.accumulate)
     total = updates_per_epoch * cfg.epochs
@@ -128,15 +181,30 @@ def train_model(
         opt, _lr_lambda(total, int(cfg.warmup_epochs * updates_per_epoch))
     )
     model, opt = fabric.setup(train_net, opt)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    counts = torch.bincount(y_train, minlength=len(classes)).clamp(min=1).float()
+    class_weight = (len(y_train) / (len(classes) * counts)) if cfg.class_balance == "weights" else None
+    loss_fn = torch.nn.CrossEntropyLoss(
+        weight=None if class_weight is None else fabric.to_device(class_weight),
+        label_smoothing=cfg.label_smoothing,
+    )
+    sample_weight = (1.0 / counts)[y_train] if cfg.class_balance == "sampler" else None
     gen = torch.Generator().manual_seed(cfg.seed)
+    ema = None
+    if cfg.ema is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(train_net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    keep = train_net if ema is None else ema.module  # the weights that are validated and kept
 
     result = TrainResult(model=net, card=card)
     best_loss, best_state, stale = math.inf, None, 0
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        order = torch.randperm(len(x_train), generator=gen)
+        if sample_weight is None:
+            order = torch.randperm(len(x_train), generator=gen)
+        else:  # class-balanced: draw with replacement, every class equally likely
+            order = torch.multinomial(sample_weight, len(x_train), replacement=True, generator=gen)
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -151,18 +219,26 @@ def train_model(
             if cfg.augment:
                 x = _augment(torch, x, gen)
             x, y = fabric.to_device((x, y_train[idx]))
-            loss = loss_fn(model(x), y)
-            fabric.backward(loss / cfg.accumulate if cfg.accumulate > 1 else loss)
+            try:
+                loss = loss_fn(model(x), y)
+                fabric.backward(loss / cfg.accumulate if cfg.accumulate > 1 else loss)
+            except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+                _raise_if_oom(e, cfg)
+                raise
             if (step + 1) % cfg.accumulate == 0 or step + 1 == steps_per_epoch:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
+                if ema is not None:
+                    ema.update_parameters(train_net)
             run_loss += float(loss.detach()) * len(idx)  # a device sync; fine at this batch size
             seen += len(idx)
             if progress and (step % 10 == 0 or step + 1 == steps_per_epoch):  # formatting costs on tiny steps
                 bar.set_postfix(loss=f"{run_loss / seen:.4f}")
         train_time = time.perf_counter() - t0
-        val_logits = predict_logits(model, x_val, spec, batch_size=256, fabric=fabric)
+        val_logits = predict_logits(
+            model if ema is None else keep, x_val, spec, batch_size=256, fabric=fabric
+        )
         val_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits), y_val))
         val_acc = float((val_logits.argmax(1) == val_labels).mean())
         row = {
@@ -184,7 +260,7 @@ def train_model(
             )
         if val_loss < best_loss - 1e-4:
             best_loss, stale, result.best_epoch = val_loss, 0, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in train_net.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in keep.state_dict().items()}
         else:
             stale += 1
             if stale >= cfg.patience:

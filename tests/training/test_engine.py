@@ -1,0 +1,106 @@
+"""Training-engine options on a tiny random-weight ViT: EMA, layer-wise LR decay, class balance, checkpointing,
+the out-of-memory message."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("lightning_fabric")
+
+from roadwork.config import ModelConfig, TrainConfig  # noqa: E402
+from roadwork.training.loop import _layer_groups, train_model  # noqa: E402
+
+MODEL = ModelConfig(backbone="test_vit", image_size=32, drop_rate=0.0, kwargs={"img_size": 32})
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for i in range(48):  # imbalanced: 36 of class 0, 12 of class 1 (brighter)
+        label = int(i % 4 == 0)
+        img = rng.integers(0, 120, (32, 32, 3)) + 120 * label
+        Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
+        paths.append(str(d / f"{i}.png"))
+        labels.append(label)
+    return paths, np.array(labels)
+
+
+def _train(images, **kw):  # type: ignore[no-untyped-def]
+    paths, labels = images
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, accelerator="cpu", augment=False, patience=5, **kw)
+    return train_model(
+        MODEL,
+        cfg,
+        classes=["a", "b"],
+        train_paths=paths,
+        train_labels=labels,
+        val_paths=paths[:16],
+        val_labels=labels[:16],
+        progress=False,
+    )
+
+
+def _initial():  # type: ignore[no-untyped-def]
+    from roadwork.models.factory import create_model
+
+    torch.manual_seed(0)
+    from lightning_fabric import seed_everything
+
+    seed_everything(0, verbose=False)
+    return create_model(MODEL, 2)[0]
+
+
+def _distance(a, b) -> float:  # type: ignore[no-untyped-def]
+    sb = b.state_dict()
+    return float(sum(((v.float() - sb[k].float()) ** 2).sum() for k, v in a.state_dict().items()) ** 0.5)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"class_balance": "weights"},
+        {"class_balance": "sampler"},
+        {"grad_checkpointing": True},
+        {"layer_decay": 0.75},
+        {"accumulate": 3},
+    ],
+)
+def test_options_train_to_a_finite_loss(images, option):
+    res = _train(images, **option)
+    assert all(np.isfinite(r["train_loss"]) for r in res.history) and len(res.history) == 2
+
+
+def test_ema_keeps_weights_that_move_less(images):
+    start = _initial()
+    plain, ema = _train(images).model, _train(images, ema=0.99).model
+    assert _distance(ema, start) < 0.5 * _distance(plain, start)  # 6 updates at 0.99 barely move the average
+
+
+def test_layer_decay_scales_learning_rates_by_depth():
+    net = _initial()
+    groups = _layer_groups(net, 1.0, 0.5)
+    lrs = [g["lr"] for g in groups]
+    depth = len({n.split(".")[1] for n, _ in net.named_parameters() if n.startswith("blocks.")})
+    assert lrs == sorted(lrs) and lrs[-1] == 1.0 and lrs[0] == pytest.approx(0.5 ** (depth + 1))
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    from roadwork.errors import ConfigError
+
+    resnet = __import__("timm").create_model("test_resnet", num_classes=2)
+    with pytest.raises(ConfigError, match="layer_decay"):
+        _layer_groups(resnet, 1.0, 0.5)
+
+
+def test_out_of_memory_says_what_to_change(images, monkeypatch):
+    from roadwork.errors import RoadworkError
+
+    def boom(self, x):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", boom, raising=True)
+    with pytest.raises(RoadworkError, match=r"train.batch_size=8 train.accumulate=2"):
+        _train(images)
