@@ -291,3 +291,36 @@ def test_lora_training_merges_before_save_and_exports_with_parity(tiny_run, tmp_
     assert train["finetune"] == "lora" and 0 < train["trainable_params"] < total
     export = json.loads((res.bundle / "manifest.json").read_text())["export"]
     assert export["parity_max_abs_diff"] <= 1e-4  # the merged plain model is what was exported
+
+
+def test_training_interrupted_mid_stage_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C after epoch 1 of 2: the next run continues at epoch 2 and ends where an uninterrupted run ends."""
+    import roadwork.training.loop as loop
+
+    cfg = load_config(
+        "demo", tiny_overrides(tmp_path, name="resume", **{"train.epochs": 2, "tracking.enabled": False})
+    )
+    real = loop.train_model
+
+    def interrupted(*a, **kw):  # type: ignore[no-untyped-def]
+        def stop(epoch, row):  # type: ignore[no-untyped-def]
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+        return real(*a, **{**kw, "on_epoch": stop})
+
+    monkeypatch.setattr(loop, "train_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, progress=False)
+    assert list((cfg.run_dir / "checkpoints").glob("train-*/state.json"))
+    monkeypatch.setattr(loop, "train_model", real)
+    resumed = run_pipeline(cfg, progress=False)
+    history = json.loads((resumed.run_dir / "train" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2] and not list((cfg.run_dir / "checkpoints").glob("train-*"))
+    other = load_config(
+        "demo", tiny_overrides(tmp_path, name="straight", **{"train.epochs": 2, "tracking.enabled": False})
+    )
+    straight = json.loads(
+        (run_pipeline(other, progress=False).run_dir / "train" / "history.json").read_text()
+    )
+    assert [r["train_loss"] for r in history] == [r["train_loss"] for r in straight]

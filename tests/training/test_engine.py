@@ -104,3 +104,37 @@ def test_out_of_memory_says_what_to_change(images, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "__call__", boom, raising=True)
     with pytest.raises(RoadworkError, match=r"train.batch_size=8 train.accumulate=2"):
         _train(images)
+
+
+@pytest.mark.parametrize("extra", [{}, {"finetune": "lora", "ema": 0.9}])
+def test_an_interrupted_run_resumes_to_the_identical_next_epoch(images, tmp_path, extra):
+    paths, labels = images
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=3e-3, accelerator="cpu", augment=True, patience=5, **extra)
+
+    def run(ckpt, on_epoch=None):  # type: ignore[no-untyped-def]
+        return train_model(
+            MODEL,
+            cfg,
+            classes=["a", "b"],
+            train_paths=paths,
+            train_labels=labels,
+            val_paths=paths[:16],
+            val_labels=labels[:16],
+            progress=False,
+            checkpoint_dir=ckpt,
+            on_epoch=on_epoch,
+        )
+
+    straight = run(tmp_path / "a")
+
+    def stop_after_first(epoch, row):  # type: ignore[no-untyped-def]
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_after_first)
+    resumed = run(tmp_path / "b")
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in straight.history]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,14 @@ def load_policy(run_dir: Path) -> TrustPolicy:
 def _labels(df: pd.DataFrame, classes: list[str]) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
     return df["label"].map(index).to_numpy(dtype=np.int64)
+
+
+def _dir_digest(d: Path) -> str:
+    """The data stage's manifest digest (what the cache key uses), or the folder name."""
+    try:
+        return str(json.loads((d / "manifest.json").read_text())["digest"])
+    except (OSError, ValueError, KeyError):
+        return hashlib.sha256(str(d).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -107,6 +116,8 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         if ctx.tracker is not None:
             ctx.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
+    # one folder per data version: a checkpoint of other data is never resumed (the config is checked too)
+    checkpoints = ctx.cfg.run_dir / "checkpoints" / f"train-{_dir_digest(ctx.inputs['data'])[:12]}"
     res = train_model(
         ctx.cfg.model,
         ctx.cfg.train,
@@ -117,9 +128,13 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         val_labels=_labels(va, classes),
         on_epoch=on_epoch,
         progress=ctx.progress,
+        checkpoint_dir=checkpoints,  # outside the stage's temp folder, so an interrupted run resumes
     )
     save_model(res.model, res.card, ctx.out)
     save_history(res.history, ctx.out / "history.json")
+    shutil.rmtree(
+        checkpoints, ignore_errors=True
+    )  # the stage's outputs are complete; the checkpoint is spent
     (ctx.out / "training.png").write_bytes(training_png(res.history))
     last = res.history[res.best_epoch - 1] if res.best_epoch else res.history[-1]
     return {

@@ -7,6 +7,7 @@ watches the validation loss; the calibration split is never loaded here.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -130,7 +131,10 @@ def train_model(
     val_labels: np.ndarray,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
+    """Train; with ``checkpoint_dir``, save a resumable checkpoint after every epoch and resume from one of the
+    same configuration (model, optimizer, scheduler, EMA, best weights, RNG: the next step is identical)."""
     torch = require("torch")
     fabric_mod = require("lightning_fabric")
     from tqdm.auto import tqdm
@@ -197,8 +201,28 @@ def train_model(
     keep = train_net if ema is None else ema.module  # the weights that are validated and kept
 
     result = TrainResult(model=net, card=card)
-    best_loss, best_state, stale = math.inf, None, 0
-    for epoch in range(cfg.epochs):
+    best_loss, best_state, stale, start = math.inf, None, 0, 0
+    fingerprint = json.dumps([model_cfg.model_dump(mode="json"), cfg.model_dump(mode="json"), len(x_train)])
+    if checkpoint_dir is not None:
+        from roadwork.training.checkpoint import load_checkpoint
+
+        found = load_checkpoint(checkpoint_dir, fingerprint)
+        if found is not None:
+            tensors, opt_state, meta = found
+            train_net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            opt.load_state_dict(opt_state)
+            sched.load_state_dict(meta["scheduler"])
+            if ema is not None:
+                ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            if meta["has_best"]:
+                best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+            torch.set_rng_state(tensors["rng.torch"])
+            gen.set_state(tensors["rng.gen"])
+            best_loss, stale, start = meta["best_loss"], meta["stale"], meta["epoch"]
+            result.history, result.best_epoch = meta["history"], meta["best_epoch"]
+            if progress:
+                tqdm.write(f"resuming from the checkpoint after epoch {start}")
+    for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         if sample_weight is None:
@@ -251,6 +275,33 @@ def train_model(
             "seconds": time.perf_counter() - t0,
         }
         result.history.append(row)
+        if val_loss < best_loss - 1e-4:
+            best_loss, stale, result.best_epoch = val_loss, 0, epoch + 1
+            best_state = {k: v.detach().clone() for k, v in keep.state_dict().items()}
+        else:
+            stale += 1
+        if checkpoint_dir is not None:
+            from roadwork.training.checkpoint import save_checkpoint
+
+            tensors = {f"model.{k}": v for k, v in train_net.state_dict().items()}
+            tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()} if ema is not None else {}
+            tensors |= {f"best.{k}": v for k, v in best_state.items()} if best_state is not None else {}
+            tensors |= {"rng.torch": torch.get_rng_state(), "rng.gen": gen.get_state()}
+            save_checkpoint(
+                checkpoint_dir,
+                tensors=tensors,
+                optimizer=opt,
+                meta={
+                    "fingerprint": fingerprint,
+                    "epoch": epoch + 1,
+                    "history": result.history,
+                    "best_loss": best_loss,
+                    "best_epoch": result.best_epoch,
+                    "stale": stale,
+                    "has_best": best_state is not None,
+                    "scheduler": sched.state_dict(),
+                },
+            )
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
         if progress:
@@ -258,15 +309,10 @@ def train_model(
                 f"epoch {epoch + 1:>3}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}  "
                 f"val_acc {val_acc:.4f}  {row['train_images_per_s']:.0f} img/s"
             )
-        if val_loss < best_loss - 1e-4:
-            best_loss, stale, result.best_epoch = val_loss, 0, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in keep.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                if progress:
-                    tqdm.write(f"early stopping: val_loss has not improved for {cfg.patience} epochs")
-                break
+        if stale >= cfg.patience:
+            if progress:
+                tqdm.write(f"early stopping: val_loss has not improved for {cfg.patience} epochs")
+            break
     if best_state is not None:
         train_net.load_state_dict(best_state)
     result.trainable_params = count_trainable(train_net)  # before merging, which unfreezes the base
