@@ -93,6 +93,11 @@ class ModelConfig(_Strict):
     image_size: int = Field(96, ge=16, le=1024, description="network input side in pixels")
     drop_rate: float = Field(0.1, ge=0, lt=1)
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+    head: Literal["linear", "mlp"] = Field("linear", description="classifier head on the pooled features")
+    pooling: Literal["default", "cls", "mean", "cls+mean"] = Field(
+        "default",
+        description="token pooling: the backbone's own, CLS, mean of patches, or both (DINOv2 probe)",
+    )
 
 
 class TrainConfig(_Strict):

@@ -29,6 +29,8 @@ class ModelCard:
     preprocess: PreprocessSpec
     drop_rate: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    head: str = "linear"
+    pooling: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +39,8 @@ class ModelCard:
             "classes": self.classes,
             "drop_rate": self.drop_rate,
             "kwargs": self.kwargs,
+            "head": self.head,
+            "pooling": self.pooling,
             "preprocess": self.preprocess.to_dict(),
         }
 
@@ -50,6 +54,8 @@ class ModelCard:
             preprocess=PreprocessSpec.from_dict(d["preprocess"]),
             drop_rate=float(d.get("drop_rate", 0)),
             kwargs=dict(d.get("kwargs", {})),
+            head=str(d.get("head", "linear")),
+            pooling=str(d.get("pooling", "default")),
         )
 
     @classmethod
@@ -88,11 +94,19 @@ def _load_weights(model: Any, path: str) -> None:
 
 def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpec]:
     """Build the network and its preprocessing. Hub weights only when ``pretrained`` and no local file."""
+    from roadwork.models.heads import build_network  # imports torch: only where a network is built
+
     timm = require("timm")
     from_hub = cfg.pretrained and cfg.weights is None
     try:
-        model = timm.create_model(
-            cfg.backbone, pretrained=from_hub, num_classes=num_classes, drop_rate=cfg.drop_rate, **cfg.kwargs
+        model = build_network(
+            cfg.backbone,
+            num_classes,
+            drop_rate=cfg.drop_rate,
+            kwargs=cfg.kwargs,
+            head=cfg.head,
+            pooling=cfg.pooling,
+            pretrained=from_hub,
         )
     except RuntimeError as e:
         if "Unknown model" in str(e):
@@ -131,16 +145,19 @@ def save_model(model: Any, card: ModelCard, out_dir: Path) -> None:
 
 def load_model(model_dir: str | Path) -> tuple[Any, ModelCard]:
     """Rebuild a trained network from ``model.safetensors`` + ``model.json`` (eval mode, CPU)."""
-    timm = require("timm")
+    from roadwork.models.heads import build_network  # imports torch: only where a network is built
+
+    require("timm")
     st = require("safetensors.torch")
     d = Path(model_dir)
     card = ModelCard.load(d / "model.json")
-    model = timm.create_model(
+    model = build_network(
         card.backbone,
-        pretrained=False,
-        num_classes=len(card.classes),
+        len(card.classes),
         drop_rate=card.drop_rate,
-        **card.kwargs,
+        kwargs=card.kwargs,
+        head=card.head,
+        pooling=card.pooling,
     )
     try:
         model.load_state_dict(st.load_file(str(d / "model.safetensors")))

@@ -151,6 +151,8 @@ def train_model(
         preprocess=spec,
         drop_rate=model_cfg.drop_rate,
         kwargs=dict(model_cfg.kwargs),
+        head=model_cfg.head,
+        pooling=model_cfg.pooling,
     )
     x_train = torch.from_numpy(load_uint8(train_paths, spec, "loading train images", progress))
     x_val = torch.from_numpy(load_uint8(val_paths, spec, "loading val images", progress))
