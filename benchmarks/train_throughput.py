@@ -7,7 +7,8 @@ adapters) on the same uint8 images with the same augmentation, AdamW and warmup+
 counts only the optimisation steps (roadwork's per-epoch ``train_images_per_s``; the plain loop's wall time
 over the same number of steps); the two loops alternate ``--repeats`` times and each row shows the best epoch of
 each (this machine is shared and noisy). The last rows compare fp32 with
-bf16 autocast for full fine-tuning (on CPU, bf16 helps only where the CPU has native bf16 units).
+bf16 autocast and eager with ``torch.compile`` (inductor) for full fine-tuning; the compile itself falls in the
+first epoch, which the best-epoch rule leaves out (on CPU, bf16 helps only where the CPU has bf16 units).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _plain(model_cfg: ModelConfig, cfg: TrainConfig, u8: torch.Tensor, y: torch.
     net, _ = create_model(model_cfg, 2)
     net = prepare_finetune(net, cfg.finetune, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     net.train()
+    fwd = torch.compile(net) if cfg.compile else net
     spec = PreprocessSpec(size=model_cfg.image_size)
     opt = torch.optim.AdamW(
         [p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -61,7 +63,7 @@ def _plain(model_cfg: ModelConfig, cfg: TrainConfig, u8: torch.Tensor, y: torch.
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             x = _augment(torch, _to_input(torch, u8[idx], spec), gen)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed"):
-                loss = loss_fn(net(x), y[idx])
+                loss = loss_fn(fwd(x), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -91,9 +93,11 @@ def main() -> None:
         labels = np.arange(args.n) % 2
         u8 = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]))
         y = torch.tensor(labels, dtype=torch.long)
-        runs = [(m, "32-true") for m in ("linear_probe", "lora", "dora", "full")] + [("full", "bf16-mixed")]
-        for mode, precision in runs:
+        runs = [(m, "32-true", False) for m in ("linear_probe", "lora", "dora", "full")]
+        runs += [("full", "bf16-mixed", False), ("full", "32-true", True)]
+        for mode, precision, compiled in runs:
             cfg = TrainConfig(
+                compile=compiled,
                 finetune=mode,
                 epochs=args.epochs,
                 batch_size=args.batch,
@@ -116,7 +120,9 @@ def main() -> None:
             )
             ours = max(r["train_images_per_s"] for r in res.history)
             plain = _plain(model_cfg, cfg, u8, y)
-            rows.append((mode, precision, res.trainable_params, ours, plain))
+            rows.append(
+                (mode + (", compiled" if compiled else ""), precision, res.trainable_params, ours, plain)
+            )
     total = rows[3][2]
     print(
         f"{args.backbone} @ {args.size}px, {args.n} images, batch {args.batch}, best epoch of {args.repeats}x{args.epochs}, "

@@ -126,6 +126,12 @@ class TrainConfig(_Strict):
         None, gt=0, le=1, description="layer-wise LR decay for ViTs (e.g. 0.75): block i gets lr·d^(L-i)"
     )
     grad_checkpointing: bool = Field(False, description="recompute activations in backward (timm models)")
+    compile: bool = Field(
+        False, description="torch.compile the training model (first epoch pays the compile)"
+    )
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend (inductor; aot_eager to debug)"
+    )
     class_balance: Literal["none", "weights", "sampler"] = Field(
         "none", description="inverse-frequency loss weights, or a class-balanced sampler"
     )

@@ -138,3 +138,11 @@ def test_an_interrupted_run_resumes_to_the_identical_next_epoch(images, tmp_path
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in straight.history]
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compiled_training_matches_eager(images):
+    """torch.compile (aot_eager here: the same graph capture, no C++ build) trains to the same weights."""
+    eager = _train(images).model
+    compiled = _train(images, compile=True, compile_backend="aot_eager").model
+    a, b = eager.state_dict(), compiled.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

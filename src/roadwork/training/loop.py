@@ -186,7 +186,8 @@ def train_model(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(total, int(cfg.warmup_epochs * updates_per_epoch))
     )
-    model, opt = fabric.setup(train_net, opt)
+    to_train = torch.compile(train_net, backend=cfg.compile_backend) if cfg.compile else train_net
+    model, opt = fabric.setup(to_train, opt)
     counts = torch.bincount(y_train, minlength=len(classes)).clamp(min=1).float()
     class_weight = (len(y_train) / (len(classes) * counts)) if cfg.class_balance == "weights" else None
     loss_fn = torch.nn.CrossEntropyLoss(
