@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -73,11 +74,16 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
+    """Stop the server and every process it started (LitServe's workers outlive a plain terminate)."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 _POOL: dict[tuple[str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
@@ -234,7 +240,9 @@ def _roadwork_server(
         "max_queue_delay_ms=5",
         *(extra or []),
     ]
-    return subprocess.Popen(cmd, stdout=_log(f"roadwork-{port}"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        cmd, stdout=_log(f"roadwork-{port}"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _log(name: str):  # type: ignore[no-untyped-def]
@@ -244,7 +252,9 @@ def _log(name: str):  # type: ignore[no-untyped-def]
 
 def _litserve_server(bundle_dir: Path, port: int, batch: int) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, str(HERE / "_litserve_app.py"), str(bundle_dir), str(port), str(batch)]
-    return subprocess.Popen(cmd, stdout=_log(f"litserve-{port}"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        cmd, stdout=_log(f"litserve-{port}"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _vit_bundle(out: Path, demo_bundle: Path) -> Path:

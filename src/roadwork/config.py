@@ -129,6 +129,10 @@ class TrainConfig(_Strict):
     compile: bool = Field(
         False, description="torch.compile the training model (first epoch pays the compile)"
     )
+    devices: int = Field(1, ge=1, description="data-parallel processes (DDP; gloo on CPU)")
+    strategy: Literal["auto", "ddp"] = Field(
+        "auto", description="multi-device strategy (Lightning Fabric DDP)"
+    )
     compile_backend: str = Field(
         "inductor", description="torch.compile backend (inductor; aot_eager to debug)"
     )

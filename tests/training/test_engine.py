@@ -146,3 +146,40 @@ def test_compiled_training_matches_eager(images):
     compiled = _train(images, compile=True, compile_backend="aot_eager").model
     a, b = eager.state_dict(), compiled.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_two_process_ddp_on_cpu_equals_one_process_with_the_doubled_batch(images):
+    """DDP over gloo: 2 processes x 8 images per step train like 1 process x 16 (gradients are averaged)."""
+    paths, labels = images
+    common = dict(epochs=1, lr=3e-3, accelerator="cpu", augment=False, patience=5)
+
+    def run(**kw):  # type: ignore[no-untyped-def]
+        cfg = TrainConfig(**common, **kw)
+        return train_model(
+            MODEL,
+            cfg,
+            classes=["a", "b"],
+            train_paths=paths,
+            train_labels=labels,
+            val_paths=paths[:16],
+            val_labels=labels[:16],
+            progress=False,
+        )
+
+    seen = []
+    ddp = train_model(
+        MODEL,
+        TrainConfig(**common, devices=2, batch_size=8),
+        classes=["a", "b"],
+        train_paths=paths,
+        train_labels=labels,
+        val_paths=paths[:16],
+        val_labels=labels[:16],
+        progress=False,
+        on_epoch=lambda e, row: seen.append(e),
+    )
+    single = run(batch_size=16)
+    a, b = ddp.model.state_dict(), single.model.state_dict()
+    assert seen == [1]
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert ddp.history[0]["val_loss"] == pytest.approx(single.history[0]["val_loss"], abs=1e-4)

@@ -134,7 +134,84 @@ def train_model(
     checkpoint_dir: Path | None = None,
 ) -> TrainResult:
     """Train; with ``checkpoint_dir``, save a resumable checkpoint after every epoch and resume from one of the
-    same configuration (model, optimizer, scheduler, EMA, best weights, RNG: the next step is identical)."""
+    same configuration (model, optimizer, scheduler, EMA, best weights, RNG: the next step is identical).
+
+    ``train.devices > 1`` runs data-parallel through Lightning Fabric (DDP; gloo on CPU, processes spawned here):
+    every process takes ``train.batch_size`` images of each global batch, so N processes train like one with an
+    N-times larger batch. ``on_epoch`` is then called after training, once per epoch, in this process.
+    """
+    fabric_mod = require("lightning_fabric")
+    kwargs: dict[str, Any] = dict(
+        classes=classes,
+        train_paths=list(train_paths),
+        train_labels=np.asarray(train_labels),
+        val_paths=list(val_paths),
+        val_labels=np.asarray(val_labels),
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+    )
+    if cfg.devices > 1:
+        strategy = "ddp_spawn"  # processes started here, so it works from Python, the CLI and notebooks alike
+        fabric = fabric_mod.Fabric(
+            accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy, precision=cfg.precision
+        )
+        import tempfile
+
+        from roadwork.models.heads import build_network
+
+        with tempfile.TemporaryDirectory(prefix="roadwork-ddp-") as tmp:
+            weights_file = Path(tmp) / "model.safetensors"
+            card_d, history, best, trainable = fabric.launch(
+                _train_payload, model_cfg, cfg, weights_file=weights_file, **kwargs
+            )
+            weights = require("safetensors.torch").load_file(str(weights_file))
+
+        card = ModelCard.from_dict(card_d)
+        model = build_network(
+            card.backbone,
+            len(card.classes),
+            drop_rate=card.drop_rate,
+            kwargs=card.kwargs,
+            head=card.head,
+            pooling=card.pooling,
+        )
+        model.load_state_dict(weights)
+        result = TrainResult(model.eval(), card, history, best, trainable)
+        if on_epoch is not None:
+            for row in result.history:
+                on_epoch(int(row["epoch"]), row)
+        return result
+    fabric = fabric_mod.Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
+    return _train(fabric, model_cfg, cfg, on_epoch=on_epoch, **kwargs)
+
+
+def _train_payload(
+    fabric: Any, model_cfg: ModelConfig, cfg: TrainConfig, *, weights_file: Path, **kwargs: Any
+) -> tuple[Any, ...]:
+    """Run in every spawned process. Rank 0 writes the weights to a file and returns only small metadata: a
+    large return value through the launcher's queue deadlocks (the child waits for the parent to read, the
+    parent waits for the child to exit), and shared tensors vanish with the child."""
+    r = _train(fabric, model_cfg, cfg, on_epoch=None, **kwargs)
+    if fabric.global_rank == 0:
+        state = {k: v.detach().cpu().contiguous() for k, v in r.model.state_dict().items()}
+        require("safetensors.torch").save_file(state, str(weights_file))
+    return r.card.to_dict(), r.history, r.best_epoch, r.trainable_params
+
+
+def _train(
+    fabric: Any,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    classes: list[str],
+    train_paths: Sequence[str],
+    train_labels: np.ndarray,
+    val_paths: Sequence[str],
+    val_labels: np.ndarray,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+    progress: bool,
+    checkpoint_dir: Path | None,
+) -> TrainResult:
     torch = require("torch")
     fabric_mod = require("lightning_fabric")
     from tqdm.auto import tqdm
@@ -142,7 +219,8 @@ def train_model(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     fabric_mod.seed_everything(cfg.seed, verbose=False)
-    fabric = fabric_mod.Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
+    world, rank = fabric.world_size, fabric.global_rank
+    progress = progress and rank == 0
 
     net, spec = create_model(model_cfg, len(classes))
     card = ModelCard(
@@ -180,7 +258,10 @@ def train_model(
     else:
         groups = [p for p in train_net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(x_train) / cfg.batch_size))
+    global_batch = (
+        cfg.batch_size * world
+    )  # each process takes its own batch_size images of every global batch
+    steps_per_epoch = max(1, math.ceil(len(x_train) / global_batch))
     updates_per_epoch = math.ceil(steps_per_epoch / cfg.accumulate)
     total = updates_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -241,7 +322,8 @@ def train_model(
         )
         run_loss, seen = 0.0, 0
         for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            batch = order[step * global_batch : (step + 1) * global_batch]
+            idx = batch[rank * cfg.batch_size : (rank + 1) * cfg.batch_size] if world > 1 else batch
             x = _to_input(torch, x_train[idx], spec)
             if cfg.augment:
                 x = _augment(torch, x, gen)
@@ -283,7 +365,7 @@ def train_model(
             best_state = {k: v.detach().clone() for k, v in keep.state_dict().items()}
         else:
             stale += 1
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and rank == 0:
             from roadwork.training.checkpoint import save_checkpoint
 
             tensors = {f"model.{k}": v for k, v in train_net.state_dict().items()}
