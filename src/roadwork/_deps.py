@@ -17,6 +17,10 @@ _EXTRA = {
     "matplotlib": "train",
     "mlflow": "train",
     "onnxruntime": "serve",
+    "sklearn": "tabular",
+    "xgboost": "tabular",
+    "lightgbm": "tabular",
+    "catboost": "tabular",
 }
 
 

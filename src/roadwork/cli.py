@@ -24,6 +24,9 @@ Usage:
   roadwork predict BUNDLE PATH [PATH ...]           one JSON line per image (label, probability, set, abstain)
   roadwork bench BUNDLE [batch=8] [seconds=3]       every form of the model side by side: size, accuracy,
                                                    ECE, ms/img, img/s, speed-up over torch eager
+  roadwork compare [CONFIG] [key=value ...] [frameworks=sklearn,lightgbm]
+                                                   gradient-boosting frameworks side by side on the same
+                                                   image features and splits (accuracy, ECE, sets, µs/row)
   roadwork serve BUNDLE [key=value ...]             HTTP server: OIP v2, /v1/classify, /metrics (no torch);
                                                    keys: host port max_batch_size max_queue_delay_ms max_queue
                                                    max_body_mb max_pixels ort_threads drain_timeout_s;
@@ -41,6 +44,7 @@ Examples:
   roadwork config show demo train.lr=1e-3
   roadwork data synthetic n=200 out=scenes/
   roadwork predict runs/demo/export/bundle scenes/000001.jpg
+  roadwork compare demo frameworks=sklearn,xgboost,lightgbm,catboost
   roadwork serve runs/demo/export/bundle port=8000 max_batch_size=16
   curl -s --data-binary @scenes/000001.jpg -H 'content-type: image/jpeg' localhost:8000/v1/classify
 """
@@ -216,6 +220,51 @@ def _bench(args: list[str]) -> int:
     return 0
 
 
+def _compare(args: list[str]) -> int:
+    from rich.console import Console
+
+    from roadwork.config import load_config
+    from roadwork.data.features import images_features
+    from roadwork.data.preprocess import load_rgb
+    from roadwork.evaluation.compare import compare_frameworks, format_compare
+    from roadwork.models.boosting import FRAMEWORKS, BoostingParams
+    from roadwork.pipeline import run_pipeline
+    from roadwork.pipeline.stages import _abs_paths, _labels, load_dataset
+
+    frameworks = list(FRAMEWORKS)
+    rest = []
+    for a in args:
+        if a.startswith("frameworks="):
+            frameworks = [f for f in a.partition("=")[2].split(",") if f]
+            bad = [f for f in frameworks if f not in FRAMEWORKS]
+            if bad:
+                raise RoadworkError(
+                    f"roadwork compare: frameworks={','.join(bad)} is unknown; choose from {','.join(FRAMEWORKS)}."
+                )
+        else:
+            rest.append(a)
+    config, overrides = _config_and_overrides(rest)
+    cfg = load_config(config, overrides)
+    result = run_pipeline(cfg, until="data", progress=True)
+    data_dir = result.run_dir / "data"
+    df, classes = load_dataset(data_dir)
+    feats, labels = {}, {}
+    for split in ("train", "calib", "test"):
+        part = df[df["split"] == split]
+        feats[split] = images_features([load_rgb(p) for p in _abs_paths(part, data_dir)])
+        labels[split] = _labels(part, classes)
+    c = cfg.cascade
+    params = BoostingParams(rounds=c.boosting_rounds, max_depth=c.boosting_depth, seed=cfg.train.seed)
+    rows = compare_frameworks(
+        feats, labels, len(classes), alpha=cfg.conformal.alpha, params=params, frameworks=frameworks
+    )
+    out = result.run_dir / "compare.json"
+    out.write_text(json.dumps(rows, indent=2))
+    Console().print(format_compare(rows, alpha=cfg.conformal.alpha))
+    _print(f"rows: {out}")
+    return 0
+
+
 def _serve(args: list[str]) -> int:
     import yaml
     from pydantic import ValidationError
@@ -286,13 +335,15 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(rest)
         if cmd == "bench":
             return _bench(rest)
+        if cmd == "compare":
+            return _compare(rest)
         if cmd in STAGE_NAMES:
             rest, flags = _split_flags(rest, ("--force",))
             config, overrides = _config_and_overrides(rest)
             return _run(config, overrides, flags["--force"], cmd)
         import difflib
 
-        options = ["demo", "run", "config", "predict", "serve", "bench", "help", *STAGE_NAMES]
+        options = ["demo", "run", "config", "predict", "serve", "bench", "compare", "help", *STAGE_NAMES]
         close = difflib.get_close_matches(cmd, options, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise RoadworkError(f"Unknown command {cmd!r}.{hint} Run 'roadwork help' for the commands.")

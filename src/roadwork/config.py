@@ -236,6 +236,42 @@ class ExportConfig(_Strict):
     tensorrt: bool = Field(False, description="check TensorRT through ONNX Runtime (needs an NVIDIA GPU)")
 
 
+class CascadeNetConfig(_Strict):
+    """The small network of a cascade, trained by the same loop as the main model (``train.*`` settings)."""
+
+    backbone: str = Field("resnet10t", description="timm model name")
+    kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"channels": [16, 24, 32, 48], "stem_width": 8},
+        description="extra timm.create_model arguments",
+    )
+    image_size: int = Field(48, ge=16, le=1024, description="network input side in pixels")
+    epochs: int | None = Field(None, ge=1, description="null: train.epochs")
+
+
+class CascadeConfig(_Strict):
+    """boosting → small network → the model: cheap stages answer what they are sure of."""
+
+    enabled: bool = Field(
+        False, description="build a cascade in front of the model and ship it in the bundle"
+    )
+    boosting: Literal["none", "sklearn", "xgboost", "lightgbm", "catboost"] = Field(
+        "sklearn", description="gradient-boosting framework of the first stage (cheap image features)"
+    )
+    boosting_rounds: int = Field(200, ge=1, description="boosting iterations")
+    boosting_depth: int = Field(6, ge=1, le=12, description="maximum tree depth")
+    small: CascadeNetConfig | None = Field(
+        CascadeNetConfig(), description="the small network stage; null for boosting → model"
+    )
+    mode: Literal["match", "risk"] = Field(
+        "match",
+        description="match: P(cascade wrong and model right) ≤ target; risk: P(cascade wrong) ≤ target",
+    )
+    target: float = Field(0.005, gt=0, lt=1, description="the certified bound (see mode)")
+    delta: float = Field(0.05, gt=0, lt=1, description="the bound holds with probability ≥ 1-δ")
+    cost_batch: int = Field(32, ge=1, description="batch size at which each stage's ms/image is measured")
+    cost_images: int = Field(256, ge=8, description="test images used to measure costs")
+
+
 class TrackingConfig(_Strict):
     enabled: bool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<root>/mlflow.db")
@@ -253,6 +289,7 @@ class RunConfig(_Strict):
     selective: SelectiveConfig = SelectiveConfig()
     policy: PolicyConfig = PolicyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    cascade: CascadeConfig = CascadeConfig()
     export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -137,6 +137,10 @@ def render_html(
             )
         )
     parts.extend(_conformal_rows(metrics))
+    if metrics.get("cascade"):
+        from roadwork.evaluation.cascade import cascade_section
+
+        parts.extend(cascade_section(metrics, _table, _img))
     parts.append(
         "<h2>Per-slice results</h2><p>Rows more than 5 points below overall accuracy are shaded.</p>"
     )

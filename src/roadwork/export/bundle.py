@@ -3,7 +3,9 @@
     bundle/
       model.onnx      the network (dynamic batch)
       model.json      architecture, class names, preprocessing
-      policy.json     the TrustPolicy (calibration, conformal threshold, certified abstention)
+      policy.json     the TrustPolicy (calibration, conformal threshold, certified abstention, cascade gate)
+      stage*-...      earlier cascade stages, when there is a cascade: a tree table (JSON) or an ONNX
+                      network with its model.json
       manifest.json   schema, sha256 of every file above, library versions, export parity
 
 :meth:`Bundle.load` refuses a bundle whose files do not match the manifest's hashes, naming the file.
@@ -62,13 +64,18 @@ def write_bundle(
     policy: TrustPolicy,
     export_info: dict[str, Any],
     variants: Mapping[str, tuple[Path, dict[str, Any]]] | None = None,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> None:
-    """``variants``: other forms of the model (``{"int8": (path, info)}``), stored as ``model-<name>.onnx``."""
+    """``variants``: other forms of the model (``{"int8": (path, info)}``), stored as ``model-<name>.onnx``;
+    ``extra_files``: name in the bundle → file (the cascade's earlier stages)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, out_dir / "model.onnx")
     (out_dir / "model.json").write_text(json.dumps(card.to_dict(), indent=2))
     policy.save(out_dir / "policy.json")
     files = list(_FILES)
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, out_dir / name)
+        files.append(name)
     described: dict[str, Any] = {}
     for name, (path, info) in (variants or {}).items():
         fname = f"model-{name}.onnx"
@@ -102,6 +109,7 @@ class Bundle:
     policy: TrustPolicy
     manifest: dict[str, Any]
     session: Any
+    stage_runners: list[Any] | None = None  # the cascade's earlier stages (StageRunner), in order
 
     @classmethod
     def load(cls, path: str | Path, *, threads: int = 0, variant: str = "fp32") -> Bundle:
@@ -132,7 +140,13 @@ class Bundle:
                     f"{', '.join(['fp32', *known])}. Export one with export.int8=dynamic|static."
                 )
             model_file = known[variant]["file"]
-        for name in (*_FILES, model_file):
+        policy_files = []
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            stages = (json.loads((root / "policy.json").read_text()).get("cascade") or {}).get("stages", [])
+            policy_files = [
+                n for st in stages[:-1] for n in (st["file"], st.get("info", {}).get("card")) if n
+            ]
+        for name in (*_FILES, model_file, *policy_files):
             f = root / name
             if name not in files:
                 raise ArtifactError(f"Bundle manifest does not list {name!r}; the bundle is incomplete.")
@@ -145,7 +159,19 @@ class Bundle:
                 )
         card = ModelCard.load(root / "model.json")
         policy = TrustPolicy.load(root / "policy.json")
-        return cls(root, card, policy, manifest, onnx_session(root / model_file, threads=threads))
+        runners = None
+        if policy.cascade is not None:
+            from roadwork.export.cascade import StageRunner
+
+            runners = [
+                StageRunner.boosting(root / st.file)
+                if st.kind == "boosting"
+                else StageRunner.network(
+                    root / st.file, ModelCard.load(root / st.info["card"]).preprocess, threads=threads
+                )
+                for st in policy.cascade.stages[:-1]
+            ]
+        return cls(root, card, policy, manifest, onnx_session(root / model_file, threads=threads), runners)
 
     @property
     def classes(self) -> list[str]:
@@ -159,8 +185,17 @@ class Bundle:
         self, images: Sequence[Image.Image], slices: Mapping[str, Sequence[str]] | None = None
     ) -> PolicyOutput:
         """``slices``: per-image metadata (e.g. ``{"weather": [...]}``) for a per-slice calibrator or Mondrian by
-        group (see ``policy.slice_columns``); without it the global calibrator and threshold apply."""
-        return self.policy.apply(self.logits(images), slices)
+        group (see ``policy.slice_columns``); without it the global calibrator and threshold apply. With a
+        cascade, each stage sees only the images the earlier stages did not answer."""
+        if self.stage_runners is None:
+            return self.policy.apply(self.logits(images), slices)
+        runners = self.stage_runners
+
+        def stage_logits(s: int, rows: np.ndarray) -> np.ndarray:
+            sub = [images[i] for i in rows]
+            return runners[s].logits(sub) if s < len(runners) else self.logits(sub)
+
+        return self.policy.apply_cascade(stage_logits, len(images), slices)
 
     def predict_paths(
         self,

@@ -1,6 +1,6 @@
 """The stage functions of the main job and their graph.
 
-    data → train → predict → calibrate → conformal, selective → policy → export → evaluate
+    data → train → predict → calibrate → conformal, selective → policy → cascade → export → evaluate
 
 Each function reads its inputs' folders and writes into ``ctx.out``; see :mod:`roadwork.pipeline.runner`.
 """
@@ -336,6 +336,208 @@ def stage_policy(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------------------------- cascade
+
+
+def _load_images(paths: list[str], what: str, progress: bool) -> list[Any]:
+    from tqdm.auto import tqdm
+
+    from roadwork.data.preprocess import load_rgb
+
+    return [load_rgb(p) for p in tqdm(paths, desc=what, unit="img", leave=False, disable=not progress)]
+
+
+def stage_cascade(ctx: StageContext) -> dict[str, Any]:
+    """Train the cheap stages (gradient boosting on image features, a small network), calibrate each on the
+    calibrator rows, measure every stage's ms/image, and certify the gate on the trust rows."""
+    import dataclasses
+
+    from roadwork.data.features import images_features
+    from roadwork.export.cascade import StageRunner, count_flops, measure_cost_ms
+    from roadwork.trust.cascade import CascadeStage, cascade_curve, fit_cascade, gate_grid
+
+    c = ctx.cfg.cascade
+    if not c.enabled:
+        (ctx.out / "cascade.json").write_text(json.dumps({"enabled": False}))
+        return {"enabled": False}
+    if c.boosting == "none" and c.small is None:
+        raise ConfigError(
+            "cascade.enabled=true needs an earlier stage: set cascade.boosting (e.g. sklearn) or cascade.small."
+        )
+    df, classes = load_dataset(ctx.inputs["data"])
+    data_dir = ctx.inputs["data"]
+    policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
+    parts = {split: df[df["split"] == split] for split in ("train", "val", "calib", "test")}
+    images = {
+        split: _load_images(_abs_paths(part, data_dir), f"cascade: reading {split}", ctx.progress)
+        for split, part in parts.items()
+        if split in ("calib", "test")
+    }
+    cost_images = images["test"][: c.cost_images]
+    stages: list[CascadeStage] = []
+    runners: list[StageRunner] = []
+    logits: dict[str, list[np.ndarray]] = {"calib": [], "test": []}
+
+    if c.boosting != "none":
+        from roadwork.models.boosting import BoostingParams, fit_booster, to_trees
+
+        feats = {
+            split: images_features(
+                images[split]
+                if split in images
+                else _load_images(
+                    _abs_paths(parts[split], data_dir), f"cascade: reading {split}", ctx.progress
+                )
+            )
+            for split in ("train", "calib", "test")
+        }
+        t0 = time.perf_counter()
+        params = BoostingParams(rounds=c.boosting_rounds, max_depth=c.boosting_depth, seed=ctx.cfg.train.seed)
+        booster = fit_booster(
+            c.boosting, feats["train"], _labels(parts["train"], classes), len(classes), params
+        )
+        fit_s = time.perf_counter() - t0
+        trees = to_trees(c.boosting, booster, feats["calib"][:256])
+        (ctx.out / "stage0-trees.json").write_text(json.dumps(trees.to_dict()))
+        runners.append(StageRunner("boosting", trees=trees))
+        for split in logits:
+            logits[split].append(trees.logits(feats[split]))
+        stages.append(
+            CascadeStage(
+                f"boost-{c.boosting}",
+                "boosting",
+                "stage0-trees.json",
+                0.0,
+                info={"framework": c.boosting, "trees": len(trees.roots), "fit_seconds": round(fit_s, 3)},
+            )
+        )
+
+    if c.small is not None:
+        from roadwork.export.onnx import export_onnx
+        from roadwork.models.factory import save_model
+        from roadwork.training.loop import train_model
+
+        mcfg = ctx.cfg.model.model_copy(
+            update={
+                "backbone": c.small.backbone,
+                "kwargs": c.small.kwargs,
+                "image_size": c.small.image_size,
+                "weights": None,
+            }
+        )
+        tcfg = ctx.cfg.train.model_copy(update={"epochs": c.small.epochs or ctx.cfg.train.epochs})
+        tr, va = parts["train"], parts["val"]
+        res = train_model(
+            mcfg,
+            tcfg,
+            classes=classes,
+            train_paths=_abs_paths(tr, data_dir),
+            train_labels=_labels(tr, classes),
+            val_paths=_abs_paths(va, data_dir),
+            val_labels=_labels(va, classes),
+            progress=ctx.progress,
+        )
+        idx = len(stages)
+        (ctx.out / "small").mkdir()
+        save_model(res.model, res.card, ctx.out / "small")
+        (ctx.out / f"stage{idx}-model.json").write_text(json.dumps(res.card.to_dict(), indent=2))
+        from roadwork.data.preprocess import preprocess
+
+        sample = preprocess(images["test"][:8], res.card.preprocess)
+        export_onnx(res.model, sample, ctx.out / f"stage{idx}-model.onnx", opset=ctx.cfg.export.opset)
+        runner = StageRunner.network(ctx.out / f"stage{idx}-model.onnx", res.card.preprocess)
+        runners.append(runner)
+        for split in logits:
+            logits[split].append(runner.logits(images[split]))
+        stages.append(
+            CascadeStage(
+                "small",
+                "network",
+                f"stage{idx}-model.onnx",
+                0.0,
+                flops=count_flops(res.model, res.card.preprocess.size),
+                info={
+                    "backbone": c.small.backbone,
+                    "image_size": c.small.image_size,
+                    "card": f"stage{idx}-model.json",
+                    "val_accuracy": res.history[-1].get("val_accuracy"),
+                },
+            )
+        )
+
+    # the last stage: the model, from the predict stage's logits; timed through its own ONNX export
+    from roadwork.export.onnx import export_onnx
+    from roadwork.models.factory import load_model
+
+    model, card = load_model(ctx.inputs["train"])
+    from roadwork.data.preprocess import preprocess
+
+    tmp_onnx = ctx.out / "model.onnx.tmp"
+    export_onnx(model, preprocess(images["test"][:8], card.preprocess), tmp_onnx, opset=ctx.cfg.export.opset)
+    runners.append(StageRunner.network(tmp_onnx, card.preprocess))
+    for split in logits:
+        logits[split].append(_preds(ctx, split).logits)
+    stages.append(
+        CascadeStage(
+            "model",
+            "network",
+            "model.onnx",
+            0.0,
+            flops=count_flops(model, card.preprocess.size),
+            info={"backbone": ctx.cfg.model.backbone, "image_size": ctx.cfg.model.image_size},
+        )
+    )
+    costs = [measure_cost_ms(r, cost_images, batch=c.cost_batch) for r in runners]
+    tmp_onnx.unlink()
+    stages = [dataclasses.replace(st, cost_ms=round(ms, 5)) for st, ms in zip(stages, costs, strict=True)]
+
+    # calibrate the early stages on the calibrator rows, certify the gate on the trust rows
+    cal = _preds(ctx, "calib")
+    fraction = json.loads((ctx.inputs["calibrate"] / "split.json").read_text())["fit_fraction"]
+    fit_rows = _calibrator_rows(cal.ids, fraction)
+    trust_rows = ~fit_rows if fraction < 1 else fit_rows
+    method = ctx.cfg.calibrate.method
+    for s in range(len(stages) - 1):
+        stages[s].calibrator = make_calibrator(method).fit(logits["calib"][s][fit_rows], cal.labels[fit_rows])
+    test = _preds(ctx, "test")
+
+    def stage_probs(split: str, p: Predictions, rows: np.ndarray) -> list[np.ndarray]:
+        cals = [st.calibrator for st in stages[:-1] if st.calibrator is not None]
+        out = [cal.predict_proba(z[rows]) for cal, z in zip(cals, logits[split], strict=False)]
+        sub = p.subset(rows)
+        return [*out, calibrate_proba(policy.calibrator, sub.logits, sub.slices)]
+
+    calib_probs = stage_probs("calib", cal, trust_rows)
+    floor = policy.abstention.threshold if np.isfinite(policy.abstention.threshold) else 0.5
+    cascade = fit_cascade(
+        stages, calib_probs, cal.labels[trust_rows], mode=c.mode, target=c.target, delta=c.delta, floor=floor
+    )
+    (ctx.out / "cascade.json").write_text(json.dumps({"enabled": True, **cascade.to_dict()}, indent=2))
+    grid = gate_grid(floor)
+    curves = {
+        "calib": cascade_curve(calib_probs, cal.labels[trust_rows], costs, grid, c.mode),
+        "test": cascade_curve(
+            stage_probs("test", test, np.ones(len(test), bool)), test.labels, costs, grid, c.mode
+        ),
+    }
+    (ctx.out / "curves.json").write_text(
+        json.dumps({k: {m: v.tolist() for m, v in cur.items()} for k, cur in curves.items()})
+    )
+    for split in logits:  # every stage's logits, in the project's one currency
+        p = cal if split == "calib" else test
+        for st, z in zip(stages[:-1], logits[split], strict=False):
+            Predictions(p.ids, p.labels, z, p.classes, p.slices).to_parquet(
+                ctx.out / f"predictions-{split}-{st.name}.parquet"
+            )
+    return {
+        "stages": [s.name for s in stages],
+        "cost_ms": costs,
+        "threshold": cascade.threshold,
+        "certified": cascade.certified,
+        "calib_risk": cascade.calib_risk,
+    }
+
+
 # --------------------------------------------------------------------------------------------- export
 
 
@@ -379,6 +581,17 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
                 "(pip install onnxruntime-gpu tensorrt); this machine has neither. Set export.tensorrt=false."
             )
     policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
+    extra: dict[str, Path] = {}
+    spec = json.loads((ctx.inputs["cascade"] / "cascade.json").read_text())
+    if spec.get("enabled"):
+        from roadwork.trust.cascade import Cascade
+
+        policy.cascade = Cascade.from_dict(spec)
+        for st in policy.cascade.stages[:-1]:
+            for name in (st.file, st.info.get("card")):
+                if name:
+                    extra[name] = ctx.inputs["cascade"] / name
+        info["cascade"] = {"stages": policy.cascade.names, "threshold": policy.cascade.threshold}
     variants: dict[str, tuple[Path, dict[str, Any]]] = {}
     if e.int8 != "none":
         from roadwork.export.variants import quantize_int8
@@ -402,6 +615,7 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
         policy=policy,
         export_info=info,
         variants=variants,
+        extra_files=extra,
     )
     if e.triton:
         from roadwork.export.variants import write_triton_repository
@@ -519,6 +733,19 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     }
     timing["evaluate"] = time.perf_counter() - t0
     metrics["timing"] = timing
+    spec = json.loads((ctx.inputs["cascade"] / "cascade.json").read_text())
+    if spec.get("enabled"):
+        from roadwork.evaluation.cascade import cascade_metrics
+        from roadwork.trust.cascade import Cascade
+
+        cpolicy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
+        cpolicy.cascade = Cascade.from_dict(spec)
+        stage_logits = [
+            Predictions.from_parquet(ctx.inputs["cascade"] / f"predictions-test-{st.name}.parquet").logits
+            for st in cpolicy.cascade.stages[:-1]
+        ]
+        curves = json.loads((ctx.inputs["cascade"] / "curves.json").read_text())
+        metrics["cascade"], _ = cascade_metrics(cpolicy, [*stage_logits, test.logits], test, curves)
     bundle_manifest = json.loads((ctx.inputs["export"] / "bundle" / "manifest.json").read_text())
     metrics["export"] = bundle_manifest["export"]
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -563,15 +790,22 @@ STAGES: list[Stage] = [
         code=_code("trust"),
     ),
     Stage(
+        "cascade",
+        ("data", "train", "predict", "calibrate", "policy"),
+        ("cascade", "train", "calibrate", "export"),
+        stage_cascade,
+        code=_code("data", "models", "training", "export", "trust"),
+    ),
+    Stage(
         "export",
-        ("data", "train", "policy"),
+        ("data", "train", "policy", "cascade"),
         ("export",),
         stage_export,
         code=_code("data", "models", "export", "trust"),
     ),
     Stage(
         "evaluate",
-        ("data", "train", "predict", "calibrate", "conformal", "selective", "policy", "export"),
+        ("data", "train", "predict", "calibrate", "conformal", "selective", "policy", "cascade", "export"),
         ("evaluate",),
         stage_evaluate,
         code=_code("data", "evaluation", "trust"),

@@ -55,25 +55,34 @@ class _Model:
         self.size = bundle.card.preprocess.size
         self.slice_columns = bundle.policy.slice_columns
 
-    def preprocess(self, blobs: list[bytes]) -> np.ndarray:
+    def preprocess(self, blobs: list[bytes]) -> Any:
+        """Decode (and, without a cascade, preprocess for the model). A cascade bundle gets the decoded images:
+        each stage resizes them its own way, and only for the images that reach it."""
         images = [
             decode_image(
                 b, max_pixels=self.settings.max_pixels, what=f"image {i}" if len(blobs) > 1 else "image"
             )
             for i, b in enumerate(blobs)
         ]
+        if self.bundle.stage_runners is not None:
+            return images
         return preprocess(images, self.bundle.card.preprocess)
 
-    def run_batch(self, x: np.ndarray, meta: dict[str, list[str]]) -> list[dict[str, Any]]:
-        logits = onnx_logits(self.bundle.session, x, batch_size=self.settings.max_batch_size)
+    def run_batch(self, x: Any, meta: dict[str, list[str]]) -> list[dict[str, Any]]:
         slices = {k: v for k, v in meta.items() if k in self.slice_columns}
-        out = self.bundle.policy.apply(logits, slices or None)
+        if isinstance(x, list):  # decoded images through the cascade
+            out = self.bundle.predict_images(x, slices or None)
+            logits = np.log(np.clip(out.probs, 1e-300, None))  # the answering stage's calibrated log-probs
+        else:  # a preprocessed tensor goes to the model (the cascade's last stage) directly
+            logits = onnx_logits(self.bundle.session, x, batch_size=self.settings.max_batch_size)
+            out = self.bundle.policy.apply(logits, slices or None)
         records = out.records(self.bundle.classes)
         m = self.metrics
+        last = self.bundle.policy.cascade.names[-1] if self.bundle.policy.cascade is not None else "model"
         for i, rec in enumerate(records):
-            rec["stage"] = "model"  # the cascade issue adds earlier stages
+            rec.setdefault("stage", last)
             m.predictions.labels(rec["label"]).inc()
-            m.stages.labels("model").inc()
+            m.stages.labels(rec["stage"]).inc()
             m.confidence.observe(rec["probability"])
             m.set_size.observe(len(rec["prediction_set"]))
             if rec["abstain"]:
@@ -237,7 +246,7 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         if name != model.name:
             raise RequestError(404, f"unknown model {name!r}; this server serves {model.name!r}.")
 
-    async def _predict(x: np.ndarray, meta: dict[str, list[str]]) -> list[dict[str, Any]]:
+    async def _predict(x: Any, meta: dict[str, list[str]]) -> list[dict[str, Any]]:
         metrics.queue_depth.set(batcher.waiting)
         try:
             return await batcher.submit(x, meta)

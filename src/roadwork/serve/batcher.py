@@ -26,10 +26,16 @@ class QueueFull(Exception):
 
 @dataclass
 class _Item:
-    x: np.ndarray  # (n, 3, H, W) float32
+    x: Any  # (n, 3, H, W) float32 array, or a list of n decoded images (cascade bundles)
     meta: dict[str, list[str]]
     future: asyncio.Future[list[Any]]
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+def _join(parts: list[Any]) -> Any:
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return [im for p in parts for im in p]
 
 
 class DynamicBatcher:
@@ -37,7 +43,7 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray, dict[str, list[str]]], list[Any]],
+        run_batch: Callable[[Any, dict[str, list[str]]], list[Any]],
         *,
         max_batch_size: int,
         max_queue_delay_ms: float,
@@ -67,7 +73,7 @@ class DynamicBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def submit(self, x: np.ndarray, meta: dict[str, list[str]]) -> list[Any]:
+    async def submit(self, x: Any, meta: dict[str, list[str]]) -> list[Any]:
         if self.waiting + len(x) > self.max_queue and self.waiting > 0:
             raise QueueFull
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
@@ -96,7 +102,7 @@ class DynamicBatcher:
             self.waiting -= n
             now = time.perf_counter()
             waits = [now - it.enqueued for it in items]
-            x = np.concatenate([it.x for it in items]) if len(items) > 1 else items[0].x
+            x = items[0].x if len(items) == 1 else _join([it.x for it in items])
             keys = {k for it in items for k in it.meta}
             meta = {k: [v for it in items for v in it.meta.get(k, [""] * len(it.x))] for k in keys}
             try:

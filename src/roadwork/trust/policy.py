@@ -1,22 +1,23 @@
 """``TrustPolicy``: everything after the network, in numpy, serialised to JSON.
 
-calibrate → prediction set → abstain → decision. The evaluator, the Python API, ``roadwork predict``
+[cascade gates →] calibrate → prediction set → abstain → decision. The evaluator, the Python API, ``roadwork predict``
 and the bundle all call :meth:`TrustPolicy.apply`, so offline metrics are the metrics of what is served.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from roadwork.errors import ArtifactError
+from roadwork.errors import ArtifactError, InputError
 from roadwork.trust._checks import check_logits
 from roadwork.trust.calibration import Calibrator, SliceCalibrator, calibrate_proba, calibrator_from_dict
+from roadwork.trust.cascade import Cascade, run_cascade
 from roadwork.trust.conformal import SplitConformal
 from roadwork.trust.operating import OperatingPoint
 from roadwork.trust.risk import FalseNegativeControl
@@ -39,6 +40,8 @@ class PolicyOutput:
     positive_possible: np.ndarray | None = (
         None  # (n,) bool: risk control says the positive can't be ruled out
     )
+    stage: np.ndarray | None = None  # (n,) index of the cascade stage that answered
+    stage_names: list[str] | None = None
 
     def records(self, classes: list[str]) -> list[dict[str, Any]]:
         """One JSON-ready dict per row (what ``roadwork predict`` prints and the server returns)."""
@@ -54,6 +57,8 @@ class PolicyOutput:
                 rec["score"] = round(float(self.score[i]), 6)
             if self.positive_possible is not None:
                 rec["positive_possible"] = bool(self.positive_possible[i])
+            if self.stage is not None and self.stage_names is not None:
+                rec["stage"] = self.stage_names[self.stage[i]]
             out.append(rec)
         return out
 
@@ -67,17 +72,48 @@ class TrustPolicy:
     positive_class: str | None = None  # for binary tasks: the class whose probability is the score
     operating_point: OperatingPoint | None = None  # remaps the score so the chosen threshold sits at 0.5
     risk_control: FalseNegativeControl | None = None  # flags images so E[missed positives] <= alpha
+    cascade: Cascade | None = None  # earlier, cheaper stages and their certified gate; the model is the last
 
     def apply(self, logits: object, slices: Mapping[str, Any] | None = None) -> PolicyOutput:
         """``slices``: per-row metadata columns (e.g. ``{"weather": [...]}``). A per-slice calibrator and
         Mondrian-by-group sets read their column from it; rows without it get the global calibrator and
-        threshold (the marginal guarantee only)."""
+        threshold (the marginal guarantee only). ``logits`` are the model's (the cascade's last stage)."""
         z = check_logits(logits, "TrustPolicy.apply")
-        probs = calibrate_proba(self.calibrator, z, slices)
+        return self._decide(calibrate_proba(self.calibrator, z, slices), slices)
+
+    def apply_cascade(
+        self,
+        stage_logits: Callable[[int, np.ndarray], object],
+        n: int,
+        slices: Mapping[str, Any] | None = None,
+    ) -> PolicyOutput:
+        """Run the cascade: ``stage_logits(s, rows)`` returns stage s's logits for those row indices and is
+        called only for rows that reach stage s (the last stage is the model :meth:`apply` calibrates)."""
+        if self.cascade is None:
+            raise InputError(
+                "this policy has no cascade; call apply(logits) or export with cascade.enabled=true."
+            )
+        last = len(self.cascade.stages) - 1
+
+        def stage_probs(s: int, rows: np.ndarray) -> np.ndarray:
+            z = check_logits(stage_logits(s, rows), f"cascade stage {self.cascade.stages[s].name!r}")  # type: ignore[union-attr]
+            if s == last:
+                sub = None if slices is None else {k: np.asarray(v)[rows] for k, v in slices.items()}
+                return calibrate_proba(self.calibrator, z, sub)
+            cal = self.cascade.stages[s].calibrator  # type: ignore[union-attr]
+            assert cal is not None
+            return cal.predict_proba(z)
+
+        probs, stage = run_cascade(self.cascade, stage_probs, n, len(self.classes))
+        out = self._decide(probs, slices)
+        out.stage, out.stage_names = stage, self.cascade.names
+        return out
+
+    def _decide(self, probs: np.ndarray, slices: Mapping[str, Any] | None) -> PolicyOutput:
         groups = None
         if self.conformal.mondrian == "group":
             column = None if slices is None else slices.get(self.conformal.group_by or "")
-            groups = np.full(len(z), _NO_GROUP) if column is None else column
+            groups = np.full(len(probs), _NO_GROUP) if column is None else column
         conf = probs.max(axis=1)
         score = None
         if self.positive_index is not None:
@@ -116,6 +152,7 @@ class TrustPolicy:
             "abstention": self.abstention.to_dict(),
             "operating_point": None if self.operating_point is None else self.operating_point.to_dict(),
             "risk_control": None if self.risk_control is None else self.risk_control.to_dict(),
+            "cascade": None if self.cascade is None else self.cascade.to_dict(),
         }
 
     @classmethod
@@ -137,6 +174,7 @@ class TrustPolicy:
             operating_point=None
             if d.get("operating_point") is None
             else OperatingPoint.from_dict(d["operating_point"]),
+            cascade=None if d.get("cascade") is None else Cascade.from_dict(d["cascade"]),
         )
 
     def to_json(self) -> str:

@@ -1,0 +1,88 @@
+"""Running and timing cascade stages on decoded images (no torch): what the bundle, the server, the cascade
+stage's cost measurement and ``benchmarks/cascade_cost.py`` share.
+
+Each stage starts from the decoded image and does its own resizing, exactly as in training, so a stage's
+cost includes its preprocessing (feature extraction for the boosting stage) and excludes decoding, which
+every path pays once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from roadwork.data.features import images_features
+from roadwork.data.preprocess import PreprocessSpec, preprocess
+from roadwork.export.onnx import onnx_logits, onnx_session
+from roadwork.models.trees import TreeEnsemble
+
+__all__ = ["StageRunner", "count_flops", "measure_cost_ms"]
+
+
+@dataclass
+class StageRunner:
+    """Logits of one stage from PIL images: a tree ensemble on cheap features, or an ONNX network."""
+
+    kind: str
+    trees: TreeEnsemble | None = None
+    session: Any = None
+    spec: PreprocessSpec | None = None
+
+    @classmethod
+    def boosting(cls, path: Path) -> StageRunner:
+        return cls("boosting", trees=TreeEnsemble.from_dict(json.loads(Path(path).read_text())))
+
+    @classmethod
+    def network(cls, onnx_path: Path, spec: PreprocessSpec, *, threads: int = 0) -> StageRunner:
+        return cls("network", session=onnx_session(onnx_path, threads=threads), spec=spec)
+
+    def logits(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> np.ndarray:
+        if self.kind == "boosting":
+            assert self.trees is not None
+            return self.trees.logits(images_features(images))
+        assert self.spec is not None
+        out = [
+            onnx_logits(
+                self.session, preprocess(list(images[i : i + batch_size]), self.spec), batch_size=batch_size
+            )
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def measure_cost_ms(
+    runner: StageRunner, images: Sequence[Image.Image], *, batch: int = 32, repeats: int = 5
+) -> float:
+    """Median over ``repeats`` passes of ms per image, in batches of ``batch`` (one warm-up pass first)."""
+    images = list(images)
+    runner.logits(images[:batch], batch_size=batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(0, len(images), batch):
+            runner.logits(images[i : i + batch], batch_size=batch)
+        times.append((time.perf_counter() - t0) * 1000 / max(len(images), 1))
+    return float(np.median(times))
+
+
+def count_flops(model: Any, size: int) -> float | None:
+    """Floating-point operations of one forward pass on one image (torch's FlopCounterMode); None if unknown."""
+    try:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        was = model.training
+        model.eval()
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, size, size))
+        model.train(was)
+        return float(counter.get_total_flops())
+    except Exception:  # a model the counter cannot trace: the cost in ms still stands
+        return None

@@ -1,0 +1,265 @@
+"""Cost-aware cascades: cheap stages answer the images they are sure of, the rest go on to the next stage.
+
+Stage ``s < last`` answers a row when its *calibrated* confidence is at least the gate threshold ``λ``; the
+last stage answers everything that reaches it. The gates share one threshold ``λ``, which makes the cascade a
+one-parameter family ordered from strict (λ near 1: everything reaches the last stage) to loose, and mean
+cost falls monotonically as λ falls. That order is fixed before the data are seen, so **fixed-sequence
+testing** (Learn-then-Test, Angelopoulos et al. 2021) certifies the threshold with no multiplicity
+correction: walk λ down the grid, test H0: risk(λ) > target with the exact binomial p-value
+``P(Binomial(n, target) <= errors)``, stop at the first λ whose p-value exceeds δ, and keep the last one that
+passed — the cheapest certified cascade. With probability ≥ 1 − δ over the calibration draw its risk on new
+images from the same distribution is ≤ target.
+
+Two risks (``mode``):
+
+- ``risk``: the cascade's error rate (answer ≠ label) ≤ ``target``;
+- ``match``: the rate of images the cascade gets wrong *and the last stage alone gets right* ≤ ``target``,
+  so accuracy(cascade) ≥ accuracy(last stage) − target: "as good as the big model, within a margin".
+
+Gates never go below ``floor`` (the policy's certified abstention threshold), so an image answered early is
+never one the policy would abstain on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from roadwork.errors import InputError, RoadworkWarning
+from roadwork.trust._checks import check_labels, check_level
+from roadwork.trust.calibration import Calibrator, calibrator_from_dict
+
+__all__ = ["Cascade", "CascadeStage", "cascade_curve", "fit_cascade", "gate_grid", "route", "run_cascade"]
+
+Mode = Literal["risk", "match"]
+
+
+@dataclass
+class CascadeStage:
+    """One model of a cascade. ``file`` names its model inside the bundle; ``calibrator`` is None for the last
+    stage (the policy's own calibrator calibrates it)."""
+
+    name: str
+    kind: Literal["boosting", "network"]
+    file: str
+    cost_ms: float
+    calibrator: Calibrator | None = None
+    flops: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "file": self.file,
+            "cost_ms": self.cost_ms,
+            "flops": self.flops,
+            "calibrator": None if self.calibrator is None else self.calibrator.to_dict(),
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CascadeStage:
+        return cls(
+            name=d["name"],
+            kind=d["kind"],
+            file=d["file"],
+            cost_ms=float(d["cost_ms"]),
+            calibrator=None if d.get("calibrator") is None else calibrator_from_dict(d["calibrator"]),
+            flops=d.get("flops"),
+            info=dict(d.get("info", {})),
+        )
+
+
+@dataclass
+class Cascade:
+    stages: list[CascadeStage]
+    threshold: float  # λ: the gate of every stage but the last; +inf sends everything to the last stage
+    mode: Mode
+    target: float
+    delta: float
+    certified: bool
+    bound_pvalue: float  # p-value of the chosen λ (≤ delta when certified)
+    calib_risk: float  # empirical risk of the chosen λ on the calibration rows
+    n_calib: int
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def expected_cost(self, stage: np.ndarray) -> float:
+        """Mean ms per image when row i stops at ``stage[i]`` (every earlier stage ran too)."""
+        cost = np.cumsum([s.cost_ms for s in self.stages])
+        return float(cost[stage].mean()) if len(stage) else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": 1,
+            "stages": [s.to_dict() for s in self.stages],
+            "threshold": self.threshold,
+            "mode": self.mode,
+            "target": self.target,
+            "delta": self.delta,
+            "certified": self.certified,
+            "bound_pvalue": self.bound_pvalue,
+            "calib_risk": self.calib_risk,
+            "n_calib": self.n_calib,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Cascade:
+        return cls(
+            stages=[CascadeStage.from_dict(s) for s in d["stages"]],
+            threshold=float(d["threshold"]),
+            mode=d["mode"],
+            target=float(d["target"]),
+            delta=float(d["delta"]),
+            certified=bool(d["certified"]),
+            bound_pvalue=float(d["bound_pvalue"]),
+            calib_risk=float(d["calib_risk"]),
+            n_calib=int(d["n_calib"]),
+        )
+
+
+def route(confidences: Sequence[np.ndarray], threshold: float) -> np.ndarray:
+    """The stage that answers each row: the first early stage whose confidence ≥ ``threshold``, else the last.
+    ``confidences``: one (n,) array per early stage (the last stage needs none)."""
+    n = len(confidences[0]) if len(confidences) else 0
+    stage = np.full(n, len(confidences), dtype=np.intp)
+    undecided = np.ones(n, dtype=bool)
+    for s, c in enumerate(confidences):
+        hit = undecided & (c >= threshold)
+        stage[hit] = s
+        undecided &= ~hit
+    return stage
+
+
+def gate_grid(floor: float, m: int = 60) -> np.ndarray:
+    """Gate thresholds from strict to loose: 1 − geometric steps down to ``floor``, dense near 1."""
+    floor = min(max(floor, 0.0), 1 - 1e-6)
+    return 1.0 - np.geomspace(1e-5, 1.0 - floor, m)
+
+
+def _losses(stage: np.ndarray, preds: Sequence[np.ndarray], labels: np.ndarray, mode: Mode) -> np.ndarray:
+    answer = np.choose(stage, preds) if len(preds) > 1 else preds[0]
+    wrong = answer != labels
+    return wrong & (preds[-1] == labels) if mode == "match" else wrong
+
+
+def _pvalue(errors: int, n: int, target: float) -> float:
+    from scipy.stats import binom
+
+    return float(binom.cdf(errors, n, target)) if n else 1.0
+
+
+def cascade_curve(
+    probs: Sequence[np.ndarray],
+    labels: np.ndarray,
+    costs: Sequence[float],
+    grid: np.ndarray,
+    mode: Mode = "match",
+) -> dict[str, np.ndarray]:
+    """For every gate threshold of ``grid``: mean cost, accuracy, risk (per ``mode``) and each stage's share."""
+    confs = [p.max(axis=1) for p in probs[:-1]]
+    preds = [p.argmax(axis=1) for p in probs]
+    cum = np.cumsum(costs)
+    rows: dict[str, list[Any]] = {"threshold": [], "cost_ms": [], "accuracy": [], "risk": [], "share": []}
+    for lam in grid:
+        stage = route(confs, float(lam))
+        answer = np.choose(stage, preds)
+        rows["threshold"].append(lam)
+        rows["cost_ms"].append(cum[stage].mean())
+        rows["accuracy"].append((answer == labels).mean())
+        rows["risk"].append(_losses(stage, preds, labels, mode).mean())
+        rows["share"].append(np.bincount(stage, minlength=len(probs)) / max(len(stage), 1))
+    return {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()}
+
+
+def fit_cascade(
+    stages: Sequence[CascadeStage],
+    probs: Sequence[np.ndarray],
+    labels: object,
+    *,
+    mode: Mode = "match",
+    target: float = 0.005,
+    delta: float = 0.05,
+    floor: float = 0.5,
+    grid_size: int = 60,
+) -> Cascade:
+    """Certify the gate threshold on calibration rows: ``probs[s]`` is stage s's calibrated (n, K)
+    probabilities (the last stage's through the policy's calibrator), in cascade order."""
+    if len(stages) != len(probs) or len(stages) < 2:
+        raise InputError(
+            f"fit_cascade needs one probability matrix per stage and at least two stages; got {len(stages)} "
+            f"stages and {len(probs)} matrices."
+        )
+    if mode not in ("risk", "match"):
+        raise InputError(f"cascade mode {mode!r} is unknown; use 'risk' or 'match'.")
+    target = check_level(target, "target", "fit_cascade")
+    delta = check_level(delta, "delta", "fit_cascade")
+    n, k = probs[-1].shape
+    for s, p in zip(stages, probs, strict=True):
+        if p.shape != (n, k):
+            raise InputError(f"stage {s.name!r} probabilities have shape {p.shape}; expected {(n, k)}.")
+    y = check_labels(labels, n, k, "fit_cascade")
+    confs = [p.max(axis=1) for p in probs[:-1]]
+    preds = [p.argmax(axis=1) for p in probs]
+    chosen, p_chosen, risk_chosen = math.inf, math.nan, math.nan
+    last = np.full(n, len(stages) - 1)
+    base = _losses(last, preds, y, mode)
+    for lam in gate_grid(floor, grid_size):
+        losses = _losses(route(confs, float(lam)), preds, y, mode)
+        pv = _pvalue(int(losses.sum()), n, target)
+        if pv > delta:
+            break
+        chosen, p_chosen, risk_chosen = float(lam), pv, float(losses.mean())
+    certified = math.isfinite(chosen)
+    if not certified:
+        p_chosen, risk_chosen = _pvalue(int(base.sum()), n, target), float(base.mean())
+        warnings.warn(
+            f"no cascade gate could be certified at {mode} ≤ {target:g} with δ={delta:g} on {n} calibration rows "
+            f"(the strictest gate already fails); every image goes to the last stage. Raise cascade.target or "
+            "add calibration images.",
+            RoadworkWarning,
+            stacklevel=2,
+        )
+    return Cascade(
+        stages=list(stages),
+        threshold=chosen,
+        mode=mode,
+        target=target,
+        delta=delta,
+        certified=certified,
+        bound_pvalue=p_chosen,
+        calib_risk=risk_chosen,
+        n_calib=n,
+    )
+
+
+def run_cascade(
+    cascade: Cascade,
+    stage_probs: Callable[[int, np.ndarray], np.ndarray],
+    n: int,
+    n_classes: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run a cascade batch-wise: ``stage_probs(s, rows)`` returns stage s's calibrated probabilities for the
+    given row indices, and is called only for the rows that reach stage s. Returns (probs, stage)."""
+    probs = np.zeros((n, n_classes))
+    stage = np.full(n, len(cascade.stages) - 1, dtype=np.intp)
+    rows = np.arange(n)
+    for s in range(len(cascade.stages) - 1):
+        if not len(rows):
+            break
+        p = stage_probs(s, rows)
+        done = p.max(axis=1) >= cascade.threshold
+        probs[rows[done]] = p[done]
+        stage[rows[done]] = s
+        rows = rows[~done]
+    if len(rows):
+        probs[rows] = stage_probs(len(cascade.stages) - 1, rows)
+    return probs, stage
