@@ -33,6 +33,8 @@ def tiny_overrides(root: Path, name: str = "tiny", **extra: object) -> list[str]
         "export.parity_samples": 8,
         "evaluate.n_examples": 4,
         "tracking.enabled": False,
+        # a tiny model would keep no early stage; the cascade tests need all three (selection: tests/trust)
+        "cascade.select_stages": False,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -139,6 +139,10 @@ class TrainConfig(_Strict):
     class_balance: Literal["none", "weights", "sampler"] = Field(
         "none", description="inverse-frequency loss weights, or a class-balanced sampler"
     )
+    loss: Literal["ce", "gatekeeper"] = Field(
+        "ce", description="gatekeeper: α·CE on correct rows + (1-α)·KL(p‖uniform) on wrong ones (cascades)"
+    )
+    gatekeeper_alpha: float = Field(0.5, gt=0, le=1, description="α of the gatekeeper loss")
     seed: int = 0
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
@@ -246,6 +250,10 @@ class CascadeNetConfig(_Strict):
     )
     image_size: int = Field(48, ge=16, le=1024, description="network input side in pixels")
     epochs: int | None = Field(None, ge=1, description="null: train.epochs")
+    gatekeeper_epochs: int = Field(
+        0, ge=0, description="then fine-tune this many epochs with the Gatekeeper loss (0: off)"
+    )
+    gatekeeper_alpha: float = Field(0.5, gt=0, le=1, description="α of the Gatekeeper loss")
 
 
 class CascadeConfig(_Strict):
@@ -267,6 +275,9 @@ class CascadeConfig(_Strict):
         description="match: P(cascade wrong and model right) ≤ target; risk: P(cascade wrong) ≤ target",
     )
     target: float = Field(0.005, gt=0, lt=1, description="the certified bound (see mode)")
+    select_stages: bool = Field(
+        True, description="keep the subset of earlier stages that is cheapest (each certified at δ/m)"
+    )
     delta: float = Field(0.05, gt=0, lt=1, description="the bound holds with probability ≥ 1-δ")
     cost_batch: int = Field(32, ge=1, description="batch size at which each stage's ms/image is measured")
     cost_images: int = Field(256, ge=8, description="test images used to measure costs")

@@ -22,9 +22,12 @@ INSTALLED = [f for f, ok in available_frameworks().items() if ok]
 
 
 def _data(k: int, n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Half the columns take few distinct values (like pixel fractions k/1024): thresholds then fall next to
+    data values, where comparing in the wrong precision sends rows the wrong way."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 12)).astype(np.float32)
-    y = (x[:, 0] + x[:, 1] ** 2 > 1).astype(int)
+    x[:, 6:] = np.round(rng.random((n, 6)) * 1024) / 1024
+    y = (x[:, 0] + x[:, 1] ** 2 + 2 * x[:, 6] > 2).astype(int)
     if k == 3:
         y = y + (x[:, 2] > 0.7)
     return x, y

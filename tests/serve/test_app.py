@@ -65,7 +65,8 @@ def test_every_classify_body_gives_what_roadwork_predict_gives(client, bundle, i
         client.post("/v1/classify", content=p.read_bytes(), headers={"content-type": "image/jpeg"}).json()
         for p in images
     ]
-    assert [r["predictions"][0] | {} for r in raw] == [e | {"stage": "model"} for e in expected]
+    with_stage = [{k: v for k, v in r.items() if k != "path"} for r in bundle.predict_paths(images)]
+    assert [r["predictions"][0] for r in raw] == with_stage
     files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
     multi = client.post("/v1/classify", files=files).json()["predictions"]
     b64 = [base64.b64encode(p.read_bytes()).decode() for p in images]
@@ -74,6 +75,30 @@ def test_every_classify_body_gives_what_roadwork_predict_gives(client, bundle, i
     for got in (multi, js):
         assert [_strip(r) for r in got] == expected
     assert _strip(one[0]) == expected[0]
+
+
+def test_cascade_stages_answer_over_http_as_in_the_bundle(tiny_run, images):
+    """With the gate loosened by hand (a tiny model certifies none), early stages answer some images; the server
+    must give exactly what the bundle gives, and count the answering stage in /metrics."""
+    b = Bundle.load(tiny_run[1].bundle)
+    assert b.policy.cascade is not None
+    from roadwork.data.preprocess import load_rgb
+
+    z = b.stage_runners[0].logits([load_rgb(p) for p in images])  # type: ignore[index]
+    conf = b.policy.cascade.stages[0].calibrator.predict_proba(z).max(1)  # type: ignore[union-attr]
+    b.policy.cascade.threshold = float(np.median(conf))  # half the images exit at the first stage
+    expected = [{k: v for k, v in r.items() if k != "path"} for r in b.predict_paths(images)]
+    assert len({r["stage"] for r in expected}) >= 2
+    with _client(b) as c:
+        got = [
+            c.post("/v1/classify", content=p.read_bytes(), headers={"content-type": "image/jpeg"}).json()
+            for p in images
+        ]
+        text = c.get("/metrics").text
+    assert [g["predictions"][0] for g in got] == expected
+    first = b.policy.cascade.names[0]
+    n_first = sum(r["stage"] == first for r in expected)
+    assert f'roadwork_cascade_stage_total{{stage="{first}"}} {float(n_first)}' in text
 
 
 def test_v2_infer_runs_the_model_and_the_policy(client, bundle, images):

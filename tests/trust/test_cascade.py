@@ -11,7 +11,7 @@ import pytest
 
 from roadwork.errors import InputError, RoadworkWarning
 from roadwork.trust import TemperatureScaler, TrustPolicy
-from roadwork.trust.cascade import CascadeStage, cascade_curve, fit_cascade, gate_grid, route
+from roadwork.trust.cascade import CascadeStage, cascade_curve, fit_cascade, gate_grid, route, select_cascade
 from tests.trust.test_policy import _policy  # a fitted binary policy
 
 FLOOR = 0.6
@@ -111,7 +111,7 @@ def test_policy_runs_later_stages_only_on_rows_that_reach_them_and_round_trips()
     for st, z in zip(stages[:-1], logits, strict=False):
         st.calibrator = TemperatureScaler().fit(z[:1000], y[:1000])
     policy.cascade = fit_cascade(
-        stages, probs[:-1] + [policy.apply(logits[-1]).probs], y, target=0.02, floor=0.5
+        stages, [*probs[:-1], policy.apply(logits[-1]).probs], y, target=0.02, floor=0.5
     )
     seen: dict[int, int] = {}
 
@@ -130,3 +130,19 @@ def test_policy_runs_later_stages_only_on_rows_that_reach_them_and_round_trips()
     np.testing.assert_allclose(again.probs, out.probs)
     with pytest.raises(InputError, match="no cascade"):
         _policy()[0].apply_cascade(stage_logits, 3)
+
+
+def test_selection_drops_stages_that_cost_more_than_they_save() -> None:
+    probs, y = _population(n=4000)
+    stages = _stages()  # costs 1, 4, 16
+    c, rows = select_cascade(stages, probs, y, mode="match", target=0.01, floor=FLOOR)
+    assert len(rows) == 4 and sum(r["chosen"] for r in rows) == 1
+    assert rows[0]["stages"] == ["s2"] and rows[0]["calib_cost_ms"] == 16
+    chosen = next(r for r in rows if r["chosen"])
+    assert chosen["calib_cost_ms"] == min(r["calib_cost_ms"] for r in rows if r["certified"])
+    assert c.names == chosen["stages"] and c.delta == 0.05
+    # an early stage as expensive as the model can never pay off: only the model is kept
+    pricey = [CascadeStage(s.name, s.kind, s.file, cost_ms=16.0) for s in stages]
+    c2, rows2 = select_cascade(pricey, probs, y, mode="match", target=0.01, floor=FLOOR)
+    assert c2.names == ["s2"] and rows2[0]["chosen"]
+    assert c2.expected_cost(np.full(5, 0)) == 16.0

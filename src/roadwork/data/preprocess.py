@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,11 +70,23 @@ def resize_uint8(im: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
+@lru_cache(maxsize=32)
+def _lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: every uint8 value of every channel, scaled and normalised with the same float32
+    operations as the array form ``(u / 255 - mean) / std`` — so looking values up is bit-identical."""
+    u = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    return np.stack([(u - np.float32(m)) / np.float32(s) for m, s in zip(mean, std, strict=True)])
+
+
 def to_float(batch_uint8: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, scaled to [0, 1] and normalised."""
-    x: np.ndarray = batch_uint8.astype(np.float32) / np.float32(255.0)
-    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, scaled to [0, 1] and normalised. A table lookup per channel,
+    written straight into channel-first layout: ~10x faster than the arithmetic on whole arrays, same bits."""
+    lut = _lut(tuple(spec.mean), tuple(spec.std))
+    n, h, w, _ = batch_uint8.shape
+    out = np.empty((n, 3, h, w), np.float32)
+    for c in range(3):
+        np.take(lut[c], batch_uint8[..., c], out=out[:, c])
+    return out
 
 
 def preprocess(images: Sequence[Image.Image], spec: PreprocessSpec) -> np.ndarray:

@@ -47,7 +47,11 @@ def cascade_metrics(
                 "accuracy_answered": float((out.pred[answered] == y[answered]).mean())
                 if answered.any()
                 else None,
-                **{k: v for k, v in st.info.items() if k in ("framework", "backbone", "image_size", "trees")},
+                **{
+                    k: v
+                    for k, v in st.info.items()
+                    if k in ("framework", "backbone", "image_size", "trees", "gatekeeper")
+                },
             }
         )
     per_slice: dict[str, dict[str, Any]] = {}
@@ -152,6 +156,40 @@ def cascade_section(metrics: dict[str, Any], table: Any, img: Any) -> list[str]:
         img("cascade", cascade_png(c), "Cascade cost vs accuracy on test"),
         "<p>Share of images answered by each stage, per slice (hard slices should go further down):</p>",
     ]
+    for s in c["stages"]:
+        gk = s.get("gatekeeper")
+        if gk:
+            parts.append(
+                f"<p>Gatekeeper fine-tuning of <b>{html.escape(s['name'])}</b> (α={gk['alpha']}): deferral quality "
+                "on the calibration split before → after (AUROC of confidence for a right answer: higher is "
+                "better; area under the risk–coverage curve: lower is better).</p>"
+            )
+            parts.append(
+                table(
+                    ["", "accuracy", "deferral AUROC", "AURC"],
+                    [[k, gk[k]["accuracy"], gk[k]["auroc"], gk[k]["aurc"]] for k in ("before", "after")],
+                )
+            )
+    if c.get("candidates"):
+        parts.append(
+            "<p>Which earlier stages to keep: every subset was certified at δ/m (m subsets; together they hold "
+            "with probability ≥ 1−δ) and the cheapest on the calibration split was kept (shaded).</p>"
+        )
+        parts.append(
+            table(
+                ["stages", "gate", "certified", "mean ms/img (calibration)"],
+                [
+                    [
+                        " → ".join(r["stages"]),
+                        r["threshold"],
+                        "yes" if r["certified"] else "no",
+                        r["calib_cost_ms"],
+                    ]
+                    for r in c["candidates"]
+                ],
+                ["ok" if r.get("chosen") else "" for r in c["candidates"]],
+            )
+        )
     names = [s["name"] for s in c["stages"]]
     parts.append(
         table(

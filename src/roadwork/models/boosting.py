@@ -213,13 +213,19 @@ def to_trees(framework: str, model: Any, x_check: np.ndarray) -> TreeEnsemble:
     else:
         _catboost(model, t, n_outputs)
         op = "<="
-    trees = t.build(n_outputs=n_outputs, n_features=n_features, op=op, framework=framework)  # type: ignore[arg-type]
+    trees = t.build(
+        n_outputs=n_outputs,
+        n_features=n_features,
+        op=op,  # type: ignore[arg-type]
+        framework=framework,
+        float64=framework in ("sklearn", "lightgbm"),
+    )
     resid = ref - trees.raw(x_check)
     trees.base = resid.mean(axis=0)
     err = float(np.abs(resid - trees.base).max()) if len(resid) else 0.0
     if err > 1e-3 * max(1.0, float(np.abs(ref).max())):
         raise ArtifactError(
             f"converting the {framework} model to roadwork's tree table changed its raw scores by up to {err:.2e}; "
-            "this framework version stores trees differently. Use cascade.boosting=sklearn or report this."
+            "this framework version stores trees differently. Try another cascade.boosting framework and report this."
         )
     return trees

@@ -40,6 +40,9 @@ class TreeEnsemble:
     n_features: int
     op: Literal["<=", "<"] = "<="
     framework: str = ""
+    float64: bool = (
+        True  # compare in float64 (scikit-learn, LightGBM) or float32 (XGBoost, CatBoost), as they do
+    )
 
     def __post_init__(self) -> None:
         self.depth = self._depth()
@@ -73,7 +76,11 @@ class TreeEnsemble:
         n = len(x)
         node = np.broadcast_to(self.roots, (n, len(self.roots))).copy()
         rows = np.arange(n)[:, None]
-        thr = self.threshold.astype(np.float32)  # frameworks compare float32 features to float32 thresholds
+        # the framework's own precision: a threshold between two float32 values must split them as it does
+        if self.float64:
+            x, thr = x.astype(np.float64), self.threshold
+        else:
+            thr = self.threshold.astype(np.float32)
         for _ in range(self.depth):
             f = self.feature[node]
             xv = x[rows, f]
@@ -97,6 +104,7 @@ class TreeEnsemble:
             "schema": 1,
             "framework": self.framework,
             "op": self.op,
+            "float64": self.float64,
             "n_features": self.n_features,
             "base": self.base.tolist(),
             "roots": self.roots.tolist(),
@@ -126,6 +134,7 @@ class TreeEnsemble:
             n_features=int(d["n_features"]),
             op=d["op"],
             framework=str(d.get("framework", "")),
+            float64=bool(d.get("float64", True)),
         )
 
 
@@ -168,7 +177,7 @@ class NodeTable:
         self.tree_output.append(output)
 
     def build(
-        self, *, n_outputs: int, n_features: int, op: Literal["<=", "<"], framework: str
+        self, *, n_outputs: int, n_features: int, op: Literal["<=", "<"], framework: str, float64: bool
     ) -> TreeEnsemble:
         c = self.cols
         return TreeEnsemble(
@@ -184,4 +193,5 @@ class NodeTable:
             n_features=n_features,
             op=op,
             framework=framework,
+            float64=float64,
         )

@@ -347,6 +347,58 @@ def _load_images(paths: list[str], what: str, progress: bool) -> list[Any]:
     return [load_rgb(p) for p in tqdm(paths, desc=what, unit="img", leave=False, disable=not progress)]
 
 
+def _gatekeeper(
+    ctx: StageContext, res: Any, mcfg: Any, tcfg: Any, parts: dict[str, pd.DataFrame], classes: list[str]
+) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune the small stage with the Gatekeeper loss (from its trained weights, lr / 10) and measure its
+    deferral quality before and after on the calibration split: AUROC of confidence for "this answer is right"
+    and the area under the risk–coverage curve (lower is better)."""
+    from roadwork.training.loop import load_uint8, predict_logits, train_model
+    from roadwork.trust import metrics as M
+    from roadwork.trust._checks import softmax
+
+    c = ctx.cfg.cascade
+    assert c.small is not None
+    data_dir = ctx.inputs["data"]
+    u8 = load_uint8(
+        _abs_paths(parts["calib"], data_dir), res.card.preprocess, "gatekeeper: calib", ctx.progress
+    )
+    y = _labels(parts["calib"], classes)
+
+    def quality(model: Any) -> dict[str, float]:
+        z = predict_logits(model, u8, res.card.preprocess)
+        conf, correct = softmax(z).max(1), z.argmax(1) == y
+        return {
+            "accuracy": float(correct.mean()),
+            "auroc": M._binary_auroc(conf, correct),  # nan when every answer is right (or wrong)
+            "aurc": M.aurc(conf, correct),
+        }
+
+    before = quality(res.model)
+    tuned = train_model(
+        mcfg,
+        tcfg.model_copy(
+            update={
+                "epochs": c.small.gatekeeper_epochs,
+                "loss": "gatekeeper",
+                "gatekeeper_alpha": c.small.gatekeeper_alpha,
+                "lr": tcfg.lr / 10,
+                "warmup_epochs": 0,
+                "patience": c.small.gatekeeper_epochs,
+            }
+        ),
+        classes=classes,
+        train_paths=_abs_paths(parts["train"], data_dir),
+        train_labels=_labels(parts["train"], classes),
+        val_paths=_abs_paths(parts["val"], data_dir),
+        val_labels=_labels(parts["val"], classes),
+        progress=ctx.progress,
+        init_weights=ctx.out / "small" / "model.safetensors",
+    )
+    after = quality(tuned.model)
+    return tuned, {"gatekeeper": {"alpha": c.small.gatekeeper_alpha, "before": before, "after": after}}
+
+
 def stage_cascade(ctx: StageContext) -> dict[str, Any]:
     """Train the cheap stages (gradient boosting on image features, a small network), calibrate each on the
     calibrator rows, measure every stage's ms/image, and certify the gate on the trust rows."""
@@ -354,7 +406,7 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
 
     from roadwork.data.features import images_features
     from roadwork.export.cascade import StageRunner, count_flops, measure_cost_ms
-    from roadwork.trust.cascade import CascadeStage, cascade_curve, fit_cascade, gate_grid
+    from roadwork.trust.cascade import CascadeStage, cascade_curve, fit_cascade, gate_grid, select_cascade
 
     c = ctx.cfg.cascade
     if not c.enabled:
@@ -440,6 +492,10 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
         idx = len(stages)
         (ctx.out / "small").mkdir()
         save_model(res.model, res.card, ctx.out / "small")
+        deferral: dict[str, Any] = {}
+        if c.small.gatekeeper_epochs:
+            res, deferral = _gatekeeper(ctx, res, mcfg, tcfg, parts, classes)
+            save_model(res.model, res.card, ctx.out / "small")
         (ctx.out / f"stage{idx}-model.json").write_text(json.dumps(res.card.to_dict(), indent=2))
         from roadwork.data.preprocess import preprocess
 
@@ -461,6 +517,7 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
                     "image_size": c.small.image_size,
                     "card": f"stage{idx}-model.json",
                     "val_accuracy": res.history[-1].get("val_accuracy"),
+                    **deferral,
                 },
             )
         )
@@ -509,10 +566,19 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
 
     calib_probs = stage_probs("calib", cal, trust_rows)
     floor = policy.abstention.threshold if np.isfinite(policy.abstention.threshold) else 0.5
-    cascade = fit_cascade(
-        stages, calib_probs, cal.labels[trust_rows], mode=c.mode, target=c.target, delta=c.delta, floor=floor
-    )
-    (ctx.out / "cascade.json").write_text(json.dumps({"enabled": True, **cascade.to_dict()}, indent=2))
+    kw: dict[str, Any] = {"mode": c.mode, "target": c.target, "delta": c.delta, "floor": floor}
+    candidates: list[dict[str, Any]] = []
+    if c.select_stages:
+        cascade, candidates = select_cascade(stages, calib_probs, cal.labels[trust_rows], **kw)
+    else:
+        cascade = fit_cascade(stages, calib_probs, cal.labels[trust_rows], **kw)
+    spec = {
+        "enabled": True,
+        **cascade.to_dict(),
+        "candidates": candidates,
+        "all_stages": [st.to_dict() for st in stages],
+    }
+    (ctx.out / "cascade.json").write_text(json.dumps(spec, indent=2))
     grid = gate_grid(floor)
     curves = {
         "calib": cascade_curve(calib_probs, cal.labels[trust_rows], costs, grid, c.mode),
@@ -746,6 +812,7 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
         ]
         curves = json.loads((ctx.inputs["cascade"] / "curves.json").read_text())
         metrics["cascade"], _ = cascade_metrics(cpolicy, [*stage_logits, test.logits], test, curves)
+        metrics["cascade"]["candidates"] = spec.get("candidates", [])
     bundle_manifest = json.loads((ctx.inputs["export"] / "bundle" / "manifest.json").read_text())
     metrics["export"] = bundle_manifest["export"]
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -132,8 +132,9 @@ def train_model(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
+    init_weights: Path | None = None,
 ) -> TrainResult:
-    """Train; with ``checkpoint_dir``, save a resumable checkpoint after every epoch and resume from one of the
+    """Train (from ``init_weights``, a full state of this very network, when given); with ``checkpoint_dir``, save a resumable checkpoint after every epoch and resume from one of the
     same configuration (model, optimizer, scheduler, EMA, best weights, RNG: the next step is identical).
 
     ``train.devices > 1`` runs data-parallel through Lightning Fabric (DDP; gloo on CPU, processes spawned here):
@@ -149,6 +150,7 @@ def train_model(
         val_labels=np.asarray(val_labels),
         progress=progress,
         checkpoint_dir=checkpoint_dir,
+        init_weights=init_weights,
     )
     if cfg.devices > 1:
         strategy = "ddp_spawn"  # processes started here, so it works from Python, the CLI and notebooks alike
@@ -211,6 +213,7 @@ def _train(
     on_epoch: Callable[[int, dict[str, float]], None] | None,
     progress: bool,
     checkpoint_dir: Path | None,
+    init_weights: Path | None = None,
 ) -> TrainResult:
     torch = require("torch")
     fabric_mod = require("lightning_fabric")
@@ -223,6 +226,8 @@ def _train(
     progress = progress and rank == 0
 
     net, spec = create_model(model_cfg, len(classes))
+    if init_weights is not None:
+        net.load_state_dict(require("safetensors.torch").load_file(str(init_weights)))
     card = ModelCard(
         backbone=model_cfg.backbone,
         classes=list(classes),
@@ -271,10 +276,18 @@ def _train(
     model, opt = fabric.setup(to_train, opt)
     counts = torch.bincount(y_train, minlength=len(classes)).clamp(min=1).float()
     class_weight = (len(y_train) / (len(classes) * counts)) if cfg.class_balance == "weights" else None
-    loss_fn = torch.nn.CrossEntropyLoss(
+    loss_fn: Any = torch.nn.CrossEntropyLoss(
         weight=None if class_weight is None else fabric.to_device(class_weight),
         label_smoothing=cfg.label_smoothing,
     )
+    val_loss_fn: Any = torch.nn.functional.cross_entropy
+    if cfg.loss == "gatekeeper":
+        from roadwork.models.losses import gatekeeper_loss
+
+        def loss_fn(z: Any, y: Any) -> Any:
+            return gatekeeper_loss(z, y, cfg.gatekeeper_alpha)
+
+        val_loss_fn = loss_fn  # the best epoch is the best one by the objective being trained
     sample_weight = (1.0 / counts)[y_train] if cfg.class_balance == "sampler" else None
     gen = torch.Generator().manual_seed(cfg.seed)
     ema = None
@@ -348,7 +361,7 @@ def _train(
         val_logits = predict_logits(
             model if ema is None else keep, x_val, spec, batch_size=256, fabric=fabric
         )
-        val_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(val_logits), y_val))
+        val_loss = float(val_loss_fn(torch.from_numpy(val_logits), y_val))
         val_acc = float((val_logits.argmax(1) == val_labels).mean())
         row = {
             "epoch": epoch + 1,

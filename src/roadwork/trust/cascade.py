@@ -16,6 +16,11 @@ Two risks (``mode``):
 - ``match``: the rate of images the cascade gets wrong *and the last stage alone gets right* ≤ ``target``,
   so accuracy(cascade) ≥ accuracy(last stage) − target: "as good as the big model, within a margin".
 
+:func:`select_cascade` also chooses *which* earlier stages to keep: every subset (the last stage always stays)
+is certified at δ/m for m subsets, so by the union bound all certificates hold together with probability
+≥ 1 − δ, and the one with the lowest mean cost on the calibration rows is kept — a stage that costs more
+than it saves (or the whole cascade) is dropped.
+
 Gates never go below ``floor`` (the policy's certified abstention threshold), so an image answered early is
 never one the policy would abstain on.
 """
@@ -34,7 +39,16 @@ from roadwork.errors import InputError, RoadworkWarning
 from roadwork.trust._checks import check_labels, check_level
 from roadwork.trust.calibration import Calibrator, calibrator_from_dict
 
-__all__ = ["Cascade", "CascadeStage", "cascade_curve", "fit_cascade", "gate_grid", "route", "run_cascade"]
+__all__ = [
+    "Cascade",
+    "CascadeStage",
+    "cascade_curve",
+    "fit_cascade",
+    "gate_grid",
+    "route",
+    "run_cascade",
+    "select_cascade",
+]
 
 Mode = Literal["risk", "match"]
 
@@ -263,3 +277,68 @@ def run_cascade(
     if len(rows):
         probs[rows] = stage_probs(len(cascade.stages) - 1, rows)
     return probs, stage
+
+
+def select_cascade(
+    stages: Sequence[CascadeStage],
+    probs: Sequence[np.ndarray],
+    labels: object,
+    *,
+    mode: Mode = "match",
+    target: float = 0.005,
+    delta: float = 0.05,
+    floor: float = 0.5,
+    grid_size: int = 60,
+) -> tuple[Cascade, list[dict[str, Any]]]:
+    """Certify every subset of the earlier stages at δ/m and keep the cheapest on the calibration rows (see the
+    module docstring). Returns it and one row per candidate (stages, gate, certified, mean cost)."""
+    import itertools
+
+    early = list(range(len(stages) - 1))
+    subsets = [c for r in range(len(early), 0, -1) for c in itertools.combinations(early, r)]
+    m = len(subsets)
+    last = len(stages) - 1
+    y = np.asarray(labels)
+    alone_cost = stages[last].cost_ms
+    candidates: list[dict[str, Any]] = [
+        {"stages": [stages[last].name], "threshold": math.inf, "certified": True, "calib_cost_ms": alone_cost}
+    ]
+    best: tuple[float, Cascade | None] = (alone_cost, None)
+    for subset in subsets:
+        idx = [*subset, last]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RoadworkWarning)
+            c = fit_cascade(
+                [stages[i] for i in idx],
+                [probs[i] for i in idx],
+                y,
+                mode=mode,
+                target=target,
+                delta=delta / m,
+                floor=floor,
+                grid_size=grid_size,
+            )
+        stage = route([probs[i].max(axis=1) for i in subset], c.threshold)
+        cost = c.expected_cost(stage)
+        candidates.append(
+            {"stages": c.names, "threshold": c.threshold, "certified": c.certified, "calib_cost_ms": cost}
+        )
+        if c.certified and cost < best[0]:
+            best = (cost, c)
+    chosen = best[1]
+    if chosen is None:  # nothing beats the model alone: a cascade of one stage (every image to the model)
+        chosen = Cascade(
+            stages=[stages[last]],
+            threshold=math.inf,
+            mode=mode,
+            target=target,
+            delta=delta,
+            certified=True,
+            bound_pvalue=0.0,
+            calib_risk=0.0,
+            n_calib=len(y),
+        )
+    chosen.delta = delta  # the family-wise level; each candidate was tested at delta / m
+    for row in candidates:
+        row["chosen"] = row["stages"] == chosen.names
+    return chosen, candidates
