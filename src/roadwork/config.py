@@ -254,6 +254,12 @@ class CascadeNetConfig(_Strict):
         0, ge=0, description="then fine-tune this many epochs with the Gatekeeper loss (0: off)"
     )
     gatekeeper_alpha: float = Field(0.5, gt=0, le=1, description="α of the Gatekeeper loss")
+    deferral: Literal["confidence", "learned"] = Field(
+        "confidence",
+        description="confidence: exit on calibrated confidence; learned: a gate trained jointly with this "
+        "network on the cascade objective (LCRON-style)",
+    )
+    deferral_cost: float = Field(0.1, ge=0, description="learned deferral: the price of sending an image on")
 
 
 class CascadeConfig(_Strict):

@@ -89,3 +89,47 @@ def test_cli_predict_reports_the_stage(tiny_run, capsys):
     assert main(["predict", str(result.bundle), str(img)]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["stage"] in ("boost-sklearn", "small", "model")
+
+
+def test_learned_deferral_gate_end_to_end(tmp_path):
+    """small (with a jointly trained gate) → model: the gate is the network's extra output, stored, exported
+    and served; the bundle routes exactly as the evaluation does."""
+    from roadwork.config import load_config
+    from roadwork.pipeline import run_pipeline
+    from tests.conftest import tiny_overrides
+
+    cfg = load_config(
+        "demo",
+        tiny_overrides(
+            tmp_path,
+            name="gate",
+            **{
+                "cascade.boosting": "none",
+                "cascade.small.deferral": "learned",
+                "cascade.small.gatekeeper_epochs": 0,
+            },
+        ),
+    )
+    result = run_pipeline(cfg, progress=False)
+    spec = json.loads((result.run_dir / "cascade" / "cascade.json").read_text())
+    small = spec["stages"][0]
+    assert small["name"] == "small" and small["info"]["gate"] is True
+    card = json.loads((result.bundle / "stage0-model.json").read_text())
+    assert card["gate"] is True
+    bundle = Bundle.load(result.bundle)
+    test = Predictions.from_parquet(result.run_dir / "predict" / "predictions-test.parquet")
+    policy = TrustPolicy.load(result.run_dir / "policy" / "policy.json")
+    policy.cascade = Cascade.from_dict(spec)
+    from roadwork.pipeline.stages import _stage_outputs
+
+    z_small = _stage_outputs(result.run_dir / "cascade", policy.cascade.stages[0], "test")
+    assert z_small.shape == (len(test), 3)  # two classes and the gate
+    gate = 1 / (1 + np.exp(-z_small[:, 2]))
+    policy.cascade.threshold = bundle.policy.cascade.threshold = float(np.median(gate))
+    _, in_process = cascade_metrics(policy, [z_small, test.logits], test, {})
+    df = pd.read_parquet(result.run_dir / "data" / "dataset.parquet").set_index("id")
+    records = bundle.predict_paths([str(result.run_dir / "data" / df.loc[i, "path"]) for i in test.ids])
+    got = np.array([bundle.policy.cascade.names.index(r["stage"]) for r in records])
+    np.testing.assert_array_equal(got, in_process.stage)
+    assert 0 < (got == 0).mean() < 1
+    assert result.metrics["cascade"]["stages"][0]["gate"] is True

@@ -33,8 +33,9 @@ def cascade_metrics(
     stages = []
     for s, st in enumerate(c.stages):
         answered = out.stage == s
+        k = len(policy.classes)
         p_alone = (
-            alone.probs if s == n_stages - 1 else st.calibrator.predict_proba(stage_logits[s])  # type: ignore[union-attr]
+            alone.probs if s == n_stages - 1 else st.calibrator.predict_proba(stage_logits[s][:, :k])  # type: ignore[union-attr]
         )
         stages.append(
             {
@@ -50,7 +51,8 @@ def cascade_metrics(
                 **{
                     k: v
                     for k, v in st.info.items()
-                    if k in ("framework", "backbone", "image_size", "trees", "gatekeeper")
+                    if k
+                    in ("framework", "backbone", "image_size", "trees", "gatekeeper", "gate", "deferral_cost")
                 },
             }
         )

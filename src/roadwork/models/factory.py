@@ -31,6 +31,7 @@ class ModelCard:
     kwargs: dict[str, Any] = field(default_factory=dict)
     head: str = "linear"
     pooling: str = "default"
+    gate: bool = False  # one extra output after the class logits: a learned deferral gate (cascades)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +42,7 @@ class ModelCard:
             "kwargs": self.kwargs,
             "head": self.head,
             "pooling": self.pooling,
+            "gate": self.gate,
             "preprocess": self.preprocess.to_dict(),
         }
 
@@ -56,6 +58,7 @@ class ModelCard:
             kwargs=dict(d.get("kwargs", {})),
             head=str(d.get("head", "linear")),
             pooling=str(d.get("pooling", "default")),
+            gate=bool(d.get("gate", False)),
         )
 
     @classmethod
@@ -153,7 +156,7 @@ def load_model(model_dir: str | Path) -> tuple[Any, ModelCard]:
     card = ModelCard.load(d / "model.json")
     model = build_network(
         card.backbone,
-        len(card.classes),
+        len(card.classes) + card.gate,
         drop_rate=card.drop_rate,
         kwargs=card.kwargs,
         head=card.head,

@@ -347,6 +347,35 @@ def _load_images(paths: list[str], what: str, progress: bool) -> list[Any]:
     return [load_rgb(p) for p in tqdm(paths, desc=what, unit="img", leave=False, disable=not progress)]
 
 
+def _deferral_targets(
+    ctx: StageContext, policy: TrustPolicy, parts: dict[str, pd.DataFrame], classes: list[str]
+) -> Any:
+    """The large model's calibrated probability of the true class on train and val images: what a learned
+    deferral gate weighs the small model against."""
+    from roadwork.models.factory import load_model
+    from roadwork.training.loop import Deferral, load_uint8, predict_logits
+
+    model, card = load_model(ctx.inputs["train"])
+    tr = parts["train"]
+    u8 = load_uint8(
+        _abs_paths(tr, ctx.inputs["data"]), card.preprocess, "deferral: model on train", ctx.progress
+    )
+    slice_cols = [c for c in tr.columns if c not in ("id", "path", "label", "split", "sha256")]
+    p_tr = calibrate_proba(
+        policy.calibrator,
+        predict_logits(model, u8, card.preprocess),
+        {c: tr[c].to_numpy() for c in slice_cols},
+    )
+    val = _preds(ctx, "val")
+    p_val = calibrate_proba(policy.calibrator, val.logits, val.slices)
+    y_tr = _labels(tr, classes)
+    return Deferral(
+        p_large_train=p_tr[np.arange(len(y_tr)), y_tr],
+        p_large_val=p_val[np.arange(len(val)), val.labels],
+        cost=ctx.cfg.cascade.small.deferral_cost,  # type: ignore[union-attr]
+    )
+
+
 def _gatekeeper(
     ctx: StageContext, res: Any, mcfg: Any, tcfg: Any, parts: dict[str, pd.DataFrame], classes: list[str]
 ) -> tuple[Any, dict[str, Any]]:
@@ -428,7 +457,8 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
     cost_images = images["test"][: c.cost_images]
     stages: list[CascadeStage] = []
     runners: list[StageRunner] = []
-    logits: dict[str, list[np.ndarray]] = {"calib": [], "test": []}
+    logits: dict[str, list[np.ndarray]] = {"calib": [], "test": []}  # class logits of every stage
+    gates: dict[str, dict[int, np.ndarray | None]] = {"calib": {}, "test": {}}  # learned gate logits
 
     if c.boosting != "none":
         from roadwork.models.boosting import BoostingParams, fit_booster, to_trees
@@ -479,6 +509,12 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
         )
         tcfg = ctx.cfg.train.model_copy(update={"epochs": c.small.epochs or ctx.cfg.train.epochs})
         tr, va = parts["train"], parts["val"]
+        learned = c.small.deferral == "learned"
+        if learned and c.small.gatekeeper_epochs:
+            raise ConfigError(
+                "cascade.small.deferral=learned trains its own gate; it does not combine with "
+                "cascade.small.gatekeeper_epochs. Set one of them (gatekeeper_epochs=0 or deferral=confidence)."
+            )
         res = train_model(
             mcfg,
             tcfg,
@@ -488,6 +524,7 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
             val_paths=_abs_paths(va, data_dir),
             val_labels=_labels(va, classes),
             progress=ctx.progress,
+            deferral=_deferral_targets(ctx, policy, parts, classes) if learned else None,
         )
         idx = len(stages)
         (ctx.out / "small").mkdir()
@@ -504,7 +541,9 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
         runner = StageRunner.network(ctx.out / f"stage{idx}-model.onnx", res.card.preprocess)
         runners.append(runner)
         for split in logits:
-            logits[split].append(runner.logits(images[split]))
+            z = runner.logits(images[split])
+            logits[split].append(z[:, : len(classes)])
+            gates[split][len(stages)] = z[:, len(classes)] if learned else None
         stages.append(
             CascadeStage(
                 "small",
@@ -517,6 +556,8 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
                     "image_size": c.small.image_size,
                     "card": f"stage{idx}-model.json",
                     "val_accuracy": res.history[-1].get("val_accuracy"),
+                    "gate": learned,
+                    **({"deferral_cost": c.small.deferral_cost} if learned else {}),
                     **deferral,
                 },
             )
@@ -564,9 +605,21 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
         sub = p.subset(rows)
         return [*out, calibrate_proba(policy.calibrator, sub.logits, sub.slices)]
 
+    def stage_scores(split: str, rows: np.ndarray) -> list[np.ndarray | None]:
+        g = gates[split]
+        return [None if g.get(s) is None else 1 / (1 + np.exp(-g[s][rows])) for s in range(len(stages))]  # type: ignore[index]
+
     calib_probs = stage_probs("calib", cal, trust_rows)
     floor = policy.abstention.threshold if np.isfinite(policy.abstention.threshold) else 0.5
-    kw: dict[str, Any] = {"mode": c.mode, "target": c.target, "delta": c.delta, "floor": floor}
+    if any(g is not None for g in gates["calib"].values()):
+        floor = 0.5  # a learned gate's score is not a confidence: the abstention floor does not apply to it
+    kw: dict[str, Any] = {
+        "mode": c.mode,
+        "target": c.target,
+        "delta": c.delta,
+        "floor": floor,
+        "scores": stage_scores("calib", trust_rows),
+    }
     candidates: list[dict[str, Any]] = []
     if c.select_stages:
         cascade, candidates = select_cascade(stages, calib_probs, cal.labels[trust_rows], **kw)
@@ -580,10 +633,11 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
     }
     (ctx.out / "cascade.json").write_text(json.dumps(spec, indent=2))
     grid = gate_grid(floor)
+    every = np.ones(len(test), bool)
     curves = {
-        "calib": cascade_curve(calib_probs, cal.labels[trust_rows], costs, grid, c.mode),
+        "calib": cascade_curve(calib_probs, cal.labels[trust_rows], costs, grid, c.mode, kw["scores"]),
         "test": cascade_curve(
-            stage_probs("test", test, np.ones(len(test), bool)), test.labels, costs, grid, c.mode
+            stage_probs("test", test, every), test.labels, costs, grid, c.mode, stage_scores("test", every)
         ),
     }
     (ctx.out / "curves.json").write_text(
@@ -591,10 +645,14 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
     )
     for split in logits:  # every stage's logits, in the project's one currency
         p = cal if split == "calib" else test
-        for st, z in zip(stages[:-1], logits[split], strict=False):
+        for s_i, (st, z) in enumerate(zip(stages[:-1], logits[split], strict=False)):
             Predictions(p.ids, p.labels, z, p.classes, p.slices).to_parquet(
                 ctx.out / f"predictions-{split}-{st.name}.parquet"
             )
+            if gates[split].get(s_i) is not None:
+                pd.DataFrame({"id": p.ids, "gate_logit": gates[split][s_i]}).to_parquet(
+                    ctx.out / f"gate-{split}-{st.name}.parquet", index=False
+                )
     return {
         "stages": [s.name for s in stages],
         "cost_ms": costs,
@@ -720,6 +778,16 @@ def _variant_quality(
 # --------------------------------------------------------------------------------------------- evaluate
 
 
+def _stage_outputs(cascade_dir: Path, stage: Any, split: str) -> np.ndarray:
+    """A cascade stage's stored outputs on a split as its model emits them: class logits, plus the gate logit
+    as a last column for a learned gate."""
+    z = Predictions.from_parquet(cascade_dir / f"predictions-{split}-{stage.name}.parquet").logits
+    if stage.info.get("gate"):
+        g = pd.read_parquet(cascade_dir / f"gate-{split}-{stage.name}.parquet")["gate_logit"].to_numpy()
+        z = np.concatenate([z, g[:, None]], axis=1)
+    return z
+
+
 def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     from roadwork.evaluation.metrics_table import (
         calibration_comparison,
@@ -807,8 +875,7 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
         cpolicy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
         cpolicy.cascade = Cascade.from_dict(spec)
         stage_logits = [
-            Predictions.from_parquet(ctx.inputs["cascade"] / f"predictions-test-{st.name}.parquet").logits
-            for st in cpolicy.cascade.stages[:-1]
+            _stage_outputs(ctx.inputs["cascade"], st, "test") for st in cpolicy.cascade.stages[:-1]
         ]
         curves = json.loads((ctx.inputs["cascade"] / "curves.json").read_text())
         metrics["cascade"], _ = cascade_metrics(cpolicy, [*stage_logits, test.logits], test, curves)

@@ -23,7 +23,7 @@ from roadwork.data.preprocess import PreprocessSpec, load_rgb, resize_uint8
 from roadwork.models.adapters import count_trainable, merge_adapters, prepare_finetune
 from roadwork.models.factory import ModelCard, create_model
 
-__all__ = ["TrainResult", "load_uint8", "predict_logits", "train_model"]
+__all__ = ["Deferral", "TrainResult", "load_uint8", "predict_logits", "train_model"]
 
 
 @dataclass
@@ -120,6 +120,16 @@ def _layer_groups(net: Any, lr: float, decay: float) -> list[dict[str, Any]]:
     return [{"params": ps, "lr": lr * decay ** (depth + 1 - layer)} for layer, ps in sorted(groups.items())]
 
 
+@dataclass(frozen=True)
+class Deferral:
+    """Train a deferral gate jointly with the model (one extra output; see ``models.losses.deferral_loss``):
+    the large model's probability of the true class on every train and val image, and the cost of deferring."""
+
+    p_large_train: np.ndarray
+    p_large_val: np.ndarray
+    cost: float
+
+
 def train_model(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -133,6 +143,7 @@ def train_model(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     init_weights: Path | None = None,
+    deferral: Deferral | None = None,
 ) -> TrainResult:
     """Train (from ``init_weights``, a full state of this very network, when given); with ``checkpoint_dir``, save a resumable checkpoint after every epoch and resume from one of the
     same configuration (model, optimizer, scheduler, EMA, best weights, RNG: the next step is identical).
@@ -151,6 +162,7 @@ def train_model(
         progress=progress,
         checkpoint_dir=checkpoint_dir,
         init_weights=init_weights,
+        deferral=deferral,
     )
     if cfg.devices > 1:
         strategy = "ddp_spawn"  # processes started here, so it works from Python, the CLI and notebooks alike
@@ -171,7 +183,7 @@ def train_model(
         card = ModelCard.from_dict(card_d)
         model = build_network(
             card.backbone,
-            len(card.classes),
+            len(card.classes) + card.gate,
             drop_rate=card.drop_rate,
             kwargs=card.kwargs,
             head=card.head,
@@ -214,6 +226,7 @@ def _train(
     progress: bool,
     checkpoint_dir: Path | None,
     init_weights: Path | None = None,
+    deferral: Deferral | None = None,
 ) -> TrainResult:
     torch = require("torch")
     fabric_mod = require("lightning_fabric")
@@ -225,7 +238,7 @@ def _train(
     world, rank = fabric.world_size, fabric.global_rank
     progress = progress and rank == 0
 
-    net, spec = create_model(model_cfg, len(classes))
+    net, spec = create_model(model_cfg, len(classes) + (deferral is not None))
     if init_weights is not None:
         net.load_state_dict(require("safetensors.torch").load_file(str(init_weights)))
     card = ModelCard(
@@ -236,6 +249,7 @@ def _train(
         kwargs=dict(model_cfg.kwargs),
         head=model_cfg.head,
         pooling=model_cfg.pooling,
+        gate=deferral is not None,
     )
     x_train = torch.from_numpy(load_uint8(train_paths, spec, "loading train images", progress))
     x_val = torch.from_numpy(load_uint8(val_paths, spec, "loading val images", progress))
@@ -288,6 +302,15 @@ def _train(
             return gatekeeper_loss(z, y, cfg.gatekeeper_alpha)
 
         val_loss_fn = loss_fn  # the best epoch is the best one by the objective being trained
+    if deferral is not None:
+        from roadwork.models.losses import deferral_loss
+
+        t_train = torch.tensor(deferral.p_large_train, dtype=torch.float32)
+        t_val = torch.tensor(deferral.p_large_val, dtype=torch.float32)
+
+        def val_loss_fn(z: Any, y: Any) -> Any:
+            return deferral_loss(z, y, t_val, deferral.cost)
+
     sample_weight = (1.0 / counts)[y_train] if cfg.class_balance == "sampler" else None
     gen = torch.Generator().manual_seed(cfg.seed)
     ema = None
@@ -342,7 +365,10 @@ def _train(
                 x = _augment(torch, x, gen)
             x, y = fabric.to_device((x, y_train[idx]))
             try:
-                loss = loss_fn(model(x), y)
+                if deferral is None:
+                    loss = loss_fn(model(x), y)
+                else:
+                    loss = deferral_loss(model(x), y, fabric.to_device(t_train[idx]), deferral.cost)
                 fabric.backward(loss / cfg.accumulate if cfg.accumulate > 1 else loss)
             except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
                 _raise_if_oom(e, cfg)
@@ -362,7 +388,7 @@ def _train(
             model if ema is None else keep, x_val, spec, batch_size=256, fabric=fabric
         )
         val_loss = float(val_loss_fn(torch.from_numpy(val_logits), y_val))
-        val_acc = float((val_logits.argmax(1) == val_labels).mean())
+        val_acc = float((val_logits[:, : len(classes)].argmax(1) == val_labels).mean())
         row = {
             "epoch": epoch + 1,
             "train_loss": run_loss / max(seen, 1),

@@ -171,15 +171,25 @@ def _pvalue(errors: int, n: int, target: float) -> float:
     return float(binom.cdf(errors, n, target)) if n else 1.0
 
 
+def _exit_scores(probs: Sequence[np.ndarray], scores: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
+    """What each earlier stage's gate compares with λ: a learned gate's score, else calibrated confidence."""
+    return [
+        p.max(axis=1) if scores is None or scores[s] is None else np.asarray(scores[s], np.float64)
+        for s, p in enumerate(probs[:-1])
+    ]
+
+
 def cascade_curve(
     probs: Sequence[np.ndarray],
     labels: np.ndarray,
     costs: Sequence[float],
     grid: np.ndarray,
     mode: Mode = "match",
+    scores: Sequence[np.ndarray | None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """For every gate threshold of ``grid``: mean cost, accuracy, risk (per ``mode``) and each stage's share."""
-    confs = [p.max(axis=1) for p in probs[:-1]]
+    """For every gate threshold of ``grid``: mean cost, accuracy, risk (per ``mode``) and each stage's share.
+    ``scores``: per stage, a learned gate's P(answer here), or None to gate on calibrated confidence."""
+    confs = _exit_scores(probs, scores)
     preds = [p.argmax(axis=1) for p in probs]
     cum = np.cumsum(costs)
     rows: dict[str, list[Any]] = {"threshold": [], "cost_ms": [], "accuracy": [], "risk": [], "share": []}
@@ -204,9 +214,11 @@ def fit_cascade(
     delta: float = 0.05,
     floor: float = 0.5,
     grid_size: int = 60,
+    scores: Sequence[np.ndarray | None] | None = None,
 ) -> Cascade:
     """Certify the gate threshold on calibration rows: ``probs[s]`` is stage s's calibrated (n, K)
-    probabilities (the last stage's through the policy's calibrator), in cascade order."""
+    probabilities (the last stage's through the policy's calibrator), in cascade order; ``scores`` as in
+    :func:`cascade_curve`."""
     if len(stages) != len(probs) or len(stages) < 2:
         raise InputError(
             f"fit_cascade needs one probability matrix per stage and at least two stages; got {len(stages)} "
@@ -221,7 +233,7 @@ def fit_cascade(
         if p.shape != (n, k):
             raise InputError(f"stage {s.name!r} probabilities have shape {p.shape}; expected {(n, k)}.")
     y = check_labels(labels, n, k, "fit_cascade")
-    confs = [p.max(axis=1) for p in probs[:-1]]
+    confs = _exit_scores(probs, scores)
     preds = [p.argmax(axis=1) for p in probs]
     chosen, p_chosen, risk_chosen = math.inf, math.nan, math.nan
     last = np.full(n, len(stages) - 1)
@@ -257,25 +269,26 @@ def fit_cascade(
 
 def run_cascade(
     cascade: Cascade,
-    stage_probs: Callable[[int, np.ndarray], np.ndarray],
+    stage_probs: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]],
     n: int,
     n_classes: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run a cascade batch-wise: ``stage_probs(s, rows)`` returns stage s's calibrated probabilities for the
-    given row indices, and is called only for the rows that reach stage s. Returns (probs, stage)."""
+    """Run a cascade batch-wise: ``stage_probs(s, rows)`` returns stage s's calibrated probabilities and exit
+    scores for the given row indices, and is called only for the rows that reach stage s. Returns (probs,
+    stage)."""
     probs = np.zeros((n, n_classes))
     stage = np.full(n, len(cascade.stages) - 1, dtype=np.intp)
     rows = np.arange(n)
     for s in range(len(cascade.stages) - 1):
         if not len(rows):
             break
-        p = stage_probs(s, rows)
-        done = p.max(axis=1) >= cascade.threshold
+        p, score = stage_probs(s, rows)
+        done = score >= cascade.threshold
         probs[rows[done]] = p[done]
         stage[rows[done]] = s
         rows = rows[~done]
     if len(rows):
-        probs[rows] = stage_probs(len(cascade.stages) - 1, rows)
+        probs[rows] = stage_probs(len(cascade.stages) - 1, rows)[0]
     return probs, stage
 
 
@@ -289,6 +302,7 @@ def select_cascade(
     delta: float = 0.05,
     floor: float = 0.5,
     grid_size: int = 60,
+    scores: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[Cascade, list[dict[str, Any]]]:
     """Certify every subset of the earlier stages at δ/m and keep the cheapest on the calibration rows (see the
     module docstring). Returns it and one row per candidate (stages, gate, certified, mean cost)."""
@@ -317,8 +331,10 @@ def select_cascade(
                 delta=delta / m,
                 floor=floor,
                 grid_size=grid_size,
+                scores=None if scores is None else [scores[i] for i in idx],
             )
-        stage = route([probs[i].max(axis=1) for i in subset], c.threshold)
+        confs = _exit_scores([probs[i] for i in idx], None if scores is None else [scores[i] for i in idx])
+        stage = route(confs, c.threshold)
         cost = c.expected_cost(stage)
         candidates.append(
             {"stages": c.names, "threshold": c.threshold, "certified": c.certified, "calib_cost_ms": cost}

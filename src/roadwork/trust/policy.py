@@ -95,14 +95,21 @@ class TrustPolicy:
             )
         last = len(self.cascade.stages) - 1
 
-        def stage_probs(s: int, rows: np.ndarray) -> np.ndarray:
-            z = check_logits(stage_logits(s, rows), f"cascade stage {self.cascade.stages[s].name!r}")  # type: ignore[union-attr]
+        k = len(self.classes)
+
+        def stage_probs(s: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            st = self.cascade.stages[s]  # type: ignore[union-attr]
+            z = check_logits(stage_logits(s, rows), f"cascade stage {st.name!r}")
             if s == last:
-                sub = None if slices is None else {k: np.asarray(v)[rows] for k, v in slices.items()}
-                return calibrate_proba(self.calibrator, z, sub)
-            cal = self.cascade.stages[s].calibrator  # type: ignore[union-attr]
-            assert cal is not None
-            return cal.predict_proba(z)
+                sub = None if slices is None else {key: np.asarray(v)[rows] for key, v in slices.items()}
+                p = calibrate_proba(self.calibrator, z, sub)
+                return p, p.max(axis=1)
+            assert st.calibrator is not None
+            if st.info.get("gate"):  # a learned deferral gate: the extra last output, P(answer here)
+                p = st.calibrator.predict_proba(z[:, :k])
+                return p, 1 / (1 + np.exp(-z[:, k]))
+            p = st.calibrator.predict_proba(z)
+            return p, p.max(axis=1)
 
         probs, stage = run_cascade(self.cascade, stage_probs, n, len(self.classes))
         out = self._decide(probs, slices)
