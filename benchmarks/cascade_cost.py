@@ -2,12 +2,13 @@
 
     python benchmarks/cascade_cost.py [runs/demo] [--batch 32] [--repeats 5]
 
-Reads a finished run with a cascade (``roadwork demo`` builds one), loads its bundle and decodes the test
-split once (decoding is the same for every row of the table, so it is left out). Then, in batches of
-``--batch`` as the server would, it times each stage alone and the cascade — which sends only the images an
-earlier stage did not answer to the next one — alternating them ``--repeats`` times (this machine is shared
-and noisy) and keeping each row's median. Accuracy is on the whole test split. The last line checks that the
-bundle's cascade answers exactly as the in-process evaluation (``metrics.json``) did.
+Reads a finished run with a cascade (``roadwork demo`` builds one) and decodes its test split once (decoding
+is the same for every row, so it is left out). In batches of ``--batch``, as the server would, it times every
+stage alone and every candidate cascade the cascade stage certified (each subset of earlier stages with its
+own certified gate; the one the bundle ships is marked) — a cascade sends only the images an earlier stage
+did not answer on to the next one. Rows alternate ``--repeats`` times (this machine is shared and noisy) and
+each keeps its median. Accuracy is on the whole test split. The shipped cascade is run through the bundle
+itself, and the last line checks it answers as the in-process evaluation (``metrics.json``) did.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,6 +27,18 @@ from rich.table import Table
 
 from roadwork.data.preprocess import load_rgb
 from roadwork.export.bundle import Bundle
+from roadwork.export.cascade import StageRunner
+from roadwork.models.factory import ModelCard
+from roadwork.trust import TrustPolicy
+from roadwork.trust.cascade import Cascade, CascadeStage
+
+
+def _runner(cascade_dir: Path, st: CascadeStage) -> StageRunner:
+    if st.kind == "boosting":
+        return StageRunner.boosting(cascade_dir / st.file)
+    return StageRunner.network(
+        cascade_dir / st.file, ModelCard.load(cascade_dir / st.info["card"]).preprocess
+    )
 
 
 def main() -> None:
@@ -34,83 +49,117 @@ def main() -> None:
     args = ap.parse_args()
     run = Path(args.run)
     bundle = Bundle.load(run / "export" / "bundle")
-    cascade = bundle.policy.cascade
-    if cascade is None or bundle.stage_runners is None:
+    spec = json.loads((run / "cascade" / "cascade.json").read_text())
+    if not spec.get("enabled"):
         raise SystemExit(f"{run} has no cascade; run it with cascade.enabled=true (the demo preset does).")
+    shipped = Cascade.from_dict(spec)
+    every = {d["name"]: CascadeStage.from_dict(d) for d in spec.get("all_stages") or spec["stages"]}
+    model_name = shipped.names[-1]
+    runners = {name: _runner(run / "cascade", st) for name, st in every.items() if name != model_name}
     df = pd.read_parquet(run / "data" / "dataset.parquet")
     test = df[df["split"] == "test"]
     classes = bundle.classes
     y = test["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    paths = [p if Path(p).is_absolute() else str(run / "data" / p) for p in test["path"]]
-    images = [load_rgb(p) for p in paths]
-    n, b = len(images), args.batch
+    images = [load_rgb(p if Path(p).is_absolute() else str(run / "data" / p)) for p in test["path"]]
+    n, b, k = len(images), args.batch, len(classes)
     batches = [images[i : i + b] for i in range(0, n, b)]
 
-    def stage_alone(s: int):  # type: ignore[no-untyped-def]
-        if s < len(bundle.stage_runners):  # type: ignore[arg-type]
-            runner = bundle.stage_runners[s]  # type: ignore[index]
-            cal = cascade.stages[s].calibrator
-            return lambda ims: cal.predict_proba(runner.logits(ims, batch_size=b)).argmax(1), None
-        return lambda ims: bundle.policy.apply(bundle.logits(ims, batch_size=b)).pred, None
+    def alone(name: str) -> Callable[[list[Any]], tuple[np.ndarray, np.ndarray]]:
+        if name == model_name:
+            return lambda ims: (
+                bundle.policy.apply(bundle.logits(ims, batch_size=b)).pred,
+                np.zeros(len(ims), int),
+            )
+        st, r = every[name], runners[name]
+        return lambda ims: (
+            st.calibrator.predict_proba(r.logits(ims, batch_size=b)[:, :k]).argmax(1),  # type: ignore[union-attr]
+            np.zeros(len(ims), int),
+        )
 
-    def run_cascade(ims):  # type: ignore[no-untyped-def]
-        out = bundle.predict_images(ims)
-        return out.pred, out.stage
+    def cascade_fn(c: Cascade) -> Callable[[list[Any]], tuple[np.ndarray, np.ndarray]]:
+        policy = TrustPolicy.from_dict({**bundle.policy.to_dict(), "cascade": c.to_dict()})
+        rs = [runners[st.name] for st in c.stages[:-1]]
 
-    rows = {st.name: stage_alone(s)[0] for s, st in enumerate(cascade.stages)}
-    rows["cascade"] = run_cascade
-    times: dict[str, list[float]] = {k: [] for k in rows}
+        def fn(ims: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+            def stage_logits(s: int, rows: np.ndarray) -> np.ndarray:
+                sub = [ims[i] for i in rows]
+                return rs[s].logits(sub, batch_size=b) if s < len(rs) else bundle.logits(sub, batch_size=b)
+
+            out = policy.apply_cascade(stage_logits, len(ims))
+            return out.pred, out.stage  # type: ignore[return-value]
+
+        return fn
+
+    rows: dict[str, tuple[Callable[[list[Any]], tuple[np.ndarray, np.ndarray]], list[str]]] = {
+        f"{name} alone": (alone(name), [name]) for name in every
+    }
+    candidates = spec.get("candidates") or [
+        {"stages": shipped.names, "threshold": shipped.threshold, "chosen": True}
+    ]
+    for cand in candidates:
+        if len(cand["stages"]) < 2:
+            continue
+        c = Cascade.from_dict(
+            {**spec, "stages": [every[s].to_dict() for s in cand["stages"]], "threshold": cand["threshold"]}
+        )
+        label = " → ".join(cand["stages"]) + (" (shipped)" if cand.get("chosen") else "")
+        if cand.get("chosen"):  # the bundle itself runs the shipped cascade
+            rows[label] = (
+                lambda ims: (lambda o: (o.pred, o.stage))(bundle.predict_images(ims)),
+                cand["stages"],
+            )  # type: ignore[misc]
+        else:
+            rows[label] = (cascade_fn(c), cand["stages"])
+    times: dict[str, list[float]] = {name: [] for name in rows}
     preds: dict[str, np.ndarray] = {}
-    stage_of = np.zeros(n, int)
-    for fn in rows.values():  # warm-up
+    stage_of: dict[str, np.ndarray] = {}
+    for fn, _ in rows.values():  # warm-up
         fn(batches[0])
     for _ in range(args.repeats):
-        for name, fn in rows.items():
-            outs = []
+        for name, (fn, _) in rows.items():
             t0 = time.perf_counter()
-            for chunk in batches:
-                outs.append(fn(chunk))
+            outs = [fn(chunk) for chunk in batches]
             times[name].append((time.perf_counter() - t0) * 1000 / n)
-            if name == "cascade":
-                preds[name] = np.concatenate([o[0] for o in outs])
-                stage_of = np.concatenate([o[1] for o in outs])
-            else:
-                preds[name] = np.concatenate(outs)
-    largest = cascade.stages[-1].name
-    ms = {k: float(np.median(v)) for k, v in times.items()}
-    share = np.bincount(stage_of, minlength=len(cascade.stages)) / n
-    t = Table(title=f"cascade vs its largest stage ({n} test images, batch {b}, median of {args.repeats})")
-    for col in ("configuration", "stage mix", "accuracy", "ms/img", "img/s", "cost vs largest"):
+            preds[name] = np.concatenate([o[0] for o in outs])
+            stage_of[name] = np.concatenate([o[1] for o in outs])
+    ms = {name: float(np.median(v)) for name, v in times.items()}
+    base = f"{model_name} alone"
+    t = Table(
+        title=f"cascade vs its largest stage ({n} test images, batch {b}, median of {args.repeats} passes)"
+    )
+    for col in (
+        "configuration",
+        "stage mix",
+        "accuracy",
+        "Δ acc (points)",
+        "ms/img",
+        "img/s",
+        "cost vs largest",
+    ):
         t.add_column(col, justify="left" if col in ("configuration", "stage mix") else "right")
-    for name in rows:
-        mix = (
-            " / ".join(f"{st.name} {x:.1%}" for st, x in zip(cascade.stages, share, strict=True))
-            if name == "cascade"
-            else f"{name} 100%"
-        )
+    acc_base = float((preds[base] == y).mean())
+    for name, (_, names) in rows.items():
+        share = np.bincount(stage_of[name], minlength=len(names)) / n
         acc = float((preds[name] == y).mean())
         t.add_row(
-            name if name != "cascade" else f"cascade (gate {cascade.threshold:.4f})",
-            mix,
+            name,
+            " / ".join(f"{s} {x:.1%}" for s, x in zip(names, share, strict=True)),
             f"{acc:.4f}",
+            f"{100 * (acc - acc_base):+.2f}",
             f"{ms[name]:.4f}",
             f"{1000 / ms[name]:.0f}",
-            f"{ms[name] / ms[largest]:.1%}",
+            f"{ms[name] / ms[base]:.1%}",
         )
-    console = Console()
+    console = Console(width=150)
     console.print(t)
-    acc_c, acc_l = float((preds["cascade"] == y).mean()), float((preds[largest] == y).mean())
-    console.print(
-        f"accuracy change vs {largest} alone: {100 * (acc_c - acc_l):+.2f} points; "
-        f"cost ratio {ms['cascade'] / ms[largest]:.1%}"
-    )
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text()).get("cascade")
-    if metrics:
+    shipped_row = next((r for r in rows if r.endswith("(shipped)")), None)
+    if metrics and shipped_row:
+        same = abs(metrics["accuracy"] - float((preds[shipped_row] == y).mean())) < 1e-12
         console.print(
             f"in-process evaluation (metrics.json): accuracy {metrics['accuracy']:.4f}, stage share "
             + ", ".join(f"{k} {v:.1%}" for k, v in metrics["stage_share"].items())
-            + f" — bundle: accuracy {acc_c:.4f}, "
-            + ", ".join(f"{st.name} {x:.1%}" for st, x in zip(cascade.stages, share, strict=True))
+            + f"; the bundle agrees: {same}"
         )
 
 

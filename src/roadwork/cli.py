@@ -17,7 +17,7 @@ Usage:
   roadwork demo [key=value ...] [--force STAGE]     the whole job on generated roadwork scenes
   roadwork run [CONFIG] [key=value ...] [--force STAGE] [--until STAGE]
   roadwork STAGE [CONFIG] [key=value ...]           run up to one stage (data, train, calibrate, conformal,
-                                                   selective, policy, export, evaluate)
+                                                   selective, policy, cascade, export, evaluate)
   roadwork config show [CONFIG] [key=value ...]     print the resolved configuration
   roadwork data synthetic n=N size=PX seed=S out=DIR [label_noise=R]
                                                    write generated scenes and a manifest.csv into DIR
@@ -39,6 +39,8 @@ Examples:
   roadwork demo                                     # ~5 min on 2 CPU cores; prints a summary and the report path
   roadwork demo train.epochs=3 data.synthetic.n=1500
   roadwork run demo name=fog data.synthetic.seed=7 --force train
+  roadwork run demo cascade.enabled=false            # the model alone, no cascade in front of it
+  roadwork run demo cascade.small.deferral=learned cascade.small.gatekeeper_epochs=0
   roadwork run data.source=path/to/folder name=mydata   # one subfolder per class
   roadwork run data.source=manifest.csv conformal.alpha=0.05 selective.target_risk=0.01
   roadwork config show demo train.lr=1e-3

@@ -52,6 +52,16 @@ def _img(name: str, png: bytes, caption: str) -> str:
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     """The headline numbers, shared by the terminal summary and the report."""
     t, c, s = metrics["test"], metrics["conformal"], metrics["selective"]
+    cascade = []
+    if metrics.get("cascade"):
+        k = metrics["cascade"]
+        ratio = "" if k["cost_ratio"] is None else f" at {k['cost_ratio']:.0%} of its cost"
+        cascade = [
+            (
+                "cascade (" + " → ".join(st["name"] for st in k["stages"]) + ")",
+                f"accuracy {k['accuracy']:.4f}{ratio}",
+            )
+        ]
     return [
         ("test images", f"{t['n']}"),
         ("accuracy", f"{t['accuracy']:.4f}"),
@@ -62,6 +72,7 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ("mean set size / singletons", f"{c['mean_set_size']:.3f} / {c['singleton_rate']:.3f}"),
         (f"selective risk (target ≤ {s['target_risk']}, δ={s['delta']})", f"{s['risk']:.4f}"),
         ("answered (coverage) at certified threshold", f"{s['coverage']:.4f}"),
+        *cascade,
     ]
 
 

@@ -632,7 +632,7 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
         "all_stages": [st.to_dict() for st in stages],
     }
     (ctx.out / "cascade.json").write_text(json.dumps(spec, indent=2))
-    grid = gate_grid(floor)
+    grid = gate_grid(1 / len(classes))  # the whole frontier for the report; the certified gate stays ≥ floor
     every = np.ones(len(test), bool)
     curves = {
         "calib": cascade_curve(calib_probs, cal.labels[trust_rows], costs, grid, c.mode, kw["scores"]),
