@@ -55,7 +55,7 @@ def main() -> None:
     shipped = Cascade.from_dict(spec)
     every = {d["name"]: CascadeStage.from_dict(d) for d in spec.get("all_stages") or spec["stages"]}
     model_name = shipped.names[-1]
-    runners = {name: _runner(run / "cascade", st) for name, st in every.items() if name != model_name}
+    runners = {name: _runner(run / "cascade_models", st) for name, st in every.items() if name != model_name}
     df = pd.read_parquet(run / "data" / "dataset.parquet")
     test = df[df["split"] == "test"]
     classes = bundle.classes

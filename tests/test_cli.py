@@ -49,7 +49,7 @@ def test_predict_prints_one_json_line_per_image(tiny_run, capsys):
     assert main(["predict", str(result.bundle), *map(str, images)]) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(recs) == 3
-    assert set(recs[0]) == {"path", "label", "probability", "prediction_set", "abstain", "score"}
+    assert set(recs[0]) == {"path", "label", "probability", "prediction_set", "abstain", "score", "stage"}
 
 
 def test_predict_on_a_non_bundle_is_explained(tmp_path, capsys):

@@ -47,7 +47,9 @@ def test_metrics_and_report_describe_the_cascade(tiny_run):
 def _stage_logits(run_dir, policy: TrustPolicy, test: Predictions) -> list[np.ndarray]:
     return [
         *(
-            Predictions.from_parquet(run_dir / "cascade" / f"predictions-test-{st.name}.parquet").logits
+            Predictions.from_parquet(
+                run_dir / "cascade_models" / f"predictions-test-{st.name}.parquet"
+            ).logits
             for st in policy.cascade.stages[:-1]  # type: ignore[union-attr]
         ),
         test.logits,
@@ -120,9 +122,9 @@ def test_learned_deferral_gate_end_to_end(tmp_path):
     test = Predictions.from_parquet(result.run_dir / "predict" / "predictions-test.parquet")
     policy = TrustPolicy.load(result.run_dir / "policy" / "policy.json")
     policy.cascade = Cascade.from_dict(spec)
-    from roadwork.pipeline.stages import _stage_outputs
+    from roadwork.pipeline.cascade_stages import stage_outputs
 
-    z_small = _stage_outputs(result.run_dir / "cascade", policy.cascade.stages[0], "test")
+    z_small = stage_outputs(result.run_dir / "cascade_models", policy.cascade.stages[0], "test")
     assert z_small.shape == (len(test), 3)  # two classes and the gate
     gate = 1 / (1 + np.exp(-z_small[:, 2]))
     policy.cascade.threshold = bundle.policy.cascade.threshold = float(np.median(gate))
@@ -133,3 +135,63 @@ def test_learned_deferral_gate_end_to_end(tmp_path):
     np.testing.assert_array_equal(got, in_process.stage)
     assert 0 < (got == 0).mean() < 1
     assert result.metrics["cascade"]["stages"][0]["gate"] is True
+
+
+def test_a_new_cascade_target_recertifies_without_retraining(tiny_run, tmp_path):
+    import shutil
+
+    from roadwork.pipeline import run_pipeline
+
+    cfg, _ = tiny_run
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    cfg2 = cfg.model_copy(update={"root": str(tmp_path)}, deep=True)
+    cfg2.cascade.target = 0.05
+    res = run_pipeline(cfg2, progress=False)
+    assert {r.name for r in res.stages if not r.cached} == {"cascade", "export", "evaluate"}
+    assert json.loads((res.run_dir / "cascade" / "cascade.json").read_text())["target"] == 0.05
+
+
+def test_certificate_holds_on_stored_predictions_over_many_draws(tiny_run):
+    """The certificate on real stored outputs (the tiny run's three stages on calib ∪ test): 300 calibration
+    draws with replacement from that pool — i.i.d. from its empirical distribution, so the pool's own risk is
+    the population risk — exceed the target in at most δ plus three Monte Carlo standard errors."""
+    import math
+    import warnings
+
+    from roadwork.errors import RoadworkWarning
+    from roadwork.pipeline.cascade_stages import stage_outputs
+    from roadwork.trust.calibration import calibrate_proba
+    from roadwork.trust.cascade import cascade_curve, fit_cascade, gate_grid
+
+    _, result = tiny_run
+    run_dir = result.run_dir
+    policy = TrustPolicy.load(run_dir / "policy" / "policy.json")
+    c = Cascade.from_dict(json.loads((run_dir / "cascade" / "cascade.json").read_text()))
+    probs, labels = [], []
+    for split in ("calib", "test"):
+        p = Predictions.from_parquet(run_dir / "predict" / f"predictions-{split}.parquet")
+        early = [
+            st.calibrator.predict_proba(stage_outputs(run_dir / "cascade_models", st, split))
+            for st in c.stages[:-1]
+        ]  # type: ignore[union-attr]
+        probs.append([*early, calibrate_proba(policy.calibrator, p.logits, p.slices)])
+        labels.append(p.labels)
+    pool = [np.concatenate([probs[0][s], probs[1][s]]) for s in range(len(c.stages))]
+    y = np.concatenate(labels)
+    costs = [st.cost_ms for st in c.stages]
+    grid = gate_grid(0.5)
+    pop = cascade_curve(pool, y, costs, grid, "risk")
+    target = float(np.quantile(pop["risk"], 0.5)) + 1e-9  # a target the grid crosses: a real choice
+    risk_at = dict(zip(pop["threshold"].tolist(), pop["risk"].tolist(), strict=True))
+    rng = np.random.default_rng(0)
+    draws, delta, bad = 300, 0.2, 0
+    for _ in range(draws):
+        idx = rng.integers(0, len(y), len(y))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RoadworkWarning)
+            fit = fit_cascade(
+                c.stages, [p[idx] for p in pool], y[idx], mode="risk", target=target, delta=delta
+            )
+        if fit.certified:
+            bad += risk_at[fit.threshold] > target
+    assert bad / draws <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)

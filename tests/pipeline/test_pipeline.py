@@ -58,14 +58,20 @@ def test_force_reruns_the_stage_and_its_dependents_only(tiny_run, tmp_path):
     cfg = _isolated(tiny_run[0], tmp_path)
     res = run_pipeline(cfg, force=["conformal"], progress=False)
     ran = {r.name for r in res.stages if not r.cached}
-    assert ran == {"conformal", "policy", "export", "evaluate"}
+    assert ran == {"conformal", "policy", "cascade", "export", "evaluate"}  # not the cascade's models
 
 
 def test_changing_a_config_section_invalidates_only_downstream(tiny_run, tmp_path):
     cfg2 = _isolated(tiny_run[0], tmp_path)
     cfg2.selective.target_risk = 0.3
     res = run_pipeline(cfg2, progress=False)
-    assert {r.name for r in res.stages if not r.cached} == {"selective", "policy", "export", "evaluate"}
+    assert {r.name for r in res.stages if not r.cached} == {
+        "selective",
+        "policy",
+        "cascade",
+        "export",
+        "evaluate",
+    }
 
 
 def test_interrupted_run_resumes_and_leaves_no_partial_stage(tmp_path, monkeypatch):
@@ -172,7 +178,7 @@ def test_operating_point_and_risk_control_land_in_the_policy_the_bundle_and_the_
     cfg2.policy.operating_point = "max_mcc"
     cfg2.policy.max_miss_rate = 0.2
     res = run_pipeline(cfg2, progress=False)
-    assert {r.name for r in res.stages if not r.cached} == {"policy", "export", "evaluate"}
+    assert {r.name for r in res.stages if not r.cached} == {"policy", "cascade", "export", "evaluate"}
     m = res.metrics
     assert m is not None and m["operating_point"]["chosen"]["criterion"] == "max_mcc"
     bundle = Bundle.load(res.bundle)

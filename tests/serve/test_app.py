@@ -187,13 +187,13 @@ def test_limits_auth_and_metrics(bundle, images):
 
 def test_slice_metadata_reaches_the_policy(bundle, images, monkeypatch):
     seen = []
-    real = bundle.policy.apply
+    real = bundle.policy._decide  # where the model's path and the cascade's meet
 
-    def spy(logits, slices=None):  # type: ignore[no-untyped-def]
+    def spy(probs, slices=None):  # type: ignore[no-untyped-def]
         seen.append(slices)
-        return real(logits, slices)
+        return real(probs, slices)
 
-    monkeypatch.setattr(bundle.policy, "apply", spy)
+    monkeypatch.setattr(bundle.policy, "_decide", spy)
     monkeypatch.setattr(type(bundle.policy), "slice_columns", property(lambda self: ["weather"]))
     with _client(bundle) as c:
         b64 = base64.b64encode(images[0].read_bytes()).decode()

@@ -43,7 +43,7 @@ class StageContext:
 class Stage:
     name: str
     deps: tuple[str, ...]
-    config: tuple[str, ...]  # RunConfig sections that change the output
+    config: tuple[str, ...]  # RunConfig sections (or dotted keys below them) that change the output
     fn: Callable[[StageContext], dict[str, Any]]
     fingerprint: Callable[[RunConfig], str] | None = None  # e.g. the state of a source folder
     code: tuple[str, ...] = ()  # package-relative source paths whose edits invalidate the stage; () = all
@@ -102,12 +102,20 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def config_value(cfg: RunConfig, path: str) -> Any:
+    """A config section or a dotted key below one (``cascade.small``), as JSON-ready data."""
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
 def _key(stage: Stage, cfg: RunConfig, input_digests: dict[str, str]) -> str:
     payload = {
         "stage": stage.name,
         "code": code_version(stage.code),
         "inputs": input_digests,
-        "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.config},
+        "config": {s: config_value(cfg, s) for s in stage.config},
         "fingerprint": stage.fingerprint(cfg) if stage.fingerprint else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -206,7 +214,7 @@ def run_stages(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "code": code_version(stage.code),
                 "inputs": digests,
-                "config": {s: getattr(cfg, s).model_dump(mode="json") for s in stage.config},
+                "config": {s: config_value(cfg, s) for s in stage.config},
                 "versions": _versions(),
                 "info": info,
                 "outputs": outputs,
