@@ -27,9 +27,14 @@ Usage:
   roadwork compare [CONFIG] [key=value ...] [frameworks=sklearn,lightgbm]
                                                    gradient-boosting frameworks side by side on the same
                                                    image features and splits (accuracy, ECE, sets, µs/row)
+  roadwork monitor REFERENCE CURRENT [psi=0.25] [class_mix=0.15] [abstain=0.15] [out=drift.json]
+                                                   drift of served predictions (a log_dir, a JSON-lines
+                                                   file from predict) against a bundle's calibration split
+  roadwork dvc [CONFIG] [key=value ...] [out=DIR]   write dvc.yaml + roadwork.yaml: every stage as a DVC stage
   roadwork serve BUNDLE [key=value ...]             HTTP server: OIP v2, /v1/classify, /metrics (no torch);
                                                    keys: host port max_batch_size max_queue_delay_ms max_queue
-                                                   max_body_mb max_pixels ort_threads drain_timeout_s;
+                                                   max_body_mb max_pixels ort_threads drain_timeout_s
+                                                   log_dir (prediction logs for roadwork monitor);
                                                    ROADWORK_API_KEY=... requires 'Authorization: Bearer ...'
   roadwork help                                     this text
 
@@ -48,6 +53,7 @@ Examples:
   roadwork predict runs/demo/export/bundle scenes/000001.jpg
   roadwork compare demo frameworks=sklearn,xgboost,lightgbm,catboost
   roadwork serve runs/demo/export/bundle port=8000 max_batch_size=16
+  roadwork serve runs/demo/export/bundle log_dir=logs/ && roadwork monitor runs/demo/export/bundle logs/
   curl -s --data-binary @scenes/000001.jpg -H 'content-type: image/jpeg' localhost:8000/v1/classify
 """
 
@@ -267,6 +273,91 @@ def _compare(args: list[str]) -> int:
     return 0
 
 
+def _monitor(args: list[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from roadwork.monitor.drift import DriftThresholds, compare_predictions, load_predictions
+
+    paths = [a for a in args if "=" not in a]
+    if len(paths) != 2:
+        raise RoadworkError(
+            "Usage: roadwork monitor REFERENCE CURRENT [psi=0.25] [class_mix=0.15] [abstain=0.15] [min_rows=50] "
+            "[out=drift.json]; REFERENCE: a bundle or run folder (its calibration split) or a prediction log."
+        )
+    opts: dict[str, str] = {}
+    for a in args:
+        if "=" in a:
+            key, _, val = a.partition("=")
+            if key not in ("psi", "class_mix", "abstain", "min_rows", "out"):
+                raise RoadworkError(
+                    f"roadwork monitor: unknown option {key!r}; use psi, class_mix, abstain, min_rows or out."
+                )
+            opts[key] = val
+    try:
+        d = DriftThresholds()
+        th = DriftThresholds(
+            psi=float(opts.get("psi", d.psi)),
+            class_mix=float(opts.get("class_mix", d.class_mix)),
+            abstain=float(opts.get("abstain", d.abstain)),
+            min_rows=int(opts.get("min_rows", d.min_rows)),
+        )
+    except ValueError as e:
+        raise RoadworkError(f"roadwork monitor: thresholds must be numbers ({e}).") from None
+    report = compare_predictions(load_predictions(paths[0]), load_predictions(paths[1]), thresholds=th)
+    t = Table(title=f"drift: {paths[1]} vs {paths[0]}")
+    for col in (
+        "scope",
+        "n ref / cur",
+        "confidence PSI",
+        "KS p",
+        "mean conf",
+        "class mix TV",
+        "abstain rate",
+        "drift",
+    ):
+        t.add_column(col, justify="left" if col in ("scope", "drift") else "right")
+    for scope, r in [("overall", report["overall"]), *report["slices"].items()]:
+        t.add_row(
+            scope,
+            f"{r['n_reference']} / {r['n_current']}",
+            f"{r['psi_confidence']:.3f}",
+            f"{r['ks_pvalue']:.2g}",
+            f"{r['mean_confidence'][0]:.3f} → {r['mean_confidence'][1]:.3f}",
+            f"{r['class_mix_tv']:.3f}",
+            f"{r['abstain_rate'][0]:.3f} → {r['abstain_rate'][1]:.3f}",
+            "; ".join(r["reasons"]) or "no",
+        )
+    Console().print(t)
+    if "out" in opts:
+        Path(opts["out"]).write_text(json.dumps(report, indent=2))
+        _print(f"report: {opts['out']}")
+    _print(
+        "DRIFT: the served traffic no longer looks like the calibration split; the guarantees may not hold."
+        if report["drift"]
+        else "no drift beyond the thresholds."
+    )
+    return 0
+
+
+def _dvc(args: list[str]) -> int:
+    import yaml
+
+    from roadwork.config import dump_config, load_config
+    from roadwork.pipeline.dvc import dvc_stages
+
+    out = Path(next((a.partition("=")[2] for a in args if a.startswith("out=")), "."))
+    config, overrides = _config_and_overrides([a for a in args if not a.startswith("out=")])
+    cfg = load_config(config, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "roadwork.yaml").write_text(dump_config(cfg))
+    (out / "dvc.yaml").write_text(yaml.safe_dump(dvc_stages(cfg), sort_keys=False))
+    _print(
+        f"wrote {out / 'dvc.yaml'} ({len(dvc_stages(cfg)['stages'])} stages) and {out / 'roadwork.yaml'}; run: dvc repro"
+    )
+    return 0
+
+
 def _serve(args: list[str]) -> int:
     import yaml
     from pydantic import ValidationError
@@ -339,13 +430,28 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(rest)
         if cmd == "compare":
             return _compare(rest)
+        if cmd == "monitor":
+            return _monitor(rest)
+        if cmd == "dvc":
+            return _dvc(rest)
         if cmd in STAGE_NAMES:
             rest, flags = _split_flags(rest, ("--force",))
             config, overrides = _config_and_overrides(rest)
             return _run(config, overrides, flags["--force"], cmd)
         import difflib
 
-        options = ["demo", "run", "config", "predict", "serve", "bench", "compare", "help", *STAGE_NAMES]
+        options = [
+            "demo",
+            "run",
+            "config",
+            "predict",
+            "serve",
+            "bench",
+            "compare",
+            "monitor",
+            "help",
+            *STAGE_NAMES,
+        ]
         close = difflib.get_close_matches(cmd, options, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise RoadworkError(f"Unknown command {cmd!r}.{hint} Run 'roadwork help' for the commands.")

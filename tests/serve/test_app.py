@@ -262,3 +262,25 @@ def test_two_thousand_bad_requests_leave_the_server_healthy(bundle):
         assert c.get("/v2/health/ready").status_code == 200
     assert len(statuses) == 2000 and all(400 <= s < 500 for s in statuses)
     assert grown_mb < 50
+
+
+def test_log_dir_records_every_prediction_with_its_metadata(bundle, images, tmp_path):
+    from roadwork.monitor.drift import load_predictions
+
+    with _client(bundle, log_dir=str(tmp_path / "logs"), log_rows_per_file=2) as c:
+        for i, p in enumerate(images[:3]):
+            b64 = base64.b64encode(p.read_bytes()).decode()
+            assert (
+                c.post("/v1/classify", json={"image": b64, "metadata": {"weather": f"w{i}"}}).status_code
+                == 200
+            )
+    files = sorted((tmp_path / "logs").glob("*.parquet"))
+    assert len(files) == 2  # one full file of 2, the last row flushed at shutdown
+    df = load_predictions(tmp_path / "logs")
+    assert list(df["weather"]) == ["w0", "w1", "w2"] and {
+        "label",
+        "probability",
+        "set_size",
+        "abstain",
+        "stage",
+    } <= set(df.columns)

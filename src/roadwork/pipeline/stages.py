@@ -391,6 +391,7 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
                 if name:
                     extra[name] = ctx.inputs["cascade_models"] / name
         info["cascade"] = {"stages": policy.cascade.names, "threshold": policy.cascade.threshold}
+    extra["reference.json"] = _drift_reference(ctx, policy, ctx.out / "reference.json")
     variants: dict[str, tuple[Path, dict[str, Any]]] = {}
     if e.int8 != "none":
         from roadwork.export.variants import quantize_int8
@@ -422,9 +423,37 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
         write_triton_repository(onnx_path, ctx.out / "triton", name=ctx.cfg.name)
         info["triton"] = str(Path("export") / "triton" / ctx.cfg.name)
     onnx_path.unlink()
+    (ctx.out / "reference.json").unlink()
     for path, _ in variants.values():
         path.unlink()
     return info
+
+
+def _drift_reference(ctx: StageContext, policy: TrustPolicy, path: Path) -> Path:
+    """The calibration split through the served policy (the cascade too, when there is one): what
+    ``roadwork monitor`` compares served traffic with."""
+    from roadwork.monitor.drift import reference_table
+
+    cal = _trust_calib(ctx)
+    if policy.cascade is not None:
+        from roadwork.pipeline.cascade_stages import stage_outputs
+
+        full = _preds(ctx, "calib")
+        rows = np.flatnonzero(np.isin(full.ids, cal.ids))
+        outs = [
+            stage_outputs(ctx.inputs["cascade_models"], st, "calib")[rows]
+            for st in policy.cascade.stages[:-1]
+        ]
+        out = policy.apply_cascade(
+            lambda s, r: outs[s][r] if s < len(outs) else cal.logits[r], len(cal), cal.slices
+        )
+    else:
+        out = policy.apply(cal.logits, cal.slices)
+    df = reference_table(out.probs, out.sets, out.abstain, cal.classes, cal.slices)
+    if out.stage is not None and out.stage_names is not None:
+        df["stage"] = [out.stage_names[s] for s in out.stage]
+    path.write_text(json.dumps({"schema": 1, "split": "calib", "rows": df.to_dict(orient="records")}))
+    return path
 
 
 def _variant_quality(
@@ -627,7 +656,7 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "export",
-        ("data", "train", "policy", "cascade", "cascade_models"),
+        ("data", "train", "predict", "calibrate", "policy", "cascade", "cascade_models"),
         ("export",),
         stage_export,
         code=_code("data", "models", "export", "trust"),

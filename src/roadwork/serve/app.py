@@ -221,8 +221,19 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         yield
         app.state.ready = False
         await batcher.stop()
+        if pred_log is not None:
+            pred_log.flush()
         decode_pool.shutdown(wait=False)
         model_pool.shutdown(wait=True)
+
+    reference = bundle.path / "reference.json"
+    if reference.is_file():
+        metrics.set_reference(json.loads(reference.read_text()).get("rows", []))
+    pred_log = None
+    if settings.log_dir:
+        from roadwork.serve.prediction_log import PredictionLog
+
+        pred_log = PredictionLog(settings.log_dir, settings.log_rows_per_file)
 
     app = FastAPI(title="roadwork", version=_version(), lifespan=lifespan)
     app.state.ready = False
@@ -363,6 +374,11 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
             for col in model.slice_columns
         }
         recs = await _predict(x, meta)
+        if pred_log is not None:
+            request_meta = {k: v for k, v in request.query_params.items()} | {
+                k: v for k, v in query_meta.items() if isinstance(v, str)
+            }
+            pred_log.add(recs, [request_meta | pi for pi in per_image])
         return {
             "model": model.name,
             "predictions": [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["ServerMetrics"]
@@ -54,3 +56,30 @@ class ServerMetrics:
         self.rejected = Counter(
             "roadwork_rejected", "Requests refused with 503 because the queue was full", registry=r
         )
+        # the calibration split through the policy (the bundle's reference.json): what drift alerts compare with
+        self.ref_abstain = Gauge(
+            "roadwork_reference_abstain_rate", "Abstention rate on the calibration split", registry=r
+        )
+        self.ref_confidence = Gauge(
+            "roadwork_reference_confidence_mean",
+            "Mean calibrated confidence on the calibration split",
+            registry=r,
+        )
+        self.ref_label_share = Gauge(
+            "roadwork_reference_label_share",
+            "Share of each predicted label on the calibration split",
+            ["label"],
+            registry=r,
+        )
+
+    def set_reference(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        n = len(rows)
+        self.ref_abstain.set(sum(bool(r["abstain"]) for r in rows) / n)
+        self.ref_confidence.set(sum(float(r["probability"]) for r in rows) / n)
+        labels: dict[str, int] = {}
+        for r in rows:
+            labels[r["label"]] = labels.get(r["label"], 0) + 1
+        for label, count in labels.items():
+            self.ref_label_share.labels(label).set(count / n)

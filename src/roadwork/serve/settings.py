@@ -26,3 +26,8 @@ class ServeSettings(BaseModel):
     decode_workers: int = Field(4, ge=1, description="threads that decode and preprocess images")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (health is open)")
     drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: seconds to finish in-flight requests")
+    log_dir: str | None = Field(
+        None,
+        description="write every /v1/classify prediction to rotating Parquet files here (roadwork monitor)",
+    )
+    log_rows_per_file: int = Field(10_000, ge=1, description="predictions per Parquet file of log_dir")
