@@ -54,6 +54,7 @@ Examples:
   roadwork compare demo frameworks=sklearn,xgboost,lightgbm,catboost
   roadwork serve runs/demo/export/bundle port=8000 max_batch_size=16
   roadwork serve runs/demo/export/bundle log_dir=logs/ && roadwork monitor runs/demo/export/bundle logs/
+  roadwork run demo tracking.register_as=roadwork-demo && roadwork serve models:/roadwork-demo/1
   curl -s --data-binary @scenes/000001.jpg -H 'content-type: image/jpeg' localhost:8000/v1/classify
 """
 
@@ -369,6 +370,8 @@ def _serve(args: list[str]) -> int:
             "Usage: roadwork serve BUNDLE [key=value ...], e.g. roadwork serve runs/demo/export/bundle"
         )
     values: dict[str, object] = {}
+    tracking_uri = next((a.partition("=")[2] for a in args[1:] if a.startswith("tracking_uri=")), None)
+    args = [a for a in args if not a.startswith("tracking_uri=")]
     for a in args[1:]:
         key, eq, val = a.partition("=")
         if not eq:
@@ -391,7 +394,17 @@ def _serve(args: list[str]) -> int:
         ) from None
     from roadwork.serve import serve
 
-    serve(args[0], settings)
+    target = args[0]
+    if target.startswith(("models:/", "runs:/")):  # a registered MLflow model: fetch its bundle first
+        from roadwork.pipeline.registry import resolve_bundle
+
+        uri = (
+            tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
+        )
+        target = str(resolve_bundle(target, tracking_uri=uri))
+    serve(target, settings)
     return 0
 
 

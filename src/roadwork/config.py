@@ -293,6 +293,9 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<root>/mlflow.db")
     experiment: str = "roadwork"
+    register_as: str | None = Field(
+        None, description="also log the bundle as an MLflow model and register it under this name"
+    )
 
 
 class RunConfig(_Strict):

@@ -23,6 +23,7 @@ class RunResult:
     run_dir: Path
     stages: list[StageResult]
     tracking_uri: str | None = None
+    registered: str | None = None  # models:/NAME/VERSION when tracking.register_as is set
 
     @property
     def metrics(self) -> dict[str, Any] | None:
@@ -78,5 +79,9 @@ def run_pipeline(
             tracker.log_artifact(cfg.run_dir / "evaluate" / "MODEL_CARD.md", "report")
         if out.bundle.is_dir():
             tracker.log_artifact(out.bundle, "bundle")
+            if cfg.tracking.register_as:
+                from roadwork.pipeline.registry import log_bundle
+
+                out.registered = log_bundle(out.bundle, registered_name=cfg.tracking.register_as)
         tracker.end()
     return out

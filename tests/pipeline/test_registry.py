@@ -1,0 +1,58 @@
+"""The MLflow registry: a registered bundle loads with mlflow.pyfunc.load_model and answers as the bundle does;
+models:/NAME/VERSION resolves to a bundle folder for the server."""
+
+from __future__ import annotations
+
+import base64
+import warnings
+
+import pandas as pd
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from roadwork.errors import ArtifactError  # noqa: E402
+from roadwork.export.bundle import Bundle  # noqa: E402
+from roadwork.pipeline.registry import log_bundle, resolve_bundle  # noqa: E402
+
+
+def test_registered_model_gives_the_bundles_outputs(tiny_run, tmp_path):
+    _, result = tiny_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("registry-test")
+        model_uri = log_bundle(result.bundle, registered_name="roadwork-tiny", tracking_uri=uri)
+        assert model_uri == "models:/roadwork-tiny/1"
+        loaded = mlflow.pyfunc.load_model(model_uri)
+    images = sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:5]
+    df = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images]})
+    got = loaded.predict(df)
+    want = Bundle.load(result.bundle).predict_paths(images)
+    assert list(got["label"]) == [w["label"] for w in want]
+    assert list(got["stage"]) == [w["stage"] for w in want]
+    assert list(got["abstain"]) == [w["abstain"] for w in want]
+    assert got["probability"].tolist() == pytest.approx([w["probability"] for w in want])
+    assert list(got["prediction_set"]) == [",".join(w["prediction_set"]) for w in want]
+    assert loaded.metadata.get_input_schema().input_names() == ["image"]
+    folder = resolve_bundle(model_uri, tracking_uri=uri)
+    assert Bundle.load(folder).classes == Bundle.load(result.bundle).classes
+    with pytest.raises(ArtifactError, match="Could not fetch"):
+        resolve_bundle("models:/no-such-model/7", tracking_uri=uri)
+
+
+def test_pipeline_registers_the_bundle_when_asked(tiny_run, tmp_path):
+    import shutil
+
+    from roadwork.pipeline import run_pipeline
+
+    cfg, _ = tiny_run
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    cfg2 = cfg.model_copy(update={"root": str(tmp_path)}, deep=True)
+    cfg2.tracking.enabled, cfg2.tracking.register_as = True, "tiny-registered"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = run_pipeline(cfg2, progress=False)
+    assert all(r.cached for r in res.stages) and res.registered == "models:/tiny-registered/1"
+    assert Bundle.load(resolve_bundle(res.registered, tracking_uri=res.tracking_uri)).classes
