@@ -21,7 +21,8 @@ Usage:
   roadwork config show [CONFIG] [key=value ...]     print the resolved configuration
   roadwork data synthetic n=N size=PX seed=S out=DIR [label_noise=R]
                                                    write generated scenes and a manifest.csv into DIR
-  roadwork predict BUNDLE PATH [PATH ...]           one JSON line per image (label, probability, set, abstain)
+  roadwork predict BUNDLE PATH [PATH ...]           one JSON line per image (label, probability, set, abstain);
+                  [out=DIR engine=local|ray]        or a resumable Parquet folder, locally or on Ray Data
   roadwork bench BUNDLE [batch=8] [seconds=3]       every form of the model side by side: size, accuracy,
                                                    ECE, ms/img, img/s, speed-up over torch eager
   roadwork compare [CONFIG] [key=value ...] [frameworks=sklearn,lightgbm]
@@ -188,24 +189,47 @@ def _synthetic(args: list[str]) -> int:
 def _predict(args: list[str]) -> int:
     from roadwork.export.bundle import Bundle
 
-    if len(args) < 2:
-        raise RoadworkError("Usage: roadwork predict BUNDLE PATH [PATH ...] (images or folders of images).")
-    bundle = Bundle.load(args[0])
-    paths: list[Path] = []
-    for a in args[1:]:
-        p = Path(a)
-        if p.is_dir():
-            paths.extend(
-                sorted(
-                    f for f in p.rglob("*") if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-                )
-            )
-        elif p.is_file():
-            paths.append(p)
+    opts = {a.partition("=")[0]: a.partition("=")[2] for a in args[1:] if "=" in a}
+    sources = [a for a in args[1:] if "=" not in a]
+    if not args or "=" in args[0] or not sources:
+        raise RoadworkError(
+            "Usage: roadwork predict BUNDLE PATH [PATH ...] [out=DIR engine=local|ray batch=64 workers=2]; PATH is "
+            "an image, a folder of images or a .csv/.parquet manifest (path + metadata columns)."
+        )
+    unknown = set(opts) - {"out", "engine", "batch", "workers"}
+    if unknown:
+        raise RoadworkError(
+            f"roadwork predict: unknown option {sorted(unknown)[0]!r}; use out, engine, batch or workers."
+        )
+    engine = opts.get("engine", "local")
+    if engine not in ("local", "ray"):
+        raise RoadworkError(f"roadwork predict: engine={engine!r} is not local or ray.")
+    if engine == "ray" and "out" not in opts:
+        raise RoadworkError("roadwork predict: engine=ray writes a Parquet folder; pass out=DIR.")
+    try:
+        batch, workers = int(opts.get("batch", 64)), int(opts.get("workers", 2))
+    except ValueError:
+        raise RoadworkError("roadwork predict: batch and workers must be whole numbers.") from None
+    from roadwork.scale.batch import list_images
+
+    items = list_images(sources)
+    if "out" in opts:  # batch mode: a resumable Parquet folder
+        from roadwork.scale.batch import predict_local, predict_ray
+
+        if engine == "ray":
+            n = predict_ray(args[0], items, opts["out"], batch_size=batch, actors=workers)
         else:
-            raise RoadworkError(f"roadwork predict: {a!r} is neither an image file nor a folder.")
+            n = predict_local(args[0], items, opts["out"], batch_size=batch)
+        _print(
+            f"predicted {n} images ({len(items) - n} already in {opts['out']}); read with pandas.read_parquet"
+        )
+        return 0
+    bundle = Bundle.load(args[0])
+    paths = items["path"].tolist()
+    meta_cols = [c for c in items.columns if c != "path"]
     for i in range(0, len(paths), 64):
-        for rec in bundle.predict_paths(paths[i : i + 64]):
+        slices = {c: items[c].tolist()[i : i + 64] for c in meta_cols} or None
+        for rec in bundle.predict_paths(paths[i : i + 64], slices=slices):
             print(json.dumps(rec), flush=True)
     return 0
 

@@ -1,0 +1,1 @@
+"""Beyond one process: batch prediction over folders and manifests, locally or on Ray."""

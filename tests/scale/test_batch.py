@@ -1,0 +1,70 @@
+"""Batch prediction: local streaming and Ray Data give identical outputs, both resume, the CLI drives both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from roadwork.errors import InputError
+from roadwork.scale.batch import identical, list_images, predict_local, read_predictions
+
+
+@pytest.fixture(scope="module")
+def items(tiny_run):
+    _, result = tiny_run
+    images = sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:40]
+    return pd.DataFrame({"path": [str(p) for p in images], "weather": ["fog", "rain"] * 20})
+
+
+def test_local_streams_in_parts_and_resumes(tiny_run, items, tmp_path):
+    _, result = tiny_run
+    out = tmp_path / "preds"
+    assert predict_local(result.bundle, items.iloc[:15], out, batch_size=4, part_rows=8, progress=False) == 15
+    assert len(list(out.glob("*.parquet"))) == 2 and not list(out.glob(".*"))
+    assert (
+        predict_local(result.bundle, items, out, batch_size=4, part_rows=8, progress=False) == 25
+    )  # resumed
+    df = read_predictions(out)
+    assert len(df) == 40 and df["path"].is_unique and set(df["weather"]) == {"fog", "rain"}
+    assert {"label", "probability", "prediction_set", "abstain", "stage"} <= set(df.columns)
+    assert predict_local(result.bundle, items, out, progress=False) == 0
+
+
+def test_ray_gives_the_same_rows_as_local(tiny_run, items, tmp_path):
+    ray = pytest.importorskip("ray")
+    from roadwork.scale.batch import predict_ray
+
+    _, result = tiny_run
+    predict_local(result.bundle, items, tmp_path / "local", batch_size=8, progress=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        assert predict_ray(result.bundle, items.iloc[:10], tmp_path / "ray", batch_size=8, actors=2) == 10
+        assert predict_ray(result.bundle, items, tmp_path / "ray", batch_size=8, actors=2) == 30  # resumed
+    finally:
+        ray.shutdown()
+    a, b = read_predictions(tmp_path / "local"), read_predictions(tmp_path / "ray")
+    assert identical(a, b[a.columns])
+
+
+def test_sources_and_cli(tiny_run, items, tmp_path, capsys):
+    from roadwork.cli import main
+
+    _, result = tiny_run
+    manifest = tmp_path / "m.csv"
+    items.assign(path=[p.split("/")[-1] for p in items["path"]]).to_csv(manifest, index=False)
+    (tmp_path / "imgs").mkdir()
+    for p in items["path"][:3]:
+        (tmp_path / "imgs" / p.split("/")[-1]).write_bytes(Path(p).read_bytes())
+    listed = list_images([tmp_path / "imgs", manifest])
+    assert len(listed) == 40 + 3 and listed["path"].is_unique
+    with pytest.raises(InputError, match="neither an image"):
+        list_images([tmp_path / "nope"])
+    assert (
+        main(["predict", str(result.bundle), str(tmp_path / "imgs"), f"out={tmp_path / 'o'}", "batch=2"]) == 0
+    )
+    assert "predicted 3 images" in capsys.readouterr().out
+    assert len(read_predictions(tmp_path / "o")) == 3
+    assert main(["predict", str(result.bundle), str(tmp_path / "imgs"), "engine=ray"]) == 2
+    assert main(["predict", str(result.bundle), str(tmp_path / "imgs"), "engine=spark", "out=x"]) == 2
