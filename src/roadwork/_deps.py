@@ -21,6 +21,8 @@ _EXTRA = {
     "xgboost": "tabular",
     "lightgbm": "tabular",
     "catboost": "tabular",
+    "optuna": "sweep",
+    "ray": "ray",
 }
 
 

@@ -31,6 +31,8 @@ Usage:
   roadwork monitor REFERENCE CURRENT [psi=0.25] [class_mix=0.15] [abstain=0.15] [out=drift.json]
                                                    drift of served predictions (a log_dir, a JSON-lines
                                                    file from predict) against a bundle's calibration split
+  roadwork sweep [CONFIG] space=SPACE.yaml trials=N [metric=val_loss direction=minimize] [key=value ...]
+                                                   Optuna search (SQLite, resumable, pruning on val loss)
   roadwork dvc [CONFIG] [key=value ...] [out=DIR]   write dvc.yaml + roadwork.yaml: every stage as a DVC stage
   roadwork serve BUNDLE [key=value ...]             HTTP server: OIP v2, /v1/classify, /metrics (no torch);
                                                    keys: host port max_batch_size max_queue_delay_ms max_queue
@@ -365,6 +367,39 @@ def _monitor(args: list[str]) -> int:
     return 0
 
 
+def _sweep(args: list[str]) -> int:
+    from roadwork.config import load_config
+    from roadwork.scale.sweep import load_space, run_sweep
+
+    own = {"space", "trials", "metric", "direction"}
+    opts = {a.partition("=")[0]: a.partition("=")[2] for a in args if a.partition("=")[0] in own}
+    if "space" not in opts or "trials" not in opts:
+        raise RoadworkError(
+            "Usage: roadwork sweep [CONFIG] space=SPACE.yaml trials=N [metric=val_loss] [direction=minimize]"
+        )
+    try:
+        trials = int(opts["trials"])
+    except ValueError:
+        raise RoadworkError(f"roadwork sweep: trials={opts['trials']!r} is not a whole number.") from None
+    direction = opts.get("direction", "minimize")
+    if direction not in ("minimize", "maximize"):
+        raise RoadworkError(f"roadwork sweep: direction={direction!r} is not minimize or maximize.")
+    config, overrides = _config_and_overrides([a for a in args if a.partition("=")[0] not in own])
+    cfg = load_config(config, overrides)
+    res = run_sweep(
+        cfg,
+        load_space(opts["space"], cfg),
+        trials=trials,
+        metric=opts.get("metric", "val_loss"),
+        direction=direction,
+    )
+    for row in res["trials"]:
+        _print(json.dumps(row, default=str))
+    _print(f"best: trial {res['best']['trial']} ({res['best']['value']:.4f}) {res['best']['params']}")
+    _print(f"re-run it: roadwork run {res['dir']}/best.yaml")
+    return 0
+
+
 def _dvc(args: list[str]) -> int:
     import yaml
 
@@ -471,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             return _monitor(rest)
         if cmd == "dvc":
             return _dvc(rest)
+        if cmd == "sweep":
+            return _sweep(rest)
         if cmd in STAGE_NAMES:
             rest, flags = _split_flags(rest, ("--force",))
             config, overrides = _config_and_overrides(rest)

@@ -46,6 +46,7 @@ def run_pipeline(
     until: str | None = None,
     progress: bool = True,
     on_stage: Callable[[StageResult], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> RunResult:
     """Run (or reuse from cache) every stage up to ``until``; ``force`` re-runs stages and their dependents."""
     unknown = [s for s in [*force, *([until] if until else [])] if s not in STAGE_NAMES]
@@ -63,7 +64,14 @@ def run_pipeline(
         tracker = Tracker(cfg)
     try:
         results = run_stages(
-            STAGES, cfg, force=force, until=until, tracker=tracker, progress=progress, on_stage=on_stage
+            STAGES,
+            cfg,
+            force=force,
+            until=until,
+            tracker=tracker,
+            progress=progress,
+            on_stage=on_stage,
+            on_epoch=on_epoch,
         )
     except BaseException:
         if tracker is not None:

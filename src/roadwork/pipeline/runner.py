@@ -37,6 +37,7 @@ class StageContext:
     inputs: dict[str, Path]  # final folders of the stages this one depends on
     tracker: Any
     progress: bool = True
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None  # training progress (sweeps prune on it)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def run_stages(
     tracker: Any = None,
     progress: bool = True,
     on_stage: Callable[[StageResult], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[StageResult]:
     names = [s.name for s in stages]
     force = set(force)
@@ -191,7 +193,7 @@ def run_stages(
             t0 = time.perf_counter()
             try:
                 info = stage.fn(
-                    StageContext(cfg, tmp, {d: done[d].path for d in stage.deps}, tracker, progress)
+                    StageContext(cfg, tmp, {d: done[d].path for d in stage.deps}, tracker, progress, on_epoch)
                 )
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

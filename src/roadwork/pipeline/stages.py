@@ -116,6 +116,8 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         if ctx.tracker is not None:
             ctx.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(epoch, row)
 
     # one folder per data version: a checkpoint of other data is never resumed (the config is checked too)
     checkpoints = ctx.cfg.run_dir / "checkpoints" / f"train-{_dir_digest(ctx.inputs['data'])[:12]}"
