@@ -31,8 +31,9 @@ Usage:
   roadwork monitor REFERENCE CURRENT [psi=0.25] [class_mix=0.15] [abstain=0.15] [out=drift.json]
                                                    drift of served predictions (a log_dir, a JSON-lines
                                                    file from predict) against a bundle's calibration split
-  roadwork sweep [CONFIG] space=SPACE.yaml trials=N [metric=val_loss direction=minimize] [key=value ...]
-                                                   Optuna search (SQLite, resumable, pruning on val loss)
+  roadwork sweep [CONFIG] space=SPACE.yaml trials=N [metric=val_loss direction=minimize engine=local|ray]
+                                                   Optuna search (SQLite, resumable, pruning on val loss);
+                                                   engine=ray: Ray Tune with Optuna search and ASHA
   roadwork dvc [CONFIG] [key=value ...] [out=DIR]   write dvc.yaml + roadwork.yaml: every stage as a DVC stage
   roadwork serve BUNDLE [key=value ...]             HTTP server: OIP v2, /v1/classify, /metrics (no torch);
                                                    keys: host port max_batch_size max_queue_delay_ms max_queue
@@ -371,7 +372,7 @@ def _sweep(args: list[str]) -> int:
     from roadwork.config import load_config
     from roadwork.scale.sweep import load_space, run_sweep
 
-    own = {"space", "trials", "metric", "direction"}
+    own = {"space", "trials", "metric", "direction", "engine"}
     opts = {a.partition("=")[0]: a.partition("=")[2] for a in args if a.partition("=")[0] in own}
     if "space" not in opts or "trials" not in opts:
         raise RoadworkError(
@@ -395,7 +396,7 @@ def _sweep(args: list[str]) -> int:
     )
     for row in res["trials"]:
         _print(json.dumps(row, default=str))
-    _print(f"best: trial {res['best']['trial']} ({res['best']['value']:.4f}) {res['best']['params']}")
+    _print(f"best: {res['best']['value']:.4f} {res['best']['params']}")
     _print(f"re-run it: roadwork run {res['dir']}/best.yaml")
     return 0
 

@@ -18,7 +18,9 @@ def test_ray_serve_deployment_answers_like_the_bundle(tiny_run):
 
     _, result = tiny_run
     images = sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:4]
-    want = [{k: v for k, v in r.items() if k != "path"} for r in Bundle.load(result.bundle).predict_paths(images)]
+    want = [
+        {k: v for k, v in r.items() if k != "path"} for r in Bundle.load(result.bundle).predict_paths(images)
+    ]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

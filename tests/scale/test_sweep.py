@@ -49,3 +49,24 @@ def test_bad_spaces_are_explained(tmp_path):
             load_space(bad, cfg)
     with pytest.raises(ConfigError, match="does not exist"):
         load_space(tmp_path / "nope.yaml", cfg)
+
+
+def test_sweep_on_ray_tune(tmp_path):
+    ray = pytest.importorskip("ray")
+    from roadwork.scale.sweep import run_sweep_ray
+
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    cfg = load_config(
+        "demo",
+        tiny_overrides(tmp_path / "runs", name="tune", **{"cascade.enabled": False, "train.epochs": 2}),
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        res = run_sweep_ray(cfg, load_space(space, cfg), trials=2)
+    finally:
+        ray.shutdown()
+    assert len(res["trials"]) == 2 and all(t["value"] is not None for t in res["trials"])
+    best = load_config(str(tmp_path / "runs" / "tune-sweep" / "best.yaml"))
+    assert best.train.lr == pytest.approx(res["best"]["params"]["train.lr"])
+    assert min(t["value"] for t in res["trials"]) == pytest.approx(res["best"]["value"])

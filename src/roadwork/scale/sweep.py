@@ -13,6 +13,10 @@ trials — the data — are cache hits); the objective is the trained model's be
 split, so use them to compare, not to select, or keep a final held-out set). The study lives in SQLite under
 the runs folder, so an interrupted sweep continues where it stopped; the best trial's configuration is written
 to ``runs/<name>-sweep/best.yaml`` and ``roadwork run runs/<name>-sweep/best.yaml`` re-runs it.
+
+``engine=ray`` runs the same search on Ray Tune (``OptunaSearch`` with the same space, ASHA stopping on the
+validation loss each epoch reports), one trial per Ray worker; an interrupted Tune experiment resumes from
+``runs/<name>-sweep/tune`` (``Tuner.restore``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from roadwork._deps import require
 from roadwork.config import RunConfig, _merge, dump_config, load_config, parse_overrides
 from roadwork.errors import ConfigError
 
-__all__ = ["load_space", "run_sweep"]
+__all__ = ["load_space", "run_sweep", "run_sweep_ray"]
 
 _TYPES = ("float", "int", "categorical")
 
@@ -151,3 +155,92 @@ def run_sweep(
         "trials": rows,
         "dir": str(sweep_dir),
     }
+
+
+def run_sweep_ray(
+    cfg: RunConfig,
+    space: dict[str, dict[str, Any]],
+    *,
+    trials: int,
+    metric: str = "val_loss",
+    direction: str = "minimize",
+    seed: int = 0,
+    cpus_per_trial: float = 1,
+) -> dict[str, Any]:
+    """The sweep on Ray Tune (``ray.init`` first to use a cluster; a local one is started otherwise)."""
+    ray = require("ray")
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from roadwork.pipeline import run_pipeline
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    sweep_dir = (Path(cfg.root) / f"{cfg.name}-sweep").resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    base = cfg.model_dump(mode="json")
+    base["root"] = str(Path(cfg.root).resolve())  # trials run in Ray's own working directories
+    mode = "min" if direction == "minimize" else "max"
+
+    def trainable(config: dict[str, Any]) -> None:
+        number = tune.get_context().get_trial_id()
+        trial_cfg = _with(base, {**config, "name": f"{cfg.name}-{number}"})
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            if metric == "val_loss":
+                tune.report({"val_loss": row["val_loss"], "epoch": epoch})
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_pipeline(trial_cfg, progress=False, on_epoch=on_epoch)
+        if metric != "val_loss":
+            tune.report({metric: _metric(result.metrics or {}, metric), "run_dir": str(result.run_dir)})
+
+    def to_tune(spec: dict[str, Any]) -> Any:
+        if spec["type"] == "float":
+            return (tune.loguniform if spec.get("log") else tune.uniform)(
+                float(spec["low"]), float(spec["high"])
+            )
+        if spec["type"] == "int":
+            return tune.randint(int(spec["low"]), int(spec["high"]) + 1)
+        return tune.choice(list(spec["choices"]))
+
+    tune_dir = sweep_dir / "tune"
+    resources = tune.with_resources(trainable, {"cpu": cpus_per_trial})
+    if tune.Tuner.can_restore(str(tune_dir / cfg.name)):
+        tuner = tune.Tuner.restore(str(tune_dir / cfg.name), trainable=resources, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            resources,
+            param_space={key: to_tune(spec) for key, spec in space.items()},
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                num_samples=trials,
+                search_alg=OptunaSearch(seed=seed),
+                scheduler=ASHAScheduler(grace_period=1) if metric == "val_loss" else None,
+            ),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=str(tune_dir), verbose=0),
+        )
+    grid: Any = tuner.fit()
+    best: Any = grid.get_best_result(metric=metric, mode=mode, scope="all")
+    params = {k: best.config[k] for k in space}
+    (sweep_dir / "best.yaml").write_text(dump_config(_with(base, {**params, "name": f"{cfg.name}-best"})))
+    rows = []
+    for i in range(len(grid)):
+        r = grid[i]
+        frame = r.metrics_dataframe
+        series = [] if frame is None or metric not in frame else list(frame[metric])
+        rows.append(
+            {
+                "trial": Path(r.path).name if r.path else None,
+                "value": (min(series) if mode == "min" else max(series)) if series else None,
+                **{k: (r.config or {}).get(k) for k in space},
+            }
+        )
+    (sweep_dir / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    frame = best.metrics_dataframe
+    values = list(frame[metric]) if frame is not None else [best.metrics[metric]]
+    value = min(values) if mode == "min" else max(values)
+    return {"best": {"value": float(value), "params": params}, "trials": rows, "dir": str(sweep_dir)}
