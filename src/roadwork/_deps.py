@@ -22,6 +22,7 @@ _EXTRA = {
     "lightgbm": "tabular",
     "catboost": "tabular",
     "optuna": "sweep",
+    "wandb": "wandb",
     "ray": "ray",
 }
 

@@ -293,6 +293,10 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<root>/mlflow.db")
     experiment: str = "roadwork"
+    wandb: bool = Field(
+        False,
+        description="also log to Weights & Biases (needs wandb; WANDB_MODE=offline works without a login)",
+    )
     register_as: str | None = Field(
         None, description="also log the bundle as an MLflow model and register it under this name"
     )

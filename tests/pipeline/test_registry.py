@@ -56,3 +56,24 @@ def test_pipeline_registers_the_bundle_when_asked(tiny_run, tmp_path):
         res = run_pipeline(cfg2, progress=False)
     assert all(r.cached for r in res.stages) and res.registered == "models:/tiny-registered/1"
     assert Bundle.load(resolve_bundle(res.registered, tracking_uri=res.tracking_uri)).classes
+
+
+def test_weights_and_biases_logging_offline(tiny_run, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    import shutil
+
+    from roadwork.pipeline import run_pipeline
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg, _ = tiny_run
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    cfg2 = cfg.model_copy(update={"root": str(tmp_path)}, deep=True)
+    cfg2.tracking.enabled, cfg2.tracking.wandb = True, True
+    cfg2.train.epochs = 3  # retrains: per-epoch metrics reach W&B as they do MLflow
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_pipeline(cfg2, progress=False)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert wandb.run is None  # finished

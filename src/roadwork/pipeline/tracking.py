@@ -48,6 +48,16 @@ class Tracker:
                 exp_id = exp.experiment_id
             self.run = self.mlflow.start_run(experiment_id=exp_id, run_name=cfg.name)
         self.mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
+        self.wandb: Any = None
+        if cfg.tracking.wandb:  # alongside MLflow, never instead of it
+            self.wandb = require("wandb")
+            self.wandb_run = self.wandb.init(
+                project=cfg.tracking.experiment,
+                name=cfg.name,
+                config=cfg.model_dump(mode="json"),
+                dir=str(root),
+                reinit="finish_previous",
+            )
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         clean = {
@@ -56,6 +66,8 @@ class Tracker:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
         }
         self.mlflow.log_metrics(clean, step=step)
+        if self.wandb is not None:
+            self.wandb_run.log(clean, step=step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.mlflow.set_tags(tags)
@@ -68,3 +80,5 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
+        if self.wandb is not None:
+            self.wandb_run.finish(exit_code=0 if status == "FINISHED" else 1)
