@@ -22,6 +22,7 @@ def test_registered_model_gives_the_bundles_outputs(tiny_run, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mlflow.set_tracking_uri(uri)
+        mlflow.create_experiment("registry-test", artifact_location=(tmp_path / "artifacts").as_uri())
         mlflow.set_experiment("registry-test")
         model_uri = log_bundle(result.bundle, registered_name="roadwork-tiny", tracking_uri=uri)
         assert model_uri == "models:/roadwork-tiny/1"
