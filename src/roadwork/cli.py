@@ -45,7 +45,7 @@ Usage:
 CONFIG is a YAML file or a preset (default, demo). Overrides use dotted keys and YAML values.
 
 Examples:
-  roadwork demo                                     # ~5 min on 2 CPU cores; prints a summary and the report path
+  roadwork demo                                     # ~6 min on 2 CPU cores; prints a summary and the report path
   roadwork demo train.epochs=3 data.synthetic.n=1500
   roadwork run demo name=fog data.synthetic.seed=7 --force train
   roadwork run demo cascade.enabled=false            # the model alone, no cascade in front of it
