@@ -17,7 +17,8 @@ Usage:
   roadwork demo [key=value ...] [--force STAGE]     the whole job on generated roadwork scenes
   roadwork run [CONFIG] [key=value ...] [--force STAGE] [--until STAGE]
   roadwork STAGE [CONFIG] [key=value ...]           run up to one stage (data, train, calibrate, conformal,
-                                                   selective, policy, cascade, export, evaluate)
+                                                   selective, policy, cascade_models, cascade, export,
+                                                   evaluate; for predict: roadwork run --until predict)
   roadwork config show [CONFIG] [key=value ...]     print the resolved configuration
   roadwork data synthetic n=N size=PX seed=S out=DIR [label_noise=R]
                                                    write generated scenes and a manifest.csv into DIR
@@ -35,7 +36,8 @@ Usage:
                                                    Optuna search (SQLite, resumable, pruning on val loss);
                                                    engine=ray: Ray Tune with Optuna search and ASHA
   roadwork dvc [CONFIG] [key=value ...] [out=DIR]   write dvc.yaml + roadwork.yaml: every stage as a DVC stage
-  roadwork serve BUNDLE [key=value ...]             HTTP server: OIP v2, /v1/classify, /metrics (no torch);
+  roadwork serve BUNDLE|models:/NAME/VER [key=value ...]
+                                                   HTTP server: OIP v2, /v1/classify, /metrics (no torch);
                                                    keys: host port max_batch_size max_queue_delay_ms max_queue
                                                    max_body_mb max_pixels ort_threads drain_timeout_s
                                                    log_dir (prediction logs for roadwork monitor);
