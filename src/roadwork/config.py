@@ -139,6 +139,12 @@ class TrainConfig(_Strict):
     class_balance: Literal["none", "weights", "sampler"] = Field(
         "none", description="inverse-frequency loss weights, or a class-balanced sampler"
     )
+    recipe: Literal["supervised", "explora"] = Field(
+        "supervised", description="explora: self-supervised pre-training on train.unlabeled first (ViTs)"
+    )
+    unlabeled: str | None = Field(None, description="folder of unlabelled target-domain images (explora)")
+    ssl_epochs: int = Field(5, ge=1, description="explora: self-supervised epochs")
+    explora_unfreeze: int = Field(1, ge=0, description="explora: last blocks fully unfrozen")
     loss: Literal["ce", "gatekeeper"] = Field(
         "ce", description="gatekeeper: α·CE on correct rows + (1-α)·KL(p‖uniform) on wrong ones (cascades)"
     )

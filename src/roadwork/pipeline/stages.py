@@ -105,6 +105,36 @@ def _abs_paths(df: pd.DataFrame, data_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------- train
 
 
+def _explora(ctx: StageContext) -> Path:
+    """ExPLoRA step (a) on ``train.unlabeled``; the backbone it returns starts the supervised training."""
+    from roadwork._deps import require
+    from roadwork.data.preprocess import PreprocessSpec
+    from roadwork.scale.batch import list_images
+    from roadwork.training.explora import explora_pretrain
+    from roadwork.training.loop import load_uint8
+
+    t = ctx.cfg.train
+    if not t.unlabeled or not Path(t.unlabeled).exists():
+        raise ConfigError(
+            f"train.recipe=explora needs train.unlabeled=FOLDER of unlabelled target-domain images; got {t.unlabeled!r}."
+        )
+    paths = list_images([t.unlabeled])["path"].tolist()
+    u8 = load_uint8(paths, PreprocessSpec(size=ctx.cfg.model.image_size), "explora: unlabelled", ctx.progress)
+    state, history = explora_pretrain(
+        ctx.cfg.model,
+        u8,
+        epochs=t.ssl_epochs,
+        batch_size=t.batch_size,
+        unfreeze_last=t.explora_unfreeze,
+        lora_rank=t.lora_rank,
+        seed=t.seed,
+    )
+    out = ctx.out / "explora-backbone.safetensors"
+    require("safetensors.torch").save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    (ctx.out / "explora-history.json").write_text(json.dumps(history, indent=2))
+    return out
+
+
 def stage_train(ctx: StageContext) -> dict[str, Any]:
     from roadwork.evaluation.plots import training_png
     from roadwork.models.factory import save_model
@@ -121,6 +151,7 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
 
     # one folder per data version: a checkpoint of other data is never resumed (the config is checked too)
     checkpoints = ctx.cfg.run_dir / "checkpoints" / f"train-{_dir_digest(ctx.inputs['data'])[:12]}"
+    init_backbone = _explora(ctx) if ctx.cfg.train.recipe == "explora" else None
     res = train_model(
         ctx.cfg.model,
         ctx.cfg.train,
@@ -132,6 +163,7 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         on_epoch=on_epoch,
         progress=ctx.progress,
         checkpoint_dir=checkpoints,  # outside the stage's temp folder, so an interrupted run resumes
+        init_backbone=init_backbone,
     )
     save_model(res.model, res.card, ctx.out)
     save_history(res.history, ctx.out / "history.json")

@@ -144,8 +144,10 @@ def train_model(
     checkpoint_dir: Path | None = None,
     init_weights: Path | None = None,
     deferral: Deferral | None = None,
+    init_backbone: Path | None = None,
 ) -> TrainResult:
-    """Train (from ``init_weights``, a full state of this very network, when given); with ``checkpoint_dir``, save a resumable checkpoint after every epoch and resume from one of the
+    """Train (from ``init_weights``, a full state of this very network, or ``init_backbone``, a backbone state
+    without the head, e.g. from ExPLoRA, when given); with ``checkpoint_dir``, save a resumable checkpoint after every epoch and resume from one of the
     same configuration (model, optimizer, scheduler, EMA, best weights, RNG: the next step is identical).
 
     ``train.devices > 1`` runs data-parallel through Lightning Fabric (DDP; gloo on CPU, processes spawned here):
@@ -163,6 +165,7 @@ def train_model(
         checkpoint_dir=checkpoint_dir,
         init_weights=init_weights,
         deferral=deferral,
+        init_backbone=init_backbone,
     )
     if cfg.devices > 1:
         strategy = "ddp_spawn"  # processes started here, so it works from Python, the CLI and notebooks alike
@@ -227,6 +230,7 @@ def _train(
     checkpoint_dir: Path | None,
     init_weights: Path | None = None,
     deferral: Deferral | None = None,
+    init_backbone: Path | None = None,
 ) -> TrainResult:
     torch = require("torch")
     fabric_mod = require("lightning_fabric")
@@ -241,6 +245,18 @@ def _train(
     net, spec = create_model(model_cfg, len(classes) + (deferral is not None))
     if init_weights is not None:
         net.load_state_dict(require("safetensors.torch").load_file(str(init_weights)))
+    if init_backbone is not None:
+        state = require("safetensors.torch").load_file(str(init_backbone))
+        own = net.state_dict()
+        prefix = "" if any(k in own for k in state) else "backbone."  # a PooledClassifier wraps the backbone
+        net.load_state_dict(
+            {
+                prefix + k: v
+                for k, v in state.items()
+                if own.get(prefix + k) is not None and own[prefix + k].shape == v.shape
+            },
+            strict=False,
+        )
     card = ModelCard(
         backbone=model_cfg.backbone,
         classes=list(classes),
