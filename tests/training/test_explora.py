@@ -73,7 +73,7 @@ def test_train_stage_runs_the_recipe(tmp_path) -> None:
         train_dir / "explora-history.json"
     ).is_file()
     bad = load_config(
-        "demo", tiny_overrides(tmp_path / "runs", name="ex2", **{**over, "train.unlabeled": "/nope"})
+        None, tiny_overrides(tmp_path / "runs", name="ex2", **{**over, "train.unlabeled": "/nope"})
     )
     with pytest.raises(ConfigError, match="train.unlabeled"):
         run_pipeline(bad, progress=False, until="train")
