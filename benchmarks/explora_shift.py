@@ -50,7 +50,6 @@ def main() -> None:
         help="step (b) for both arms: full (default here: the start is weak) or lora",
     )
     args = ap.parse_args()
-    import torch
     from safetensors.torch import save_file
 
     mcfg = ModelConfig(
@@ -118,7 +117,6 @@ def main() -> None:
     console.print(
         f"ExPLoRA pre-training losses (DINO, KoLeo) per epoch: {[(round(h['dino_loss'], 3), round(h['koleo'], 3)) for h in hist]}"
     )
-    del torch
 
 
 if __name__ == "__main__":

@@ -414,9 +414,10 @@ def _dvc(args: list[str]) -> int:
     cfg = load_config(config, overrides)
     out.mkdir(parents=True, exist_ok=True)
     (out / "roadwork.yaml").write_text(dump_config(cfg))
-    (out / "dvc.yaml").write_text(yaml.safe_dump(dvc_stages(cfg), sort_keys=False))
+    spec = dvc_stages(cfg)
+    (out / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     _print(
-        f"wrote {out / 'dvc.yaml'} ({len(dvc_stages(cfg)['stages'])} stages) and {out / 'roadwork.yaml'}; run: dvc repro"
+        f"wrote {out / 'dvc.yaml'} ({len(spec['stages'])} stages) and {out / 'roadwork.yaml'}; run: dvc repro"
     )
     return 0
 

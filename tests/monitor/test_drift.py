@@ -156,3 +156,11 @@ def test_cli_monitor_reads_a_bundle_and_a_log(domain_a_run, tmp_path, capsys) ->
     assert json.loads(out.read_text())["drift"] is True
     assert main(["monitor", str(domain_a_run.run_dir)]) == 2
     assert main(["monitor", "a", "b", "psi=high"]) == 2
+
+
+def test_missing_inputs_are_explained(tmp_path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        load_predictions(tmp_path / "nope.parquet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no prediction logs"):
+        load_predictions(tmp_path / "empty")

@@ -67,4 +67,7 @@ def test_sources_and_cli(tiny_run, items, tmp_path, capsys):
     assert "predicted 3 images" in capsys.readouterr().out
     assert len(read_predictions(tmp_path / "o")) == 3
     assert main(["predict", str(result.bundle), str(tmp_path / "imgs"), "engine=ray"]) == 2
+    (tmp_path / "afile").write_text("x")
+    assert main(["predict", str(result.bundle), str(tmp_path / "imgs"), f"out={tmp_path / 'afile'}"]) == 2
+    assert "is a file" in capsys.readouterr().err
     assert main(["predict", str(result.bundle), str(tmp_path / "imgs"), "engine=spark", "out=x"]) == 2

@@ -18,6 +18,7 @@ from roadwork.models.boosting import (
     native_raw,
     to_trees,
 )
+from roadwork.models.trees import margins_to_logits
 from roadwork.trust import metrics as M
 from roadwork.trust._checks import softmax
 from roadwork.trust.calibration import TemperatureScaler
@@ -26,10 +27,6 @@ from roadwork.trust.conformal import SplitConformal
 __all__ = ["compare_frameworks", "format_compare"]
 
 _INSTALL = {"sklearn": "scikit-learn", "xgboost": "xgboost", "lightgbm": "lightgbm", "catboost": "catboost"}
-
-
-def _logits(raw: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.zeros_like(raw), raw], axis=1) if raw.shape[1] == 1 else raw
 
 
 def _per_row_us(fn: Any, x: np.ndarray, repeats: int = 3) -> float:
@@ -62,8 +59,8 @@ def compare_frameworks(
         t0 = time.perf_counter()
         model = fit_booster(fw, features["train"], labels["train"], n_classes, params)
         fit_s = time.perf_counter() - t0
-        z_cal = _logits(native_raw(fw, model, features["calib"]))
-        z_test = _logits(native_raw(fw, model, features["test"]))
+        z_cal = margins_to_logits(native_raw(fw, model, features["calib"]))
+        z_test = margins_to_logits(native_raw(fw, model, features["test"]))
         temp = TemperatureScaler().fit(z_cal, labels["calib"])
         p_cal, p_test = temp.predict_proba(z_cal), temp.predict_proba(z_test)
         sets = SplitConformal(alpha=alpha).fit(p_cal, labels["calib"]).predict_sets(p_test)

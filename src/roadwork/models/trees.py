@@ -18,7 +18,12 @@ import numpy as np
 
 from roadwork.errors import ArtifactError, InputError
 
-__all__ = ["TreeEnsemble"]
+__all__ = ["TreeEnsemble", "margins_to_logits"]
+
+
+def margins_to_logits(raw: np.ndarray) -> np.ndarray:
+    """Boosting raw scores → logits: one binary margin m becomes [0, m] (softmax of it = sigmoid(m))."""
+    return np.concatenate([np.zeros_like(raw), raw], axis=1) if raw.shape[1] == 1 else raw
 
 
 @dataclass
@@ -96,8 +101,7 @@ class TreeEnsemble:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """(n, n_features) → (n, n_classes) logits (a binary margin m becomes [0, m])."""
-        r = self.raw(x)
-        return np.concatenate([np.zeros_like(r), r], axis=1) if self.n_outputs == 1 else r
+        return margins_to_logits(self.raw(x))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -159,6 +159,11 @@ def load_predictions(path: str | Path) -> pd.DataFrame:
     """A prediction table from a Parquet/JSON-lines file, a folder of Parquet logs, a bundle (its
     ``reference.json``) or a run folder (its bundle)."""
     p = Path(path)
+    if not p.exists():
+        raise InputError(
+            f"{str(p)!r} does not exist; pass a bundle or run folder, the server's log_dir, or a Parquet/JSON-lines "
+            "prediction file."
+        )
     if (p / "export" / "bundle").is_dir():
         p = p / "export" / "bundle"
     if (p / "reference.json").is_file():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any
 
 from roadwork._deps import require
 from roadwork.errors import ArtifactError
@@ -15,7 +16,7 @@ from roadwork.errors import ArtifactError
 __all__ = ["log_bundle", "resolve_bundle"]
 
 
-def _example(bundle_dir: Path):  # type: ignore[no-untyped-def]
+def _example() -> Any:
     """A one-image input example: a tiny blank JPEG, base64."""
     import io
 
@@ -41,7 +42,7 @@ def log_bundle(
     bundle = Bundle.load(bundle_dir)  # verifies the hashes before anything is logged
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    example = _example(bundle_dir)
+    example = _example()
     from roadwork.pipeline.mlflow_model import BundleModel
 
     model = BundleModel()

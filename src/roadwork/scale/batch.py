@@ -63,6 +63,10 @@ def read_predictions(out: str | Path) -> pd.DataFrame:
 
 
 def _todo(items: pd.DataFrame, out: Path) -> pd.DataFrame:
+    if out.exists() and not out.is_dir():
+        raise InputError(
+            f"out={str(out)!r} is a file; batch prediction writes a folder of Parquet parts. Pass a new folder name."
+        )
     done = set(read_predictions(out)["path"]) if out.is_dir() else set()
     return items[~items["path"].isin(done)].reset_index(drop=True)
 

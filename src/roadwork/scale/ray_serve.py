@@ -31,6 +31,7 @@ def app(
     max_batch_size: int = 32,
     batch_wait_timeout_s: float = 0.005,
     num_cpus: float = 1,
+    max_pixels: int | None = None,
 ) -> Any:
     """A Ray Serve application (``serve.run`` it) serving ``bundle_dir``."""
     serve = require("ray.serve")
@@ -39,7 +40,10 @@ def app(
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
+    from roadwork.serve.settings import ServeSettings
+
     bundle_dir = str(Path(bundle_dir).resolve())
+    pixel_limit = max_pixels or ServeSettings().max_pixels  # the HTTP server's limit (decompression bombs)
 
     @serve.deployment(
         autoscaling_config={
@@ -64,7 +68,7 @@ def app(
             from roadwork.serve.decode import RequestError, decode_image
 
             try:
-                image = decode_image(await request.body(), max_pixels=40_000_000, what="image")
+                image = decode_image(await request.body(), max_pixels=pixel_limit, what="image")
             except RequestError as e:
                 return JSONResponse({"error": e.message}, status_code=e.status)
             return await self.predict(image)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -201,7 +201,3 @@ def explora_pretrain(
     merged = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
     state = {k: v.detach().clone() for k, v in merged.state_dict().items()}
     return state, history
-
-
-def trainable_names(net: Any) -> Sequence[str]:
-    return [n for n, p in net.named_parameters() if p.requires_grad]
