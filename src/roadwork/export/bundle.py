@@ -160,6 +160,8 @@ class Bundle:
         card = ModelCard.load(root / "model.json")
         policy = TrustPolicy.load(root / "policy.json")
         runners = None
+        # several ONNX Runtime sessions take turns on the same cores: no busy-waiting between runs
+        spin = policy.cascade is None or all(st.kind != "network" for st in policy.cascade.stages[:-1])
         if policy.cascade is not None:
             from roadwork.export.cascade import StageRunner
 
@@ -167,11 +169,16 @@ class Bundle:
                 StageRunner.boosting(root / st.file)
                 if st.kind == "boosting"
                 else StageRunner.network(
-                    root / st.file, ModelCard.load(root / st.info["card"]).preprocess, threads=threads
+                    root / st.file,
+                    ModelCard.load(root / st.info["card"]).preprocess,
+                    threads=threads,
+                    spin=spin,
                 )
                 for st in policy.cascade.stages[:-1]
             ]
-        return cls(root, card, policy, manifest, onnx_session(root / model_file, threads=threads), runners)
+        return cls(
+            root, card, policy, manifest, onnx_session(root / model_file, threads=threads, spin=spin), runners
+        )
 
     @property
     def classes(self) -> list[str]:

@@ -40,8 +40,10 @@ class StageRunner:
         return cls("boosting", trees=TreeEnsemble.from_dict(json.loads(Path(path).read_text())))
 
     @classmethod
-    def network(cls, onnx_path: Path, spec: PreprocessSpec, *, threads: int = 0) -> StageRunner:
-        return cls("network", session=onnx_session(onnx_path, threads=threads), spec=spec)
+    def network(
+        cls, onnx_path: Path, spec: PreprocessSpec, *, threads: int = 0, spin: bool = True
+    ) -> StageRunner:
+        return cls("network", session=onnx_session(onnx_path, threads=threads, spin=spin), spec=spec)
 
     def logits(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> np.ndarray:
         if self.kind == "boosting":

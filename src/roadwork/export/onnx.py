@@ -59,11 +59,15 @@ def export_onnx(model: Any, sample: np.ndarray, path: Path, *, opset: int = 18) 
         return f"legacy: {reason}"
 
 
-def onnx_session(path: Path, *, threads: int = 0) -> Any:
+def onnx_session(path: Path, *, threads: int = 0, spin: bool = True) -> Any:
+    """``spin=False`` when several sessions share the cores (a cascade): ONNX Runtime's worker threads otherwise
+    busy-wait after each run and slow the next session down."""
     ort = require("onnxruntime")
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])

@@ -239,7 +239,7 @@ def stage_cascade_models(ctx: StageContext) -> dict[str, Any]:
 
         sample = preprocess(images["test"][:8], res.card.preprocess)
         export_onnx(res.model, sample, ctx.out / f"stage{idx}-model.onnx", opset=ctx.cfg.export.opset)
-        runner = StageRunner.network(ctx.out / f"stage{idx}-model.onnx", res.card.preprocess)
+        runner = StageRunner.network(ctx.out / f"stage{idx}-model.onnx", res.card.preprocess, spin=False)
         runners.append(runner)
         for split in logits:
             z = runner.logits(images[split])
@@ -273,7 +273,7 @@ def stage_cascade_models(ctx: StageContext) -> dict[str, Any]:
 
     tmp_onnx = ctx.out / "model.onnx.tmp"
     export_onnx(model, preprocess(images["test"][:8], card.preprocess), tmp_onnx, opset=ctx.cfg.export.opset)
-    runners.append(StageRunner.network(tmp_onnx, card.preprocess))
+    runners.append(StageRunner.network(tmp_onnx, card.preprocess, spin=False))  # as the bundle runs them
     for split in logits:
         logits[split].append(_preds(ctx, split).logits)
     stages.append(
