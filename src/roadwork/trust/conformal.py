@@ -17,7 +17,9 @@ randomised set for every ``u``, so coverage stays ≥ 1-α and the same image al
 MAPIE's ``include_last_label=True`` for APS; for RAPS MAPIE tests ``m_k + λ (r_k - 1 - k_reg)^+``, a slightly
 larger superset. The score is non-decreasing in the rank, so every APS/RAPS set is the top ``m`` classes of
 its image: prediction finds ``m`` from the ``top-k`` probabilities (``np.partition``; ``k`` grows only for the
-rows that need more) instead of sorting all ``K`` classes, and fitting needs no sort at all.
+rows that need more) instead of sorting all ``K`` classes, and fitting needs no sort at all. For large inputs
+(``n K >= 2^18``) with numba installed, :mod:`roadwork.trust._kernels` computes the same sets (and the input
+checks) in one read of the probabilities; ``ROADWORK_NUMBA=0`` turns it off.
 
 Mondrian (``mondrian="class"``) fits one threshold per true class and tests each candidate class against
 its own threshold: coverage ≥ 1-α holds *within every class*. ``mondrian="group"`` fits one threshold per
@@ -37,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from roadwork.errors import InputError, NotFittedError, RoadworkWarning
+from roadwork.trust import _kernels
 from roadwork.trust._checks import check_labels, check_level, check_probs
 
 __all__ = ["SplitConformal", "class_scores", "conformal_quantile", "robust_quantile", "row_uniforms"]
@@ -373,20 +376,31 @@ class SplitConformal:
         """Boolean membership of shape (n_samples, n_classes); ``groups`` as in :meth:`fit`."""
         if not hasattr(self, "thresholds_"):
             raise NotFittedError(self)
-        p = check_probs(probs, "SplitConformal.predict_sets")
+        where = "SplitConformal.predict_sets"
+        p = np.asarray(probs, dtype=np.float64)
+        fast = p.ndim == 2 and self.mondrian != "class" and _kernels.use_for(p)
+        if not fast:
+            p = check_probs(p, where)
         if p.shape[1] != self.n_classes_:
             raise InputError(
                 f"SplitConformal was fitted on {self.n_classes_} classes; 'probs' has {p.shape[1]} columns."
             )
         t = self._row_thresholds(groups, len(p))
-        if self.score == "lac":  # p >= 1 - q: one pass, no (n, K) temporary for 1 - p
+        u = self._u(p) if self.randomized and self.score != "lac" else None
+        if fast:  # the compiled kernels validate in the same read; on failure check_probs names the problem
+            if self.score == "lac":
+                sets, ok = _kernels.lac_sets(p, 1.0 - t)
+            else:
+                sets, ok = _kernels.top_m_sets(
+                    p, np.broadcast_to(t[:, :1], (len(p), 1))[:, 0], u, self.lam_, self.k_reg_
+                )
+            if not ok:
+                check_probs(p, where)
+        elif self.score == "lac":  # p >= 1 - q: one pass, no (n, K) temporary for 1 - p
             sets = p >= 1.0 - t
-            if not self.allow_empty:
-                empty = ~sets.any(axis=1)
-                sets[empty, p[empty].argmax(axis=1)] = True
-            return sets
-        u = self._u(p) if self.randomized else None
-        if self.mondrian == "class":  # a threshold per candidate class: sets are not top-m, score every class
+        elif (
+            self.mondrian == "class"
+        ):  # a threshold per candidate class: sets are not top-m, score every class
             sets = class_scores(p, self.score, u=u, lam=self.lam_, k_reg=self.k_reg_) <= t
         else:
             sets = _top_m_sets(p, t[:, :1], u, self.lam_, self.k_reg_)  # one threshold per row
