@@ -98,17 +98,16 @@ if njit is not None:
         """``(lo, hi, mass at or above hi, count at or above hi)`` starting from a probe at ``c`` (mass ``m``,
         count ``n``); ``lo = -inf`` when no cut excludes anything."""
         if _excludes(m, n, t, lam, k_reg):  # c already excludes what lies below it: look upwards
-            lo, n_lo = c, n
+            lo, m_lo, n_lo = c, m, n
             hi, m_hi, n_hi = c, m, n
             while True:
                 hi = hi * 4.0
                 if hi > 1.0:
-                    hi, m_hi, n_hi = np.inf, 0.0, 0
-                    break
+                    return lo, np.inf, 0.0, 0
                 m_hi, n_hi = _at_least(row, hi)
                 if not _excludes(m_hi, n_hi, t, lam, k_reg):
                     break
-                lo, n_lo = hi, n_hi
+                lo, m_lo, n_lo = hi, m_hi, n_hi
         else:
             hi, m_hi, n_hi = c, m, n
             lo = c
@@ -116,20 +115,24 @@ if njit is not None:
                 lo = lo * 0.25
                 if lo < 1e-300:
                     return -np.inf, hi, m_hi, n_hi
-                m, n_lo = _at_least(row, lo)
-                if _excludes(m, n_lo, t, lam, k_reg):
+                m_lo, n_lo = _at_least(row, lo)
+                if _excludes(m_lo, n_lo, t, lam, k_reg):
                     break
-                hi, m_hi, n_hi = lo, m, n_lo
-        while (
-            n_lo - n_hi > 8 and hi > lo * 1.05 and hi < np.inf
-        ):  # geometric bisection until few remain between
-            mid = np.sqrt(lo * hi)
+                hi, m_hi, n_hi = lo, m_lo, n_lo
+        # narrow until few classes remain between the cuts: regula falsi on log(cut) against the excess score
+        # f = mass + next penalty - t (positive at lo, not at hi), kept inside the middle 80 % of the bracket
+        while n_lo - n_hi > 8 and hi > lo * 1.05:
+            f_lo = m_lo + _pen(n_lo + 1, lam, k_reg) - t
+            f_hi = m_hi + _pen(n_hi + 1, lam, k_reg) - t
+            w = f_lo / (f_lo - f_hi) if f_lo - f_hi > 0 else 0.5
+            w = min(max(w, 0.1), 0.9)
+            mid = lo * (hi / lo) ** w
             m, n = _at_least(row, mid)
             if _excludes(m, n, t, lam, k_reg):
-                lo, n_lo = mid, n
+                lo, m_lo, n_lo = mid, m, n
             else:
                 hi, m_hi, n_hi = mid, m, n
-        if hi < np.inf and m_hi + _pen(n_hi, lam, k_reg) > t - TOL:
+        if m_hi + _pen(n_hi, lam, k_reg) > t - TOL:
             hi, m_hi, n_hi = np.inf, 0.0, 0  # the block is within rounding of t: score all of it one by one
         return lo, hi, m_hi, n_hi
 
@@ -182,11 +185,16 @@ if njit is not None:
             return hi if hi < np.inf else c
         _mark_at_least(row, hi, out[i])
         n_z = 0
+        bits = row.view(
+            np.uint64
+        )  # positive doubles order as their bit patterns: one unsigned test per class
+        b_lo = np.uint64(np.float64(lo).view(np.uint64)) if lo > 0 else np.uint64(0)
+        width = (np.float64(hi).view(np.uint64) if hi < np.inf else np.uint64(0x7FF0000000000000)) - b_lo
         for j in range(k):  # the classes between the cuts, in class order (a stable sort's), without branches
-            x = row[j]
-            vals[n_z] = x
             idx[n_z] = j
-            n_z += (x >= lo) & (x < hi)
+            n_z += (bits[j] - b_lo) < width
+        for a in range(n_z):
+            vals[a] = row[idx[a]]
         if n_z > 32:
             order = np.argsort(-vals[:n_z], kind="mergesort")
             vs = vals[:n_z][order]
