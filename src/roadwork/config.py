@@ -101,8 +101,10 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    finetune: Literal["full", "linear_probe", "lora", "dora", "rslora"] = Field(
-        "full", description="full fine-tuning, a linear probe, or peft adapters (merged before export)"
+    finetune: Literal["full", "linear_probe", "lora", "dora", "doran", "rslora"] = Field(
+        "full",
+        description="full fine-tuning, a linear probe, or peft adapters (merged before export); doran is DoRA "
+        "with DoRAN's learnable offset in the norm",
     )
     lora_rank: int = Field(8, ge=1, description="adapter rank r")
     lora_alpha: float = Field(16.0, gt=0, description="adapter scale α (α/r, or α/√r for rslora)")

@@ -31,10 +31,11 @@ def _expected(mode: str, model) -> int:  # type: ignore[no-untyped-def]
         "lora": lora + head,
         "rslora": lora + head,
         "dora": lora + sum(m.out_features for m in qkv) + head,  # + one magnitude per output column
+        "doran": lora + sum(m.out_features + 1 for m in qkv) + head,  # + DoRAN's offset per layer
     }[mode]
 
 
-@pytest.mark.parametrize("mode", ["full", "linear_probe", "lora", "dora", "rslora"])
+@pytest.mark.parametrize("mode", ["full", "linear_probe", "lora", "dora", "doran", "rslora"])
 def test_every_mode_trains_counts_its_parameters_and_merges(mode):
     base = _vit()
     expected = _expected(mode, base)
@@ -81,3 +82,25 @@ def test_unknown_mode_is_a_config_error():
 
     with pytest.raises(ConfigError, match="train.finetune='qlora'"):
         prepare_finetune(_vit(), "qlora")
+
+
+def test_doran_starts_as_the_base_model_and_learns_its_positive_offset():
+    from roadwork.models.doran import TAU_INIT
+
+    base = _vit().eval()
+    x, y = _batch()
+    with torch.no_grad():
+        before = base(x)
+    model = prepare_finetune(base, "doran", rank=8, alpha=16)
+    taus = [m for n, m in model.named_modules() if type(m).__name__ == "DoranLinearLayer"]
+    assert len(taus) == sum(1 for n, _ in base.named_modules() if n.endswith("attn.qkv")) > 0
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)  # m = ||W|| + tau: identity at start
+    assert all(abs(float(m.tau()) - TAU_INIT) < 1e-9 for m in taus)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert all(m.tau_raw.grad is not None and float(m.tau_raw.grad.abs()) > 0 for m in taus)
+    raw = [float(m.tau_raw) for m in taus]
+    torch.optim.SGD([m.tau_raw for m in taus], lr=1e3).step()
+    assert all(float(m.tau_raw) != r and float(m.tau()) > 0 for m, r in zip(taus, raw, strict=True))

@@ -1,4 +1,4 @@
-"""Fine-tuning modes: full, linear probe, and adapters through Hugging Face peft (LoRA, DoRA, rsLoRA).
+"""Fine-tuning modes: full, linear probe, and adapters through Hugging Face peft (LoRA, DoRA, rsLoRA, DoRAN).
 
 ``prepare_finetune`` wraps a timm model for training; ``merge_adapters`` folds the adapters back into plain
 weights, so what is saved, exported and served is an ordinary timm model (the merged model gives the same
@@ -10,7 +10,8 @@ Target modules per architecture (``target_modules=None``):
 - Hugging Face DINOv2-style attention: ``query`` and ``value``;
 - anything else (ConvNeXt, EfficientNet, ResNet ...): every ``nn.Linear`` and 1x1 ``nn.Conv2d`` outside the head.
 
-The classifier head is always fully trained (peft ``modules_to_save``).
+The classifier head is always fully trained (peft ``modules_to_save``). ``doran`` is peft's DoRA with the
+learnable denominator offset of DoRAN (:mod:`roadwork.models.doran`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from roadwork.errors import ConfigError
 
 __all__ = ["FINETUNE_MODES", "count_trainable", "head_name", "merge_adapters", "prepare_finetune"]
 
-Finetune = Literal["full", "linear_probe", "lora", "dora", "rslora"]
-FINETUNE_MODES: tuple[str, ...] = ("full", "linear_probe", "lora", "dora", "rslora")
+Finetune = Literal["full", "linear_probe", "lora", "dora", "doran", "rslora"]
+FINETUNE_MODES: tuple[str, ...] = ("full", "linear_probe", "lora", "dora", "doran", "rslora")
 
 
 def head_name(model: Any) -> str:
@@ -85,12 +86,17 @@ def prepare_finetune(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules or default_targets(model),
-        use_dora=mode == "dora",
+        use_dora=mode in ("dora", "doran"),
         use_rslora=mode == "rslora",
         modules_to_save=[head],
         bias="none",
     )
-    return peft.get_peft_model(model, config)
+    wrapped = peft.get_peft_model(model, config)
+    if mode == "doran":
+        from roadwork.models.doran import enable_doran
+
+        enable_doran(wrapped)
+    return wrapped
 
 
 def merge_adapters(model: Any) -> Any:
