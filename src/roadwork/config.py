@@ -87,12 +87,19 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    backbone: str = Field("mobilenetv3_small_100", description="timm model name")
+    backbone: str = Field(
+        "mobilenetv3_small_100",
+        description="a timm model name, or hf:<model id | model type> for Hugging Face transformers backbones",
+    )
     pretrained: bool = Field(False, description="download pretrained weights from the hub")
-    weights: str | None = Field(None, description="local safetensors file with backbone weights")
+    weights: str | None = Field(
+        None, description="local weights: a .safetensors file, or a save_pretrained folder for hf: backbones"
+    )
     image_size: int = Field(96, ge=16, le=1024, description="network input side in pixels")
     drop_rate: float = Field(0.1, ge=0, lt=1)
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra timm.create_model arguments (config fields for hf: types)"
+    )
     head: Literal["linear", "mlp"] = Field("linear", description="classifier head on the pooled features")
     pooling: Literal["default", "cls", "mean", "cls+mean"] = Field(
         "default",

@@ -7,7 +7,8 @@ logits as the adapted one, tested to 1e-5).
 Target modules per architecture (``target_modules=None``):
 
 - timm ViTs (fused attention): every ``attn.qkv`` linear — the LoRA of the DINOv2 and ExPLoRA papers on timm;
-- Hugging Face DINOv2-style attention: ``query`` and ``value``;
+- Hugging Face attention: ``query`` and ``value`` (transformers 4 DINOv2), ``q_proj`` and ``v_proj`` (transformers 5
+  DINOv2, DINOv3);
 - anything else (ConvNeXt, EfficientNet, ResNet ...): every ``nn.Linear`` and 1x1 ``nn.Conv2d`` outside the head.
 
 The classifier head is always fully trained (peft ``modules_to_save``). ``doran`` is peft's DoRA with the
@@ -43,6 +44,8 @@ def default_targets(model: Any) -> list[str]:
         return sorted({n for n in names if n.endswith("attn.qkv")})
     if any(n.endswith(".query") for n in names) and any(n.endswith(".value") for n in names):
         return sorted(n for n in names if n.endswith((".query", ".value")))
+    if any(n.endswith("attention.q_proj") for n in names):  # transformers 5 DINOv2 / DINOv3
+        return sorted(n for n in names if n.endswith(("attention.q_proj", "attention.v_proj")))
     head = head_name(model)
     out = []
     for n, m in model.named_modules():

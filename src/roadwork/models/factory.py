@@ -1,4 +1,4 @@
-"""Backbone factory: timm names, hub weights when online, local safetensors weights when not.
+"""Backbone factory: timm names or ``hf:`` transformers models, hub weights when online, local weights when not.
 
 ``model.json`` (:class:`ModelCard`) carries everything needed to rebuild the network and feed it:
 architecture, class names and the :class:`~roadwork.data.preprocess.PreprocessSpec`.
@@ -17,7 +17,7 @@ from roadwork.config import ModelConfig
 from roadwork.data.preprocess import PreprocessSpec
 from roadwork.errors import ArtifactError, ConfigError
 
-__all__ = ["MODEL_SCHEMA", "ModelCard", "create_model", "load_model", "save_model"]
+__all__ = ["MODEL_SCHEMA", "ModelCard", "card_kwargs", "create_model", "load_model", "save_model"]
 
 MODEL_SCHEMA = 1
 
@@ -98,9 +98,26 @@ def _load_weights(model: Any, path: str) -> None:
 def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpec]:
     """Build the network and its preprocessing. Hub weights only when ``pretrained`` and no local file."""
     from roadwork.models.heads import build_network  # imports torch: only where a network is built
+    from roadwork.models.hf import hf_preprocess, is_hf
 
     timm = require("timm")
     from_hub = cfg.pretrained and cfg.weights is None
+    if is_hf(cfg.backbone):
+        model = build_network(
+            cfg.backbone,
+            num_classes,
+            drop_rate=cfg.drop_rate,
+            kwargs=cfg.kwargs,
+            head=cfg.head,
+            pooling=cfg.pooling,
+            pretrained=from_hub,
+            weights=cfg.weights,
+        )
+        if cfg.weights is not None and not Path(cfg.weights).is_dir():
+            _load_weights(model.backbone, cfg.weights)
+        if cfg.pretrained or cfg.weights is not None:
+            return model, hf_preprocess(cfg.backbone, cfg.weights, cfg.image_size)
+        return model, PreprocessSpec(size=cfg.image_size)
     try:
         model = build_network(
             cfg.backbone,
@@ -137,6 +154,11 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpe
     else:
         spec = PreprocessSpec(size=cfg.image_size)
     return model, spec
+
+
+def card_kwargs(model: Any, cfg: ModelConfig) -> dict[str, Any]:
+    """What ``model.json`` keeps to rebuild the network: ``model.kwargs``, or a ``hf:`` backbone's whole config."""
+    return dict(getattr(model, "card_kwargs", None) or cfg.kwargs)
 
 
 def save_model(model: Any, card: ModelCard, out_dir: Path) -> None:

@@ -74,7 +74,23 @@ def build_network(
     head: str = "linear",
     pooling: str = "default",
     pretrained: bool = False,
+    weights: str | None = None,
 ) -> Any:
+    """A timm model (with a :class:`PooledClassifier` when pooling or head are not timm's own), or a Hugging Face
+    ``transformers`` backbone for ``hf:`` names (:mod:`roadwork.models.hf`; ``weights`` is only read there)."""
+    from roadwork.models.hf import build_hf, is_hf
+
+    if is_hf(backbone):
+        return build_hf(
+            backbone,
+            num_classes,
+            drop_rate=drop_rate,
+            kwargs=kwargs,
+            head=head,
+            pooling=pooling,
+            pretrained=pretrained,
+            weights=weights,
+        )
     timm = require("timm")
     if head == "linear" and pooling == "default":
         return timm.create_model(

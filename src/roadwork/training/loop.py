@@ -21,7 +21,7 @@ from roadwork._deps import require
 from roadwork.config import ModelConfig, TrainConfig
 from roadwork.data.preprocess import PreprocessSpec, load_rgb, resize_uint8
 from roadwork.models.adapters import count_trainable, merge_adapters, prepare_finetune
-from roadwork.models.factory import ModelCard, create_model
+from roadwork.models.factory import ModelCard, card_kwargs, create_model
 
 __all__ = ["Deferral", "TrainResult", "load_uint8", "predict_logits", "train_model"]
 
@@ -262,7 +262,7 @@ def _train(
         classes=list(classes),
         preprocess=spec,
         drop_rate=model_cfg.drop_rate,
-        kwargs=dict(model_cfg.kwargs),
+        kwargs=card_kwargs(net, model_cfg),
         head=model_cfg.head,
         pooling=model_cfg.pooling,
         gate=deferral is not None,
