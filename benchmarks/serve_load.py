@@ -325,6 +325,12 @@ def main() -> None:
     ap.add_argument(
         "--max-queue", type=int, default=8, help="the server's admission bound in the overload run"
     )
+    ap.add_argument(
+        "--max-queue-wait-ms",
+        type=float,
+        default=10.0,
+        help="the server's queue-wait budget in the overload run (0: none); later requests get 503",
+    )
     ap.add_argument("--skip-vit", action="store_true")
     args = ap.parse_args()
     bundle = Path(args.bundle)
@@ -404,7 +410,12 @@ def main() -> None:
 
         sustainable = results["roadwork serve"]["rps"]
         port = _port()
-        proc = _roadwork_server(bundle, port, args.batch, [f"max_queue={args.max_queue}"])
+        proc = _roadwork_server(
+            bundle,
+            port,
+            args.batch,
+            [f"max_queue={args.max_queue}", f"max_queue_wait_ms={args.max_queue_wait_ms}"],
+        )
         try:
             _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
             url = f"http://127.0.0.1:{port}/v1/classify"
@@ -416,7 +427,8 @@ def main() -> None:
         finally:
             _stop(proc)
         print(
-            f"Overload: open loop, max_queue={args.max_queue} requests (sustainable ≈ {sustainable:.0f} img/s)\n"
+            f"Overload: open loop, max_queue={args.max_queue} requests, max_queue_wait_ms={args.max_queue_wait_ms:g} "
+            f"(sustainable ≈ {sustainable:.0f} img/s)\n"
         )
         print("| load | rate/s | sent | 200 | 503 | other | p50 ms | p99 ms (accepted) |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")

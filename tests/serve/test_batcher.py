@@ -66,3 +66,39 @@ def test_a_full_queue_refuses_at_once_and_a_model_error_fails_only_its_batch():
 
     first, bad, good = _run(main())
     assert first == [1.0] and isinstance(bad, RuntimeError) and good == [3.0]
+
+
+def test_requests_that_waited_past_the_budget_get_a_timeout_not_a_late_answer():
+    from roadwork.serve.batcher import QueueTimeout
+
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def run_batch(x, meta):  # type: ignore[no-untyped-def]
+        gate.wait(5)
+        calls.append(len(x))
+        return list(x[:, 0])
+
+    async def main():  # type: ignore[no-untyped-def]
+        b = DynamicBatcher(
+            run_batch,
+            max_batch_size=1,
+            max_queue_delay_ms=0,
+            max_queue=10,
+            executor=ThreadPoolExecutor(1),
+            max_queue_wait_ms=50,
+        )
+        b.start()
+        first = asyncio.ensure_future(b.submit(np.ones((1, 1), np.float32), {}))
+        await asyncio.sleep(0.02)  # the worker runs it and blocks on the gate
+        late = asyncio.ensure_future(b.submit(np.full((1, 1), 2.0, np.float32), {}))
+        await asyncio.sleep(0.15)  # ... while this one waits three times its budget
+        gate.set()
+        results = await asyncio.gather(first, late, return_exceptions=True)
+        fresh = await b.submit(np.full((1, 1), 3.0, np.float32), {})  # an idle server answers in time
+        await b.stop()
+        return results, fresh
+
+    (first, late), fresh = _run(main())
+    assert first == [1.0] and isinstance(late, QueueTimeout) and fresh == [3.0]
+    assert calls == [1, 1]  # the late request never reached the model

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from roadwork.data.preprocess import preprocess
 from roadwork.export.bundle import Bundle
 from roadwork.export.onnx import INPUT_NAME, onnx_logits
-from roadwork.serve.batcher import DynamicBatcher, QueueFull
+from roadwork.serve.batcher import DynamicBatcher, QueueFull, QueueTimeout
 from roadwork.serve.decode import IMAGE_TYPES, RequestError, decode_b64, decode_image
 from roadwork.serve.metrics import ServerMetrics
 from roadwork.serve.settings import ServeSettings
@@ -211,6 +211,7 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         max_queue=settings.max_queue,
         executor=model_pool,
         on_batch=on_batch,
+        max_queue_wait_ms=settings.max_queue_wait_ms,
     )
 
     @asynccontextmanager
@@ -264,24 +265,34 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         except QueueFull:
             metrics.rejected.inc()
             raise RequestError(503, "the request queue is full; retry after a second.") from None
+        except QueueTimeout:
+            metrics.rejected.inc()
+            raise RequestError(
+                503, f"the request waited over max_queue_wait_ms={settings.max_queue_wait_ms:g}; retry."
+            ) from None
 
     # ------------------------------------------------------------------------------------------- health
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
+        """Liveness (OIP v2): ``{"live": true}`` while the process serves HTTP; the Kubernetes liveness probe."""
         return {"live": True}
 
     @app.get("/v2/health/ready")
     async def ready() -> JSONResponse:
+        """Readiness (OIP v2): 200 ``{"ready": true}`` once the model is loaded; 503 while starting or draining."""
         ok = bool(app.state.ready and not app.state.draining)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
+        """Server metadata (OIP v2): name, version, extensions."""
         return {"name": "roadwork", "version": _version(), "extensions": ["classification"]}
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str) -> dict[str, Any]:
+        """Model metadata (OIP v2): input ``input`` FP32 ``[-1, 3, S, S]``, outputs and class names; 404 for
+        another name."""
         _check_name(name)
         k = len(model.bundle.classes)
         outputs = [
@@ -302,12 +313,16 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str) -> JSONResponse:
+        """Model readiness (OIP v2): as ``/v2/health/ready`` for this model; 404 for another name."""
         _check_name(name)
         ok = bool(app.state.ready and not app.state.draining)
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request) -> dict[str, Any]:
+        """Inference (OIP v2, JSON tensors): ``{"inputs": [{"name": "input", "datatype": "FP32", "shape": [N, 3, S, S],
+        "data": [...]}]}``, already preprocessed → outputs ``logits``, ``probabilities``, ``label``,
+        ``prediction_set``, ``abstain``. Runs the last cascade stage only. 400 on a wrong shape or datatype."""
         _check_name(name)
         req = _json(await _read_body(request, limit))
         x, meta = _v2_input(req, model.size, settings.max_queue)
@@ -341,6 +356,10 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict[str, Any]:
+        """Classify images: a raw body (``image/jpeg``, ``image/png`` …), ``multipart/form-data`` with one or more
+        files, or JSON ``{"image": base64}`` / ``{"images": [...]}`` with optional ``"metadata"`` (slice values).
+        Returns ``{"predictions": [{label, probability, prediction_set, abstain, score, stage}]}``: the bundle's
+        whole policy and cascade. 400 corrupt image or bomb, 413 body too large, 415 other content types."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await _read_body(request, limit)
         query_meta = {k: v for k, v in request.query_params.items() if k in model.slice_columns}
@@ -386,6 +405,8 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        """Prometheus metrics: requests, latency, queue wait, batch size, predictions, abstentions, cascade stages,
+        confidence and set-size histograms, and the calibration split's reference values."""
         metrics.queue_depth.set(batcher.waiting)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

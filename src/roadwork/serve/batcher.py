@@ -3,6 +3,9 @@
 One worker task takes a batch off a bounded queue and runs the model in a thread (ONNX Runtime releases the
 GIL), so the event loop keeps accepting requests. When ``max_queue`` images are waiting, :meth:`submit`
 raises :class:`QueueFull` at once (the server answers 503 with ``Retry-After``) instead of letting latency grow.
+With ``max_queue_wait_ms`` (Triton's queue-policy timeout), a request that has already waited longer than that
+when its batch is formed fails with :class:`QueueTimeout` (also a 503) instead of being run late: under overload
+the answered requests keep their latency and the late ones are told to retry at once.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DynamicBatcher", "QueueFull"]
+__all__ = ["DynamicBatcher", "QueueFull", "QueueTimeout"]
 
 
 class QueueFull(Exception):
+    pass
+
+
+class QueueTimeout(Exception):
     pass
 
 
@@ -50,6 +57,7 @@ class DynamicBatcher:
         max_queue: int,
         executor: Executor,
         on_batch: Callable[[int, list[float]], None] | None = None,
+        max_queue_wait_ms: float = 0.0,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -57,6 +65,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.executor = executor
         self.on_batch = on_batch
+        self.max_wait = max_queue_wait_ms / 1000  # 0: no limit
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.waiting = 0  # images queued, not yet taken into a batch
         self._task: asyncio.Task[None] | None = None
@@ -101,6 +110,15 @@ class DynamicBatcher:
                 n += len(nxt.x)
             self.waiting -= n
             now = time.perf_counter()
+            if self.max_wait > 0:  # too late to answer within budget: 503 now rather than a slow 200
+                late = [it for it in items if now - it.enqueued > self.max_wait]
+                for it in late:
+                    if not it.future.done():
+                        it.future.set_exception(QueueTimeout())
+                items = [it for it in items if now - it.enqueued <= self.max_wait]
+                if not items:
+                    continue
+                n = sum(len(it.x) for it in items)
             waits = [now - it.enqueued for it in items]
             x = items[0].x if len(items) == 1 else _join([it.x for it in items])
             keys = {k for it in items for k in it.meta}

@@ -19,6 +19,12 @@ class ServeSettings(BaseModel):
     max_queue: int = Field(
         64, ge=1, description="prediction requests inside the server at once; beyond it 503 + Retry-After"
     )
+    max_queue_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="a request still waiting for a batch after this long gets 503 instead of a late answer "
+        "(Triton's queue timeout); 0 = no limit",
+    )
     max_body_mb: float = Field(64.0, gt=0, description="request body limit (413 above it), as Triton")
     max_pixels: int = Field(40_000_000, ge=1, description="decoded pixels per image (400 above: bombs)")
     max_images: int = Field(64, ge=1, description="images per /v1/classify request")
