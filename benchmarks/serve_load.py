@@ -323,7 +323,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument(
-        "--max-queue", type=int, default=8, help="the server's admission bound in the overload run"
+        "--max-queue", type=int, default=6, help="the server's admission bound in the overload run"
     )
     ap.add_argument(
         "--max-queue-wait-ms",
