@@ -138,9 +138,11 @@ class TrainConfig(_Strict):
     compile: bool = Field(
         False, description="torch.compile the training model (first epoch pays the compile)"
     )
-    devices: int = Field(1, ge=1, description="data-parallel processes (DDP; gloo on CPU)")
-    strategy: Literal["auto", "ddp"] = Field(
-        "auto", description="multi-device strategy (Lightning Fabric DDP)"
+    devices: int = Field(1, ge=1, description="data-parallel processes (DDP or FSDP2; gloo on CPU)")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="with devices > 1: ddp (auto), or fsdp: FSDP2 fully_shard per block, for backbones too big "
+        "for one device (no EMA, compile or resumable checkpoints yet)",
     )
     compile_backend: str = Field(
         "inductor", description="torch.compile backend (inductor; aot_eager to debug)"

@@ -8,6 +8,7 @@ watches the validation loss; the calibration split is never loaded here.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     trainable_params: int = 0
+
+
+log = logging.getLogger(__name__)
 
 
 def load_uint8(
@@ -168,7 +172,19 @@ def train_model(
         init_backbone=init_backbone,
     )
     if cfg.devices > 1:
-        strategy = "ddp_spawn"  # processes started here, so it works from Python, the CLI and notebooks alike
+        strategy: Any = (
+            "ddp_spawn"  # processes started here: it works from Python, the CLI and notebooks alike
+        )
+        if cfg.strategy == "fsdp":
+            from roadwork.errors import ConfigError
+            from roadwork.training.fsdp import fsdp_strategy
+
+            if cfg.ema is not None or cfg.compile:
+                raise ConfigError(
+                    "train.strategy=fsdp does not support train.ema or train.compile yet; unset them, or use "
+                    "train.strategy=ddp."
+                )
+            strategy = fsdp_strategy(cfg.devices)
         fabric = fabric_mod.Fabric(
             accelerator=cfg.accelerator, devices=cfg.devices, strategy=strategy, precision=cfg.precision
         )
@@ -288,6 +304,9 @@ def _train(
         dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules,
     )
+    fsdp = world > 1 and cfg.strategy == "fsdp"
+    if fsdp:  # shard first: the optimizer must hold the sharded parameters
+        model = fabric.setup_module(train_net)
     if cfg.layer_decay is not None:
         groups: Any = _layer_groups(train_net, cfg.lr, cfg.layer_decay)
     else:
@@ -302,8 +321,11 @@ def _train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(total, int(cfg.warmup_epochs * updates_per_epoch))
     )
-    to_train = torch.compile(train_net, backend=cfg.compile_backend) if cfg.compile else train_net
-    model, opt = fabric.setup(to_train, opt)
+    if fsdp:
+        opt = fabric.setup_optimizers(opt)
+    else:
+        to_train = torch.compile(train_net, backend=cfg.compile_backend) if cfg.compile else train_net
+        model, opt = fabric.setup(to_train, opt)
     counts = torch.bincount(y_train, minlength=len(classes)).clamp(min=1).float()
     class_weight = (len(y_train) / (len(classes) * counts)) if cfg.class_balance == "weights" else None
     loss_fn: Any = torch.nn.CrossEntropyLoss(
@@ -339,6 +361,9 @@ def _train(
     result = TrainResult(model=net, card=card)
     best_loss, best_state, stale, start = math.inf, None, 0, 0
     fingerprint = json.dumps([model_cfg.model_dump(mode="json"), cfg.model_dump(mode="json"), len(x_train)])
+    if fsdp and checkpoint_dir is not None:
+        log.warning("train.strategy=fsdp writes no resumable checkpoints yet; an interrupted run starts over")
+        checkpoint_dir = None
     if checkpoint_dir is not None:
         from roadwork.training.checkpoint import load_checkpoint
 
@@ -456,6 +481,21 @@ def _train(
     if best_state is not None:
         train_net.load_state_dict(best_state)
     result.trainable_params = count_trainable(train_net)  # before merging, which unfreezes the base
+    if fsdp:  # gather the shards (every process takes part) into an ordinary network on rank 0
+        from roadwork.training.fsdp import full_state_dict
+
+        state = full_state_dict(train_net)
+        fresh, _ = create_model(model_cfg, len(classes) + (deferral is not None))
+        train_net = prepare_finetune(
+            fresh,
+            cfg.finetune,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules,
+        )
+        if rank == 0:  # the full state reaches rank 0 only (it alone saves the model); the others drop theirs
+            train_net.load_state_dict(state)
     result.model = merge_adapters(train_net).eval()  # adapters folded in: a plain timm model is saved
     return result
 
