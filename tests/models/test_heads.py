@@ -66,3 +66,20 @@ def test_lora_on_a_pooled_vit_and_save_load_export_round_trip(tmp_path):
         assert np.allclose(back(torch.from_numpy(x)).numpy(), ref, atol=1e-6)
     export_onnx(back, x, tmp_path / "m.onnx")
     assert np.abs(onnx_logits(onnx_session(tmp_path / "m.onnx"), x) - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_both_exporters_give_the_torch_logits_at_any_batch_size(tmp_path, exporter):
+    from roadwork.export.onnx import export_onnx, onnx_logits, onnx_session
+
+    torch.manual_seed(0)
+    net, _ = create_model(_cfg(), 2)
+    net.eval()
+    x = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    used = export_onnx(net, x, tmp_path / "m.onnx", exporter=exporter)
+    assert used == exporter
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    sess = onnx_session(tmp_path / "m.onnx")
+    assert np.abs(onnx_logits(sess, x) - ref).max() < 1e-4
+    assert np.abs(onnx_logits(sess, x[:1]) - ref[:1]).max() < 1e-4  # the batch dimension is dynamic

@@ -18,12 +18,18 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 log = logging.getLogger(__name__)
 
 
-def export_onnx(model: Any, sample: np.ndarray, path: Path, *, opset: int = 18) -> str:
-    """Write ``model`` to ``path``; returns which exporter was used ("dynamo" or "legacy: <reason>")."""
+def export_onnx(
+    model: Any, sample: np.ndarray, path: Path, *, opset: int = 18, exporter: str = "dynamo"
+) -> str:
+    """Write ``model`` to ``path``; returns which exporter was used ("dynamo", "legacy" when asked for, or
+    "legacy: <reason>" when the dynamo exporter failed)."""
     torch = require("torch")
     require("onnx")
     model = model.eval()
     x = torch.from_numpy(np.ascontiguousarray(sample[:2], dtype=np.float32))
+    if exporter == "legacy":
+        _legacy(torch, model, x, path, opset)
+        return "legacy"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -44,19 +50,23 @@ def export_onnx(model: Any, sample: np.ndarray, path: Path, *, opset: int = 18) 
     except Exception as e:  # the dynamo exporter still rejects some graphs; the legacy one is a fine fallback
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         log.warning("dynamo ONNX export failed (%s); falling back to the legacy exporter", reason)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (x,),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
+        _legacy(torch, model, x, path, opset)
         return f"legacy: {reason}"
+
+
+def _legacy(torch: Any, model: Any, x: Any, path: Path, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
 
 
 def onnx_session(path: Path, *, threads: int = 0, spin: bool = True) -> Any:

@@ -238,7 +238,13 @@ def stage_cascade_models(ctx: StageContext) -> dict[str, Any]:
         from roadwork.data.preprocess import preprocess
 
         sample = preprocess(images["test"][:8], res.card.preprocess)
-        export_onnx(res.model, sample, ctx.out / f"stage{idx}-model.onnx", opset=ctx.cfg.export.opset)
+        export_onnx(
+            res.model,
+            sample,
+            ctx.out / f"stage{idx}-model.onnx",
+            opset=ctx.cfg.export.opset,
+            exporter=ctx.cfg.export.exporter,
+        )
         runner = StageRunner.network(ctx.out / f"stage{idx}-model.onnx", res.card.preprocess, spin=False)
         runners.append(runner)
         for split in logits:
@@ -272,7 +278,13 @@ def stage_cascade_models(ctx: StageContext) -> dict[str, Any]:
     from roadwork.data.preprocess import preprocess
 
     tmp_onnx = ctx.out / "model.onnx.tmp"
-    export_onnx(model, preprocess(images["test"][:8], card.preprocess), tmp_onnx, opset=ctx.cfg.export.opset)
+    export_onnx(
+        model,
+        preprocess(images["test"][:8], card.preprocess),
+        tmp_onnx,
+        opset=ctx.cfg.export.opset,
+        exporter=ctx.cfg.export.exporter,
+    )
     runners.append(StageRunner.network(tmp_onnx, card.preprocess, spin=False))  # as the bundle runs them
     for split in logits:
         logits[split].append(_preds(ctx, split).logits)

@@ -388,7 +388,7 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
     test = df[df["split"] == "test"].head(e.parity_samples)
     x = preprocess([load_rgb(p) for p in _abs_paths(test, ctx.inputs["data"])], card.preprocess)
     onnx_path = ctx.out / "model.onnx.tmp"
-    exporter = export_onnx(model, x, onnx_path, opset=e.opset)
+    exporter = export_onnx(model, x, onnx_path, opset=e.opset, exporter=e.exporter)
     torch = require("torch")
     with torch.inference_mode():  # the reference: the torch model on the very inputs the bundle will see
         ref = model(torch.from_numpy(x)).double().numpy()
