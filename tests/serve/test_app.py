@@ -284,3 +284,53 @@ def test_log_dir_records_every_prediction_with_its_metadata(bundle, images, tmp_
         "abstain",
         "stage",
     } <= set(df.columns)
+
+
+def test_v2_binary_tensors_in_and_out_match_the_json_answer(client, bundle, images):
+    """Triton's binary-tensor extension: JSON header + raw FP32 input; binary outputs decode to the JSON ones."""
+    from roadwork.data.preprocess import load_rgb, preprocess
+
+    x = preprocess([load_rgb(p) for p in images], bundle.card.preprocess).astype("<f4")
+    inp = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    as_json = client.post(
+        "/v2/models/tiny/infer", json={"inputs": [inp | {"data": x.ravel().tolist()}]}
+    ).json()
+    head = json.dumps(
+        {
+            "inputs": [inp | {"parameters": {"binary_data_size": x.nbytes}}],
+            "outputs": [
+                {"name": "logits", "parameters": {"binary_data": True}},
+                {"name": "label", "parameters": {"binary_data": True}},
+                {"name": "abstain"},
+            ],
+        }
+    ).encode()
+    r = client.post(
+        "/v2/models/tiny/infer",
+        content=head + x.tobytes(),
+        headers={
+            "Inference-Header-Content-Length": str(len(head)),
+            "content-type": "application/octet-stream",
+        },
+    )
+    assert r.status_code == 200
+    n = int(r.headers["inference-header-content-length"])
+    meta, blob = json.loads(r.content[:n]), r.content[n:]
+    out = {o["name"]: o for o in meta["outputs"]}
+    expected = {o["name"]: o for o in as_json["outputs"]}
+    size = out["logits"]["parameters"]["binary_data_size"]
+    logits = np.frombuffer(blob[:size], dtype="<f4").reshape(out["logits"]["shape"])
+    assert np.allclose(logits, np.array(expected["logits"]["data"]).reshape(logits.shape), atol=1e-6)
+    labels, rest = [], blob[size:]
+    while rest:
+        k = int.from_bytes(rest[:4], "little")
+        labels.append(rest[4 : 4 + k].decode())
+        rest = rest[4 + k :]
+    assert labels == expected["label"]["data"]
+    assert out["abstain"]["data"] == expected["abstain"]["data"]  # not asked as binary: stays JSON
+    for headers, content in (
+        ({"Inference-Header-Content-Length": "abc"}, head + x.tobytes()),
+        ({"Inference-Header-Content-Length": str(len(head))}, head + x.tobytes()[:-4]),  # a short tensor
+    ):
+        bad = client.post("/v2/models/tiny/infer", content=content, headers=headers)
+        assert bad.status_code == 400 and "error" in bad.json()

@@ -319,13 +319,18 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
     @app.post("/v2/models/{name}/infer")
-    async def infer(name: str, request: Request) -> dict[str, Any]:
-        """Inference (OIP v2, JSON tensors): ``{"inputs": [{"name": "input", "datatype": "FP32", "shape": [N, 3, S, S],
+    async def infer(name: str, request: Request) -> Any:
+        """Inference (OIP v2): ``{"inputs": [{"name": "input", "datatype": "FP32", "shape": [N, 3, S, S],
         "data": [...]}]}``, already preprocessed → outputs ``logits``, ``probabilities``, ``label``,
-        ``prediction_set``, ``abstain``. Runs the last cascade stage only. 400 on a wrong shape or datatype."""
+        ``prediction_set``, ``abstain``. Runs the last cascade stage only. 400 on a wrong shape or datatype.
+        Triton's binary-tensor extension: with an ``Inference-Header-Content-Length`` header the body is that many
+        bytes of JSON followed by the raw little-endian tensor (``parameters.binary_data_size`` on the input);
+        outputs asked for with ``parameters.binary_data`` (or ``parameters.binary_data_output`` on the request)
+        come back the same way."""
         _check_name(name)
-        req = _json(await _read_body(request, limit))
-        x, meta = _v2_input(req, model.size, settings.max_queue)
+        body = await _read_body(request, limit)
+        req, blob = _split_binary(body, request.headers.get("inference-header-content-length"))
+        x, meta = _v2_input(req, model.size, settings.max_queue, blob)
         recs = await _predict(x, meta)
         n, k = len(recs), len(model.bundle.classes)
 
@@ -350,7 +355,7 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         resp: dict[str, Any] = {"model_name": model.name, "model_version": "1", "outputs": outputs}
         if "id" in req:
             resp["id"] = req["id"]
-        return resp
+        return _binary_response(resp, req)
 
     # ------------------------------------------------------------------------------------------- images
 
@@ -439,8 +444,61 @@ def _json_images(req: Any, max_images: int) -> tuple[list[bytes], list[dict[str,
 _V2_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 
 
-def _v2_input(req: Any, size: int, max_n: int) -> tuple[np.ndarray, dict[str, list[str]]]:
-    """Validate an OIP v2 infer request: one FP32 tensor ``input`` of shape [N, 3, size, size]."""
+def _split_binary(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
+    """The JSON part and the binary part of a request (Triton's binary-tensor extension)."""
+    if header_length is None:
+        return _json(body), b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= len(body):
+        raise RequestError(
+            400,
+            f"Inference-Header-Content-Length={header_length!r} must be an integer between 0 and the body's "
+            f"{len(body)} bytes: the length of the JSON part.",
+        )
+    return _json(body[:n]), body[n:]
+
+
+def _binary_response(resp: dict[str, Any], req: Any) -> Any:
+    """Outputs asked for as binary leave the JSON and follow it as raw little-endian bytes (BYTES: each element
+    prefixed with its 4-byte length), in order; JSON alone when none was asked for."""
+    raw_params = req.get("parameters")
+    params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
+    every = bool(params.get("binary_data_output", False))
+    asked = {
+        o.get("name")
+        for o in req.get("outputs", [])
+        if isinstance(o, dict)
+        and isinstance(o.get("parameters"), dict)
+        and o["parameters"].get("binary_data")
+    }
+    if not every and not asked:
+        return resp
+    chunks = []
+    for o in resp["outputs"]:
+        if not (every or o["name"] in asked):
+            continue
+        data = o.pop("data")
+        if o["datatype"] == "BYTES":
+            raw = b"".join(len(b).to_bytes(4, "little") + b for b in (str(v).encode() for v in data))
+        else:
+            dt = {"FP32": "<f4", "BOOL": "?"}[o["datatype"]]
+            raw = np.asarray(data, dtype=dt).tobytes()
+        o["parameters"] = {"binary_data_size": len(raw)}
+        chunks.append(raw)
+    head = json.dumps(resp).encode()
+    return Response(
+        content=head + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+
+
+def _v2_input(req: Any, size: int, max_n: int, blob: bytes = b"") -> tuple[np.ndarray, dict[str, list[str]]]:
+    """Validate an OIP v2 infer request: one FP32 tensor ``input`` of shape [N, 3, size, size], its values in
+    ``data`` or, with the binary-tensor extension, in ``blob`` (``parameters.binary_data_size`` bytes)."""
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or len(req["inputs"]) != 1:
         raise RequestError(400, f"'inputs' must be a list with one tensor named {INPUT_NAME!r}.")
     t = req["inputs"][0]
@@ -463,10 +521,23 @@ def _v2_input(req: Any, size: int, max_n: int) -> tuple[np.ndarray, dict[str, li
             400,
             f"shape {shape!r} is not [N, 3, {size}, {size}] with 1 <= N <= {max_n}; preprocess to that size.",
         )
-    try:
-        x = np.asarray(t.get("data"), dtype=_V2_TYPES[dtype])
-    except (ValueError, TypeError):
-        raise RequestError(400, "'data' must be a flat (or nested) list of numbers.") from None
+    raw_params = t.get("parameters")
+    tparams: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
+    if "binary_data_size" in tparams:
+        nbytes = tparams["binary_data_size"]
+        want = int(np.prod(shape)) * np.dtype(_V2_TYPES[dtype]).itemsize
+        if not isinstance(nbytes, int) or nbytes != want or len(blob) != want:
+            raise RequestError(
+                400,
+                f"binary_data_size={nbytes!r} and the {len(blob)} bytes after the JSON header must both be "
+                f"{want} ({dtype} {shape}).",
+            )
+        x = np.frombuffer(blob, dtype=np.dtype(_V2_TYPES[dtype]).newbyteorder("<"))
+    else:
+        try:
+            x = np.asarray(t.get("data"), dtype=_V2_TYPES[dtype])
+        except (ValueError, TypeError):
+            raise RequestError(400, "'data' must be a flat (or nested) list of numbers.") from None
     if x.size != int(np.prod(shape)):
         raise RequestError(400, f"'data' has {x.size} values; shape {shape} needs {int(np.prod(shape))}.")
     if not np.isfinite(x).all():
