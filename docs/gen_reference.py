@@ -28,8 +28,6 @@ def _type(annotation: Any) -> str:
 
 
 def _default(value: Any) -> str:
-    if isinstance(value, BaseModel):
-        return ""
     text = json.dumps(value, default=str)
     return f"`{text}`".replace("|", "\\|")
 
@@ -43,12 +41,10 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
             rows.extend(_rows(ann, key + "."))
             continue
         origin = typing.get_origin(ann)
-        if origin is not None and any(
-            isinstance(a, type) and issubclass(a, BaseModel) for a in typing.get_args(ann)
-        ):  # a list of sections (e.g. cascade stages): describe the element's keys
-            for a in typing.get_args(ann):
-                if isinstance(a, type) and issubclass(a, BaseModel):
-                    rows.extend(_rows(a, key + "[]."))
+        models = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models:  # an optional section (X | None: its keys, the section may be null) or a list of sections
+            for a in models:
+                rows.extend(_rows(a, key + ("[]." if origin is list else ".")))
             continue
         default = field.get_default(call_default_factory=True)
         desc = (field.description or "").replace("|", "\\|")

@@ -92,6 +92,8 @@ def test_hub_ids_fail_offline_naming_the_weights_option(monkeypatch):
         create_model(cfg, 2)
     with pytest.raises(ConfigError, match="model type"):
         create_model(ModelConfig(backbone="hf:dinov2", pretrained=True), 2)
+    with pytest.raises(ConfigError, match="names no model"):
+        create_model(ModelConfig(backbone="hf:"), 2)
     with pytest.raises(ConfigError, match="hf:no_such_type"):
         create_model(ModelConfig(backbone="hf:no_such_type", kwargs=TINY), 2)
 

@@ -32,7 +32,8 @@ def images(tmp_path_factory):
 
 def _train(images, **kw):  # type: ignore[no-untyped-def]
     paths, labels = images
-    cfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, accelerator="cpu", augment=False, patience=5, **kw)
+    defaults = dict(epochs=2, batch_size=16, lr=3e-3, accelerator="cpu", augment=False, patience=5)
+    cfg = TrainConfig(**(defaults | kw))
     return train_model(
         MODEL,
         cfg,
@@ -189,18 +190,8 @@ def test_two_process_ddp_on_cpu_equals_one_process_with_the_doubled_batch(images
 def test_two_process_fsdp2_on_cpu_equals_one_process_with_the_doubled_batch(images, finetune):
     """FSDP2 (fully_shard per block) over gloo trains like one process with the doubled batch, and the gathered
     model is an ordinary network with the same trainable-parameter count."""
-    paths, labels = images
-    common = dict(epochs=1, lr=3e-3, accelerator="cpu", augment=False, patience=5, finetune=finetune)
-    kw = dict(
-        classes=["a", "b"],
-        train_paths=paths,
-        train_labels=labels,
-        val_paths=paths[:16],
-        val_labels=labels[:16],
-        progress=False,
-    )
-    fsdp = train_model(MODEL, TrainConfig(**common, devices=2, batch_size=8, strategy="fsdp"), **kw)
-    single = train_model(MODEL, TrainConfig(**common, batch_size=16), **kw)
+    fsdp = _train(images, epochs=1, finetune=finetune, devices=2, batch_size=8, strategy="fsdp")
+    single = _train(images, epochs=1, finetune=finetune, batch_size=16)
     a, b = fsdp.model.state_dict(), single.model.state_dict()
     assert a.keys() == b.keys() and not any("lora" in k for k in a)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
@@ -211,15 +202,6 @@ def test_two_process_fsdp2_on_cpu_equals_one_process_with_the_doubled_batch(imag
 def test_fsdp2_refuses_what_it_does_not_support_yet(images):
     from roadwork.errors import ConfigError
 
-    paths, labels = images
-    with pytest.raises(ConfigError, match="train.strategy=fsdp does not support"):
-        train_model(
-            MODEL,
-            TrainConfig(devices=2, strategy="fsdp", ema=0.99, accelerator="cpu"),
-            classes=["a", "b"],
-            train_paths=paths,
-            train_labels=labels,
-            val_paths=paths[:16],
-            val_labels=labels[:16],
-            progress=False,
-        )
+    for bad in ({"ema": 0.99}, {"compile": True}):
+        with pytest.raises(ConfigError, match="train.strategy=fsdp does not support"):
+            _train(images, devices=2, strategy="fsdp", **bad)

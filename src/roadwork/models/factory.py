@@ -102,22 +102,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpe
 
     timm = require("timm")
     from_hub = cfg.pretrained and cfg.weights is None
-    if is_hf(cfg.backbone):
-        model = build_network(
-            cfg.backbone,
-            num_classes,
-            drop_rate=cfg.drop_rate,
-            kwargs=cfg.kwargs,
-            head=cfg.head,
-            pooling=cfg.pooling,
-            pretrained=from_hub,
-            weights=cfg.weights,
-        )
-        if cfg.weights is not None and not Path(cfg.weights).is_dir():
-            _load_weights(model.backbone, cfg.weights)
-        if cfg.pretrained or cfg.weights is not None:
-            return model, hf_preprocess(cfg.backbone, cfg.weights, cfg.image_size)
-        return model, PreprocessSpec(size=cfg.image_size)
+    hf = is_hf(cfg.backbone)
     try:
         model = build_network(
             cfg.backbone,
@@ -127,6 +112,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpe
             head=cfg.head,
             pooling=cfg.pooling,
             pretrained=from_hub,
+            weights=cfg.weights,  # read by hf: backbones only (a save_pretrained folder)
         )
     except RuntimeError as e:
         if "Unknown model" in str(e):
@@ -140,8 +126,12 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpe
             "this machine may be offline. Pass model.weights=PATH to a local .safetensors file, or set "
             "model.pretrained=false to start from random weights."
         ) from None
-    if cfg.weights is not None:
-        _load_weights(model, cfg.weights)
+    if cfg.weights is not None and not (hf and Path(cfg.weights).is_dir()):
+        _load_weights(model.backbone if hf else model, cfg.weights)
+    if hf:
+        if cfg.pretrained or cfg.weights is not None:
+            return model, hf_preprocess(cfg.backbone, cfg.weights, cfg.image_size)
+        return model, PreprocessSpec(size=cfg.image_size)
     if cfg.pretrained or cfg.weights is not None:
         dc = timm.data.resolve_data_config(model=model)
         spec = PreprocessSpec(

@@ -13,7 +13,29 @@ from typing import Any
 from roadwork._deps import require
 from roadwork.errors import ConfigError
 
-__all__ = ["PooledClassifier", "build_network"]
+__all__ = ["PooledClassifier", "build_network", "make_head", "pool_tokens"]
+
+
+def make_head(dim: int, num_classes: int, head: str, drop_rate: float) -> Any:
+    """``linear`` (Dropout → Linear) or ``mlp`` (Linear → GELU → Dropout → Linear, hidden width = ``dim``)."""
+    nn = require("torch").nn
+    if head == "linear":
+        return nn.Sequential(nn.Dropout(drop_rate), nn.Linear(dim, num_classes))
+    if head == "mlp":
+        return nn.Sequential(
+            nn.Linear(dim, dim), nn.GELU(), nn.Dropout(drop_rate), nn.Linear(dim, num_classes)
+        )
+    raise ConfigError(f"model.head={head!r} is not one of linear, mlp.")
+
+
+def pool_tokens(f: Any, pooling: str, prefix: int) -> Any:
+    """(B, T, D) tokens → (B, D) or (B, 2D): the class token, the mean of the tokens after ``prefix`` (class and
+    register tokens), or both concatenated."""
+    if pooling == "cls":
+        return f[:, 0]
+    if pooling == "mean":
+        return f[:, prefix:].mean(dim=1)
+    return require("torch").cat([f[:, 0], f[:, prefix:].mean(dim=1)], dim=1)
 
 
 def _module_base() -> Any:
@@ -25,7 +47,6 @@ class PooledClassifier(_module_base()):  # type: ignore[misc]
 
     def __init__(self, backbone: Any, num_classes: int, pooling: str, head: str, drop_rate: float) -> None:
         super().__init__()
-        nn = require("torch").nn
         self.backbone = backbone
         self.pooling = pooling
         self.prefix = int(getattr(backbone, "num_prefix_tokens", 0))
@@ -35,15 +56,7 @@ class PooledClassifier(_module_base()):  # type: ignore[misc]
             raise ConfigError(
                 f"model.pooling={pooling!r} needs a ViT with a class token; use mean or default."
             )
-        dim = 2 * width if pooling == "cls+mean" else width
-        if head == "linear":
-            self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(dim, num_classes))
-        elif head == "mlp":
-            self.head = nn.Sequential(
-                nn.Linear(dim, dim), nn.GELU(), nn.Dropout(drop_rate), nn.Linear(dim, num_classes)
-            )
-        else:
-            raise ConfigError(f"model.head={head!r} is not one of linear, mlp.")
+        self.head = make_head(2 * width if pooling == "cls+mean" else width, num_classes, head, drop_rate)
         self.num_classes = num_classes
 
     def get_classifier(self) -> Any:
@@ -55,14 +68,8 @@ class PooledClassifier(_module_base()):  # type: ignore[misc]
     def forward(self, x: Any) -> Any:
         f = self.backbone.forward_features(x)
         if f.ndim == 4:  # CNN feature map (B, C, H, W)
-            pooled = f.mean(dim=(2, 3))
-        elif self.pooling == "cls":
-            pooled = f[:, 0]
-        elif self.pooling == "mean":
-            pooled = f[:, self.prefix :].mean(dim=1)
-        else:
-            pooled = require("torch").cat([f[:, 0], f[:, self.prefix :].mean(dim=1)], dim=1)
-        return self.head(pooled)
+            return self.head(f.mean(dim=(2, 3)))
+        return self.head(pool_tokens(f, self.pooling, self.prefix))
 
 
 def build_network(

@@ -21,15 +21,13 @@ from typing import Any, Literal
 from roadwork._deps import require
 from roadwork.data.preprocess import PreprocessSpec
 from roadwork.errors import ConfigError
+from roadwork.models.heads import make_head, pool_tokens
 
 __all__ = ["HF_PREFIX", "HFClassifier", "build_hf", "hf_preprocess", "is_hf"]
 
 HF_PREFIX = "hf:"
-_RESAMPLE: dict[int, Literal["nearest", "bilinear", "bicubic"]] = {
-    0: "nearest",
-    2: "bilinear",
-    3: "bicubic",
-}  # PIL
+# PIL resample codes in image processor configs
+_RESAMPLE: dict[int, Literal["nearest", "bilinear", "bicubic"]] = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 def is_hf(backbone: str) -> bool:
@@ -45,7 +43,6 @@ class HFClassifier(_module_base()):  # type: ignore[misc]
 
     def __init__(self, backbone: Any, num_classes: int, pooling: str, head: str, drop_rate: float) -> None:
         super().__init__()
-        nn = require("torch").nn
         if pooling not in ("cls", "mean", "cls+mean"):
             raise ConfigError(f"model.pooling={pooling!r} is not one of default, cls, mean, cls+mean.")
         self.backbone = backbone
@@ -53,15 +50,7 @@ class HFClassifier(_module_base()):  # type: ignore[misc]
         self.prefix = 1 + int(getattr(backbone.config, "num_register_tokens", 0) or 0)
         width = int(backbone.config.hidden_size)
         self.num_features = width
-        dim = 2 * width if pooling == "cls+mean" else width
-        if head == "linear":
-            self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(dim, num_classes))
-        elif head == "mlp":
-            self.head = nn.Sequential(
-                nn.Linear(dim, dim), nn.GELU(), nn.Dropout(drop_rate), nn.Linear(dim, num_classes)
-            )
-        else:
-            raise ConfigError(f"model.head={head!r} is not one of linear, mlp.")
+        self.head = make_head(2 * width if pooling == "cls+mean" else width, num_classes, head, drop_rate)
         self.num_classes = num_classes
 
     def get_classifier(self) -> Any:
@@ -74,27 +63,28 @@ class HFClassifier(_module_base()):  # type: ignore[misc]
             self.backbone.gradient_checkpointing_disable()
 
     def forward(self, x: Any) -> Any:
-        f = self.backbone(pixel_values=x).last_hidden_state
-        if self.pooling == "cls":
-            pooled = f[:, 0]
-        elif self.pooling == "mean":
-            pooled = f[:, self.prefix :].mean(dim=1)
-        else:
-            pooled = require("torch").cat([f[:, 0], f[:, self.prefix :].mean(dim=1)], dim=1)
-        return self.head(pooled)
+        return self.head(
+            pool_tokens(self.backbone(pixel_values=x).last_hidden_state, self.pooling, self.prefix)
+        )
 
 
 def _offline_error(name: str, e: Exception) -> ConfigError:
     return ConfigError(
         f"Could not load model.backbone={name!r} from the Hugging Face hub ({type(e).__name__}); this machine may "
-        "be offline. Pass model.weights=PATH to a local save_pretrained folder or .safetensors file, or use "
-        "hf:<model_type> (e.g. hf:dinov2) with model.pretrained=false for random weights."
+        "be offline. Pass model.weights=PATH to a local save_pretrained folder; or name the model type "
+        "(e.g. hf:dinov2 with its config fields in model.kwargs) and pass a .safetensors file, or set "
+        "model.pretrained=false for random weights."
     )
 
 
 def _backbone(name: str, kwargs: dict[str, Any], pretrained: bool, weights: str | None) -> Any:
     transformers = require("transformers")
-    source = name[len(HF_PREFIX) :]
+    source = name[len(HF_PREFIX) :].strip()
+    if not source:
+        raise ConfigError(
+            f"model.backbone={name!r} names no model; use hf:<model id> (e.g. hf:facebook/dinov2-small), "
+            "hf:<local folder> or hf:<model type> (e.g. hf:dinov2)."
+        )
     stored = kwargs.get("config")
     if isinstance(stored, dict):  # a model.json written by roadwork: rebuild offline from the stored config
         d = dict(stored)

@@ -296,14 +296,18 @@ def _train(
                 f"{model_cfg.backbone!r} cannot checkpoint gradients; set train.grad_checkpointing=false."
             )
         net.set_grad_checkpointing(True)
-    train_net = prepare_finetune(
-        net,
-        cfg.finetune,
-        rank=cfg.lora_rank,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-    )
+
+    def adapt(network: Any) -> Any:
+        return prepare_finetune(
+            network,
+            cfg.finetune,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules,
+        )
+
+    train_net = adapt(net)
     fsdp = world > 1 and cfg.strategy == "fsdp"
     if fsdp:  # shard first: the optimizer must hold the sharded parameters
         model = fabric.setup_module(train_net)
@@ -485,15 +489,7 @@ def _train(
         from roadwork.training.fsdp import full_state_dict
 
         state = full_state_dict(train_net)
-        fresh, _ = create_model(model_cfg, len(classes) + (deferral is not None))
-        train_net = prepare_finetune(
-            fresh,
-            cfg.finetune,
-            rank=cfg.lora_rank,
-            alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules,
-        )
+        train_net = adapt(create_model(model_cfg, len(classes) + (deferral is not None))[0])
         if rank == 0:  # the full state reaches rank 0 only (it alone saves the model); the others drop theirs
             train_net.load_state_dict(state)
     result.model = merge_adapters(train_net).eval()  # adapters folded in: a plain timm model is saved

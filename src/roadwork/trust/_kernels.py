@@ -247,6 +247,7 @@ if njit is not None:
 
     @njit(fastmath=True, cache=True)
     def _lac_row(row: Any, cut: Any, out_row: Any) -> Any:
+        """``out_row = row >= cut`` with the row's sum and negative count, in one vectorised pass."""
         s = 0.0
         neg = 0
         for j in range(row.shape[0]):
@@ -256,28 +257,21 @@ if njit is not None:
             out_row[j] = v >= cut[j]
         return s, neg
 
-    @njit(fastmath=True, cache=True)
-    def _lac_row_scalar(row: Any, cut: float, out_row: Any) -> Any:
-        s = 0.0
-        neg = 0
-        for j in range(row.shape[0]):
-            v = row[j]
-            s += v
-            neg += v < 0.0
-            out_row[j] = v >= cut
-        return s, neg
-
     @njit(parallel=True, cache=True)
     def _lac_kernel(p: Any, cut_cls: Any, cut_row: Any, out: Any, sums: Any, negs: Any) -> None:
-        n = p.shape[0]
+        """``cut_cls`` (K,) for every row, or ``cut_row`` (n,): one cut per row, spread over a row buffer."""
+        n, k = p.shape
         per_row = cut_row.shape[0] > 0
-        for i in prange(n):
-            if per_row:
-                s, neg = _lac_row_scalar(p[i], cut_row[i], out[i])
-            else:
-                s, neg = _lac_row(p[i], cut_cls, out[i])
-            sums[i] = s
-            negs[i] = neg
+        n_chunks = 64
+        step = (n + n_chunks - 1) // n_chunks
+        for ch in prange(n_chunks):
+            cut = np.empty(k) if per_row else cut_cls
+            for i in range(ch * step, min(n, (ch + 1) * step)):
+                if per_row:
+                    cut[:] = cut_row[i]
+                s, neg = _lac_row(p[i], cut, out[i])
+                sums[i] = s
+                negs[i] = neg
 
 
 def _stats_ok(sums: np.ndarray, negs: np.ndarray) -> bool:
