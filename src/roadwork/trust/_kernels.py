@@ -29,10 +29,15 @@ from typing import Any
 import numpy as np
 
 TOL = 1e-9  # > K * 2.2e-16 for K up to 10^6: sums taken in another order cannot cross t unseen
+CUTS = 5  # probability cuts in the first read, SPREAD apart around the previous row's cut (_first_read has 5)
+SPREAD = 1.25  # the boundary falls between two of them in ~80 % of rows; ~30 classes lie between neighbours
+WIDE = 64  # bracket by whole-row probes until this few classes lie between the cuts...
+NARROW = 8  # ...then by probes over those classes until this few remain to sort
 MIN_SIZE = 1 << 18  # below this many entries numpy is fast enough and no thread pool starts
 
 try:  # an accelerator, never a requirement
     from numba import njit, prange
+    from numba.cpython.unsafe.numbers import trailing_zeros
 except ImportError:
     njit = None
 
@@ -50,19 +55,49 @@ def use_for(p: np.ndarray) -> bool:
 if njit is not None:
 
     @njit(fastmath=True, cache=True)
-    def _stats_at(row: Any, c: float) -> Any:
-        """Row sum, negative count (validation) and mass/count at or above ``c``, in one vectorised pass."""
+    def _first_read(row: Any, cuts: Any, ms: Any, ns: Any, code: Any) -> Any:
+        """The one read of a row from memory: its sum and negative count (validation) and, for each of the
+        :data:`CUTS` increasing cuts, the mass and count at or above it; ``code[j]`` = how many cuts lie at or
+        below ``row[j]`` (one byte per class, for the passes that follow in cache)."""
+        c0, c1, c2, c3, c4 = cuts[0], cuts[1], cuts[2], cuts[3], cuts[4]
         s = 0.0
         neg = 0
-        m = 0.0
-        n = 0
+        m0 = 0.0  # one statement per accumulator: numba vectorises this loop only when written out like this
+        m1 = 0.0
+        m2 = 0.0
+        m3 = 0.0
+        m4 = 0.0
+        n0 = 0
+        n1 = 0
+        n2 = 0
+        n3 = 0
+        n4 = 0
         for j in range(row.shape[0]):
             v = row[j]
             s += v
             neg += v < 0.0
-            m += v if v >= c else 0.0
-            n += v >= c
-        return s, neg, m, n
+            m0 += v if v >= c0 else 0.0
+            m1 += v if v >= c1 else 0.0
+            m2 += v if v >= c2 else 0.0
+            m3 += v if v >= c3 else 0.0
+            m4 += v if v >= c4 else 0.0
+            n0 += v >= c0
+            n1 += v >= c1
+            n2 += v >= c2
+            n3 += v >= c3
+            n4 += v >= c4
+            code[j] = (v >= c0) + (v >= c1) + (v >= c2) + (v >= c3) + (v >= c4)
+        ms[0] = m0
+        ms[1] = m1
+        ms[2] = m2
+        ms[3] = m3
+        ms[4] = m4
+        ns[0] = n0
+        ns[1] = n1
+        ns[2] = n2
+        ns[3] = n3
+        ns[4] = n4
+        return s, neg
 
     @njit(fastmath=True, cache=True)
     def _at_least(row: Any, c: float) -> Any:
@@ -73,6 +108,59 @@ if njit is not None:
             s += v if v >= c else 0.0
             n += v >= c
         return s, n
+
+    @njit(fastmath=True, cache=True)
+    def _split_codes(code: Any, a: int, o: Any, cand: Any) -> None:
+        """From the first read's codes: in (code above ``a + 1``: at or above the upper cut) and candidate (code
+        ``a + 1``: between cut ``a`` and cut ``a + 1``), a byte each, vectorised 64 classes at a time."""
+        at = np.uint8(a + 1)  # uint8 compares: 64 classes per instruction
+        for j in range(code.shape[0]):
+            cj = code[j]
+            o[j] = cj > at
+            cand[j] = cj == at
+
+    @njit(fastmath=True, cache=True)
+    def _split_bits(row: Any, lo: float, hi: float, o: Any, cand: Any) -> None:
+        """In (at or above ``hi``) and candidate (``lo <= p < hi``) from the probabilities' bit patterns, which
+        order like positive doubles: one unsigned test per class."""
+        bits = row.view(np.uint64)
+        b_lo = np.float64(lo).view(np.uint64) if lo > 0 else np.uint64(0)
+        b_hi = np.float64(hi).view(np.uint64) if hi < np.inf else np.uint64(0x7FF0000000000000)
+        width = b_hi - b_lo
+        for j in range(row.shape[0]):
+            o[j] = bits[j] >= b_hi
+            cand[j] = (bits[j] - b_lo) < width
+
+    @njit(cache=True)
+    def _gather(row: Any, cand: Any, packed: Any, words: Any, idx: Any, vals: Any) -> int:
+        """The flagged classes (``cand``: a 0/1 byte per class, zero past the row) in class order into ``idx`` and
+        ``vals``; returns how many. The flags are packed to bits (a multiply gathers eight bytes' low bits), the
+        non-empty 64-bit words listed, and one bit taken per step, all without unpredictable branches (candidates
+        are a few percent of the classes, scattered)."""
+        cw = cand.view(np.uint64)
+        total = 0
+        for w in range(cw.shape[0]):
+            x = cw[w]
+            packed[w] = (x * np.uint64(0x0102040810204080)) >> np.uint64(56)
+            total += (x * np.uint64(0x0101010101010101)) >> np.uint64(56)  # its byte sum
+        pw = packed.view(np.uint64)
+        n_w = 0
+        for w in range(pw.shape[0]):
+            words[n_w] = w
+            n_w += pw[w] != 0
+        words[n_w] = 0  # read past the last word, never used
+        wi = 0
+        x = pw[words[0]]
+        for c in range(total):
+            w = words[wi]
+            idx[c] = 64 * w + trailing_zeros(x)
+            x &= x - np.uint64(1)
+            done = x == 0
+            wi += done
+            x = pw[words[wi]] if done else x
+        for c in range(total):
+            vals[c] = row[idx[c]]
+        return total
 
     @njit(cache=True)
     def _pen(r: float, lam: float, k_reg: int) -> float:
@@ -94,136 +182,201 @@ if njit is not None:
         return m + _pen(n + 1, lam, k_reg) > t + TOL
 
     @njit(cache=True)
-    def _bracket(row: Any, c: float, t: float, lam: float, k_reg: int, m: float, n: int) -> Any:
-        """``(lo, hi, mass at or above hi, count at or above hi)`` starting from a probe at ``c`` (mass ``m``,
-        count ``n``); ``lo = -inf`` when no cut excludes anything."""
-        if _excludes(m, n, t, lam, k_reg):  # c already excludes what lies below it: look upwards
-            lo, m_lo, n_lo = c, m, n
-            hi, m_hi, n_hi = c, m, n
-            while True:
-                hi = hi * 4.0
-                if hi > 1.0:
-                    return lo, np.inf, 0.0, 0
-                m_hi, n_hi = _at_least(row, hi)
-                if not _excludes(m_hi, n_hi, t, lam, k_reg):
-                    break
-                lo, m_lo, n_lo = hi, m_hi, n_hi
-        else:
-            hi, m_hi, n_hi = c, m, n
-            lo = c
-            while True:
-                lo = lo * 0.25
-                if lo < 1e-300:
-                    return -np.inf, hi, m_hi, n_hi
-                m_lo, n_lo = _at_least(row, lo)
-                if _excludes(m_lo, n_lo, t, lam, k_reg):
-                    break
-                hi, m_hi, n_hi = lo, m_lo, n_lo
-        # narrow until few classes remain between the cuts: regula falsi on log(cut) against the excess score
-        # f = mass + next penalty - t (positive at lo, not at hi), kept inside the middle 80 % of the bracket
-        while n_lo - n_hi > 8 and hi > lo * 1.05:
+    def _narrow(
+        vals: Any, t: float, lam: float, k_reg: int, base: Any, lo: float, hi: float, lohi: Any, limit: int
+    ) -> Any:
+        """Regula falsi on log(cut) against the excess score f = mass + next penalty - t (positive at ``lo``, not at
+        ``hi``), kept inside the middle 80 % of the bracket, until at most ``limit`` classes lie between the cuts.
+        A probe sums ``vals`` (the whole row, or the candidates) and adds ``base`` (mass, count above them);
+        ``lohi`` holds (mass, count) at ``lo`` then at ``hi`` and is updated in place."""
+        m_b, n_b = base
+        m_lo, n_lo, m_hi, n_hi = lohi
+        while n_lo - n_hi > limit and hi > lo * 1.05:
             f_lo = m_lo + _pen(n_lo + 1, lam, k_reg) - t
             f_hi = m_hi + _pen(n_hi + 1, lam, k_reg) - t
             w = f_lo / (f_lo - f_hi) if f_lo - f_hi > 0 else 0.5
             w = min(max(w, 0.1), 0.9)
             mid = lo * (hi / lo) ** w
-            m, n = _at_least(row, mid)
+            m, n = _at_least(vals, mid)
+            m += m_b
+            n += n_b
             if _excludes(m, n, t, lam, k_reg):
                 lo, m_lo, n_lo = mid, m, n
             else:
                 hi, m_hi, n_hi = mid, m, n
-        if m_hi + _pen(n_hi, lam, k_reg) > t - TOL:
-            hi, m_hi, n_hi = np.inf, 0.0, 0  # the block is within rounding of t: score all of it one by one
-        return lo, hi, m_hi, n_hi
+        return lo, hi, m_lo, n_lo, m_hi, n_hi
 
     @njit(cache=True)
-    def _exact_row(
-        row: Any, i: int, t: float, ui: float, rnd: bool, lam: float, k_reg: int, out: Any
-    ) -> None:
+    def _search(
+        row: Any, t: float, lam: float, k_reg: int, lo: float, m_lo: float, n_lo: int, up: bool
+    ) -> Any:
+        """A bracket when the first read's cuts all exclude (``up``: search up from ``lo``, by factors of 4) or none
+        does (search down from the given cut, held in ``lo``); ``(lo, hi, m_lo, n_lo, m_hi, n_hi)`` with ``lo =
+        -inf`` when no cut excludes anything and ``hi = inf`` when the top class alone is past ``1/4``."""
+        if up:
+            while True:
+                hi = lo * 4.0
+                if hi > 1.0:
+                    return lo, np.inf, m_lo, n_lo, 0.0, 0
+                m_hi, n_hi = _at_least(row, hi)
+                if not _excludes(m_hi, n_hi, t, lam, k_reg):
+                    break
+                lo, m_lo, n_lo = hi, m_hi, n_hi
+        else:
+            hi, m_hi, n_hi = lo, m_lo, n_lo
+            while True:
+                lo = hi * 0.25
+                if lo < 1e-300:
+                    return -np.inf, hi, 0.0, 0, m_hi, n_hi
+                m_lo, n_lo = _at_least(row, lo)
+                if _excludes(m_lo, n_lo, t, lam, k_reg):
+                    break
+                hi, m_hi, n_hi = lo, m_lo, n_lo
+        return _narrow(row, t, lam, k_reg, (0.0, 0), lo, hi, (m_lo, n_lo, m_hi, n_hi), WIDE)
+
+    @njit(cache=True)
+    def _exact_row(row: Any, t: float, ui: float, rnd: bool, lam: float, k_reg: int, o: Any) -> None:
         """The reference computation: stable sort by decreasing probability, sequential prefix sums."""
         order = np.argsort(-row, kind="mergesort")
-        for j in range(row.shape[0]):
-            out[i, j] = False
+        o[:] = 0
         before = 0.0
         for r in range(row.shape[0]):
             x = row[order[r]]
             if _score(before, x, r, ui, lam, k_reg, rnd) > t:
                 break
-            out[i, order[r]] = True
+            o[order[r]] = 1
             before += x
 
     @njit(fastmath=True, cache=True)
-    def _mark_at_least(row: Any, c: float, out_row: Any) -> None:
-        for j in range(row.shape[0]):
-            out_row[j] = row[j] >= c
+    def _mass_before(vals: Any, n_b: int, q: int) -> Any:
+        """Mass and count of the classes ranked before class ``q`` among ``vals[:n_b]`` (held in class order): larger
+        probability, or equal and earlier."""
+        v = vals[q]
+        m = 0.0
+        r = 0
+        for a in range(n_b):
+            x = vals[a]
+            before = (x > v) | ((x == v) & (a < q))
+            m += x if before else 0.0
+            r += before
+        return m, r
 
     @njit(cache=True)
-    def _top_m_row(
-        row: Any,
-        i: int,
+    def _score_between(
+        vals: Any,
+        idx: Any,
+        n_b: int,
+        m_hi: float,
+        n_hi: int,
         t: float,
         ui: float,
         rnd: bool,
         lam: float,
         k_reg: int,
-        c: float,
-        m: float,
-        n: int,
-        out: Any,
+        o: Any,
+    ) -> bool:
+        """Score each class between the cuts on its own (the mass and rank before it, over the few others there,
+        continuing the block above) and mark the ones at most ``t``: no sort, no unpredictable branch. Scores never
+        decrease with the rank, so these are the reference's top ones. Returns whether a score lies within
+        :data:`TOL` of ``t``, where a reordered sum cannot decide."""
+        close = False
+        for q in range(n_b):
+            m, r = _mass_before(vals, n_b, q)
+            sc = _score(m_hi + m, vals[q], n_hi + r, ui, lam, k_reg, rnd)
+            close |= abs(sc - t) <= TOL
+            o[idx[q]] |= sc <= t
+        return close
+
+    @njit(cache=True)
+    def _score_sorted(
         vals: Any,
         idx: Any,
-    ) -> float:
-        """The set of row ``i`` into ``out[i]``, from a first probe at ``c`` (mass ``m``, count ``n`` at or above it);
-        returns the lower cut, the next row's first probe (rows are alike)."""
-        k = row.shape[0]
-        if t == np.inf:
-            out[i, :] = True
-            return c
-        lo, hi, s_top, n_top = _bracket(row, c, t, lam, k_reg, m, n)
-        if lo == -np.inf:
-            _exact_row(row, i, t, ui, rnd, lam, k_reg, out)
-            return hi if hi < np.inf else c
-        _mark_at_least(row, hi, out[i])
-        n_z = 0
-        bits = row.view(
-            np.uint64
-        )  # positive doubles order as their bit patterns: one unsigned test per class
-        b_lo = np.uint64(np.float64(lo).view(np.uint64)) if lo > 0 else np.uint64(0)
-        width = (np.float64(hi).view(np.uint64) if hi < np.inf else np.uint64(0x7FF0000000000000)) - b_lo
-        for j in range(k):  # the classes between the cuts, in class order (a stable sort's), without branches
-            idx[n_z] = j
-            n_z += (bits[j] - b_lo) < width
-        for a in range(n_z):
-            vals[a] = row[idx[a]]
-        if n_z > 32:
-            order = np.argsort(-vals[:n_z], kind="mergesort")
-            vs = vals[:n_z][order]
-            js = idx[:n_z][order]
-            vals[:n_z] = vs
-            idx[:n_z] = js
-        else:  # insertion sort, stable: decreasing probability, ties by class index
-            for a in range(1, n_z):
-                x = vals[a]
-                ja = idx[a]
-                b = a - 1
-                while b >= 0 and vals[b] < x:
-                    vals[b + 1] = vals[b]
-                    idx[b + 1] = idx[b]
-                    b -= 1
-                vals[b + 1] = x
-                idx[b + 1] = ja
-        before = s_top
-        for a in range(n_z):
-            x = vals[a]
-            sc = _score(before, x, n_top + a, ui, lam, k_reg, rnd)
-            if abs(sc - t) <= TOL:  # too close to call with a reordered sum: do what the reference does
-                _exact_row(row, i, t, ui, rnd, lam, k_reg, out)
-                return lo
+        n_b: int,
+        m_hi: float,
+        n_hi: int,
+        t: float,
+        ui: float,
+        rnd: bool,
+        lam: float,
+        k_reg: int,
+        o: Any,
+    ) -> bool:
+        """As :func:`_score_between`, by a stable sort and a running sum: for many classes between the cuts."""
+        order = np.argsort(-vals[:n_b], kind="mergesort")
+        before = m_hi
+        for q in range(n_b):
+            x = vals[order[q]]
+            sc = _score(before, x, n_hi + q, ui, lam, k_reg, rnd)
+            if abs(sc - t) <= TOL:
+                return True
             if sc > t:
                 break
-            out[i, idx[a]] = True
+            o[idx[order[q]]] = 1
             before += x
-        return lo
+        return False
+
+    @njit(cache=True)
+    def _top_m_row(
+        row: Any,
+        t: float,
+        ui: float,
+        rnd: bool,
+        lam: float,
+        k_reg: int,
+        cuts: Any,
+        ms: Any,
+        ns: Any,
+        o: Any,
+        w: Any,
+    ) -> Any:
+        """The set of one row into ``o`` (bytes), after the first read; returns the row's lower cut (a guess for the
+        next row's) and whether it lay among the first read's cuts. ``w`` holds the work buffers."""
+        code, cand, packed, words, idx, vals = w
+        if t == np.inf:
+            o[:] = 1
+            return cuts[CUTS // 2], True
+        a = -1  # the highest cut that excludes what lies below it
+        for q in range(CUTS):
+            if _excludes(ms[q], ns[q], t, lam, k_reg):
+                a = q
+        inside = 0 <= a < CUTS - 1
+        if inside:  # the usual case: the boundary lies between two of the first read's cuts
+            lo, hi = cuts[a], cuts[a + 1]
+            m_lo, n_lo, m_hi, n_hi = ms[a], ns[a], ms[a + 1], ns[a + 1]
+            _split_codes(code, a, o, cand)
+        else:
+            lo, hi, m_lo, n_lo, m_hi, n_hi = _search(
+                row, t, lam, k_reg, cuts[a] if a >= 0 else cuts[0], ms[max(a, 0)], ns[max(a, 0)], a >= 0
+            )
+            if lo == -np.inf:
+                _exact_row(row, t, ui, rnd, lam, k_reg, o)
+                return hi, False
+            _split_bits(row, lo, hi, o, cand)
+        n_z = _gather(
+            row, cand, packed, words, idx, vals
+        )  # the classes between the cuts: a few percent of the row
+        if hi < np.inf:
+            lo, hi, m_lo, n_lo, m_hi, n_hi = _narrow(
+                vals[:n_z], t, lam, k_reg, (m_hi, n_hi), lo, hi, (m_lo, n_lo, m_hi, n_hi), NARROW
+            )
+            if m_hi + _pen(n_hi, lam, k_reg) > t - TOL:  # the block at or above hi is within rounding of t
+                _exact_row(row, t, ui, rnd, lam, k_reg, o)
+                return lo, inside
+        n_b = 0
+        for q in range(n_z):  # branch-free: in if at or above hi, kept if between the cuts (coin flips both)
+            x = vals[q]
+            j = idx[q]
+            o[j] |= x >= hi
+            vals[n_b] = x
+            idx[n_b] = j
+            n_b += (x >= lo) & (x < hi)
+        if n_b <= 32:
+            close = _score_between(vals, idx, n_b, m_hi, n_hi, t, ui, rnd, lam, k_reg, o)
+        else:  # many ties or a dense stretch the bracket could not split: sort them rather than compare all pairs
+            close = _score_sorted(vals, idx, n_b, m_hi, n_hi, t, ui, rnd, lam, k_reg, o)
+        if close:  # a score within rounding of t: do what the reference does
+            _exact_row(row, t, ui, rnd, lam, k_reg, o)
+        return lo, inside
 
     @njit(parallel=True, cache=True)
     def _top_m_kernel(p: Any, t: Any, u: Any, lam: float, k_reg: int, out: Any, sums: Any, negs: Any) -> None:
@@ -231,19 +384,38 @@ if njit is not None:
         rnd = u.shape[0] > 0
         n_chunks = 64
         step = (n + n_chunks - 1) // n_chunks
+        ob = out.view(np.uint8)
+        k64 = (k + 63) // 64
         for ch in prange(n_chunks):
-            vals = np.empty(k + 1)
-            idx = np.empty(k + 1, np.int64)
-            c = -1.0  # the previous row's lower cut: the first probe of the next row
+            w = (
+                np.empty(k, np.uint8),  # code
+                np.zeros(k64 * 64, np.uint8),  # cand: zero past the row
+                np.empty(k64 * 8, np.uint8),  # packed
+                np.empty(k64 + 1, np.int64),  # words
+                np.empty(k + 1, np.int64),  # idx
+                np.empty(k + 1),  # vals
+            )
+            cuts = np.empty(CUTS)
+            ms = np.empty(CUTS)
+            ns = np.empty(CUTS, np.int64)
+            c = -1.0  # the middle of the next row's first cuts: the last typical row's lower cut
+            missed = False
             for i in range(ch * step, min(n, (ch + 1) * step)):
                 row = p[i]
                 ti = t[i]
                 if not (c > 0.0 and c <= 1.0):
                     c = min(max(ti, 1e-3), 1.0)
-                s, neg, m, cnt = _stats_at(row, c)
+                for q in range(CUTS):
+                    cuts[q] = c * SPREAD ** (q - CUTS // 2)
+                s, neg = _first_read(row, cuts, ms, ns, w[0])
                 sums[i] = s
                 negs[i] = neg
-                c = _top_m_row(row, i, ti, u[i] if rnd else 0.0, rnd, lam, k_reg, c, m, cnt, out, vals, idx)
+                lo, inside = _top_m_row(
+                    row, ti, u[i] if rnd else 0.0, rnd, lam, k_reg, cuts, ms, ns, ob[i], w
+                )
+                if inside or missed:  # one atypical row (a peaked one, say) does not move the guess; two do
+                    c = lo
+                missed = not inside
 
     @njit(fastmath=True, cache=True)
     def _lac_row(row: Any, cut: Any, out_row: Any) -> Any:
