@@ -55,10 +55,11 @@ def use_for(p: np.ndarray) -> bool:
 if njit is not None:
 
     @njit(fastmath=True, cache=True)
-    def _first_read(row: Any, cuts: Any, ms: Any, ns: Any, code: Any) -> Any:
+    def _first_read(row: Any, cuts: Any, ms: Any, code: Any) -> Any:
         """The one read of a row from memory: its sum and negative count (validation) and, for each of the
-        :data:`CUTS` increasing cuts, the mass and count at or above it; ``code[j]`` = how many cuts lie at or
-        below ``row[j]`` (one byte per class, for the passes that follow in cache)."""
+        :data:`CUTS` increasing cuts, the mass at or above it; ``code[j]`` = how many cuts lie at or below ``row[j]``
+        (one byte per class, for the passes that follow in cache; counts come from them, see :func:`_code_counts`,
+        which is cheaper than counting here)."""
         c0, c1, c2, c3, c4 = cuts[0], cuts[1], cuts[2], cuts[3], cuts[4]
         s = 0.0
         neg = 0
@@ -67,11 +68,6 @@ if njit is not None:
         m2 = 0.0
         m3 = 0.0
         m4 = 0.0
-        n0 = 0
-        n1 = 0
-        n2 = 0
-        n3 = 0
-        n4 = 0
         for j in range(row.shape[0]):
             v = row[j]
             s += v
@@ -81,23 +77,34 @@ if njit is not None:
             m2 += v if v >= c2 else 0.0
             m3 += v if v >= c3 else 0.0
             m4 += v if v >= c4 else 0.0
-            n0 += v >= c0
-            n1 += v >= c1
-            n2 += v >= c2
-            n3 += v >= c3
-            n4 += v >= c4
             code[j] = (v >= c0) + (v >= c1) + (v >= c2) + (v >= c3) + (v >= c4)
         ms[0] = m0
         ms[1] = m1
         ms[2] = m2
         ms[3] = m3
         ms[4] = m4
+        return s, neg
+
+    @njit(fastmath=True, cache=True)
+    def _code_counts(code: Any, k: int, ns: Any) -> None:
+        """``ns[q]`` = how many classes lie at or above cut ``q`` (code above ``q``), 64 codes per instruction."""
+        n0 = 0
+        n1 = 0
+        n2 = 0
+        n3 = 0
+        n4 = 0
+        for j in range(k):
+            c = code[j]
+            n0 += c > 0
+            n1 += c > 1
+            n2 += c > 2
+            n3 += c > 3
+            n4 += c > 4
         ns[0] = n0
         ns[1] = n1
         ns[2] = n2
         ns[3] = n3
         ns[4] = n4
-        return s, neg
 
     @njit(fastmath=True, cache=True)
     def _at_least(row: Any, c: float) -> Any:
@@ -110,39 +117,40 @@ if njit is not None:
         return s, n
 
     @njit(fastmath=True, cache=True)
-    def _split_codes(code: Any, a: int, o: Any, cand: Any) -> None:
-        """From the first read's codes: in (code above ``a + 1``: at or above the upper cut) and candidate (code
-        ``a + 1``: between cut ``a`` and cut ``a + 1``), a byte each, vectorised 64 classes at a time."""
-        at = np.uint8(a + 1)  # uint8 compares: 64 classes per instruction
-        for j in range(code.shape[0]):
-            cj = code[j]
-            o[j] = cj > at
-            cand[j] = cj == at
+    def _mark_codes(code: Any, at: int, o: Any) -> None:
+        """In: the classes whose code is above ``at`` (at or above the cut above the boundary), 64 per instruction."""
+        c = np.uint8(at)
+        for j in range(o.shape[0]):
+            o[j] = code[j] > c
 
     @njit(fastmath=True, cache=True)
-    def _split_bits(row: Any, lo: float, hi: float, o: Any, cand: Any) -> None:
-        """In (at or above ``hi``) and candidate (``lo <= p < hi``) from the probabilities' bit patterns, which
-        order like positive doubles: one unsigned test per class."""
+    def _split_bits(row: Any, lo: float, hi: float, o: Any, code: Any) -> None:
+        """In (at or above ``hi``) and code 1 for the classes from ``lo`` to below ``hi`` (2 above, 0 below), from the
+        probabilities' bit patterns, which order like positive doubles: one unsigned test per class."""
         bits = row.view(np.uint64)
         b_lo = np.float64(lo).view(np.uint64) if lo > 0 else np.uint64(0)
         b_hi = np.float64(hi).view(np.uint64) if hi < np.inf else np.uint64(0x7FF0000000000000)
         width = b_hi - b_lo
         for j in range(row.shape[0]):
-            o[j] = bits[j] >= b_hi
-            cand[j] = (bits[j] - b_lo) < width
+            above = bits[j] >= b_hi
+            o[j] = above
+            code[j] = ((bits[j] - b_lo) < width) + 2 * above
 
     @njit(cache=True)
-    def _gather(row: Any, cand: Any, packed: Any, words: Any, idx: Any, vals: Any) -> int:
-        """The flagged classes (``cand``: a 0/1 byte per class, zero past the row) in class order into ``idx`` and
-        ``vals``; returns how many. The flags are packed to bits (a multiply gathers eight bytes' low bits), the
-        non-empty 64-bit words listed, and one bit taken per step, all without unpredictable branches (candidates
-        are a few percent of the classes, scattered)."""
-        cw = cand.view(np.uint64)
+    def _gather(row: Any, code: Any, at: int, packed: Any, words: Any, idx: Any, vals: Any) -> int:
+        """The classes whose code is ``at`` (``code`` zero past the row), in class order, into ``idx`` and ``vals``;
+        returns how many. Eight codes at a time: the bytes equal to ``at`` are found without branches (XOR, then the
+        exact zero-byte test), packed to bits by a multiply, the non-empty 64-bit words listed, and one bit taken
+        per step (candidates are a few percent of the classes, scattered: branches would mispredict)."""
+        cw = code.view(np.uint64)
+        lo7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+        rep = np.uint64(at) * np.uint64(0x0101010101010101)
         total = 0
         for w in range(cw.shape[0]):
-            x = cw[w]
-            packed[w] = (x * np.uint64(0x0102040810204080)) >> np.uint64(56)
-            total += (x * np.uint64(0x0101010101010101)) >> np.uint64(56)  # its byte sum
+            y = cw[w] ^ rep
+            z = ~(((y & lo7) + lo7) | y | lo7) >> np.uint64(7)  # 1 in each byte of y that is zero, else 0
+            packed[w] = (z * np.uint64(0x0102040810204080)) >> np.uint64(56)
+            total += (z * np.uint64(0x0101010101010101)) >> np.uint64(56)  # the byte sum: how many
         pw = packed.view(np.uint64)
         n_w = 0
         for w in range(pw.shape[0]):
@@ -331,10 +339,14 @@ if njit is not None:
     ) -> Any:
         """The set of one row into ``o`` (bytes), after the first read; returns the row's lower cut (a guess for the
         next row's) and whether it lay among the first read's cuts. ``w`` holds the work buffers."""
-        code, cand, packed, words, idx, vals = w
+        code, packed, words, idx, vals = w
         if t == np.inf:
             o[:] = 1
             return cuts[CUTS // 2], True
+        if lam > 0:  # the penalty needs the ranks; APS (no penalty) needs no count for the usual row
+            _code_counts(code, row.shape[0], ns)
+        else:
+            ns[:] = 0
         a = -1  # the highest cut that excludes what lies below it
         for q in range(CUTS):
             if _excludes(ms[q], ns[q], t, lam, k_reg):
@@ -343,18 +355,22 @@ if njit is not None:
         if inside:  # the usual case: the boundary lies between two of the first read's cuts
             lo, hi = cuts[a], cuts[a + 1]
             m_lo, n_lo, m_hi, n_hi = ms[a], ns[a], ms[a + 1], ns[a + 1]
-            _split_codes(code, a, o, cand)
+            at = a + 1
+            _mark_codes(code, at, o)
         else:
+            if lam == 0:
+                _code_counts(code, row.shape[0], ns)
             lo, hi, m_lo, n_lo, m_hi, n_hi = _search(
                 row, t, lam, k_reg, cuts[a] if a >= 0 else cuts[0], ms[max(a, 0)], ns[max(a, 0)], a >= 0
             )
             if lo == -np.inf:
                 _exact_row(row, t, ui, rnd, lam, k_reg, o)
                 return hi, False
-            _split_bits(row, lo, hi, o, cand)
-        n_z = _gather(
-            row, cand, packed, words, idx, vals
-        )  # the classes between the cuts: a few percent of the row
+            at = 1
+            _split_bits(row, lo, hi, o, code)
+        # the classes between the cuts: a few percent of the row
+        n_z = _gather(row, code, at, packed, words, idx, vals)
+        n_lo = n_hi + n_z  # (the counts are zero when nothing needs them)
         if hi < np.inf:
             lo, hi, m_lo, n_lo, m_hi, n_hi = _narrow(
                 vals[:n_z], t, lam, k_reg, (m_hi, n_hi), lo, hi, (m_lo, n_lo, m_hi, n_hi), NARROW
@@ -388,8 +404,7 @@ if njit is not None:
         k64 = (k + 63) // 64
         for ch in prange(n_chunks):
             w = (
-                np.empty(k, np.uint8),  # code
-                np.zeros(k64 * 64, np.uint8),  # cand: zero past the row
+                np.zeros(k64 * 64, np.uint8),  # code: zero past the row
                 np.empty(k64 * 8, np.uint8),  # packed
                 np.empty(k64 + 1, np.int64),  # words
                 np.empty(k + 1, np.int64),  # idx
@@ -407,7 +422,7 @@ if njit is not None:
                     c = min(max(ti, 1e-3), 1.0)
                 for q in range(CUTS):
                     cuts[q] = c * SPREAD ** (q - CUTS // 2)
-                s, neg = _first_read(row, cuts, ms, ns, w[0])
+                s, neg = _first_read(row, cuts, ms, w[0])
                 sums[i] = s
                 negs[i] = neg
                 lo, inside = _top_m_row(
