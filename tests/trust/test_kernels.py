@@ -54,6 +54,27 @@ def test_top_m_kernel_equals_reference(kind, k, lam, randomized):
         assert np.array_equal(ours, _top_m_sets(p, t[:, None], u, lam, 2))
 
 
+@pytest.mark.parametrize("lam, randomized", [(0.0, False), (0.01, False), (0.0, True)])
+def test_top_m_kernel_equals_reference_on_long_runs_of_alike_rows(lam, randomized):
+    """The first read's cuts follow the rows: runs of benchmark-like rows (the boundary between two cuts), broken by
+    rows that send it searching (one class holding everything, uniform rows of ties, flat rows), at K = 999 (not a
+    multiple of the 64-class words)."""
+    rng = np.random.default_rng(11 + int(lam * 100) + randomized)
+    k = 999
+    p = _probs("peaked", 3000, k, rng)
+    p[rng.choice(3000, 40, replace=False)] = np.eye(k)[rng.integers(0, k, 40)]
+    p[1500:1530] = 1.0 / k
+    p[2000:2050] = _probs("flat", 50, k, rng)
+    u = row_uniforms(p, 3) if randomized else None
+    scores = class_scores(p[:500], "raps", u=None if u is None else u[:500], lam=lam, k_reg=2)
+    t = np.full(len(p), float(np.quantile(scores[np.arange(500), p[:500].argmax(axis=1)], 0.9)) + 0.2)
+    ours, ok = _kernels.top_m_sets(p, t, u, lam, 2)
+    assert ok
+    reference = _top_m_sets(p, t[:, None], u, lam, 2)
+    assert np.array_equal(ours, reference)
+    assert 5 < reference.sum(axis=1).mean() < k / 2  # the boundary is inside the rows, not at an end
+
+
 @pytest.mark.parametrize("score", ["lac", "aps", "raps"])
 @pytest.mark.parametrize("mondrian", [None, "group"])
 def test_predict_sets_is_the_same_with_and_without_the_kernel(monkeypatch, score, mondrian):

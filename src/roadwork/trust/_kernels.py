@@ -7,17 +7,23 @@ read). They are used for inputs of at least :data:`MIN_SIZE` entries when numba 
 
 APS/RAPS per row, without sorting the row. The score of the class at rank ``r`` (classes by decreasing
 probability, ties by index) is ``before_r [+ u v_r] [+ λ (r - k_reg)^+]`` with ``before_r`` the mass ranked before
-it; it never decreases with the rank, so the set is the top ``m`` classes. Vectorised passes over the row (each a
-masked sum and count, cheap once the row is in L1) bracket the boundary between two probability cuts:
+it; it never decreases with the rank, so the set is the top ``m`` classes. The boundary is bracketed between two
+probability cuts:
 
 - below ``lo`` everything is out: a class there has at least the mass at or above ``lo`` before it and a rank past
   the count at or above ``lo``, so its score exceeds ``t``;
 - at or above ``hi`` everything is in: that block's mass plus its last rank's penalty is at most ``t``.
 
-Only the few classes between the cuts are sorted and scored one by one, continuing the block's sum. Both tests
-keep a margin (:data:`TOL`, above the worst rounding of a sum of up to a million probabilities, ``K ε``) so that they agree with the reference's
-sequential sums; a score that lands within the margin of ``t`` sends the row through the reference computation
-(a stable sort and sequential prefix sums), as do rows that the bracket cannot narrow.
+The one read of the row from memory (:func:`_first_read`) sums the mass at or above :data:`CUTS` cuts spaced by
+:data:`SPREAD` around the last typical row's cut, and writes a byte per class: how many cuts lie at or below it.
+In most rows the boundary falls between two of those cuts, and everything after stays in L1 and touches bytes, not
+doubles: the set's block is marked from the codes (64 classes per instruction), the few percent of classes between
+the two cuts are gathered without branches (a SWAR byte match, packed to bit words), narrowed by regula falsi over
+just those classes, and each remaining one is scored against the others (the mass and rank before it), with no
+sort and no unpredictable branch. Rows whose boundary lies outside the cuts (a peaked row, a flat one) search with
+whole-row probes first. Every test keeps a margin (:data:`TOL`, above the worst rounding of a sum of up to a million
+probabilities, ``K ε``) so that it agrees with the reference's sequential sums; a score that lands within the margin
+of ``t`` sends the row through the reference computation (a stable sort and sequential prefix sums).
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ from typing import Any
 import numpy as np
 
 TOL = 1e-9  # > K * 2.2e-16 for K up to 10^6: sums taken in another order cannot cross t unseen
-CUTS = 5  # probability cuts in the first read, SPREAD apart around the previous row's cut (_first_read has 5)
-SPREAD = 1.25  # the boundary falls between two of them in ~80 % of rows; ~30 classes lie between neighbours
-WIDE = 64  # bracket by whole-row probes until this few classes lie between the cuts...
-NARROW = 8  # ...then by probes over those classes until this few remain to sort
+CUTS = 5  # probability cuts in the first read (_first_read is written out for five)
+SPREAD = 1.25  # their spacing: on the benchmark's rows ~3/4 of boundaries fall between two, ~10 classes apart
+WIDE = 64  # a search by whole-row probes stops with this few classes between its cuts...
+NARROW = 8  # ...then probes over just those classes narrow to this few, scored against each other
 MIN_SIZE = 1 << 18  # below this many entries numpy is fast enough and no thread pool starts
 
 try:  # an accelerator, never a requirement
