@@ -118,3 +118,16 @@ def test_kernels_are_off_when_asked(monkeypatch):
     monkeypatch.setenv("ROADWORK_NUMBA", "1")
     assert _kernels.use_for(np.zeros((1 << 10, 1 << 10)))
     assert not _kernels.use_for(np.zeros((64, 2)))  # the server's small batches never start a thread pool
+
+
+@pytest.mark.parametrize("seed", [0, 3, 2**64 - 1])
+def test_top_m_kernel_hashes_rows_into_u_as_row_uniforms_does(seed):
+    """With a seed instead of u, the kernel draws each row's u in its one read: the same sets as row_uniforms' u."""
+    rng = np.random.default_rng(seed % 1000)
+    p = _probs("peaked", 800, 300, rng)
+    t = np.full(len(p), 0.6)
+    given, ok_given = _kernels.top_m_sets(p, t, row_uniforms(p, seed), 0.01, 2)
+    hashed, ok_hashed = _kernels.top_m_sets(p, t, None, 0.01, 2, seed=seed)
+    assert ok_given and ok_hashed
+    assert np.array_equal(hashed, given)
+    assert not np.array_equal(hashed, _kernels.top_m_sets(p, t, None, 0.01, 2)[0])  # u matters here

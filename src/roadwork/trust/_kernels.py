@@ -65,10 +65,13 @@ if njit is not None:
         """The one read of a row from memory: its sum and negative count (validation) and, for each of the
         :data:`CUTS` increasing cuts, the mass at or above it; ``code[j]`` = how many cuts lie at or below ``row[j]``
         (one byte per class, for the passes that follow in cache; counts come from them, see :func:`_code_counts`,
-        which is cheaper than counting here)."""
+        which is cheaper than counting here); and the wrapping sum of the bit patterns, the hash that
+        :func:`~roadwork.trust.conformal.row_uniforms` mixes into the row's ``u``."""
         c0, c1, c2, c3, c4 = cuts[0], cuts[1], cuts[2], cuts[3], cuts[4]
+        bits = row.view(np.uint64)
         s = 0.0
         neg = 0
+        h = np.uint64(0)
         m0 = 0.0  # one statement per accumulator: numba vectorises this loop only when written out like this
         m1 = 0.0
         m2 = 0.0
@@ -78,6 +81,7 @@ if njit is not None:
             v = row[j]
             s += v
             neg += v < 0.0
+            h += bits[j]
             m0 += v if v >= c0 else 0.0
             m1 += v if v >= c1 else 0.0
             m2 += v if v >= c2 else 0.0
@@ -89,7 +93,15 @@ if njit is not None:
         ms[2] = m2
         ms[3] = m3
         ms[4] = m4
-        return s, neg
+        return s, neg, h
+
+    @njit(cache=True)
+    def _splitmix64(x: Any) -> Any:
+        """:func:`roadwork.trust.conformal._splitmix64` on one uint64, the same wrapping arithmetic."""
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
     @njit(fastmath=True, cache=True)
     def _code_counts(code: Any, k: int, ns: Any) -> None:
@@ -401,9 +413,14 @@ if njit is not None:
         return lo, inside
 
     @njit(parallel=True, cache=True)
-    def _top_m_kernel(p: Any, t: Any, u: Any, lam: float, k_reg: int, out: Any, sums: Any, negs: Any) -> None:
+    def _top_m_kernel(
+        p: Any, t: Any, u: Any, hashed: bool, mix: Any, lam: float, k_reg: int, out: Any, sums: Any, negs: Any
+    ) -> None:
+        """``u`` given (shape (n,)), or ``hashed``: each row's from its hash, as ``row_uniforms`` with the seed's
+        mix ``mix``; neither: deterministic."""
         n, k = p.shape
-        rnd = u.shape[0] > 0
+        given = u.shape[0] > 0
+        rnd = given or hashed
         n_chunks = 64
         step = (n + n_chunks - 1) // n_chunks
         ob = out.view(np.uint8)
@@ -428,12 +445,15 @@ if njit is not None:
                     c = min(max(ti, 1e-3), 1.0)
                 for q in range(CUTS):
                     cuts[q] = c * SPREAD ** (q - CUTS // 2)
-                s, neg = _first_read(row, cuts, ms, w[0])
+                s, neg, h = _first_read(row, cuts, ms, w[0])
                 sums[i] = s
                 negs[i] = neg
-                lo, inside = _top_m_row(
-                    row, ti, u[i] if rnd else 0.0, rnd, lam, k_reg, cuts, ms, ns, ob[i], w
-                )
+                ui = 0.0
+                if given:
+                    ui = u[i]
+                elif hashed:
+                    ui = np.float64(_splitmix64(h ^ mix) >> np.uint64(11)) * 2.0**-53
+                lo, inside = _top_m_row(row, ti, ui, rnd, lam, k_reg, cuts, ms, ns, ob[i], w)
                 if inside or missed:  # one atypical row (a peaked one, say) does not move the guess; two do
                     c = lo
                 missed = not inside
@@ -472,18 +492,37 @@ def _stats_ok(sums: np.ndarray, negs: np.ndarray) -> bool:
     return bool(np.all(np.abs(sums - 1.0) <= 1e-6)) and not negs.any()
 
 
+def _seed_mix(seed: int) -> np.uint64:
+    from roadwork.trust.conformal import _splitmix64  # the one definition of the mixer; conformal imports us
+
+    return np.uint64(_splitmix64(np.array([seed % 2**64], dtype=np.uint64))[0])
+
+
 def top_m_sets(
-    p: np.ndarray, t: np.ndarray, u: np.ndarray | None, lam: float, k_reg: int
+    p: np.ndarray, t: np.ndarray, u: np.ndarray | None, lam: float, k_reg: int, seed: int | None = None
 ) -> tuple[np.ndarray, bool]:
-    """APS/RAPS sets for row thresholds ``t`` (shape (n,)) and whether ``p`` passed the probability checks."""
+    """APS/RAPS sets for row thresholds ``t`` (shape (n,)) and whether ``p`` passed the probability checks.
+
+    Randomised with ``u`` (shape (n,)), or with ``seed``: ``u = row_uniforms(p, seed)``, hashed in the same read."""
     p = np.ascontiguousarray(p, dtype=np.float64)
     n = len(p)
     out = np.empty(p.shape, dtype=bool)
     sums, negs = np.empty(n), np.empty(n, dtype=np.int64)
     uu = np.empty(0) if u is None else np.ascontiguousarray(u, dtype=np.float64)
+    hashed = u is None and seed is not None
+    mix = _seed_mix(seed) if seed is not None and hashed else np.uint64(0)
     with _LOCK:
         _top_m_kernel(
-            p, np.ascontiguousarray(t, dtype=np.float64), uu, float(lam), int(k_reg), out, sums, negs
+            p,
+            np.ascontiguousarray(t, dtype=np.float64),
+            uu,
+            hashed,
+            mix,
+            float(lam),
+            int(k_reg),
+            out,
+            sums,
+            negs,
         )
     return out, _stats_ok(sums, negs)
 

@@ -386,13 +386,19 @@ class SplitConformal:
                 f"SplitConformal was fitted on {self.n_classes_} classes; 'probs' has {p.shape[1]} columns."
             )
         t = self._row_thresholds(groups, len(p))
-        u = self._u(p) if self.randomized and self.score != "lac" else None
-        if fast:  # the compiled kernels validate in the same read; on failure check_probs names the problem
+        rnd = self.randomized and self.score != "lac"
+        u = self._u(p) if rnd and not fast else None
+        if fast:  # the compiled kernels validate (and hash rows into u) in the same read; check_probs names a problem
             if self.score == "lac":
                 sets, ok = _kernels.lac_sets(p, 1.0 - t)
             else:
                 sets, ok = _kernels.top_m_sets(
-                    p, np.broadcast_to(t[:, :1], (len(p), 1))[:, 0], u, self.lam_, self.k_reg_
+                    p,
+                    np.broadcast_to(t[:, :1], (len(p), 1))[:, 0],
+                    None,
+                    self.lam_,
+                    self.k_reg_,
+                    seed=self.seed if rnd else None,
                 )
             if not ok:
                 check_probs(p, where)
