@@ -158,35 +158,39 @@ if njit is not None:
     def _gather(row: Any, code: Any, at: int, packed: Any, words: Any, idx: Any, vals: Any) -> int:
         """The classes whose code is ``at`` (``code`` zero past the row), in class order, into ``idx`` and ``vals``;
         returns how many. Eight codes at a time: the bytes equal to ``at`` are found without branches (XOR, then the
-        exact zero-byte test), packed to bits by a multiply, the non-empty 64-bit words listed, and one bit taken
-        per step (candidates are a few percent of the classes, scattered: branches would mispredict)."""
+        exact zero-byte test), packed to bits by a multiply, the non-empty 64-bit words listed, and their bits
+        taken without branches (candidates are a few percent of the classes, scattered: branches would mispredict)."""
         cw = code.view(np.uint64)
         lo7 = np.uint64(0x7F7F7F7F7F7F7F7F)
         rep = np.uint64(at) * np.uint64(0x0101010101010101)
-        total = 0
         for w in range(cw.shape[0]):
             y = cw[w] ^ rep
             z = ~(((y & lo7) + lo7) | y | lo7) >> np.uint64(7)  # 1 in each byte of y that is zero, else 0
             packed[w] = (z * np.uint64(0x0102040810204080)) >> np.uint64(56)
-            total += (z * np.uint64(0x0101010101010101)) >> np.uint64(56)  # the byte sum: how many
         pw = packed.view(np.uint64)
         n_w = 0
         for w in range(pw.shape[0]):
             words[n_w] = w
             n_w += pw[w] != 0
-        words[n_w] = 0  # read past the last word, never used
-        wi = 0
-        x = pw[words[0]]
-        for c in range(total):
-            w = words[wi]
-            idx[c] = 64 * w + trailing_zeros(x)
+        top = np.uint64(1) << np.uint64(63)  # keeps trailing_zeros off zero (its result is not counted then)
+        n = 0
+        for a in range(n_w):  # words are independent: two flags each without a branch, a third one is rare
+            w = words[a]
+            x = pw[w]
+            base = 64 * w
+            idx[n] = base + trailing_zeros(x)
+            n += 1
             x &= x - np.uint64(1)
-            done = x == 0
-            wi += done
-            x = pw[words[wi]] if done else x
-        for c in range(total):
+            idx[n] = base + trailing_zeros(x | top)
+            n += x != 0
+            x &= x - np.uint64(1)
+            while x != 0:
+                idx[n] = base + trailing_zeros(x)
+                n += 1
+                x &= x - np.uint64(1)
+        for c in range(n):
             vals[c] = row[idx[c]]
-        return total
+        return n
 
     @njit(cache=True)
     def _pen(r: float, lam: float, k_reg: int) -> float:
