@@ -93,11 +93,11 @@ def test_predict_sets_is_the_same_with_and_without_the_kernel(monkeypatch, score
     assert 0.85 < reference[np.arange(600), y[600:]].mean() <= 1.0
 
 
-@pytest.mark.parametrize("score", ["lac", "aps"])
-def test_kernel_path_rejects_what_check_probs_rejects(monkeypatch, score):
+@pytest.mark.parametrize("score, randomized", [("lac", False), ("aps", False), ("raps", True)])
+def test_kernel_path_rejects_what_check_probs_rejects(monkeypatch, score, randomized):
     rng = np.random.default_rng(1)
     p = _probs("peaked", 200, 10, rng)
-    conf = SplitConformal(alpha=0.1, score=score).fit(p, p.argmax(axis=1))
+    conf = SplitConformal(alpha=0.1, score=score, randomized=randomized).fit(p, p.argmax(axis=1))
     monkeypatch.setattr(_kernels, "MIN_SIZE", 0)
     for bad, match in (
         (np.where(np.arange(10) == 3, np.nan, p), "NaN or inf"),

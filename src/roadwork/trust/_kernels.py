@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from roadwork.trust._hashing import seed_mix, splitmix64
+
 TOL = 1e-9  # > K * 2.2e-16 for K up to 10^6: sums taken in another order cannot cross t unseen
 CUTS = 5  # probability cuts in the first read (_first_read is written out for five)
 SPREAD = 1.25  # their spacing: on the benchmark's rows ~3/4 of boundaries fall between two, ~10 classes apart
@@ -95,13 +97,7 @@ if njit is not None:
         ms[4] = m4
         return s, neg, h
 
-    @njit(cache=True)
-    def _splitmix64(x: Any) -> Any:
-        """:func:`roadwork.trust.conformal._splitmix64` on one uint64, the same wrapping arithmetic."""
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+    _splitmix64 = njit(cache=True)(splitmix64)  # row_uniforms' mixer, compiled for one uint64
 
     @njit(fastmath=True, cache=True)
     def _code_counts(code: Any, k: int, ns: Any) -> None:
@@ -264,19 +260,6 @@ if njit is not None:
                 hi, m_hi, n_hi = lo, m_lo, n_lo
         return _narrow(row, t, lam, k_reg, (0.0, 0), lo, hi, (m_lo, n_lo, m_hi, n_hi), WIDE)
 
-    @njit(cache=True)
-    def _exact_row(row: Any, t: float, ui: float, rnd: bool, lam: float, k_reg: int, o: Any) -> None:
-        """The reference computation: stable sort by decreasing probability, sequential prefix sums."""
-        order = np.argsort(-row, kind="mergesort")
-        o[:] = 0
-        before = 0.0
-        for r in range(row.shape[0]):
-            x = row[order[r]]
-            if _score(before, x, r, ui, lam, k_reg, rnd) > t:
-                break
-            o[order[r]] = 1
-            before += x
-
     @njit(fastmath=True, cache=True)
     def _mass_before(vals: Any, n_b: int, q: int) -> Any:
         """Mass and count of the classes ranked before class ``q`` among ``vals[:n_b]`` (held in class order): larger
@@ -292,6 +275,44 @@ if njit is not None:
         return m, r
 
     @njit(cache=True)
+    def _score_in_order(
+        vals: Any,
+        idx: Any,
+        n: int,
+        m_hi: float,
+        n_hi: int,
+        t: float,
+        ui: float,
+        rnd: bool,
+        lam: float,
+        k_reg: int,
+        o: Any,
+        tol: float,
+    ) -> bool:
+        """The reference's arithmetic on ``vals[:n]`` (classes ``idx``), continuing a block of mass ``m_hi`` and
+        ``n_hi`` classes above them: a stable sort by decreasing probability and a running sum, marking classes until
+        one scores above ``t``. Returns whether a score lies within ``tol`` of ``t`` (where a sum taken in another
+        order than the reference's cannot decide) and stops there; ``tol < 0`` decides every score."""
+        order = np.argsort(-vals[:n], kind="mergesort")
+        before = m_hi
+        for q in range(n):
+            x = vals[order[q]]
+            sc = _score(before, x, n_hi + q, ui, lam, k_reg, rnd)
+            if abs(sc - t) <= tol:
+                return True
+            if sc > t:
+                break
+            o[idx[order[q]]] = 1
+            before += x
+        return False
+
+    @njit(cache=True)
+    def _exact_row(row: Any, t: float, ui: float, rnd: bool, lam: float, k_reg: int, o: Any) -> None:
+        """The reference computation on the whole row: stable sort, sequential prefix sums."""
+        o[:] = 0
+        _score_in_order(row, np.arange(row.shape[0]), row.shape[0], 0.0, 0, t, ui, rnd, lam, k_reg, o, -1.0)
+
+    @njit(cache=True)
     def _score_between(
         vals: Any,
         idx: Any,
@@ -305,10 +326,13 @@ if njit is not None:
         k_reg: int,
         o: Any,
     ) -> bool:
-        """Score each class between the cuts on its own (the mass and rank before it, over the few others there,
-        continuing the block above) and mark the ones at most ``t``: no sort, no unpredictable branch. Scores never
-        decrease with the rank, so these are the reference's top ones. Returns whether a score lies within
+        """Mark the classes between the cuts that score at most ``t``, continuing the block above. Each of a few
+        (at most 32) is scored on its own, from the mass and rank before it among the others: no sort and no
+        unpredictable branch; scores never decrease with the rank, so these are the reference's top ones. More (ties,
+        or a dense stretch the bracket could not split) are sorted. Returns whether a score lies within
         :data:`TOL` of ``t``, where a reordered sum cannot decide."""
+        if n_b > 32:
+            return _score_in_order(vals, idx, n_b, m_hi, n_hi, t, ui, rnd, lam, k_reg, o, TOL)
         close = False
         for q in range(n_b):
             m, r = _mass_before(vals, n_b, q)
@@ -316,34 +340,6 @@ if njit is not None:
             close |= abs(sc - t) <= TOL
             o[idx[q]] |= sc <= t
         return close
-
-    @njit(cache=True)
-    def _score_sorted(
-        vals: Any,
-        idx: Any,
-        n_b: int,
-        m_hi: float,
-        n_hi: int,
-        t: float,
-        ui: float,
-        rnd: bool,
-        lam: float,
-        k_reg: int,
-        o: Any,
-    ) -> bool:
-        """As :func:`_score_between`, by a stable sort and a running sum: for many classes between the cuts."""
-        order = np.argsort(-vals[:n_b], kind="mergesort")
-        before = m_hi
-        for q in range(n_b):
-            x = vals[order[q]]
-            sc = _score(before, x, n_hi + q, ui, lam, k_reg, rnd)
-            if abs(sc - t) <= TOL:
-                return True
-            if sc > t:
-                break
-            o[idx[order[q]]] = 1
-            before += x
-        return False
 
     @njit(cache=True)
     def _top_m_row(
@@ -408,11 +404,9 @@ if njit is not None:
             vals[n_b] = x
             idx[n_b] = j
             n_b += (x >= lo) & (x < hi)
-        if n_b <= 32:
-            close = _score_between(vals, idx, n_b, m_hi, n_hi, t, ui, rnd, lam, k_reg, o)
-        else:  # many ties or a dense stretch the bracket could not split: sort them rather than compare all pairs
-            close = _score_sorted(vals, idx, n_b, m_hi, n_hi, t, ui, rnd, lam, k_reg, o)
-        if close:  # a score within rounding of t: do what the reference does
+        if _score_between(
+            vals, idx, n_b, m_hi, n_hi, t, ui, rnd, lam, k_reg, o
+        ):  # too close to call: as the reference
             _exact_row(row, t, ui, rnd, lam, k_reg, o)
         return lo, inside
 
@@ -433,7 +427,7 @@ if njit is not None:
             w = (
                 np.zeros(k64 * 64, np.uint8),  # code: zero past the row
                 np.empty(k64 * 8, np.uint8),  # packed
-                np.empty(k64 + 1, np.int64),  # words
+                np.empty(k64, np.int64),  # words
                 np.empty(k + 1, np.int64),  # idx
                 np.empty(k + 1),  # vals
             )
@@ -496,12 +490,6 @@ def _stats_ok(sums: np.ndarray, negs: np.ndarray) -> bool:
     return bool(np.all(np.abs(sums - 1.0) <= 1e-6)) and not negs.any()
 
 
-def _seed_mix(seed: int) -> np.uint64:
-    from roadwork.trust.conformal import _splitmix64  # the one definition of the mixer; conformal imports us
-
-    return np.uint64(_splitmix64(np.array([seed % 2**64], dtype=np.uint64))[0])
-
-
 def top_m_sets(
     p: np.ndarray, t: np.ndarray, u: np.ndarray | None, lam: float, k_reg: int, seed: int | None = None
 ) -> tuple[np.ndarray, bool]:
@@ -514,7 +502,7 @@ def top_m_sets(
     sums, negs = np.empty(n), np.empty(n, dtype=np.int64)
     uu = np.empty(0) if u is None else np.ascontiguousarray(u, dtype=np.float64)
     hashed = u is None and seed is not None
-    mix = _seed_mix(seed) if seed is not None and hashed else np.uint64(0)
+    mix = seed_mix(seed) if seed is not None else np.uint64(0)
     with _LOCK:
         _top_m_kernel(
             p,

@@ -41,6 +41,7 @@ import numpy as np
 from roadwork.errors import InputError, NotFittedError, RoadworkWarning
 from roadwork.trust import _kernels
 from roadwork.trust._checks import check_labels, check_level, check_probs
+from roadwork.trust._hashing import seed_mix, splitmix64
 
 __all__ = ["SplitConformal", "class_scores", "conformal_quantile", "robust_quantile", "row_uniforms"]
 
@@ -102,14 +103,6 @@ def robust_quantile(scores: np.ndarray, all_scores: np.ndarray, alpha: float, la
     return float(s[hit[0]])
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser (Steele et al., 2014): a bijective 64-bit mixer, wrapping arithmetic."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def row_uniforms(probs: np.ndarray, seed: int = 0) -> np.ndarray:
     """One U(0, 1) draw per row, a seeded hash of the row's probabilities (shape (n_samples,)).
 
@@ -121,7 +114,7 @@ def row_uniforms(probs: np.ndarray, seed: int = 0) -> np.ndarray:
     bits = np.ascontiguousarray(probs, dtype=np.float64).view(np.uint64)
     with np.errstate(over="ignore"):
         h = bits.sum(axis=1, dtype=np.uint64)  # order-free: invariant to relabelling classes
-        h = _splitmix64(h ^ _splitmix64(np.array([seed % 2**64], dtype=np.uint64)))
+        h = splitmix64(h ^ seed_mix(seed))
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
