@@ -39,7 +39,6 @@ from typing import Any, Literal
 import numpy as np
 
 from roadwork.errors import InputError, NotFittedError, RoadworkWarning
-from roadwork.trust import _kernels
 from roadwork.trust._checks import check_labels, check_level, check_probs
 from roadwork.trust._hashing import seed_mix, splitmix64
 
@@ -369,6 +368,9 @@ class SplitConformal:
         """Boolean membership of shape (n_samples, n_classes); ``groups`` as in :meth:`fit`."""
         if not hasattr(self, "thresholds_"):
             raise NotFittedError(self)
+        # imported here, not with the module: numba takes ~0.3 s to load and `roadwork help` needs none of it
+        from roadwork.trust import _kernels
+
         where = "SplitConformal.predict_sets"
         p = np.asarray(probs, dtype=np.float64)
         fast = p.ndim == 2 and self.mondrian != "class" and _kernels.use_for(p)
