@@ -42,7 +42,8 @@ Usage:
                                                    max_body_mb max_pixels ort_threads drain_timeout_s
                                                    log_dir (prediction logs for roadwork monitor);
                                                    ROADWORK_API_KEY=... requires 'Authorization: Bearer ...'
-  roadwork help                                     this text
+  roadwork help [COMMAND]                           this text, or one command's usage and examples
+                                                   (the same as roadwork COMMAND --help)
 
 CONFIG is a YAML file or a preset (default, demo). Overrides use dotted keys and YAML values.
 
@@ -63,6 +64,196 @@ Examples:
   roadwork run demo tracking.register_as=roadwork-demo && roadwork serve models:/roadwork-demo/1
   curl -s --data-binary @scenes/000001.jpg -H 'content-type: image/jpeg' localhost:8000/v1/classify
 """
+
+
+# The stage commands (roadwork.pipeline.STAGE_NAMES, spelt out so that help needs no import; a test keeps them equal).
+STAGES = (
+    "data",
+    "train",
+    "predict",
+    "calibrate",
+    "conformal",
+    "selective",
+    "policy",
+    "cascade_models",
+    "cascade",
+    "export",
+    "evaluate",
+)
+
+_STAGE_HELP = """\
+Usage: roadwork {stage} [CONFIG] [key=value ...] [--force STAGE]
+
+Runs the pipeline up to and including the {stage!r} stage (stages whose inputs, config and code are unchanged
+are cache hits). The run folder is ROOT/NAME/ (root=runs name=demo by default: runs/demo/{stage}/).
+
+Examples:
+  roadwork {stage} demo
+  roadwork {stage} demo name=fog --force {stage}
+"""
+
+COMMAND_HELP: dict[str, str] = {
+    "demo": """\
+Usage: roadwork demo [key=value ...] [--force STAGE]
+
+The whole job (data → train → predict → calibrate → conformal → selective → policy → cascade → export →
+evaluate) on generated roadwork scenes, with the demo preset. Prints a summary and the report path.
+
+Examples:
+  roadwork demo
+  roadwork demo train.epochs=3 data.synthetic.n=1500
+  roadwork demo --force train
+""",
+    "run": """\
+Usage: roadwork run [CONFIG] [key=value ...] [--force STAGE] [--until STAGE]
+
+Runs (or reuses from cache) every stage. CONFIG is a YAML file or a preset (default, demo); overrides are
+dotted keys with YAML values. The run folder is ROOT/NAME/: set it with root= and name= (run takes no out=).
+--force STAGE reruns a stage and everything after it; --until STAGE stops after it.
+
+Examples:
+  roadwork run demo name=fog data.synthetic.seed=7 --force train
+  roadwork run data.source=path/to/folder name=mydata root=experiments
+  roadwork run data.source=manifest.csv conformal.alpha=0.05 selective.target_risk=0.01
+  roadwork run demo --until predict
+""",
+    "config": """\
+Usage: roadwork config show [CONFIG] [key=value ...]
+
+Prints the resolved configuration (defaults ← CONFIG ← overrides) as YAML; a typo gets a suggestion.
+
+Examples:
+  roadwork config show demo train.lr=1e-3
+  roadwork config show my.yaml > resolved.yaml
+""",
+    "data": """\
+Usage: roadwork data synthetic n=N [size=PX] [seed=S] [label_noise=R] out=DIR
+       roadwork data [CONFIG] [key=value ...]     (the pipeline's data stage)
+
+'data synthetic' writes generated scenes and a manifest.csv (path, label, slice columns) into DIR.
+'data' alone runs the pipeline up to its data stage (runs/NAME/data/dataset.parquet).
+
+Examples:
+  roadwork data synthetic n=200 out=scenes/
+  roadwork data synthetic n=1000 size=128 seed=3 label_noise=0.05 out=noisy/
+  roadwork data demo data.source=path/to/folder name=mydata
+""",
+    "predict": """\
+Usage: roadwork predict BUNDLE PATH [PATH ...] [out=DIR] [engine=local|ray] [batch=64] [workers=2]
+
+PATH is an image, a folder of images or a .csv/.parquet manifest (path + metadata columns). Without out=,
+prints one JSON line per image (label, probability, prediction set, abstain, stage). With out=DIR, writes a
+resumable Parquet folder, locally or on Ray Data (engine=ray, workers actors of batch images each).
+(The pipeline stage of the same name: roadwork run --until predict.)
+
+Examples:
+  roadwork predict runs/demo/export/bundle scenes/000001.jpg
+  roadwork predict runs/demo/export/bundle scenes/manifest.csv out=preds/
+  roadwork predict runs/demo/export/bundle scenes/ out=preds/ engine=ray workers=4
+""",
+    "bench": """\
+Usage: roadwork bench BUNDLE [batch=8] [seconds=3]
+
+Every form of the model side by side: size, accuracy, ECE, ms/img, img/s, speed-up over torch eager.
+
+Examples:
+  roadwork bench runs/demo/export/bundle
+  roadwork bench runs/demo/export/bundle batch=32 seconds=10
+""",
+    "compare": """\
+Usage: roadwork compare [CONFIG] [key=value ...] [frameworks=sklearn,lightgbm,...]
+
+Gradient-boosting frameworks side by side on the same image features and splits (accuracy, ECE, set size,
+µs/row); writes ROOT/NAME/compare.json.
+
+Examples:
+  roadwork compare demo
+  roadwork compare demo frameworks=sklearn,xgboost,lightgbm,catboost
+""",
+    "monitor": """\
+Usage: roadwork monitor REFERENCE CURRENT [psi=0.25] [class_mix=0.15] [abstain=0.15] [min_rows=50] [out=FILE]
+
+Drift of served predictions (a serve log_dir or a JSON-lines file from predict) against REFERENCE: a bundle
+or run folder (its calibration split) or another prediction log. out= is the JSON report file.
+
+Examples:
+  roadwork monitor runs/demo/export/bundle logs/
+  roadwork monitor runs/demo/export/bundle today.jsonl psi=0.1 out=drift.json
+""",
+    "sweep": """\
+Usage: roadwork sweep [CONFIG] space=SPACE.yaml trials=N [metric=val_loss] [direction=minimize]
+                      [engine=local|ray] [key=value ...]
+
+Hyper-parameter search. engine=local (default): Optuna (TPE, SQLite study under ROOT/NAME-sweep/,
+resumable, median pruning on val loss). engine=ray: Ray Tune with the same space (OptunaSearch, ASHA
+stopping); ray.init() first to use a cluster, a local one is started otherwise. Writes best.yaml.
+
+SPACE.yaml maps config keys to {type: float|int|choice, low, high, log, choices}.
+
+Examples:
+  roadwork sweep demo space=space.yaml trials=20
+  roadwork sweep demo space=space.yaml trials=50 engine=ray
+  roadwork sweep demo space=space.yaml trials=10 metric=test.accuracy direction=maximize
+""",
+    "dvc": """\
+Usage: roadwork dvc [CONFIG] [key=value ...] [out=DIR]
+
+Writes DIR/dvc.yaml (every stage a DVC stage: its command, deps including the roadwork source, outs, params,
+metrics and plots) and DIR/roadwork.yaml (the resolved configuration). Then: cd DIR && dvc repro.
+
+Examples:
+  roadwork dvc demo out=. && dvc repro && dvc metrics show
+  roadwork dvc demo train.epochs=3 out=experiments/
+""",
+    "serve": """\
+Usage: roadwork serve BUNDLE|models:/NAME/VERSION [key=value ...] [tracking_uri=URI]
+
+HTTP server (no torch): Open Inference Protocol v2, POST /v1/classify, /metrics for Prometheus.
+Keys: host port max_batch_size max_queue_delay_ms max_queue max_body_mb max_pixels ort_threads
+drain_timeout_s log_dir (prediction logs for roadwork monitor). ROADWORK_API_KEY=... requires
+'Authorization: Bearer ...'. A models:/ URI is fetched from the MLflow registry first.
+
+Examples:
+  roadwork serve runs/demo/export/bundle port=8000 max_batch_size=16
+  roadwork serve runs/demo/export/bundle log_dir=logs/
+  roadwork serve models:/roadwork-demo/1
+""",
+    "help": """\
+Usage: roadwork help [COMMAND]
+
+The list of commands, or one command's usage and examples (the same as roadwork COMMAND --help).
+
+Examples:
+  roadwork help
+  roadwork help sweep
+""",
+}
+
+
+def command_help(cmd: str) -> str | None:
+    """The usage and examples of one command; ``None`` for an unknown one."""
+    if cmd in COMMAND_HELP:
+        return COMMAND_HELP[cmd]
+    if cmd in STAGES:
+        return _STAGE_HELP.format(stage=cmd)
+    # a command with no text of its own: its lines of the overview
+    lines = [ln for ln in HELP.splitlines() if ln.strip().startswith(f"roadwork {cmd}")]
+    return "\n".join(lines) if lines else None
+
+
+def commands() -> list[str]:
+    """Every command name: those with a help text, the stages, and any other the overview lists."""
+    import re
+
+    listed = re.findall(r"^  roadwork ([a-z_]+)", HELP, flags=re.MULTILINE)
+    return sorted({*COMMAND_HELP, *STAGES, *listed})
+
+
+def _suggest_command(cmd: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(cmd, commands(), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def _print(msg: str = "") -> None:
@@ -133,9 +324,15 @@ def _summary(result: object) -> None:
 
 
 def _run(config: str | None, overrides: list[str], force: list[str], until: str | None) -> int:
-    from roadwork.config import load_config
+    from roadwork.config import ConfigError, load_config
     from roadwork.pipeline import run_pipeline
 
+    out = next((o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == "out"), None)
+    if out is not None:  # predict, dvc and data synthetic take out=DIR; a run's folder is ROOT/NAME
+        raise ConfigError(
+            f"A run takes no out= (got out={out!r}): it writes into ROOT/NAME/. Use root= and name=, "
+            "e.g. root=runs name=fog writes runs/fog/."
+        )
     cfg = load_config(config, overrides)  # fails here, before any work, on a bad key or value
     t0 = time.perf_counter()
 
@@ -372,13 +569,14 @@ def _monitor(args: list[str]) -> int:
 
 def _sweep(args: list[str]) -> int:
     from roadwork.config import load_config
-    from roadwork.scale.sweep import load_space, run_sweep
+    from roadwork.scale.sweep import load_space, run_sweep, run_sweep_ray
 
     own = {"space", "trials", "metric", "direction", "engine"}
     opts = {a.partition("=")[0]: a.partition("=")[2] for a in args if a.partition("=")[0] in own}
     if "space" not in opts or "trials" not in opts:
         raise RoadworkError(
-            "Usage: roadwork sweep [CONFIG] space=SPACE.yaml trials=N [metric=val_loss] [direction=minimize]"
+            "Usage: roadwork sweep [CONFIG] space=SPACE.yaml trials=N [metric=val_loss] [direction=minimize] "
+            "[engine=local|ray]; see roadwork sweep --help"
         )
     try:
         trials = int(opts["trials"])
@@ -387,9 +585,13 @@ def _sweep(args: list[str]) -> int:
     direction = opts.get("direction", "minimize")
     if direction not in ("minimize", "maximize"):
         raise RoadworkError(f"roadwork sweep: direction={direction!r} is not minimize or maximize.")
+    engine = opts.get("engine", "local")
+    if engine not in ("local", "ray"):
+        raise RoadworkError(f"roadwork sweep: engine={engine!r} is not local (Optuna) or ray (Ray Tune).")
     config, overrides = _config_and_overrides([a for a in args if a.partition("=")[0] not in own])
     cfg = load_config(config, overrides)
-    res = run_sweep(
+    search = run_sweep_ray if engine == "ray" else run_sweep
+    res = search(
         cfg,
         load_space(opts["space"], cfg),
         trials=trials,
@@ -473,13 +675,22 @@ def _serve(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("help", "-h", "--help"):
+    if not args or args[0] in ("-h", "--help") or args == ["help"]:
         _print(HELP)
         return 0
     cmd, rest = args[0], args[1:]
+    if cmd == "help" or "--help" in rest or "-h" in rest:  # roadwork help CMD, roadwork CMD --help
+        topic = rest[0] if cmd == "help" and rest[0] not in ("--help", "-h") else cmd
+        text = command_help(topic)
+        if text is None:
+            print(
+                f"error: Unknown command {topic!r}.{_suggest_command(topic)} Run 'roadwork help'.",
+                file=sys.stderr,
+            )
+            return 2
+        _print(text.rstrip())
+        return 0
     try:
-        from roadwork.pipeline import STAGE_NAMES
-
         if cmd == "demo":
             rest, flags = _split_flags(rest, ("--force",))
             return _run("demo", rest, flags["--force"], None)
@@ -512,27 +723,13 @@ def main(argv: list[str] | None = None) -> int:
             return _dvc(rest)
         if cmd == "sweep":
             return _sweep(rest)
-        if cmd in STAGE_NAMES:
+        if cmd in STAGES:
             rest, flags = _split_flags(rest, ("--force",))
             config, overrides = _config_and_overrides(rest)
             return _run(config, overrides, flags["--force"], cmd)
-        import difflib
-
-        options = [
-            "demo",
-            "run",
-            "config",
-            "predict",
-            "serve",
-            "bench",
-            "compare",
-            "monitor",
-            "help",
-            *STAGE_NAMES,
-        ]
-        close = difflib.get_close_matches(cmd, options, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise RoadworkError(f"Unknown command {cmd!r}.{hint} Run 'roadwork help' for the commands.")
+        raise RoadworkError(
+            f"Unknown command {cmd!r}.{_suggest_command(cmd)} Run 'roadwork help' for the commands."
+        )
     except RoadworkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -376,7 +376,24 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _suggest(key: str) -> str:
-    keys = _all_keys(RunConfig)
+    from typing import get_args
+
+    def leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
+        # like _all_keys, but into optional sections too (cascade.small: CascadeNetConfig | None)
+        out = []
+        for name, field in model.model_fields.items():
+            inner = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type)]
+            sub = next((a for a in inner if issubclass(a, BaseModel)), None)
+            out.extend([f"{prefix}{name}", *leaves(sub, f"{prefix}{name}.")] if sub else [f"{prefix}{name}"])
+        return out
+
+    keys = leaves(RunConfig)
+    section, _, leaf = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == section]
+    near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6) if section and siblings else []
+    # the section is right and only the last part misspelt: 'cascade.small.deferal' → 'cascade.small.deferral'
+    if near:
+        return f" Did you mean '{section}.{near[0]}'?"
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not close:  # match on the last component too: 'epoch' → 'train.epochs'
         leaf = key.rsplit(".", 1)[-1]
