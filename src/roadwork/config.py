@@ -199,6 +199,13 @@ class ConformalConfig(_Strict):
     )
     group_by: str | None = Field(None, description="slice column for mondrian=group (e.g. weather)")
     allow_empty: bool = Field(True, description="false: an empty set gets the top class")
+    label_flip_rate: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="rate f at which calibration labels were flipped to another class (what users know); "
+        "converted to the noise model's ε = f·K/(K-1). Use it or label_noise, not both",
+    )
     label_noise: float = Field(
         0.0,
         ge=0,
@@ -215,6 +222,15 @@ class ConformalConfig(_Strict):
             )
         if self.mondrian == "class" and self.label_noise:
             raise ValueError("label_noise cannot be combined with mondrian=class; use mondrian=none or group")
+        if self.label_noise and self.label_flip_rate:
+            raise ValueError(
+                "set conformal.label_flip_rate (the flip rate f) or conformal.label_noise (the model's ε = f·K/(K-1)), "
+                "not both"
+            )
+        if self.label_flip_rate and self.mondrian == "class":
+            raise ValueError(
+                "label_flip_rate cannot be combined with mondrian=class; use mondrian=none or group"
+            )
         return self
 
 
@@ -224,6 +240,12 @@ class SelectiveConfig(_Strict):
     )
     target_risk: float = Field(0.02, gt=0, lt=1, description="error rate allowed on answered images")
     delta: float = Field(0.05, gt=0, lt=1, description="the certificate holds with probability ≥ 1-δ")
+    group_by: str | None = Field(
+        None, description="slice column (e.g. weather): one certificate per value with ≥ min_group_count rows"
+    )
+    min_group_count: int = Field(
+        100, ge=10, description="calibration rows a slice value needs for its own certificate (else global)"
+    )
 
 
 class PolicyConfig(_Strict):
@@ -236,6 +258,12 @@ class PolicyConfig(_Strict):
         gt=0,
         lt=1,
         description="binary tasks: flag images so E[missed positives] <= this (risk control)",
+    )
+    group_by: str | None = Field(
+        None, description="slice column: miss-rate control per value with ≥ min_group_count positives"
+    )
+    min_group_count: int = Field(
+        50, ge=10, description="positive calibration images a slice value needs for its own threshold"
     )
 
 
@@ -307,6 +335,13 @@ class CascadeConfig(_Strict):
         True, description="keep the subset of earlier stages that is cheapest (each certified at δ/m)"
     )
     delta: float = Field(0.05, gt=0, lt=1, description="the bound holds with probability ≥ 1-δ")
+    gate_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="share of the calibration rows (after the calibrator's) that certify the gate; the rest "
+        "certify the policy's thresholds on the cascade's outputs (disjoint rows: see docs, concepts)",
+    )
     cost_batch: int = Field(32, ge=1, description="batch size at which each stage's ms/image is measured")
     cost_images: int = Field(256, ge=8, description="test images used to measure costs")
 

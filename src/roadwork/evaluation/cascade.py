@@ -17,12 +17,23 @@ __all__ = ["cascade_metrics", "cascade_png", "cascade_section"]
 
 
 def cascade_metrics(
-    policy: TrustPolicy, stage_logits: Sequence[np.ndarray], test: Predictions, curves: dict[str, Any]
+    policy: TrustPolicy,
+    stage_logits: Sequence[np.ndarray],
+    test: Predictions,
+    curves: dict[str, Any],
+    *,
+    served: PolicyOutput | None = None,
 ) -> tuple[dict[str, Any], PolicyOutput]:
-    """Run the cascade on the test split from stored per-stage logits (the last stage's are ``test.logits``)."""
+    """The cascade's figures on the test split: from ``served`` (the bundle's own outputs) when given, else by
+    running the cascade on stored per-stage logits (the last stage's are ``test.logits``); ``stage_logits`` give
+    each stage's accuracy alone."""
     c = policy.cascade
     assert c is not None
-    out = policy.apply_cascade(lambda s, rows: stage_logits[s][rows], len(test), test.slices)
+    out = (
+        policy.apply_cascade(lambda s, rows: stage_logits[s][rows], len(test), test.slices)
+        if served is None
+        else served
+    )
     alone = policy.apply(test.logits, test.slices)
     y = test.labels
     assert out.stage is not None

@@ -51,9 +51,15 @@ def slice_rows(preds: Predictions, out: PolicyOutput, n_bins: int) -> dict[str, 
     return rows
 
 
-def compute_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15) -> dict[str, Any]:
+def compute_metrics(
+    test: Predictions, policy: TrustPolicy, *, out: PolicyOutput | None = None, n_bins: int = 15
+) -> dict[str, Any]:
+    """``metrics.json``'s figures from the served outputs ``out`` (what the bundle answered on the test images;
+    default: the policy applied to the model's test logits). "uncalibrated" figures are the model's raw softmax."""
     y = test.labels
-    out = policy.apply(test.logits, test.slices)
+    out = policy.apply(test.logits, test.slices) if out is None else out
+    if len(out.pred) != len(y):
+        raise ValueError(f"compute_metrics: {len(out.pred)} served outputs for {len(y)} test rows.")
     raw = softmax(test.logits)
     correct = out.pred == y
     answered = ~out.abstain
@@ -100,15 +106,56 @@ def compute_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15)
             "target_risk": policy.abstention.target_risk,
             "delta": policy.abstention.delta,
             "threshold": policy.abstention.threshold,
+            "answers": policy.abstention.answers,
             "coverage": float(answered.mean()),
             "risk": float(1 - correct[answered].mean()) if answered.any() else 0.0,
             "calib_coverage": policy.abstention.coverage,
             "calib_risk_upper_bound": policy.abstention.risk_upper_bound,
+            "group_by": policy.abstention.group_by,
+            "groups": _group_certificates(policy, out, test),
         },
         "slices": slice_rows(test, out, n_bins),
         "operating_point": _operating_point(policy, out, y),
         "risk_control": _risk_control(policy, out, y),
     }
+
+
+def model_alone_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15) -> dict[str, Any]:
+    """The model alone on its stored test logits, through the policy's calibrator: for comparison with the
+    served figures (its sets and abstentions are not what is certified when a cascade is served)."""
+    from roadwork.trust.calibration import calibrate_proba
+
+    probs = calibrate_proba(policy.calibrator, test.logits, test.slices)
+    y = test.labels
+    return {
+        "what": "the model alone (stored logits through the calibrator), not the served path",
+        "accuracy": M.accuracy(probs, y),
+        "auroc": M.auroc(probs, y),
+        "nll": M.nll(probs, y),
+        "ece": M.ece(probs, y, n_bins),
+    }
+
+
+def _group_certificates(policy: TrustPolicy, out: PolicyOutput, test: Predictions) -> dict[str, Any]:
+    """Per slice value with its own abstention certificate: the certificate and the test figures."""
+    cert = policy.abstention
+    if not cert.groups or cert.group_by not in test.slices:
+        return {}
+    col = np.asarray(test.slices[cert.group_by]).astype(str)
+    rows: dict[str, Any] = {}
+    for value, g in sorted(cert.groups.items()):
+        m = col == value
+        ans = m & ~out.abstain
+        rows[value] = {
+            "threshold": g.threshold,
+            "answers": g.answers,
+            "calib_n": g.n,
+            "calib_risk_upper_bound": g.risk_upper_bound,
+            "test_n": int(m.sum()),
+            "test_coverage": float(ans.sum() / m.sum()) if m.any() else None,
+            "test_risk": float((out.pred[ans] != test.labels[ans]).mean()) if ans.any() else 0.0,
+        }
+    return rows
 
 
 def _risk_control(policy: TrustPolicy, out: PolicyOutput, y: np.ndarray) -> dict[str, Any] | None:

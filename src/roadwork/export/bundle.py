@@ -3,7 +3,10 @@
     bundle/
       model.onnx      the network (dynamic batch)
       model.json      architecture, class names, preprocessing
-      policy.json     the TrustPolicy (calibration, conformal threshold, certified abstention, cascade gate)
+      policy.json     the TrustPolicy (calibration, conformal threshold, certified abstention, cascade gate),
+                      certified on the outputs of this very path (cascade included)
+      policy-int8.json  with an int8 model: its own policy, certified on the int8 model's outputs
+      reference.json  the calibration split through the served policy (drift monitoring)
       stage*-...      earlier cascade stages, when there is a cascade: a tree table (JSON) or an ONNX
                       network with its model.json
       manifest.json   schema, sha256 of every file above, library versions, export parity
@@ -29,6 +32,7 @@ from PIL import Image
 from roadwork.data.preprocess import load_rgb, preprocess
 from roadwork.errors import ArtifactError, InputError
 from roadwork.export.onnx import onnx_logits, onnx_session
+from roadwork.jsonio import write_json
 from roadwork.models.factory import ModelCard
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
 
@@ -90,7 +94,7 @@ def write_bundle(
         "export": export_info,
         "variants": described,
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_json(out_dir / "manifest.json", manifest)
 
 
 def _open(path: str | Path) -> Image.Image:
@@ -131,7 +135,7 @@ class Bundle:
             raise ArtifactError(
                 f"Bundle schema {manifest.get('schema')!r} is not {BUNDLE_SCHEMA}; re-export it."
             )
-        model_file = "model.onnx"
+        model_file, policy_file = "model.onnx", "policy.json"
         if variant != "fp32":
             known = manifest.get("variants", {})
             if variant not in known:
@@ -140,13 +144,20 @@ class Bundle:
                     f"{', '.join(['fp32', *known])}. Export one with export.int8=dynamic|static."
                 )
             model_file = known[variant]["file"]
+            policy_file = known[variant].get("policy")
+            if policy_file is None:
+                raise ArtifactError(
+                    f"Bundle {str(root)!r} has a {variant!r} model but no policy certified on its outputs (it was "
+                    "exported by an older roadwork); re-export it, or serve the fp32 model."
+                )
         policy_files = []
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            stages = (json.loads((root / "policy.json").read_text()).get("cascade") or {}).get("stages", [])
+            stages = (json.loads((root / policy_file).read_text()).get("cascade") or {}).get("stages", [])
             policy_files = [
                 n for st in stages[:-1] for n in (st["file"], st.get("info", {}).get("card")) if n
             ]
-        for name in (*_FILES, model_file, *policy_files):
+        # every file the manifest lists (reference.json too), plus those this variant needs
+        for name in dict.fromkeys((*_FILES, model_file, policy_file, *policy_files, *files)):
             f = root / name
             if name not in files:
                 raise ArtifactError(f"Bundle manifest does not list {name!r}; the bundle is incomplete.")
@@ -158,7 +169,7 @@ class Bundle:
                     "modified or corrupted after export. Re-export the bundle; do not edit it."
                 )
         card = ModelCard.load(root / "model.json")
-        policy = TrustPolicy.load(root / "policy.json")
+        policy = TrustPolicy.load(root / policy_file)
         runners = None
         # several ONNX Runtime sessions take turns on the same cores: no busy-waiting between runs
         spin = policy.cascade is None or all(st.kind != "network" for st in policy.cascade.stages[:-1])
@@ -203,6 +214,26 @@ class Bundle:
             return runners[s].logits(sub) if s < len(runners) else self.logits(sub)
 
         return self.policy.apply_cascade(stage_logits, len(images), slices)
+
+    def predict_output(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        batch_size: int = 64,
+        slices: Mapping[str, Any] | None = None,
+    ) -> PolicyOutput:
+        """The served outputs (probabilities, sets, abstain, stage, ...) for a list of image files, batch by
+        batch through :meth:`predict_images` — what the evaluate stage scores."""
+        from roadwork.trust.policy import concat_outputs
+
+        parts = []
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i : i + batch_size]
+            meta = None if slices is None else {k: list(v)[i : i + batch_size] for k, v in slices.items()}
+            parts.append(self.predict_images([_open(p) for p in chunk], meta))
+        if not parts:
+            return self.policy.apply(np.zeros((0, len(self.classes))))
+        return concat_outputs(parts)
 
     def predict_paths(
         self,

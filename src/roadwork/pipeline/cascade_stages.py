@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from roadwork.errors import ConfigError
+from roadwork.errors import ConfigError, RoadworkWarning
+from roadwork.jsonio import write_json
 from roadwork.pipeline.runner import StageContext
 from roadwork.pipeline.stages import (
     _abs_paths,
-    _calibrator_rows,
     _labels,
     _preds,
+    load_calibrator,
     load_dataset,
 )
-from roadwork.trust import Predictions, TrustPolicy, make_calibrator
-from roadwork.trust.calibration import calibrate_proba, calibrator_from_dict
+from roadwork.trust import Predictions, make_calibrator
+from roadwork.trust.calibration import calibrate_proba
 
 __all__ = ["stage_cascade", "stage_cascade_models", "stage_outputs"]
 
@@ -46,7 +48,7 @@ def _deferral_targets(ctx: StageContext, parts: dict[str, pd.DataFrame], classes
     from roadwork.models.factory import load_model
     from roadwork.training.loop import Deferral, load_uint8, predict_logits
 
-    calibrator = calibrator_from_dict(json.loads((ctx.inputs["calibrate"] / "calibrator.json").read_text()))
+    calibrator = load_calibrator(ctx.inputs["calibrate"])
     model, card = load_model(ctx.inputs["train"])
     tr = parts["train"]
     u8 = load_uint8(
@@ -141,7 +143,7 @@ def stage_cascade_models(ctx: StageContext) -> dict[str, Any]:
 
     c = ctx.cfg.cascade
     if not c.enabled:
-        (ctx.out / "stages.json").write_text(json.dumps({"enabled": False}))
+        write_json(ctx.out / "stages.json", {"enabled": False})
         return {"enabled": False}
     if c.boosting == "none" and c.small is None:
         raise ConfigError(
@@ -320,84 +322,90 @@ def stage_cascade_models(ctx: StageContext) -> dict[str, Any]:
 
 def stage_cascade(ctx: StageContext) -> dict[str, Any]:
     """Calibrate every earlier stage on the calibrator rows and certify the gate (and which stages to keep) on
-    the trust rows of the calibration split."""
-    from roadwork.trust.cascade import CascadeStage, cascade_curve, fit_cascade, gate_grid, select_cascade
+    the gate rows of the calibration split (see :mod:`roadwork.pipeline.certify`; the policy's thresholds are
+    then fitted on the other rows, on this cascade's outputs)."""
+    from roadwork.pipeline.certify import certify_gate, fit_fraction, row_split
+    from roadwork.trust.cascade import CascadeStage, cascade_curve, gate_grid
 
     c = ctx.cfg.cascade
     models = ctx.inputs["cascade_models"]
     listed = json.loads((models / "stages.json").read_text())
     if not listed.get("enabled"):
-        (ctx.out / "cascade.json").write_text(json.dumps({"enabled": False}))
+        write_json(ctx.out / "cascade.json", {"enabled": False})
         return {"enabled": False}
     stages = [CascadeStage.from_dict(d) for d in listed["stages"]]
     costs = [st.cost_ms for st in stages]
-    policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
-    classes = policy.classes
+    cal, test = _preds(ctx, "calib"), _preds(ctx, "test")
+    classes = cal.classes
     logits: dict[str, list[np.ndarray]] = {"calib": [], "test": []}
     gates: dict[str, dict[int, np.ndarray | None]] = {"calib": {}, "test": {}}
-    for split in logits:
+    for split_name in logits:
         for s_i, st in enumerate(stages[:-1]):
-            z = stage_outputs(models, st, split)
-            logits[split].append(z[:, : len(classes)])
-            gates[split][s_i] = z[:, len(classes)] if st.info.get("gate") else None
+            z = stage_outputs(models, st, split_name)
+            logits[split_name].append(z[:, : len(classes)])
+            gates[split_name][s_i] = z[:, len(classes)] if st.info.get("gate") else None
 
-    # calibrate the early stages on the calibrator rows, certify the gate on the trust rows
-    cal = _preds(ctx, "calib")
-    fraction = json.loads((ctx.inputs["calibrate"] / "split.json").read_text())["fit_fraction"]
-    fit_rows = _calibrator_rows(cal.ids, fraction)
-    trust_rows = ~fit_rows if fraction < 1 else fit_rows
+    split = row_split(cal.ids, fit_fraction(ctx.cfg), c.gate_fraction)
+    if split.gate.sum() < 20 or split.policy.sum() < 20:
+        raise ConfigError(
+            f"cascade.gate_fraction={c.gate_fraction:g} leaves {int(split.gate.sum())} calibration rows to certify "
+            f"the gate and {int(split.policy.sum())} for the policy; each needs at least 20. Use more data."
+        )
     method = ctx.cfg.calibrate.method
     for s in range(len(stages) - 1):
-        stages[s].calibrator = make_calibrator(method).fit(logits["calib"][s][fit_rows], cal.labels[fit_rows])
-    test = _preds(ctx, "test")
+        stages[s].calibrator = make_calibrator(method).fit(
+            logits["calib"][s][split.calibrator], cal.labels[split.calibrator]
+        )
+    calibrator = load_calibrator(ctx.inputs["calibrate"])
 
-    def stage_probs(split: str, p: Predictions, rows: np.ndarray) -> list[np.ndarray]:
-        cals = [st.calibrator for st in stages[:-1] if st.calibrator is not None]
-        out = [cal.predict_proba(z[rows]) for cal, z in zip(cals, logits[split], strict=False)]
+    def stage_probs(split_name: str, p: Predictions, rows: np.ndarray) -> list[np.ndarray]:
+        out = [
+            st.calibrator.predict_proba(z[rows])  # type: ignore[union-attr]
+            for st, z in zip(stages[:-1], logits[split_name], strict=True)
+        ]
         sub = p.subset(rows)
-        return [*out, calibrate_proba(policy.calibrator, sub.logits, sub.slices)]
+        return [*out, calibrate_proba(calibrator, sub.logits, sub.slices)]
 
-    def stage_scores(split: str, rows: np.ndarray) -> list[np.ndarray | None]:
-        g = gates[split]
+    def stage_scores(split_name: str, rows: np.ndarray) -> list[np.ndarray | None]:
+        g = gates[split_name]
         return [None if g.get(s) is None else 1 / (1 + np.exp(-g[s][rows])) for s in range(len(stages))]  # type: ignore[index]
 
-    calib_probs = stage_probs("calib", cal, trust_rows)
-    floor = policy.abstention.threshold if np.isfinite(policy.abstention.threshold) else 0.5
-    if any(g is not None for g in gates["calib"].values()):
-        floor = 0.5  # a learned gate's score is not a confidence: the abstention floor does not apply to it
-    kw: dict[str, Any] = {
-        "mode": c.mode,
-        "target": c.target,
-        "delta": c.delta,
-        "floor": floor,
-        "scores": stage_scores("calib", trust_rows),
-    }
-    candidates: list[dict[str, Any]] = []
-    if c.select_stages:
-        cascade, candidates = select_cascade(stages, calib_probs, cal.labels[trust_rows], **kw)
-    else:
-        cascade = fit_cascade(stages, calib_probs, cal.labels[trust_rows], **kw)
+    gate_probs = stage_probs("calib", cal, split.gate)
+    scores = stage_scores("calib", split.gate)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RoadworkWarning)
+        cascade, candidates = certify_gate(c, stages, gate_probs, scores, cal.labels[split.gate])
+    notes = [str(w.message) for w in caught]
+    if len(cascade.stages) < 2:
+        notes.append(
+            "No earlier cascade stage pays for itself at the certified gate: every image goes to the model "
+            f"(certified on {int(split.gate.sum())} gate rows at {c.mode} ≤ {c.target:g}). Raise cascade.target or "
+            "add calibration images for a cheaper cascade."
+        )
     spec = {
         "enabled": True,
         **cascade.to_dict(),
         "candidates": candidates,
         "all_stages": [st.to_dict() for st in stages],
+        "rows": split.counts(),
+        "warnings": notes,
     }
-    (ctx.out / "cascade.json").write_text(json.dumps(spec, indent=2))
-    grid = gate_grid(1 / len(classes))  # the whole frontier for the report; the certified gate stays ≥ floor
+    write_json(ctx.out / "cascade.json", spec)
+    grid = gate_grid(1 / len(classes))  # the whole frontier for the report; the certified gate stays ≥ 0.5
     every = np.ones(len(test), bool)
     curves = {
-        "calib": cascade_curve(calib_probs, cal.labels[trust_rows], costs, grid, c.mode, kw["scores"]),
+        "calib": cascade_curve(gate_probs, cal.labels[split.gate], costs, grid, c.mode, scores),
         "test": cascade_curve(
             stage_probs("test", test, every), test.labels, costs, grid, c.mode, stage_scores("test", every)
         ),
     }
-    (ctx.out / "curves.json").write_text(
-        json.dumps({k: {m: v.tolist() for m, v in cur.items()} for k, cur in curves.items()})
+    write_json(
+        ctx.out / "curves.json", {k: {m: v.tolist() for m, v in cur.items()} for k, cur in curves.items()}
     )
     return {
         "stages": cascade.names,
         "threshold": cascade.threshold,
         "certified": cascade.certified,
         "calib_risk": cascade.calib_risk,
+        "warnings": notes,
     }

@@ -10,28 +10,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from roadwork.config import RunConfig, dump_config
-from roadwork.errors import ConfigError
+from roadwork.config import CalibrateConfig, RunConfig, dump_config
+from roadwork.errors import ConfigError, RoadworkWarning
+from roadwork.jsonio import write_json
 from roadwork.pipeline.runner import Stage, StageContext
 from roadwork.trust import (
     Predictions,
     SplitConformal,
     TrustPolicy,
-    certify_abstention,
     make_calibrator,
 )
-from roadwork.trust.calibration import Calibrator, SliceCalibrator, calibrate_proba, calibrator_from_dict
+from roadwork.trust.calibration import Calibrator, calibrate_proba, calibrator_from_dict
+from roadwork.trust.cascade import Cascade
 from roadwork.trust.selective import AbstentionCertificate
 
-__all__ = ["STAGES", "load_dataset", "load_policy"]
+__all__ = ["STAGES", "load_calibrator", "load_cascade", "load_dataset", "load_policy", "served_calib"]
 
 SPLITS_PREDICTED = ("val", "calib", "test")
 
@@ -215,39 +218,51 @@ def _preds(ctx: StageContext, split: str) -> Predictions:
 
 
 # --------------------------------------------------------------------------------------------- trust
+# What is served is what is certified: see roadwork.pipeline.certify for the construction (which calibration rows
+# fit the calibrators, which certify a cascade's gate, which fit the policy's thresholds on the served outputs).
 
 
-def _slice_column(p: Predictions, column: str, key: str) -> np.ndarray:
-    if column not in p.slices:
-        raise ConfigError(
-            f"{key}={column!r} is not a slice column of this dataset; it has "
-            f"{', '.join(sorted(p.slices)) or 'none'}. Set {key} to one of those (or null)."
-        )
-    return p.slices[column]
+def _calibration_checks(c: CalibrateConfig, cal: Predictions) -> tuple[bool, dict[str, Any]]:
+    """Does calibration help on held-out calibration rows? 5-fold cross-validation on the calibrator rows:
+    NLL and ECE of the fitted method vs the raw softmax. Returns (keep the method, the figures)."""
+    from roadwork.pipeline.certify import fit_calibrator
+    from roadwork.trust import metrics as M
+    from roadwork.trust._checks import softmax
 
-
-def _calibrator_rows(ids: np.ndarray, fraction: float) -> np.ndarray:
-    """Rows of the calibration split the calibrator is fitted on: a stable hash of the id below ``fraction``
-    (all rows at 1.0). The other rows fit the conformal threshold, abstention and risk control."""
-    if fraction >= 1:
-        return np.ones(len(ids), dtype=bool)
-    u = np.array([int(hashlib.sha256(f"calibrator:{i}".encode()).hexdigest()[:15], 16) for i in ids]) / 16**15
-    return u < fraction
-
-
-def _fit_fraction(cfg: RunConfig) -> float:
-    c = cfg.calibrate
-    if c.fit_fraction is not None:
-        return c.fit_fraction
-    shared = c.method in ("none", "temperature") and not c.per_slice  # ≤ 1 parameter: share all rows
-    return 1.0 if shared else 0.3
+    if c.method == "none" or len(cal) < 50:
+        return True, {}
+    folds = np.arange(len(cal)) % 5
+    folds = np.random.default_rng(0).permutation(folds)
+    cv = np.zeros((len(cal), cal.n_classes))
+    for f in range(5):
+        fit, held = folds != f, folds == f
+        part = cal.subset(fit)
+        try:
+            cv[held] = calibrate_proba(
+                fit_calibrator(c, part),
+                cal.logits[held],
+                {k: v[held] for k, v in cal.slices.items()},
+            )
+        except Exception:  # a fold too small for the method: no verdict
+            return True, {}
+    raw = softmax(cal.logits)
+    figures = {
+        "cv_nll_calibrated": M.nll(cv, cal.labels),
+        "cv_nll_uncalibrated": M.nll(raw, cal.labels),
+        "cv_ece_calibrated": M.ece(cv, cal.labels),
+        "cv_ece_uncalibrated": M.ece(raw, cal.labels),
+    }
+    keep = figures["cv_nll_calibrated"] <= figures["cv_nll_uncalibrated"]
+    return keep, figures
 
 
 def stage_calibrate(ctx: StageContext) -> dict[str, Any]:
+    from roadwork.pipeline.certify import fit_calibrator, fit_fraction, row_split
+
     cal = _preds(ctx, "calib")
     c = ctx.cfg.calibrate
-    fraction = _fit_fraction(ctx.cfg)
-    rows = _calibrator_rows(cal.ids, fraction)
+    fraction = fit_fraction(ctx.cfg)
+    rows = row_split(cal.ids, fraction, None).calibrator
     if fraction < 1 and (rows.sum() < 20 or (~rows).sum() < 20):
         raise ConfigError(
             f"calibrate.fit_fraction={fraction:g} leaves {int(rows.sum())} calibration rows for the calibrator "
@@ -255,119 +270,129 @@ def stage_calibrate(ctx: StageContext) -> dict[str, Any]:
             "calibrate.fit_fraction=1 (share all rows)."
         )
     fit = cal.subset(rows)
-    calibrator: Calibrator
-    if c.per_slice:
-        groups = _slice_column(fit, c.per_slice, "calibrate.per_slice")
-        calibrator = SliceCalibrator(c.method, c.per_slice, min_count=c.min_slice_count).fit(
-            fit.logits, fit.labels, groups
+    calibrator = fit_calibrator(c, fit)
+    keep, figures = _calibration_checks(c, fit)
+    warnings_: list[str] = []
+    if not keep:
+        warnings_.append(
+            f"Calibration ({c.method}) made held-out NLL worse in 5-fold cross-validation on the calibration rows "
+            f"({figures['cv_nll_calibrated']:.4f} vs {figures['cv_nll_uncalibrated']:.4f} uncalibrated), so the "
+            "uncalibrated probabilities are kept (calibrate.method=none). The model's confidence carries little "
+            "signal: add data or train a stronger model (a pretrained backbone)."
         )
-    else:
-        calibrator = make_calibrator(c.method).fit(fit.logits, fit.labels)
-    (ctx.out / "calibrator.json").write_text(json.dumps(calibrator.to_dict(), indent=2))
+        calibrator = make_calibrator("none").fit(fit.logits, fit.labels)
+    elif figures and figures["cv_ece_calibrated"] > figures["cv_ece_uncalibrated"]:
+        warnings_.append(
+            f"Calibration ({c.method}) lowers held-out NLL but raises held-out ECE in cross-validation on the "
+            f"calibration rows ({figures['cv_ece_uncalibrated']:.3f} → {figures['cv_ece_calibrated']:.3f}). Try "
+            "calibrate.method=auto, or more calibration data."
+        )
+    write_json(ctx.out / "calibrator.json", calibrator.to_dict())
     split = {
         "fit_fraction": fraction,
         "n_calibrator": int(rows.sum()),
         "n_trust": int((~rows).sum() or len(cal)),
     }
-    (ctx.out / "split.json").write_text(json.dumps(split, indent=2))
-    return {**calibrator.to_dict(), "rows": split}
+    write_json(ctx.out / "split.json", split)
+    write_json(ctx.out / "checks.json", {"kept": keep, **figures, "warnings": warnings_})
+    return {**calibrator.to_dict(), "rows": split, "warnings": warnings_}
 
 
-def _trust_calib(ctx: StageContext) -> Predictions:
-    """The calibration rows that fit conformal, abstention and risk control (disjoint from the calibrator's
-    rows unless the calibrator shares them, ``fit_fraction`` 1)."""
+def load_calibrator(calibrate_dir: Path) -> Calibrator:
+    """The calibrate stage's calibrator."""
+    return calibrator_from_dict(json.loads((calibrate_dir / "calibrator.json").read_text()))
+
+
+def load_cascade(cascade_dir: Path) -> Cascade | None:
+    """The cascade stage's certified cascade (None when the cascade is off)."""
+    spec = json.loads((cascade_dir / "cascade.json").read_text())
+    if not spec.get("enabled"):
+        return None
+    return Cascade.from_dict(spec)
+
+
+def served_calib(ctx: StageContext) -> tuple[Predictions, np.ndarray, Cascade | None, list[np.ndarray]]:
+    """The policy rows of the calibration split and the served path's calibrated probabilities on them (the
+    cascade's composite when there is one), with the cascade and its earlier stages' outputs on those rows."""
+    from roadwork.pipeline.cascade_stages import stage_outputs
+    from roadwork.pipeline.certify import fit_fraction, row_split, served_probs
+
     cal = _preds(ctx, "calib")
-    fraction = json.loads((ctx.inputs["calibrate"] / "split.json").read_text())["fit_fraction"]
-    return cal if fraction >= 1 else cal.subset(~_calibrator_rows(cal.ids, fraction))
-
-
-def _calibrated_calib(ctx: StageContext) -> tuple[Predictions, np.ndarray]:
-    cal = _trust_calib(ctx)
-    calibrator = calibrator_from_dict(json.loads((ctx.inputs["calibrate"] / "calibrator.json").read_text()))
-    return cal, calibrate_proba(calibrator, cal.logits, cal.slices)
+    cascade = load_cascade(ctx.inputs["cascade"])
+    gate = ctx.cfg.cascade.gate_fraction if cascade is not None else None
+    split = row_split(cal.ids, fit_fraction(ctx.cfg), gate)
+    pol = cal.subset(split.policy)
+    if cascade is not None and len(cascade.stages) < 2:
+        cascade = None
+    early = (
+        []
+        if cascade is None
+        else [
+            stage_outputs(ctx.inputs["cascade_models"], st, "calib")[split.policy]
+            for st in cascade.stages[:-1]
+        ]
+    )
+    probs, _ = served_probs(load_calibrator(ctx.inputs["calibrate"]), cascade, early, pol.logits, pol.slices)
+    return pol, probs, cascade, early
 
 
 def stage_conformal(ctx: StageContext) -> dict[str, Any]:
-    cal, probs = _calibrated_calib(ctx)
-    c = ctx.cfg.conformal
-    conf = SplitConformal(
-        alpha=c.alpha,
-        score=c.method,
-        randomized=c.randomized,
-        mondrian=None if c.mondrian == "none" else c.mondrian,
-        allow_empty=c.allow_empty,
-        label_noise=c.label_noise,
-        group_by=c.group_by,
-    ).fit(probs, cal.labels, _slice_column(cal, c.group_by, "conformal.group_by") if c.group_by else None)
-    (ctx.out / "conformal.json").write_text(json.dumps(conf.to_dict(), indent=2))
-    return conf.to_dict()
+    from roadwork.pipeline.certify import fit_conformal
+
+    cal, probs, _, _ = served_calib(ctx)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RoadworkWarning)
+        conf = fit_conformal(ctx.cfg.conformal, probs, cal)
+    notes = [str(w.message) for w in caught]
+    if math.isinf(conf.threshold_):
+        need = math.ceil(1 / conf.alpha - 1)
+        notes.append(
+            f"The conformal threshold is unbounded: {cal.labels.size} calibration rows are too few for "
+            f"conformal.alpha={conf.alpha:g} (at least {need} per group are needed), so every prediction set is "
+            "the full label set. Raise conformal.alpha or add calibration data."
+        )
+    write_json(ctx.out / "conformal.json", conf.to_dict())
+    return {**conf.to_dict(), "warnings": notes}
 
 
 def stage_selective(ctx: StageContext) -> dict[str, Any]:
-    cal, probs = _calibrated_calib(ctx)
-    s = ctx.cfg.selective
-    cert = certify_abstention(
-        probs.max(axis=1),
-        probs.argmax(axis=1) == cal.labels,
-        target_risk=s.target_risk,
-        delta=s.delta,
-        n_classes=cal.n_classes,
-        method=s.method,
-    )
-    (ctx.out / "selective.json").write_text(json.dumps(cert.to_dict(), indent=2))
-    return cert.to_dict()
+    from roadwork.pipeline.certify import abstention_warnings, fit_abstention
+
+    cal, probs, _, _ = served_calib(ctx)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always", RoadworkWarning)  # said once, with advice, below
+        cert = fit_abstention(ctx.cfg.selective, probs, cal)
+    write_json(ctx.out / "selective.json", cert.to_dict())
+    return {**cert.to_dict(), "warnings": abstention_warnings(cert, len(cal))}
 
 
 def stage_policy(ctx: StageContext) -> dict[str, Any]:
-    from roadwork.trust.operating import fit_operating_point
-    from roadwork.trust.risk import FalseNegativeControl
+    from roadwork.pipeline.certify import fit_risk, positive_class
 
-    cal, probs = _calibrated_calib(ctx)
-    classes = cal.classes
-    positive = (
-        "roadwork" if classes == ["no_roadwork", "roadwork"] else (classes[1] if len(classes) == 2 else None)
-    )
-    op, fnr = None, None
-    pc = ctx.cfg.policy
-    if positive is None and (pc.operating_point != "none" or pc.max_miss_rate is not None):
-        raise ConfigError(
-            f"policy.operating_point and policy.max_miss_rate need two classes; this task has {len(classes)}. "
-            "Set policy.operating_point=none and policy.max_miss_rate=null."
-        )
-    if positive is not None and pc.max_miss_rate is not None:
-        fnr = FalseNegativeControl(alpha=pc.max_miss_rate, positive=classes.index(positive)).fit(
-            probs, cal.labels
-        )
-    if pc.operating_point != "none":
-        assert positive is not None
-        k = classes.index(positive)
-        op = fit_operating_point(
-            probs[:, k],
-            cal.labels == k,
-            criterion=pc.operating_point,
-            target=pc.target,
-        )
+    cal, probs, cascade, _ = served_calib(ctx)
+    op, fnr = fit_risk(ctx.cfg.policy, probs, cal)
     policy = TrustPolicy(
-        classes=classes,
-        calibrator=calibrator_from_dict(
-            json.loads((ctx.inputs["calibrate"] / "calibrator.json").read_text())
-        ),
+        classes=cal.classes,
+        calibrator=load_calibrator(ctx.inputs["calibrate"]),
         conformal=SplitConformal.from_dict(
             json.loads((ctx.inputs["conformal"] / "conformal.json").read_text())
         ),
         abstention=AbstentionCertificate.from_dict(
             json.loads((ctx.inputs["selective"] / "selective.json").read_text())
         ),
-        positive_class=positive,
+        positive_class=positive_class(cal.classes),
         operating_point=op,
         risk_control=fnr,
+        cascade=cascade,
     )
     policy.save(ctx.out / "policy.json")
     return {
-        "classes": classes,
-        "positive_class": positive,
+        "classes": cal.classes,
+        "positive_class": policy.positive_class,
         "operating_point": op and op.to_dict(),
         "risk_control": fnr and fnr.to_dict(),
+        "served": "cascade " + " → ".join(cascade.names) if cascade is not None else "model alone",
+        "n_policy_rows": len(cal),
     }
 
 
@@ -415,11 +440,7 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
             )
     policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
     extra: dict[str, Path] = {}
-    spec = json.loads((ctx.inputs["cascade"] / "cascade.json").read_text())
-    if spec.get("enabled"):
-        from roadwork.trust.cascade import Cascade
-
-        policy.cascade = Cascade.from_dict(spec)
+    if policy.cascade is not None:
         for st in policy.cascade.stages[:-1]:
             for name in (st.file, st.info.get("card")):
                 if name:
@@ -438,8 +459,15 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
         )
         q_path = ctx.out / "model-int8.onnx.tmp"
         q_info = quantize_int8(onnx_path, q_path, mode=e.int8, calibration=calib_x)
-        info["int8"] = q_info | _variant_quality(ctx, card, policy, {"fp32": onnx_path, "int8": q_path})
+        # precision changes the outputs: the int8 model gets its own policy, certified on its own outputs
+        q_policy, q_report = _variant_policy(ctx, card, policy, q_path)
+        q_policy_path = ctx.out / "policy-int8.json"
+        q_policy.save(q_policy_path)
+        extra["policy-int8.json"] = q_policy_path
+        info["int8"] = q_info | {"policy": "policy-int8.json", "certified_on": q_report["rows"]}
+        info["int8"] |= _variant_quality(ctx, card, {"fp32": (onnx_path, policy), "int8": (q_path, q_policy)})
         info["int8"]["size_mb"] = round(q_path.stat().st_size / 2**20, 3)
+        info["int8"]["warnings"] = q_report["warnings"]
         variants["int8"] = (q_path, info["int8"])
     info["size_mb"] = round(onnx_path.stat().st_size / 2**20, 3)
     write_bundle(
@@ -458,53 +486,82 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
         info["triton"] = str(Path("export") / "triton" / ctx.cfg.name)
     onnx_path.unlink()
     (ctx.out / "reference.json").unlink()
+    (ctx.out / "policy-int8.json").unlink(missing_ok=True)
     for path, _ in variants.values():
         path.unlink()
     return info
 
 
 def _drift_reference(ctx: StageContext, policy: TrustPolicy, path: Path) -> Path:
-    """The calibration split through the served policy (the cascade too, when there is one): what
-    ``roadwork monitor`` compares served traffic with."""
+    """The policy rows of the calibration split through the served policy (the cascade too, when there is
+    one): what ``roadwork monitor`` compares served traffic with."""
     from roadwork.monitor.drift import reference_table
 
-    cal = _trust_calib(ctx)
-    if policy.cascade is not None:
-        from roadwork.pipeline.cascade_stages import stage_outputs
-
-        full = _preds(ctx, "calib")
-        rows = np.flatnonzero(np.isin(full.ids, cal.ids))
-        outs = [
-            stage_outputs(ctx.inputs["cascade_models"], st, "calib")[rows]
-            for st in policy.cascade.stages[:-1]
-        ]
-        out = policy.apply_cascade(
-            lambda s, r: outs[s][r] if s < len(outs) else cal.logits[r], len(cal), cal.slices
-        )
+    cal, _, cascade, early = served_calib(ctx)
+    if cascade is not None:
+        outs = [*early, cal.logits]
+        out = policy.apply_cascade(lambda s, r: outs[s][r], len(cal), cal.slices)
     else:
         out = policy.apply(cal.logits, cal.slices)
     df = reference_table(out.probs, out.sets, out.abstain, cal.classes, cal.slices)
     if out.stage is not None and out.stage_names is not None:
         df["stage"] = [out.stage_names[s] for s in out.stage]
-    path.write_text(json.dumps({"schema": 1, "split": "calib", "rows": df.to_dict(orient="records")}))
+    write_json(path, {"schema": 1, "split": "calib", "rows": df.to_dict(orient="records")}, indent=None)
     return path
 
 
-def _variant_quality(
-    ctx: StageContext, card: Any, policy: TrustPolicy, models: dict[str, Path]
-) -> dict[str, Any]:
-    """Accuracy and ECE of each model file on the test split (through the same policy), and the change."""
+def _model_logits(path: Path, card: Any, paths: list[str]) -> np.ndarray:
     from roadwork.data.preprocess import load_rgb, preprocess
     from roadwork.export.onnx import onnx_logits, onnx_session
+
+    session = onnx_session(path)
+    out = [
+        onnx_logits(session, preprocess([load_rgb(p) for p in paths[i : i + 256]], card.preprocess))
+        for i in range(0, len(paths), 256)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, len(card.classes)))
+
+
+def _variant_policy(
+    ctx: StageContext, card: Any, policy: TrustPolicy, model_path: Path
+) -> tuple[TrustPolicy, dict[str, Any]]:
+    """A model variant's own policy: its logits on the calibration split through the same chain the pipeline
+    runs for the fp32 model (calibrator, the cascade's gate re-certified with this model last, thresholds)."""
+    from roadwork.pipeline.cascade_stages import stage_outputs
+    from roadwork.pipeline.certify import certify_served
+
+    cal = _preds(ctx, "calib")
+    df, _ = load_dataset(ctx.inputs["data"])
+    part = df.set_index("id").loc[cal.ids].reset_index()
+    logits = _model_logits(model_path, card, _abs_paths(part, ctx.inputs["data"]))
+    variant = Predictions(cal.ids, cal.labels, logits, cal.classes, cal.slices)
+    early = (
+        []
+        if policy.cascade is None
+        else [stage_outputs(ctx.inputs["cascade_models"], st, "calib") for st in policy.cascade.stages[:-1]]
+    )
+    cascade = None
+    if policy.cascade is not None:
+        cascade = Cascade.from_dict(policy.cascade.to_dict())
+    elif load_cascade(ctx.inputs["cascade"]) is not None:  # a cascade that kept the model alone: same rows
+        cascade = load_cascade(ctx.inputs["cascade"])
+    return certify_served(ctx.cfg, variant, cascade=cascade, early=early)
+
+
+def _variant_quality(
+    ctx: StageContext, card: Any, models: dict[str, tuple[Path, TrustPolicy]]
+) -> dict[str, Any]:
+    """Accuracy and ECE of each model file on the test split (the model alone, through its own policy's
+    calibrator), and the change."""
     from roadwork.trust import metrics as M
 
     df, _ = load_dataset(ctx.inputs["data"])
     test = df[df["split"] == "test"]
-    x = preprocess([load_rgb(p) for p in _abs_paths(test, ctx.inputs["data"])], card.preprocess)
+    paths = _abs_paths(test, ctx.inputs["data"])
     y = _labels(test, card.classes)
     out: dict[str, Any] = {}
-    for name, path in models.items():
-        probs = policy.apply(onnx_logits(onnx_session(path), x)).probs
+    for name, (path, pol) in models.items():
+        probs = pol.apply(_model_logits(path, card, paths)).probs
         out[f"test_accuracy_{name}"] = M.accuracy(probs, y)
         out[f"test_ece_{name}"] = M.ece(probs, y)
     out["test_accuracy_change"] = out["test_accuracy_int8"] - out["test_accuracy_fp32"]
@@ -521,24 +578,33 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
         calibration_comparison,
         compute_metrics,
         conformal_comparison,
+        model_alone_metrics,
     )
     from roadwork.evaluation.plots import confusion_png, image_grid_png, reliability_png, risk_coverage_png
     from roadwork.evaluation.report import render_html, render_model_card
+    from roadwork.export.bundle import Bundle
     from roadwork.trust._checks import softmax
 
     t0 = time.perf_counter()
     cfg = ctx.cfg
     test = _preds(ctx, "test")
-    policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
-    metrics = compute_metrics(test, policy, n_bins=cfg.evaluate.ece_bins)
+    # the artefact users run: the exported bundle, end to end (ONNX Runtime, cascade, policy), on the test images
+    bundle = Bundle.load(ctx.inputs["export"] / "bundle")
+    policy = bundle.policy
+    df, _ = load_dataset(ctx.inputs["data"])
+    path_of = dict(zip(df["id"], _abs_paths(df, ctx.inputs["data"]), strict=True))
+    out = bundle.predict_output([path_of[i] for i in test.ids], slices=test.slices or None)
+    metrics = compute_metrics(test, policy, out=out, n_bins=cfg.evaluate.ece_bins)
+    metrics["served"] = {
+        "what": "the exported bundle (fp32), run end to end on the test images",
+        "path": " → ".join(policy.cascade.names) if policy.cascade is not None else "model",
+        "stage_share": _stage_share(out, policy),
+    }
+    metrics["model_alone"] = model_alone_metrics(test, policy, n_bins=cfg.evaluate.ece_bins)
     metrics["calibration_comparison"] = calibration_comparison(
         _preds(ctx, "calib"), test, n_bins=cfg.evaluate.ece_bins
     )
-    metrics["conformal_comparison"] = conformal_comparison(_trust_calib(ctx), test, policy)
-    out = policy.apply(test.logits, test.slices)
-    df, _ = load_dataset(ctx.inputs["data"])
-    path_of = dict(zip(df["id"], _abs_paths(df, ctx.inputs["data"]), strict=True))
-
+    metrics["conformal_comparison"] = conformal_comparison(served_calib(ctx)[0], test, policy)
     figures: dict[str, tuple[bytes, str]] = {
         "reliability": (
             reliability_png(softmax(test.logits), out.probs, test.labels, cfg.evaluate.ece_bins),
@@ -596,22 +662,22 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     timing["evaluate"] = time.perf_counter() - t0
     metrics["timing"] = timing
     spec = json.loads((ctx.inputs["cascade"] / "cascade.json").read_text())
-    if spec.get("enabled"):
+    if policy.cascade is not None:
         from roadwork.evaluation.cascade import cascade_metrics
         from roadwork.pipeline.cascade_stages import stage_outputs
-        from roadwork.trust.cascade import Cascade
 
-        cpolicy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
-        cpolicy.cascade = Cascade.from_dict(spec)
         stage_logits = [
-            stage_outputs(ctx.inputs["cascade_models"], st, "test") for st in cpolicy.cascade.stages[:-1]
+            stage_outputs(ctx.inputs["cascade_models"], st, "test") for st in policy.cascade.stages[:-1]
         ]
         curves = json.loads((ctx.inputs["cascade"] / "curves.json").read_text())
-        metrics["cascade"], _ = cascade_metrics(cpolicy, [*stage_logits, test.logits], test, curves)
+        metrics["cascade"], _ = cascade_metrics(
+            policy, [*stage_logits, test.logits], test, curves, served=out
+        )
         metrics["cascade"]["candidates"] = spec.get("candidates", [])
+    metrics["warnings"] = _run_warnings(ctx)
     bundle_manifest = json.loads((ctx.inputs["export"] / "bundle" / "manifest.json").read_text())
     metrics["export"] = bundle_manifest["export"]
-    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(ctx.out / "metrics.json", metrics)
     pd.DataFrame([{"slice": k, **v} for k, v in metrics["slices"].items()]).to_csv(
         ctx.out / "slices.csv", index=False
     )
@@ -631,6 +697,23 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
         )
     )
     return {"accuracy": metrics["test"]["accuracy"]}
+
+
+def _stage_share(out: Any, policy: TrustPolicy) -> dict[str, float]:
+    if out.stage is None or policy.cascade is None:
+        return {"model": 1.0}
+    share = np.bincount(out.stage, minlength=len(policy.cascade.stages)) / max(len(out.stage), 1)
+    return {name: float(x) for name, x in zip(policy.cascade.names, share, strict=True)}
+
+
+def _run_warnings(ctx: StageContext) -> list[str]:
+    """Every degenerate-outcome warning the trust stages recorded, in stage order, once each."""
+    found: list[str] = []
+    for name in ("calibrate", "cascade", "conformal", "selective", "policy"):
+        path = ctx.inputs[name] / "manifest.json"
+        if path.is_file():
+            found += json.loads(path.read_text()).get("info", {}).get("warnings", []) or []
+    return list(dict.fromkeys(found))
 
 
 def _cascade_models(ctx: StageContext) -> dict[str, Any]:
@@ -654,15 +737,8 @@ STAGES: list[Stage] = [
     Stage("data", (), ("data",), stage_data, fingerprint=_source_fingerprint, code=_code("data")),
     Stage("train", ("data",), ("model", "train"), stage_train, code=_code("data", "models", "training")),
     Stage("predict", ("data", "train"), (), stage_predict, code=_code("data", "models", "training", "trust")),
-    Stage("calibrate", ("predict",), ("calibrate",), stage_calibrate, code=_code("trust")),
-    Stage("conformal", ("predict", "calibrate"), ("conformal",), stage_conformal, code=_code("trust")),
-    Stage("selective", ("predict", "calibrate"), ("selective",), stage_selective, code=_code("trust")),
     Stage(
-        "policy",
-        ("predict", "calibrate", "conformal", "selective"),
-        ("policy",),
-        stage_policy,
-        code=_code("trust"),
+        "calibrate", ("predict",), ("calibrate",), stage_calibrate, code=_code("trust", "pipeline/certify.py")
     ),
     Stage(
         "cascade_models",
@@ -683,17 +759,39 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "cascade",
-        ("predict", "calibrate", "policy", "cascade_models"),
+        ("predict", "calibrate", "cascade_models"),
         ("cascade", "calibrate"),
         _cascade,
-        code=_code("trust", "pipeline/cascade_stages.py"),
+        code=_code("trust", "pipeline/cascade_stages.py", "pipeline/certify.py"),
+    ),
+    # the policy's thresholds are certified on the served path's outputs: after the cascade, on other rows
+    Stage(
+        "conformal",
+        ("predict", "calibrate", "cascade_models", "cascade"),
+        ("conformal", "calibrate", "cascade.gate_fraction"),
+        stage_conformal,
+        code=_code("trust", "pipeline/certify.py", "pipeline/cascade_stages.py"),
+    ),
+    Stage(
+        "selective",
+        ("predict", "calibrate", "cascade_models", "cascade"),
+        ("selective", "calibrate", "cascade.gate_fraction"),
+        stage_selective,
+        code=_code("trust", "pipeline/certify.py", "pipeline/cascade_stages.py"),
+    ),
+    Stage(
+        "policy",
+        ("predict", "calibrate", "conformal", "selective", "cascade_models", "cascade"),
+        ("policy", "calibrate", "cascade.gate_fraction"),
+        stage_policy,
+        code=_code("trust", "pipeline/certify.py", "pipeline/cascade_stages.py"),
     ),
     Stage(
         "export",
         ("data", "train", "predict", "calibrate", "policy", "cascade", "cascade_models"),
-        ("export",),
+        ("export", "calibrate", "conformal", "selective", "policy", "cascade.gate_fraction"),
         stage_export,
-        code=_code("data", "models", "export", "trust"),
+        code=_code("data", "models", "export", "trust", "pipeline/certify.py"),
     ),
     Stage(
         "evaluate",
@@ -711,6 +809,6 @@ STAGES: list[Stage] = [
         ),
         ("evaluate",),
         stage_evaluate,
-        code=_code("data", "evaluation", "trust"),
+        code=_code("data", "evaluation", "trust", "export"),
     ),
 ]

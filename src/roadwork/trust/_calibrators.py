@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from roadwork.errors import InputError, NotFittedError
+from roadwork.errors import InputError, NotFittedError, bad_value
 from roadwork.trust._checks import check_labels, check_logits, log_softmax, softmax
 
 Family = Literal["classwise_temperature", "vector", "matrix", "dirichlet"]
@@ -196,7 +196,13 @@ class _OneVsRest(ABC):
     def predict_proba(self, logits: object) -> np.ndarray:
         if not hasattr(self, "maps_"):
             raise NotFittedError(self)
-        p = softmax(check_logits(logits, f"{type(self).__name__}.predict_proba"))
+        where = f"{type(self).__name__}.predict_proba"
+        z = check_logits(logits, where)
+        if z.shape[1] != self.k_:
+            raise bad_value(
+                "logits", where, f"{self.k_} columns (the classes it was fitted on)", f"{z.shape[1]} columns"
+            )
+        p = softmax(z)
         if self.k_ == 2:
             q1 = np.clip(self._apply_1d(p[:, 1], self.maps_[1]), 0.0, 1.0)
             return np.stack([1.0 - q1, q1], axis=1)

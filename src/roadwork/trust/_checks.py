@@ -28,6 +28,7 @@ def check_logits(logits: object, where: str, name: str = "logits") -> np.ndarray
 
 
 def check_probs(probs: object, where: str, name: str = "probs") -> np.ndarray:
+    dtype = getattr(probs, "dtype", None)
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] < 2 or p.size == 0:
         return check_logits(p, where, name)  # the shape error (or an empty array, which is fine)
@@ -37,9 +38,16 @@ def check_probs(probs: object, where: str, name: str = "probs") -> np.ndarray:
     if not sums_ok and not np.isfinite(p).all():
         check_logits(p, where, name)  # names the rows with NaN or inf
     if not sums_ok or not p.min() >= 0:
+        low = dtype is not None and np.dtype(dtype).kind == "f" and np.dtype(dtype).itemsize < 4
+        hint = (
+            f" They are {np.dtype(dtype).name}, whose rounding moves row sums by up to ~1e-3: compute the "
+            "softmax in float32/float64 (or pass logits)."
+            if low
+            else " Pass softmax outputs, or pass logits to the logits argument instead."
+        )
         raise InputError(
             f"The '{name}' parameter of {where} must hold probabilities in [0, 1] whose rows sum "
-            "to 1. Pass softmax outputs, or pass logits to the logits argument instead."
+            f"to 1 (within 1e-6).{hint}"
         )
     return p
 

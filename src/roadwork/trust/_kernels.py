@@ -60,9 +60,13 @@ def use_for(p: np.ndarray) -> bool:
     return available() and p.size >= MIN_SIZE
 
 
+# The reads that validate (row sums, NaN/inf) may reassociate the sums (so they vectorise) but must not assume
+# finite values: numba's full fastmath includes LLVM's nnan/ninf, under which a NaN test may be folded away.
+SAFE_FASTMATH = {"reassoc", "nsz", "arcp", "contract"}
+
 if njit is not None:
 
-    @njit(fastmath=True, cache=True)
+    @njit(fastmath=SAFE_FASTMATH, cache=True)
     def _first_read(row: Any, cuts: Any, ms: Any, code: Any) -> Any:
         """The one read of a row from memory: its sum and negative count (validation) and, for each of the
         :data:`CUTS` increasing cuts, the mass at or above it; ``code[j]`` = how many cuts lie at or below ``row[j]``
@@ -456,7 +460,7 @@ if njit is not None:
                     c = lo
                 missed = not inside
 
-    @njit(fastmath=True, cache=True)
+    @njit(fastmath=SAFE_FASTMATH, cache=True)
     def _lac_row(row: Any, cut: Any, out_row: Any) -> Any:
         """``out_row = row >= cut`` with the row's sum and negative count, in one vectorised pass."""
         s = 0.0

@@ -36,8 +36,10 @@ from typing import Any, Literal
 import numpy as np
 
 from roadwork.errors import InputError, RoadworkWarning
+from roadwork.jsonio import threshold_from_json, threshold_to_json
 from roadwork.trust._checks import check_labels, check_level
 from roadwork.trust.calibration import Calibrator, calibrator_from_dict
+from roadwork.trust.selective import binomial_pvalue
 
 __all__ = [
     "Cascade",
@@ -115,7 +117,8 @@ class Cascade:
         return {
             "schema": 1,
             "stages": [s.to_dict() for s in self.stages],
-            "threshold": self.threshold,
+            "threshold": threshold_to_json(self.threshold),
+            "early_exit": math.isfinite(self.threshold),  # false: every image goes to the last stage
             "mode": self.mode,
             "target": self.target,
             "delta": self.delta,
@@ -129,7 +132,7 @@ class Cascade:
     def from_dict(cls, d: dict[str, Any]) -> Cascade:
         return cls(
             stages=[CascadeStage.from_dict(s) for s in d["stages"]],
-            threshold=float(d["threshold"]),
+            threshold=threshold_from_json(d["threshold"]),
             mode=d["mode"],
             target=float(d["target"]),
             delta=float(d["delta"]),
@@ -166,9 +169,7 @@ def _losses(stage: np.ndarray, preds: Sequence[np.ndarray], labels: np.ndarray, 
 
 
 def _pvalue(errors: int, n: int, target: float) -> float:
-    from scipy.stats import binom
-
-    return float(binom.cdf(errors, n, target)) if n else 1.0
+    return float(binomial_pvalue(errors, n, target))
 
 
 def _exit_scores(probs: Sequence[np.ndarray], scores: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
@@ -343,15 +344,18 @@ def select_cascade(
             best = (cost, c)
     chosen = best[1]
     if chosen is None:  # nothing beats the model alone: a cascade of one stage (every image to the model)
+        # what was measured for it: the model alone's risk on these rows (0 in match mode by definition)
+        preds = probs[last].argmax(axis=1)
+        losses = _losses(np.zeros(len(y), dtype=np.intp), [preds], y, mode)
         chosen = Cascade(
             stages=[stages[last]],
             threshold=math.inf,
             mode=mode,
             target=target,
             delta=delta,
-            certified=True,
-            bound_pvalue=0.0,
-            calib_risk=0.0,
+            certified=bool(_pvalue(int(losses.sum()), len(y), target) <= delta),
+            bound_pvalue=_pvalue(int(losses.sum()), len(y), target),
+            calib_risk=float(losses.mean()) if len(y) else 0.0,
             n_calib=len(y),
         )
     chosen.delta = delta  # the family-wise level; each candidate was tested at delta / m

@@ -38,7 +38,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from roadwork.errors import InputError, NotFittedError, RoadworkWarning
+from roadwork.errors import InputError, NotFittedError, RoadworkWarning, bad_value
+from roadwork.jsonio import threshold_from_json, threshold_to_json
 from roadwork.trust._checks import check_labels, check_level, check_probs
 from roadwork.trust._hashing import seed_mix, splitmix64
 
@@ -52,6 +53,11 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     """The ⌈(n+1)(1-α)⌉-th smallest of ``scores`` (+∞ with a warning when that exceeds n)."""
     alpha = check_level(alpha, "alpha", "conformal_quantile")
     s = np.asarray(scores, dtype=np.float64).ravel()
+    if np.isnan(s).any():
+        raise InputError(
+            f"The 'scores' parameter of conformal_quantile contains NaN in {int(np.isnan(s).sum())} place(s); "
+            "a conformal threshold needs a score for every calibration row. Remove those rows."
+        )
     n = s.size
     k = math.ceil((n + 1) * (1 - alpha) - 1e-12)  # epsilon: (n+1)(1-α) computed a hair above an integer
     if k > n:
@@ -265,6 +271,21 @@ class SplitConformal:
             raise InputError(
                 f"The 'label_noise' parameter of {where} must be a rate in [0, 1). Got {self.label_noise!r}."
             )
+        if self.score == "raps":
+            tf = self.tune_fraction
+            if isinstance(tf, bool) or not isinstance(tf, int | float) or not 0 < tf < 1:
+                raise bad_value(
+                    "tune_fraction",
+                    where,
+                    "a float in (0, 1): the share of rows that tune RAPS' k_reg/lam",
+                    tf,
+                )
+            if self.lam is not None and (not isinstance(self.lam, int | float) or not self.lam >= 0):
+                raise bad_value("lam", where, "a float >= 0 (or None to tune it)", self.lam)
+            if self.k_reg is not None and (
+                isinstance(self.k_reg, bool) or not isinstance(self.k_reg, int | np.integer) or self.k_reg < 0
+            ):
+                raise bad_value("k_reg", where, "an integer >= 0 (or None to tune it)", self.k_reg)
         if self.label_noise and self.mondrian == "class":
             raise InputError(
                 f"{where}: label_noise with mondrian='class' is not supported (noise moves rows between "
@@ -424,9 +445,10 @@ class SplitConformal:
             "seed": self.seed,
             "label_noise": self.label_noise,
             "group_by": self.group_by,
-            "threshold": self.threshold_,
-            "thresholds": [float(t) for t in self.thresholds_],
-            "group_thresholds": self.group_thresholds_,
+            "threshold": threshold_to_json(self.threshold_),
+            "sets": "full" if math.isinf(self.threshold_) else "thresholded",  # null threshold: every label
+            "thresholds": [threshold_to_json(float(t)) for t in self.thresholds_],
+            "group_thresholds": {k: threshold_to_json(v) for k, v in self.group_thresholds_.items()},
             "n": self.n_,
         }
 
@@ -443,9 +465,11 @@ class SplitConformal:
             group_by=d.get("group_by"),
         )
         obj.k_reg_, obj.lam_ = int(d.get("k_reg", 0)), float(d.get("lam", 0.0))
-        obj.threshold_ = float(d["threshold"])  # json writes +inf as Infinity, which float() reads back
-        obj.thresholds_ = np.array([float(t) for t in d["thresholds"]], dtype=np.float64)
-        obj.group_thresholds_ = {str(k): float(v) for k, v in d.get("group_thresholds", {}).items()}
+        obj.threshold_ = threshold_from_json(d["threshold"])  # null: unbounded (every label in the set)
+        obj.thresholds_ = np.array([threshold_from_json(t) for t in d["thresholds"]], dtype=np.float64)
+        obj.group_thresholds_ = {
+            str(k): threshold_from_json(v) for k, v in (d.get("group_thresholds") or {}).items()
+        }
         obj.n_ = int(d["n"])
         obj.n_classes_ = len(obj.thresholds_)
         return obj

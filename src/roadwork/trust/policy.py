@@ -7,7 +7,7 @@ and the bundle all call :meth:`TrustPolicy.apply`, so offline metrics are the me
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from roadwork.errors import ArtifactError, InputError
+from roadwork.jsonio import dumps
 from roadwork.trust._checks import check_logits
 from roadwork.trust.calibration import Calibrator, SliceCalibrator, calibrate_proba, calibrator_from_dict
 from roadwork.trust.cascade import Cascade, run_cascade
@@ -23,7 +24,7 @@ from roadwork.trust.operating import OperatingPoint
 from roadwork.trust.risk import FalseNegativeControl
 from roadwork.trust.selective import AbstentionCertificate
 
-__all__ = ["POLICY_SCHEMA", "PolicyOutput", "TrustPolicy"]
+__all__ = ["POLICY_SCHEMA", "PolicyOutput", "TrustPolicy", "cascade_probs", "concat_outputs"]
 
 POLICY_SCHEMA = 1
 _NO_GROUP = "\x00no-group"  # rows whose request lacks the group column: never a calibration group → global
@@ -63,6 +64,58 @@ class PolicyOutput:
         return out
 
 
+def cascade_probs(
+    cascade: Cascade,
+    calibrator: Calibrator,
+    n_classes: int,
+    stage_logits: Callable[[int, np.ndarray], object],
+    n: int,
+    slices: Mapping[str, Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cascade's calibrated probabilities and the stage that answered each row: earlier stages through
+    their own calibrators (a learned gate's extra output is its exit score), the last (the model) through
+    ``calibrator``. ``stage_logits(s, rows)`` is called only for the rows that reach stage s."""
+    last = len(cascade.stages) - 1
+
+    def stage_probs(s: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        st = cascade.stages[s]
+        z = check_logits(stage_logits(s, rows), f"cascade stage {st.name!r}")
+        if s == last:
+            sub = None if slices is None else {key: np.asarray(v)[rows] for key, v in slices.items()}
+            p = calibrate_proba(calibrator, z, sub)
+            return p, p.max(axis=1)
+        if st.calibrator is None:
+            raise InputError(f"cascade stage {st.name!r} has no calibrator; re-run the cascade stage.")
+        if st.info.get("gate"):  # a learned deferral gate: the extra last output, P(answer here)
+            return st.calibrator.predict_proba(z[:, :n_classes]), 1 / (1 + np.exp(-z[:, n_classes]))
+        p = st.calibrator.predict_proba(z)
+        return p, p.max(axis=1)
+
+    return run_cascade(cascade, stage_probs, n, n_classes)
+
+
+def concat_outputs(parts: Sequence[PolicyOutput]) -> PolicyOutput:
+    """Row-wise concatenation of policy outputs (of batches of one stream)."""
+    if not parts:
+        raise InputError("concat_outputs needs at least one PolicyOutput.")
+
+    def cat(name: str) -> np.ndarray | None:
+        vals = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in vals) else np.concatenate(vals)
+
+    return PolicyOutput(
+        probs=np.concatenate([p.probs for p in parts]),
+        pred=np.concatenate([p.pred for p in parts]),
+        confidence=np.concatenate([p.confidence for p in parts]),
+        sets=np.concatenate([p.sets for p in parts]),
+        abstain=np.concatenate([p.abstain for p in parts]),
+        score=cat("score"),
+        positive_possible=cat("positive_possible"),
+        stage=cat("stage"),
+        stage_names=parts[0].stage_names,
+    )
+
+
 @dataclass
 class TrustPolicy:
     classes: list[str]
@@ -93,35 +146,21 @@ class TrustPolicy:
             raise InputError(
                 "this policy has no cascade; call apply(logits) or export with cascade.enabled=true."
             )
-        last = len(self.cascade.stages) - 1
-
-        k = len(self.classes)
-
-        def stage_probs(s: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            st = self.cascade.stages[s]  # type: ignore[union-attr]
-            z = check_logits(stage_logits(s, rows), f"cascade stage {st.name!r}")
-            if s == last:
-                sub = None if slices is None else {key: np.asarray(v)[rows] for key, v in slices.items()}
-                p = calibrate_proba(self.calibrator, z, sub)
-                return p, p.max(axis=1)
-            assert st.calibrator is not None
-            if st.info.get("gate"):  # a learned deferral gate: the extra last output, P(answer here)
-                p = st.calibrator.predict_proba(z[:, :k])
-                return p, 1 / (1 + np.exp(-z[:, k]))
-            p = st.calibrator.predict_proba(z)
-            return p, p.max(axis=1)
-
-        probs, stage = run_cascade(self.cascade, stage_probs, n, len(self.classes))
+        probs, stage = cascade_probs(
+            self.cascade, self.calibrator, len(self.classes), stage_logits, n, slices
+        )
         out = self._decide(probs, slices)
         out.stage, out.stage_names = stage, self.cascade.names
         return out
 
     def _decide(self, probs: np.ndarray, slices: Mapping[str, Any] | None) -> PolicyOutput:
-        groups = None
-        if self.conformal.mondrian == "group":
-            column = None if slices is None else slices.get(self.conformal.group_by or "")
-            groups = np.full(len(probs), _NO_GROUP) if column is None else column
+        def column(name: str | None) -> np.ndarray:
+            col = None if slices is None or not name else slices.get(name)
+            return np.full(len(probs), _NO_GROUP) if col is None else np.asarray(col)
+
+        groups = column(self.conformal.group_by) if self.conformal.mondrian == "group" else None
         conf = probs.max(axis=1)
+        fnr = self.risk_control
         score = None
         if self.positive_index is not None:
             score = probs[:, self.positive_index]
@@ -132,9 +171,9 @@ class TrustPolicy:
             pred=probs.argmax(axis=1),
             confidence=conf,
             sets=self.conformal.predict_sets(probs, groups=groups),
-            abstain=conf < self.abstention.threshold,
+            abstain=conf < self.abstention.thresholds(column(self.abstention.group_by), len(probs)),
             score=score,
-            positive_possible=None if self.risk_control is None else self.risk_control.predict(probs),
+            positive_possible=None if fnr is None else fnr.predict(probs, column(fnr.group_by)),
         )
 
     @property
@@ -143,6 +182,10 @@ class TrustPolicy:
         cols = [self.calibrator.column] if isinstance(self.calibrator, SliceCalibrator) else []
         if self.conformal.mondrian == "group" and self.conformal.group_by:
             cols.append(self.conformal.group_by)
+        if self.abstention.group_by:
+            cols.append(self.abstention.group_by)
+        if self.risk_control is not None and self.risk_control.group_by:
+            cols.append(self.risk_control.group_by)
         return sorted(set(cols))
 
     @property
@@ -185,8 +228,8 @@ class TrustPolicy:
         )
 
     def to_json(self) -> str:
-        # json writes +inf as Infinity; Python's json reads it back (thresholds may be infinite)
-        return json.dumps(self.to_dict(), indent=2, allow_nan=True)
+        """Strict JSON (no NaN/Infinity: an unbounded threshold is null, see docs/reference/policy.schema.json)."""
+        return dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> TrustPolicy:
