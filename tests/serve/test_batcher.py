@@ -102,3 +102,82 @@ def test_requests_that_waited_past_the_budget_get_a_timeout_not_a_late_answer():
     (first, late), fresh = _run(main())
     assert first == [1.0] and isinstance(late, QueueTimeout) and fresh == [3.0]
     assert calls == [1, 1]  # the late request never reached the model
+
+
+def test_a_failing_batch_is_retried_request_by_request():
+    calls: list[int] = []
+
+    def run_batch(x, meta):  # type: ignore[no-untyped-def]
+        calls.append(len(x))
+        if (x < 0).any():
+            raise ValueError("poison")
+        return list(x[:, 0])
+
+    async def main():  # type: ignore[no-untyped-def]
+        b = DynamicBatcher(
+            run_batch, max_batch_size=8, max_queue_delay_ms=100, max_queue=100, executor=ThreadPoolExecutor(1)
+        )
+        b.start()
+        reqs = [b.submit(np.full((2, 1), v, np.float32), {}) for v in (1.0, -1.0, 3.0)]
+        out = await asyncio.gather(*reqs, return_exceptions=True)
+        await b.stop()
+        return out
+
+    good, bad, other = _run(main())
+    assert good == [1.0, 1.0] and other == [3.0, 3.0] and isinstance(bad, ValueError)
+    assert calls == [6, 2, 2, 2]  # the batch, then each request alone
+
+
+def test_service_time_fit_recovers_a_linear_batch_cost():
+    from roadwork.serve.batcher import ServiceTime
+
+    st = ServiceTime()
+    rng = np.random.default_rng(0)
+    for n in rng.integers(1, 33, 200):
+        st.observe(int(n), 0.004 + 0.0005 * n + rng.normal(0, 1e-5))
+    a, b = st.coefficients()
+    assert a == pytest.approx(0.004, abs=2e-4) and b == pytest.approx(0.0005, rel=0.02)
+    assert st.drain_seconds(64, 32) == pytest.approx(2 * a + 64 * b)
+    one = ServiceTime()
+    one.observe(4, 0.02)  # a single batch size: all of it per image
+    assert one.coefficients() == (0.0, pytest.approx(0.005))
+
+
+def test_the_latency_budget_bounds_the_queue_by_measured_throughput():
+    gate = threading.Event()
+
+    def run_batch(x, meta):  # type: ignore[no-untyped-def]
+        gate.wait(5)
+        return list(x[:, 0])
+
+    async def main():  # type: ignore[no-untyped-def]
+        b = DynamicBatcher(
+            run_batch,
+            max_batch_size=4,
+            max_queue_delay_ms=0,
+            max_queue=1000,
+            executor=ThreadPoolExecutor(1),
+            max_latency_ms=100,
+        )
+        for _ in range(10):
+            b.service.observe(4, 0.04)  # 10 ms per image in batches of 4: 100 ms serve ~10 images
+        b.start()
+        assert not b.over_budget(50)  # an idle server always admits
+        running = asyncio.ensure_future(b.submit(np.ones((4, 1), np.float32), {}))
+        await asyncio.sleep(0.05)  # the worker runs it and blocks on the gate (its 40 ms are almost spent)
+        queued = []
+        while True:
+            try:
+                queued.append(await asyncio.wait_for(b.submit(np.ones((1, 1), np.float32), {}), 0.001))
+            except TimeoutError:  # admitted: it waits in the queue
+                continue
+            except QueueFull:
+                break
+        admitted = b.waiting
+        gate.set()
+        await running
+        await b.stop()
+        return admitted
+
+    admitted = _run(main())
+    assert 5 <= admitted <= 10  # (100 ms - the batching window) / 10 ms per image, less the running rest

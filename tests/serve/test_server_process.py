@@ -1,7 +1,10 @@
-"""The real server on 127.0.0.1: SIGTERM mid-load lets in-flight requests finish, then the process exits."""
+"""The real server on 127.0.0.1: SIGTERM mid-load drains as Kubernetes expects (readiness 503 while the listener
+stays open, keep-alive clients told to reconnect, in-flight requests finish, exit 0); slow uploads hold no
+admission slot and are cut off after body_timeout_s."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,49 +26,56 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_sigterm_drains_in_flight_requests(tiny_run, tmp_path):
-    _cfg, result = tiny_run
-    image = next((result.run_dir / "data" / "images").glob("*.jpg")).read_bytes()
+def _start(bundle: Path, log: Path, *settings: str) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "roadwork.cli",
-            "serve",
-            str(result.bundle),
-            f"port={port}",
-            "max_queue_delay_ms=3000",
-            "max_batch_size=64",
-            "drain_timeout_s=20",
-        ],
-        stdout=(tmp_path / "server.log").open("wb"),  # a file: an unread pipe can fill and block the server
+        [sys.executable, "-m", "roadwork.cli", "serve", str(bundle), f"port={port}", *settings],
+        stdout=log.open("wb"),  # a file: an unread pipe can fill and block the server
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180  # a cold first start (fresh venv, no .pyc yet) can take a while
+    while True:
+        try:
+            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"server exited early: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("server not ready after 180 s")
+        time.sleep(0.2)
+
+
+def _inflight(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("roadwork_inflight")))
+
+
+def test_sigterm_drains_in_flight_and_keep_alive_requests_and_exits_0(tiny_run, tmp_path):
+    _cfg, result = tiny_run
+    image = next((result.run_dir / "data" / "images").glob("*.jpg")).read_bytes()
+    proc, base = _start(
+        result.bundle,
+        tmp_path / "server.log",
+        "max_queue_delay_ms=3000",
+        "max_batch_size=64",
+        "drain_delay_s=2",
+        "drain_timeout_s=20",
+    )
+    headers = {"content-type": "image/jpeg"}
     try:
-        deadline = time.monotonic() + 180  # a cold first start (fresh venv, no .pyc yet) can take a while
-        while True:
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"server exited early: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("server not ready after 180 s")
-            time.sleep(0.2)
+        keep = httpx.Client(base_url=base, timeout=30)  # one keep-alive connection, opened before the signal
         results: list[int | str] = []
         started = threading.Barrier(9)
 
         def send() -> None:
             started.wait()
             try:
-                r = httpx.post(
-                    f"{base}/v1/classify", content=image, headers={"content-type": "image/jpeg"}, timeout=30
-                )
+                r = httpx.post(f"{base}/v1/classify", content=image, headers=headers, timeout=30)
                 results.append(r.status_code)
             except httpx.TransportError as e:
                 results.append(type(e).__name__)
@@ -76,18 +87,61 @@ def test_sigterm_drains_in_flight_requests(tiny_run, tmp_path):
         inside = 0.0
         deadline = time.monotonic() + 60
         while inside < 8 and time.monotonic() < deadline:  # all eight now wait in the 3 s batching window
-            text = httpx.get(f"{base}/metrics", timeout=5).text
-            inside = float(
-                next(ln.split()[1] for ln in text.splitlines() if ln.startswith("roadwork_inflight"))
-            )
+            inside = _inflight(base)
             time.sleep(0.02)
         assert inside == 8
         proc.send_signal(signal.SIGTERM)
+        ready = httpx.get(f"{base}/v2/health/ready", timeout=5)  # the listener is still open...
+        assert ready.status_code == 503 and ready.json() == {"ready": False}  # ...and says: stop sending
+        r = keep.post("/v1/classify", content=image, headers=headers)  # a keep-alive client is still served,
+        assert r.status_code == 200 and r.headers["connection"] == "close"  # and told to reconnect elsewhere
         for t in threads:
             t.join(30)
         code = proc.wait(30)
+        keep.close()
     finally:
         if proc.poll() is None:
             proc.kill()
     assert results == [200] * 8, results
-    assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+    assert code == 0
+
+
+def _slow_upload(port: int, declared: int, sent: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(
+        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {declared}\r\n\r\n".encode()
+        + sent
+    )
+    return s
+
+
+def _read_all(s: socket.socket) -> bytes:
+    s.settimeout(60)  # a safety net for a broken server, not a measurement
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def test_slow_uploads_hold_no_slot_and_get_408_json(tiny_run, tmp_path):
+    _cfg, result = tiny_run
+    image = next((result.run_dir / "data" / "images").glob("*.jpg")).read_bytes()
+    proc, base = _start(result.bundle, tmp_path / "server.log", "body_timeout_s=3", "max_queue=2")
+    port = int(base.rsplit(":", 1)[1])
+    try:
+        slow = [_slow_upload(port, len(image), image[:10]) for _ in range(6)]  # 3x max_queue, all stuck
+        time.sleep(0.5)
+        assert _inflight(base) == 0  # reading a body takes no admission slot
+        for _ in range(3):
+            r = httpx.post(f"{base}/v1/classify", content=image, headers={"content-type": "image/jpeg"})
+            assert r.status_code == 200
+        answers = [_read_all(s) for s in slow]  # the server answers, then closes
+        text = httpx.get(f"{base}/metrics", timeout=5).text
+    finally:
+        proc.kill()
+        proc.wait(30)
+    for a in answers:
+        head, _, body = a.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+        assert "body_timeout_s=3" in json.loads(body)["error"]
+    assert "roadwork_body_timeouts_total 6.0" in text

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,25 @@ import numpy as np
 from roadwork._deps import require
 from roadwork.errors import ArtifactError
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "export_onnx", "onnx_logits", "onnx_session"]
+__all__ = [
+    "DEVICES",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "execution_device",
+    "export_onnx",
+    "onnx_logits",
+    "onnx_providers",
+    "onnx_session",
+]
+
+DEVICES = ("cpu", "cuda", "tensorrt", "auto")
+# the device of sessions opened without one (Bundle.load opens several): set with ``execution_device``
+_DEVICE: ContextVar[str] = ContextVar("roadwork_onnx_device", default="cpu")
+_PROVIDER = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 log = logging.getLogger(__name__)
@@ -69,10 +90,84 @@ def _legacy(torch: Any, model: Any, x: Any, path: Path, opset: int) -> None:
         )
 
 
-def onnx_session(path: Path, *, threads: int = 0, spin: bool = True) -> Any:
-    """``spin=False`` when several sessions share the cores (a cascade): ONNX Runtime's worker threads otherwise
-    busy-wait after each run and slow the next session down."""
+@contextlib.contextmanager
+def execution_device(device: str) -> Iterator[None]:
+    """Sessions opened inside (``Bundle.load`` opens one per model) run on ``device`` unless given another."""
+    onnx_providers(device)  # fail here, before anything is loaded, when the device is not available
+    token = _DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
+
+
+def onnx_providers(
+    device: str, *, fp16: bool = False, cache_dir: str | Path | None = None
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """ONNX Runtime execution providers for ``device`` (``cpu``, ``cuda``, ``tensorrt``, ``auto``), best first,
+    CPU last as ONNX Runtime's fallback for operators the others lack. ``tensorrt`` caches built engines in
+    ``cache_dir`` and builds fp16 engines with ``fp16``. Raises :class:`ArtifactError` naming what to install
+    when the device's provider is not in this ONNX Runtime build."""
+    from roadwork.errors import ConfigError
+
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}. Got {device!r} instead.")
     ort = require("onnxruntime")
+    available = set(ort.get_available_providers())
+    if device == "auto":
+        device = next(
+            (d for d in ("tensorrt", "cuda") if _PROVIDER[d] in available and _gpu_present()), "cpu"
+        )
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if _PROVIDER[device] not in available:
+        raise ArtifactError(
+            f"device={device} needs ONNX Runtime's {_PROVIDER[device]}, which this installation lacks (it has "
+            f"{', '.join(sorted(available))}). Install the GPU build (pip uninstall onnxruntime && pip install "
+            "onnxruntime-gpu) with a matching CUDA/cuDNN"
+            + (" and TensorRT" if device == "tensorrt" else "")
+            + ", or pass device=cpu."
+        )
+    if not _gpu_present():
+        raise ArtifactError(
+            f"device={device}: ONNX Runtime has {_PROVIDER[device]} but no CUDA GPU is visible (no "
+            "/dev/nvidia0 and CUDA_VISIBLE_DEVICES does not name one); pass device=cpu."
+        )
+    providers: list[str | tuple[str, dict[str, Any]]] = []
+    if device == "tensorrt":
+        trt: dict[str, Any] = {"trt_fp16_enable": fp16, "trt_engine_cache_enable": cache_dir is not None}
+        if cache_dir is not None:
+            trt["trt_engine_cache_path"] = str(cache_dir)
+        providers.append(("TensorrtExecutionProvider", trt))
+    providers += ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return providers
+
+
+def _gpu_present() -> bool:
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return Path("/dev/nvidia0").exists() or Path("/dev/dxg").exists()
+
+
+def onnx_session(
+    path: Path,
+    *,
+    threads: int = 0,
+    spin: bool = True,
+    device: str | None = None,
+    fp16: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Any:
+    """``spin=False`` when several sessions share the cores (a cascade): ONNX Runtime's worker threads otherwise
+    busy-wait after each run and slow the next session down. ``device``: see :func:`onnx_providers`; by
+    default the one :func:`execution_device` set (``cpu`` outside it). A GPU session that ONNX Runtime opened on
+    the CPU after all (it falls back silently when CUDA fails to initialise) is an error, not a slow surprise."""
+    ort = require("onnxruntime")
+    device = device or _DEVICE.get()
+    providers = onnx_providers(device, fp16=fp16, cache_dir=cache_dir)
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -80,9 +175,17 @@ def onnx_session(path: Path, *, threads: int = 0, spin: bool = True) -> Any:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as e:
         raise ArtifactError(f"ONNX Runtime cannot load {str(path)!r}: {e}") from None
+    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if wanted not in session.get_providers():
+        raise ArtifactError(
+            f"ONNX Runtime opened {str(path)!r} with {session.get_providers()} instead of {wanted} "
+            f"(device={device}): the GPU runtime failed to initialise (CUDA/cuDNN versions?); see ONNX "
+            "Runtime's log with ORT_LOG_LEVEL=0, or pass device=cpu."
+        )
+    return session
 
 
 def onnx_logits(session: Any, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:

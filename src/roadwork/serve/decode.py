@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import warnings
 
 from PIL import Image
@@ -56,4 +57,5 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Image.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise RequestError(400, f"{what} looks like a decompression bomb: {e}") from None
     except Exception as e:  # PIL raises many types for corrupt or truncated data
-        raise RequestError(400, f"{what} cannot be decoded ({type(e).__name__}: {e}).") from None
+        detail = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(e))  # no object reprs to clients
+        raise RequestError(400, f"{what} cannot be decoded ({type(e).__name__}: {detail}).") from None

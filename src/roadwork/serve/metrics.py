@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["ServerMetrics"]
+__all__ = ["InferenceStats", "ServerMetrics"]
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -54,7 +55,14 @@ class ServerMetrics:
             registry=r,
         )
         self.rejected = Counter(
-            "roadwork_rejected", "Requests refused with 503 because the queue was full", registry=r
+            "roadwork_rejected",
+            "Requests refused with 503: the latency budget, the queue bound or the pixel budget",
+            registry=r,
+        )
+        self.body_timeouts = Counter(
+            "roadwork_body_timeouts",
+            "Requests whose body did not arrive within body_timeout_s (408, connection closed)",
+            registry=r,
         )
         # the calibration split through the policy (the bundle's reference.json): what drift alerts compare with
         self.ref_abstain = Gauge(
@@ -83,3 +91,59 @@ class ServerMetrics:
             labels[r["label"]] = labels.get(r["label"], 0) + 1
         for label, count in labels.items():
             self.ref_label_share.labels(label).set(count / n)
+
+
+class InferenceStats:
+    """Triton's per-model statistics (``/v2/models/{name}/stats``): counts and cumulative nanoseconds."""
+
+    def __init__(self) -> None:
+        self.success_count = self.success_ns = self.fail_count = self.fail_ns = 0
+        self.queue_ns = 0
+        self.inference_count = self.execution_count = 0
+        self.last_inference_ms = 0
+        self.batches: dict[int, int] = {}
+
+    def success(self, images: int, seconds: float) -> None:
+        self.success_count += 1
+        self.success_ns += int(seconds * 1e9)
+        self.inference_count += images
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def fail(self, seconds: float) -> None:
+        self.fail_count += 1
+        self.fail_ns += int(seconds * 1e9)
+
+    def batch(self, n: int) -> None:
+        self.execution_count += 1
+        self.batches[n] = self.batches.get(n, 0) + 1
+
+    def triton(self, name: str) -> dict[str, Any]:
+        def d(count: int, ns: int) -> dict[str, int]:
+            return {"count": count, "ns": ns}
+
+        return {
+            "name": name,
+            "version": "1",
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": d(self.success_count, self.success_ns),
+                "fail": d(self.fail_count, self.fail_ns),
+                "queue": d(self.success_count, self.queue_ns),
+                "compute_input": d(0, 0),
+                "compute_infer": d(0, 0),
+                "compute_output": d(0, 0),
+                "cache_hit": d(0, 0),
+                "cache_miss": d(0, 0),
+            },
+            "batch_stats": [
+                {
+                    "batch_size": n,
+                    "compute_input": d(c, 0),
+                    "compute_infer": d(c, 0),
+                    "compute_output": d(c, 0),
+                }
+                for n, c in sorted(self.batches.items())
+            ],
+        }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["ServeSettings"]
@@ -12,12 +14,31 @@ class ServeSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="interface to bind; 0.0.0.0 in a container")
     port: int = Field(8000, ge=0, le=65535)
-    name: str | None = Field(None, description="model name in the v2 API; default: the bundle folder's name")
+    name: str | None = Field(
+        None,
+        description="model name in the v2 API; default: the bundle manifest's name, else the bundle folder's "
+        "name (the parent's when the folder is called 'bundle')",
+    )
+    device: Literal["cpu", "cuda", "tensorrt", "auto"] = Field(
+        "cpu",
+        description="ONNX Runtime execution provider: cpu, cuda (onnxruntime-gpu), tensorrt, or auto (the "
+        "best one installed)",
+    )
     variant: str = Field("fp32", description="which model of the bundle: fp32, or int8 when it was exported")
     max_batch_size: int = Field(32, ge=1, description="images per ONNX Runtime call")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queue: int = Field(
-        64, ge=1, description="prediction requests inside the server at once; beyond it 503 + Retry-After"
+        256,
+        ge=1,
+        description="prediction requests admitted at once (decoding, queued or running), a hard bound "
+        "beside max_latency_ms; beyond it 503 + Retry-After",
+    )
+    max_latency_ms: float = Field(
+        0.0,
+        ge=0,
+        description="latency budget: a request is admitted only while the images ahead of it can be served "
+        "within it at the measured batch throughput, else 503 + Retry-After; 0 = auto (three times "
+        "the time of a full batch plus the batching window, at least 50 ms)",
     )
     max_queue_wait_ms: float = Field(
         0.0,
@@ -25,13 +46,36 @@ class ServeSettings(BaseModel):
         description="a request still waiting for a batch after this long gets 503 instead of a late answer "
         "(Triton's queue timeout); 0 = no limit",
     )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a request body not received within this many seconds gets 408, connection closed",
+    )
+    max_inflight_pixels: int = Field(
+        200_000_000,
+        ge=1,
+        description="decoded pixels of all requests being decoded at once; beyond it 503 + Retry-After",
+    )
     max_body_mb: float = Field(64.0, gt=0, description="request body limit (413 above it), as Triton")
     max_pixels: int = Field(40_000_000, ge=1, description="decoded pixels per image (400 above: bombs)")
     max_images: int = Field(64, ge=1, description="images per /v1/classify request")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
     decode_workers: int = Field(4, ge=1, description="threads that decode and preprocess images")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (health is open)")
-    drain_timeout_s: float = Field(30.0, ge=0, description="SIGTERM: seconds to finish in-flight requests")
+    drain_delay_s: float = Field(
+        5.0,
+        ge=0,
+        description="SIGTERM: readiness answers 503 at once and the listener stays open this long (so load "
+        "balancers stop sending) before it closes",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="SIGTERM: then seconds to finish in-flight requests"
+    )
+    require_signature: str | None = Field(
+        None,
+        description="an Ed25519 public key (PEM file): refuse a bundle without a valid signature by it "
+        "(roadwork sign)",
+    )
     log_dir: str | None = Field(
         None,
         description="write every /v1/classify prediction to rotating Parquet files here (roadwork monitor)",
