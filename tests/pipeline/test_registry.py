@@ -78,3 +78,44 @@ def test_weights_and_biases_logging_offline(tiny_run, tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
     assert wandb.run is None  # finished
+
+
+def test_mlflow_client_finds_params_metrics_and_result_files(tiny_run, tmp_path):
+    """As an MLflow user sees the run: settings are params, measurements metrics, result files artifacts, and
+    each invocation (the stage commands of a dvc repro) a run of its own name."""
+    import shutil
+
+    from roadwork.pipeline import run_pipeline
+
+    cfg, result = tiny_run
+    client = mlflow.MlflowClient(result.tracking_uri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        (run,) = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{cfg.name}'")
+    params, metrics = run.data.params, run.data.metrics
+    assert params["conformal.alpha"] == str(cfg.conformal.alpha) and "conformal.alpha" not in metrics
+    assert params["selective.delta"] == str(cfg.selective.delta) and "selective.delta" not in metrics
+    assert params["evaluate.ece_bins"] == str(cfg.evaluate.ece_bins) and "test.ece.bins" not in metrics
+    assert int(params["test.n"]) == result.metrics["test"]["n"] and "test.n" not in metrics
+    assert metrics["test.accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+    assert {"test.ece.calibrated", "conformal.coverage", "val_loss"} <= set(metrics)
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == cfg.train.epochs  # one per epoch
+
+    def files(folder: str) -> set[str]:
+        return {a.path for a in client.list_artifacts(run.info.run_id, folder)}
+
+    assert {"evaluate/metrics.json", "evaluate/slices.csv"} <= files("evaluate")
+    assert "data/data_report.json" in files("data") and "report/report.html" in files("report")
+
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    cfg2 = cfg.model_copy(update={"root": str(tmp_path)}, deep=True)
+    cfg2.tracking.enabled = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for until in ("data", "train"):
+            run_pipeline(cfg2, until=until, progress=False)
+        other = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        exp2 = other.get_experiment_by_name(cfg.tracking.experiment)
+        names = [r.info.run_name for r in other.search_runs([exp2.experiment_id])]
+    assert sorted(names) == [f"{cfg.name} · until data", f"{cfg.name} · until train"]

@@ -61,7 +61,7 @@ def run_pipeline(
     if cfg.tracking.enabled:
         from roadwork.pipeline.tracking import Tracker
 
-        tracker = Tracker(cfg)
+        tracker = Tracker(cfg, until=until)
     try:
         results = run_stages(
             STAGES,
