@@ -314,7 +314,10 @@ def _summary(result: object) -> None:
             s.add_row(k, v)
         console.print(s)
         worst = sorted(m["slices"].items(), key=lambda kv: kv[1]["accuracy"])[:4]
-        console.print("hardest slices: " + ", ".join(f"{k} ({v['accuracy']:.3f})" for k, v in worst))
+        if worst:
+            console.print("hardest slices: " + ", ".join(f"{k} ({v['accuracy']:.3f})" for k, v in worst))
+        for w in m.get("warnings", []):
+            console.print(f"[bold yellow]warning:[/bold yellow] {w}", highlight=False)
     if result.report.is_file():
         console.print(f"report:  {result.report}")
     if result.bundle.is_dir():
@@ -616,7 +619,7 @@ def _dvc(args: list[str]) -> int:
     cfg = load_config(config, overrides)
     out.mkdir(parents=True, exist_ok=True)
     (out / "roadwork.yaml").write_text(dump_config(cfg))
-    spec = dvc_stages(cfg)
+    spec = dvc_stages(cfg, base=out)
     (out / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     _print(
         f"wrote {out / 'dvc.yaml'} ({len(spec['stages'])} stages) and {out / 'roadwork.yaml'}; run: dvc repro"

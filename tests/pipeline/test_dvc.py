@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
+import pytest
 import yaml
 
 from roadwork.pipeline import STAGE_NAMES
 from tests.conftest import tiny_overrides
 
 
+def _dvc() -> str | None:
+    return shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
+
+
+@pytest.mark.skipif(_dvc() is not None, reason="test_dvc_repro_twice runs every command through dvc itself")
 def test_every_dvc_stage_command_runs(tmp_path, capsys):
     from roadwork.cli import main
 
@@ -37,3 +47,58 @@ def test_every_dvc_stage_command_runs(tmp_path, capsys):
                 assert (tmp_path / out).is_dir() or os.path.isdir(out), out
     finally:
         os.chdir(cwd)
+
+
+def test_stages_depend_on_the_source_they_run_and_name_metrics_and_plots(tmp_path):
+    from roadwork.config import load_config
+    from roadwork.pipeline.dvc import dvc_stages
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = dvc_stages(load_config("demo", [f"root={tmp_path}"]), base=repo)
+    deps = {name: set(st["deps"]) for name, st in spec["stages"].items()}
+    assert "src/roadwork/training/loop.py" in deps["train"]  # a checkout: relative to dvc.yaml's folder
+    assert "src/roadwork/evaluation/report.py" in deps["evaluate"]
+    assert "src/roadwork/evaluation/report.py" not in deps["train"]  # editing the report retrains nothing
+    assert all(Path(repo, d).is_file() for d in deps["train"] if d.startswith("src/"))
+    assert not any("__pycache__" in d for ds in deps.values() for d in ds)
+    elsewhere = dvc_stages(load_config("demo", [f"root={tmp_path}"]), base=tmp_path)  # an installed roadwork
+    assert all(Path(d).is_absolute() for d in elsewhere["stages"]["train"]["deps"] if d.endswith(".py"))
+    assert spec["metrics"] == [f"{tmp_path}/demo/evaluate/metrics.json"]
+    plotted = [next(iter(p)) if isinstance(p, dict) else p for p in spec["plots"]]
+    assert plotted == [
+        f"{tmp_path}/demo/{f}" for f in ("train/history.json", "evaluate/slices.csv", "evaluate/figures")
+    ]
+
+
+@pytest.mark.skipif(_dvc() is None, reason="dvc not installed (the dev extra has it)")
+def test_dvc_repro_twice_reruns_nothing_and_shows_metrics_and_plots(tmp_path):
+    """dvc itself: repro runs every stage; a second repro runs none; metrics show and plots find the files."""
+    from roadwork.cli import main
+
+    dvc = _dvc()
+    assert dvc is not None
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.update(DVC_NO_ANALYTICS="1", DVC_NO_UPDATER="1")
+
+    def run(*args: str) -> str:
+        res = subprocess.run([dvc, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    run("init", "--no-scm", "-q")
+    args = ["dvc", "demo", *tiny_overrides("runs", name="dvc"), "cascade.enabled=false", f"out={tmp_path}"]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # root=runs: the run folder is relative to dvc.yaml's folder
+    try:
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
+    first = run("repro")
+    assert all(f"Running stage '{name}'" in first for name in STAGE_NAMES), first
+    second = run("repro")
+    assert "Running stage" not in second, second + run("status")  # (status: which dep or out changed)
+    metrics = run("metrics", "show", "--json")
+    assert '"accuracy"' in metrics
+    shown = run("plots", "show", "--json")
+    for f in ("train/history.json", "evaluate/slices.csv", "evaluate/figures"):
+        assert f"runs/dvc/{f}" in shown, f
