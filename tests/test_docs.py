@@ -95,11 +95,14 @@ def test_every_roadwork_command_line_in_the_docs_is_valid():
             ServeSettings(**{k: v for k, v in keys.items()})
 
 
-def test_docs_build_with_zero_warnings(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The documentation built once, as `make docs` builds it (generated reference pages included)."""
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings")
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which("mkdocs")
     assert mkdocs, "mkdocs is importable but its command is not on PATH"
+    tmp_path = tmp_path_factory.mktemp("docs-build")
     docs = tmp_path / "docs"
     shutil.copytree(DOCS, docs, ignore=shutil.ignore_patterns("generated"))
     gen = subprocess.run(
@@ -114,6 +117,7 @@ def test_docs_build_with_zero_warnings(tmp_path):
     cfg = cfg.replace("site_dir: site", f"site_dir: {tmp_path / 'site'}").replace(
         "paths: [src]", f"paths: [{ROOT / 'src'}]"
     )
+    cfg = cfg.replace("- docs/griffe_rst.py:", f"- {DOCS / 'griffe_rst.py'}:")
     (tmp_path / "mkdocs.yml").write_text(cfg)
     proc = subprocess.run(
         [mkdocs, "build", "--strict", "-f", str(tmp_path / "mkdocs.yml")],
@@ -124,9 +128,96 @@ def test_docs_build_with_zero_warnings(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "WARNING" not in proc.stderr, proc.stderr[-4000:]
-    api = (tmp_path / "site" / "reference" / "python" / "index.html").read_text()
+    return tmp_path / "site"
+
+
+def test_docs_build_with_zero_warnings(site):
+    api = (site / "reference" / "python.html").read_text()
     assert "predict_sets" in api and "TrustPolicy" in api  # mkdocstrings rendered the docstrings
-    cli = (tmp_path / "site" / "reference" / "generated" / "cli" / "index.html").read_text()
+    cli = (site / "reference" / "generated" / "cli.html").read_text()
     assert "conformal.label_noise" in cli and "max_queue_delay_ms" in cli
-    http = (tmp_path / "site" / "reference" / "generated" / "http" / "index.html").read_text()
+    http = (site / "reference" / "generated" / "http.html").read_text()
     assert "/v1/classify" in http and "/v2/models/{name}/infer" in http
+
+
+def _text(html: str) -> str:
+    import html as html_lib
+
+    return html_lib.unescape(re.sub(r"<[^>]+>", "", html))
+
+
+def test_python_api_page_renders_roles_doctests_and_every_entry(site):
+    api = (site / "reference" / "python.html").read_text()
+    text = _text(api)
+    for role in (":meth:", ":class:", ":func:", ":data:", ":mod:", ":attr:"):
+        assert role not in text, role  # Sphinx roles became code spans
+    assert "<blockquote" not in api  # a doctest is a code block, not nested quotes
+    prompt = '<span class="gp">&gt;&gt;&gt; </span><span class="n">load_config</span>'
+    assert prompt in api  # a highlighted doctest with its prompt
+
+    def section(name: str) -> str:  # the rendered entry of one object, up to the next top-level entry
+        start = api.index(f'id="{name}"')
+        nxt = api.find('<div class="doc doc-object doc-class">', start + 1)
+        return api[start : nxt if nxt > 0 else None]
+
+    assert {"subset", "from_parquet", "logits", "slices"} <= set(
+        re.findall(r"\w+", _text(section("roadwork.trust.Predictions")))
+    )
+    assert {"metrics", "report", "bundle", "stages"} <= set(
+        re.findall(r"\w+", _text(section("roadwork.pipeline.RunResult")))
+    )
+
+
+def test_the_rst_to_markdown_extension():
+    sys.path.insert(0, str(DOCS))
+    try:
+        from griffe_rst import rst_to_markdown
+    finally:
+        sys.path.remove(str(DOCS))
+    text = "See :meth:`fit` and :class:`~roadwork.trust.TrustPolicy`, ``alpha``.\n\n    >>> f(1)\n    2\n\nAfter."
+    assert rst_to_markdown(text) == (
+        "See `fit` and `TrustPolicy`, `alpha`.\n\n    ```pycon\n    >>> f(1)\n    2\n    ```\n\nAfter."
+    )
+
+
+_NAV_PROBE = """<!doctype html><meta charset="utf-8"><body><iframe id="f" width="1280" height="900"></iframe>
+<pre id="rw-probe"></pre><script>
+const frame = document.getElementById("f"), results = [];
+const load = url => new Promise(ok => { frame.onload = () => ok(); frame.src = url; });
+(async () => {
+  await load("index.html");
+  const doc = frame.contentDocument;
+  const links = [...doc.querySelectorAll("nav.md-nav--primary a.md-nav__link[href]")].map(a => a.href);
+  for (const url of [...new Set(links)]) {
+    await load(url);
+    const d = frame.contentDocument;
+    results.push({url, title: d ? d.title : null, article: !!(d && d.querySelector("article.md-content__inner h1")),
+                  listing: !!(d && /Index of/.test(d.body ? d.body.innerText.slice(0, 200) : ""))});
+  }
+  document.getElementById("rw-probe").textContent = JSON.stringify({links: links.length, results});
+})();
+</script>"""
+
+
+def test_site_opened_from_the_file_system_follows_every_nav_link_to_a_page(site, tmp_path):
+    """As the README says: open site/index.html (file://), click through the navigation — each link a page."""
+    import json
+
+    from tests.evaluation.test_report_browser import _chromium, _run
+
+    browser = _chromium()
+    probe = site / "rw-nav-probe.html"
+    probe.write_text(_NAV_PROBE)
+    try:
+        dom = _run(browser, tmp_path, "--allow-file-access-from-files", "--dump-dom", probe.as_uri())
+    finally:
+        probe.unlink()
+    assert dom.returncode == 0, dom.stderr[-3000:]
+    found = re.search(r'<pre id="rw-probe">(.+?)</pre>', dom.stdout, re.S)
+    assert found, "the probe never finished: " + dom.stdout[-500:]
+    report = json.loads(_text(found.group(1)))
+    nav = (ROOT / "mkdocs.yml").read_text()
+    assert len(report["results"]) >= nav.count(".md"), report  # every page in the nav was reached
+    for page in report["results"]:
+        assert page["url"].endswith(".html") and not page["listing"], page
+        assert page["article"] and page["title"], page  # a rendered page with its heading
