@@ -2,11 +2,22 @@
 
 The :class:`PreprocessSpec` travels inside ``model.json`` and the bundle, so a served model can never
 resize or normalise differently from the model that was evaluated.
+
+Decoding is part of that path. A JPEG is reduced *at decode* (libjpeg's DCT scaling, ``Image.draft``) to the
+smallest of 1/1, 1/2, 1/4, 1/8 of its size whose shorter side is still at least the resize target, then
+resized and cropped; a 1920x1080 photo for a 96- or 224-px network is never decoded at full size. PNG, WebP
+and BMP are decoded in full (they have no such scaling). Which scale is chosen depends on the image and on the
+*decode side* — the largest shorter side any consumer of the decoded image resizes to
+(:func:`decode_side`) — so every path that must agree bit for bit (training, the bundle, the server) decodes
+with the same decode side: :func:`load_for` / :func:`load_rgb` ``(min_side=...)`` here,
+``serve.decode.decode_image(..., min_side=...)`` for request bytes. A cascade feeds one decoded image to
+stages of different sizes: its decode side is the largest of them (``decode_side(model, small_net, features)``).
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -16,13 +27,26 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-__all__ = ["PreprocessSpec", "load_rgb", "preprocess", "resize_uint8", "to_float"]
+__all__ = [
+    "ImageTooLarge",
+    "PreprocessSpec",
+    "decode_opened",
+    "decode_side",
+    "load_for",
+    "load_resized",
+    "load_rgb",
+    "open_checked",
+    "preprocess",
+    "resize_uint8",
+    "to_float",
+]
 
 _INTERP = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "nearest": Image.Resampling.NEAREST,
 }
+_DCT_SCALED = ("JPEG", "MPO")  # MPO: a JPEG with extra frames (phone cameras); frame 0 is a JPEG
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,11 @@ class PreprocessSpec:
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def resize_side(self) -> int:
+        """The shorter side after the resize, before the centre crop."""
+        return round(self.size / self.crop_pct)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,17 +78,74 @@ class PreprocessSpec:
         )
 
 
-def load_rgb(src: str | Path | bytes) -> Image.Image:
-    """Open an image file (or bytes) as RGB, fully decoded."""
+def decode_side(*specs: PreprocessSpec) -> int:
+    """The decode side for images that every spec in ``specs`` will resize: the largest resize side.
+
+    >>> decode_side(PreprocessSpec(size=48), PreprocessSpec(size=224, crop_pct=0.875))
+    256
+    """
+    if not specs:
+        raise ValueError("decode_side needs at least one PreprocessSpec")
+    return max(s.resize_side for s in specs)
+
+
+class ImageTooLarge(ValueError):
+    """The header announces more pixels than allowed (a decompression bomb, or just too big)."""
+
+
+def open_checked(src: str | Path | bytes, *, max_pixels: int | None = None) -> Image.Image:
+    """Open lazily and check the header only: nothing is decoded yet. Raises :class:`ImageTooLarge` when the
+    header's width x height exceeds ``max_pixels`` (and PIL's own bomb error beyond its limit)."""
     im = Image.open(io.BytesIO(src)) if isinstance(src, bytes) else Image.open(src)
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        im.close()
+        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    return im
+
+
+def decode_opened(im: Image.Image, min_side: int | None = None) -> Image.Image:
+    """Decode an image opened by :func:`open_checked` (or ``Image.open``) to RGB.
+
+    With ``min_side``, a JPEG is decoded straight to the smallest DCT scale (1, 1/2, 1/4, 1/8) whose shorter
+    side is >= ``min_side``; other formats, and ``min_side=None``, decode in full."""
+    if min_side is not None and im.format in _DCT_SCALED:
+        # draft's scale is min(W // w, H // h) rounded down to 8, 4, 2 or 1, so the shorter side stays
+        # >= min_side: ceil(short / s) >= short // s >= min_side. Never below the resize target.
+        im.draft("RGB", (min_side, min_side))
+    im.load()
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def load_rgb(
+    src: str | Path | bytes, min_side: int | None = None, *, max_pixels: int | None = None
+) -> Image.Image:
+    """Open an image file (or bytes) as RGB: in full, or with ``min_side`` reduced at decode (JPEG) to the
+    smallest DCT scale whose shorter side is still >= ``min_side`` (see :func:`decode_side`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = open_checked(src, max_pixels=max_pixels)
     with im:
-        return im.convert("RGB")
+        out = decode_opened(im, min_side)
+        return out.copy() if out is im else out  # the file closes with ``im``; keep decoded pixels only
+
+
+def load_for(src: str | Path | bytes, *specs: PreprocessSpec, max_pixels: int | None = None) -> Image.Image:
+    """Decode for consumers that resize with ``specs`` (the model; in a cascade also the small net and the
+    features): ``load_rgb(src, decode_side(*specs))``."""
+    return load_rgb(src, decode_side(*specs), max_pixels=max_pixels)
+
+
+def load_resized(src: str | Path | bytes, spec: PreprocessSpec, min_side: int | None = None) -> np.ndarray:
+    """Decode (at ``min_side``, default the spec's own resize side), resize and crop one image: uint8 array of
+    shape (size, size, 3). What training reads; bit-identical to ``resize_uint8(load_rgb(src, min_side))``."""
+    return resize_uint8(load_rgb(src, spec.resize_side if min_side is None else min_side), spec)
 
 
 def resize_uint8(im: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Resize and centre-crop one image: uint8 array of shape (size, size, 3)."""
     w, h = im.size
-    short = round(spec.size / spec.crop_pct)
+    short = spec.resize_side
     scale = short / min(w, h)
     nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
     if (nw, nh) != (w, h):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import re
 import warnings
 
 from PIL import Image
+
+from roadwork.data.preprocess import decode_opened, open_checked
 
 __all__ = ["IMAGE_TYPES", "RequestError", "decode_image"]
 
@@ -35,14 +36,21 @@ def decode_b64(text: object, field: str) -> bytes:
         raise RequestError(400, f"'{field}' is not valid base64.") from None
 
 
-def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Image.Image:
-    """Decode bytes to RGB. Checks the pixel count from the header *before* decoding (decompression bombs)."""
+def decode_image(
+    data: bytes, *, max_pixels: int, what: str = "image", min_side: int | None = None
+) -> Image.Image:
+    """Decode bytes to RGB. Checks the pixel count from the header *before* decoding (decompression bombs).
+
+    ``min_side``: the largest shorter side any consumer resizes to (``data.preprocess.decode_side`` of the
+    model's spec, and of every cascade stage's): a JPEG is then reduced at decode (DCT scaling) to the
+    smallest size whose shorter side is still >= it, so a queued request holds e.g. 240x135 pixels instead of
+    1920x1080, and the pixels are those training decoded (``data.preprocess.load_rgb``, same ``min_side``)."""
     if not data:
         raise RequestError(400, f"{what} is empty (0 bytes); send JPEG/PNG/WebP/BMP bytes.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = open_checked(data)
             w, h = im.size
             if w * h > max_pixels:
                 raise RequestError(
@@ -50,8 +58,7 @@ def decode_image(data: bytes, *, max_pixels: int, what: str = "image") -> Image.
                 )
             if im.format not in ("JPEG", "PNG", "WEBP", "BMP", "MPO"):
                 raise RequestError(415, f"{what} is {im.format}; send JPEG, PNG, WebP or BMP.")
-            im.load()
-            return im.convert("RGB")
+            return decode_opened(im, min_side)
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

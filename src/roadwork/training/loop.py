@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from roadwork._deps import require
+from roadwork._progress import progress_bar, progress_write
 from roadwork.config import ModelConfig, TrainConfig
-from roadwork.data.preprocess import PreprocessSpec, load_rgb, resize_uint8
+from roadwork.data.preprocess import PreprocessSpec, load_resized
 from roadwork.models.adapters import count_trainable, merge_adapters, prepare_finetune
 from roadwork.models.factory import ModelCard, card_kwargs, create_model
 
@@ -40,14 +41,19 @@ log = logging.getLogger(__name__)
 
 
 def load_uint8(
-    paths: Sequence[str], spec: PreprocessSpec, desc: str = "loading images", progress: bool = True
+    paths: Sequence[str],
+    spec: PreprocessSpec,
+    desc: str = "loading images",
+    progress: bool = True,
+    *,
+    min_side: int | None = None,
 ) -> np.ndarray:
-    """Decode and resize images once: uint8 array of shape (N, size, size, 3)."""
-    from tqdm.auto import tqdm
-
+    """Decode and resize images once: uint8 array of shape (N, size, size, 3), through the shared decode path
+    (``data.preprocess.load_resized``). ``min_side``: the decode side when these images also feed consumers
+    of a larger size (a cascade's small net: ``decode_side(model_spec, small_spec)``); default the spec's own."""
     out = np.empty((len(paths), spec.size, spec.size, 3), np.uint8)
-    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", leave=False, disable=not progress)):
-        out[i] = resize_uint8(load_rgb(p), spec)
+    for i, p in enumerate(progress_bar(paths, desc=desc, unit="img", leave=False, disable=not progress)):
+        out[i] = load_resized(p, spec, min_side)
     return out
 
 
@@ -250,7 +256,6 @@ def _train(
 ) -> TrainResult:
     torch = require("torch")
     fabric_mod = require("lightning_fabric")
-    from tqdm.auto import tqdm
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -386,7 +391,7 @@ def _train(
             best_loss, stale, start = meta["best_loss"], meta["stale"], meta["epoch"]
             result.history, result.best_epoch = meta["history"], meta["best_epoch"]
             if progress:
-                tqdm.write(f"resuming from the checkpoint after epoch {start}")
+                progress_write(f"resuming from the checkpoint after epoch {start}")
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -394,7 +399,7 @@ def _train(
             order = torch.randperm(len(x_train), generator=gen)
         else:  # class-balanced: draw with replacement, every class equally likely
             order = torch.multinomial(sample_weight, len(x_train), replacement=True, generator=gen)
-        bar = tqdm(
+        bar = progress_bar(
             range(steps_per_epoch),
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="batch",
@@ -474,13 +479,13 @@ def _train(
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
         if progress:
-            tqdm.write(
+            progress_write(
                 f"epoch {epoch + 1:>3}  train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}  "
                 f"val_acc {val_acc:.4f}  {row['train_images_per_s']:.0f} img/s"
             )
         if stale >= cfg.patience:
             if progress:
-                tqdm.write(f"early stopping: val_loss has not improved for {cfg.patience} epochs")
+                progress_write(f"early stopping: val_loss has not improved for {cfg.patience} epochs")
             break
     if best_state is not None:
         train_net.load_state_dict(best_state)

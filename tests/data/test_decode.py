@@ -1,0 +1,159 @@
+"""One decode path: JPEGs reduced at decode (DCT scaling) never below the resize target, and the same bytes give
+the same uint8 pixels through training, the bundle's loader and the server's request decoder."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from roadwork.data.features import FEATURE_SPEC
+from roadwork.data.preprocess import (
+    ImageTooLarge,
+    PreprocessSpec,
+    decode_side,
+    load_for,
+    load_resized,
+    load_rgb,
+    preprocess,
+    resize_uint8,
+    to_float,
+)
+from roadwork.serve.decode import RequestError, decode_image
+
+REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "real-roadwork-mini"
+
+
+def _photo(w: int, h: int) -> Image.Image:
+    """A real photo from the shared folder upscaled to w x h (texture, edges, JPEG history), else a synthetic
+    scene with gradients, noise and hard edges."""
+    files = sorted((REAL / "roadwork").glob("*.jpg"))[:1] if REAL.is_dir() else []
+    if files:
+        return Image.open(files[0]).convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1).astype(np.int16)
+    a += rng.integers(-20, 21, a.shape, dtype=np.int16)
+    a[h // 3 : h // 2, w // 4 : w // 3] = (255, 120, 0)  # an orange block: hard edges
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("decode")
+    out = {}
+    for name, (w, h) in {"1080p": (1920, 1080), "portrait": (601, 1003), "small": (128, 128)}.items():
+        im = _photo(w, h)
+        out[f"{name}.jpg"] = d / f"{name}.jpg"
+        im.save(out[f"{name}.jpg"], quality=90)
+        out[f"{name}.png"] = d / f"{name}.png"
+        im.save(out[f"{name}.png"])
+    gray = d / "gray.jpg"
+    _photo(800, 600).convert("L").save(gray, quality=90)
+    out["gray.jpg"] = gray
+    return out
+
+
+@pytest.mark.parametrize(
+    ("size", "min_side", "expected"),
+    [
+        ((1920, 1080), 96, (240, 135)),  # 1/8: 135 >= 96
+        ((1920, 1080), 135, (240, 135)),  # exactly the target: still 1/8
+        ((1920, 1080), 136, (480, 270)),  # one more pixel: 1/4
+        ((1920, 1080), 256, (480, 270)),  # 224 at crop_pct 0.875
+        ((1920, 1080), 540, (960, 540)),
+        ((1920, 1080), 541, (1920, 1080)),
+        ((601, 1003), 150, (151, 251)),  # odd sizes round up: ceil(601 / 4)
+        ((128, 128), 96, (128, 128)),  # 64 < 96: no reduction
+    ],
+)
+def test_jpeg_is_reduced_to_the_smallest_dct_scale_not_below_the_target(
+    tmp_path: Path, size: tuple[int, int], min_side: int, expected: tuple[int, int]
+) -> None:
+    p = tmp_path / "x.jpg"
+    Image.new("RGB", size, (10, 200, 30)).save(p, quality=90)
+    im = load_rgb(p, min_side)
+    assert im.mode == "RGB" and im.size == expected
+    assert min(im.size) >= min_side or im.size == size
+
+
+def test_the_draft_never_goes_below_the_resize_target_with_a_crop_pct() -> None:
+    spec = PreprocessSpec(size=224, crop_pct=0.875)
+    assert spec.resize_side == 256 and decode_side(spec) == 256
+    buf = io.BytesIO()
+    Image.new("RGB", (1920, 1080)).save(buf, "JPEG")
+    assert min(load_rgb(buf.getvalue(), decode_side(spec)).size) == 270  # 1/4; 1/8 (135) would be below 256
+
+
+def test_decode_side_is_the_largest_consumer() -> None:
+    model, small = PreprocessSpec(size=96), PreprocessSpec(size=48)
+    assert decode_side(small) == 48
+    assert decode_side(model, small, FEATURE_SPEC) == 96
+    with pytest.raises(ValueError, match="at least one"):
+        decode_side()
+
+
+def test_png_and_grayscale_keep_their_path(files: dict[str, Path]) -> None:
+    full = load_rgb(files["1080p.png"])
+    assert load_rgb(files["1080p.png"], 96).size == full.size == (1920, 1080)
+    np.testing.assert_array_equal(np.asarray(load_rgb(files["1080p.png"], 96)), np.asarray(full))
+    g = load_rgb(files["gray.jpg"], 96)
+    assert g.mode == "RGB" and g.size == (200, 150)  # a grayscale JPEG is DCT-scaled too, then made RGB
+
+
+@pytest.mark.parametrize("name", ["1080p.jpg", "portrait.jpg", "small.jpg", "1080p.png", "small.png"])
+@pytest.mark.parametrize("spec", [PreprocessSpec(size=96), PreprocessSpec(size=224, crop_pct=0.875)])
+def test_training_bundle_and_server_give_bit_identical_pixels(
+    files: dict[str, Path], name: str, spec: PreprocessSpec
+) -> None:
+    from roadwork.training.loop import load_uint8
+
+    path = files[name]
+    train = load_uint8([str(path)], spec, progress=False)[0]
+    bundle = resize_uint8(load_for(path, spec), spec)
+    server_im = decode_image(path.read_bytes(), max_pixels=10**8, min_side=decode_side(spec))
+    server = resize_uint8(server_im, spec)
+    assert train.shape == (spec.size, spec.size, 3)
+    np.testing.assert_array_equal(train, bundle)
+    np.testing.assert_array_equal(train, server)
+    # and the network input: the float tensors of every path are the same bits
+    np.testing.assert_array_equal(preprocess([server_im], spec)[0], to_float(train[None], spec)[0])
+
+
+def test_cascade_consumers_share_one_decode(files: dict[str, Path]) -> None:
+    """A small net trained with the cascade's decode side sees what the server (decoding once, for the model)
+    hands it."""
+    from roadwork.training.loop import load_uint8
+
+    model, small = PreprocessSpec(size=96), PreprocessSpec(size=48)
+    side = decode_side(model, small, FEATURE_SPEC)
+    path = files["small.jpg"]  # 128 px: the model needs 1/1, the small net alone would take 1/2
+    served = decode_image(path.read_bytes(), max_pixels=10**8, min_side=side)
+    trained = load_uint8([str(path)], small, progress=False, min_side=side)[0]
+    np.testing.assert_array_equal(trained, resize_uint8(served, small))
+    alone = load_uint8([str(path)], small, progress=False)[0]
+    assert load_rgb(path, decode_side(small)).size == (64, 64)
+    assert not np.array_equal(alone, trained)  # why the decode side must be shared, not per stage
+
+
+def test_dct_scaled_pixels_stay_close_to_the_full_decode(files: dict[str, Path]) -> None:
+    """Reducing at decode changes pixels a little, not the picture: mean |difference| under 2 levels of 255."""
+    for spec in (PreprocessSpec(size=96), PreprocessSpec(size=224, crop_pct=0.875)):
+        new = load_resized(files["1080p.jpg"], spec).astype(np.int16)
+        old = resize_uint8(load_rgb(files["1080p.jpg"]), spec).astype(np.int16)
+        diff = np.abs(new - old)
+        assert 0 < diff.mean() < 2.0, diff.mean()
+
+
+def test_the_header_is_checked_before_decoding(tmp_path: Path) -> None:
+    p = tmp_path / "big.jpg"
+    Image.new("RGB", (3000, 2000)).save(p, quality=50)
+    with pytest.raises(ImageTooLarge, match=r"3000x2000 = 6000000 pixels, over the limit of 5000000"):
+        load_rgb(p, 96, max_pixels=5_000_000)
+    with pytest.raises(RequestError, match="over the limit of 5000000") as e:
+        decode_image(p.read_bytes(), max_pixels=5_000_000, min_side=96)
+    assert e.value.status == 400
+    assert load_rgb(p, 96, max_pixels=6_000_000).size == (375, 250)
