@@ -157,3 +157,17 @@ def test_the_header_is_checked_before_decoding(tmp_path: Path) -> None:
         decode_image(p.read_bytes(), max_pixels=5_000_000, min_side=96)
     assert e.value.status == 400
     assert load_rgb(p, 96, max_pixels=6_000_000).size == (375, 250)
+
+
+@pytest.mark.parametrize("size", [(1920, 1080), (601, 1003), (128, 128), (95, 400)])
+@pytest.mark.parametrize("min_side", [48, 96, 256])
+def test_decoded_size_predicts_the_decode_from_the_header(
+    tmp_path: Path, size: tuple[int, int], min_side: int
+) -> None:
+    from roadwork.data.preprocess import decoded_size
+
+    jpg, png = tmp_path / "x.jpg", tmp_path / "x.png"
+    Image.new("RGB", size, (1, 2, 3)).save(jpg)
+    Image.new("RGB", size, (1, 2, 3)).save(png)
+    assert decoded_size(size, "JPEG", min_side) == load_rgb(jpg, min_side).size
+    assert decoded_size(size, "PNG", min_side) == load_rgb(png, min_side).size == size

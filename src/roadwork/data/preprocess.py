@@ -32,6 +32,7 @@ __all__ = [
     "PreprocessSpec",
     "decode_opened",
     "decode_side",
+    "decoded_size",
     "load_for",
     "load_resized",
     "load_rgb",
@@ -115,6 +116,17 @@ def decode_opened(im: Image.Image, min_side: int | None = None) -> Image.Image:
         im.draft("RGB", (min_side, min_side))
     im.load()
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def decoded_size(size: tuple[int, int], fmt: str | None, min_side: int | None) -> tuple[int, int]:
+    """The (width, height) :func:`decode_opened` yields for an image of ``size`` and format ``fmt`` (from the
+    header; nothing decoded): what a server counts against a memory budget before decoding."""
+    w, h = size
+    if min_side is None or fmt not in _DCT_SCALED or min_side <= 0:
+        return w, h
+    scale = min(w // min_side, h // min_side)
+    s = 8 if scale >= 8 else 4 if scale >= 4 else 2 if scale >= 2 else 1  # as Pillow's JpegImageFile.draft
+    return -(-w // s), -(-h // s)
 
 
 def load_rgb(
