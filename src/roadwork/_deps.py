@@ -17,6 +17,7 @@ _EXTRA = {
     "matplotlib": "train",
     "mlflow": "train",
     "onnxruntime": "serve",
+    "cryptography": "serve",
     "sklearn": "tabular",
     "xgboost": "tabular",
     "lightgbm": "tabular",

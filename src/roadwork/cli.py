@@ -38,10 +38,14 @@ Usage:
   roadwork dvc [CONFIG] [key=value ...] [out=DIR]   write dvc.yaml + roadwork.yaml: every stage as a DVC stage
   roadwork serve BUNDLE|models:/NAME/VER [key=value ...]
                                                    HTTP server: OIP v2, /v1/classify, /metrics (no torch);
-                                                   keys: host port max_batch_size max_queue_delay_ms max_queue
-                                                   max_body_mb max_pixels ort_threads drain_timeout_s
+                                                   keys: host port device max_batch_size max_latency_ms
+                                                   max_queue body_timeout_s max_body_mb max_pixels
+                                                   drain_delay_s drain_timeout_s require_signature
                                                    log_dir (prediction logs for roadwork monitor);
                                                    ROADWORK_API_KEY=... requires 'Authorization: Bearer ...'
+  roadwork sign BUNDLE KEY | roadwork sign keygen KEY
+                                                   Ed25519-sign a bundle (signature.json); keygen writes
+                                                   KEY and KEY.pub (for serve require_signature=KEY.pub)
   roadwork help [COMMAND]                           this text, or one command's usage and examples
                                                    (the same as roadwork COMMAND --help)
 
@@ -209,14 +213,30 @@ Examples:
 Usage: roadwork serve BUNDLE|models:/NAME/VERSION [key=value ...] [tracking_uri=URI]
 
 HTTP server (no torch): Open Inference Protocol v2, POST /v1/classify, /metrics for Prometheus.
-Keys: host port max_batch_size max_queue_delay_ms max_queue max_body_mb max_pixels ort_threads
-drain_timeout_s log_dir (prediction logs for roadwork monitor). ROADWORK_API_KEY=... requires
+Keys: host port name device (cpu|cuda|tensorrt|auto) max_batch_size max_queue_delay_ms max_latency_ms
+(latency budget; 0 = auto) max_queue max_queue_wait_ms body_timeout_s max_body_mb max_pixels
+max_inflight_pixels ort_threads drain_delay_s drain_timeout_s require_signature (a public key: refuse
+unsigned bundles) log_dir (prediction logs for roadwork monitor). ROADWORK_API_KEY=... requires
 'Authorization: Bearer ...'. A models:/ URI is fetched from the MLflow registry first.
 
 Examples:
   roadwork serve runs/demo/export/bundle port=8000 max_batch_size=16
   roadwork serve runs/demo/export/bundle log_dir=logs/
+  roadwork serve runs/demo/export/bundle require_signature=keys/release.pub device=auto
   roadwork serve models:/roadwork-demo/1
+""",
+    "sign": """\
+Usage: roadwork sign BUNDLE KEY          sign BUNDLE with the Ed25519 private key KEY (PEM)
+       roadwork sign keygen KEY          write a new key pair: KEY (private, mode 0600) and KEY.pub
+
+Checks every file of the bundle against its manifest, then writes BUNDLE/signature.json (an Ed25519
+signature of the manifest, which holds every file's sha256). roadwork serve BUNDLE require_signature=KEY.pub
+refuses a bundle that is unsigned, signed by another key, or changed since.
+
+Examples:
+  roadwork sign keygen keys/release
+  roadwork sign runs/demo/export/bundle keys/release
+  roadwork serve runs/demo/export/bundle require_signature=keys/release.pub
 """,
     "help": """\
 Usage: roadwork help [COMMAND]
@@ -627,6 +647,22 @@ def _dvc(args: list[str]) -> int:
     return 0
 
 
+def _sign(args: list[str]) -> int:
+    from roadwork.export.signing import generate_keypair, sign_bundle
+
+    if len(args) == 2 and args[0] == "keygen":
+        pub = generate_keypair(args[1])
+        _print(f"wrote {args[1]} (private: keep it secret) and {pub} (public: for serve require_signature=)")
+        return 0
+    if len(args) != 2:
+        raise RoadworkError(
+            "Usage: roadwork sign BUNDLE KEY, or roadwork sign keygen KEY (see roadwork sign --help)."
+        )
+    out = sign_bundle(args[0], args[1])
+    _print(f"signed {args[0]}: {out}")
+    return 0
+
+
 def _serve(args: list[str]) -> int:
     import yaml
     from pydantic import ValidationError
@@ -716,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(rest)
         if cmd == "serve":
             return _serve(rest)
+        if cmd == "sign":
+            return _sign(rest)
         if cmd == "bench":
             return _bench(rest)
         if cmd == "compare":

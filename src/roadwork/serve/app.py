@@ -564,6 +564,11 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
             "extensions": ["classification", "binary_tensor_data", "model_repository", "statistics"],
         }
 
+    @app.get("/v2/models/stats", responses={401: _errors[401]})
+    async def all_stats() -> dict[str, Any]:
+        """Inference statistics of every model (here: the one)."""
+        return {"model_stats": [stats.triton(model.name)]}
+
     @app.get("/v2/models/{name}", response_model=schemas.ModelMetadata, responses=_get_errors)
     async def model_metadata(name: str) -> dict[str, Any]:
         """Model metadata (OIP v2): input ``input`` FP32 ``[-1, 3, S, S]``, outputs and class names; 404 for
@@ -627,11 +632,6 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         """Triton's inference statistics (``get_inference_statistics``): counts and cumulative nanoseconds of
         successful and failed requests, queue wait, and batches (warm-up excluded)."""
         _check_name(name)
-        return {"model_stats": [stats.triton(model.name)]}
-
-    @app.get("/v2/models/stats", responses={401: _errors[401]})
-    async def all_stats() -> dict[str, Any]:
-        """Inference statistics of every model (here: the one)."""
         return {"model_stats": [stats.triton(model.name)]}
 
     @app.post(
