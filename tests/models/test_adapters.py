@@ -104,3 +104,54 @@ def test_doran_starts_as_the_base_model_and_learns_its_positive_offset():
     raw = [float(m.tau_raw) for m in taus]
     torch.optim.SGD([m.tau_raw for m in taus], lr=1e3).step()
     assert all(float(m.tau_raw) != r and float(m.tau()) > 0 for m, r in zip(taus, raw, strict=True))
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_convnext"])
+def test_doran_on_convolutional_networks_trains_and_merges(arch):
+    """Conv2d targets get DoRAN's convolution layer (per-channel norms), not a Linear one that crashes in conv2d."""
+    torch.manual_seed(0)
+    base = timm.create_model(arch, num_classes=2).eval()
+    x, y = _batch()
+    with torch.no_grad():
+        before = base(x)
+    model = prepare_finetune(base, "doran", rank=4, alpha=8)
+    layers = [m for m in model.modules() if type(m).__name__.startswith("Doran")]
+    assert layers
+    if arch == "test_resnet":
+        assert any(type(m).__name__ == "DoranConv2dLayer" for m in layers)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-4)  # identity at the start, as DoRA
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        assert all(m.tau_raw.grad is not None for m in layers)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x)
+        assert torch.allclose(merge_adapters(model).eval()(x), adapted, atol=1e-4)
+
+
+def test_doran_refuses_layers_it_cannot_adapt():
+    from roadwork.errors import ConfigError
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 8)
+            self.head = torch.nn.Linear(8, 2)
+
+        def get_classifier(self):  # type: ignore[no-untyped-def]
+            return self.head
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return self.head(self.emb(x).mean(1))
+
+    with pytest.raises(ConfigError, match="doran cannot adapt 'base_model.model.emb'"):
+        prepare_finetune(Tiny(), "doran", target_modules=["emb"])

@@ -12,8 +12,13 @@ magnitude ``m`` per output and the column norm treated as a constant in the back
    projections of a block — *not* implemented: timm ViTs fuse q, k and v into one ``qkv`` linear, so the
    coupling would need a different adapter layout; the adapters stay peft's static ``A``/``B``.
 
+The offset applies to every layer DoRA adapts: linear layers (ViT ``qkv``, ``Linear`` in ConvNeXt's MLPs) and the
+1x1 ``Conv2d`` layers a ResNet or EfficientNet gets adapters on (the column norm is then the norm of each output
+channel's kernel, as in peft's DoRA for convolutions). Other DoRA layers (embeddings, Conv1d/3d) are refused
+with a :class:`~roadwork.errors.ConfigError`.
+
 Merging (``merge_adapters``) folds ``m / (||W + sBA||_c + τ)`` into the weights through peft's DoRA merge, which
-calls :meth:`DoranLinearLayer.get_weight_norm`; the merged model gives the adapted logits (tested to 1e-5).
+calls ``get_weight_norm`` of the layer (norm plus ``τ``); the merged model gives the adapted logits (tested to 1e-5).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import math
 from typing import Any
 
 from roadwork._deps import require
+from roadwork.errors import ConfigError
 
 __all__ = ["TAU_INIT", "enable_doran"]
 
@@ -88,16 +94,90 @@ def _layer_class() -> Any:
     return DoranLinearLayer
 
 
+def _conv2d_class() -> Any:
+    torch = require("torch")
+    from peft.tuners.lora.dora import DoraConv2dLayer
+
+    F = torch.nn.functional
+
+    class DoranConv2dLayer(DoraConv2dLayer):
+        """peft's DoRA layer for ``Conv2d`` with DoRAN's learnable offset ``τ``; norms are per output channel."""
+
+        def __init__(self, fan_in_fan_out: bool, weight: Any, tau: float) -> None:
+            super().__init__(fan_in_fan_out)
+            self.weight = torch.nn.Parameter(weight.detach().clone() + tau)  # (1, out, 1, 1)
+            rho = math.log(math.expm1(tau))
+            self.tau_raw = torch.nn.Parameter(torch.tensor(rho, dtype=weight.dtype, device=weight.device))
+
+        def tau(self) -> Any:
+            return F.softplus(self.tau_raw)
+
+        def _norm(self, weight: Any, lora_weight: Any, scaling: float) -> Any:
+            w = weight + scaling * lora_weight  # (out, in, kh, kw)
+            return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0)
+
+        def get_weight_norm(
+            self, weight: Any, lora_weight: Any, scaling: float, adapter_name: Any = None
+        ) -> Any:
+            return self._norm(weight, lora_weight, scaling) + self.tau()
+
+        def forward(
+            self,
+            x: Any,
+            *,
+            lora_A: Any,
+            lora_B: Any,
+            scaling: float,
+            base_layer: Any,
+            base_result: Any = None,
+            adapter_name: str = "default",
+        ) -> Any:
+            weight = base_layer.weight
+            lora_weight = self.get_lora_weight(lora_A=lora_A, lora_B=lora_B, adapter_name=adapter_name)
+            lora_weight = lora_weight.reshape(weight.shape)
+            denom = self._norm(weight, lora_weight.detach(), scaling).detach() + self.tau()
+            mag_norm_scale = self.weight / denom
+            if base_result is None:
+                base_result = self.conv_fn(
+                    x,
+                    weight,
+                    bias=None,
+                    stride=base_layer.stride,
+                    padding=base_layer.padding,
+                    dilation=base_layer.dilation,
+                    groups=base_layer.groups,
+                )
+            elif base_layer.bias is not None:
+                base_result = base_result - base_layer.bias.view(1, -1, *([1] * (base_result.dim() - 2)))
+            return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_B(lora_A(x)) * scaling
+
+        def __repr__(self) -> str:
+            return "lora.doran." + super(DoraConv2dLayer, self).__repr__()
+
+    return DoranConv2dLayer
+
+
 def enable_doran(peft_model: Any, tau: float = TAU_INIT) -> int:
     """Swap every DoRA layer of a peft model (made with ``use_dora=True``) for DoRAN's; returns how many."""
-    cls = _layer_class()
+    from peft.tuners.lora.dora import DoraConv2dLayer, DoraLinearLayer
+
+    linear, conv2d = _layer_class(), _conv2d_class()
     n = 0
-    for module in peft_model.modules():
+    for module_name, module in peft_model.named_modules():
         mags = getattr(module, "lora_magnitude_vector", None)
         if mags is None:
             continue
         for name in list(mags.keys()):
             old = mags[name]
+            if isinstance(old, DoraConv2dLayer):
+                cls = conv2d
+            elif type(old) is DoraLinearLayer:
+                cls = linear
+            else:
+                raise ConfigError(
+                    f"train.finetune=doran cannot adapt {module_name!r} ({type(old).__name__}): DoRAN covers Linear "
+                    "and Conv2d layers. Use train.finetune=dora, or pass target_modules without it."
+                )
             mags[name] = cls(old.fan_in_fan_out, old.weight, tau)
             n += 1
     return n
