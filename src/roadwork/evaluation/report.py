@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from typing import Any
 
 __all__ = ["render_html", "render_model_card", "summary_rows"]
@@ -16,11 +17,51 @@ th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:right}th{background:
 td:first-child,th:first-child{text-align:left}.bad{background:#fde2e2}.ok{background:#e3f5e1}
 figure{margin:.6rem 0 1.4rem}img{max-width:100%;border:1px solid #eee}
 .note{background:#f7f7fb;border-left:4px solid #88a;padding:.6rem 1rem}
+.warnings{background:#fff6e0;border-left:4px solid #e0a000;padding:.6rem 1rem;margin:1rem 0}
+.table-wrap{overflow-x:auto;max-width:100%}
 """
 
 
+def _fmt_thr(v: float | None) -> str:
+    return "∞ (none)" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
+def _answer_rule(s: dict[str, Any]) -> str:
+    """The abstain rule in words; says plainly when nothing could be certified (threshold unbounded)."""
+    thr = s.get("threshold")
+    if thr is None or not math.isfinite(thr):
+        return "certifies nothing: every image is abstained on (see the warnings above)"
+    return f"answers only images whose calibrated confidence is at least {thr:.4f}"
+
+
+def _warnings_html(metrics: dict[str, Any]) -> str:
+    found = metrics.get("warnings") or []
+    if not found:
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in found)
+    return (
+        f"<div class='warnings' role='alert'><b>Warnings — read before deploying.</b><ul>{items}</ul></div>"
+    )
+
+
+def _served_html(metrics: dict[str, Any]) -> str:
+    served, alone = metrics.get("served"), metrics.get("model_alone")
+    if not served:
+        return ""
+    text = (
+        f"<p class='sub'>Every test figure below is the exported bundle's — {html.escape(served['what'])}; "
+        f"path: {html.escape(served['path'])}."
+    )
+    if alone:
+        text += (
+            f" The model alone (labelled, not what is served): accuracy {alone['accuracy']:.4f}, "
+            f"AUROC {alone['auroc']:.4f}, ECE {alone['ece']:.4f}."
+        )
+    return text + "</p>"
+
+
 _CERT_METHOD = {
-    "ltt": "Learn-then-Test: Hoeffding–Bentkus p-values, fixed-sequence testing",
+    "ltt": "Learn-then-Test: exact binomial p-values, fixed-sequence testing",
     "sgr": "SGR: binary search with Clopper–Pearson bounds",
     "bonferroni": "Clopper–Pearson bounds, union over a fixed grid of thresholds",
 }
@@ -38,7 +79,7 @@ def _table(header: list[str], rows: list[list[Any]], classes: list[str] | None =
     for i, r in enumerate(rows):
         cls = f' class="{classes[i]}"' if classes and classes[i] else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<div class='table-wrap'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
 def _img(name: str, png: bytes, caption: str) -> str:
@@ -89,6 +130,8 @@ def render_html(
         f"{html.escape(run_name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>roadwork report — {html.escape(run_name)}</h1>",
         f"<p class='sub'>classes: {html.escape(', '.join(metrics['classes']))}</p>",
+        _warnings_html(metrics),
+        _served_html(metrics),
         "<h2>Summary</h2>",
         _table(["metric", "value"], [list(r) for r in summary_rows(metrics)]),
     ]
@@ -97,8 +140,8 @@ def render_html(
         "<div class='note'><b>What the guarantees mean.</b> "
         f"Prediction sets contain the true class for at least {1 - c['alpha']:.0%} of images <i>on average over "
         "images and calibration draws</i>, provided calibration and test images are exchangeable (drawn from "
-        "the same distribution). The abstain rule answers only images whose calibrated confidence is at least "
-        f"{s['threshold']:.4f}; with probability ≥ {1 - s['delta']:.0%} over the calibration draw, the error rate "
+        f"the same distribution). The abstain rule {_answer_rule(s)}; with probability ≥ {1 - s['delta']:.0%} "
+        "over the calibration draw, the error rate "
         f"on answered images is at most {s['target_risk']}. Neither holds under distribution shift.</div>"
     )
     order = ["reliability", "risk_coverage", "confusion", "training", "samples", "mistakes"]
@@ -207,7 +250,7 @@ def _decision_rows(metrics: dict[str, Any]) -> list[str]:
     if rc:
         out.append(
             "<h2>Missed-positive risk control</h2><p>Images whose positive-class probability is at least "
-            f"{rc['threshold']:.4f} are flagged <code>positive_possible</code>; conformal risk control bounds the "
+            f"{_fmt_thr(rc['threshold'])} are flagged <code>positive_possible</code>; conformal risk control bounds the "
             f"expected share of positives left unflagged by {rc['alpha']} (fitted on {rc['n']} calibration "
             f"positives). Test: miss rate {rc['test_miss_rate']:.4f}, {rc['test_flag_rate']:.1%} of images flagged.</p>"
         )
@@ -226,6 +269,9 @@ def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, 
         f"- **Test accuracy:** {t['accuracy']:.4f} on {t['n']} images (MCC {t['mcc']:.4f}, AUROC {t['auroc']:.4f})",
         f"- **Calibration:** {metrics['calibration']['kind']}; ECE {t['ece']['uncalibrated']:.4f} → "
         f"{t['ece']['calibrated']:.4f}",
+        f"- **Figures are of:** {metrics.get('served', {}).get('what', 'the model')}",
+        "",
+        *(f"> **Warning:** {w}" for w in metrics.get("warnings") or []),
         "",
         "## Guarantees and their assumptions",
         "",
@@ -233,7 +279,7 @@ def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, 
         "exchangeably with the calibration images, the set contains its true class with probability at least "
         f"{1 - c['alpha']:.2f}, averaged over images and over the draw of the {c['n_calib']} calibration images. "
         f"Measured on test: coverage {c['coverage']:.4f}, mean set size {c['mean_set_size']:.3f}.",
-        f"2. **Certified abstention.** The model answers when calibrated confidence ≥ {s['threshold']:.4f}. "
+        f"2. **Certified abstention.** The policy {_answer_rule(s)}. "
         f"With probability ≥ {1 - s['delta']:.2f} over the calibration draw, the error rate on answered images is "
         f"at most {s['target_risk']} ({_CERT_METHOD.get(s.get('method', ''), s.get('method', ''))}). "
         f"Measured on test: answered {s['coverage']:.4f}, error on answered {s['risk']:.4f}.",

@@ -24,6 +24,7 @@ from typing import Any
 
 from roadwork.config import RunConfig
 from roadwork.errors import ConfigError
+from roadwork.jsonio import write_json
 
 __all__ = ["STAGE_SCHEMA", "Stage", "StageContext", "StageResult", "code_files", "code_version", "run_stages"]
 
@@ -221,7 +222,7 @@ def run_stages(
                 "info": info,
                 "outputs": outputs,
             }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            write_json(tmp / "manifest.json", manifest)
             old = run_dir / f".tmp-old-{stage.name}-{os.getpid()}"
             if final.exists():
                 final.rename(old)
