@@ -114,3 +114,53 @@ def test_local_save_pretrained_folder_is_loaded_offline(tmp_path, monkeypatch):
             model.backbone(pixel_values=x).last_hidden_state, backbone(pixel_values=x).last_hidden_state
         )
     assert spec.mean == (0.485, 0.456, 0.406)  # no image processor saved: ImageNet statistics
+
+
+CONVNEXT = {"depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 32, 64]}
+
+
+def test_hf_convnext_trains_with_lora_round_trips_and_exports(tmp_path):
+    """hf:convnext (a CNN: feature maps, no tokens) is pooled by its own pooler, not treated as a ViT."""
+    ort = pytest.importorskip("onnxruntime")
+    from roadwork.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="hf:convnext", image_size=32, kwargs=CONVNEXT, pretrained=False)
+    model, _ = create_model(cfg, 2)
+    assert model.pooling == "mean" and model.num_features == 64
+    peft_model = prepare_finetune(model, "lora", rank=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 2, (8,), generator=g)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.cross_entropy(peft_model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    merged = merge_adapters(peft_model).eval()
+    card = ModelCard(
+        backbone=cfg.backbone, classes=["a", "b"], preprocess=_spec(), kwargs=card_kwargs(merged, cfg)
+    )
+    save_model(merged, card, tmp_path)
+    again, _ = load_model(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(x), merged(x))
+    xs = x[:3].numpy()
+    export_onnx(merged, xs, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert np.abs(sess.run(None, {"input": xs})[0] - merged(x[:3]).numpy()).max() < 1e-4
+
+
+def _spec():  # type: ignore[no-untyped-def]
+    from roadwork.data.preprocess import PreprocessSpec
+
+    return PreprocessSpec(size=32)
+
+
+def test_hf_convnext_with_a_token_pooling_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.pooling='cls' needs a class token"):
+        create_model(ModelConfig(backbone="hf:convnext", image_size=32, kwargs=CONVNEXT, pooling="cls"), 2)

@@ -11,6 +11,11 @@ The backbone's full config is stored in ``model.json`` (``kwargs["config"]``), s
 network offline. Pooling of ``last_hidden_state``: ``cls``, ``mean`` (patch tokens, registers excluded) or
 ``cls+mean`` (the default, as ``Dinov2ForImageClassification`` and DINOv2's linear probe); the head is ``linear``
 or ``mlp``. LoRA targets the attention's ``q_proj``/``v_proj`` (``models/adapters.py``).
+
+Convolutional backbones (``hf:convnext``, ``hf:facebook/convnext-tiny-224``, ``hf:resnet`` …: a config with
+``hidden_sizes`` and no ``hidden_size``) output a feature map, not tokens: they are pooled by the model's own
+``pooler_output`` (global average, plus ConvNeXt's layer norm), ``model.pooling=mean`` (the default for them);
+``cls`` is refused — there is no class token. LoRA then targets their linear and 1x1 convolution layers.
 """
 
 from __future__ import annotations
@@ -45,10 +50,17 @@ class HFClassifier(_module_base()):  # type: ignore[misc]
         super().__init__()
         if pooling not in ("cls", "mean", "cls+mean"):
             raise ConfigError(f"model.pooling={pooling!r} is not one of default, cls, mean, cls+mean.")
+        config = backbone.config
+        self.spatial = _is_spatial(config)  # a CNN: (B, C, H, W) feature maps, no tokens
+        if self.spatial and pooling != "mean":
+            raise ConfigError(
+                f"model.pooling={pooling!r} needs a class token, which the convolutional backbone "
+                f"{config.model_type!r} has not; use model.pooling=mean (its default)."
+            )
         self.backbone = backbone
         self.pooling = pooling
-        self.prefix = 1 + int(getattr(backbone.config, "num_register_tokens", 0) or 0)
-        width = int(backbone.config.hidden_size)
+        self.prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        width = int(config.hidden_sizes[-1] if self.spatial else config.hidden_size)
         self.num_features = width
         self.head = make_head(2 * width if pooling == "cls+mean" else width, num_classes, head, drop_rate)
         self.num_classes = num_classes
@@ -63,9 +75,18 @@ class HFClassifier(_module_base()):  # type: ignore[misc]
             self.backbone.gradient_checkpointing_disable()
 
     def forward(self, x: Any) -> Any:
-        return self.head(
-            pool_tokens(self.backbone(pixel_values=x).last_hidden_state, self.pooling, self.prefix)
-        )
+        out = self.backbone(pixel_values=x)
+        if self.spatial:  # the model's own global pooling: (B, C) or (B, C, 1, 1)
+            pooled = (
+                out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean((2, 3))
+            )
+            return self.head(pooled.flatten(1))
+        return self.head(pool_tokens(out.last_hidden_state, self.pooling, self.prefix))
+
+
+def _is_spatial(config: Any) -> bool:
+    """A convolutional backbone's config: stage widths (``hidden_sizes``), no token width (``hidden_size``)."""
+    return not hasattr(config, "hidden_size") and bool(getattr(config, "hidden_sizes", None))
 
 
 def _offline_error(name: str, e: Exception) -> ConfigError:
@@ -125,7 +146,15 @@ def build_hf(
     weights: str | None = None,
 ) -> Any:
     net = _backbone(name, kwargs, pretrained, weights)
-    model = HFClassifier(net, num_classes, "cls+mean" if pooling == "default" else pooling, head, drop_rate)
+    if not hasattr(net.config, "hidden_size") and not _is_spatial(net.config):
+        raise ConfigError(
+            f"model.backbone={name!r} ({type(net).__name__}) is neither a vision transformer (hidden_size) nor a "
+            "convolutional network (hidden_sizes); roadwork's hf: path takes ViT-like (DINOv2, DINOv3, ViT) and "
+            "CNN (ConvNeXt, ResNet) backbones. Use a timm name instead, e.g. model.backbone=convnext_tiny."
+        )
+    if pooling == "default":
+        pooling = "mean" if _is_spatial(net.config) else "cls+mean"
+    model = HFClassifier(net, num_classes, pooling, head, drop_rate)
     config = net.config.to_dict()
     model.card_kwargs = {"config": {k: v for k, v in config.items() if k not in ("transformers_version",)}}
     return model
