@@ -244,6 +244,12 @@ def certify_served(
         calib.ids, fit_fraction(cfg), cfg.cascade.gate_fraction if cascade is not None else None
     )
     calibrator = fit_calibrator(cfg.calibrate, calib.subset(split.calibrator))
+    if cascade is not None:  # earlier stages without a calibrator get one on the calibrator rows
+        for st, z in zip(cascade.stages, early, strict=False):
+            if st.calibrator is None:
+                st.calibrator = make_calibrator(cfg.calibrate.method).fit(
+                    z[split.calibrator][:, : calib.n_classes], calib.labels[split.calibrator]
+                )
     if cascade is not None and recertify_gate and len(cascade.stages) > 1:
         from roadwork.trust.calibration import calibrate_proba
 
