@@ -71,3 +71,35 @@ def test_sources_and_cli(tiny_run, items, tmp_path, capsys):
     assert main(["predict", str(result.bundle), str(tmp_path / "imgs"), f"out={tmp_path / 'afile'}"]) == 2
     assert "is a file" in capsys.readouterr().err
     assert main(["predict", str(result.bundle), str(tmp_path / "imgs"), "engine=spark", "out=x"]) == 2
+
+
+def test_ray_keeps_the_manifests_label_and_uses_no_deprecated_api(tiny_run, items, tmp_path):
+    ray = pytest.importorskip("ray")
+    import logging
+
+    from roadwork.scale.batch import predict_ray
+
+    _, result = tiny_run
+    manifest = tmp_path / "m.csv"
+    truth = ["roadwork", "no_roadwork"] * 5
+    items.iloc[:10].assign(label=truth, split="test").to_csv(manifest, index=False)
+    listed = list_images([manifest])
+    assert list(listed["true_label"]) == truth and "split" not in listed.columns
+    predict_local(result.bundle, listed, tmp_path / "local", batch_size=4, progress=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        said: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+        ray_data = logging.getLogger("ray.data")  # Ray logs its deprecations (e.g. concurrency=, 2.51)
+        ray_data.addHandler(handler)
+        try:
+            assert predict_ray(result.bundle, listed, tmp_path / "ray", batch_size=4, actors=2) == 10
+        finally:
+            ray_data.removeHandler(handler)
+        assert not [m for m in said if "deprecated" in m], said
+    finally:
+        ray.shutdown()
+    a, b = read_predictions(tmp_path / "local"), read_predictions(tmp_path / "ray")
+    assert identical(a, b[a.columns]) and "true_label" in b.columns
+    assert b.set_index("path").loc[listed["path"], "true_label"].tolist() == truth

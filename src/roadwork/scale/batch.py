@@ -28,7 +28,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 def list_images(sources: Sequence[str | Path]) -> pd.DataFrame:
     """Image files, folders of them (recursively), or manifests (``.csv``/``.parquet`` with a ``path`` column and
-    any metadata columns, e.g. ``weather``) → one row per image: ``path`` plus metadata."""
+    any metadata columns, e.g. ``weather``) → one row per image: ``path`` plus metadata. A manifest's ``label``
+    column becomes ``true_label`` (``label`` is the prediction's); its ``split`` column is dropped."""
     frames = []
     for src in sources:
         p = Path(src)
@@ -39,7 +40,10 @@ def list_images(sources: Sequence[str | Path]) -> pd.DataFrame:
             df = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
             if "path" not in df.columns:
                 raise InputError(f"manifest {str(p)!r} has no 'path' column; it needs one path per image.")
-            df = df.drop(columns=[c for c in ("label", "split") if c in df.columns])
+            # the manifest's label is kept beside the prediction's (as true_label), e.g. for accuracy per part
+            df = df.drop(columns=[c for c in ("split",) if c in df.columns]).rename(
+                columns={"label": "true_label"}
+            )
             df["path"] = [q if Path(q).is_absolute() else str(p.parent / q) for q in df["path"]]
             frames.append(df.astype({c: str for c in df.columns}))
         elif p.is_file():
@@ -179,7 +183,7 @@ def predict_ray(
         fn_constructor_args=(str(Path(bundle_dir).resolve()), threads_per_actor),
         batch_size=batch_size,
         batch_format="pandas",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=threads_per_actor,
     )
     parts = _Parts(out, part_rows)
