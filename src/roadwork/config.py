@@ -126,7 +126,15 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.02, ge=0)
     warmup_epochs: float = Field(0.5, ge=0)
     patience: int = Field(4, ge=1, description="epochs without val improvement before stopping")
-    augment: bool = True
+    augment: Literal["none", "light", "standard", "strong"] = Field(
+        "light",
+        description="none; light (flip, small shift, brightness/contrast); standard (RandomResizedCrop, flip, "
+        "TrivialAugmentWide, ColorJitter, RandomErasing); strong (RandAugment, wider crops). true/false: light/none",
+    )
+    mixup: float = Field(0.0, ge=0, description="MixUp Beta(α, α) of image pairs; 0: off (e.g. 0.2)")
+    cutmix: float = Field(
+        0.0, ge=0, description="CutMix Beta(α, α); 0: off (e.g. 1.0); both set: one per batch"
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ema: float | None = Field(
         None, gt=0, lt=1, description="EMA decay of the weights (e.g. 0.999); EMA is kept"
@@ -164,6 +172,14 @@ class TrainConfig(_Strict):
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_from_bool(cls, v: Any) -> Any:
+        """Old configs say ``augment: true|false``: the hand-written augmentation (now ``light``) or none."""
+        if isinstance(v, bool):
+            return "light" if v else "none"
+        return v
 
 
 class CalibrateConfig(_Strict):

@@ -1,8 +1,8 @@
-"""Supervised training on Lightning Fabric: AdamW, warmup + cosine, light augmentation, early stopping.
+"""Supervised training on Lightning Fabric: AdamW, warmup + cosine, augmentation, early stopping.
 
-Images are decoded and resized once (uint8, shared preprocessing path) and augmented per batch in
-torch: random horizontal flip, a small random translation and brightness/contrast jitter. Early stopping
-watches the validation loss; the calibration split is never loaded here.
+Images are decoded and resized once (uint8, shared decode path: ``data.preprocess.load_resized``) and augmented
+per batch (``training.augment``: ``train.augment=none|light|standard|strong``, ``train.mixup``/``cutmix``).
+Early stopping watches the validation loss; the calibration split is never loaded here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from roadwork.config import ModelConfig, TrainConfig
 from roadwork.data.preprocess import PreprocessSpec, load_resized
 from roadwork.models.adapters import count_trainable, merge_adapters, prepare_finetune
 from roadwork.models.factory import ModelCard, card_kwargs, create_model
+from roadwork.training.augment import BatchAugment, light_augment
 
 __all__ = ["Deferral", "TrainResult", "load_uint8", "predict_logits", "train_model"]
 
@@ -65,17 +66,7 @@ def _to_input(torch: Any, u8: Any, spec: PreprocessSpec) -> Any:
     return (x - mean) / std
 
 
-def _augment(torch: Any, x: Any, gen: Any) -> Any:
-    b, _, h, w = x.shape
-    flip = torch.rand(b, generator=gen) < 0.5
-    x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
-    pad = max(1, h // 16)  # translate by up to ~6% with reflection padding
-    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dx, dy = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=gen))
-    x = xp[:, :, dy : dy + h, dx : dx + w]
-    gain = 1.0 + 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
-    bias = 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
-    return x * gain + bias
+_augment = light_augment  # the name benchmarks/train_throughput.py imports
 
 
 def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
@@ -358,6 +349,17 @@ def _train(
         def val_loss_fn(z: Any, y: Any) -> Any:
             return deferral_loss(z, y, t_val, deferral.cost)
 
+    augment = BatchAugment(
+        cfg.augment, spec, num_classes=len(classes), seed=cfg.seed, mixup=cfg.mixup, cutmix=cfg.cutmix
+    )
+    if augment.soft_labels and (cfg.loss != "ce" or deferral is not None):
+        from roadwork.errors import ConfigError
+
+        raise ConfigError(
+            f"train.mixup/train.cutmix mix labels, which train.loss={cfg.loss!r}"
+            f"{' with a learned deferral gate' if deferral is not None else ''} cannot take; set "
+            "train.mixup=0 train.cutmix=0, or train.loss=ce without deferral."
+        )
     sample_weight = (1.0 / counts)[y_train] if cfg.class_balance == "sampler" else None
     gen = torch.Generator().manual_seed(cfg.seed)
     ema = None
@@ -410,10 +412,8 @@ def _train(
         for step in bar:
             batch = order[step * global_batch : (step + 1) * global_batch]
             idx = batch[rank * cfg.batch_size : (rank + 1) * cfg.batch_size] if world > 1 else batch
-            x = _to_input(torch, x_train[idx], spec)
-            if cfg.augment:
-                x = _augment(torch, x, gen)
-            x, y = fabric.to_device((x, y_train[idx]))
+            x, y = augment(x_train[idx], y_train[idx], epoch=epoch, step=step, gen=gen)
+            x, y = fabric.to_device((x, y))
             try:
                 if deferral is None:
                     loss = loss_fn(model(x), y)
