@@ -53,7 +53,7 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def cli_page() -> str:
-    from roadwork.cli import HELP
+    from roadwork.cli import COMMAND_HELP, HELP
     from roadwork.config import RunConfig
     from roadwork.serve.settings import ServeSettings
 
@@ -64,7 +64,11 @@ def cli_page() -> str:
         "(`roadwork.config.RunConfig`); `roadwork config show [CONFIG] [key=value ...]` prints the resolved "
         "values.\n\n## `roadwork help`\n\n```text\n"
         + HELP.rstrip()
-        + "\n```\n\n## Configuration keys\n\nEvery key of a run, with its type and default. Set them in a YAML "
+        + "\n```\n\n## Each command\n\n`roadwork COMMAND --help` (or `roadwork help COMMAND`) prints these.\n\n"
+        + "".join(
+            f"### `roadwork {cmd}`\n\n```text\n{text.rstrip()}\n```\n\n" for cmd, text in COMMAND_HELP.items()
+        )
+        + "## Configuration keys\n\nEvery key of a run, with its type and default. Set them in a YAML "
         "file or as `key=value` overrides (YAML values: `train.epochs=3`, `model.kwargs={channels: [32, 64]}`).\n\n"
         + head
         + "\n".join(_rows(RunConfig))

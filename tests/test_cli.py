@@ -154,3 +154,11 @@ def test_help_imports_nothing_heavy():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stderr.strip() == "[]"
+
+
+def test_serve_help_names_every_setting(capsys):
+    from roadwork.serve.settings import ServeSettings
+
+    assert main(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(k in out for k in ServeSettings.model_fields if k != "api_key")

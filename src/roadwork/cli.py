@@ -76,11 +76,11 @@ STAGES = (
     "train",
     "predict",
     "calibrate",
+    "cascade_models",
+    "cascade",
     "conformal",
     "selective",
     "policy",
-    "cascade_models",
-    "cascade",
     "export",
     "evaluate",
 )
@@ -252,6 +252,11 @@ Examples:
 
 def command_help(cmd: str) -> str | None:
     """The usage and examples of one command; ``None`` for an unknown one."""
+    if cmd == "serve":  # the settings grow: every key, read from the settings model itself
+        from roadwork.serve.settings import ServeSettings
+
+        keys = " ".join(k for k in ServeSettings.model_fields if k != "api_key")
+        return f"{COMMAND_HELP[cmd].rstrip()}\n\nEvery key: {keys}\n"
     if cmd in COMMAND_HELP:
         return COMMAND_HELP[cmd]
     if cmd in STAGES:
