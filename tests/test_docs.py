@@ -136,6 +136,7 @@ def test_docs_build_with_zero_warnings(site):
     assert "predict_sets" in api and "TrustPolicy" in api  # mkdocstrings rendered the docstrings
     cli = (site / "reference" / "generated" / "cli.html").read_text()
     assert "conformal.label_noise" in cli and "max_queue_delay_ms" in cli
+    assert "Usage: roadwork sweep" in cli and "Usage: roadwork serve" in cli  # each command's own help
     http = (site / "reference" / "generated" / "http.html").read_text()
     assert "/v1/classify" in http and "/v2/models/{name}/infer" in http
 
