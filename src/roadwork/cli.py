@@ -423,14 +423,16 @@ def _predict(args: list[str]) -> int:
     sources = [a for a in args[1:] if "=" not in a]
     if not args or "=" in args[0] or not sources:
         raise RoadworkError(
-            "Usage: roadwork predict BUNDLE PATH [PATH ...] [out=DIR engine=local|ray batch=64 workers=2]; PATH is "
+            "Usage: roadwork predict BUNDLE PATH [PATH ...] [out=DIR engine=local|ray batch=64 workers=2 "
+            "device=cpu|cuda|tensorrt|auto]; PATH is "
             "an image, a folder of images or a .csv/.parquet manifest (path + metadata columns)."
         )
-    unknown = set(opts) - {"out", "engine", "batch", "workers"}
+    unknown = set(opts) - {"out", "engine", "batch", "workers", "device"}
     if unknown:
         raise RoadworkError(
-            f"roadwork predict: unknown option {sorted(unknown)[0]!r}; use out, engine, batch or workers."
+            f"roadwork predict: unknown option {sorted(unknown)[0]!r}; use out, engine, batch, workers or device."
         )
+    device = opts.get("device", "cpu")
     engine = opts.get("engine", "local")
     if engine not in ("local", "ray"):
         raise RoadworkError(f"roadwork predict: engine={engine!r} is not local or ray.")
@@ -444,17 +446,23 @@ def _predict(args: list[str]) -> int:
 
     items = list_images(sources)
     if "out" in opts:  # batch mode: a resumable Parquet folder
-        from roadwork.scale.batch import predict_local, predict_ray
+        from roadwork.scale.batch import predict_local, predict_ray, read_skipped
 
         if engine == "ray":
             n = predict_ray(args[0], items, opts["out"], batch_size=batch, actors=workers)
         else:
-            n = predict_local(args[0], items, opts["out"], batch_size=batch)
+            n = predict_local(args[0], items, opts["out"], batch_size=batch, device=device)
+        skipped = len(read_skipped(opts["out"]))
         _print(
-            f"predicted {n} images ({len(items) - n} already in {opts['out']}); read with pandas.read_parquet"
+            f"predicted {n} images ({len(items) - n - skipped} already in {opts['out']}"
+            + (f", {skipped} unreadable: see {Path(opts['out']) / 'skipped.csv'}" if skipped else "")
+            + "); read with pandas.read_parquet"
         )
         return 0
-    bundle = Bundle.load(args[0])
+    from roadwork.export.onnx import execution_device
+
+    with execution_device(device):
+        bundle = Bundle.load(args[0])
     paths = items["path"].tolist()
     meta_cols = [c for c in items.columns if c != "path"]
     for i in range(0, len(paths), 64):

@@ -103,3 +103,95 @@ def test_ray_keeps_the_manifests_label_and_uses_no_deprecated_api(tiny_run, item
     a, b = read_predictions(tmp_path / "local"), read_predictions(tmp_path / "ray")
     assert identical(a, b[a.columns]) and "true_label" in b.columns
     assert b.set_index("path").loc[listed["path"], "true_label"].tolist() == truth
+
+
+@pytest.fixture
+def messy_images(tiny_run, tmp_path):
+    """30 good images and 4 unreadable ones (empty, truncated, not an image, a fake PNG) in one folder."""
+    _, result = tiny_run
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good = sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:30]
+    for p in good:
+        (folder / p.name).write_bytes(p.read_bytes())
+    data = good[0].read_bytes()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(data[:40])
+    (folder / "notes.png").write_text("not an image")
+    (folder / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return folder, {p.name for p in good}, {"empty.jpg", "truncated.jpg", "notes.png", "fake.png"}
+
+
+def test_unreadable_images_are_skipped_with_a_reason_and_the_rest_predicted(tiny_run, messy_images, tmp_path):
+    from roadwork.cli import main
+    from roadwork.scale.batch import read_skipped
+
+    _, result = tiny_run
+    folder, good, bad = messy_images
+    out = tmp_path / "o"
+    assert main(["predict", str(result.bundle), str(folder), f"out={out}", "batch=8"]) == 0
+    df, skipped = read_predictions(out), read_skipped(out)
+    assert {Path(p).name for p in df["path"]} == good and len(df) == len(good)
+    assert {Path(p).name for p in skipped["path"]} == bad
+    assert all(skipped["reason"].str.len() > 0) and df["sha256"].str.len().eq(64).all()
+    # a rerun predicts nothing again, tries the bad ones again, and lists them once
+    assert predict_local(result.bundle, list_images([folder]), out, progress=False) == 0
+    assert len(read_skipped(out)) == len(bad) and len(read_predictions(out)) == len(good)
+
+
+def test_resume_keys_on_content_not_path(tiny_run, messy_images, tmp_path):
+    _, result = tiny_run
+    folder, good, _bad = messy_images
+    out = tmp_path / "o"
+    items = list_images([folder])
+    predict_local(result.bundle, items.iloc[:12], out, batch_size=4, progress=False)
+    moved = tmp_path / "moved"
+    folder.rename(moved)  # the same images under another path: nothing is predicted twice
+    items = list_images([moved])
+    first = read_predictions(out)
+    n = predict_local(result.bundle, items, out, batch_size=4, progress=False)
+    df = read_predictions(out)
+    assert n == len(good) - len(first)  # only the images not predicted under the old path
+    assert df["sha256"].is_unique and len(df) == len(good)
+    dup = moved / "copy-of-first.jpg"  # a second copy of one content is a row of its own
+    dup.write_bytes((moved / sorted(good)[0]).read_bytes())
+    assert predict_local(result.bundle, list_images([moved]), out, progress=False) == 1
+    assert len(read_predictions(out)) == len(good) + 1
+
+
+def test_kill_9_mid_run_then_rerun_gives_every_row_once(tiny_run, messy_images, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from roadwork.scale.batch import read_skipped
+
+    _, result = tiny_run
+    folder, good, bad = messy_images
+    out = tmp_path / "o"
+    script = f"""
+import time
+import roadwork.scale.batch as b
+real = b.BundlePredictor.__call__
+def slow(self, batch):
+    time.sleep(0.3)  # slow enough to be killed half-way
+    return real(self, batch)
+b.BundlePredictor.__call__ = slow
+b.predict_local({str(result.bundle)!r}, b.list_images([{str(folder)!r}]), {str(out)!r}, batch_size=2,
+                part_rows=4, progress=False)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("part-*.parquet"))) < 2:  # some parts written, most of the job still to do
+        assert proc.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    before = len(read_predictions(out))
+    assert 0 < before < len(good)
+    predict_local(result.bundle, list_images([folder]), out, batch_size=4, progress=False)
+    df = read_predictions(out)
+    assert df["path"].is_unique and {Path(p).name for p in df["path"]} == good
+    assert {Path(p).name for p in read_skipped(out)["path"]} == bad

@@ -8,12 +8,22 @@ files), locally or on a Ray cluster. Both engines run the whole ``TrustPolicy`` 
   prediction rows stream back and are written as part files. On one machine the actors split the cores; on a
   cluster they spread over it.
 
-Both resume: images whose path is already in the output folder are skipped, so an interrupted job continues.
+Both skip unreadable images (corrupt, truncated, missing, not an image) instead of stopping: each is listed
+with its reason in ``skipped.csv`` beside the parts, and every other image is predicted. Parts are flushed every
+``part_rows`` rows (256) or ``flush_s`` seconds (10), whichever comes first, so a killed job loses little.
+
+Both resume, keyed on content: every row carries the image's ``sha256``, and a rerun skips as many images of
+each content hash as the folder already holds (a moved or renamed folder resumes too; two copies of one image
+are both predicted). Parts are written through a temporary name and a rename, so after ``kill -9`` and a rerun
+there are no duplicate and no missing rows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,7 +31,15 @@ import pandas as pd
 
 from roadwork.errors import InputError
 
-__all__ = ["BundlePredictor", "identical", "list_images", "predict_local", "predict_ray", "read_predictions"]
+__all__ = [
+    "BundlePredictor",
+    "identical",
+    "list_images",
+    "predict_local",
+    "predict_ray",
+    "read_predictions",
+    "read_skipped",
+]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -66,38 +84,89 @@ def read_predictions(out: str | Path) -> pd.DataFrame:
     )
 
 
+SKIPPED = "skipped.csv"
+
+
+def _sha256(path: str) -> str:
+    """The file's content hash; ``""`` when it cannot be read (the predictor then reports why)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
 def _todo(items: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """The rows of ``items`` not yet predicted into ``out``, each with its ``sha256``: a content hash that is
+    already there as many times as it occurs here is done (parts written before hashes were kept match by path)."""
     if out.exists() and not out.is_dir():
         raise InputError(
             f"out={str(out)!r} is a file; batch prediction writes a folder of Parquet parts. Pass a new folder name."
         )
-    done = set(read_predictions(out)["path"]) if out.is_dir() else set()
-    return items[~items["path"].isin(done)].reset_index(drop=True)
+    items = items.drop(columns=[c for c in ("sha256",) if c in items.columns]).reset_index(drop=True)
+    items.insert(1, "sha256", [_sha256(str(p)) for p in items["path"]])
+    done = read_predictions(out) if out.is_dir() else pd.DataFrame({"path": []})
+    if not len(done):
+        return items
+    hashed = done["sha256"] if "sha256" in done.columns else pd.Series([None] * len(done))
+    left = Counter(h for h in hashed if isinstance(h, str) and h)
+    done_paths = set(done.loc[hashed.isna() | (hashed == ""), "path"])
+    keep = []
+    for path, h in zip(items["path"], items["sha256"], strict=True):
+        if h and left[h] > 0:
+            left[h] -= 1
+            keep.append(False)
+        else:
+            keep.append(path not in done_paths)
+    return items[keep].reset_index(drop=True)
 
 
 class BundlePredictor:
     """Loads a bundle once and predicts a batch (a DataFrame with ``path`` and metadata columns). Used as is by
     the local engine and as the Ray actor class."""
 
-    def __init__(self, bundle_dir: str, threads: int = 0) -> None:
+    def __init__(self, bundle_dir: str, threads: int = 0, device: str = "cpu") -> None:
         from roadwork.export.bundle import Bundle
+        from roadwork.export.onnx import execution_device
 
-        self.bundle = Bundle.load(bundle_dir, threads=threads)
+        with execution_device(device):
+            self.bundle = Bundle.load(bundle_dir, threads=threads)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """One row per image of ``batch``: its predictions, or (unreadable) a ``skip_reason`` and no predictions."""
         from roadwork.export.bundle import _open
 
-        paths = [str(p) for p in batch["path"]]
+        batch = batch.reset_index(drop=True)
+        images, good, reasons = [], [], [""] * len(batch)
+        for i, p in enumerate(batch["path"]):
+            try:
+                images.append(_open(str(p)))
+                good.append(i)
+            except Exception as e:  # one unreadable file is reported, not the end of the job
+                reasons[i] = str(e)[:500] or type(e).__name__
+        rows = batch.iloc[good].reset_index(drop=True)
         meta = {
-            c: batch[c].astype(str).tolist() for c in self.bundle.policy.slice_columns if c in batch.columns
+            c: rows[c].astype(str).tolist() for c in self.bundle.policy.slice_columns if c in rows.columns
         }
-        out = self.bundle.predict_images([_open(p) for p in paths], meta or None)
-        recs = pd.DataFrame(out.records(self.bundle.classes))
-        recs.insert(0, "path", paths)
+        recs = (
+            pd.DataFrame(self.bundle.predict_images(images, meta or None).records(self.bundle.classes))
+            if images
+            else pd.DataFrame()
+        )
+        recs.insert(0, "path", [str(p) for p in rows["path"]])
         for c in batch.columns:
             if c != "path":
-                recs[c] = batch[c].astype(str).to_numpy()
-        return recs
+                recs[c] = rows[c].astype(str).to_numpy()
+        recs["skip_reason"] = ""
+        bad = [i for i, r in enumerate(reasons) if r]
+        if not bad:
+            return recs
+        skipped = batch.iloc[bad].astype(str).reset_index(drop=True)
+        skipped["skip_reason"] = [reasons[i] for i in bad]
+        return pd.concat([recs, skipped], ignore_index=True)
 
 
 def _chunks(df: pd.DataFrame, n: int) -> Iterator[pd.DataFrame]:
@@ -106,28 +175,57 @@ def _chunks(df: pd.DataFrame, n: int) -> Iterator[pd.DataFrame]:
 
 
 class _Parts:
-    """Buffers predicted rows and writes them ``part_rows`` at a time as ``part-*.parquet`` (temp name + rename:
-    a reader, or a resumed job, never sees half a file)."""
+    """Buffers predicted rows and writes them ``part_rows`` at a time, or when ``flush_s`` seconds have passed, as
+    ``part-*.parquet`` (temp name + rename: a reader, or a resumed job, never sees half a file); rows with a
+    ``skip_reason`` go to ``skipped.csv`` instead (rewritten the same way at each flush)."""
 
-    def __init__(self, out: Path, part_rows: int) -> None:
-        self.out, self.part_rows = out, part_rows
+    def __init__(
+        self, out: Path, part_rows: int, flush_s: float = 10.0, retried: set[str] | None = None
+    ) -> None:
+        self.out, self.part_rows, self.flush_s = out, part_rows, flush_s
         self.buffer: list[pd.DataFrame] = []
         self.rows = 0
+        self.last = time.monotonic()
         out.mkdir(parents=True, exist_ok=True)
+        old = out / SKIPPED
+        # earlier runs' skipped files that this run tries again leave the list (they come back if still bad)
+        self.skipped = pd.read_csv(old, dtype=str).fillna("") if old.is_file() else pd.DataFrame()
+        if len(self.skipped) and retried:
+            self.skipped = self.skipped[~self.skipped["path"].isin(retried)]
+        self.new_skipped = 0
 
     def add(self, df: pd.DataFrame) -> None:
-        self.buffer.append(df)
-        self.rows += len(df)
-        if self.rows >= self.part_rows:
+        bad = df["skip_reason"] != "" if "skip_reason" in df.columns else pd.Series(False, index=df.index)
+        if bad.any():
+            cols = ["path", "sha256", "skip_reason"]
+            rows = df.loc[bad, [c for c in cols if c in df.columns]].rename(columns={"skip_reason": "reason"})
+            self.skipped = pd.concat([self.skipped, rows], ignore_index=True)
+            self.new_skipped += int(bad.sum())
+        good = df.loc[~bad].drop(columns=["skip_reason"], errors="ignore")
+        if len(good):
+            self.buffer.append(good)
+            self.rows += len(good)
+        if self.rows >= self.part_rows or time.monotonic() - self.last >= self.flush_s:
             self.flush()
 
     def flush(self) -> None:
+        self.last = time.monotonic()
         if self.buffer:
             part = pd.concat(self.buffer, ignore_index=True)
             tmp = self.out / f".part-{uuid.uuid4().hex}.tmp"
             part.to_parquet(tmp, index=False)
             tmp.rename(self.out / f"part-{uuid.uuid4().hex[:12]}.parquet")
             self.buffer, self.rows = [], 0
+        if len(self.skipped) or (self.out / SKIPPED).exists():
+            tmp = self.out / f".{SKIPPED}.tmp"
+            self.skipped.to_csv(tmp, index=False)
+            tmp.replace(self.out / SKIPPED)
+
+
+def read_skipped(out: str | Path) -> pd.DataFrame:
+    """The images a batch prediction could not read: ``path``, ``sha256``, ``reason``."""
+    p = Path(out) / SKIPPED
+    return pd.read_csv(p, dtype=str).fillna("") if p.is_file() else pd.DataFrame({"path": [], "reason": []})
 
 
 def predict_local(
@@ -136,23 +234,26 @@ def predict_local(
     out: str | Path,
     *,
     batch_size: int = 64,
-    part_rows: int = 4096,
+    part_rows: int = 256,
+    flush_s: float = 10.0,
     progress: bool = True,
     threads: int = 0,
+    device: str = "cpu",
 ) -> int:
-    """Predict every row of ``items`` not yet in ``out``; returns how many were predicted now."""
+    """Predict every row of ``items`` not yet in ``out``; returns how many were predicted now (unreadable images
+    are listed in ``out/skipped.csv``, see :func:`read_skipped`, and not counted)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
     todo = _todo(items, out)
-    parts = _Parts(out, part_rows)
-    predictor = BundlePredictor(str(bundle_dir), threads=threads)
+    parts = _Parts(out, part_rows, flush_s, retried=set(todo["path"]))
+    predictor = BundlePredictor(str(bundle_dir), threads=threads, device=device)
     with tqdm(total=len(todo), desc="predicting", unit="img", disable=not progress) as bar:
         for chunk in _chunks(todo, batch_size):
             parts.add(predictor(chunk))
             bar.update(len(chunk))
     parts.flush()
-    return len(todo)
+    return len(todo) - parts.new_skipped
 
 
 def predict_ray(
@@ -163,7 +264,8 @@ def predict_ray(
     batch_size: int = 64,
     actors: int = 2,
     threads_per_actor: int = 1,
-    part_rows: int = 4096,
+    part_rows: int = 256,
+    flush_s: float = 10.0,
 ) -> int:
     """The same on Ray Data: an actor pool of ``actors`` bundle copies (``ray.init`` is called with defaults
     when Ray is not running yet; connect to a cluster first to use one). The prediction rows (a few hundred
@@ -186,11 +288,11 @@ def predict_ray(
         compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=threads_per_actor,
     )
-    parts = _Parts(out, part_rows)
+    parts = _Parts(out, part_rows, flush_s, retried=set(todo["path"]))
     for batch in preds.iter_batches(batch_format="pandas", batch_size=None):
         parts.add(pd.DataFrame({c: batch[c].tolist() for c in batch.columns}))  # Arrow-backed → plain columns
     parts.flush()
-    return len(todo)
+    return len(todo) - parts.new_skipped
 
 
 def identical(a: pd.DataFrame, b: pd.DataFrame) -> bool:
