@@ -172,6 +172,20 @@ class TrainConfig(_Strict):
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    workers: int = Field(
+        1,
+        ge=0,
+        description="processes that decode images into the cache and load + augment batches; 1: this one, "
+        "0: one per core",
+    )
+    cache: Literal["disk", "memory"] = Field(
+        "disk",
+        description="decoded training images: a uint8 file read per batch (RSS flat in the number of images), "
+        "or all in RAM (always with devices > 1)",
+    )
+    cache_dir: str | None = Field(
+        None, description="folder of decoded-image caches reused across runs; null: a temporary one per run"
+    )
 
     @field_validator("augment", mode="before")
     @classmethod

@@ -279,8 +279,20 @@ def _train(
         pooling=model_cfg.pooling,
         gate=deferral is not None,
     )
-    x_train = torch.from_numpy(load_uint8(train_paths, spec, "loading train images", progress))
-    x_val = torch.from_numpy(load_uint8(val_paths, spec, "loading val images", progress))
+    x_train: Any
+    x_val: Any
+    if cfg.cache == "disk" and world == 1:  # decoded once into a file, read per batch: RSS flat in N
+        from roadwork.training.data import build_cache
+
+        x_train, x_val = (
+            build_cache(
+                paths, spec, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress, desc=desc
+            )
+            for paths, desc in ((train_paths, "decoding train images"), (val_paths, "decoding val images"))
+        )
+    else:
+        x_train = torch.from_numpy(load_uint8(train_paths, spec, "loading train images", progress))
+        x_val = torch.from_numpy(load_uint8(val_paths, spec, "loading val images", progress))
     y_train = torch.tensor(np.asarray(train_labels), dtype=torch.long)
     y_val = torch.tensor(np.asarray(val_labels), dtype=torch.long)
 
@@ -371,7 +383,10 @@ def _train(
 
     result = TrainResult(model=net, card=card)
     best_loss, best_state, stale, start = math.inf, None, 0, 0
-    fingerprint = json.dumps([model_cfg.model_dump(mode="json"), cfg.model_dump(mode="json"), len(x_train)])
+    loading = {"workers", "cache", "cache_dir"}  # how images are read changes no result: resume across them
+    fingerprint = json.dumps(
+        [model_cfg.model_dump(mode="json"), cfg.model_dump(mode="json", exclude=loading), len(x_train)]
+    )
     if fsdp and checkpoint_dir is not None:
         log.warning("train.strategy=fsdp writes no resumable checkpoints yet; an interrupted run starts over")
         checkpoint_dir = None
@@ -409,10 +424,13 @@ def _train(
             disable=not progress,
         )
         run_loss, seen = 0.0, 0
-        for step in bar:
-            batch = order[step * global_batch : (step + 1) * global_batch]
-            idx = batch[rank * cfg.batch_size : (rank + 1) * cfg.batch_size] if world > 1 else batch
-            x, y = augment(x_train[idx], y_train[idx], epoch=epoch, step=step, gen=gen)
+        batches = [order[step * global_batch : (step + 1) * global_batch] for step in range(steps_per_epoch)]
+        if world > 1:
+            batches = [b[rank * cfg.batch_size : (rank + 1) * cfg.batch_size] for b in batches]
+        loader = _batch_loader(torch, x_train, y_train, batches, augment, epoch, cfg.workers, fabric)
+        for step, (idx, x, y) in zip(bar, loader, strict=True):
+            if augment.preset == "light":  # batched tensor ops on the loop's generator, here as always
+                x, y = augment(x, y, epoch=epoch, step=step, gen=gen)
             x, y = fabric.to_device((x, y))
             try:
                 if deferral is None:
@@ -487,6 +505,9 @@ def _train(
             if progress:
                 progress_write(f"early stopping: val_loss has not improved for {cfg.patience} epochs")
             break
+    for images in (x_train, x_val):
+        if hasattr(images, "close"):
+            images.close()  # a temporary cache folder goes with it
     if best_state is not None:
         train_net.load_state_dict(best_state)
     result.trainable_params = count_trainable(train_net)  # before merging, which unfreezes the base
@@ -501,18 +522,77 @@ def _train(
     return result
 
 
+def _rows(torch: Any, images: Any, idx: Any) -> Any:
+    """uint8 rows ``idx`` (a tensor) of an in-memory tensor or a :class:`~roadwork.training.data.DiskImages`."""
+    if isinstance(images, torch.Tensor):
+        return images[idx]
+    return torch.from_numpy(images[idx.numpy()])
+
+
+class _StepBatches:
+    """One item per training step: (indices, network input, labels), augmented here unless the preset is ``light``
+    (then the uint8 images: ``light`` stays in the loop, on its generator). Augmentation is seeded per (seed, epoch, step), so any number of
+    DataLoader workers gives the same batches as none."""
+
+    def __init__(
+        self, torch: Any, images: Any, labels: Any, batches: list[Any], augment: Any, epoch: int
+    ) -> None:
+        self.torch, self.images, self.labels = torch, images, labels
+        self.batches, self.augment, self.epoch = batches, augment, epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, step: int) -> tuple[Any, Any, Any]:
+        idx = self.batches[step]
+        u8, y = _rows(self.torch, self.images, idx), self.labels[idx]
+        if self.augment.preset == "light":
+            return idx, u8, y  # the loop augments it
+        x, y = self.augment(u8, y, epoch=self.epoch, step=step)
+        return idx, x, y
+
+
+def _batch_loader(
+    torch: Any,
+    images: Any,
+    labels: Any,
+    batches: list[Any],
+    augment: Any,
+    epoch: int,
+    workers: int,
+    fabric: Any,
+) -> Any:
+    """The epoch's batches: read (and augmented) in this process with ``workers=1``, else by a DataLoader with
+    that many worker processes (0: one per core), pinned memory on CUDA, a few batches ahead."""
+    import os
+
+    ds = _StepBatches(torch, images, labels, batches, augment, epoch)
+    n = (os.cpu_count() or 1) if workers == 0 else workers
+    if n <= 1 or len(batches) < 2:
+        return (ds[i] for i in range(len(ds)))
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        shuffle=False,
+        num_workers=min(n, len(batches)),
+        pin_memory=getattr(fabric.device, "type", "cpu") == "cuda",
+        prefetch_factor=2,
+    )
+
+
 def predict_logits(
     model: Any, images_u8: Any, spec: PreprocessSpec, *, batch_size: int = 256, fabric: Any = None
 ) -> np.ndarray:
     """Logits (float64, shape (N, K)) for uint8 images of shape (N, size, size, 3) (array or tensor)."""
     torch = require("torch")
-    u8 = torch.from_numpy(images_u8) if isinstance(images_u8, np.ndarray) else images_u8
+    u8 = torch.from_numpy(images_u8) if isinstance(images_u8, np.ndarray) else images_u8  # or DiskImages
     was_training = model.training
     model.eval()
     outs = []
     with torch.inference_mode():
         for i in range(0, len(u8), batch_size):
-            x = _to_input(torch, u8[i : i + batch_size], spec)
+            rows = u8[i : i + batch_size]
+            x = _to_input(torch, rows if isinstance(rows, torch.Tensor) else torch.from_numpy(rows), spec)
             if fabric is not None:
                 x = fabric.to_device(x)
             outs.append(model(x).float().cpu().numpy())
