@@ -111,9 +111,10 @@ class _Model:
             for b in blobs:
                 try:
                     w, h = Image.open(io.BytesIO(b)).size
-                    pixels += w * h
                 except Exception:  # not an image: decode_image says why
                     continue
+                if w * h <= self.settings.max_pixels:  # larger ones decode_image refuses without decoding
+                    pixels += w * h
         with self._pixel_lock:
             if self._pixels and self._pixels + pixels > self.settings.max_inflight_pixels:
                 raise RequestError(
@@ -215,32 +216,107 @@ class _Disconnected(Exception):
 
 
 class Admission:
-    """Which prediction requests get in: at most ``max_queue`` inside, and none the latency budget refuses.
+    """Which prediction requests get in. Three bounds, each answered 503 + ``Retry-After``:
 
-    ``pending`` counts requests admitted but not yet in the batcher's queue (being decoded): they are ahead of
-    a new request too, one image each until their count is known."""
+    - ``max_queue`` requests inside at once (a hard bound);
+    - the model's queue: the batcher's latency budget on the images ahead (``pending`` counts requests admitted
+      but not yet in its queue, being decoded, one image each until their count is known);
+    - the whole request's latency, by Little's law: at most ``budget × throughput`` requests inside, where the
+      throughput is the measured rate of answered requests (a decaying maximum over 1 s windows, so it
+      follows capacity rather than demand) and the budget is ``max_latency_ms`` or, by default, three times the
+      fastest recent answer (a windowed minimum; at least an efficient batch's time). This
+      counts everything a request waits for (reading, decoding, the event loop, the batch), not only the
+      model, and needs no tuning: the bound follows the machine and the model."""
 
     def __init__(self, settings: ServeSettings, batcher: DynamicBatcher) -> None:
         self.settings = settings
         self.batcher = batcher
         self.inside = 0
         self.pending = 0
+        self.capacity = 0.0  # answered requests per second, decaying maximum
+        self.base_s = math.inf  # the fastest recent answer (see finished)
+        self._base_cur = self._base_prev = math.inf
+        self._base_start = time.perf_counter()
+        self._window_start = time.perf_counter()
+        self._window_done = 0
+        self._retry_until: dict[Any, float] = {}  # connection (client address) → end of its Retry-After
+        self.held = 0
+
+    def budget_s(self) -> float:
+        if self.settings.max_latency_ms:
+            return self.settings.max_latency_ms / 1000
+        # at least the time of a batch big enough to be efficient (its fixed cost a under a quarter of the
+        # per-image cost b times its size) and the batching window, so that batching still pays
+        b = self.batcher
+        a, per_image = b.service.coefficients()
+        n = (
+            b.max_batch_size
+            if per_image <= 0
+            else min(b.max_batch_size, max(1, math.ceil(4 * a / per_image)))
+        )
+        base = 3 * self.base_s if math.isfinite(self.base_s) else 0.0
+        return max(base, b.service.seconds(n) + b.delay, 0.01)
+
+    def limit(self) -> int | None:
+        """Requests allowed inside by the latency budget; ``None`` until the throughput has been measured."""
+        if not self.capacity:
+            return None
+        return max(2, math.ceil(self.budget_s() * self.capacity))
+
+    def finished(self, seconds: float, ok: bool) -> None:
+        now = time.perf_counter()
+        if ok:
+            self._window_done += 1
+            # the base latency: the fastest answer of the last 10-20 s (a windowed minimum, as TCP's min RTT:
+            # under load some requests still pass straight through, so it does not creep up with the load)
+            if now - self._base_start >= 10.0:
+                self._base_prev, self._base_cur, self._base_start = self._base_cur, math.inf, now
+            self._base_cur = min(self._base_cur, seconds)
+            self.base_s = min(self._base_cur, self._base_prev)
+        elapsed = now - self._window_start
+        if elapsed >= 1.0:
+            rate = self._window_done / elapsed
+            self.capacity = max(rate, 0.7 * self.capacity + 0.3 * rate)
+            self._window_start, self._window_done = now, 0
 
     def refusal(self) -> str | None:
         if self.inside >= self.settings.max_queue:
             return f"the server holds max_queue={self.settings.max_queue} requests already"
+        limit = self.limit()
+        if limit is not None and self.inside >= limit:
+            return (
+                f"{self.inside} requests are inside, as many as the server answers within its latency budget "
+                f"of {self.budget_s() * 1000:.0f} ms at {self.capacity:.0f} requests/s"
+            )
         b = self.batcher
         if b.over_budget(1, ahead=b.waiting + self.pending):
             expected = b.expected_seconds(1, ahead=b.waiting + self.pending) * 1000
             return (
-                f"a new request would be answered in about {expected:.0f} ms, over the latency budget of "
-                f"{b.budget * 1000:.0f} ms (max_latency_ms)"
+                f"a new request would wait about {expected:.0f} ms for the model, over its budget of "
+                f"{b.budget * 1000:.0f} ms"
             )
         return None
 
     def retry_after(self) -> int:
         b = self.batcher
         return max(1, math.ceil(b.expected_seconds(0, ahead=b.waiting + self.pending)))
+
+    def told_to_wait(self, client: Any) -> float:
+        """Seconds left of the ``Retry-After`` this connection was given (0: none, or it has passed)."""
+        until = self._retry_until.get(client)
+        if until is None:
+            return 0.0
+        left = until - time.perf_counter()
+        if left <= 0:
+            del self._retry_until[client]
+        return max(left, 0.0)
+
+    def refused(self, client: Any, retry_after: float) -> None:
+        if client is None:
+            return
+        if len(self._retry_until) >= 4096:  # bounded: forget the oldest
+            self._retry_until.pop(next(iter(self._retry_until)))
+        self._retry_until[client] = time.perf_counter() + retry_after
 
 
 _PREDICT_SUFFIXES = ("/infer", "/v1/classify")
@@ -350,19 +426,33 @@ class _Gate:
             if refusal is not None:
                 gate = "admission"
                 self.metrics.rejected.inc()
-                retry = str(adm.retry_after()).encode()
+                client = scope.get("client")
+                wait = adm.told_to_wait(client)
+                if wait and adm.held < self.settings.max_queue:
+                    # this connection was told to retry later and did not wait: its refusal waits instead, so
+                    # a client that re-sends at once costs the server one request per Retry-After, not a storm
+                    adm.held += 1
+                    try:
+                        await asyncio.sleep(wait)
+                    finally:
+                        adm.held -= 1
+                retry_after = adm.retry_after()
+                adm.refused(client, retry_after)
+                retry = str(retry_after).encode()
                 await refuse(503, f"{refusal}; retry after {retry.decode()} s.", [(b"retry-after", retry)])
                 return
             adm.inside += 1
             adm.pending += 1
             scope.setdefault("state", {})["roadwork_pending"] = True
             self.metrics.inflight.set(adm.inside)
+            t_in = time.perf_counter()
             try:
                 await self.app(scope, replay, send_status)
             finally:
                 adm.inside -= 1
                 if scope["state"].get("roadwork_pending"):
                     adm.pending -= 1
+                adm.finished(time.perf_counter() - t_in, status == 200)
                 self.metrics.inflight.set(adm.inside)
         finally:
             # label by route template (bounded cardinality); refusals before routing by their gate
@@ -438,6 +528,9 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         decode_pool.shutdown(wait=False)
         model_pool.shutdown(wait=True)
 
+    reference = bundle.path / "reference.json"  # hashed in the manifest, verified by Bundle.load
+    if reference.is_file():
+        metrics.set_reference(json.loads(reference.read_text()).get("rows", []))
     pred_log = None
     if settings.log_dir:
         from roadwork.serve.prediction_log import PredictionLog
@@ -773,6 +866,8 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         """Prometheus metrics: requests, latency, queue wait, batch size, predictions, abstentions, cascade stages,
         confidence and set-size histograms, and the calibration split's reference values (warm-up excluded)."""
         metrics.queue_depth.set(batcher.waiting)
+        metrics.latency_budget.set(admission.budget_s())
+        metrics.admission_limit.set(admission.limit() or settings.max_queue)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:  # the request models as components, for the bodies declared above

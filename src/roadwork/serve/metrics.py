@@ -59,6 +59,14 @@ class ServerMetrics:
             "Requests refused with 503: the latency budget, the queue bound or the pixel budget",
             registry=r,
         )
+        self.latency_budget = Gauge(
+            "roadwork_latency_budget_seconds", "The in-server latency budget admission keeps to", registry=r
+        )
+        self.admission_limit = Gauge(
+            "roadwork_admission_limit",
+            "Prediction requests admitted at once now (latency budget x measured throughput, or max_queue)",
+            registry=r,
+        )
         self.body_timeouts = Counter(
             "roadwork_body_timeouts",
             "Requests whose body did not arrive within body_timeout_s (408, connection closed)",

@@ -52,9 +52,10 @@ class ServeSettings(BaseModel):
         description="a request body not received within this many seconds gets 408, connection closed",
     )
     max_inflight_pixels: int = Field(
-        200_000_000,
+        120_000_000,
         ge=1,
-        description="decoded pixels of all requests being decoded at once; beyond it 503 + Retry-After",
+        description="decoded pixels held by all requests inside the server at once (about 3 bytes each: "
+        "120 M ~ 360 MB); beyond it 503 + Retry-After; a request alone is always admitted",
     )
     max_body_mb: float = Field(64.0, gt=0, description="request body limit (413 above it), as Triton")
     max_pixels: int = Field(40_000_000, ge=1, description="decoded pixels per image (400 above: bombs)")
