@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -93,10 +94,29 @@ def test_dvc_repro_twice_reruns_nothing_and_shows_metrics_and_plots(tmp_path):
         assert main(args) == 0
     finally:
         os.chdir(cwd)
+    # The source deps point at a snapshot of the package: the same files, but edits made to the working tree
+    # while this test runs (other work in the checkout) cannot rerun stages, and the test can edit one itself.
+    import roadwork
+
+    package = Path(roadwork.__file__).resolve().parent
+    snapshot = tmp_path / "src" / "roadwork"
+    shutil.copytree(package, snapshot, ignore=shutil.ignore_patterns("__pycache__"))
+    spec = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
+    for stage in spec["stages"].values():
+        stage["deps"] = [
+            str(snapshot / Path(d).relative_to(package)) if d.startswith(str(package)) else d
+            for d in stage["deps"]
+        ]
+    assert any(d.startswith(str(snapshot)) for d in spec["stages"]["train"]["deps"])
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
     first = run("repro")
     assert all(f"Running stage '{name}'" in first for name in STAGE_NAMES), first
     second = run("repro")
     assert "Running stage" not in second, second + run("status")  # (status: which dep or out changed)
+    with open(snapshot / "evaluation" / "report.py", "a") as f:  # a report edit: only evaluate is stale
+        f.write("\n# edited\n")
+    assert set(json.loads(run("status", "--json"))) == {"evaluate"}
     metrics = run("metrics", "show", "--json")
     assert '"accuracy"' in metrics
     shown = run("plots", "show", "--json")
