@@ -531,21 +531,20 @@ def _rows(torch: Any, images: Any, idx: Any) -> Any:
 
 class _StepBatches:
     """One item per training step: (indices, network input, labels), augmented here unless the preset is ``light``
-    (then the uint8 images: ``light`` stays in the loop, on its generator). Augmentation is seeded per (seed, epoch, step), so any number of
-    DataLoader workers gives the same batches as none."""
+    (then the uint8 images: ``light`` stays in the loop, on its generator). Augmentation is seeded per
+    (seed, epoch, step), so any number of DataLoader workers gives the same batches as none."""
 
-    def __init__(
-        self, torch: Any, images: Any, labels: Any, batches: list[Any], augment: Any, epoch: int
-    ) -> None:
-        self.torch, self.images, self.labels = torch, images, labels
+    def __init__(self, images: Any, labels: Any, batches: list[Any], augment: Any, epoch: int) -> None:
+        self.images, self.labels = images, labels  # no module attributes: spawned workers pickle this
         self.batches, self.augment, self.epoch = batches, augment, epoch
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, step: int) -> tuple[Any, Any, Any]:
+        torch = require("torch")
         idx = self.batches[step]
-        u8, y = _rows(self.torch, self.images, idx), self.labels[idx]
+        u8, y = _rows(torch, self.images, idx), self.labels[idx]
         if self.augment.preset == "light":
             return idx, u8, y  # the loop augments it
         x, y = self.augment(u8, y, epoch=self.epoch, step=step)
@@ -566,7 +565,7 @@ def _batch_loader(
     that many worker processes (0: one per core), pinned memory on CUDA, a few batches ahead."""
     import os
 
-    ds = _StepBatches(torch, images, labels, batches, augment, epoch)
+    ds = _StepBatches(images, labels, batches, augment, epoch)
     n = (os.cpu_count() or 1) if workers == 0 else workers
     if n <= 1 or len(batches) < 2:
         return (ds[i] for i in range(len(ds)))
