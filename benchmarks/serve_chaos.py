@@ -518,7 +518,8 @@ async def _send_all(port: int, reqs: list[tuple[str, bytes, dict[str, str]]], cl
             path, body, headers = queue.pop()
             try:
                 status, _h, data = await c.request("POST", path, body, headers)
-                is_json = "error" in json.loads(data)
+                answer = json.loads(data)
+                is_json = isinstance(answer, dict) and ("error" in answer or status == 200)
                 key = f"{status}" + ("" if is_json else " (not JSON)")
             except (OSError, asyncio.IncompleteReadError, _Stale, ValueError) as e:
                 key = type(e).__name__
@@ -601,11 +602,14 @@ async def _sigterm(server: Server, bodies: list[bytes], clients: int, before_s: 
     ready_seen: list[int] = []
     stopping = False
     signalled = asyncio.Event()
+    removed = asyncio.Event()
 
     async def worker(i: int) -> None:
         nonlocal resets, refused, unanswered
         c, k = Conn(port), i
         while True:
+            if removed.is_set() and c.rw is None:
+                return  # the load balancer sends no new connection here any more
             try:
                 status, _h, _b = await c.request("POST", "/v1/classify", bodies[k % len(bodies)], JSON)
                 codes[str(status)] = codes.get(str(status), 0) + 1
@@ -624,12 +628,17 @@ async def _sigterm(server: Server, bodies: list[bytes], clients: int, before_s: 
             k += clients
 
     async def probe_ready() -> None:
+        # a load balancer: it probes readiness and, 1 s after the first 503 (endpoint propagation, shorter than
+        # drain_delay_s), opens no new connections to this server; open ones finish their requests
         await signalled.wait()
         while server.proc.poll() is None:
             try:
-                ready_seen.append((await _once("GET", "/v2/health/ready", port=port))[0])
+                status = (await _once("GET", "/v2/health/ready", port=port))[0]
             except OSError:
                 return
+            ready_seen.append(status)
+            if status == 503 and not removed.is_set():
+                asyncio.get_running_loop().call_later(1.0, removed.set)
             await asyncio.sleep(0.1)
 
     tasks = [asyncio.create_task(worker(i)) for i in range(clients)]
@@ -657,7 +666,8 @@ def sigterm(bundle: Path) -> None:
     server = Server(bundle, "drain_delay_s=3")
     r = asyncio.run(_sigterm(server, _jpeg_bodies(16), 16, 3.0))
     _table(
-        "Table 6. SIGTERM under load: 16 keep-alive closed-loop clients, drain_delay_s=3 (default 5)",
+        "Table 6. SIGTERM under load: 16 keep-alive closed-loop clients behind a simulated load balancer (no new "
+        "connections 1 s after readiness turns 503), drain_delay_s=3 (default 5)",
         ["answers", "readiness seen after SIGTERM", "resets", "refused (listener closed)", "exit code"],
         [[json.dumps(r["codes"]), r["ready"], r["resets"], r["refused"], r["exit"]]],
     )

@@ -55,8 +55,21 @@ def test_values_that_overflow_after_the_cast_or_in_the_model_are_400(client, x):
     big = np.full_like(x[:1], 1e300, dtype=np.float64)  # finite in FP64, inf in FP32
     r = client.post("/v2/models/tiny/infer", json=_v2(big, "FP64"))
     assert r.status_code == 400 and "after the cast to FP32" in r.json()["error"]
-    huge = np.full_like(x[:1], 3e38)  # finite in FP32; the network's first layer overflows
+    huge = np.full_like(
+        x[:1], 3e38
+    )  # finite in FP32, far outside normalised pixels: refused before the model
     r = client.post("/v2/models/tiny/infer", json=_v2(huge))
+    assert r.status_code == 400 and "far outside the model's preprocessed range" in r.json()["error"], r.text
+    model = client.app.state.model  # type: ignore[attr-defined]
+    bound = model.input_bound
+    assert 200 < bound < 300  # 100x the reach of ImageNet-normalised pixels, about 2.64
+    edge = np.full_like(x[:1], bound * 0.99)
+    assert client.post("/v2/models/tiny/infer", json=_v2(edge)).status_code == 200
+    try:
+        model.input_bound = float("inf")  # without the range check the network itself overflows: still a 400
+        r = client.post("/v2/models/tiny/infer", json=_v2(huge))
+    finally:
+        model.input_bound = bound
     assert r.status_code == 400 and "not finite" in r.json()["error"], r.text
     assert client.post("/v2/models/tiny/infer", json=_v2(x)).status_code == 200
 
@@ -65,6 +78,7 @@ def test_a_poison_request_batched_with_good_ones_fails_alone(bundle, x):
     """Three requests in one batch (a 300 ms window): the good ones get exactly their solo answers."""
     huge = np.full_like(x[:1], 3e38)
     with _client(bundle, max_queue_delay_ms=300, max_batch_size=16) as c:
+        c.app.state.model.input_bound = float("inf")  # type: ignore[attr-defined]  # reach the model
         solo = c.post("/v2/models/tiny/infer", json=_v2(x[:2])).json()
         bodies = [_v2(x[:2]), _v2(huge), _v2(x[2:])]
         got: dict[int, object] = {}

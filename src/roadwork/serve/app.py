@@ -97,6 +97,11 @@ class _Model:
         self.name = settings.name or served_name(bundle)
         self.size = bundle.card.preprocess.size
         self.slice_columns = bundle.policy.slice_columns
+        # v2 tensors are normalised pixels, (v/255 - mean)/std: a hundred times that range still admits any
+        # preprocessing variant, and refuses values that can only overflow the network
+        spec = bundle.card.preprocess
+        reach = max(max(abs(-m / sd), abs((1 - m) / sd)) for m, sd in zip(spec.mean, spec.std, strict=True))
+        self.input_bound = 100 * reach
         self._pixels = 0  # decoded pixels of requests inside the server (max_inflight_pixels)
         self._pixel_lock = threading.Lock()
 
@@ -207,6 +212,14 @@ def _json_bytes(
     }
 
 
+class _Shed(RequestError):
+    """503 + ``Retry-After`` from admission."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(503, message)
+        self.retry_after = retry_after
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -279,13 +292,18 @@ class Admission:
             self.capacity = max(rate, 0.7 * self.capacity + 0.3 * rate)
             self._window_start, self._window_done = now, 0
 
-    def refusal(self) -> str | None:
-        if self.inside >= self.settings.max_queue:
+    def refusal(self, *, hard_only: bool = False, own: int = 0) -> str | None:
+        """Why a new request is refused now (``None``: admitted). ``own``: 1 when the asking request is already
+        counted inside (a v2 request asks again once validated); ``hard_only``: only ``max_queue``."""
+        inside = self.inside - own
+        if inside >= self.settings.max_queue:
             return f"the server holds max_queue={self.settings.max_queue} requests already"
+        if hard_only:
+            return None
         limit = self.limit()
-        if limit is not None and self.inside >= limit:
+        if limit is not None and inside >= limit:
             return (
-                f"{self.inside} requests are inside, as many as the server answers within its latency budget "
+                f"{inside} requests are inside, as many as the server answers within its latency budget "
                 f"of {self.budget_s() * 1000:.0f} ms at {self.capacity:.0f} requests/s"
             )
         b = self.batcher
@@ -300,6 +318,21 @@ class Admission:
     def retry_after(self) -> int:
         b = self.batcher
         return max(1, math.ceil(b.expected_seconds(0, ahead=b.waiting + self.pending)))
+
+    async def shed(self, client: Any, refusal: str) -> tuple[str, int]:
+        """The 503's message and ``Retry-After``. A connection that was told to retry later and did not wait
+        gets its refusal only when that time is up: a client that re-sends at once then costs the server one
+        request per ``Retry-After``, not a storm that starves the admitted requests."""
+        wait = self.told_to_wait(client)
+        if wait and self.held < self.settings.max_queue:
+            self.held += 1
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self.held -= 1
+        retry_after = self.retry_after()
+        self.refused(client, retry_after)
+        return f"{refusal}; retry after {retry_after} s.", retry_after
 
     def told_to_wait(self, client: Any) -> float:
         """Seconds left of the ``Retry-After`` this connection was given (0: none, or it has passed)."""
@@ -422,24 +455,14 @@ class _Gate:
                 await self.app(scope, replay, send_status)
                 return
             adm = self.admission
-            refusal = adm.refusal()
+            # v2 tensors are parsed and validated first (a malformed one gets its 400 even under load) and ask
+            # for admission again before they join a batch; images are refused before they are decoded
+            refusal = adm.refusal(hard_only=path.endswith("/infer"))
             if refusal is not None:
                 gate = "admission"
                 self.metrics.rejected.inc()
-                client = scope.get("client")
-                wait = adm.told_to_wait(client)
-                if wait and adm.held < self.settings.max_queue:
-                    # this connection was told to retry later and did not wait: its refusal waits instead, so
-                    # a client that re-sends at once costs the server one request per Retry-After, not a storm
-                    adm.held += 1
-                    try:
-                        await asyncio.sleep(wait)
-                    finally:
-                        adm.held -= 1
-                retry_after = adm.retry_after()
-                adm.refused(client, retry_after)
-                retry = str(retry_after).encode()
-                await refuse(503, f"{refusal}; retry after {retry.decode()} s.", [(b"retry-after", retry)])
+                msg, retry_after = await adm.shed(scope.get("client"), refusal)
+                await refuse(503, msg, [(b"retry-after", str(retry_after).encode())])
                 return
             adm.inside += 1
             adm.pending += 1
@@ -556,7 +579,8 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if e.status == 503 else None
+        retry = e.retry_after if isinstance(e, _Shed) else 1
+        headers = {"Retry-After": str(retry)} if e.status == 503 else None
         return _error(e.status, e.message, headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -586,7 +610,16 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
             state["roadwork_pending"] = False
             admission.pending -= 1
 
-    async def _predict(request: Request, x: Any, meta: dict[str, list[str]]) -> list[dict[str, Any]]:
+    async def _predict(
+        request: Request, x: Any, meta: dict[str, list[str]], *, admit: bool = False
+    ) -> list[dict[str, Any]]:
+        if admit:  # a v2 request, now validated: the latency budget's admission (the gate checked max_queue)
+            refusal = admission.refusal(own=1)
+            if refusal is not None:
+                metrics.rejected.inc()
+                msg, retry_after = await admission.shed(request.scope.get("client"), refusal)
+                _leave_pending(request)
+                raise _Shed(msg, retry_after)
         _leave_pending(request)
         metrics.queue_depth.set(batcher.waiting)
         t0 = time.perf_counter()
@@ -757,9 +790,9 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         _check_name(name)
         body = await request.body()
         req, blob = _split_binary(body, request.headers.get("inference-header-content-length"))
-        x, meta = _v2_input(req, model.size, settings.max_queue, blob)
+        x, meta = _v2_input(req, model.size, settings.max_queue, blob, bound=model.input_bound)
         wanted = _v2_outputs(req)
-        recs = await _predict(request, x, meta)
+        recs = await _predict(request, x, meta, admit=True)
         n, k = len(recs), len(model.bundle.classes)
 
         def out(name: str, dtype: str, shape: list[int], data: list[Any]) -> dict[str, Any]:
@@ -1015,7 +1048,9 @@ def _binary_response(resp: dict[str, Any], req: Any) -> Any:
     )
 
 
-def _v2_input(req: Any, size: int, max_n: int, blob: bytes = b"") -> tuple[np.ndarray, dict[str, list[str]]]:
+def _v2_input(
+    req: Any, size: int, max_n: int, blob: bytes = b"", *, bound: float = math.inf
+) -> tuple[np.ndarray, dict[str, list[str]]]:
     """Validate an OIP v2 infer request: one tensor ``input`` of shape [N, 3, size, size], FP32 (or FP16/FP64,
     cast to FP32), its values in ``data`` or, with the binary-tensor extension, in ``blob``
     (``parameters.binary_data_size`` bytes). The checks run on the FP32 values the model will see: FP64 ``1e300``
@@ -1078,6 +1113,13 @@ def _v2_input(req: Any, size: int, max_n: int, blob: bytes = b"") -> tuple[np.nd
         x32 = x.reshape(shape).astype(np.float32)  # what the model sees: FP64 1e300 is inf here
     if not np.isfinite(x32).all():
         raise RequestError(400, "'data' contains NaN or inf (after the cast to FP32: |values| < 3.4e38).")
+    if bound < math.inf and float(np.abs(x32).max(initial=0.0)) > bound:
+        raise RequestError(
+            400,
+            f"'data' has values up to {float(np.abs(x32).max()):.3g}, far outside the model's preprocessed range "
+            f"(normalised pixels; |values| <= {bound:.3g} accepted): send images preprocessed as "
+            "/v2/models/{name} describes (resize, /255, mean/std).",
+        )
     params = req.get("parameters", {})
     slices = params.get("slices", {}) if isinstance(params, dict) else {}
     meta: dict[str, list[str]] = {}
