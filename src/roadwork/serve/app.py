@@ -274,7 +274,11 @@ class Admission:
         """Requests allowed inside by the latency budget; ``None`` until the throughput has been measured."""
         if not self.capacity:
             return None
-        return max(2, math.ceil(self.budget_s() * self.capacity))
+        budget = self.budget_s()
+        # never fewer than the budget allows one after another at the fastest recent speed: the measured rate
+        # is only a lower bound of the capacity when demand is low
+        floor = math.ceil(budget / self.base_s) if math.isfinite(self.base_s) and self.base_s > 0 else 2
+        return max(2, floor, math.ceil(budget * self.capacity))
 
     def finished(self, seconds: float, ok: bool) -> None:
         now = time.perf_counter()
@@ -617,8 +621,12 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
             refusal = admission.refusal(own=1)
             if refusal is not None:
                 metrics.rejected.inc()
-                msg, retry_after = await admission.shed(request.scope.get("client"), refusal)
                 _leave_pending(request)
+                admission.inside -= 1  # a refused request holds no slot while it waits out its Retry-After
+                try:
+                    msg, retry_after = await admission.shed(request.scope.get("client"), refusal)
+                finally:
+                    admission.inside += 1
                 raise _Shed(msg, retry_after)
         _leave_pending(request)
         metrics.queue_depth.set(batcher.waiting)
