@@ -195,16 +195,31 @@ def render_html(
         from roadwork.evaluation.cascade import cascade_section
 
         parts.extend(cascade_section(metrics, _table, _img))
-    parts.append(
-        "<h2>Per-slice results</h2><p>Rows more than 5 points below overall accuracy are shaded.</p>"
-    )
-    parts.append(
-        _table(
-            ["slice", "n", "accuracy", "ECE", "coverage", "mean set size", "abstain rate", "selective risk"],
-            rows,
-            marks,
+    parts.append("<h2>Per-slice results</h2>")
+    if rows:
+        parts.append("<p>Rows more than 5 points below overall accuracy are shaded.</p>")
+        parts.append(
+            _table(
+                [
+                    "slice",
+                    "n",
+                    "accuracy",
+                    "ECE",
+                    "coverage",
+                    "mean set size",
+                    "abstain rate",
+                    "selective risk",
+                ],
+                rows,
+                marks,
+            )
         )
-    )
+    else:
+        parts.append(
+            "<p>This dataset has no slice columns. Pass a CSV/Parquet manifest with columns such as "
+            "<code>weather</code>, <code>camera</code> or <code>city</code> beside <code>path,label</code> to get "
+            "accuracy, coverage and abstention per slice.</p>"
+        )
     parts.append("<h2>Data</h2>")
     split_rows = [[sp, *cnt.values()] for sp, cnt in data_report.get("split_counts", {}).items()]
     class_names = list(data_report.get("class_counts", {}))
@@ -308,8 +323,7 @@ def _conformal_rows(metrics: dict[str, Any]) -> list[str]:
     out = [
         "<h2>Conformal methods</h2><p>Each method fitted at α = "
         f"{comp['alpha']:g} on the calibration split, scored on test. Target coverage {target:.2f}; "
-        f"the policy uses <b>{html.escape(chosen)}</b>. Slices whose coverage falls more than 3 points below "
-        "the target are shaded in the second table: Mondrian by that column is the fix.</p>",
+        f"the policy uses <b>{html.escape(chosen)}</b>.</p>",
         _table(
             ["method", "coverage", "mean set size", "worst slice", "its coverage"],
             [
@@ -332,5 +346,9 @@ def _conformal_rows(metrics: dict[str, Any]) -> list[str]:
             cov = [methods[m]["slices"][sl]["coverage"] for m in methods]
             rows.append([sl, next(iter(methods.values()))["slices"][sl]["n"], *cov])
             marks.append("bad" if min(cov) < target - 0.03 else "")
+        out.append(
+            "<p>Coverage of each method per slice. Slices whose coverage falls more than 3 points below the "
+            "target are shaded: Mondrian by that column is the fix.</p>"
+        )
         out.append(_table(["slice", "n", *(f"{m} coverage" for m in methods)], rows, marks))
     return out
