@@ -316,6 +316,20 @@ class ExportConfig(_Strict):
         description="also put an int8 ONNX model in the bundle (static: QDQ calibrated on train images)",
     )
     int8_calibration_images: int = Field(128, ge=1, description="training images that calibrate static int8")
+    openvino: bool = Field(
+        False,
+        description="also certify OpenVINO variants of model.onnx (fp32; bf16 where the CPU has AVX-512 BF16 or "
+        "AMX), each with its own policy, so roadwork bench can select them (needs the openvino extra)",
+    )
+    max_accuracy_drop: float = Field(
+        0.5,
+        ge=0,
+        description="roadwork bench selects the fastest certified variant whose test accuracy is at most this "
+        "many points below fp32's",
+    )
+    max_ece_increase: float = Field(
+        0.01, ge=0, description="... and whose test ECE is at most this much above fp32's"
+    )
     triton: bool = Field(False, description="also write a Triton model repository (export/triton/)")
     tensorrt: bool = Field(False, description="check TensorRT through ONNX Runtime (needs an NVIDIA GPU)")
 

@@ -6,6 +6,9 @@
       policy.json     the TrustPolicy (calibration, conformal threshold, certified abstention, cascade gate),
                       certified on the outputs of this very path (cascade included)
       policy-int8.json  with an int8 model: its own policy, certified on the int8 model's outputs
+      policy-openvino-*.json  with OpenVINO variants (model.onnx compiled by OpenVINO, f32 or bf16): theirs
+      runtime.json    after ``roadwork bench BUNDLE select=true``: the variant measured fastest within the
+                      accuracy/ECE budget on that machine (``Bundle.load(variant="auto")`` serves it)
       reference.json  the calibration split through the served policy (drift monitoring)
       stage*-...      earlier cascade stages, when there is a cascade: a tree table (JSON) or an ONNX
                       network with its model.json
@@ -19,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import platform
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +35,18 @@ from PIL import Image
 
 from roadwork.data.preprocess import load_rgb, preprocess
 from roadwork.errors import ArtifactError, InputError
-from roadwork.export.onnx import onnx_logits, onnx_session
+from roadwork.export.onnx import onnx_logits
+from roadwork.export.runtime import RuntimeSpec, open_session, runtime_status
 from roadwork.jsonio import write_json
 from roadwork.models.factory import ModelCard
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
 
-__all__ = ["BUNDLE_SCHEMA", "Bundle", "file_sha256", "write_bundle"]
+__all__ = ["BUNDLE_SCHEMA", "RUNTIME_FILE", "Bundle", "file_sha256", "record_runtime_choice", "write_bundle"]
 
 BUNDLE_SCHEMA = 1
 _FILES = ("model.onnx", "model.json", "policy.json")
+RUNTIME_FILE = "runtime.json"
+log = logging.getLogger(__name__)
 
 
 def file_sha256(path: Path) -> str:
@@ -54,7 +61,7 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for pkg in ("roadwork", "numpy", "onnxruntime", "onnx", "torch", "timm"):
+    for pkg in ("roadwork", "numpy", "onnxruntime", "openvino", "nncf", "onnx", "torch", "timm"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out
@@ -67,11 +74,12 @@ def write_bundle(
     card: ModelCard,
     policy: TrustPolicy,
     export_info: dict[str, Any],
-    variants: Mapping[str, tuple[Path, dict[str, Any]]] | None = None,
+    variants: Mapping[str, tuple[Path | None, dict[str, Any]]] | None = None,
     extra_files: Mapping[str, Path] | None = None,
 ) -> None:
-    """``variants``: other forms of the model (``{"int8": (path, info)}``), stored as ``model-<name>.onnx``;
-    ``extra_files``: name in the bundle → file (the cascade's earlier stages)."""
+    """``variants``: other forms of the model (``{"int8": (path, info)}``), stored as ``model-<name>.onnx``; a
+    variant with no file of its own (``(None, info)``: another runtime or precision of ``model.onnx``) points
+    at ``model.onnx``. ``extra_files``: name in the bundle → file (the cascade's earlier stages, policies)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, out_dir / "model.onnx")
     (out_dir / "model.json").write_text(json.dumps(card.to_dict(), indent=2))
@@ -82,9 +90,11 @@ def write_bundle(
         files.append(name)
     described: dict[str, Any] = {}
     for name, (path, info) in (variants or {}).items():
-        fname = f"model-{name}.onnx"
-        shutil.copyfile(path, out_dir / fname)
-        files.append(fname)
+        fname = "model.onnx"
+        if path is not None:
+            fname = f"model-{name}.onnx"
+            shutil.copyfile(path, out_dir / fname)
+            files.append(fname)
         described[name] = {"file": fname, **info}
     manifest = {
         "schema": BUNDLE_SCHEMA,
@@ -95,6 +105,56 @@ def write_bundle(
         "variants": described,
     }
     write_json(out_dir / "manifest.json", manifest)
+
+
+def _auto_variant(root: Path, manifest: dict[str, Any], threads: int) -> tuple[str, int, dict[str, Any]]:
+    """The variant ``runtime.json`` names (its hash is checked with the rest), if it can run here."""
+    if RUNTIME_FILE not in manifest["files"]:
+        return (
+            "fp32",
+            threads,
+            {"recorded": None, "reason": "no runtime.json: roadwork bench BUNDLE select=true"},
+        )
+    f = root / RUNTIME_FILE
+    if not f.is_file() or file_sha256(f) != manifest["files"][RUNTIME_FILE]:
+        raise ArtifactError(
+            f"Bundle file {RUNTIME_FILE!r} is missing or does not match its sha256 in manifest.json; run "
+            "roadwork bench BUNDLE select=true again, or load a named variant."
+        )
+    try:
+        rec = json.loads(f.read_text())
+        name, info = rec["variant"], manifest.get("variants", {}).get(rec["variant"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"{str(root / RUNTIME_FILE)!r} is not a valid runtime choice: {e}") from None
+    if name != "fp32" and info is None:
+        raise ArtifactError(f"{RUNTIME_FILE} selects {name!r}, which the bundle's manifest does not list.")
+    status = "ok" if name == "fp32" else runtime_status(RuntimeSpec.from_variant(name, info))
+    if status != "ok":
+        log.warning(
+            "variant=auto: %s was selected on %s but %s here; serving fp32", name, rec.get("cpu"), status
+        )
+        return "fp32", threads, {"recorded": name, "reason": status}
+    return name, threads or int(rec.get("threads", 0)), {"recorded": name, "measured_on": rec.get("cpu")}
+
+
+def record_runtime_choice(path: str | Path, choice: Mapping[str, Any]) -> Path:
+    """Write ``runtime.json`` (``choice["variant"]`` must be fp32 or a variant with its own certified policy)
+    into a verified bundle and list its sha256 in the manifest. A signature made before no longer verifies:
+    sign the bundle again."""
+    root = Path(path)
+    bundle = Bundle.load(root)  # verifies every hash first: never re-hash a tampered bundle
+    name = choice["variant"]
+    known = bundle.manifest.get("variants", {})
+    if name != "fp32" and not (name in known and known[name].get("policy")):
+        raise ArtifactError(
+            f"Cannot select {name!r}: the bundle has no policy certified on its outputs "
+            f"(certified: {', '.join(['fp32', *[n for n, v in known.items() if v.get('policy')]])})."
+        )
+    write_json(root / RUNTIME_FILE, dict(choice))
+    manifest = dict(bundle.manifest)
+    manifest["files"] = {**manifest["files"], RUNTIME_FILE: file_sha256(root / RUNTIME_FILE)}
+    write_json(root / "manifest.json", manifest)
+    return root / RUNTIME_FILE
 
 
 def _open(path: str | Path) -> Image.Image:
@@ -114,11 +174,16 @@ class Bundle:
     manifest: dict[str, Any]
     session: Any
     stage_runners: list[Any] | None = None  # the cascade's earlier stages (StageRunner), in order
+    variant: str = "fp32"
+    runtime: dict[str, Any] = field(default_factory=dict)  # runtime, precision, threads: what runs the model
 
     @classmethod
     def load(cls, path: str | Path, *, threads: int = 0, variant: str = "fp32") -> Bundle:
-        """Verify every hash in ``manifest.json``, then open the ONNX model (``variant``: ``fp32`` or one the
-        manifest lists, e.g. ``int8``) and the policy."""
+        """Verify every hash in ``manifest.json``, then open the model and its policy. ``variant``: ``fp32``
+        (ONNX Runtime), one the manifest lists (``int8``, ``openvino-fp32``, ``openvino-bf16``), or ``auto``: the
+        one ``roadwork bench BUNDLE select=true`` recorded in ``runtime.json`` (fp32 without one, or when the
+        recorded runtime cannot run here: logged). ``threads=0``: the recorded threads with ``auto``, else the
+        runtime's default."""
         root = Path(path)
         mpath = root / "manifest.json"
         if not mpath.is_file():
@@ -135,13 +200,17 @@ class Bundle:
             raise ArtifactError(
                 f"Bundle schema {manifest.get('schema')!r} is not {BUNDLE_SCHEMA}; re-export it."
             )
+        choice: dict[str, Any] | None = None
+        if variant == "auto":
+            variant, threads, choice = _auto_variant(root, manifest, threads)
         model_file, policy_file = "model.onnx", "policy.json"
         if variant != "fp32":
             known = manifest.get("variants", {})
             if variant not in known:
                 raise ArtifactError(
                     f"Bundle {str(root)!r} has no {variant!r} model; it has "
-                    f"{', '.join(['fp32', *known])}. Export one with export.int8=dynamic|static."
+                    f"{', '.join(['fp32', *known, 'auto'])}. Export one with export.int8=dynamic|static or "
+                    "export.openvino=true."
                 )
             model_file = known[variant]["file"]
             policy_file = known[variant].get("policy")
@@ -187,9 +256,12 @@ class Bundle:
                 )
                 for st in policy.cascade.stages[:-1]
             ]
-        return cls(
-            root, card, policy, manifest, onnx_session(root / model_file, threads=threads, spin=spin), runners
-        )
+        spec = RuntimeSpec.from_variant(variant, manifest.get("variants", {}).get(variant), threads=threads)
+        session = open_session(root / model_file, spec, spin=spin)
+        info = {"variant": variant, **session.info}
+        if choice is not None:
+            info["auto"] = choice
+        return cls(root, card, policy, manifest, session.session, runners, variant, info)
 
     @property
     def classes(self) -> list[str]:

@@ -447,7 +447,7 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
                     extra[name] = ctx.inputs["cascade_models"] / name
         info["cascade"] = {"stages": policy.cascade.names, "threshold": policy.cascade.threshold}
     extra["reference.json"] = _drift_reference(ctx, policy, ctx.out / "reference.json")
-    variants: dict[str, tuple[Path, dict[str, Any]]] = {}
+    variants: dict[str, tuple[Path | None, dict[str, Any]]] = {}
     if e.int8 != "none":
         from roadwork.export.variants import quantize_int8
 
@@ -464,11 +464,39 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
         q_policy_path = ctx.out / "policy-int8.json"
         q_policy.save(q_policy_path)
         extra["policy-int8.json"] = q_policy_path
-        info["int8"] = q_info | {"policy": "policy-int8.json", "certified_on": q_report["rows"]}
+        info["int8"] = q_info | {"runtime": "onnxruntime", "precision": "int8", "policy": "policy-int8.json"}
+        info["int8"]["certified_on"] = q_report["rows"]
         info["int8"] |= _variant_quality(ctx, card, {"fp32": (onnx_path, policy), "int8": (q_path, q_policy)})
         info["int8"]["size_mb"] = round(q_path.stat().st_size / 2**20, 3)
         info["int8"]["warnings"] = q_report["warnings"]
         variants["int8"] = (q_path, info["int8"])
+    if e.openvino:  # the same model.onnx through OpenVINO: each precision certified on its own outputs, here
+        from roadwork.export.runtime import RuntimeSpec, cpu_summary, runtime_status
+
+        for spec in (RuntimeSpec("openvino", "fp32"), RuntimeSpec("openvino", "bf16")):
+            status = runtime_status(spec)
+            if status != "ok":
+                if spec.precision == "fp32":
+                    raise ConfigError(
+                        f"export.openvino=true: {status}. Install it or set export.openvino=false."
+                    )
+                info.setdefault("variants_skipped", {})[spec.name] = status
+                continue
+            v_policy, v_report = _variant_policy(ctx, card, policy, onnx_path, runtime=spec)
+            pname = f"policy-{spec.name}.json"
+            v_policy.save(ctx.out / pname)
+            extra[pname] = ctx.out / pname
+            info[spec.name] = {
+                "runtime": spec.runtime,
+                "precision": spec.precision,
+                "policy": pname,
+                "certified_on": v_report["rows"],
+                "certified_cpu": cpu_summary(),
+                "warnings": v_report["warnings"],
+            }
+            variants[spec.name] = (None, info[spec.name])
+    # what roadwork bench may select: the fastest certified variant within these of fp32 on the test split
+    info["selection"] = {"max_accuracy_drop": e.max_accuracy_drop, "max_ece_increase": e.max_ece_increase}
     info["size_mb"] = round(onnx_path.stat().st_size / 2**20, 3)
     write_bundle(
         ctx.out / "bundle",
@@ -486,9 +514,10 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
         info["triton"] = str(Path("export") / "triton" / ctx.cfg.name)
     onnx_path.unlink()
     (ctx.out / "reference.json").unlink()
-    (ctx.out / "policy-int8.json").unlink(missing_ok=True)
-    for path, _ in variants.values():
-        path.unlink()
+    for path, v_info in variants.values():
+        (ctx.out / v_info["policy"]).unlink(missing_ok=True)
+        if path is not None:
+            path.unlink()
     return info
 
 
@@ -510,11 +539,13 @@ def _drift_reference(ctx: StageContext, policy: TrustPolicy, path: Path) -> Path
     return path
 
 
-def _model_logits(path: Path, card: Any, paths: list[str]) -> np.ndarray:
+def _model_logits(path: Path, card: Any, paths: list[str], runtime: Any = None) -> np.ndarray:
+    """``runtime``: a :class:`~roadwork.export.runtime.RuntimeSpec` (default: ONNX Runtime fp32)."""
     from roadwork.data.preprocess import load_rgb, preprocess
-    from roadwork.export.onnx import onnx_logits, onnx_session
+    from roadwork.export.onnx import onnx_logits
+    from roadwork.export.runtime import RuntimeSpec, open_session
 
-    session = onnx_session(path)
+    session = open_session(path, runtime or RuntimeSpec()).session
     out = [
         onnx_logits(session, preprocess([load_rgb(p) for p in paths[i : i + 256]], card.preprocess))
         for i in range(0, len(paths), 256)
@@ -523,7 +554,7 @@ def _model_logits(path: Path, card: Any, paths: list[str]) -> np.ndarray:
 
 
 def _variant_policy(
-    ctx: StageContext, card: Any, policy: TrustPolicy, model_path: Path
+    ctx: StageContext, card: Any, policy: TrustPolicy, model_path: Path, runtime: Any = None
 ) -> tuple[TrustPolicy, dict[str, Any]]:
     """A model variant's own policy: its logits on the calibration split through the same chain the pipeline
     runs for the fp32 model (calibrator, the cascade's gate re-certified with this model last, thresholds)."""
@@ -533,7 +564,7 @@ def _variant_policy(
     cal = _preds(ctx, "calib")
     df, _ = load_dataset(ctx.inputs["data"])
     part = df.set_index("id").loc[cal.ids].reset_index()
-    logits = _model_logits(model_path, card, _abs_paths(part, ctx.inputs["data"]))
+    logits = _model_logits(model_path, card, _abs_paths(part, ctx.inputs["data"]), runtime)
     variant = Predictions(cal.ids, cal.labels, logits, cal.classes, cal.slices)
     early = (
         []
