@@ -213,11 +213,11 @@ Examples:
 Usage: roadwork serve BUNDLE|models:/NAME/VERSION [key=value ...] [tracking_uri=URI]
 
 HTTP server (no torch): Open Inference Protocol v2, POST /v1/classify, /metrics for Prometheus.
-Keys: host port name device (cpu|cuda|tensorrt|auto) max_batch_size max_queue_delay_ms max_latency_ms
-(latency budget; 0 = auto) max_queue max_queue_wait_ms body_timeout_s max_body_mb max_pixels
-max_inflight_pixels ort_threads drain_delay_s drain_timeout_s require_signature (a public key: refuse
-unsigned bundles) log_dir (prediction logs for roadwork monitor). ROADWORK_API_KEY=... requires
-'Authorization: Bearer ...'. A models:/ URI is fetched from the MLflow registry first.
+Keys: host port name device (cpu|cuda|tensorrt|auto; trt_fp16 trt_cache_dir) max_batch_size
+max_queue_delay_ms max_latency_ms (latency budget; 0 = auto) max_queue max_queue_wait_ms body_timeout_s
+max_body_mb max_pixels max_inflight_pixels ort_threads drain_delay_s drain_timeout_s require_signature
+(a public key: refuse unsigned bundles) log_dir (prediction logs for roadwork monitor). ROADWORK_API_KEY=...
+requires 'Authorization: Bearer ...'. A models:/ URI is fetched from the MLflow registry first.
 
 Examples:
   roadwork serve runs/demo/export/bundle port=8000 max_batch_size=16

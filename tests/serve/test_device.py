@@ -69,3 +69,46 @@ def test_serve_with_device_cuda_fails_before_loading(tiny_run, monkeypatch):
         create_app(tiny_run[1].bundle, ServeSettings(device="cuda"))
     app = create_app(tiny_run[1].bundle, ServeSettings(device="auto"))
     assert app.state.model.bundle.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_tensorrt_fp16_and_engine_cache_reach_the_session(tiny_run, monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    import roadwork.export.onnx as onnx_mod
+    from roadwork.serve import ServeSettings, create_app
+
+    seen: list[list] = []
+
+    class FakeSession:
+        def __init__(self, path, sess_options=None, providers=None):  # type: ignore[no-untyped-def]
+            seen.append(list(providers))
+            self.real = ort_session(path)
+
+        def get_providers(self):  # type: ignore[no-untyped-def]
+            return [p if isinstance(p, str) else p[0] for p in seen[-1]]
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(self.real, name)
+
+    real_cls = ort.InferenceSession
+
+    def ort_session(path):  # type: ignore[no-untyped-def]
+        return real_cls(path, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(
+        ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    monkeypatch.setattr(onnx_mod, "_gpu_present", lambda: True)
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    settings = ServeSettings(device="tensorrt", trt_fp16=True, trt_cache_dir=str(tmp_path / "engines"))
+    app = create_app(tiny_run[1].bundle, settings)
+    assert seen and all(p[0][0] == "TensorrtExecutionProvider" for p in seen)  # every model of the bundle
+    assert seen[-1][0][1] == {
+        "trt_fp16_enable": True,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(tmp_path / "engines"),
+    }
+    assert app.state.model.bundle.session.get_providers()[0] == "TensorrtExecutionProvider"
+    assert onnx_mod._DEVICE.get() == ("cpu", False, None)  # the context is restored after loading

@@ -28,7 +28,9 @@ __all__ = [
 
 DEVICES = ("cpu", "cuda", "tensorrt", "auto")
 # the device of sessions opened without one (Bundle.load opens several): set with ``execution_device``
-_DEVICE: ContextVar[str] = ContextVar("roadwork_onnx_device", default="cpu")
+_DEVICE: ContextVar[tuple[str, bool, str | None]] = ContextVar(
+    "roadwork_onnx_device", default=("cpu", False, None)
+)
 _PROVIDER = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -91,10 +93,13 @@ def _legacy(torch: Any, model: Any, x: Any, path: Path, opset: int) -> None:
 
 
 @contextlib.contextmanager
-def execution_device(device: str) -> Iterator[None]:
-    """Sessions opened inside (``Bundle.load`` opens one per model) run on ``device`` unless given another."""
+def execution_device(
+    device: str, *, fp16: bool = False, cache_dir: str | Path | None = None
+) -> Iterator[None]:
+    """Sessions opened inside (``Bundle.load`` opens one per model) run on ``device`` unless given another;
+    ``fp16`` and ``cache_dir`` are TensorRT's (see :func:`onnx_providers`)."""
     onnx_providers(device)  # fail here, before anything is loaded, when the device is not available
-    token = _DEVICE.set(device)
+    token = _DEVICE.set((device, fp16, None if cache_dir is None else str(cache_dir)))
     try:
         yield
     finally:
@@ -166,7 +171,8 @@ def onnx_session(
     default the one :func:`execution_device` set (``cpu`` outside it). A GPU session that ONNX Runtime opened on
     the CPU after all (it falls back silently when CUDA fails to initialise) is an error, not a slow surprise."""
     ort = require("onnxruntime")
-    device = device or _DEVICE.get()
+    if device is None:
+        device, fp16, cache_dir = _DEVICE.get()
     providers = onnx_providers(device, fp16=fp16, cache_dir=cache_dir)
     so = ort.SessionOptions()
     if threads:

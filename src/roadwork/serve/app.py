@@ -499,7 +499,7 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
             verify_bundle(bundle, settings.require_signature)
         from roadwork.export.onnx import execution_device
 
-        with execution_device(settings.device):
+        with execution_device(settings.device, fp16=settings.trt_fp16, cache_dir=settings.trt_cache_dir):
             bundle = Bundle.load(bundle, threads=settings.ort_threads, variant=settings.variant)
     elif settings.require_signature:
         from roadwork.export.signing import verify_bundle

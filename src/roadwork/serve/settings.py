@@ -25,6 +25,10 @@ class ServeSettings(BaseModel):
         "best one installed)",
     )
     variant: str = Field("fp32", description="which model of the bundle: fp32, or int8 when it was exported")
+    trt_fp16: bool = Field(False, description="device=tensorrt: build fp16 engines")
+    trt_cache_dir: str | None = Field(
+        None, description="device=tensorrt: cache built engines here (the next start skips the build)"
+    )
     max_batch_size: int = Field(32, ge=1, description="images per ONNX Runtime call")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queue: int = Field(
