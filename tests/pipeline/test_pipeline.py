@@ -58,20 +58,15 @@ def test_force_reruns_the_stage_and_its_dependents_only(tiny_run, tmp_path):
     cfg = _isolated(tiny_run[0], tmp_path)
     res = run_pipeline(cfg, force=["conformal"], progress=False)
     ran = {r.name for r in res.stages if not r.cached}
-    assert ran == {"conformal", "policy", "cascade", "export", "evaluate"}  # not the cascade's models
+    # the gate is certified on its own rows, before the policy: forcing conformal reruns neither cascade stage
+    assert ran == {"conformal", "policy", "export", "evaluate"}
 
 
 def test_changing_a_config_section_invalidates_only_downstream(tiny_run, tmp_path):
     cfg2 = _isolated(tiny_run[0], tmp_path)
     cfg2.selective.target_risk = 0.3
     res = run_pipeline(cfg2, progress=False)
-    assert {r.name for r in res.stages if not r.cached} == {
-        "selective",
-        "policy",
-        "cascade",
-        "export",
-        "evaluate",
-    }
+    assert {r.name for r in res.stages if not r.cached} == {"selective", "policy", "export", "evaluate"}
 
 
 def test_interrupted_run_resumes_and_leaves_no_partial_stage(tmp_path, monkeypatch):
@@ -178,7 +173,7 @@ def test_operating_point_and_risk_control_land_in_the_policy_the_bundle_and_the_
     cfg2.policy.operating_point = "max_mcc"
     cfg2.policy.max_miss_rate = 0.2
     res = run_pipeline(cfg2, progress=False)
-    assert {r.name for r in res.stages if not r.cached} == {"policy", "cascade", "export", "evaluate"}
+    assert {r.name for r in res.stages if not r.cached} == {"policy", "export", "evaluate"}
     m = res.metrics
     assert m is not None and m["operating_point"]["chosen"]["criterion"] == "max_mcc"
     bundle = Bundle.load(res.bundle)
@@ -210,7 +205,10 @@ def test_per_slice_calibration_group_mondrian_and_label_noise_flow_into_policy_a
     assert policy.slice_columns == ["weather"]
     split = json.loads((res.run_dir / "calibrate" / "split.json").read_text())
     assert split["fit_fraction"] == 0.3  # a per-slice calibrator gets its own rows by default
-    assert policy.conformal.n_ == split["n_trust"] and split["n_calibrator"] > 20
+    # the thresholds are fitted on the trust rows the cascade's gate did not use (the policy rows)
+    rows = json.loads((res.run_dir / "cascade" / "cascade.json").read_text())["rows"]
+    assert policy.conformal.n_ == rows["policy"] and rows["gate"] + rows["policy"] == split["n_trust"]
+    assert split["n_calibrator"] > 20
     m = res.metrics
     assert m is not None
     methods = m["conformal_comparison"]["methods"]

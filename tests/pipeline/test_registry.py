@@ -92,7 +92,12 @@ def test_mlflow_client_finds_params_metrics_and_result_files(tiny_run, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        (run,) = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{cfg.name}'")
+        # the fixture's run: the first of that name (other tests rerun the shared tiny config, all cache hits)
+        run = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"attributes.run_name = '{cfg.name}'",
+            order_by=["attributes.start_time ASC"],
+        )[0]
     params, metrics = run.data.params, run.data.metrics
     assert params["conformal.alpha"] == str(cfg.conformal.alpha) and "conformal.alpha" not in metrics
     assert params["selective.delta"] == str(cfg.selective.delta) and "selective.delta" not in metrics

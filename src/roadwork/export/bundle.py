@@ -157,9 +157,9 @@ def record_runtime_choice(path: str | Path, choice: Mapping[str, Any]) -> Path:
     return root / RUNTIME_FILE
 
 
-def _open(path: str | Path) -> Image.Image:
+def _open(path: str | Path, min_side: int | None = None) -> Image.Image:
     try:
-        return load_rgb(path)
+        return load_rgb(path, min_side)
     except Exception as e:  # PIL raises many types for bad files
         raise InputError(
             f"Cannot read image {str(path)!r} ({type(e).__name__}: {e}); pass a readable JPEG/PNG/BMP/WebP file."
@@ -264,6 +264,20 @@ class Bundle:
         return cls(root, card, policy, manifest, session.session, runners, variant, info)
 
     @property
+    def decode_side(self) -> int:
+        """The side every image is decoded to (JPEG DCT scaling): the one the run's predict stage used, recorded
+        at export, so the served logits are the certified ones; else the largest resize side of the stages."""
+        recorded = self.manifest.get("export", {}).get("decode_side")
+        if recorded:
+            return int(recorded)
+        from roadwork.data.features import FEATURE_SPEC
+        from roadwork.data.preprocess import decode_side
+
+        specs = [self.card.preprocess]
+        specs += [r.spec if r.spec is not None else FEATURE_SPEC for r in self.stage_runners or []]
+        return decode_side(*specs)
+
+    @property
     def classes(self) -> list[str]:
         return self.card.classes
 
@@ -302,7 +316,7 @@ class Bundle:
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
             meta = None if slices is None else {k: list(v)[i : i + batch_size] for k, v in slices.items()}
-            parts.append(self.predict_images([_open(p) for p in chunk], meta))
+            parts.append(self.predict_images([_open(p, self.decode_side) for p in chunk], meta))
         if not parts:
             return self.policy.apply(np.zeros((0, len(self.classes))))
         return concat_outputs(parts)
@@ -319,7 +333,7 @@ class Bundle:
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
             meta = None if slices is None else {k: list(v)[i : i + batch_size] for k, v in slices.items()}
-            res = self.predict_images([_open(p) for p in chunk], meta)
+            res = self.predict_images([_open(p, self.decode_side) for p in chunk], meta)
             for p, rec in zip(chunk, res.records(self.classes), strict=True):
                 out.append({"path": str(p), **rec})
         return out

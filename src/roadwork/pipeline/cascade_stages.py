@@ -25,6 +25,7 @@ from roadwork.pipeline.stages import (
     _abs_paths,
     _labels,
     _preds,
+    decode_side_for,
     load_calibrator,
     load_dataset,
 )
@@ -34,12 +35,22 @@ from roadwork.trust.calibration import calibrate_proba
 __all__ = ["stage_cascade", "stage_cascade_models", "stage_outputs"]
 
 
-def _load_images(paths: list[str], what: str, progress: bool) -> list[Any]:
-    from tqdm.auto import tqdm
+def _run_side(ctx: StageContext) -> int:
+    """The run's decode side (see :func:`roadwork.pipeline.stages.decode_side_for`) from the trained model's card."""
+    from roadwork.models.factory import ModelCard
 
+    return decode_side_for(ctx.cfg, ModelCard.load(ctx.inputs["train"] / "model.json").preprocess)
+
+
+def _load_images(paths: list[str], what: str, progress: bool, side: int) -> list[Any]:
+    """Decoded images for every cascade stage, at the run's decode side (as the bundle decodes them)."""
+    from roadwork._progress import progress_bar
     from roadwork.data.preprocess import load_rgb
 
-    return [load_rgb(p) for p in tqdm(paths, desc=what, unit="img", leave=False, disable=not progress)]
+    return [
+        load_rgb(p, side)
+        for p in progress_bar(paths, desc=what, unit="img", leave=False, disable=not progress)
+    ]
 
 
 def _deferral_targets(ctx: StageContext, parts: dict[str, pd.DataFrame], classes: list[str]) -> Any:
@@ -52,7 +63,11 @@ def _deferral_targets(ctx: StageContext, parts: dict[str, pd.DataFrame], classes
     model, card = load_model(ctx.inputs["train"])
     tr = parts["train"]
     u8 = load_uint8(
-        _abs_paths(tr, ctx.inputs["data"]), card.preprocess, "deferral: model on train", ctx.progress
+        _abs_paths(tr, ctx.inputs["data"]),
+        card.preprocess,
+        "deferral: model on train",
+        ctx.progress,
+        min_side=decode_side_for(ctx.cfg, card.preprocess),
     )
     slice_cols = [c for c in tr.columns if c not in ("id", "path", "label", "split", "sha256")]
     p_tr = calibrate_proba(
@@ -84,7 +99,11 @@ def _gatekeeper(
     assert c.small is not None
     data_dir = ctx.inputs["data"]
     u8 = load_uint8(
-        _abs_paths(parts["calib"], data_dir), res.card.preprocess, "gatekeeper: calib", ctx.progress
+        _abs_paths(parts["calib"], data_dir),
+        res.card.preprocess,
+        "gatekeeper: calib",
+        ctx.progress,
+        min_side=_run_side(ctx),
     )
     y = _labels(parts["calib"], classes)
 
@@ -152,8 +171,9 @@ def stage_cascade_models(ctx: StageContext) -> dict[str, Any]:
     df, classes = load_dataset(ctx.inputs["data"])
     data_dir = ctx.inputs["data"]
     parts = {split: df[df["split"] == split] for split in ("train", "val", "calib", "test")}
+    side = _run_side(ctx)
     images = {
-        split: _load_images(_abs_paths(part, data_dir), f"cascade: reading {split}", ctx.progress)
+        split: _load_images(_abs_paths(part, data_dir), f"cascade: reading {split}", ctx.progress, side)
         for split, part in parts.items()
         if split in ("calib", "test")
     }
@@ -171,7 +191,7 @@ def stage_cascade_models(ctx: StageContext) -> dict[str, Any]:
                 images[split]
                 if split in images
                 else _load_images(
-                    _abs_paths(parts[split], data_dir), f"cascade: reading {split}", ctx.progress
+                    _abs_paths(parts[split], data_dir), f"cascade: reading {split}", ctx.progress, side
                 )
             )
             for split in ("train", "calib", "test")
@@ -346,11 +366,14 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
             gates[split_name][s_i] = z[:, len(classes)] if st.info.get("gate") else None
 
     split = row_split(cal.ids, fit_fraction(ctx.cfg), c.gate_fraction)
-    if split.gate.sum() < 20 or split.policy.sum() < 20:
-        raise ConfigError(
-            f"cascade.gate_fraction={c.gate_fraction:g} leaves {int(split.gate.sum())} calibration rows to certify "
-            f"the gate and {int(split.policy.sum())} for the policy; each needs at least 20. Use more data."
+    if split.gate.sum() < 20 or split.policy.sum() < 20:  # too few rows to certify both: serve the model alone
+        note = (
+            f"The cascade is off: cascade.gate_fraction={c.gate_fraction:g} leaves {int(split.gate.sum())} calibration "
+            f"rows to certify its gate and {int(split.policy.sum())} for the policy; each needs at least 20. The "
+            "model alone is served. Add labelled images (or a larger data.splits.calib) for a cascade."
         )
+        write_json(ctx.out / "cascade.json", {"enabled": False, "warnings": [note]})
+        return {"enabled": False, "warnings": [note]}
     method = ctx.cfg.calibrate.method
     for s in range(len(stages) - 1):
         stages[s].calibrator = make_calibrator(method).fit(

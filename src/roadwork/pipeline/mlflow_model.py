@@ -26,7 +26,7 @@ class BundleModel(mlflow.pyfunc.PythonModel):
         blobs = [b if isinstance(b, bytes) else base64.b64decode(b) for b in model_input["image"]]
         cols = [c for c in self.bundle.policy.slice_columns if c in model_input.columns]
         slices = {c: model_input[c].astype(str).tolist() for c in cols} or None
-        out = self.bundle.predict_images([load_rgb(b) for b in blobs], slices)
+        out = self.bundle.predict_images([load_rgb(b, self.bundle.decode_side) for b in blobs], slices)
         recs = out.records(self.bundle.classes)
         for r in recs:
             r["prediction_set"] = ",".join(

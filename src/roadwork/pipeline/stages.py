@@ -101,6 +101,23 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
     return {"n": report.n_used, "skipped": len(report.skipped), "classes": classes}
 
 
+def decode_side_for(cfg: RunConfig, spec: Any) -> int:
+    """The side every image of this run is decoded to (JPEG DCT scaling, see data.preprocess): the largest
+    resize side of the model and, with a cascade, of the small net and the features. The predict stage, the
+    cascade's stages, export and the bundle all decode with it, so the logits certified are the logits served."""
+    from roadwork.data.features import FEATURE_SPEC
+    from roadwork.data.preprocess import PreprocessSpec, decode_side
+
+    specs = [spec]
+    c = cfg.cascade
+    if c.enabled:
+        if c.small is not None:
+            specs.append(PreprocessSpec(size=c.small.image_size))
+        if c.boosting != "none":
+            specs.append(FEATURE_SPEC)
+    return decode_side(*specs)
+
+
 def _abs_paths(df: pd.DataFrame, data_dir: Path) -> list[str]:
     return [p if Path(p).is_absolute() else str(data_dir / p) for p in df["path"]]
 
@@ -199,7 +216,11 @@ def stage_predict(ctx: StageContext) -> dict[str, Any]:
     for split in SPLITS_PREDICTED:
         part = df[df["split"] == split]
         u8 = load_uint8(
-            _abs_paths(part, ctx.inputs["data"]), card.preprocess, f"reading {split}", ctx.progress
+            _abs_paths(part, ctx.inputs["data"]),
+            card.preprocess,
+            f"reading {split}",
+            ctx.progress,
+            min_side=decode_side_for(ctx.cfg, card.preprocess),
         )
         logits = predict_logits(model, u8, card.preprocess)
         Predictions(
@@ -411,7 +432,8 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
     model, card = load_model(ctx.inputs["train"])
     df, _ = load_dataset(ctx.inputs["data"])
     test = df[df["split"] == "test"].head(e.parity_samples)
-    x = preprocess([load_rgb(p) for p in _abs_paths(test, ctx.inputs["data"])], card.preprocess)
+    side = decode_side_for(ctx.cfg, card.preprocess)
+    x = preprocess([load_rgb(p, side) for p in _abs_paths(test, ctx.inputs["data"])], card.preprocess)
     onnx_path = ctx.out / "model.onnx.tmp"
     exporter = export_onnx(model, x, onnx_path, opset=e.opset, exporter=e.exporter)
     torch = require("torch")
@@ -429,6 +451,7 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
         "opset": e.opset,
         "parity_max_abs_diff": max_diff,
         "parity_n": len(x),
+        "decode_side": side,  # the bundle decodes every image to this side (as the predict stage did)
     }
     if e.tensorrt:
         from roadwork.export.variants import tensorrt_available
@@ -453,7 +476,9 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
 
         train_rows = df[df["split"] == "train"].head(e.int8_calibration_images)
         calib_x = (
-            preprocess([load_rgb(p) for p in _abs_paths(train_rows, ctx.inputs["data"])], card.preprocess)
+            preprocess(
+                [load_rgb(p, side) for p in _abs_paths(train_rows, ctx.inputs["data"])], card.preprocess
+            )
             if e.int8 == "static"
             else None
         )
@@ -539,7 +564,7 @@ def _drift_reference(ctx: StageContext, policy: TrustPolicy, path: Path) -> Path
     return path
 
 
-def _model_logits(path: Path, card: Any, paths: list[str], runtime: Any = None) -> np.ndarray:
+def _model_logits(path: Path, card: Any, paths: list[str], side: int, runtime: Any = None) -> np.ndarray:
     """``runtime``: a :class:`~roadwork.export.runtime.RuntimeSpec` (default: ONNX Runtime fp32)."""
     from roadwork.data.preprocess import load_rgb, preprocess
     from roadwork.export.onnx import onnx_logits
@@ -547,7 +572,7 @@ def _model_logits(path: Path, card: Any, paths: list[str], runtime: Any = None) 
 
     session = open_session(path, runtime or RuntimeSpec()).session
     out = [
-        onnx_logits(session, preprocess([load_rgb(p) for p in paths[i : i + 256]], card.preprocess))
+        onnx_logits(session, preprocess([load_rgb(p, side) for p in paths[i : i + 256]], card.preprocess))
         for i in range(0, len(paths), 256)
     ]
     return np.concatenate(out) if out else np.zeros((0, len(card.classes)))
@@ -564,7 +589,13 @@ def _variant_policy(
     cal = _preds(ctx, "calib")
     df, _ = load_dataset(ctx.inputs["data"])
     part = df.set_index("id").loc[cal.ids].reset_index()
-    logits = _model_logits(model_path, card, _abs_paths(part, ctx.inputs["data"]), runtime)
+    logits = _model_logits(
+        model_path,
+        card,
+        _abs_paths(part, ctx.inputs["data"]),
+        decode_side_for(ctx.cfg, card.preprocess),
+        runtime,
+    )
     variant = Predictions(cal.ids, cal.labels, logits, cal.classes, cal.slices)
     early = (
         []
@@ -592,7 +623,7 @@ def _variant_quality(
     y = _labels(test, card.classes)
     out: dict[str, Any] = {}
     for name, (path, pol) in models.items():
-        probs = pol.apply(_model_logits(path, card, paths)).probs
+        probs = pol.apply(_model_logits(path, card, paths, decode_side_for(ctx.cfg, card.preprocess))).probs
         out[f"test_accuracy_{name}"] = M.accuracy(probs, y)
         out[f"test_ece_{name}"] = M.ece(probs, y)
     out["test_accuracy_change"] = out["test_accuracy_int8"] - out["test_accuracy_fp32"]

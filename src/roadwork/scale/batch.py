@@ -143,7 +143,7 @@ class BundlePredictor:
         images, good, reasons = [], [], [""] * len(batch)
         for i, p in enumerate(batch["path"]):
             try:
-                images.append(_open(str(p)))
+                images.append(_open(str(p), self.bundle.decode_side))
                 good.append(i)
             except Exception as e:  # one unreadable file is reported, not the end of the job
                 reasons[i] = str(e)[:500] or type(e).__name__

@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from roadwork.data.preprocess import preprocess
+from roadwork.data.preprocess import decoded_size, preprocess
 from roadwork.export.bundle import Bundle
 from roadwork.export.onnx import INPUT_NAME, onnx_logits
 from roadwork.serve import schemas
@@ -102,6 +102,9 @@ class _Model:
         spec = bundle.card.preprocess
         reach = max(max(abs(-m / sd), abs((1 - m) / sd)) for m, sd in zip(spec.mean, spec.std, strict=True))
         self.input_bound = 100 * reach
+        self.decode_side = (
+            bundle.decode_side
+        )  # JPEGs are decoded straight to this side, as the run decoded them
         self._pixels = 0  # decoded pixels of requests inside the server (max_inflight_pixels)
         self._pixel_lock = threading.Lock()
 
@@ -115,11 +118,13 @@ class _Model:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image refuses those
             for b in blobs:
                 try:
-                    w, h = Image.open(io.BytesIO(b)).size
+                    im = Image.open(io.BytesIO(b))
+                    w, h = im.size
                 except Exception:  # not an image: decode_image says why
                     continue
                 if w * h <= self.settings.max_pixels:  # larger ones decode_image refuses without decoding
-                    pixels += w * h
+                    dw, dh = decoded_size((w, h), im.format, self.decode_side)
+                    pixels += dw * dh
         with self._pixel_lock:
             if self._pixels and self._pixels + pixels > self.settings.max_inflight_pixels:
                 raise RequestError(
@@ -139,7 +144,10 @@ class _Model:
         each stage resizes them its own way, and only for the images that reach it."""
         images = [
             decode_image(
-                b, max_pixels=self.settings.max_pixels, what=f"image {i}" if len(blobs) > 1 else "image"
+                b,
+                max_pixels=self.settings.max_pixels,
+                what=f"image {i}" if len(blobs) > 1 else "image",
+                min_side=self.decode_side,
             )
             for i, b in enumerate(blobs)
         ]
