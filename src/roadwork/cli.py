@@ -24,8 +24,8 @@ Usage:
                                                    write generated scenes and a manifest.csv into DIR
   roadwork predict BUNDLE PATH [PATH ...]           one JSON line per image (label, probability, set, abstain);
                   [out=DIR engine=local|ray]        or a resumable Parquet folder, locally or on Ray Data
-  roadwork bench BUNDLE [batch=8] [seconds=3]       every form of the model side by side: size, accuracy,
-                                                   ECE, ms/img, img/s, speed-up over torch eager
+  roadwork bench BUNDLE [batch=8] [select=true]     every runtime x precision side by side: size, accuracy,
+                                                   ECE, ms/img, img/s, vs torch eager; selects the fastest
   roadwork compare [CONFIG] [key=value ...] [frameworks=sklearn,lightgbm]
                                                    gradient-boosting frameworks side by side on the same
                                                    image features and splits (accuracy, ECE, sets, µs/row)
@@ -156,13 +156,19 @@ Examples:
   roadwork predict runs/demo/export/bundle scenes/ out=preds/ engine=ray workers=4
 """,
     "bench": """\
-Usage: roadwork bench BUNDLE [batch=8] [seconds=3]
+Usage: roadwork bench BUNDLE [batch=8] [seconds=3] [rounds=5] [threads=0] [images=FOLDER|manifest.csv]
+                      [select=false] [max_accuracy_drop=0.5] [max_ece_increase=0.01]
 
-Every form of the model side by side: size, accuracy, ECE, ms/img, img/s, speed-up over torch eager.
+Every runtime x precision of the model (ONNX Runtime fp32/int8, OpenVINO fp32/bf16, torch eager) measured
+side by side in one interleaved run: size, accuracy and ECE (each through its own policy) and their change vs
+fp32, ms/img, img/s, speed-up over torch eager. Marks the fastest variant with a certified policy within the
+accuracy/ECE budget and not slower than fp32; select=true records it in the bundle (runtime.json), which
+roadwork serve BUNDLE variant=auto serves. Labelled images: images=, else the run's test split.
 
 Examples:
   roadwork bench runs/demo/export/bundle
-  roadwork bench runs/demo/export/bundle batch=32 seconds=10
+  roadwork bench runs/demo/export/bundle batch=32 seconds=10 threads=2
+  roadwork bench runs/demo/export/bundle images=photos/ select=true
 """,
     "compare": """\
 Usage: roadwork compare [CONFIG] [key=value ...] [frameworks=sklearn,lightgbm,...]
@@ -473,21 +479,9 @@ def _predict(args: list[str]) -> int:
 
 
 def _bench(args: list[str]) -> int:
-    from roadwork.export.bench import bench_bundle, format_table
+    from roadwork.export.bench import bench_cli
 
-    if not args or "=" in args[0]:
-        raise RoadworkError("Usage: roadwork bench BUNDLE [batch=8] [seconds=3]")
-    opts = {"batch": 8.0, "seconds": 3.0}
-    for a in args[1:]:
-        key, _, val = a.partition("=")
-        if key not in opts:
-            raise RoadworkError(f"roadwork bench: unknown option {key!r}; use batch=N or seconds=S.")
-        try:
-            opts[key] = float(val)
-        except ValueError:
-            raise RoadworkError(f"roadwork bench: {key}={val!r} is not a number.") from None
-    rows = bench_bundle(args[0], batch=int(opts["batch"]), seconds=opts["seconds"])
-    _print(format_table(rows))
+    _print(bench_cli(args))
     return 0
 
 
