@@ -140,10 +140,10 @@ def _from_manifest(path: Path) -> pd.DataFrame:
 
 
 def _validate_files(df: pd.DataFrame, cfg: DataConfig, report: DataReport) -> pd.DataFrame:
-    from tqdm.auto import tqdm
+    from roadwork._progress import progress_bar
 
     hashes: list[str | None] = []
-    for rid, p in tqdm(
+    for rid, p in progress_bar(
         zip(df["id"], df["path"], strict=True), total=len(df), desc="checking images", unit="img", leave=False
     ):
         digest, reason = check_image(

@@ -476,7 +476,7 @@ def generate_dataset(
     out_dir: str | Path, cfg: SyntheticConfig, *, progress: bool = True
 ) -> list[dict[str, object]]:
     """Write ``cfg.n`` JPEG scenes into ``out_dir``; one row per image (paths relative to ``out_dir``)."""
-    from tqdm.auto import tqdm
+    from roadwork._progress import progress_bar
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -488,7 +488,7 @@ def generate_dataset(
     chunk = 64
     jobs = [(out, s, min(chunk, n - s), kw) for s in range(0, n, chunk)]
     rows: list[dict[str, object]] = []
-    bar = tqdm(total=n, desc="synthetic scenes", unit="img", disable=not progress)
+    bar = progress_bar(total=n, desc="synthetic scenes", unit="img", disable=not progress)
     if workers == 1:
         for job in jobs:
             rows.extend(_write_chunk(job))

@@ -242,13 +242,13 @@ def predict_local(
 ) -> int:
     """Predict every row of ``items`` not yet in ``out``; returns how many were predicted now (unreadable images
     are listed in ``out/skipped.csv``, see :func:`read_skipped`, and not counted)."""
-    from tqdm.auto import tqdm
+    from roadwork._progress import progress_bar
 
     out = Path(out)
     todo = _todo(items, out)
     parts = _Parts(out, part_rows, flush_s, retried=set(todo["path"]))
     predictor = BundlePredictor(str(bundle_dir), threads=threads, device=device)
-    with tqdm(total=len(todo), desc="predicting", unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc="predicting", unit="img", disable=not progress) as bar:
         for chunk in _chunks(todo, batch_size):
             parts.add(predictor(chunk))
             bar.update(len(chunk))
