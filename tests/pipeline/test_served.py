@@ -38,7 +38,7 @@ def served_run(tmp_path_factory: pytest.TempPathFactory):
                 "cascade.mode": "match",
                 "cascade.target": 0.15,
                 "cascade.small.gatekeeper_epochs": 0,
-                "selective.target_risk": 0.6,
+                "selective.target_risk": 0.8,
                 "policy.max_miss_rate": 0.2,
             },
         ),

@@ -68,7 +68,12 @@ def app(
             from roadwork.serve.decode import RequestError, decode_image
 
             try:
-                image = decode_image(await request.body(), max_pixels=pixel_limit, what="image")
+                image = decode_image(
+                    await request.body(),
+                    max_pixels=pixel_limit,
+                    what="image",
+                    min_side=self.bundle.decode_side,  # the run's decode side: the certified logits
+                )
             except RequestError as e:
                 return JSONResponse({"error": e.message}, status_code=e.status)
             return await self.predict(image)
