@@ -727,10 +727,18 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         return {
             "name": model.name,
             "versions": ["1"],
-            "platform": "onnxruntime_onnx",
+            "platform": "openvino"
+            if model.bundle.runtime.get("runtime") == "openvino"
+            else "onnxruntime_onnx",
             "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, model.size, model.size]}],
             "outputs": outputs,
-            "parameters": {"classes": model.bundle.classes, "slice_columns": model.slice_columns},
+            "parameters": {
+                "classes": model.bundle.classes,
+                "slice_columns": model.slice_columns,
+                "variant": model.bundle.variant,
+                "runtime": model.bundle.runtime.get("runtime"),
+                "precision": model.bundle.runtime.get("precision"),
+            },
         }
 
     @app.get(
