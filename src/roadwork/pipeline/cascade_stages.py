@@ -366,7 +366,9 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
             gates[split_name][s_i] = z[:, len(classes)] if st.info.get("gate") else None
 
     split = row_split(cal.ids, fit_fraction(ctx.cfg), c.gate_fraction)
-    if split.gate.sum() < 20 or split.policy.sum() < 20:  # too few rows to certify both: serve the model alone
+    if (
+        split.gate.sum() < 20 or split.policy.sum() < 20
+    ):  # too few rows to certify both: serve the model alone
         note = (
             f"The cascade is off: cascade.gate_fraction={c.gate_fraction:g} leaves {int(split.gate.sum())} calibration "
             f"rows to certify its gate and {int(split.policy.sum())} for the policy; each needs at least 20. The "
