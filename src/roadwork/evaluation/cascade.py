@@ -106,6 +106,13 @@ def cascade_metrics(
     return metrics, out
 
 
+def _gate(threshold: float | None) -> str:
+    """The gate for a reader: unbounded (null in JSON, +inf in memory) means no early exit."""
+    if threshold is None or not np.isfinite(threshold):
+        return "∞ (no early exit)"
+    return f"{threshold:.4f}"
+
+
 def cascade_png(metrics: dict[str, Any]) -> bytes:
     """Cost–accuracy curve over gate thresholds on test, with the stages alone and the certified gate."""
     from roadwork.evaluation.plots import _plt, _png
@@ -145,7 +152,7 @@ def cascade_section(metrics: dict[str, Any], table: Any, img: Any) -> list[str]:
     parts = [
         "<h2>Cascade</h2>",
         f"<p>Earlier stages answer an image when their calibrated confidence is at least "
-        f"<b>{c['threshold']:.4f}</b>; the rest go on. Certified on the calibration split: with probability ≥ "
+        f"<b>{_gate(c['threshold'])}</b>; the rest go on. Certified on the calibration split: with probability ≥ "
         f"{1 - c['delta']:.0%}, {html.escape(what)} ({'certified' if c['certified'] else 'NOT certified: everything goes to the last stage'}; "
         f"test: {c['test_risk']:.4f}). Accuracy {c['accuracy']:.4f} vs {c['largest_stage_accuracy']:.4f} for the "
         f"last stage alone, at {c['mean_cost_ms']:.3f} vs {c['largest_stage_cost_ms']:.3f} ms per image"
