@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,24 +28,10 @@ from PIL import Image
 
 from roadwork.data.preprocess import PreprocessSpec, load_resized, load_rgb, resize_uint8
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import machine_lines
+
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-roadwork-mini"
-
-
-def _machine() -> list[str]:
-    model, flags = platform.processor() or "unknown", "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                model = value.strip()
-            elif key.strip() == "Flags":
-                flags = value.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return [
-        f"machine: {model}; {os.cpu_count()} cores; Python {platform.python_version()}",
-        f"cpu flags: {flags}",
-    ]
 
 
 def _source(photo: str | None) -> tuple[Image.Image, str]:
@@ -82,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
 
     src, where = _source(args.photo)
-    for line in _machine():
+    for line in machine_lines():
         print(line)
     print(f"source photo: {where} ({src.size[0]}x{src.size[1]}), upscaled, JPEG quality 90\n")
     specs = {
