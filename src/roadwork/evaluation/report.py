@@ -149,21 +149,6 @@ def render_html(
         if name in figures:
             png, caption = figures[name]
             parts.append(f"<h2>{html.escape(caption.split(':')[0])}</h2>{_img(name, png, caption)}")
-    rows, marks = [], []
-    for key, r in metrics["slices"].items():
-        rows.append(
-            [
-                key,
-                r["n"],
-                r["accuracy"],
-                r["ece"],
-                r["coverage"],
-                r["mean_set_size"],
-                r["abstain_rate"],
-                r["selective_risk"],
-            ]
-        )
-        marks.append("bad" if r["accuracy"] < metrics["test"]["accuracy"] - 0.05 else "")
     parts.extend(_decision_rows(metrics))
     comparison = metrics.get("calibration_comparison", {})
     if comparison:
@@ -195,6 +180,44 @@ def render_html(
         from roadwork.evaluation.cascade import cascade_section
 
         parts.extend(cascade_section(metrics, _table, _img))
+    parts.extend(_slice_section(metrics))
+    parts.append("<h2>Data</h2>")
+    split_rows = [[sp, *cnt.values()] for sp, cnt in data_report.get("split_counts", {}).items()]
+    class_names = list(data_report.get("class_counts", {}))
+    parts.append(_table(["split", *class_names], split_rows))
+    skipped = data_report.get("skipped", [])
+    parts.append(
+        f"<p>{data_report.get('n_used', 0)} images used of {data_report.get('n_found', 0)} found; "
+        f"{len(skipped)} skipped; {len(data_report.get('duplicates', []))} duplicate groups.</p>"
+    )
+    if skipped:
+        parts.append(_table(["skipped file", "reason"], [[r["id"], r["reason"]] for r in skipped]))
+    if data_report.get("duplicates"):
+        parts.append(
+            _table(["duplicate group (same content)"], [[", ".join(g)] for g in data_report["duplicates"]])
+        )
+    parts.append(f"<h2>Configuration</h2><pre>{html.escape(config_yaml)}</pre></body></html>")
+    return "\n".join(parts)
+
+
+def _slice_section(metrics: dict[str, Any]) -> list[str]:
+    """The per-slice table (rows far below overall accuracy shaded), or advice when there are no slices."""
+    parts: list[str] = []
+    rows, marks = [], []
+    for key, r in metrics["slices"].items():
+        rows.append(
+            [
+                key,
+                r["n"],
+                r["accuracy"],
+                r["ece"],
+                r["coverage"],
+                r["mean_set_size"],
+                r["abstain_rate"],
+                r["selective_risk"],
+            ]
+        )
+        marks.append("bad" if r["accuracy"] < metrics["test"]["accuracy"] - 0.05 else "")
     parts.append("<h2>Per-slice results</h2>")
     if rows:
         parts.append("<p>Rows more than 5 points below overall accuracy are shaded.</p>")
@@ -220,23 +243,7 @@ def render_html(
             "<code>weather</code>, <code>camera</code> or <code>city</code> beside <code>path,label</code> to get "
             "accuracy, coverage and abstention per slice.</p>"
         )
-    parts.append("<h2>Data</h2>")
-    split_rows = [[sp, *cnt.values()] for sp, cnt in data_report.get("split_counts", {}).items()]
-    class_names = list(data_report.get("class_counts", {}))
-    parts.append(_table(["split", *class_names], split_rows))
-    skipped = data_report.get("skipped", [])
-    parts.append(
-        f"<p>{data_report.get('n_used', 0)} images used of {data_report.get('n_found', 0)} found; "
-        f"{len(skipped)} skipped; {len(data_report.get('duplicates', []))} duplicate groups.</p>"
-    )
-    if skipped:
-        parts.append(_table(["skipped file", "reason"], [[r["id"], r["reason"]] for r in skipped]))
-    if data_report.get("duplicates"):
-        parts.append(
-            _table(["duplicate group (same content)"], [[", ".join(g)] for g in data_report["duplicates"]])
-        )
-    parts.append(f"<h2>Configuration</h2><pre>{html.escape(config_yaml)}</pre></body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 def _decision_rows(metrics: dict[str, Any]) -> list[str]:
