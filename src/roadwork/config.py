@@ -184,7 +184,9 @@ class TrainConfig(_Strict):
         "or all in RAM (always with devices > 1)",
     )
     cache_dir: str | None = Field(
-        None, description="folder of decoded-image caches reused across runs; null: a temporary one per run"
+        None,
+        description="folder of decoded-image caches (keyed on image sha256 + preprocessing) reused across runs; "
+        "null: ROOT/cache in a pipeline run, a temporary one in train_model",
     )
 
     @field_validator("augment", mode="before")

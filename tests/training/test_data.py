@@ -128,3 +128,52 @@ def test_training_from_disk_from_ram_and_with_workers_is_the_same(
     pytest.importorskip("torch")
     assert _fit(photos, cache="disk") == _fit(photos, cache="memory")  # light: the loop's generator
     assert _fit(photos, augment="standard", workers=1) == _fit(photos, augment="standard", workers=2)
+
+
+def test_a_second_training_run_reuses_the_cache_keyed_on_content(
+    photos: tuple[list[str], np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.cache_dir + the images' sha256 (what stage_train passes from dataset.parquet): the second run, and
+    a run on the same bytes under other paths, decode nothing; other preprocessing decodes again."""
+    pytest.importorskip("lightning_fabric")
+    import hashlib
+    import shutil
+
+    from roadwork.config import ModelConfig, TrainConfig
+    from roadwork.training.loop import train_model
+
+    paths, labels = photos
+    decoded: list[int] = []
+    fill = cache_mod._fill
+    monkeypatch.setattr(cache_mod, "_fill", lambda *a: decoded.append(len(a[3])) or fill(*a))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    moved_paths = [shutil.copy(p, moved / f"copy-{Path(p).name}") for p in paths]
+    sha = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+
+    def fit(image_size: int, where: list[str]) -> None:
+        model = ModelConfig(
+            backbone="test_vit", image_size=image_size, drop_rate=0.0, kwargs={"img_size": 32}
+        )
+        cfg = TrainConfig(epochs=1, batch_size=8, accelerator="cpu", cache_dir=str(tmp_path / "cache"))
+        train_model(
+            model,
+            cfg,
+            classes=["a", "b"],
+            train_paths=where,
+            train_labels=labels,
+            val_paths=where[:8],
+            val_labels=labels[:8],
+            progress=False,
+            train_digests=sha,
+            val_digests=sha[:8],
+        )
+
+    fit(32, paths)
+    assert sum(decoded) == len(paths) + 8  # train and val decoded once
+    fit(32, paths)
+    fit(32, [str(p) for p in moved_paths])  # same bytes elsewhere: keyed on content, not paths
+    assert sum(decoded) == len(paths) + 8
+    assert len(list((tmp_path / "cache").glob("*.u8"))) == 2
+    fit(48, paths)  # other preprocessing, other key
+    assert sum(decoded) == 2 * (len(paths) + 8)

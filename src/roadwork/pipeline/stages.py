@@ -172,9 +172,13 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     # one folder per data version: a checkpoint of other data is never resumed (the config is checked too)
     checkpoints = ctx.cfg.run_dir / "checkpoints" / f"train-{_dir_digest(ctx.inputs['data'])[:12]}"
     init_backbone = _explora(ctx) if ctx.cfg.train.recipe == "explora" else None
+    # decoded images cached under ROOT/cache, keyed on their sha256 and the preprocessing: the next run reuses it
+    train_cfg = ctx.cfg.train.model_copy(
+        update={"cache_dir": ctx.cfg.train.cache_dir or str(Path(ctx.cfg.root) / "cache")}
+    )
     res = train_model(
         ctx.cfg.model,
-        ctx.cfg.train,
+        train_cfg,
         classes=classes,
         train_paths=_abs_paths(tr, ctx.inputs["data"]),
         train_labels=_labels(tr, classes),
@@ -184,6 +188,8 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         progress=ctx.progress,
         checkpoint_dir=checkpoints,  # outside the stage's temp folder, so an interrupted run resumes
         init_backbone=init_backbone,
+        train_digests=tr["sha256"].tolist() if "sha256" in tr else None,
+        val_digests=va["sha256"].tolist() if "sha256" in va else None,
     )
     save_model(res.model, res.card, ctx.out)
     save_history(res.history, ctx.out / "history.json")

@@ -146,6 +146,8 @@ def train_model(
     init_weights: Path | None = None,
     deferral: Deferral | None = None,
     init_backbone: Path | None = None,
+    train_digests: Sequence[str] | None = None,
+    val_digests: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train (from ``init_weights``, a full state of this very network, or ``init_backbone``, a backbone state
     without the head, e.g. from ExPLoRA, when given); with ``checkpoint_dir``, save a resumable checkpoint after every epoch and resume from one of the
@@ -167,6 +169,7 @@ def train_model(
         init_weights=init_weights,
         deferral=deferral,
         init_backbone=init_backbone,
+        digests=(train_digests, val_digests),
     )
     if cfg.devices > 1:
         strategy: Any = (
@@ -244,6 +247,7 @@ def _train(
     init_weights: Path | None = None,
     deferral: Deferral | None = None,
     init_backbone: Path | None = None,
+    digests: tuple[Sequence[str] | None, Sequence[str] | None] = (None, None),
 ) -> TrainResult:
     torch = require("torch")
     fabric_mod = require("lightning_fabric")
@@ -286,9 +290,18 @@ def _train(
 
         x_train, x_val = (
             build_cache(
-                paths, spec, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=progress, desc=desc
+                paths,
+                spec,
+                cache_dir=cfg.cache_dir,
+                workers=cfg.workers,
+                digests=sha,
+                progress=progress,
+                desc=desc,
             )
-            for paths, desc in ((train_paths, "decoding train images"), (val_paths, "decoding val images"))
+            for paths, sha, desc in (
+                (train_paths, digests[0], "decoding train images"),
+                (val_paths, digests[1], "decoding val images"),
+            )
         )
     else:
         x_train = torch.from_numpy(load_uint8(train_paths, spec, "loading train images", progress))
