@@ -2,6 +2,13 @@
 
     pip install -e '.[train,serve]' litserve httpx
     python benchmarks/serve_load.py [--bundle runs/demo/export/bundle] [--seconds 20] [--concurrency 16]
+    python benchmarks/serve_load.py --photo-size 1920x1080 [--images DIR]    # full-size photos only
+
+With ``--photo-size WxH`` (real photos from ``../shared/data/real-roadwork-mini``, or ``--images DIR``, upscaled
+to WxH, JPEG quality 90) or ``--images DIR`` alone (the files as they are), only the photo table runs: the same
+server on the same bodies, with today's decode (JPEG DCT-scaled to the bundle's decode side, then resized) and
+with the old one (full decode, then resize; ``benchmarks/_serve_old_decode.py`` patches it in that server
+process only), rounds alternating old/new, plus both decodes in process.
 
 Tables (this machine; client and server share its cores, for every row alike):
 1. model formats on a ViT-S/14 at 224 px (random weights, 2 classes): torch eager, ONNX Runtime fp32 and
@@ -53,6 +60,99 @@ def _jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:
         )
         out.append(buf.getvalue())
     return out
+
+
+REAL = HERE.parents[1] / "shared" / "data" / "real-roadwork-mini"
+
+
+def _photo_jpegs(n: int, images: str | None, size: tuple[int, int] | None) -> tuple[list[bytes], str]:
+    """``n`` JPEGs: the files of ``images`` (or the shared real photos) as they are, or upscaled to ``size``."""
+    root = Path(images) if images else REAL
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        sys.exit(f"no JPEGs under {root}: pass --images DIR")
+    step = max(1, len(files) // n)
+    files = files[::step][:n]
+    out = []
+    for f in files:
+        if size is None:
+            out.append(f.read_bytes())
+            continue
+        buf = io.BytesIO()
+        Image.open(f).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    what = f"{len(out)} JPEGs from {root}" + (f", upscaled to {size[0]}x{size[1]}" if size else "")
+    return out, what
+
+
+def _in_process_decode(bundle_dir: Path, jpegs: list[bytes], seconds: float, batch: int, old: bool) -> float:
+    """decode + preprocess + ORT + policy in this process; ``old``: full decode, else the bundle's decode side."""
+    from roadwork.data.preprocess import load_rgb, preprocess
+    from roadwork.export.bundle import Bundle
+    from roadwork.export.onnx import onnx_logits
+
+    b = Bundle.load(bundle_dir)
+    side = None if old else _decode_side(bundle_dir)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        chunk = [jpegs[(n + i) % len(jpegs)] for i in range(batch)]
+        x = preprocess([load_rgb(j, side) for j in chunk], b.card.preprocess)
+        b.policy.apply(onnx_logits(b.session, x))
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def _decode_side(bundle_dir: Path) -> int:
+    from roadwork.export.bundle import Bundle
+
+    b = Bundle.load(bundle_dir)
+    return int(getattr(b, "decode_side", None) or b.card.preprocess.resize_side)
+
+
+def _photo_table(args: argparse.Namespace, bundle: Path) -> None:
+    size = tuple(int(v) for v in args.photo_size.lower().split("x")) if args.photo_size else None
+    jpegs, what = _photo_jpegs(32, args.images, size)  # type: ignore[arg-type]
+    bodies = [json.dumps({"image": base64.b64encode(j).decode()}).encode() for j in jpegs]
+    kb = np.mean([len(j) for j in jpegs]) / 1024
+    print(f"photos: {what}; mean {kb:.0f} KB; bundle decode side {_decode_side(bundle)} px")
+    print(
+        f"rounds: {args.rounds} x {args.seconds:g} s per server, old and new alternating; best round kept\n"
+    )
+    rows: dict[str, list[dict[str, float]]] = {"new": [], "old": []}
+    inproc = {
+        k: _in_process_decode(bundle, jpegs, args.seconds / 2, args.batch, k == "old") for k in ("old", "new")
+    }
+    for _ in range(args.rounds):
+        for which in ("old", "new"):
+            port = _port()
+            proc = _roadwork_server(bundle, port, args.batch, old_decode=which == "old")
+            try:
+                _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+                url = f"http://127.0.0.1:{port}/v1/classify"
+                asyncio.run(_closed_loop(url, bodies, 2, args.concurrency))  # warm-up
+                rows[which].append(asyncio.run(_closed_loop(url, bodies, args.seconds, args.concurrency)))
+            finally:
+                _stop(proc)
+    best = {k: max(v, key=lambda r: r["rps"]) for k, v in rows.items()}
+    print(f"Serving the demo bundle on full-size photos, JSON base64 JPEG, concurrency {args.concurrency}\n")
+    print(
+        "| path | decode | img/s | p50 ms | p99 ms | non-200 | new / old |\n|---|---|---:|---:|---:|---:|---:|"
+    )
+    for which, label in (("old", "full decode, then resize"), ("new", "DCT-scaled to the decode side")):
+        r = best[which]
+        ratio = f"{r['rps'] / best['old']['rps']:.2f}x" if which == "new" else ""
+        print(
+            f"| roadwork serve | {label} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+            f"{', '.join(f'{c}: {k}' for c, k in r['codes'].items()) or 0} "
+            f"| {ratio} |"
+        )
+    for which, label in (("old", "full decode, then resize"), ("new", "DCT-scaled to the decode side")):
+        ratio = f"{inproc['new'] / inproc['old']:.2f}x" if which == "new" else ""
+        print(
+            f"| in-process decode + preprocess + ORT + policy | {label} | {inproc[which]:.1f} | | | | {ratio} |"
+        )
+    every = ", ".join(f"{k}: " + " ".join(f"{r['rps']:.1f}" for r in v) for k, v in rows.items())
+    print(f"\nevery round (img/s): {every}")
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
@@ -161,6 +261,7 @@ async def _closed_loop(url: str, bodies: list[bytes], seconds: float, concurrenc
         "p50": float(np.percentile(a, 50)),
         "p99": float(np.percentile(a, 99)),
         "errors": sum(v for k, v in codes.items() if k != 200),
+        "codes": {k: v for k, v in sorted(codes.items()) if k != 200},  # type: ignore[dict-item]
     }
 
 
@@ -227,12 +328,12 @@ def _in_process(bundle_dir: Path, jpegs: list[bytes], seconds: float, batch: int
 
 
 def _roadwork_server(
-    bundle_dir: Path, port: int, batch: int, extra: list[str] | None = None
+    bundle_dir: Path, port: int, batch: int, extra: list[str] | None = None, *, old_decode: bool = False
 ) -> subprocess.Popen[bytes]:
+    entry = [str(HERE / "_serve_old_decode.py")] if old_decode else ["-m", "roadwork.cli"]
     cmd = [
         sys.executable,
-        "-m",
-        "roadwork.cli",
+        *entry,
         "serve",
         str(bundle_dir),
         f"port={port}",
@@ -332,10 +433,26 @@ def main() -> None:
         help="the server's queue-wait budget in the overload run (0: none); later requests get 503",
     )
     ap.add_argument("--skip-vit", action="store_true")
+    ap.add_argument(
+        "--images", default=None, help="a folder of JPEGs: the photo table only (old vs new decode)"
+    )
+    ap.add_argument(
+        "--photo-size", default=None, help="WxH, e.g. 1920x1080: photos upscaled to it (photo table)"
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="photo table: old/new rounds, alternating")
     args = ap.parse_args()
     bundle = Path(args.bundle)
     if not (bundle / "manifest.json").is_file():
         sys.exit(f"{bundle} is not a bundle: run 'make demo' first or pass --bundle")
+    if args.images or args.photo_size:
+        sys.path.insert(0, str(HERE))
+        from _machine import machine_lines
+
+        for line in machine_lines():
+            print(line)
+        print(f"bundle {bundle}; batch {args.batch}")
+        _photo_table(args, bundle)
+        return
     import httpx  # noqa: F401  (fail early with a clear ImportError)
 
     from roadwork.export.bundle import Bundle
