@@ -68,7 +68,7 @@ def test_serve_with_device_cuda_fails_before_loading(tiny_run, monkeypatch):
     with pytest.raises(ArtifactError, match="device=cuda"):
         create_app(tiny_run[1].bundle, ServeSettings(device="cuda"))
     app = create_app(tiny_run[1].bundle, ServeSettings(device="auto"))
-    assert app.state.model.bundle.session.get_providers() == ["CPUExecutionProvider"]
+    assert app.state.roadwork.model.bundle.session.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_tensorrt_fp16_and_engine_cache_reach_the_session(tiny_run, monkeypatch, tmp_path):
@@ -110,5 +110,5 @@ def test_tensorrt_fp16_and_engine_cache_reach_the_session(tiny_run, monkeypatch,
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(tmp_path / "engines"),
     }
-    assert app.state.model.bundle.session.get_providers()[0] == "TensorrtExecutionProvider"
+    assert app.state.roadwork.model.bundle.session.get_providers()[0] == "TensorrtExecutionProvider"
     assert onnx_mod._DEVICE.get() == ("cpu", False, None)  # the context is restored after loading

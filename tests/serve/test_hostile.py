@@ -60,7 +60,7 @@ def test_values_that_overflow_after_the_cast_or_in_the_model_are_400(client, x):
     )  # finite in FP32, far outside normalised pixels: refused before the model
     r = client.post("/v2/models/tiny/infer", json=_v2(huge))
     assert r.status_code == 400 and "far outside the model's preprocessed range" in r.json()["error"], r.text
-    model = client.app.state.model  # type: ignore[attr-defined]
+    model = client.app.state.roadwork.model  # type: ignore[attr-defined]
     bound = model.input_bound
     assert 200 < bound < 300  # 100x the reach of ImageNet-normalised pixels, about 2.64
     edge = np.full_like(x[:1], bound * 0.99)
@@ -78,7 +78,7 @@ def test_a_poison_request_batched_with_good_ones_fails_alone(bundle, x):
     """Three requests in one batch (a 300 ms window): the good ones get exactly their solo answers."""
     huge = np.full_like(x[:1], 3e38)
     with _client(bundle, max_queue_delay_ms=300, max_batch_size=16) as c:
-        c.app.state.model.input_bound = float("inf")  # type: ignore[attr-defined]  # reach the model
+        c.app.state.roadwork.model.input_bound = float("inf")  # type: ignore[attr-defined]  # reach the model
         solo = c.post("/v2/models/tiny/infer", json=_v2(x[:2])).json()
         bodies = [_v2(x[:2]), _v2(huge), _v2(x[2:])]
         got: dict[int, object] = {}
@@ -176,7 +176,7 @@ def test_405_keeps_allow_and_every_error_is_json(client):
 
 def test_a_framework_failure_is_a_json_500_for_that_request_only(bundle, x, monkeypatch):
     app = create_app(bundle, ServeSettings(name="tiny", max_queue_delay_ms=200))
-    model = app.state.model
+    model = app.state.roadwork.model
     real = model.run_batch
 
     def flaky(xb, meta):  # type: ignore[no-untyped-def]
@@ -185,7 +185,7 @@ def test_a_framework_failure_is_a_json_500_for_that_request_only(bundle, x, monk
         return real(xb, meta)
 
     monkeypatch.setattr(model, "run_batch", flaky)
-    app.state.batcher.run_batch = flaky
+    app.state.roadwork.batcher.run_batch = flaky
     with TestClient(app, raise_server_exceptions=False) as c:
         got: dict[int, object] = {}
         bodies = [_v2(x[:1]), _v2(np.full_like(x[:1], 0.5))]
@@ -207,7 +207,7 @@ def test_warm_up_is_not_counted_and_the_latency_budget_is_measured(bundle):
     with _client(bundle) as c:
         text = c.get("/metrics").text
         stats = c.get("/v2/models/tiny/stats").json()["model_stats"][0]
-        batcher = c.app.state.batcher  # type: ignore[attr-defined]
+        batcher = c.app.state.roadwork.batcher  # type: ignore[attr-defined]
         a, b = batcher.service.coefficients()
     assert "roadwork_predictions_total{" not in text and "roadwork_abstentions_total 0.0" in text
     assert stats["inference_count"] == 0 and stats["execution_count"] == 0
@@ -221,7 +221,7 @@ def test_pixel_budget_refuses_while_full(bundle):
     Image.new("RGB", (100, 100)).save(buf, format="PNG")
     png = buf.getvalue()
     with _client(bundle, max_inflight_pixels=15_000) as c:
-        model = c.app.state.model  # type: ignore[attr-defined]
+        model = c.app.state.roadwork.model  # type: ignore[attr-defined]
         held = model.reserve_pixels([png])  # another request is being decoded
         assert held == 10_000
         r = c.post("/v1/classify", content=png, headers={"content-type": "image/png"})

@@ -83,7 +83,7 @@ def test_serve_requires_the_signature_and_the_cli_signs(tiny_run, tmp_path, caps
     assert main(["sign", str(bundle), str(key)]) == 0
     assert "signed" in capsys.readouterr().out
     app = create_app(bundle, settings)
-    assert app.state.model.bundle.path == bundle
+    assert app.state.roadwork.model.bundle.path == bundle
     assert main(["sign", str(bundle)]) == 2
     assert "Usage: roadwork sign" in capsys.readouterr().err
     assert main(["sign", str(bundle), str(tmp_path / "nokey")]) == 2

@@ -25,10 +25,11 @@ def serve(bundle: str, settings: ServeSettings) -> None:
 
     class _DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:
-            if app.state.draining:  # a second signal: skip the rest of the delay (still a graceful drain)
+            state = app.state.roadwork
+            if state.draining:  # a second signal: skip the rest of the delay (still a graceful drain)
                 self.should_exit = True
                 return
-            app.state.draining = True  # readiness goes false at once; the listener stays open
+            state.draining = True  # readiness goes false at once; the listener stays open
             log.info("signal %d: draining; closing the listener in %.1f s", sig, settings.drain_delay_s)
             # not uvicorn's handler: that one re-raises the signal after shutdown (exit 143); a drain is a
             # clean exit

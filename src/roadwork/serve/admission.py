@@ -1,0 +1,334 @@
+"""Who gets in: the outermost ASGI gate (API key, the body read under a timeout, admission, request metrics,
+``Connection: close`` while draining) and :class:`Admission`, the load-shedding rule it and the v2 endpoint ask.
+
+Admission runs *after* the body has arrived, so a slow upload holds no slot; beyond the bounds a request gets
+503 + ``Retry-After`` (JSON), never an unbounded wait."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from roadwork.serve.batcher import DynamicBatcher
+from roadwork.serve.decode import RequestError
+from roadwork.serve.metrics import ServerMetrics
+from roadwork.serve.settings import ServeSettings
+
+__all__ = ["OPEN_PATHS", "Admission", "Gate", "Shed"]
+
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
+
+
+def _json_bytes(
+    status: int, message: str, extra: list[tuple[bytes, bytes]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    return {"type": "http.response.start", "status": status, "headers": headers}, {
+        "type": "http.response.body",
+        "body": body,
+    }
+
+
+class Shed(RequestError):
+    """503 + ``Retry-After`` from admission."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(503, message)
+        self.retry_after = retry_after
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class Admission:
+    """Which prediction requests get in. Three bounds, each answered 503 + ``Retry-After``:
+
+    - ``max_queue`` requests inside at once (a hard bound);
+    - the model's queue: the batcher's latency budget on the images ahead (``pending`` counts requests admitted
+      but not yet in its queue, being decoded, one image each until their count is known);
+    - the whole request's latency, by Little's law: at most ``budget × throughput`` requests inside, where the
+      throughput is the measured rate of answered requests (a decaying maximum over 1 s windows, so it
+      follows capacity rather than demand) and the budget is ``max_latency_ms`` or, by default, three times the
+      fastest recent answer (a windowed minimum; at least an efficient batch's time). This
+      counts everything a request waits for (reading, decoding, the event loop, the batch), not only the
+      model, and needs no tuning: the bound follows the machine and the model."""
+
+    def __init__(self, settings: ServeSettings, batcher: DynamicBatcher) -> None:
+        self.settings = settings
+        self.batcher = batcher
+        self.inside = 0
+        self.pending = 0
+        self.capacity = 0.0  # answered requests per second, decaying maximum
+        self.base_s = math.inf  # the fastest recent answer (see finished)
+        self._base_cur = self._base_prev = math.inf
+        self._base_start = time.perf_counter()
+        self._window_start = time.perf_counter()
+        self._window_done = 0
+        self._retry_until: dict[Any, float] = {}  # connection (client address) → end of its Retry-After
+        self.held = 0
+
+    def budget_s(self) -> float:
+        if self.settings.max_latency_ms:
+            return self.settings.max_latency_ms / 1000
+        # at least the time of a batch big enough to be efficient (its fixed cost a under a quarter of the
+        # per-image cost b times its size) and the batching window, so that batching still pays
+        b = self.batcher
+        a, per_image = b.service.coefficients()
+        n = (
+            b.max_batch_size
+            if per_image <= 0
+            else min(b.max_batch_size, max(1, math.ceil(4 * a / per_image)))
+        )
+        base = 3 * self.base_s if math.isfinite(self.base_s) else 0.0
+        return max(base, b.service.seconds(n) + b.delay, 0.01)
+
+    def limit(self) -> int | None:
+        """Requests allowed inside by the latency budget; ``None`` until the throughput has been measured."""
+        if not self.capacity:
+            return None
+        budget = self.budget_s()
+        # never fewer than the budget allows one after another at the fastest recent speed: the measured rate
+        # is only a lower bound of the capacity when demand is low
+        floor = math.ceil(budget / self.base_s) if math.isfinite(self.base_s) and self.base_s > 0 else 2
+        return max(2, floor, math.ceil(budget * self.capacity))
+
+    def finished(self, seconds: float, ok: bool) -> None:
+        now = time.perf_counter()
+        if ok:
+            self._window_done += 1
+            # the base latency: the fastest answer of the last 10-20 s (a windowed minimum, as TCP's min RTT:
+            # under load some requests still pass straight through, so it does not creep up with the load)
+            if now - self._base_start >= 10.0:
+                self._base_prev, self._base_cur, self._base_start = self._base_cur, math.inf, now
+            self._base_cur = min(self._base_cur, seconds)
+            self.base_s = min(self._base_cur, self._base_prev)
+        elapsed = now - self._window_start
+        if elapsed >= 1.0:
+            rate = self._window_done / elapsed
+            self.capacity = max(rate, 0.7 * self.capacity + 0.3 * rate)
+            self._window_start, self._window_done = now, 0
+
+    def refusal(self, *, hard_only: bool = False, own: int = 0) -> str | None:
+        """Why a new request is refused now (``None``: admitted). ``own``: 1 when the asking request is already
+        counted inside (a v2 request asks again once validated); ``hard_only``: only ``max_queue``."""
+        inside = self.inside - own
+        if inside >= self.settings.max_queue:
+            return f"the server holds max_queue={self.settings.max_queue} requests already"
+        if hard_only:
+            return None
+        limit = self.limit()
+        if limit is not None and inside >= limit:
+            return (
+                f"{inside} requests are inside, as many as the server answers within its latency budget "
+                f"of {self.budget_s() * 1000:.0f} ms at {self.capacity:.0f} requests/s"
+            )
+        b = self.batcher
+        if b.over_budget(1, ahead=b.waiting + self.pending):
+            expected = b.expected_seconds(1, ahead=b.waiting + self.pending) * 1000
+            return (
+                f"a new request would wait about {expected:.0f} ms for the model, over its budget of "
+                f"{b.budget * 1000:.0f} ms"
+            )
+        return None
+
+    def retry_after(self) -> int:
+        b = self.batcher
+        return max(1, math.ceil(b.expected_seconds(0, ahead=b.waiting + self.pending)))
+
+    async def shed(self, client: Any, refusal: str) -> tuple[str, int]:
+        """The 503's message and ``Retry-After``. A connection that was told to retry later and did not wait
+        gets its refusal only when that time is up: a client that re-sends at once then costs the server one
+        request per ``Retry-After``, not a storm that starves the admitted requests."""
+        wait = self.told_to_wait(client)
+        if wait and self.held < self.settings.max_queue:
+            self.held += 1
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self.held -= 1
+        retry_after = self.retry_after()
+        self.refused(client, retry_after)
+        return f"{refusal}; retry after {retry_after} s.", retry_after
+
+    def told_to_wait(self, client: Any) -> float:
+        """Seconds left of the ``Retry-After`` this connection was given (0: none, or it has passed)."""
+        until = self._retry_until.get(client)
+        if until is None:
+            return 0.0
+        left = until - time.perf_counter()
+        if left <= 0:
+            del self._retry_until[client]
+        return max(left, 0.0)
+
+    def refused(self, client: Any, retry_after: float) -> None:
+        if client is None:
+            return
+        if len(self._retry_until) >= 4096:  # bounded: forget the oldest
+            self._retry_until.pop(next(iter(self._retry_until)))
+        self._retry_until[client] = time.perf_counter() + retry_after
+
+
+_PREDICT_SUFFIXES = ("/infer", "/v1/classify")
+
+
+class Gate:
+    """Pure ASGI middleware, outermost: API key, the body under a timeout, admission, request metrics, and
+    ``Connection: close`` on every answer while draining (so keep-alive clients reconnect elsewhere)."""
+
+    def __init__(
+        self,
+        app: Any,
+        settings: ServeSettings,
+        metrics: ServerMetrics,
+        admission: Admission,
+        draining: Callable[[], bool],
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.admission = admission
+        self.draining = draining
+        self.key = settings.api_key.encode() if settings.api_key else None
+        self.limit = int(settings.max_body_mb * 2**20)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        answer = _Answer(send, self.draining)
+        gate = "other"
+        try:
+            gate = await self._serve(scope, receive, answer)
+        finally:
+            # label by route template (bounded cardinality); refusals before routing by their gate
+            handler = getattr(scope.get("route"), "path", gate)
+            self.metrics.requests.labels(handler, str(answer.status)).inc()
+            self.metrics.latency.labels(handler).observe(time.perf_counter() - t0)
+
+    async def _serve(self, scope: dict[str, Any], receive: Any, answer: _Answer) -> str:
+        """Answer one request; returns the gate that refused it (``"other"`` when none did)."""
+        if self.key is not None and scope["path"] not in OPEN_PATHS and not self._authorised(scope):
+            msg = "missing or wrong API key: send 'Authorization: Bearer <key>'."
+            await answer.refuse(401, msg, [(b"www-authenticate", b"Bearer")])
+            return "auth"
+        if scope["method"] != "POST":
+            await self.app(scope, receive, answer)
+            return "other"
+        body = await self._body(scope, receive, answer)
+        if body is None:
+            return "body"
+        replay = _Replay(body, receive)
+        if not scope["path"].endswith(_PREDICT_SUFFIXES):
+            await self.app(scope, replay, answer)
+            return "other"
+        adm = self.admission
+        # v2 tensors are parsed and validated first (a malformed one gets its 400 even under load) and ask
+        # for admission again before they join a batch; images are refused before they are decoded
+        refusal = adm.refusal(hard_only=scope["path"].endswith("/infer"))
+        if refusal is not None:
+            self.metrics.rejected.inc()
+            msg, retry_after = await adm.shed(scope.get("client"), refusal)
+            await answer.refuse(503, msg, [(b"retry-after", str(retry_after).encode())])
+            return "admission"
+        adm.inside += 1
+        adm.pending += 1
+        scope.setdefault("state", {})["roadwork_pending"] = True
+        self.metrics.inflight.set(adm.inside)
+        t_in = time.perf_counter()
+        try:
+            await self.app(scope, replay, answer)
+        finally:
+            adm.inside -= 1
+            if scope["state"].get("roadwork_pending"):
+                adm.pending -= 1
+            adm.finished(time.perf_counter() - t_in, answer.status == 200)
+            self.metrics.inflight.set(adm.inside)
+        return "other"
+
+    def _authorised(self, scope: dict[str, Any]) -> bool:
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        given = auth[7:] if auth[:7].lower() == b"bearer " else b""
+        return self.key is not None and hmac.compare_digest(given, self.key)
+
+    async def _body(self, scope: dict[str, Any], receive: Any, answer: _Answer) -> bytes | None:
+        """The whole body, read under ``body_timeout_s`` and the size limit; ``None`` once refused (413/408, the
+        connection closed: the rest of an unread body must not be parsed as a request) or disconnected."""
+        close = [(b"connection", b"close")]
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            msg = f"request body is {int(length)} bytes, over the limit of {self.limit}; send less."
+            await answer.refuse(413, msg, close)
+            return None
+        try:
+            return await asyncio.wait_for(self._read(receive), self.settings.body_timeout_s)
+        except TimeoutError:
+            self.metrics.body_timeouts.inc()
+            msg = (
+                f"the request body did not arrive within body_timeout_s={self.settings.body_timeout_s:g} "
+                "seconds; send it at once."
+            )
+            await answer.refuse(408, msg, close)
+        except _BodyTooLarge:
+            await answer.refuse(
+                413, f"request body is over the limit of {self.limit} bytes; send less.", close
+            )
+        except _Disconnected:
+            answer.status = 499  # nginx's "client closed request"; nothing to answer
+        return None
+
+    async def _read(self, receive: Any) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+class _Answer:
+    """The ASGI ``send`` that remembers the status and adds ``Connection: close`` while draining."""
+
+    def __init__(self, send: Any, draining: Callable[[], bool]) -> None:
+        self.send, self.draining, self.status = send, draining, 500
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            if self.draining():
+                message = message | {"headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await self.send(message)
+
+    async def refuse(self, code: int, msg: str, extra: list[tuple[bytes, bytes]]) -> None:
+        for m in _json_bytes(code, msg, extra):
+            await self(m)
+
+
+class _Replay:
+    """The ASGI ``receive`` of a body already read: the body once, then the connection's own messages."""
+
+    def __init__(self, body: bytes, receive: Any) -> None:
+        self.body, self.receive, self.replayed = body, receive, False
+
+    async def __call__(self) -> dict[str, Any]:
+        if not self.replayed:
+            self.replayed = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        return dict(await self.receive())

@@ -1,0 +1,301 @@
+"""The HTTP endpoints, as one router over the app's :class:`ServerState`: health, OIP v2 metadata and
+inference, Triton's model-repository and statistics extensions, ``/v1/classify`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import metadata
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from roadwork.export.onnx import INPUT_NAME
+from roadwork.serve import schemas, v2
+from roadwork.serve.decode import IMAGE_TYPES, RequestError
+from roadwork.serve.model import model_config_of
+from roadwork.serve.state import ServerState, server_state
+
+__all__ = ["router", "version"]
+
+router = APIRouter()
+State = Annotated[ServerState, Depends(server_state)]
+
+
+def version() -> str:
+    """The installed roadwork version (``0+unknown`` from a source tree)."""
+    try:
+        return metadata.version("roadwork")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": schemas.ErrorBody, "description": "the request is malformed; the error says how"},
+    401: {"model": schemas.ErrorBody, "description": "missing or wrong API key"},
+    404: {"model": schemas.ErrorBody, "description": "no such model"},
+    408: {"model": schemas.ErrorBody, "description": "the body did not arrive within body_timeout_s"},
+    413: {"model": schemas.ErrorBody, "description": "body or image count over the limits"},
+    503: {
+        "model": schemas.ErrorBody,
+        "description": "load shed (latency budget, queue bound) or draining; retry after Retry-After",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+    },
+    500: {"model": schemas.ErrorBody, "description": "a server fault"},
+}
+_GET_ERRORS: dict[int | str, dict[str, Any]] = {404: _ERRORS[404], 401: _ERRORS[401]}
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Triton's binary-tensor extension: Inference-Header-Content-Length bytes "
+                "of JSON (an InferRequest) followed by the raw tensors",
+            },
+        },
+    }
+}
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+        },
+    }
+}
+
+# ----------------------------------------------------------------------------------------------- health
+
+
+@router.get("/v2/health/live", response_model=schemas.Live)
+async def live() -> dict[str, bool]:
+    """Liveness (OIP v2): ``{"live": true}`` while the process serves HTTP; the Kubernetes liveness probe."""
+    return {"live": True}
+
+
+@router.get(
+    "/v2/health/ready",
+    response_model=schemas.Ready,
+    responses={503: {"model": schemas.Ready, "description": "starting or draining"}},
+)
+async def ready(state: State) -> JSONResponse:
+    """Readiness (OIP v2): 200 ``{"ready": true}`` once the model is loaded; 503 while starting or draining
+    (from the first SIGTERM on, while the listener still answers for ``drain_delay_s``)."""
+    return JSONResponse({"ready": state.serving}, status_code=200 if state.serving else 503)
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+
+
+@router.get("/v2", response_model=schemas.ServerMetadata, responses={401: _ERRORS[401]})
+async def server_metadata() -> dict[str, Any]:
+    """Server metadata (OIP v2): name, version, extensions."""
+    return {
+        "name": "roadwork",
+        "version": version(),
+        "extensions": ["classification", "binary_tensor_data", "model_repository", "statistics"],
+    }
+
+
+@router.get("/v2/models/stats", responses={401: _ERRORS[401]})
+async def all_stats(state: State) -> dict[str, Any]:
+    """Inference statistics of every model (here: the one)."""
+    return {"model_stats": [state.stats.triton(state.model.name)]}
+
+
+@router.get("/v2/models/{name}", response_model=schemas.ModelMetadata, responses=_GET_ERRORS)
+async def model_metadata(name: str, state: State) -> dict[str, Any]:
+    """Model metadata (OIP v2): input ``input`` FP32 ``[-1, 3, S, S]``, outputs and class names; 404 for
+    another name."""
+    state.check_name(name)
+    model = state.model
+    bundle = model.bundle
+    k = len(bundle.classes)
+    outputs = [
+        {"name": "logits", "datatype": "FP32", "shape": [-1, k]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+        {"name": "label", "datatype": "BYTES", "shape": [-1]},
+        {"name": "prediction_set", "datatype": "BOOL", "shape": [-1, k]},
+        {"name": "abstain", "datatype": "BOOL", "shape": [-1]},
+    ]
+    runtime = bundle.runtime.get("runtime")
+    return {
+        "name": model.name,
+        "versions": ["1"],
+        "platform": "openvino" if runtime == "openvino" else "onnxruntime_onnx",
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, model.size, model.size]}],
+        "outputs": outputs,
+        "parameters": {
+            "classes": bundle.classes,
+            "slice_columns": model.slice_columns,
+            "variant": bundle.variant,
+            "runtime": runtime,
+            "precision": bundle.runtime.get("precision"),
+        },
+    }
+
+
+@router.get(
+    "/v2/models/{name}/ready",
+    response_model=schemas.ModelReady,
+    responses={**_GET_ERRORS, 503: {"model": schemas.ModelReady, "description": "not ready"}},
+)
+async def model_ready(name: str, state: State) -> JSONResponse:
+    """Model readiness (OIP v2): as ``/v2/health/ready`` for this model; 404 for another name."""
+    state.check_name(name)
+    return JSONResponse({"name": name, "ready": state.serving}, status_code=200 if state.serving else 503)
+
+
+@router.get("/v2/models/{name}/config", responses=_GET_ERRORS)
+async def model_config(name: str, state: State) -> dict[str, Any]:
+    """Triton's model configuration (``tritonclient`` ``get_model_config``), read from the ONNX graph: the
+    input and the network's output with their types and dims (batch dimension left out), and the
+    dynamic-batching settings."""
+    state.check_name(name)
+    return model_config_of(state.model, state.settings)
+
+
+@router.get(
+    "/v2/repository/index",
+    response_model=list[schemas.RepositoryEntry],
+    responses={401: _ERRORS[401]},
+    operation_id="repository_index_get",
+)
+@router.post(
+    "/v2/repository/index",
+    response_model=list[schemas.RepositoryEntry],
+    responses={401: _ERRORS[401]},
+    operation_id="repository_index_post",
+)
+async def repository_index(state: State) -> list[dict[str, str]]:
+    """Triton's model-repository index (``get_model_repository_index``): the one model this server serves."""
+    return [{"name": state.model.name, "version": "1", "state": "READY" if state.serving else "UNAVAILABLE"}]
+
+
+@router.get("/v2/models/{name}/stats", responses=_GET_ERRORS)
+async def model_stats(name: str, state: State) -> dict[str, Any]:
+    """Triton's inference statistics (``get_inference_statistics``): counts and cumulative nanoseconds of
+    successful and failed requests, queue wait, and batches (warm-up excluded)."""
+    state.check_name(name)
+    return {"model_stats": [state.stats.triton(state.model.name)]}
+
+
+# ----------------------------------------------------------------------------------------------- inference
+
+
+@router.post(
+    "/v2/models/{name}/infer",
+    response_model=schemas.InferResponse,
+    responses=_ERRORS,
+    openapi_extra=_INFER_BODY,
+)
+async def infer(name: str, request: Request, state: State) -> Any:
+    """Inference (OIP v2): ``{"inputs": [{"name": "input", "datatype": "FP32", "shape": [N, 3, S, S],
+    "data": [...]}]}``, already preprocessed → outputs ``logits``, ``probabilities``, ``label``,
+    ``prediction_set``, ``abstain``. Runs the last cascade stage only. 400 on a wrong shape or datatype,
+    non-finite values (after the cast to FP32), or values that drive the model to inf/NaN.
+    Triton's binary-tensor extension: with an ``Inference-Header-Content-Length`` header the body is that many
+    bytes of JSON followed by the raw little-endian tensor (``parameters.binary_data_size`` on the input);
+    outputs asked for with ``parameters.binary_data`` (or ``parameters.binary_data_output`` on the request)
+    come back the same way."""
+    state.check_name(name)
+    model = state.model
+    body = await request.body()
+    req, blob = v2.split_binary(body, request.headers.get("inference-header-content-length"))
+    x, meta = v2.parse_input(req, model.size, state.settings.max_queue, blob, bound=model.input_bound)
+    wanted = v2.requested_outputs(req)
+    rows = await state.predict(request, x, meta, admit=True)
+    outputs = v2.infer_outputs(rows, model.bundle.classes)
+    if wanted:
+        outputs = [o for o in outputs if o["name"] in wanted]
+    resp: dict[str, Any] = {"model_name": model.name, "model_version": "1", "outputs": outputs}
+    if "id" in req:
+        resp["id"] = req["id"]
+    return v2.binary_response(resp, req)
+
+
+@router.post(
+    "/v1/classify",
+    response_model=schemas.ClassifyResponse,
+    responses=_ERRORS | {415: {"model": schemas.ErrorBody, "description": "unsupported content type"}},
+    openapi_extra=_CLASSIFY_BODY,
+)
+async def classify(request: Request, state: State) -> dict[str, Any]:
+    """Classify images: a raw body (``image/jpeg``, ``image/png`` …), ``multipart/form-data`` with one or more
+    files, or JSON ``{"image": base64}`` / ``{"images": [...]}`` with optional ``"metadata"`` (slice values).
+    Returns ``{"predictions": [{label, probability, prediction_set, abstain, score, stage}]}``: the bundle's
+    whole policy and cascade. 400 corrupt image or bomb, 413 body too large, 415 other content types."""
+    model = state.model
+    blobs, per_image, query_meta = await _classify_images(request, state)
+    loop = asyncio.get_running_loop()
+    pixels = await loop.run_in_executor(state.decode_pool, model.reserve_pixels, blobs)
+    try:
+        x = await loop.run_in_executor(state.decode_pool, model.preprocess, blobs)
+        meta = {
+            col: [str(pi.get(col, query_meta.get(col, ""))) for pi in per_image]
+            for col in model.slice_columns
+        }
+        records = [r.record for r in await state.predict(request, x, meta)]
+    finally:
+        model.release_pixels(pixels)
+    if state.pred_log is not None:
+        request_meta = dict(request.query_params) | {
+            k: v for k, v in query_meta.items() if isinstance(v, str)
+        }
+        state.pred_log.add(records, [request_meta | pi for pi in per_image])
+    return {"model": model.name, "predictions": records}
+
+
+async def _classify_images(
+    request: Request, state: ServerState
+) -> tuple[list[bytes], list[dict[str, Any]], dict[str, Any]]:
+    """A ``/v1/classify`` body's images, per-image metadata and query/form slice values; 415 for other content
+    types, 413 over ``max_images``."""
+    model, settings = state.model, state.settings
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    query_meta: dict[str, Any] = {k: v for k, v in request.query_params.items() if k in model.slice_columns}
+    if ctype == "application/json":
+        blobs, per_image = v2.json_images(v2.parse_json(body), settings.max_images)
+    elif ctype == "multipart/form-data":
+        form = await request.form(max_files=settings.max_images, max_fields=64)
+        blobs = [await f.read() for _, f in form.multi_items() if hasattr(f, "read")]
+        query_meta |= {k: v for k, v in form.multi_items() if isinstance(v, str) and k in model.slice_columns}
+        if not blobs:
+            raise RequestError(400, "the multipart body has no files; send the images as file fields.")
+        per_image = [{} for _ in blobs]
+    elif ctype in IMAGE_TYPES or (ctype == "" and body):
+        blobs, per_image = [body], [{}]
+    else:
+        raise RequestError(
+            415,
+            f"content type {ctype!r} is not accepted; send image/jpeg|png|webp (raw body), "
+            'multipart/form-data (files), or application/json {"image": base64}.',
+        )
+    if len(blobs) > settings.max_images:
+        raise RequestError(413, f"{len(blobs)} images in one request; the limit is {settings.max_images}.")
+    return blobs, per_image, query_meta
+
+
+@router.get("/metrics", response_class=Response)
+async def prometheus(state: State) -> Response:
+    """Prometheus metrics: requests, latency, queue wait, batch size, predictions, abstentions, cascade stages,
+    confidence and set-size histograms, and the calibration split's reference values (warm-up excluded)."""
+    m = state.metrics
+    m.queue_depth.set(state.batcher.waiting)
+    m.latency_budget.set(state.admission.budget_s())
+    m.admission_limit.set(state.admission.limit() or state.settings.max_queue)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

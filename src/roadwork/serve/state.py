@@ -1,0 +1,146 @@
+"""What one running server holds (:class:`ServerState`): the model, its batcher and pools, admission, metrics,
+and the prediction path every endpoint shares (:meth:`ServerState.predict`)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from roadwork.serve.admission import Admission, Shed
+from roadwork.serve.batcher import DynamicBatcher, QueueFull, QueueTimeout
+from roadwork.serve.decode import RequestError
+from roadwork.serve.metrics import InferenceStats, ServerMetrics
+from roadwork.serve.model import Row, RowError, ServedModel
+from roadwork.serve.prediction_log import PredictionLog
+from roadwork.serve.settings import ServeSettings
+
+__all__ = ["ServerState", "build_state", "server_state"]
+
+
+@dataclass
+class ServerState:
+    """The server's parts. ``ready`` turns true after the warm-up; ``draining`` from the first SIGTERM on."""
+
+    settings: ServeSettings
+    metrics: ServerMetrics
+    model: ServedModel
+    batcher: DynamicBatcher
+    admission: Admission
+    decode_pool: ThreadPoolExecutor
+    model_pool: ThreadPoolExecutor
+    stats: InferenceStats = field(default_factory=InferenceStats)
+    pred_log: PredictionLog | None = None
+    ready: bool = False
+    draining: bool = False
+
+    @property
+    def serving(self) -> bool:
+        """Ready and not draining: what readiness reports."""
+        return self.ready and not self.draining
+
+    def check_name(self, name: str) -> None:
+        """404 unless ``name`` is the served model's."""
+        if name != self.model.name:
+            raise RequestError(404, f"unknown model {name!r}; this server serves {self.model.name!r}.")
+
+    async def predict(
+        self, request: Request, x: Any, meta: dict[str, list[str]], *, admit: bool = False
+    ) -> list[Row]:
+        """One request's images through the batcher → its rows. ``admit``: a v2 request, now validated, asks
+        the latency budget's admission (the gate checked only ``max_queue``). 503 when shed; the first failed
+        image's 4xx when any failed."""
+        if admit:
+            await self._admit(request)
+        self._leave_pending(request)
+        self.metrics.queue_depth.set(self.batcher.waiting)
+        t0 = time.perf_counter()
+        try:
+            rows = await self.batcher.submit(x, meta, admitted=True)
+        except QueueFull:
+            self.metrics.rejected.inc()
+            raise RequestError(503, "the request queue is full; retry after a second.") from None
+        except QueueTimeout:
+            self.metrics.rejected.inc()
+            wait = self.settings.max_queue_wait_ms
+            raise RequestError(503, f"the request waited over max_queue_wait_ms={wait:g}; retry.") from None
+        except RequestError:
+            raise
+        except Exception as e:  # the model failed on this request alone (the batcher retried it by itself)
+            self.stats.fail(time.perf_counter() - t0)
+            raise RequestError(
+                500, f"the model failed on this request ({type(e).__name__}: {str(e)[:200]})."
+            ) from None
+        failed = [i for i, r in enumerate(rows) if isinstance(r, RowError)]
+        if failed:
+            self.stats.fail(time.perf_counter() - t0)
+            first = rows[failed[0]]
+            raise RequestError(first.status, f"image(s) {failed}: {first.message}")
+        self.stats.success(len(rows), time.perf_counter() - t0)
+        return rows
+
+    async def _admit(self, request: Request) -> None:
+        adm = self.admission
+        refusal = adm.refusal(own=1)
+        if refusal is None:
+            return
+        self.metrics.rejected.inc()
+        self._leave_pending(request)
+        adm.inside -= 1  # a refused request holds no slot while it waits out its Retry-After
+        try:
+            msg, retry_after = await adm.shed(request.scope.get("client"), refusal)
+        finally:
+            adm.inside += 1
+        raise Shed(msg, retry_after)
+
+    def _leave_pending(self, request: Request) -> None:
+        state = request.scope.get("state", {})
+        if state.get("roadwork_pending"):
+            state["roadwork_pending"] = False
+            self.admission.pending -= 1
+
+
+def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetrics) -> ServerState:
+    """The batcher (whose batches feed the metrics and Triton statistics), its pools and admission."""
+    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="roadwork-decode")
+    model_pool = ThreadPoolExecutor(1, thread_name_prefix="roadwork-model")
+    stats = InferenceStats()
+
+    def on_batch(n: int, waits: list[float]) -> None:
+        metrics.batch_size.observe(n)
+        stats.batch(n)
+        for w in waits:
+            metrics.queue_wait.observe(w)
+            stats.queue_ns += int(w * 1e9)
+
+    batcher = DynamicBatcher(
+        model.run_batch,
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_queue=settings.max_queue,
+        executor=model_pool,
+        on_batch=on_batch,
+        max_queue_wait_ms=settings.max_queue_wait_ms,
+        max_latency_ms=settings.max_latency_ms,
+    )
+    pred_log = PredictionLog(settings.log_dir, settings.log_rows_per_file) if settings.log_dir else None
+    return ServerState(
+        settings=settings,
+        metrics=metrics,
+        model=model,
+        batcher=batcher,
+        admission=Admission(settings, batcher),
+        decode_pool=decode_pool,
+        model_pool=model_pool,
+        stats=stats,
+        pred_log=pred_log,
+    )
+
+
+def server_state(request: Request) -> ServerState:
+    """The :class:`ServerState` of the app serving ``request`` (a FastAPI dependency)."""
+    state: ServerState = request.app.state.roadwork
+    return state
