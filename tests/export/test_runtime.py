@@ -72,6 +72,7 @@ def test_onnxruntime_session_records_what_it_runs(model_onnx, x):
         "runtime": "onnxruntime",
         "precision": "fp32",
         "threads": 1,
+        "intra_op_threads": 1,
         "providers": ["CPUExecutionProvider"],
     }
 
@@ -111,3 +112,50 @@ def test_a_missing_runtime_is_explained(monkeypatch, model_onnx):
     assert "pip install 'roadwork[openvino]'" in runtime_status(RuntimeSpec("openvino", "fp32"))
     with pytest.raises(RuntimeUnavailable, match="OpenVINO not installed"):
         open_session(model_onnx, RuntimeSpec("openvino", "fp32"))
+
+
+@needs_openvino
+def test_fp32_pins_f32_where_openvinos_own_default_is_bf16(model_onnx, x):
+    import openvino as ov
+
+    default = str(ov.Core().compile_model(str(model_onnx), "CPU").get_property("INFERENCE_PRECISION_HINT"))
+    if not bf16_supported():
+        pytest.skip(f"OpenVINO's default here is {default}: no AVX-512 BF16 or AMX to pin against")
+    assert "bfloat16" in default  # left alone, OpenVINO would run bf16 on this CPU
+    sess = open_session(model_onnx, RuntimeSpec("openvino", "fp32"))
+    assert sess.info["inference_precision"] == "f32"
+    ref = open_session(model_onnx, RuntimeSpec()).logits(x)
+    assert np.abs(sess.logits(x) - ref).max() <= 1e-4
+
+
+# NNCF int8 of the tiny random CNN: max |logit difference| vs ONNX Runtime fp32 measured 6e-4; the bound
+OV_INT8_ATOL = 5e-2
+
+
+@needs_openvino
+def test_openvino_int8_through_nncf_stays_within_the_recorded_bound(model_onnx, x, tmp_path):
+    pytest.importorskip("nncf", reason="NNCF not installed (pip install 'roadwork[openvino]')")
+    from roadwork.export.variants import quantize_openvino_int8
+
+    calib = np.random.default_rng(2).normal(size=(32, 3, 32, 32)).astype(np.float32)
+    info = quantize_openvino_int8(model_onnx, tmp_path / "q.xml", calibration=calib)
+    assert (tmp_path / "q.bin").is_file() and info["calibration_images"] == 32
+    assert info["model_type"] == "default"  # no attention in this graph
+    sess = open_session(tmp_path / "q.xml", RuntimeSpec("openvino", "int8", threads=1))
+    assert sess.info["inference_precision"] == "f32"  # the ops NNCF left in float: f32 whatever the CPU
+    ref = open_session(model_onnx, RuntimeSpec()).logits(x)
+    diff = np.abs(sess.logits(x) - ref).max()
+    assert 0 < diff <= OV_INT8_ATOL  # quantised (not bit-identical) and within the bound
+    runtime_ops = sess.session.compiled.get_runtime_model().get_ops()
+    kinds = {
+        (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
+        for op in runtime_ops
+    }
+    assert ("Convolution", "i8") in kinds  # OpenVINO runs the convolutions in int8
+
+
+def test_onnxruntime_threads_are_recorded(model_onnx):
+    from roadwork.export.runtime import physical_cores
+
+    assert open_session(model_onnx, RuntimeSpec()).info["intra_op_threads"] == physical_cores() >= 1
+    assert open_session(model_onnx, RuntimeSpec(threads=1)).info["intra_op_threads"] == 1

@@ -7,6 +7,7 @@
                       certified on the outputs of this very path (cascade included)
       policy-int8.json  with an int8 model: its own policy, certified on the int8 model's outputs
       policy-openvino-*.json  with OpenVINO variants (model.onnx compiled by OpenVINO, f32 or bf16): theirs
+      model-openvino-int8.xml/.bin  with export.openvino=true: the NNCF int8 OpenVINO IR (policy-openvino-int8.json)
       runtime.json    after ``roadwork bench BUNDLE select=true``: the variant measured fastest within the
                       accuracy/ECE budget on that machine (``Bundle.load(variant="auto")`` serves it)
       reference.json  the calibration split through the served policy (drift monitoring)
@@ -41,7 +42,15 @@ from roadwork.jsonio import write_json
 from roadwork.models.factory import ModelCard
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
 
-__all__ = ["BUNDLE_SCHEMA", "RUNTIME_FILE", "Bundle", "file_sha256", "record_runtime_choice", "write_bundle"]
+__all__ = [
+    "BUNDLE_SCHEMA",
+    "RUNTIME_FILE",
+    "Bundle",
+    "file_sha256",
+    "open_image",
+    "record_runtime_choice",
+    "write_bundle",
+]
 
 BUNDLE_SCHEMA = 1
 _FILES = ("model.onnx", "model.json", "policy.json")
@@ -50,6 +59,7 @@ log = logging.getLogger(__name__)
 
 
 def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes (read in 1 MiB blocks), as the manifest lists it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -77,7 +87,8 @@ def write_bundle(
     variants: Mapping[str, tuple[Path | None, dict[str, Any]]] | None = None,
     extra_files: Mapping[str, Path] | None = None,
 ) -> None:
-    """``variants``: other forms of the model (``{"int8": (path, info)}``), stored as ``model-<name>.onnx``; a
+    """Write a bundle folder and its manifest. ``variants``: other forms of the model (``{"int8": (path, info)}``),
+    stored as ``model-<name>.onnx`` (an OpenVINO IR ``*.xml`` as ``model-<name>.xml`` with its ``.bin``); a
     variant with no file of its own (``(None, info)``: another runtime or precision of ``model.onnx``) points
     at ``model.onnx``. ``extra_files``: name in the bundle → file (the cascade's earlier stages, policies)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,9 +103,12 @@ def write_bundle(
     for name, (path, info) in (variants or {}).items():
         fname = "model.onnx"
         if path is not None:
-            fname = f"model-{name}.onnx"
+            fname = f"model-{name}{'.xml' if path.suffix == '.xml' else '.onnx'}"
             shutil.copyfile(path, out_dir / fname)
             files.append(fname)
+            if path.suffix == ".xml":  # an OpenVINO IR: its weights beside it, hashed with the rest
+                shutil.copyfile(path.with_suffix(".bin"), out_dir / f"model-{name}.bin")
+                files.append(f"model-{name}.bin")
         described[name] = {"file": fname, **info}
     manifest = {
         "schema": BUNDLE_SCHEMA,
@@ -157,7 +171,9 @@ def record_runtime_choice(path: str | Path, choice: Mapping[str, Any]) -> Path:
     return root / RUNTIME_FILE
 
 
-def _open(path: str | Path, min_side: int | None = None) -> Image.Image:
+def open_image(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """An image file as RGB, decoded to at least ``min_side`` (the bundle's :attr:`Bundle.decode_side`, so JPEG
+    DCT scaling matches the certified outputs); an unreadable file raises :class:`InputError` naming it."""
     try:
         return load_rgb(path, min_side)
     except Exception as e:  # PIL raises many types for bad files
@@ -180,82 +196,24 @@ class Bundle:
     @classmethod
     def load(cls, path: str | Path, *, threads: int = 0, variant: str = "fp32") -> Bundle:
         """Verify every hash in ``manifest.json``, then open the model and its policy. ``variant``: ``fp32``
-        (ONNX Runtime), one the manifest lists (``int8``, ``openvino-fp32``, ``openvino-bf16``), or ``auto``: the
-        one ``roadwork bench BUNDLE select=true`` recorded in ``runtime.json`` (fp32 without one, or when the
-        recorded runtime cannot run here: logged). ``threads=0``: the recorded threads with ``auto``, else the
-        runtime's default."""
+        (ONNX Runtime), one the manifest lists (``int8``, ``openvino-fp32``, ``openvino-bf16``,
+        ``openvino-int8``), or ``auto``: the one ``roadwork bench BUNDLE select=true`` recorded in
+        ``runtime.json`` (fp32 without one, or when the recorded runtime cannot run here: logged).
+        ``threads=0``: the recorded threads with ``auto``, else the runtime's default."""
         root = Path(path)
-        mpath = root / "manifest.json"
-        if not mpath.is_file():
-            raise ArtifactError(
-                f"{str(root)!r} is not a roadwork bundle: it has no manifest.json. Pass the bundle "
-                "folder written by 'roadwork run' (runs/<name>/export/bundle)."
-            )
-        try:
-            manifest = json.loads(mpath.read_text())
-            files = manifest["files"]
-        except (ValueError, KeyError) as e:
-            raise ArtifactError(f"{str(mpath)!r} is not a valid bundle manifest: {e}") from None
-        if manifest.get("schema") != BUNDLE_SCHEMA:
-            raise ArtifactError(
-                f"Bundle schema {manifest.get('schema')!r} is not {BUNDLE_SCHEMA}; re-export it."
-            )
+        manifest = _read_manifest(root)
         choice: dict[str, Any] | None = None
         if variant == "auto":
             variant, threads, choice = _auto_variant(root, manifest, threads)
-        model_file, policy_file = "model.onnx", "policy.json"
-        if variant != "fp32":
-            known = manifest.get("variants", {})
-            if variant not in known:
-                raise ArtifactError(
-                    f"Bundle {str(root)!r} has no {variant!r} model; it has "
-                    f"{', '.join(['fp32', *known, 'auto'])}. Export one with export.int8=dynamic|static or "
-                    "export.openvino=true."
-                )
-            model_file = known[variant]["file"]
-            policy_file = known[variant].get("policy")
-            if policy_file is None:
-                raise ArtifactError(
-                    f"Bundle {str(root)!r} has a {variant!r} model but no policy certified on its outputs (it was "
-                    "exported by an older roadwork); re-export it, or serve the fp32 model."
-                )
-        policy_files = []
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            stages = (json.loads((root / policy_file).read_text()).get("cascade") or {}).get("stages", [])
-            policy_files = [
-                n for st in stages[:-1] for n in (st["file"], st.get("info", {}).get("card")) if n
-            ]
-        # every file the manifest lists (reference.json too), plus those this variant needs
-        for name in dict.fromkeys((*_FILES, model_file, policy_file, *policy_files, *files)):
-            f = root / name
-            if name not in files:
-                raise ArtifactError(f"Bundle manifest does not list {name!r}; the bundle is incomplete.")
-            if not f.is_file():
-                raise ArtifactError(f"Bundle file {name!r} is missing from {str(root)!r}.")
-            if file_sha256(f) != files[name]:
-                raise ArtifactError(
-                    f"Bundle file {name!r} does not match its sha256 in manifest.json: it was "
-                    "modified or corrupted after export. Re-export the bundle; do not edit it."
-                )
+        model_file, policy_file = _variant_files(root, manifest, variant)
+        _verify_files(
+            root, manifest["files"], (model_file, policy_file, *_policy_stage_files(root, policy_file))
+        )
         card = ModelCard.load(root / "model.json")
         policy = TrustPolicy.load(root / policy_file)
-        runners = None
         # several ONNX Runtime sessions take turns on the same cores: no busy-waiting between runs
         spin = policy.cascade is None or all(st.kind != "network" for st in policy.cascade.stages[:-1])
-        if policy.cascade is not None:
-            from roadwork.export.cascade import StageRunner
-
-            runners = [
-                StageRunner.boosting(root / st.file)
-                if st.kind == "boosting"
-                else StageRunner.network(
-                    root / st.file,
-                    ModelCard.load(root / st.info["card"]).preprocess,
-                    threads=threads,
-                    spin=spin,
-                )
-                for st in policy.cascade.stages[:-1]
-            ]
+        runners = _stage_runners(root, policy, threads, spin)
         spec = RuntimeSpec.from_variant(variant, manifest.get("variants", {}).get(variant), threads=threads)
         session = open_session(root / model_file, spec, spin=spin)
         info = {"variant": variant, **session.info}
@@ -316,7 +274,7 @@ class Bundle:
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
             meta = None if slices is None else {k: list(v)[i : i + batch_size] for k, v in slices.items()}
-            parts.append(self.predict_images([_open(p, self.decode_side) for p in chunk], meta))
+            parts.append(self.predict_images([open_image(p, self.decode_side) for p in chunk], meta))
         if not parts:
             return self.policy.apply(np.zeros((0, len(self.classes))))
         return concat_outputs(parts)
@@ -333,7 +291,85 @@ class Bundle:
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
             meta = None if slices is None else {k: list(v)[i : i + batch_size] for k, v in slices.items()}
-            res = self.predict_images([_open(p, self.decode_side) for p in chunk], meta)
+            res = self.predict_images([open_image(p, self.decode_side) for p in chunk], meta)
             for p, rec in zip(chunk, res.records(self.classes), strict=True):
                 out.append({"path": str(p), **rec})
         return out
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """``manifest.json`` of a bundle folder, its schema checked."""
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        raise ArtifactError(
+            f"{str(root)!r} is not a roadwork bundle: it has no manifest.json. Pass the bundle "
+            "folder written by 'roadwork run' (runs/<name>/export/bundle)."
+        )
+    try:
+        manifest: dict[str, Any] = json.loads(mpath.read_text())
+        manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{str(mpath)!r} is not a valid bundle manifest: {e}") from None
+    if manifest.get("schema") != BUNDLE_SCHEMA:
+        raise ArtifactError(f"Bundle schema {manifest.get('schema')!r} is not {BUNDLE_SCHEMA}; re-export it.")
+    return manifest
+
+
+def _variant_files(root: Path, manifest: dict[str, Any], variant: str) -> tuple[str, str]:
+    """The model file and the certified policy file of ``variant``."""
+    if variant == "fp32":
+        return "model.onnx", "policy.json"
+    known = manifest.get("variants", {})
+    if variant not in known:
+        raise ArtifactError(
+            f"Bundle {str(root)!r} has no {variant!r} model; it has "
+            f"{', '.join(['fp32', *known, 'auto'])}. Export one with export.int8=dynamic|static or "
+            "export.openvino=true."
+        )
+    policy_file = known[variant].get("policy")
+    if policy_file is None:
+        raise ArtifactError(
+            f"Bundle {str(root)!r} has a {variant!r} model but no policy certified on its outputs (it was "
+            "exported by an older roadwork); re-export it, or serve the fp32 model."
+        )
+    return str(known[variant]["file"]), str(policy_file)
+
+
+def _policy_stage_files(root: Path, policy_file: str) -> list[str]:
+    """The files a policy's cascade stages read (tree tables, networks and their cards)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        stages = (json.loads((root / policy_file).read_text()).get("cascade") or {}).get("stages", [])
+        return [n for st in stages[:-1] for n in (st["file"], st.get("info", {}).get("card")) if n]
+    return []
+
+
+def _verify_files(root: Path, files: dict[str, str], needed: Sequence[str]) -> None:
+    """Every file the manifest lists (reference.json too) and those the variant needs exist and match their
+    sha256."""
+    for name in dict.fromkeys((*_FILES, *needed, *files)):
+        f = root / name
+        if name not in files:
+            raise ArtifactError(f"Bundle manifest does not list {name!r}; the bundle is incomplete.")
+        if not f.is_file():
+            raise ArtifactError(f"Bundle file {name!r} is missing from {str(root)!r}.")
+        if file_sha256(f) != files[name]:
+            raise ArtifactError(
+                f"Bundle file {name!r} does not match its sha256 in manifest.json: it was "
+                "modified or corrupted after export. Re-export the bundle; do not edit it."
+            )
+
+
+def _stage_runners(root: Path, policy: TrustPolicy, threads: int, spin: bool) -> list[Any] | None:
+    """The cascade's earlier stages, opened (``None`` without a cascade)."""
+    if policy.cascade is None:
+        return None
+    from roadwork.export.cascade import StageRunner
+
+    return [
+        StageRunner.boosting(root / st.file)
+        if st.kind == "boosting"
+        else StageRunner.network(
+            root / st.file, ModelCard.load(root / st.info["card"]).preprocess, threads=threads, spin=spin
+        )
+        for st in policy.cascade.stages[:-1]
+    ]

@@ -4,6 +4,12 @@
     RuntimeSpec("onnxruntime", "int8")   model-int8.onnx (static QDQ or dynamic) through ONNX Runtime
     RuntimeSpec("openvino", "fp32")      model.onnx compiled by OpenVINO for the CPU, f32 inference precision
     RuntimeSpec("openvino", "bf16")      the same with INFERENCE_PRECISION_HINT=bf16 (AVX-512 BF16 or AMX only)
+    RuntimeSpec("openvino", "int8")      model-openvino-int8.xml (NNCF post-training int8), float ops pinned to f32
+
+OpenVINO's own default on a CPU with AVX-512 BF16 or AMX is bf16: ``precision=fp32`` therefore always sets
+``INFERENCE_PRECISION_HINT=f32`` (checked on the compiled model), and ``bf16`` sets ``bf16``. ONNX Runtime has
+no bf16 CPU kernels on x86 (its only bf16 CPU path is an arm64 fast-math GEMM), so ``onnxruntime`` × ``bf16``
+is refused at construction.
 
 :func:`open_session` returns an object with ONNX Runtime's ``run`` / ``get_inputs`` / ``get_outputs`` surface
 whatever the runtime, so the bundle, the server, batch prediction and the cascade's stages run any of them
@@ -37,6 +43,7 @@ __all__ = [
     "cpu_summary",
     "open_session",
     "openvino_available",
+    "physical_cores",
     "runtime_status",
 ]
 
@@ -44,7 +51,7 @@ RUNTIMES = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
 Runtime = Literal["onnxruntime", "openvino"]
 Precision = Literal["fp32", "bf16", "int8"]
-_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the ops NNCF left in float
 
 
 class RuntimeUnavailable(ArtifactError):
@@ -125,7 +132,25 @@ def cpu_summary() -> dict[str, Any]:
     return {"model": model, "cores": os.cpu_count(), "flags": [f for f in _SPEED_FLAGS if f in flags]}
 
 
+def physical_cores() -> int:
+    """Physical cores (ONNX Runtime's and OpenVINO's default thread count): distinct (package, core) pairs in
+    ``/proc/cpuinfo``, else ``os.cpu_count()``."""
+    cores: set[tuple[str, str]] = set()
+    package = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "physical id":
+                package = val.strip()
+            elif key.strip() == "core id":
+                cores.add((package, val.strip()))
+    except OSError:
+        pass
+    return len(cores) or os.cpu_count() or 1
+
+
 def openvino_available() -> bool:
+    """Whether OpenVINO's Python runtime is installed (the ``openvino`` extra)."""
     try:
         import openvino  # noqa: F401
     except ImportError:
@@ -221,6 +246,7 @@ def open_session(path: str | Path, spec: RuntimeSpec, *, spin: bool = True) -> S
                 "runtime": "onnxruntime",
                 "precision": spec.precision,
                 "threads": spec.threads,  # 0: ONNX Runtime's default, one per physical core
+                "intra_op_threads": spec.threads or physical_cores(),
                 "providers": sess.get_providers(),
             },
         )
@@ -232,14 +258,16 @@ def open_session(path: str | Path, spec: RuntimeSpec, *, spin: bool = True) -> S
     }
     if spec.threads:
         config["INFERENCE_NUM_THREADS"] = spec.threads
-    if spec.precision == "int8":  # an NNCF-quantised IR/ONNX already holds its int8 ops: no hint needed
-        config.pop("INFERENCE_PRECISION_HINT")
     try:
         compiled = ov.Core().compile_model(str(path), "CPU", config)
     except Exception as e:
         raise ArtifactError(f"OpenVINO cannot compile {str(path)!r}: {e}") from None
     effective = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     effective = {"<Type: 'float32'>": "f32", "<Type: 'bfloat16'>": "bf16"}.get(effective, effective)
+    if effective != _OV_PRECISION[spec.precision] and spec.precision != "bf16":
+        raise ArtifactError(
+            f"runtime=openvino precision={spec.precision}: OpenVINO compiled {path.name} in {effective}, not f32."
+        )
     if spec.precision == "bf16" and effective != "bf16":  # OpenVINO fell back to f32 without a word
         raise RuntimeUnavailable(
             f"runtime=openvino precision=bf16: OpenVINO compiled {path.name} in {effective} on this CPU "

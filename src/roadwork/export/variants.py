@@ -1,9 +1,10 @@
-"""Other forms of an exported model: int8 ONNX (dynamic or static QDQ), a Triton model repository, TensorRT.
+"""Other forms of an exported model: int8 ONNX (dynamic or static QDQ), OpenVINO int8 (NNCF post-training
+quantisation), a Triton model repository, TensorRT.
 
-int8 goes *into* the bundle as ``model-int8.onnx`` (hash-checked like the rest, chosen with
-``Bundle.load(..., variant="int8")`` or ``roadwork serve BUNDLE variant=int8``), with its accuracy and ECE
-change on the test split in the manifest; the trust policy is the fp32 model's (re-run the pipeline with an
-int8 model if the change is not negligible).
+ONNX Runtime int8 goes *into* the bundle as ``model-int8.onnx``, OpenVINO int8 as ``model-openvino-int8.xml`` +
+``.bin`` (an OpenVINO IR; both hash-checked like the rest, chosen with ``Bundle.load(..., variant=...)``,
+``roadwork serve BUNDLE variant=...`` or ``variant=auto`` after ``roadwork bench BUNDLE select=true``). Each has
+its own policy, certified on its own outputs by the export stage, and its accuracy/ECE change in the manifest.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from roadwork._deps import require
 from roadwork.errors import ConfigError
 from roadwork.export.onnx import INPUT_NAME, OUTPUT_NAME
 
-__all__ = ["quantize_int8", "tensorrt_available", "write_triton_repository"]
+__all__ = ["quantize_int8", "quantize_openvino_int8", "tensorrt_available", "write_triton_repository"]
 
 
 def quantize_int8(
@@ -65,6 +66,43 @@ def quantize_int8(
         return {"mode": "static", "format": "QDQ", "calibration_images": len(calibration)}
     finally:
         pre.unlink(missing_ok=True)
+
+
+def quantize_openvino_int8(src: Path, dst: Path, *, calibration: np.ndarray) -> dict[str, Any]:
+    """Write an OpenVINO int8 IR of ``src`` (``dst``: ``*.xml``, its weights beside it as ``*.bin``) by NNCF
+    post-training quantisation: activation ranges from ``calibration`` (training images preprocessed like the
+    model's input), weights int8 per channel; a graph with attention (``Softmax``) is quantised as
+    ``ModelType.TRANSFORMER`` (NNCF keeps the accuracy-critical ops in float). The ops left in float run in f32
+    (see :func:`roadwork.export.runtime.open_session`), so the outputs do not depend on the CPU's bf16 support."""
+    require("openvino")
+    nncf = require("nncf")
+    import openvino as ov
+
+    if dst.suffix != ".xml":
+        raise ConfigError(f"An OpenVINO IR is written as NAME.xml + NAME.bin; got dst={str(dst)!r}.")
+    if calibration is None or len(calibration) == 0:
+        raise ConfigError("OpenVINO int8 needs calibration images (the training split is empty).")
+    model = ov.Core().read_model(str(src))
+    transformer = any(op.get_type_name() == "Softmax" for op in model.get_ops())
+    batches = [
+        np.ascontiguousarray(b, np.float32)
+        for b in np.array_split(calibration, max(1, len(calibration) // 16))
+    ]
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset(batches, lambda b: {INPUT_NAME: b}),
+        preset=nncf.QuantizationPreset.MIXED if transformer else nncf.QuantizationPreset.PERFORMANCE,
+        model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+        subset_size=len(batches),  # NNCF counts dataset items: batches here
+    )
+    ov.save_model(quantized, str(dst), compress_to_fp16=False)
+    return {
+        "mode": "static",
+        "format": "OpenVINO IR (NNCF post-training quantisation)",
+        "calibration_images": len(calibration),
+        "model_type": "transformer" if transformer else "default",
+        "nncf": nncf.__version__,
+    }
 
 
 def tensorrt_available() -> bool:

@@ -126,24 +126,25 @@ def _todo(items: pd.DataFrame, out: Path) -> pd.DataFrame:
 
 class BundlePredictor:
     """Loads a bundle once and predicts a batch (a DataFrame with ``path`` and metadata columns). Used as is by
-    the local engine and as the Ray actor class."""
+    the local engine and as the Ray actor class. ``variant``: the bundle's model variant, by default ``auto``:
+    the one ``roadwork bench BUNDLE select=true`` recorded (fp32 without one), as the server serves it."""
 
-    def __init__(self, bundle_dir: str, threads: int = 0, device: str = "cpu") -> None:
+    def __init__(self, bundle_dir: str, threads: int = 0, device: str = "cpu", variant: str = "auto") -> None:
         from roadwork.export.bundle import Bundle
         from roadwork.export.onnx import execution_device
 
         with execution_device(device):
-            self.bundle = Bundle.load(bundle_dir, threads=threads)
+            self.bundle = Bundle.load(bundle_dir, threads=threads, variant=variant)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """One row per image of ``batch``: its predictions, or (unreadable) a ``skip_reason`` and no predictions."""
-        from roadwork.export.bundle import _open
+        from roadwork.export.bundle import open_image
 
         batch = batch.reset_index(drop=True)
         images, good, reasons = [], [], [""] * len(batch)
         for i, p in enumerate(batch["path"]):
             try:
-                images.append(_open(str(p), self.bundle.decode_side))
+                images.append(open_image(str(p), self.bundle.decode_side))
                 good.append(i)
             except Exception as e:  # one unreadable file is reported, not the end of the job
                 reasons[i] = str(e)[:500] or type(e).__name__
@@ -239,15 +240,17 @@ def predict_local(
     progress: bool = True,
     threads: int = 0,
     device: str = "cpu",
+    variant: str = "auto",
 ) -> int:
     """Predict every row of ``items`` not yet in ``out``; returns how many were predicted now (unreadable images
-    are listed in ``out/skipped.csv``, see :func:`read_skipped`, and not counted)."""
+    are listed in ``out/skipped.csv``, see :func:`read_skipped`, and not counted). ``variant``: see
+    :class:`BundlePredictor` (``auto``: the bundle's selected runtime × precision)."""
     from roadwork._progress import progress_bar
 
     out = Path(out)
     todo = _todo(items, out)
     parts = _Parts(out, part_rows, flush_s, retried=set(todo["path"]))
-    predictor = BundlePredictor(str(bundle_dir), threads=threads, device=device)
+    predictor = BundlePredictor(str(bundle_dir), threads=threads, device=device, variant=variant)
     with progress_bar(total=len(todo), desc="predicting", unit="img", disable=not progress) as bar:
         for chunk in _chunks(todo, batch_size):
             parts.add(predictor(chunk))
@@ -266,6 +269,7 @@ def predict_ray(
     threads_per_actor: int = 1,
     part_rows: int = 256,
     flush_s: float = 10.0,
+    variant: str = "auto",
 ) -> int:
     """The same on Ray Data: an actor pool of ``actors`` bundle copies (``ray.init`` is called with defaults
     when Ray is not running yet; connect to a cluster first to use one). The prediction rows (a few hundred
@@ -282,7 +286,7 @@ def predict_ray(
         ray.init(num_cpus=max(actors * threads_per_actor, 1), include_dashboard=False, log_to_driver=False)
     preds = ray.data.from_pandas(list(_chunks(todo, batch_size))).map_batches(  # one block per batch
         BundlePredictor,
-        fn_constructor_args=(str(Path(bundle_dir).resolve()), threads_per_actor),
+        fn_constructor_args=(str(Path(bundle_dir).resolve()), threads_per_actor, "cpu", variant),
         batch_size=batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51

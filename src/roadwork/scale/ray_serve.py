@@ -32,8 +32,10 @@ def app(
     batch_wait_timeout_s: float = 0.005,
     num_cpus: float = 1,
     max_pixels: int | None = None,
+    variant: str = "auto",
 ) -> Any:
-    """A Ray Serve application (``serve.run`` it) serving ``bundle_dir``."""
+    """A Ray Serve application (``serve.run`` it) serving ``bundle_dir``; ``variant``: the bundle's model variant
+    (``auto``: the runtime × precision ``roadwork bench BUNDLE select=true`` recorded, fp32 without one)."""
     serve = require("ray.serve")
     from pathlib import Path
 
@@ -58,7 +60,7 @@ def app(
         def __init__(self, path: str) -> None:
             from roadwork.export.bundle import Bundle
 
-            self.bundle = Bundle.load(path)
+            self.bundle = Bundle.load(path, variant=variant)
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
         async def predict(self, images: list[Any]) -> list[dict[str, Any]]:
@@ -82,12 +84,12 @@ def app(
 
 
 def build_app(args: dict[str, str]) -> Any:
-    """For ``serve run roadwork.scale.ray_serve:build_app bundle=PATH [max_replicas=4 ...]``."""
+    """For ``serve run roadwork.scale.ray_serve:build_app bundle=PATH [variant=auto] [max_replicas=4 ...]``."""
     if "bundle" not in args:
         from roadwork.errors import ConfigError
 
         raise ConfigError(
             "serve run roadwork.scale.ray_serve:build_app needs bundle=PATH (a roadwork bundle folder)."
         )
-    numbers = {k: float(v) if "." in v else int(v) for k, v in args.items() if k != "bundle"}
-    return app(args["bundle"], **numbers)  # type: ignore[arg-type]
+    numbers = {k: float(v) if "." in v else int(v) for k, v in args.items() if k not in ("bundle", "variant")}
+    return app(args["bundle"], variant=args.get("variant", "auto"), **numbers)  # type: ignore[arg-type]
