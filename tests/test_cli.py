@@ -162,3 +162,92 @@ def test_serve_help_names_every_setting(capsys):
     assert main(["serve", "--help"]) == 0
     out = capsys.readouterr().out
     assert all(k in out for k in ServeSettings.model_fields if k != "api_key")
+
+
+# ------------------------------------------------------------------------------------- the one grammar
+
+
+def test_every_command_of_the_specs_has_help_with_its_options_and_examples():
+    from roadwork.cli import command_help
+    from roadwork.cli.specs import COMMANDS
+
+    for name, cmd in COMMANDS.items():
+        text = command_help(name)
+        assert text is not None and text.startswith(f"Usage: roadwork {name}"), name
+        assert "Examples:" in text and f"roadwork {name.split()[0]}" in text.split("Examples:")[1], name
+        assert all(f"  {o.name}=" in text for o in cmd.all_options()), name
+        assert all(f.name in text for f in cmd.flags), name
+
+
+def test_two_word_commands_answer_help(capsys):
+    assert main(["data", "synthetic", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: roadwork data synthetic out=DIR") and "label_noise=" in out
+    assert main(["help", "data", "synthetic"]) == 0
+    assert capsys.readouterr().out.startswith("Usage: roadwork data synthetic")
+    assert main(["data", "--help"]) == 0  # the stage, then its sub-command
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: roadwork data [CONFIG]") and "Usage: roadwork data synthetic" in out
+
+
+def test_the_lists_the_specs_spell_out_match_the_code():
+    from roadwork.cli.specs import FRAMEWORKS, _synthetic_options
+    from roadwork.config import SyntheticConfig
+    from roadwork.models.boosting import FRAMEWORKS as REAL
+
+    assert FRAMEWORKS == REAL
+    assert [o.name for o in _synthetic_options()] == list(SyntheticConfig.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "b", "img.jpg", "engin=ray"], "unknown option 'engin'. Did you mean 'engine'?"),
+        (["predict", "b"], "missing PATH"),
+        (["predict", "b", "x.jpg", "engine=spark"], "engine='spark' is not one of local, ray."),
+        (["predict", "b", "x.jpg", "batch=many"], "batch='many' is not a whole number."),
+        (["bench", "b", "selct=true"], "Did you mean 'select'?"),
+        (["bench", "b", "select=maybe"], "select='maybe' must be true or false."),
+        (["monitor", "a", "b", "psi=high"], "psi='high' is not a number."),
+        (["monitor", "a"], "missing CURRENT"),
+        (["sweep", "demo", "trials=2"], "space= is required"),
+        (["serve", "b", "prot=80"], "unknown option 'prot'. Did you mean 'port'?"),
+        (["serve", "b", "port=-3"], "port=-3"),
+        (["data", "synthetic", "n=10"], "out= is required"),
+        (["data", "synthetic", "n=10", "sise=32", "out=x"], "Did you mean 'size'?"),
+        (["run", "demo", "--froce", "train"], "unknown option '--froce'. Did you mean '--force'?"),
+        (["run", "demo", "--until"], "--until needs a value"),
+        (["run", "demo", "--until", "evalute"], "Unknown stage 'evalute'. Did you mean 'evaluate'?"),
+        (["config", "shwo"], "unknown sub-command 'shwo'. Did you mean 'show'?"),
+        (["config"], "roadwork config: needs a sub-command"),
+        (["sign", "a", "b", "c"], "unexpected argument 'c'"),
+        (["dvc", "demo", "extra"], "unexpected argument 'extra'"),
+        (["compare", "demo", "frameworks=sklearn,gbm"], "frameworks=gbm is unknown; choose from sklearn"),
+    ],
+)
+def test_usage_errors_name_the_option_value_and_fix_before_any_work(argv, message, capsys, tmp_path):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    if "roadwork config: needs" not in message and "sub-command" not in message:
+        assert f"Usage: roadwork {argv[0]}" in err and "--help" in err  # the usage line, from the spec
+
+
+def test_parse_types_values_and_fills_defaults():
+    from roadwork.cli.grammar import parse
+    from roadwork.cli.specs import COMMANDS
+
+    p = parse(COMMANDS["predict"], ["bundle", "a.jpg", "dir/", "batch=8", "engine=ray", "out=o"])
+    assert p.positionals == {"BUNDLE": "bundle", "PATH": ["a.jpg", "dir/"]}
+    assert p.options == {"out": "o", "engine": "ray", "batch": 8, "workers": 2, "device": "cpu"}
+    assert p.given == {"batch", "engine", "out"}
+    r = parse(COMMANDS["run"], ["demo", "train.epochs=3", "--force", "train", "--until=export"])
+    assert (r.config, r.overrides, r.flags) == (
+        "demo",
+        ["train.epochs=3"],
+        {"--force": ["train"], "--until": ["export"]},
+    )
+    s = parse(COMMANDS["sweep"], ["space=s.yaml", "trials=4", "name=x"])
+    assert s.config is None and s.options["trials"] == 4 and s.overrides == ["name=x"]
+    b = parse(COMMANDS["bench"], ["b", "select=yes", "seconds=0.5"])
+    assert b.options["select"] is True and b.options["seconds"] == 0.5

@@ -73,3 +73,77 @@ def test_yaml_file_with_typo(tmp_path):
     p.write_text("train:\n  epohcs: 3\n")
     with pytest.raises(ConfigError, match="Did you mean 'train.epochs'"):
         load_config(p)
+
+
+# ------------------------------------------------------------------------------------- cross-field rules
+# Each contradiction below depends only on the config; it used to pass load_config and fail mid-pipeline
+# (after training, for the cascade's). Each error names the fields, their values and the fix.
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (
+            ["cascade.enabled=true", "cascade.small.deferral=learned", "cascade.small.gatekeeper_epochs=2"],
+            ["cascade.small.deferral=learned", "gatekeeper_epochs=2", "gatekeeper_epochs=0"],
+        ),
+        (
+            ["cascade.enabled=true", "cascade.boosting=none", "cascade.small=null"],
+            ["cascade.boosting=none", "cascade.small=null", "cascade.enabled=false"],
+        ),
+        (
+            ["train.mixup=0.2", "train.loss=gatekeeper"],
+            ["train.mixup=0.2", "train.loss='gatekeeper'", "train.loss=ce"],
+        ),
+        (
+            ["cascade.enabled=true", "cascade.small.gatekeeper_epochs=1", "train.cutmix=1.0"],
+            ["cascade.small.gatekeeper_epochs>0", "train.cutmix=1", "train.cutmix=0"],
+        ),
+        (
+            [
+                "cascade.enabled=true",
+                "cascade.small.deferral=learned",
+                "cascade.small.gatekeeper_epochs=0",
+                "train.mixup=0.4",
+            ],
+            ["cascade.small.deferral=learned", "train.mixup=0.4", "deferral=confidence"],
+        ),
+        (
+            ["train.recipe=explora"],
+            ["train.recipe=explora", "train.unlabeled=FOLDER", "train.recipe=supervised"],
+        ),
+        (
+            ["train.strategy=fsdp", "train.devices=2", "train.compile=true"],
+            ["train.strategy=fsdp", "train.compile=True", "train.strategy=ddp"],
+        ),
+    ],
+)
+def test_config_only_contradictions_fail_at_load_naming_fields_values_and_fix(overrides, names):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", overrides)
+    msg = str(err.value)
+    assert all(n in msg for n in names), msg
+    assert "Value error" not in msg and "{" not in msg  # the rule's own sentence, not a dump of the section
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [
+            "cascade.enabled=false",
+            "cascade.small.deferral=learned",
+            "train.mixup=0.2",
+        ],  # no cascade: no small net
+        ["cascade.enabled=true", "cascade.small.deferral=learned", "cascade.small.gatekeeper_epochs=0"],
+        ["cascade.enabled=true", "cascade.small=null", "cascade.boosting=sklearn"],
+        ["train.mixup=0.2", "train.loss=ce", "cascade.enabled=false"],
+        [
+            "train.mixup=0.2",
+            "cascade.small.gatekeeper_epochs=0",
+        ],  # the small net by confidence: hard labels unneeded
+        ["train.strategy=fsdp", "train.devices=1", "train.compile=true"],  # one device: no sharding happens
+        ["train.recipe=explora", "train.unlabeled=photos/"],
+    ],
+)
+def test_the_rules_allow_the_consistent_neighbours(overrides):
+    load_config("demo", overrides)

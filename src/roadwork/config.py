@@ -23,6 +23,8 @@ from roadwork.trust.calibration import CalibrationMethod
 
 __all__ = [
     "CalibrateConfig",
+    "CascadeConfig",
+    "CascadeNetConfig",
     "ConformalConfig",
     "DataConfig",
     "EvaluateConfig",
@@ -35,7 +37,9 @@ __all__ = [
     "SyntheticConfig",
     "TrackingConfig",
     "TrainConfig",
+    "dump_config",
     "load_config",
+    "merge_values",
     "parse_overrides",
     "preset_names",
 ]
@@ -75,6 +79,8 @@ class SplitConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """Where the labelled images come from and which of them are usable (``data.*``)."""
+
     source: str = Field(
         "synthetic",
         description="'synthetic', an image folder (one subfolder per class), or a CSV/Parquet manifest",
@@ -87,6 +93,8 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """The network: a timm or Hugging Face backbone, its input side, head and pooling (``model.*``)."""
+
     backbone: str = Field(
         "mobilenetv3_small_100",
         description="a timm model name, or hf:<model id | model type> for Hugging Face transformers backbones",
@@ -108,6 +116,8 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """How the model is trained: fine-tuning mode, optimiser, augmentation, devices, caching (``train.*``)."""
+
     finetune: Literal["full", "linear_probe", "lora", "dora", "doran", "rslora"] = Field(
         "full",
         description="full fine-tuning, a linear probe, or peft adapters (merged before export); doran is DoRA "
@@ -199,6 +209,8 @@ class TrainConfig(_Strict):
 
 
 class CalibrateConfig(_Strict):
+    """Post-hoc calibration of the model's probabilities on the calibration split (``calibrate.*``)."""
+
     method: CalibrationMethod = Field(
         "temperature", description="'auto' picks by cross-validated NLL on the calibration split"
     )
@@ -218,6 +230,8 @@ class CalibrateConfig(_Strict):
 
 
 class ConformalConfig(_Strict):
+    """Split-conformal prediction sets with coverage ≥ 1-α, optionally per class or group (``conformal.*``)."""
+
     method: Literal["lac", "aps", "raps"] = "lac"
     alpha: float = Field(0.1, gt=0, lt=1, description="miscoverage level: sets contain the label w.p. ≥ 1-α")
     randomized: bool = Field(
@@ -267,6 +281,8 @@ class ConformalConfig(_Strict):
 
 
 class SelectiveConfig(_Strict):
+    """The certified abstention rule: error on answered images ≤ target_risk w.p. ≥ 1-δ (``selective.*``)."""
+
     method: Literal["bonferroni", "ltt", "sgr"] = Field(
         "ltt", description="threshold search: Learn-then-Test, SGR, or a union bound on a fixed grid"
     )
@@ -281,6 +297,8 @@ class SelectiveConfig(_Strict):
 
 
 class PolicyConfig(_Strict):
+    """Binary tasks: an operating point and miss-rate (false-negative) control (``policy.*``)."""
+
     operating_point: Literal["none", "max_mcc", "precision", "recall"] = Field(
         "none", description="binary tasks: remap the score so this calibration-split operating point is 0.5"
     )
@@ -300,11 +318,15 @@ class PolicyConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
+    """The test-split evaluation and its report (``evaluate.*``)."""
+
     ece_bins: int = Field(15, ge=2)
     n_examples: int = Field(16, ge=0, description="images in the sample and worst-mistake grids")
 
 
 class ExportConfig(_Strict):
+    """The deployable bundle: ONNX export, parity check, int8/OpenVINO variants, Triton (``export.*``)."""
+
     opset: int = Field(18, ge=18)
     exporter: Literal["dynamo", "legacy"] = Field(
         "dynamo",
@@ -391,8 +413,33 @@ class CascadeConfig(_Strict):
     cost_batch: int = Field(32, ge=1, description="batch size at which each stage's ms/image is measured")
     cost_images: int = Field(256, ge=8, description="test images used to measure costs")
 
+    @model_validator(mode="after")
+    def _needs_an_earlier_stage(self) -> CascadeConfig:
+        """A cascade is earlier stages in front of the model (refused by the cascade_models stage, after training)."""
+        if self.enabled and self.boosting == "none" and self.small is None:
+            raise ValueError(
+                "cascade.enabled=true with cascade.boosting=none and cascade.small=null has no earlier stage; set "
+                "cascade.boosting (e.g. sklearn) or cascade.small, or cascade.enabled=false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_deferral_method(self) -> CascadeConfig:
+        """A learned gate and Gatekeeper fine-tuning are two ways to teach the small net when to defer; the
+        cascade_models stage would refuse the pair after the main model has trained."""
+        s = self.small
+        if self.enabled and s is not None and s.deferral == "learned" and s.gatekeeper_epochs:
+            raise ValueError(
+                f"cascade.small.deferral=learned trains its own gate; it does not combine with "
+                f"cascade.small.gatekeeper_epochs={s.gatekeeper_epochs}. Set cascade.small.gatekeeper_epochs=0 "
+                "or cascade.small.deferral=confidence"
+            )
+        return self
+
 
 class TrackingConfig(_Strict):
+    """MLflow (and optionally Weights & Biases) tracking and model registration (``tracking.*``)."""
+
     enabled: bool = True
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<root>/mlflow.db")
     experiment: str = "roadwork"
@@ -406,6 +453,9 @@ class TrackingConfig(_Strict):
 
 
 class RunConfig(_Strict):
+    """One run: every stage's section, the run folder (ROOT/NAME), and the cross-field rules that depend only
+    on the config (checked by :func:`load_config`, before any work)."""
+
     name: str = Field("default", description="run folder name under root")
     root: str = Field("runs", description="folder holding every run")
     data: DataConfig = DataConfig()
@@ -427,8 +477,60 @@ class RunConfig(_Strict):
             raise ValueError("must be a plain folder name (no slashes, not starting with '.')")
         return v
 
+    @model_validator(mode="after")
+    def _mixing_needs_hard_label_loss(self) -> RunConfig:
+        """MixUp/CutMix make soft labels, which the Gatekeeper loss cannot take (the loop would refuse them only
+        once training starts)."""
+        t = self.train
+        if (t.mixup or t.cutmix) and t.loss != "ce":
+            raise ValueError(
+                f"train.mixup={t.mixup:g} / train.cutmix={t.cutmix:g} mix labels, which train.loss={t.loss!r} "
+                "cannot take; set train.mixup=0 train.cutmix=0, or train.loss=ce"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_without_ema_or_compile(self) -> RunConfig:
+        """FSDP2 sharding does not support an EMA copy or torch.compile yet (refused when training starts)."""
+        t = self.train
+        if t.strategy == "fsdp" and t.devices > 1 and (t.ema is not None or t.compile):
+            raise ValueError(
+                f"train.strategy=fsdp does not support train.ema={t.ema} or train.compile={t.compile} yet; "
+                "set train.ema=null train.compile=false, or use train.strategy=ddp"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _explora_needs_unlabeled(self) -> RunConfig:
+        """ExPLoRA pre-trains on unlabelled images: without a folder the train stage would fail after the data
+        stage (whether the folder exists is checked there)."""
+        if self.train.recipe == "explora" and not self.train.unlabeled:
+            raise ValueError(
+                "train.recipe=explora needs train.unlabeled=FOLDER of unlabelled target-domain images (got "
+                "null); set it, or train.recipe=supervised"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _small_net_takes_hard_labels(self) -> RunConfig:
+        """The cascade's small net trains with ``train.*``; a learned gate or Gatekeeper fine-tuning cannot
+        take MixUp/CutMix's soft labels, which the cascade_models stage would find only after the main model
+        has trained."""
+        c, t = self.cascade, self.train
+        learned = c.small is not None and c.small.deferral == "learned"
+        gatekeeper = c.small is not None and c.small.gatekeeper_epochs > 0
+        if c.enabled and (learned or gatekeeper) and (t.mixup or t.cutmix):
+            what = "cascade.small.deferral=learned" if learned else "cascade.small.gatekeeper_epochs>0"
+            raise ValueError(
+                f"{what} trains the cascade's small net on hard labels, but train.mixup={t.mixup:g} / "
+                f"train.cutmix={t.cutmix:g} (which it shares with the model) mix them; set train.mixup=0 "
+                "train.cutmix=0, or cascade.small.deferral=confidence with cascade.small.gatekeeper_epochs=0"
+            )
+        return self
+
     @property
     def run_dir(self) -> Path:
+        """The run's folder, ROOT/NAME."""
         return Path(self.root) / self.name
 
 
@@ -440,6 +542,7 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 
 
 def preset_names() -> list[str]:
+    """The built-in presets (``default``, ``demo``, ...), usable wherever a CONFIG file is."""
     return sorted(
         p.name[:-5] for p in resources.files("roadwork.configs").iterdir() if p.name.endswith(".yaml")
     )
@@ -511,11 +614,15 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_values(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, section by section (nested dicts merge; other values replace)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_values(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+_merge = merge_values  # the old private name, still imported by roadwork.scale.sweep
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -554,6 +661,13 @@ def _explain(err: ValidationError, values: dict[str, Any]) -> ConfigError:
         if e["type"] == "extra_forbidden":
             lines.append(f"Unknown config key '{key}'.{_suggest(key)}")
             continue
+        if e["type"] == "value_error" and isinstance(
+            e.get("input"), dict
+        ):  # a model validator: its message names the fields, values and fix
+            lines.append(
+                f"Invalid config{f' ({key})' if key else ''}: {e['msg'].removeprefix('Value error, ')}."
+            )
+            continue
         got = e.get("input")
         allowed = e["msg"]
         ctx = e.get("ctx") or {}
@@ -575,7 +689,7 @@ def load_config(
     values = _resolve_source(config)
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        values = _merge(values, extra)
+        values = merge_values(values, extra)
     try:
         return RunConfig.model_validate(values)
     except ValidationError as e:
@@ -583,4 +697,5 @@ def load_config(
 
 
 def dump_config(cfg: RunConfig) -> str:
+    """The resolved configuration as YAML (what ``roadwork config show`` prints; it loads back unchanged)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

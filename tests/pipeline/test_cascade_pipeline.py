@@ -122,7 +122,7 @@ def test_learned_deferral_gate_end_to_end(tmp_path):
     test = Predictions.from_parquet(result.run_dir / "predict" / "predictions-test.parquet")
     policy = TrustPolicy.load(result.run_dir / "policy" / "policy.json")
     policy.cascade = Cascade.from_dict(spec)
-    from roadwork.pipeline.cascade_stages import stage_outputs
+    from roadwork.pipeline.artifacts import stage_outputs
 
     z_small = stage_outputs(result.run_dir / "cascade_models", policy.cascade.stages[0], "test")
     assert z_small.shape == (len(test), 3)  # two classes and the gate
@@ -167,7 +167,7 @@ def test_certificate_holds_on_stored_predictions_over_many_draws(tiny_run):
     import warnings
 
     from roadwork.errors import RoadworkWarning
-    from roadwork.pipeline.cascade_stages import stage_outputs
+    from roadwork.pipeline.artifacts import stage_outputs
     from roadwork.trust.calibration import calibrate_proba
     from roadwork.trust.cascade import cascade_curve, fit_cascade, gate_grid
 

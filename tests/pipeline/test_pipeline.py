@@ -99,7 +99,7 @@ def test_interrupted_run_resumes_and_leaves_no_partial_stage(tmp_path, monkeypat
 
 def test_bundle_matches_the_in_process_pipeline_on_test(tiny_run):
     from roadwork.export.bundle import Bundle
-    from roadwork.pipeline.stages import load_dataset, load_policy
+    from roadwork.pipeline.artifacts import load_dataset, load_policy
     from roadwork.trust import Predictions
 
     _cfg, result = tiny_run
@@ -217,7 +217,7 @@ def test_per_slice_calibration_group_mondrian_and_label_noise_flow_into_policy_a
     assert "Conformal methods" in res.report.read_text()
     # the bundle takes the same metadata: its records equal the policy applied with the test slices
     from roadwork.export.bundle import Bundle
-    from roadwork.pipeline.stages import load_dataset
+    from roadwork.pipeline.artifacts import load_dataset
     from roadwork.trust import Predictions
 
     test = Predictions.from_parquet(res.run_dir / "predict" / "predictions-test.parquet")

@@ -90,8 +90,8 @@ def test_every_figure_in_metrics_is_the_served_bundles(served_run):
 def test_the_policy_is_certified_on_rows_the_gate_did_not_see(served_run):
     """The gate rows and the policy rows are disjoint, and the thresholds were fitted on the composite (the
     served path) on the policy rows: refitting them that way gives the same numbers."""
+    from roadwork.pipeline.artifacts import load_calibrator, load_cascade
     from roadwork.pipeline.certify import fit_abstention, fit_conformal, row_split, served_probs
-    from roadwork.pipeline.stages import load_calibrator, load_cascade
     from roadwork.trust import TrustPolicy
 
     cfg, result = served_run
@@ -103,7 +103,7 @@ def test_the_policy_is_certified_on_rows_the_gate_did_not_see(served_run):
     assert spec["rows"] == split.counts()
     cascade = load_cascade(run / "cascade")
     assert cascade is not None and len(cascade.stages) == 3 and math.isfinite(cascade.threshold)
-    from roadwork.pipeline.cascade_stages import stage_outputs
+    from roadwork.pipeline.artifacts import stage_outputs
 
     early = [stage_outputs(run / "cascade_models", st, "calib")[split.policy] for st in cascade.stages[:-1]]
     pol = cal.subset(split.policy)
@@ -159,9 +159,9 @@ def test_warnings_reach_metrics_the_cli_and_the_report(tiny_run, capsys):
     assert any("149 answered rows" in w for w in warns)  # how many rows the target needs
     html = result.report.read_text()
     assert "class='warnings'" in html and "answers 0 %" in html
-    from roadwork.cli import _summary
+    from roadwork.cli.commands import print_summary
 
-    _summary(result)
+    print_summary(result)
     out = capsys.readouterr().out
     assert "warning:" in out and "answers 0 %" in out
     assert "hardest slices: \n" not in out

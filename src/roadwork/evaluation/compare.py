@@ -20,7 +20,7 @@ from roadwork.models.boosting import (
 )
 from roadwork.models.trees import margins_to_logits
 from roadwork.trust import metrics as M
-from roadwork.trust._checks import softmax
+from roadwork.trust import softmax
 from roadwork.trust.calibration import TemperatureScaler
 from roadwork.trust.conformal import SplitConformal
 
@@ -87,6 +87,7 @@ def compare_frameworks(
 
 
 def format_compare(rows: list[dict[str, Any]], *, alpha: float) -> Any:
+    """The rows of :func:`compare_frameworks` as a rich table (what ``roadwork compare`` prints)."""
     from rich.table import Table
 
     t = Table(title=f"gradient boosting on the same features and splits (conformal α={alpha:g})")

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from roadwork.trust import metrics as M
-from roadwork.trust._checks import softmax
+from roadwork.trust import softmax
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
 from roadwork.trust.predictions import Predictions
 
@@ -16,10 +16,12 @@ __all__ = [
     "calibration_comparison",
     "compute_metrics",
     "conformal_comparison",
+    "model_alone_metrics",
     "slice_rows",
 ]
 
 METRICS_SCHEMA = 1
+"""The layout version of metrics.json (raised when a key changes meaning)."""
 
 
 def _group(out: PolicyOutput, labels: np.ndarray, n_bins: int) -> dict[str, float]:

@@ -31,6 +31,8 @@ def _png(fig: Any) -> bytes:
 
 
 def reliability_png(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> bytes:
+    """Reliability diagrams (top-label confidence vs accuracy) of the raw and the calibrated probabilities
+    (each of shape (n_samples, n_classes)), side by side, as PNG bytes."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     for ax, probs, title in (
@@ -55,6 +57,8 @@ def reliability_png(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray,
 def risk_coverage_png(
     confidence: np.ndarray, correct: np.ndarray, *, target: float, threshold: float
 ) -> bytes:
+    """Selective risk (error on answered images) against coverage (share answered) on test, with the target
+    risk and the certified threshold's coverage marked; PNG bytes."""
     plt = _plt()
     cov, risk = M.risk_coverage(confidence, correct)
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -73,6 +77,7 @@ def risk_coverage_png(
 
 
 def confusion_png(labels: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> bytes:
+    """The confusion matrix (rows: true class, columns: predicted) as PNG bytes."""
     plt = _plt()
     cm = M.confusion_matrix(labels, pred, len(classes))
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(classes), 1.2 + 1.0 * len(classes)))
@@ -95,6 +100,7 @@ def confusion_png(labels: np.ndarray, pred: np.ndarray, classes: Sequence[str]) 
 
 
 def training_png(history: list[dict[str, float]]) -> bytes:
+    """Training curves from the loop's history: train and val loss, and val accuracy, per epoch; PNG bytes."""
     plt = _plt()
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))

@@ -117,6 +117,67 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _guarantees_note(metrics: dict[str, Any]) -> str:
+    """What the prediction sets and the abstain rule promise, and when they do not hold."""
+    c, s = metrics["conformal"], metrics["selective"]
+    return (
+        "<div class='note'><b>What the guarantees mean.</b> "
+        f"Prediction sets contain the true class for at least {1 - c['alpha']:.0%} of images <i>on average over "
+        "images and calibration draws</i>, provided calibration and test images are exchangeable (drawn from "
+        f"the same distribution). The abstain rule {_answer_rule(s)}; with probability ≥ {1 - s['delta']:.0%} "
+        "over the calibration draw, the error rate "
+        f"on answered images is at most {s['target_risk']}. Neither holds under distribution shift.</div>"
+    )
+
+
+def _figure_parts(figures: dict[str, tuple[bytes, str]]) -> list[str]:
+    """The figures in reading order, each under a heading from its caption."""
+    order = ["reliability", "risk_coverage", "confusion", "training", "samples", "mistakes"]
+    return [
+        f"<h2>{html.escape(figures[name][1].split(':')[0])}</h2>{_img(name, *figures[name])}"
+        for name in order
+        if name in figures
+    ]
+
+
+def _calibration_methods(metrics: dict[str, Any]) -> list[str]:
+    """Every calibrator fitted on the calibration split, scored on test, the chosen one shaded."""
+    comparison = metrics.get("calibration_comparison", {})
+    if not comparison:
+        return []
+    chosen = metrics["calibration"]["kind"]
+    cols = ("nll", "ece", "ece_equal_mass", "classwise_ece", "brier", "accuracy")
+    return [
+        "<h2>Calibration methods</h2><p>Every calibrator fitted on the calibration split, scored on test. "
+        f"The policy uses <b>{html.escape(chosen)}</b> (shaded); 'none' is the raw model.</p>",
+        _table(
+            ["method", "NLL", "ECE", "ECE (equal mass)", "classwise ECE", "Brier", "accuracy"],
+            [[k, *(r[col] for col in cols)] for k, r in comparison.items()],
+            ["ok" if k == chosen else "" for k in comparison],
+        ),
+    ]
+
+
+def _data_section(data_report: dict[str, Any]) -> list[str]:
+    """The splits per class, what was used and skipped, and the duplicate groups."""
+    split_rows = [[sp, *cnt.values()] for sp, cnt in data_report.get("split_counts", {}).items()]
+    class_names = list(data_report.get("class_counts", {}))
+    skipped = data_report.get("skipped", [])
+    parts = [
+        "<h2>Data</h2>",
+        _table(["split", *class_names], split_rows),
+        f"<p>{data_report.get('n_used', 0)} images used of {data_report.get('n_found', 0)} found; "
+        f"{len(skipped)} skipped; {len(data_report.get('duplicates', []))} duplicate groups.</p>",
+    ]
+    if skipped:
+        parts.append(_table(["skipped file", "reason"], [[r["id"], r["reason"]] for r in skipped]))
+    if data_report.get("duplicates"):
+        parts.append(
+            _table(["duplicate group (same content)"], [[", ".join(g)] for g in data_report["duplicates"]])
+        )
+    return parts
+
+
 def render_html(
     *,
     metrics: dict[str, Any],
@@ -125,6 +186,9 @@ def render_html(
     config_yaml: str,
     run_name: str,
 ) -> str:
+    """The run's self-contained HTML report (figures inlined): warnings, what is served, the summary, the
+    guarantees, the figures, the decisions, calibration and conformal comparisons, the cascade, the slices,
+    the data and the configuration."""
     parts = [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>roadwork report: "
         f"{html.escape(run_name)}</title><style>{_CSS}</style></head><body>",
@@ -134,68 +198,18 @@ def render_html(
         _served_html(metrics),
         "<h2>Summary</h2>",
         _table(["metric", "value"], [list(r) for r in summary_rows(metrics)]),
+        _guarantees_note(metrics),
+        *_figure_parts(figures),
+        *_decision_rows(metrics),
+        *_calibration_methods(metrics),
+        *_conformal_rows(metrics),
     ]
-    c, s = metrics["conformal"], metrics["selective"]
-    parts.append(
-        "<div class='note'><b>What the guarantees mean.</b> "
-        f"Prediction sets contain the true class for at least {1 - c['alpha']:.0%} of images <i>on average over "
-        "images and calibration draws</i>, provided calibration and test images are exchangeable (drawn from "
-        f"the same distribution). The abstain rule {_answer_rule(s)}; with probability ≥ {1 - s['delta']:.0%} "
-        "over the calibration draw, the error rate "
-        f"on answered images is at most {s['target_risk']}. Neither holds under distribution shift.</div>"
-    )
-    order = ["reliability", "risk_coverage", "confusion", "training", "samples", "mistakes"]
-    for name in order:
-        if name in figures:
-            png, caption = figures[name]
-            parts.append(f"<h2>{html.escape(caption.split(':')[0])}</h2>{_img(name, png, caption)}")
-    parts.extend(_decision_rows(metrics))
-    comparison = metrics.get("calibration_comparison", {})
-    if comparison:
-        chosen = metrics["calibration"]["kind"]
-        parts.append(
-            "<h2>Calibration methods</h2><p>Every calibrator fitted on the calibration split, scored on test. "
-            f"The policy uses <b>{html.escape(chosen)}</b> (shaded); 'none' is the raw model.</p>"
-        )
-        parts.append(
-            _table(
-                ["method", "NLL", "ECE", "ECE (equal mass)", "classwise ECE", "Brier", "accuracy"],
-                [
-                    [
-                        k,
-                        r["nll"],
-                        r["ece"],
-                        r["ece_equal_mass"],
-                        r["classwise_ece"],
-                        r["brier"],
-                        r["accuracy"],
-                    ]
-                    for k, r in comparison.items()
-                ],
-                ["ok" if k == chosen else "" for k in comparison],
-            )
-        )
-    parts.extend(_conformal_rows(metrics))
     if metrics.get("cascade"):
         from roadwork.evaluation.cascade import cascade_section
 
         parts.extend(cascade_section(metrics, _table, _img))
     parts.extend(_slice_section(metrics))
-    parts.append("<h2>Data</h2>")
-    split_rows = [[sp, *cnt.values()] for sp, cnt in data_report.get("split_counts", {}).items()]
-    class_names = list(data_report.get("class_counts", {}))
-    parts.append(_table(["split", *class_names], split_rows))
-    skipped = data_report.get("skipped", [])
-    parts.append(
-        f"<p>{data_report.get('n_used', 0)} images used of {data_report.get('n_found', 0)} found; "
-        f"{len(skipped)} skipped; {len(data_report.get('duplicates', []))} duplicate groups.</p>"
-    )
-    if skipped:
-        parts.append(_table(["skipped file", "reason"], [[r["id"], r["reason"]] for r in skipped]))
-    if data_report.get("duplicates"):
-        parts.append(
-            _table(["duplicate group (same content)"], [[", ".join(g)] for g in data_report["duplicates"]])
-        )
+    parts.extend(_data_section(data_report))
     parts.append(f"<h2>Configuration</h2><pre>{html.escape(config_yaml)}</pre></body></html>")
     return "\n".join(parts)
 
@@ -280,6 +294,7 @@ def _decision_rows(metrics: dict[str, Any]) -> list[str]:
 
 
 def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, data_source: str) -> str:
+    """MODEL_CARD.md: the task, data, test figures, guarantees, hardest slices and limits, in Markdown."""
     t, c, s = metrics["test"], metrics["conformal"], metrics["selective"]
     worst = sorted(metrics["slices"].items(), key=lambda kv: kv[1]["accuracy"])[:5]
     lines = [

@@ -16,10 +16,13 @@ from roadwork.pipeline.stages import STAGES
 __all__ = ["STAGE_NAMES", "RunResult", "run_pipeline"]
 
 STAGE_NAMES = [s.name for s in STAGES]
+"""The stages in graph order (what --force and --until take)."""
 
 
 @dataclass
 class RunResult:
+    """What :func:`run_pipeline` returns: the run folder, each stage's result, and where the outputs are."""
+
     run_dir: Path
     stages: list[StageResult]
     tracking_uri: str | None = None
@@ -27,15 +30,18 @@ class RunResult:
 
     @property
     def metrics(self) -> dict[str, Any] | None:
+        """The evaluate stage's metrics.json (None when the run stopped before it)."""
         p = self.run_dir / "evaluate" / "metrics.json"
         return json.loads(p.read_text()) if p.is_file() else None
 
     @property
     def report(self) -> Path:
+        """The HTML report's path."""
         return self.run_dir / "evaluate" / "report.html"
 
     @property
     def bundle(self) -> Path:
+        """The exported bundle's folder."""
         return self.run_dir / "export" / "bundle"
 
 

@@ -48,11 +48,13 @@ from roadwork.trust.selective import AbstentionCertificate, rows_needed
 
 __all__ = [
     "RowSplit",
+    "abstention_warnings",
     "certify_gate",
     "certify_served",
     "fit_abstention",
     "fit_calibrator",
     "fit_conformal",
+    "fit_fraction",
     "fit_risk",
     "flip_to_noise",
     "positive_class",
@@ -78,6 +80,7 @@ class RowSplit:
     policy: np.ndarray
 
     def counts(self) -> dict[str, int]:
+        """How many rows each part holds."""
         return {k: int(getattr(self, k).sum()) for k in ("calibrator", "gate", "policy")}
 
 

@@ -26,13 +26,25 @@ from roadwork.config import RunConfig
 from roadwork.errors import ConfigError
 from roadwork.jsonio import write_json
 
-__all__ = ["STAGE_SCHEMA", "Stage", "StageContext", "StageResult", "code_files", "code_version", "run_stages"]
+__all__ = [
+    "STAGE_SCHEMA",
+    "Stage",
+    "StageContext",
+    "StageResult",
+    "code_files",
+    "code_version",
+    "config_value",
+    "run_stages",
+]
 
 STAGE_SCHEMA = 1
+"""The layout version of a stage's manifest.json (a change invalidates every cached stage)."""
 
 
 @dataclass
 class StageContext:
+    """What a stage function gets: the config, the folder to write into, its inputs' folders, the tracker."""
+
     cfg: RunConfig
     out: Path  # temp folder to write into
     inputs: dict[str, Path]  # final folders of the stages this one depends on
@@ -43,6 +55,8 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
+    """One node of the stage graph: its inputs, the config keys and source it depends on, its function."""
+
     name: str
     deps: tuple[str, ...]
     config: tuple[str, ...]  # RunConfig sections (or dotted keys below them) that change the output
@@ -53,6 +67,8 @@ class Stage:
 
 @dataclass
 class StageResult:
+    """One stage of a run: whether it was a cache hit, how long it took, its folder, digest and info."""
+
     name: str
     cached: bool
     seconds: float  # duration of the run that produced the outputs (the original run for cache hits)
@@ -143,6 +159,69 @@ def _descendants(stages: list[Stage], roots: set[str]) -> set[str]:
     return out
 
 
+def _stages_to_run(stages: list[Stage], until: str | None) -> list[Stage]:
+    """``until`` and every stage it depends on (all stages without ``until``), in graph order."""
+    if not until:
+        return stages
+    keep = {until}
+    for s in reversed(stages):
+        if s.name in keep:
+            keep.update(s.deps)
+    return [s for s in stages if s.name in keep]
+
+
+def _cached(stage: Stage, final: Path, key: str, forced: set[str]) -> StageResult | None:
+    """The stage's stored result when its folder's manifest has this key (inputs, config and code unchanged)."""
+    manifest = None if stage.name in forced else _read_manifest(final)
+    if manifest is None or manifest.get("key") != key or manifest.get("schema") != STAGE_SCHEMA:
+        return None
+    info = manifest.get("info", {})
+    return StageResult(stage.name, True, float(manifest["seconds"]), final, manifest["digest"], info)
+
+
+def _execute(stage: Stage, ctx: StageContext, key: str, digests: dict[str, str]) -> StageResult:
+    """Run the stage into its temporary folder ``ctx.out``, write its manifest (every output's sha256), then
+    swap the folder into place: a stage becomes visible only complete."""
+    tmp, cfg = ctx.out, ctx.cfg
+    t0 = time.perf_counter()
+    try:
+        info = stage.fn(ctx)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    outputs = {
+        p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
+    digest = hashlib.sha256(
+        json.dumps({k: v["sha256"] for k, v in outputs.items()}, sort_keys=True).encode()
+    ).hexdigest()
+    manifest = {
+        "schema": STAGE_SCHEMA,
+        "stage": stage.name,
+        "key": key,
+        "digest": digest,
+        "seconds": seconds,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": code_version(stage.code),
+        "inputs": digests,
+        "config": {s: config_value(cfg, s) for s in stage.config},
+        "versions": _versions(),
+        "info": info,
+        "outputs": outputs,
+    }
+    write_json(tmp / "manifest.json", manifest)
+    final = cfg.run_dir / stage.name
+    old = cfg.run_dir / f".tmp-old-{stage.name}-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)  # the stage becomes visible only complete
+    shutil.rmtree(old, ignore_errors=True)
+    return StageResult(stage.name, False, seconds, final, digest, info)
+
+
 def run_stages(
     stages: list[Stage],
     cfg: RunConfig,
@@ -154,83 +233,31 @@ def run_stages(
     on_stage: Callable[[StageResult], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[StageResult]:
+    """Run every stage up to ``until`` in graph order, reusing a stage whose key (inputs' digests, config
+    keys, code) is unchanged; ``force`` reruns stages and their dependents. Returns one result per stage."""
     names = [s.name for s in stages]
     force = set(force)
     unknown = force - set(names) | ({until} - set(names) if until else set())
     if unknown:
         raise ConfigError(f"Unknown stage(s) {sorted(unknown)}; the stages are: {', '.join(names)}.")
-    if until:
-        keep = {until}
-        for s in reversed(stages):
-            if s.name in keep:
-                keep.update(s.deps)
-        stages = [s for s in stages if s.name in keep]
+    stages = _stages_to_run(stages, until)
     forced = _descendants(stages, force)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     for leftover in run_dir.glob(".tmp-*"):  # an interrupted earlier run
         shutil.rmtree(leftover, ignore_errors=True)
-
     done: dict[str, StageResult] = {}
-    results: list[StageResult] = []
     for stage in stages:
-        final = run_dir / stage.name
         digests = {d: done[d].digest for d in stage.deps}
         key = _key(stage, cfg, digests)
-        manifest = None if stage.name in forced else _read_manifest(final)
-        if manifest is not None and manifest.get("key") == key and manifest.get("schema") == STAGE_SCHEMA:
-            res = StageResult(
-                stage.name,
-                True,
-                float(manifest["seconds"]),
-                final,
-                manifest["digest"],
-                manifest.get("info", {}),
-            )
-        else:
+        res = _cached(stage, run_dir / stage.name, key, forced)
+        if res is None:
             tmp = run_dir / f".tmp-{stage.name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            t0 = time.perf_counter()
-            try:
-                info = stage.fn(
-                    StageContext(cfg, tmp, {d: done[d].path for d in stage.deps}, tracker, progress, on_epoch)
-                )
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            seconds = time.perf_counter() - t0
-            outputs = {
-                p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
-                for p in sorted(tmp.rglob("*"))
-                if p.is_file()
-            }
-            digest = hashlib.sha256(
-                json.dumps({k: v["sha256"] for k, v in outputs.items()}, sort_keys=True).encode()
-            ).hexdigest()
-            manifest = {
-                "schema": STAGE_SCHEMA,
-                "stage": stage.name,
-                "key": key,
-                "digest": digest,
-                "seconds": seconds,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "code": code_version(stage.code),
-                "inputs": digests,
-                "config": {s: config_value(cfg, s) for s in stage.config},
-                "versions": _versions(),
-                "info": info,
-                "outputs": outputs,
-            }
-            write_json(tmp / "manifest.json", manifest)
-            old = run_dir / f".tmp-old-{stage.name}-{os.getpid()}"
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)  # the stage becomes visible only complete
-            shutil.rmtree(old, ignore_errors=True)
-            res = StageResult(stage.name, False, seconds, final, digest, info)
+            inputs = {d: done[d].path for d in stage.deps}
+            res = _execute(stage, StageContext(cfg, tmp, inputs, tracker, progress, on_epoch), key, digests)
         done[stage.name] = res
-        results.append(res)
         if on_stage is not None:
             on_stage(res)
-    return results
+    return list(done.values())

@@ -15,7 +15,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -23,35 +23,41 @@ import pandas as pd
 from roadwork.config import CalibrateConfig, RunConfig, dump_config
 from roadwork.errors import ConfigError, RoadworkWarning
 from roadwork.jsonio import write_json
-from roadwork.pipeline.runner import Stage, StageContext
-from roadwork.trust import (
-    Predictions,
-    SplitConformal,
-    TrustPolicy,
-    make_calibrator,
+from roadwork.pipeline.artifacts import (
+    SPLITS_PREDICTED,
+    abs_paths,
+    decode_side_for,
+    label_indices,
+    load_calibrator,
+    load_cascade,
+    load_dataset,
+    load_predictions,
+    read_json,
+    slice_columns,
+    split_rows,
+    stage_manifest,
+    stage_outputs,
 )
-from roadwork.trust.calibration import Calibrator, calibrate_proba, calibrator_from_dict
+from roadwork.pipeline.cascade_stages import stage_cascade, stage_cascade_models
+from roadwork.pipeline.runner import Stage, StageContext
+from roadwork.trust import Predictions, SplitConformal, TrustPolicy, make_calibrator, softmax
+from roadwork.trust.calibration import calibrate_proba
 from roadwork.trust.cascade import Cascade
 from roadwork.trust.selective import AbstentionCertificate
 
-__all__ = ["STAGES", "load_calibrator", "load_cascade", "load_dataset", "load_policy", "served_calib"]
-
-SPLITS_PREDICTED = ("val", "calib", "test")
-
-
-def load_dataset(data_dir: Path) -> tuple[pd.DataFrame, list[str]]:
-    df = pd.read_parquet(data_dir / "dataset.parquet")
-    report = json.loads((data_dir / "data_report.json").read_text())
-    return df, list(report["classes"])
-
-
-def load_policy(run_dir: Path) -> TrustPolicy:
-    return TrustPolicy.load(run_dir / "policy" / "policy.json")
-
-
-def _labels(df: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    index = {c: i for i, c in enumerate(classes)}
-    return df["label"].map(index).to_numpy(dtype=np.int64)
+__all__ = [
+    "STAGES",
+    "served_calib",
+    "stage_calibrate",
+    "stage_conformal",
+    "stage_data",
+    "stage_evaluate",
+    "stage_export",
+    "stage_policy",
+    "stage_predict",
+    "stage_selective",
+    "stage_train",
+]
 
 
 def _dir_digest(d: Path) -> str:
@@ -84,6 +90,7 @@ def _source_fingerprint(cfg: RunConfig) -> str:
 
 
 def stage_data(ctx: StageContext) -> dict[str, Any]:
+    """dataset.parquet (one row per usable image, with its split and slice columns) and data_report.json."""
     from roadwork.data.sources import build_dataset
     from roadwork.data.synthetic import generate_dataset
 
@@ -99,27 +106,6 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
     rep = {"classes": classes, "source": d.source, **report.to_dict()}
     (ctx.out / "data_report.json").write_text(json.dumps(rep, indent=2))
     return {"n": report.n_used, "skipped": len(report.skipped), "classes": classes}
-
-
-def decode_side_for(cfg: RunConfig, spec: Any) -> int:
-    """The side every image of this run is decoded to (JPEG DCT scaling, see data.preprocess): the largest
-    resize side of the model and, with a cascade, of the small net and the features. The predict stage, the
-    cascade's stages, export and the bundle all decode with it, so the logits certified are the logits served."""
-    from roadwork.data.features import FEATURE_SPEC
-    from roadwork.data.preprocess import PreprocessSpec, decode_side
-
-    specs = [spec]
-    c = cfg.cascade
-    if c.enabled:
-        if c.small is not None:
-            specs.append(PreprocessSpec(size=c.small.image_size))
-        if c.boosting != "none":
-            specs.append(FEATURE_SPEC)
-    return decode_side(*specs)
-
-
-def _abs_paths(df: pd.DataFrame, data_dir: Path) -> list[str]:
-    return [p if Path(p).is_absolute() else str(data_dir / p) for p in df["path"]]
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -156,6 +142,7 @@ def _explora(ctx: StageContext) -> Path:
 
 
 def stage_train(ctx: StageContext) -> dict[str, Any]:
+    """Train the model on the train split (early stopping on val): its weights, card, history and curves."""
     from roadwork.evaluation.plots import training_png
     from roadwork.models.factory import save_model
     from roadwork.training.loop import save_history, train_model
@@ -180,10 +167,10 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
         ctx.cfg.model,
         train_cfg,
         classes=classes,
-        train_paths=_abs_paths(tr, ctx.inputs["data"]),
-        train_labels=_labels(tr, classes),
-        val_paths=_abs_paths(va, ctx.inputs["data"]),
-        val_labels=_labels(va, classes),
+        train_paths=abs_paths(tr, ctx.inputs["data"]),
+        train_labels=label_indices(tr, classes),
+        val_paths=abs_paths(va, ctx.inputs["data"]),
+        val_labels=label_indices(va, classes),
         on_epoch=on_epoch,
         progress=ctx.progress,
         checkpoint_dir=checkpoints,  # outside the stage's temp folder, so an interrupted run resumes
@@ -212,17 +199,17 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_predict(ctx: StageContext) -> dict[str, Any]:
+    """The model's logits on the val, calib and test splits (predictions-SPLIT.parquet)."""
     from roadwork.models.factory import load_model
     from roadwork.training.loop import load_uint8, predict_logits
 
     df, classes = load_dataset(ctx.inputs["data"])
     model, card = load_model(ctx.inputs["train"])
-    slice_cols = [c for c in df.columns if c not in ("id", "path", "label", "split", "sha256")]
     counts = {}
     for split in SPLITS_PREDICTED:
         part = df[df["split"] == split]
         u8 = load_uint8(
-            _abs_paths(part, ctx.inputs["data"]),
+            abs_paths(part, ctx.inputs["data"]),
             card.preprocess,
             f"reading {split}",
             ctx.progress,
@@ -231,17 +218,17 @@ def stage_predict(ctx: StageContext) -> dict[str, Any]:
         logits = predict_logits(model, u8, card.preprocess)
         Predictions(
             part["id"].to_numpy(),
-            _labels(part, classes),
+            label_indices(part, classes),
             logits.reshape(len(part), len(classes)),
             classes,
-            {c: part[c].to_numpy() for c in slice_cols},
+            slice_columns(part),
         ).to_parquet(ctx.out / f"predictions-{split}.parquet")
         counts[split] = len(part)
     return counts
 
 
 def _preds(ctx: StageContext, split: str) -> Predictions:
-    return Predictions.from_parquet(ctx.inputs["predict"] / f"predictions-{split}.parquet")
+    return load_predictions(ctx.inputs["predict"], split)
 
 
 # --------------------------------------------------------------------------------------------- trust
@@ -254,7 +241,6 @@ def _calibration_checks(c: CalibrateConfig, cal: Predictions) -> tuple[bool, dic
     NLL and ECE of the fitted method vs the raw softmax. Returns (keep the method, the figures)."""
     from roadwork.pipeline.certify import fit_calibrator
     from roadwork.trust import metrics as M
-    from roadwork.trust._checks import softmax
 
     if c.method == "none" or len(cal) < 50:
         return True, {}
@@ -284,6 +270,7 @@ def _calibration_checks(c: CalibrateConfig, cal: Predictions) -> tuple[bool, dic
 
 
 def stage_calibrate(ctx: StageContext) -> dict[str, Any]:
+    """Fit the calibrator on the calibrator rows of the calibration split, checked by cross-validation."""
     from roadwork.pipeline.certify import fit_calibrator, fit_fraction, row_split
 
     cal = _preds(ctx, "calib")
@@ -315,33 +302,18 @@ def stage_calibrate(ctx: StageContext) -> dict[str, Any]:
             "calibrate.method=auto, or more calibration data."
         )
     write_json(ctx.out / "calibrator.json", calibrator.to_dict())
-    split = {
-        "fit_fraction": fraction,
-        "n_calibrator": int(rows.sum()),
-        "n_trust": int((~rows).sum() or len(cal)),
-    }
+    trust_rows = row_split(
+        cal.ids, fraction, None
+    ).policy  # without a cascade every trust row fits the policy
+    split = {"fit_fraction": fraction, "n_calibrator": int(rows.sum()), "n_trust": int(trust_rows.sum())}
     write_json(ctx.out / "split.json", split)
     write_json(ctx.out / "checks.json", {"kept": keep, **figures, "warnings": warnings_})
     return {**calibrator.to_dict(), "rows": split, "warnings": warnings_}
 
 
-def load_calibrator(calibrate_dir: Path) -> Calibrator:
-    """The calibrate stage's calibrator."""
-    return calibrator_from_dict(json.loads((calibrate_dir / "calibrator.json").read_text()))
-
-
-def load_cascade(cascade_dir: Path) -> Cascade | None:
-    """The cascade stage's certified cascade (None when the cascade is off)."""
-    spec = json.loads((cascade_dir / "cascade.json").read_text())
-    if not spec.get("enabled"):
-        return None
-    return Cascade.from_dict(spec)
-
-
 def served_calib(ctx: StageContext) -> tuple[Predictions, np.ndarray, Cascade | None, list[np.ndarray]]:
     """The policy rows of the calibration split and the served path's calibrated probabilities on them (the
     cascade's composite when there is one), with the cascade and its earlier stages' outputs on those rows."""
-    from roadwork.pipeline.cascade_stages import stage_outputs
     from roadwork.pipeline.certify import fit_fraction, row_split, served_probs
 
     cal = _preds(ctx, "calib")
@@ -364,6 +336,7 @@ def served_calib(ctx: StageContext) -> tuple[Predictions, np.ndarray, Cascade | 
 
 
 def stage_conformal(ctx: StageContext) -> dict[str, Any]:
+    """The conformal threshold on the policy rows, on the served path's calibrated probabilities."""
     from roadwork.pipeline.certify import fit_conformal
 
     cal, probs, _, _ = served_calib(ctx)
@@ -383,6 +356,7 @@ def stage_conformal(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_selective(ctx: StageContext) -> dict[str, Any]:
+    """The abstention certificate on the policy rows, on the served path's calibrated probabilities."""
     from roadwork.pipeline.certify import abstention_warnings, fit_abstention
 
     cal, probs, _, _ = served_calib(ctx)
@@ -394,6 +368,7 @@ def stage_selective(ctx: StageContext) -> dict[str, Any]:
 
 
 def stage_policy(ctx: StageContext) -> dict[str, Any]:
+    """The trust policy: calibrator, conformal sets, abstention, binary risk control and the cascade."""
     from roadwork.pipeline.certify import fit_risk, positive_class
 
     cal, probs, cascade, _ = served_calib(ctx)
@@ -401,12 +376,8 @@ def stage_policy(ctx: StageContext) -> dict[str, Any]:
     policy = TrustPolicy(
         classes=cal.classes,
         calibrator=load_calibrator(ctx.inputs["calibrate"]),
-        conformal=SplitConformal.from_dict(
-            json.loads((ctx.inputs["conformal"] / "conformal.json").read_text())
-        ),
-        abstention=AbstentionCertificate.from_dict(
-            json.loads((ctx.inputs["selective"] / "selective.json").read_text())
-        ),
+        conformal=SplitConformal.from_dict(read_json(ctx.inputs["conformal"] / "conformal.json")),
+        abstention=AbstentionCertificate.from_dict(read_json(ctx.inputs["selective"] / "selective.json")),
         positive_class=positive_class(cal.classes),
         operating_point=op,
         risk_control=fnr,
@@ -426,21 +397,15 @@ def stage_policy(ctx: StageContext) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- export
 
 
-def stage_export(ctx: StageContext) -> dict[str, Any]:
+def _parity_export(
+    ctx: StageContext, model: Any, card: Any, x: np.ndarray, onnx_path: Path
+) -> dict[str, Any]:
+    """Export the model to ONNX and check it against torch on the very inputs the bundle will see."""
     from roadwork._deps import require
-    from roadwork.data.preprocess import load_rgb, preprocess
     from roadwork.errors import ArtifactError
-    from roadwork.export.bundle import write_bundle
     from roadwork.export.onnx import export_onnx, onnx_logits, onnx_session
-    from roadwork.models.factory import load_model
 
     e = ctx.cfg.export
-    model, card = load_model(ctx.inputs["train"])
-    df, _ = load_dataset(ctx.inputs["data"])
-    test = df[df["split"] == "test"].head(e.parity_samples)
-    side = decode_side_for(ctx.cfg, card.preprocess)
-    x = preprocess([load_rgb(p, side) for p in _abs_paths(test, ctx.inputs["data"])], card.preprocess)
-    onnx_path = ctx.out / "model.onnx.tmp"
     exporter = export_onnx(model, x, onnx_path, opset=e.opset, exporter=e.exporter)
     torch = require("torch")
     with torch.inference_mode():  # the reference: the torch model on the very inputs the bundle will see
@@ -452,13 +417,6 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
             f"ONNX parity check failed: max |logit difference| {max_diff:.2e} exceeds "
             f"export.parity_atol={e.parity_atol:g}. The exported graph is not trustworthy."
         )
-    info: dict[str, Any] = {
-        "exporter": exporter,
-        "opset": e.opset,
-        "parity_max_abs_diff": max_diff,
-        "parity_n": len(x),
-        "decode_side": side,  # the bundle decodes every image to this side (as the predict stage did)
-    }
     if e.tensorrt:
         from roadwork.export.variants import tensorrt_available
 
@@ -467,7 +425,11 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
                 "export.tensorrt=true needs an NVIDIA GPU and ONNX Runtime's TensorRT execution provider "
                 "(pip install onnxruntime-gpu tensorrt); this machine has neither. Set export.tensorrt=false."
             )
-    policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
+    return {"exporter": exporter, "opset": e.opset, "parity_max_abs_diff": max_diff, "parity_n": len(x)}
+
+
+def _cascade_files(ctx: StageContext, policy: TrustPolicy, info: dict[str, Any]) -> dict[str, Path]:
+    """The earlier cascade stages' model files (and cards) the bundle ships, recorded in ``info``."""
     extra: dict[str, Path] = {}
     if policy.cascade is not None:
         for st in policy.cascade.stages[:-1]:
@@ -475,57 +437,96 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
                 if name:
                     extra[name] = ctx.inputs["cascade_models"] / name
         info["cascade"] = {"stages": policy.cascade.names, "threshold": policy.cascade.threshold}
+    return extra
+
+
+def _int8_variant(
+    ctx: StageContext, card: Any, policy: TrustPolicy, onnx_path: Path, side: int
+) -> tuple[Path, dict[str, Any], Path]:
+    """The int8 model, certified with its own policy on its own outputs (precision changes the outputs):
+    its file, its export info and its policy file."""
+    from roadwork.data.preprocess import load_rgb, preprocess
+    from roadwork.export.variants import quantize_int8
+
+    e = ctx.cfg.export
+    calib_x = None
+    if e.int8 == "static":
+        df, _ = load_dataset(ctx.inputs["data"])
+        rows = split_rows(df, "train").head(e.int8_calibration_images)
+        calib_x = preprocess(
+            [load_rgb(p, side) for p in abs_paths(rows, ctx.inputs["data"])], card.preprocess
+        )
+    q_path = ctx.out / "model-int8.onnx.tmp"
+    mode: Literal["dynamic", "static"] = (
+        "static" if e.int8 == "static" else "dynamic"
+    )  # int8 is not none here
+    q_info = quantize_int8(onnx_path, q_path, mode=mode, calibration=calib_x)
+    q_policy, q_report = _variant_policy(ctx, card, policy, q_path)
+    q_policy_path = ctx.out / "policy-int8.json"
+    q_policy.save(q_policy_path)
+    info = q_info | {"runtime": "onnxruntime", "precision": "int8", "policy": "policy-int8.json"}
+    info["certified_on"] = q_report["rows"]
+    info |= _variant_quality(ctx, card, {"fp32": (onnx_path, policy), "int8": (q_path, q_policy)})
+    info["size_mb"] = round(q_path.stat().st_size / 2**20, 3)
+    info["warnings"] = q_report["warnings"]
+    return q_path, info, q_policy_path
+
+
+def _openvino_variants(
+    ctx: StageContext, card: Any, policy: TrustPolicy, onnx_path: Path, info: dict[str, Any]
+) -> dict[str, tuple[dict[str, Any], Path]]:
+    """The same model.onnx through OpenVINO: each precision certified on its own outputs, here (a precision
+    this CPU lacks is recorded in ``info['variants_skipped']``). Returns each variant's info and policy file."""
+    from roadwork.export.runtime import RuntimeSpec, cpu_summary, runtime_status
+
+    out: dict[str, tuple[dict[str, Any], Path]] = {}
+    for spec in (RuntimeSpec("openvino", "fp32"), RuntimeSpec("openvino", "bf16")):
+        status = runtime_status(spec)
+        if status != "ok":
+            if spec.precision == "fp32":
+                raise ConfigError(f"export.openvino=true: {status}. Install it or set export.openvino=false.")
+            info.setdefault("variants_skipped", {})[spec.name] = status
+            continue
+        v_policy, v_report = _variant_policy(ctx, card, policy, onnx_path, runtime=spec)
+        pname = f"policy-{spec.name}.json"
+        v_policy.save(ctx.out / pname)
+        v_info: dict[str, Any] = {"runtime": spec.runtime, "precision": spec.precision, "policy": pname}
+        v_info |= {
+            "certified_on": v_report["rows"],
+            "certified_cpu": cpu_summary(),
+            "warnings": v_report["warnings"],
+        }
+        out[spec.name] = (v_info, ctx.out / pname)
+    return out
+
+
+def stage_export(ctx: StageContext) -> dict[str, Any]:
+    """The bundle: the model in ONNX (parity-checked against torch), the policy, the cascade's earlier stages,
+    the drift reference and the variants (int8, OpenVINO), each certified with its own policy."""
+    from roadwork.data.preprocess import load_rgb, preprocess
+    from roadwork.export.bundle import write_bundle
+    from roadwork.models.factory import load_model
+
+    e = ctx.cfg.export
+    model, card = load_model(ctx.inputs["train"])
+    df, _ = load_dataset(ctx.inputs["data"])
+    test = split_rows(df, "test").head(e.parity_samples)
+    side = decode_side_for(ctx.cfg, card.preprocess)
+    x = preprocess([load_rgb(p, side) for p in abs_paths(test, ctx.inputs["data"])], card.preprocess)
+    onnx_path = ctx.out / "model.onnx.tmp"
+    info = _parity_export(ctx, model, card, x, onnx_path)
+    info["decode_side"] = side  # the bundle decodes every image to this side (as the predict stage did)
+    policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
+    extra = _cascade_files(ctx, policy, info)
     extra["reference.json"] = _drift_reference(ctx, policy, ctx.out / "reference.json")
     variants: dict[str, tuple[Path | None, dict[str, Any]]] = {}
     if e.int8 != "none":
-        from roadwork.export.variants import quantize_int8
-
-        train_rows = df[df["split"] == "train"].head(e.int8_calibration_images)
-        calib_x = (
-            preprocess(
-                [load_rgb(p, side) for p in _abs_paths(train_rows, ctx.inputs["data"])], card.preprocess
-            )
-            if e.int8 == "static"
-            else None
-        )
-        q_path = ctx.out / "model-int8.onnx.tmp"
-        q_info = quantize_int8(onnx_path, q_path, mode=e.int8, calibration=calib_x)
-        # precision changes the outputs: the int8 model gets its own policy, certified on its own outputs
-        q_policy, q_report = _variant_policy(ctx, card, policy, q_path)
-        q_policy_path = ctx.out / "policy-int8.json"
-        q_policy.save(q_policy_path)
-        extra["policy-int8.json"] = q_policy_path
-        info["int8"] = q_info | {"runtime": "onnxruntime", "precision": "int8", "policy": "policy-int8.json"}
-        info["int8"]["certified_on"] = q_report["rows"]
-        info["int8"] |= _variant_quality(ctx, card, {"fp32": (onnx_path, policy), "int8": (q_path, q_policy)})
-        info["int8"]["size_mb"] = round(q_path.stat().st_size / 2**20, 3)
-        info["int8"]["warnings"] = q_report["warnings"]
+        q_path, info["int8"], extra["policy-int8.json"] = _int8_variant(ctx, card, policy, onnx_path, side)
         variants["int8"] = (q_path, info["int8"])
-    if e.openvino:  # the same model.onnx through OpenVINO: each precision certified on its own outputs, here
-        from roadwork.export.runtime import RuntimeSpec, cpu_summary, runtime_status
-
-        for spec in (RuntimeSpec("openvino", "fp32"), RuntimeSpec("openvino", "bf16")):
-            status = runtime_status(spec)
-            if status != "ok":
-                if spec.precision == "fp32":
-                    raise ConfigError(
-                        f"export.openvino=true: {status}. Install it or set export.openvino=false."
-                    )
-                info.setdefault("variants_skipped", {})[spec.name] = status
-                continue
-            v_policy, v_report = _variant_policy(ctx, card, policy, onnx_path, runtime=spec)
-            pname = f"policy-{spec.name}.json"
-            v_policy.save(ctx.out / pname)
-            extra[pname] = ctx.out / pname
-            info[spec.name] = {
-                "runtime": spec.runtime,
-                "precision": spec.precision,
-                "policy": pname,
-                "certified_on": v_report["rows"],
-                "certified_cpu": cpu_summary(),
-                "warnings": v_report["warnings"],
-            }
-            variants[spec.name] = (None, info[spec.name])
+    if e.openvino:
+        for name, (v_info, v_policy_path) in _openvino_variants(ctx, card, policy, onnx_path, info).items():
+            info[name], extra[v_policy_path.name] = v_info, v_policy_path
+            variants[name] = (None, v_info)
     # what roadwork bench may select: the fastest certified variant within these of fp32 on the test split
     info["selection"] = {"max_accuracy_drop": e.max_accuracy_drop, "max_ece_increase": e.max_ece_increase}
     info["size_mb"] = round(onnx_path.stat().st_size / 2**20, 3)
@@ -543,13 +544,21 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
 
         write_triton_repository(onnx_path, ctx.out / "triton", name=ctx.cfg.name)
         info["triton"] = str(Path("export") / "triton" / ctx.cfg.name)
+    _remove_staging_files(ctx, onnx_path, variants)
+    return info
+
+
+def _remove_staging_files(
+    ctx: StageContext, onnx_path: Path, variants: dict[str, tuple[Path | None, dict[str, Any]]]
+) -> None:
+    """The bundle holds copies of everything: the stage folder keeps only the bundle (and Triton's repository)."""
     onnx_path.unlink()
     (ctx.out / "reference.json").unlink()
     for path, v_info in variants.values():
         (ctx.out / v_info["policy"]).unlink(missing_ok=True)
         if path is not None:
             path.unlink()
-    return info
+            path.with_suffix(".bin").unlink(missing_ok=True)  # an OpenVINO IR's weights
 
 
 def _drift_reference(ctx: StageContext, policy: TrustPolicy, path: Path) -> Path:
@@ -589,7 +598,6 @@ def _variant_policy(
 ) -> tuple[TrustPolicy, dict[str, Any]]:
     """A model variant's own policy: its logits on the calibration split through the same chain the pipeline
     runs for the fp32 model (calibrator, the cascade's gate re-certified with this model last, thresholds)."""
-    from roadwork.pipeline.cascade_stages import stage_outputs
     from roadwork.pipeline.certify import certify_served
 
     cal = _preds(ctx, "calib")
@@ -598,7 +606,7 @@ def _variant_policy(
     logits = _model_logits(
         model_path,
         card,
-        _abs_paths(part, ctx.inputs["data"]),
+        abs_paths(part, ctx.inputs["data"]),
         decode_side_for(ctx.cfg, card.preprocess),
         runtime,
     )
@@ -625,8 +633,8 @@ def _variant_quality(
 
     df, _ = load_dataset(ctx.inputs["data"])
     test = df[df["split"] == "test"]
-    paths = _abs_paths(test, ctx.inputs["data"])
-    y = _labels(test, card.classes)
+    paths = abs_paths(test, ctx.inputs["data"])
+    y = label_indices(test, card.classes)
     out: dict[str, Any] = {}
     for name, (path, pol) in models.items():
         probs = pol.apply(_model_logits(path, card, paths, decode_side_for(ctx.cfg, card.preprocess))).probs
@@ -641,49 +649,47 @@ def _variant_quality(
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
+def _served_metrics(ctx: StageContext, test: Predictions, bundle: Any, out: Any) -> dict[str, Any]:
+    """The test metrics of what is served (the bundle end to end), of the model alone, and the comparisons of
+    calibration methods and conformal scores."""
     from roadwork.evaluation.metrics_table import (
         calibration_comparison,
         compute_metrics,
         conformal_comparison,
         model_alone_metrics,
     )
-    from roadwork.evaluation.plots import confusion_png, image_grid_png, reliability_png, risk_coverage_png
-    from roadwork.evaluation.report import render_html, render_model_card
-    from roadwork.export.bundle import Bundle
-    from roadwork.trust._checks import softmax
 
-    t0 = time.perf_counter()
-    cfg = ctx.cfg
-    test = _preds(ctx, "test")
-    # the artefact users run: the exported bundle, end to end (ONNX Runtime, cascade, policy), on the test images
-    bundle = Bundle.load(ctx.inputs["export"] / "bundle")
+    bins = ctx.cfg.evaluate.ece_bins
     policy = bundle.policy
-    df, _ = load_dataset(ctx.inputs["data"])
-    path_of = dict(zip(df["id"], _abs_paths(df, ctx.inputs["data"]), strict=True))
-    out = bundle.predict_output([path_of[i] for i in test.ids], slices=test.slices or None)
-    metrics = compute_metrics(test, policy, out=out, n_bins=cfg.evaluate.ece_bins)
+    metrics = compute_metrics(test, policy, out=out, n_bins=bins)
     metrics["served"] = {
         "what": "the exported bundle (fp32), run end to end on the test images",
         "path": " → ".join(policy.cascade.names) if policy.cascade is not None else "model",
         "stage_share": _stage_share(out, policy),
     }
-    metrics["model_alone"] = model_alone_metrics(test, policy, n_bins=cfg.evaluate.ece_bins)
-    metrics["calibration_comparison"] = calibration_comparison(
-        _preds(ctx, "calib"), test, n_bins=cfg.evaluate.ece_bins
-    )
+    metrics["model_alone"] = model_alone_metrics(test, policy, n_bins=bins)
+    metrics["calibration_comparison"] = calibration_comparison(_preds(ctx, "calib"), test, n_bins=bins)
     metrics["conformal_comparison"] = conformal_comparison(served_calib(ctx)[0], test, policy)
+    return metrics
+
+
+def _figures(
+    ctx: StageContext, test: Predictions, out: Any, policy: TrustPolicy, path_of: dict[Any, str]
+) -> dict[str, tuple[bytes, str]]:
+    """The report's figures (PNG bytes and caption): reliability, risk–coverage, confusion, training curves,
+    sample images and the most confident mistakes."""
+    from roadwork.evaluation.plots import confusion_png, image_grid_png, reliability_png, risk_coverage_png
+
+    bins = ctx.cfg.evaluate.ece_bins
+    a = policy.abstention
     figures: dict[str, tuple[bytes, str]] = {
         "reliability": (
-            reliability_png(softmax(test.logits), out.probs, test.labels, cfg.evaluate.ece_bins),
+            reliability_png(softmax(test.logits), out.probs, test.labels, bins),
             "Reliability: top-label confidence vs accuracy on test, before and after calibration",
         ),
         "risk_coverage": (
             risk_coverage_png(
-                out.confidence,
-                out.pred == test.labels,
-                target=policy.abstention.target_risk,
-                threshold=policy.abstention.threshold,
+                out.confidence, out.pred == test.labels, target=a.target_risk, threshold=a.threshold
             ),
             "Risk–coverage: error on answered images as the model answers more of them",
         ),
@@ -697,13 +703,11 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
         )
 
     def grid(rows: np.ndarray) -> bytes:  # caption: true label, then calibrated confidence and prediction
-        caps = [
-            f"true {test.classes[test.labels[i]]}\np={out.confidence[i]:.2f} {test.classes[out.pred[i]]}"
-            for i in rows
-        ]
+        c = test.classes
+        caps = [f"true {c[test.labels[i]]}\np={out.confidence[i]:.2f} {c[out.pred[i]]}" for i in rows]
         return image_grid_png([path_of[test.ids[i]] for i in rows], caps)
 
-    k = min(cfg.evaluate.n_examples, len(test))
+    k = min(ctx.cfg.evaluate.n_examples, len(test))
     if k:
         pick = np.random.default_rng(0).choice(len(test), size=k, replace=False)
         figures["samples"] = (
@@ -717,53 +721,74 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
                 grid(worst),
                 "Worst mistakes: the most confident wrong predictions on test",
             )
+    return figures
+
+
+def _timing(ctx: StageContext, evaluate_seconds: float) -> dict[str, float]:
+    """Seconds each stage took (from its manifest), this one included."""
+    manifests = {name: stage_manifest(p) for name, p in ctx.inputs.items()}
+    timing = {name: m["seconds"] for name, m in manifests.items() if m is not None}
+    return timing | {"evaluate": evaluate_seconds}
+
+
+def _cascade_report(ctx: StageContext, policy: TrustPolicy, test: Predictions, out: Any) -> dict[str, Any]:
+    """The served cascade's figures on test: per stage, the frontier, and the candidates the gate chose from."""
+    from roadwork.evaluation.cascade import cascade_metrics
+
+    assert policy.cascade is not None
+    models = ctx.inputs["cascade_models"]
+    stage_logits = [stage_outputs(models, st, "test") for st in policy.cascade.stages[:-1]]
+    curves = read_json(ctx.inputs["cascade"] / "curves.json")
+    section, _ = cascade_metrics(policy, [*stage_logits, test.logits], test, curves, served=out)
+    section["candidates"] = read_json(ctx.inputs["cascade"] / "cascade.json").get("candidates", [])
+    return section
+
+
+def _write_reports(ctx: StageContext, metrics: dict[str, Any], figures: dict[str, tuple[bytes, str]]) -> None:
+    """metrics.json, slices.csv, the figures, report.html and MODEL_CARD.md."""
+    from roadwork.evaluation.report import render_html, render_model_card
+
+    cfg = ctx.cfg
     fig_dir = ctx.out / "figures"
     fig_dir.mkdir()
     for name, (png, _) in figures.items():
         (fig_dir / f"{name}.png").write_bytes(png)
-
-    timing = {
-        name: json.loads((p / "manifest.json").read_text())["seconds"]
-        for name, p in ctx.inputs.items()
-        if (p / "manifest.json").is_file()
-    }
-    timing["evaluate"] = time.perf_counter() - t0
-    metrics["timing"] = timing
-    spec = json.loads((ctx.inputs["cascade"] / "cascade.json").read_text())
-    if policy.cascade is not None:
-        from roadwork.evaluation.cascade import cascade_metrics
-        from roadwork.pipeline.cascade_stages import stage_outputs
-
-        stage_logits = [
-            stage_outputs(ctx.inputs["cascade_models"], st, "test") for st in policy.cascade.stages[:-1]
-        ]
-        curves = json.loads((ctx.inputs["cascade"] / "curves.json").read_text())
-        metrics["cascade"], _ = cascade_metrics(
-            policy, [*stage_logits, test.logits], test, curves, served=out
-        )
-        metrics["cascade"]["candidates"] = spec.get("candidates", [])
-    metrics["warnings"] = _run_warnings(ctx)
-    bundle_manifest = json.loads((ctx.inputs["export"] / "bundle" / "manifest.json").read_text())
-    metrics["export"] = bundle_manifest["export"]
     write_json(ctx.out / "metrics.json", metrics)
-    pd.DataFrame([{"slice": k, **v} for k, v in metrics["slices"].items()]).to_csv(
-        ctx.out / "slices.csv", index=False
+    slices = pd.DataFrame([{"slice": k, **v} for k, v in metrics["slices"].items()])
+    slices.to_csv(ctx.out / "slices.csv", index=False)
+    html = render_html(
+        metrics=metrics,
+        figures=figures,
+        data_report=read_json(ctx.inputs["data"] / "data_report.json"),
+        config_yaml=dump_config(cfg),
+        run_name=cfg.name,
     )
-    data_report = json.loads((ctx.inputs["data"] / "data_report.json").read_text())
-    (ctx.out / "report.html").write_text(
-        render_html(
-            metrics=metrics,
-            figures=figures,
-            data_report=data_report,
-            config_yaml=dump_config(cfg),
-            run_name=cfg.name,
-        )
+    (ctx.out / "report.html").write_text(html)
+    card = render_model_card(
+        metrics=metrics, run_name=cfg.name, backbone=cfg.model.backbone, data_source=cfg.data.source
     )
-    (ctx.out / "MODEL_CARD.md").write_text(
-        render_model_card(
-            metrics=metrics, run_name=cfg.name, backbone=cfg.model.backbone, data_source=cfg.data.source
-        )
-    )
+    (ctx.out / "MODEL_CARD.md").write_text(card)
+
+
+def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
+    """The exported bundle, end to end (ONNX Runtime, cascade, policy), on the test images: metrics.json, the
+    figures, report.html and MODEL_CARD.md."""
+    from roadwork.export.bundle import Bundle
+
+    t0 = time.perf_counter()
+    test = _preds(ctx, "test")
+    bundle = Bundle.load(ctx.inputs["export"] / "bundle")  # the artefact users run
+    df, _ = load_dataset(ctx.inputs["data"])
+    path_of = dict(zip(df["id"], abs_paths(df, ctx.inputs["data"]), strict=True))
+    out = bundle.predict_output([path_of[i] for i in test.ids], slices=test.slices or None)
+    metrics = _served_metrics(ctx, test, bundle, out)
+    figures = _figures(ctx, test, out, bundle.policy, path_of)
+    metrics["timing"] = _timing(ctx, time.perf_counter() - t0)
+    if bundle.policy.cascade is not None:
+        metrics["cascade"] = _cascade_report(ctx, bundle.policy, test, out)
+    metrics["warnings"] = _run_warnings(ctx)
+    metrics["export"] = read_json(ctx.inputs["export"] / "bundle" / "manifest.json")["export"]
+    _write_reports(ctx, metrics, figures)
     return {"accuracy": metrics["test"]["accuracy"]}
 
 
@@ -778,27 +803,15 @@ def _run_warnings(ctx: StageContext) -> list[str]:
     """Every degenerate-outcome warning the trust stages recorded, in stage order, once each."""
     found: list[str] = []
     for name in ("calibrate", "cascade", "conformal", "selective", "policy"):
-        path = ctx.inputs[name] / "manifest.json"
-        if path.is_file():
-            found += json.loads(path.read_text()).get("info", {}).get("warnings", []) or []
+        manifest = stage_manifest(ctx.inputs[name])
+        if manifest is not None:
+            found += manifest.get("info", {}).get("warnings", []) or []
     return list(dict.fromkeys(found))
-
-
-def _cascade_models(ctx: StageContext) -> dict[str, Any]:
-    from roadwork.pipeline.cascade_stages import stage_cascade_models
-
-    return stage_cascade_models(ctx)
-
-
-def _cascade(ctx: StageContext) -> dict[str, Any]:
-    from roadwork.pipeline.cascade_stages import stage_cascade
-
-    return stage_cascade(ctx)
 
 
 def _code(*packages: str) -> tuple[str, ...]:
     """The source a stage runs: its packages, plus this file and the run config (edited → the stage reruns)."""
-    return (*packages, "pipeline/stages.py", "config.py")
+    return (*packages, "pipeline/stages.py", "pipeline/artifacts.py", "config.py")
 
 
 STAGES: list[Stage] = [
@@ -822,14 +835,14 @@ STAGES: list[Stage] = [
             "train",
             "export.opset",
         ),
-        _cascade_models,
+        stage_cascade_models,
         code=_code("data", "models", "training", "export", "trust", "pipeline/cascade_stages.py"),
     ),
     Stage(
         "cascade",
         ("predict", "calibrate", "cascade_models"),
         ("cascade", "calibrate"),
-        _cascade,
+        stage_cascade,
         code=_code("trust", "pipeline/cascade_stages.py", "pipeline/certify.py"),
     ),
     # the policy's thresholds are certified on the served path's outputs: after the cascade, on other rows
@@ -880,3 +893,4 @@ STAGES: list[Stage] = [
         code=_code("data", "evaluation", "trust", "export"),
     ),
 ]
+"""The stage graph the runner walks: each stage's inputs, the config keys and source its cache key covers."""

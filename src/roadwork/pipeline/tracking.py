@@ -41,6 +41,7 @@ def run_name(name: str, until: str | None = None) -> str:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys (``{"a": {"b": 1}}`` → ``{"a.b": 1}``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -115,9 +116,11 @@ class Tracker:
             self.wandb_run.log(clean, step=step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        """Tag the run (e.g. which stages ran and which were cached)."""
         self.mlflow.set_tags(tags)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        """Log a file, or a folder's files, as artifacts of the run (under ``folder``)."""
         if path.is_dir():
             self.mlflow.log_artifacts(str(path), artifact_path=folder)
         elif path.is_file():

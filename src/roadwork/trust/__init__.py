@@ -1,5 +1,6 @@
 """The trust layer: numpy only (no torch, no web framework). Fitted objects round-trip through JSON."""
 
+from roadwork.trust._checks import softmax
 from roadwork.trust.calibration import IdentityCalibrator, TemperatureScaler, make_calibrator
 from roadwork.trust.conformal import SplitConformal, conformal_quantile
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
@@ -19,4 +20,5 @@ __all__ = [
     "certify_abstention",
     "conformal_quantile",
     "make_calibrator",
+    "softmax",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "accuracy",
     "aurc",
     "auroc",
+    "binary_auroc",
     "bootstrap_ci",
     "brier",
     "classwise_ece",
@@ -79,7 +80,9 @@ def mcc(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((c * s - t @ p) / denom) if denom > 0 else 0.0
 
 
-def _binary_auroc(score: np.ndarray, positive: np.ndarray) -> float:
+def binary_auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """AUROC of ``score`` (shape (n,)) for the boolean ``positive`` (shape (n,)): the probability that a positive
+    row scores above a negative one, ties counting half (Mann–Whitney U); nan when either class is absent."""
     from scipy.stats import rankdata
 
     n_pos = int(positive.sum())
@@ -93,8 +96,8 @@ def _binary_auroc(score: np.ndarray, positive: np.ndarray) -> float:
 def auroc(probs: np.ndarray, labels: np.ndarray) -> float:
     """Binary AUROC of class 1's probability; macro one-vs-rest for more classes."""
     if probs.shape[1] == 2:
-        return _binary_auroc(probs[:, 1], labels == 1)
-    vals = [_binary_auroc(probs[:, k], labels == k) for k in range(probs.shape[1])]
+        return binary_auroc(probs[:, 1], labels == 1)
+    vals = [binary_auroc(probs[:, k], labels == k) for k in range(probs.shape[1])]
     return float(np.nanmean(vals))
 
 

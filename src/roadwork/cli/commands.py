@@ -1,0 +1,353 @@
+"""What each command does, given its parsed arguments (see :mod:`roadwork.cli.specs` for the grammar).
+
+Every heavy import happens inside the handler that needs it, so ``roadwork help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from roadwork.cli.grammar import Parsed, usage_error
+
+__all__ = [
+    "bench",
+    "compare",
+    "config_show",
+    "data_synthetic",
+    "dvc",
+    "monitor",
+    "predict",
+    "print_summary",
+    "run",
+    "serve",
+    "sign",
+    "sign_keygen",
+    "sweep",
+]
+
+
+def _print(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------- the pipeline
+
+
+def print_summary(result: Any) -> None:
+    """The stages table, the test results, the hardest slices, the warnings and where the outputs are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from roadwork.evaluation.report import summary_rows
+
+    console = Console()
+    t = Table(title="stages", show_lines=False)
+    for col in ("stage", "status", "seconds"):
+        t.add_column(col, justify="right" if col == "seconds" else "left")
+    for r in result.stages:
+        t.add_row(r.name, "[green]cached[/green]" if r.cached else "ran", f"{r.seconds:.1f}")
+    console.print(t)
+    m = result.metrics
+    if m is not None:
+        s = Table(title="test results")
+        s.add_column("metric")
+        s.add_column("value", justify="right")
+        for k, v in summary_rows(m):
+            s.add_row(k, v)
+        console.print(s)
+        worst = sorted(m["slices"].items(), key=lambda kv: kv[1]["accuracy"])[:4]
+        if worst:
+            console.print("hardest slices: " + ", ".join(f"{k} ({v['accuracy']:.3f})" for k, v in worst))
+        for w in m.get("warnings", []):
+            console.print(f"[bold yellow]warning:[/bold yellow] {w}", highlight=False)
+    if result.report.is_file():
+        console.print(f"report:  {result.report}")
+    if result.bundle.is_dir():
+        console.print(f"bundle:  {result.bundle}   (try: roadwork predict {result.bundle} IMAGE)")
+    if result.tracking_uri:
+        console.print(f"MLflow:  mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+def _on_stage(r: Any) -> None:
+    status = "cached" if r.cached else f"done in {r.seconds:.1f}s"
+    print(f"[{r.name}] {status}", file=sys.stderr, flush=True)
+
+
+def run(p: Parsed, *, until: str | None = None, config: str | None = None) -> int:
+    """``roadwork run``, ``roadwork demo`` (``config='demo'``) and ``roadwork STAGE`` (``until=STAGE``)."""
+    from roadwork.config import ConfigError
+    from roadwork.pipeline import run_pipeline
+
+    out = next((o.partition("=")[2] for o in p.overrides if o.partition("=")[0].strip() == "out"), None)
+    if out is not None:  # predict, dvc and data synthetic take out=DIR; a run's folder is ROOT/NAME
+        raise ConfigError(
+            f"A run takes no out= (got out={out!r}): it writes into ROOT/NAME/. Use root= and name=, "
+            "e.g. root=runs name=fog writes runs/fog/."
+        )
+    from roadwork.training.recipes import run_config
+
+    flags_until = p.flags.get("--until") or []
+    # fails here, before any work, on a bad key or value, or hub weights neither cached nor reachable; own photos
+    # with no model named get the pretrained recipe
+    cfg = run_config(config or p.config, p.overrides, until or (flags_until[-1] if flags_until else None))
+    t0 = time.perf_counter()
+    result = run_pipeline(
+        cfg,
+        force=p.flags.get("--force", []),
+        until=until or (flags_until[-1] if flags_until else None),
+        progress=sys.stderr.isatty() or "CI" not in os.environ,
+        on_stage=_on_stage,
+    )
+    print_summary(result)
+    _print(f"total: {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def config_show(p: Parsed) -> int:
+    """Print the resolved configuration as YAML."""
+    from roadwork.config import dump_config, load_config
+
+    _print(dump_config(load_config(p.config, p.overrides)).rstrip())
+    return 0
+
+
+def data_synthetic(p: Parsed) -> int:
+    """Write generated scenes and a manifest.csv."""
+    import csv
+
+    from roadwork.config import load_config
+    from roadwork.data.synthetic import CLASSES, generate_dataset
+
+    values = {k: v for k, v in p.options.items() if k in p.given and k != "out"}
+    s = load_config(None, {"data": {"synthetic": values}}).data.synthetic  # same checks and messages as a run
+    out_dir = Path(p.options["out"])
+    rows = generate_dataset(out_dir, s)
+    cols = ["path", "label", "weather", "time", "camera", "domain", "zone_distance", "distractor"]
+    cols.append("label_flipped")
+    with open(out_dir / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([r["path"], CLASSES[int(r["label"])]] + [r[c] for c in cols[2:]])  # type: ignore[call-overload]
+    _print(f"wrote {len(rows)} images and {out_dir / 'manifest.csv'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- a bundle
+
+
+def predict(p: Parsed) -> int:
+    """One JSON line per image, or a resumable Parquet folder (out=DIR), locally or on Ray Data."""
+    from roadwork.scale.batch import list_images
+
+    o = p.options
+    if o["engine"] == "ray" and o["out"] is None:
+        raise usage_error(p.command, "engine=ray writes a Parquet folder; pass out=DIR.")
+    bundle_path = p.positionals["BUNDLE"]
+    items = list_images(p.positionals["PATH"])
+    if o["out"] is not None:  # batch mode: a resumable Parquet folder
+        from roadwork.scale.batch import predict_local, predict_ray, read_skipped
+
+        if o["engine"] == "ray":
+            n = predict_ray(bundle_path, items, o["out"], batch_size=o["batch"], actors=o["workers"])
+        else:
+            n = predict_local(bundle_path, items, o["out"], batch_size=o["batch"], device=o["device"])
+        skipped = len(read_skipped(o["out"]))
+        _print(
+            f"predicted {n} images ({len(items) - n - skipped} already in {o['out']}"
+            + (f", {skipped} unreadable: see {Path(o['out']) / 'skipped.csv'}" if skipped else "")
+            + "); read with pandas.read_parquet"
+        )
+        return 0
+    from roadwork.export.bundle import Bundle
+    from roadwork.export.onnx import execution_device
+
+    with execution_device(o["device"]):
+        bundle = Bundle.load(bundle_path)
+    paths = items["path"].tolist()
+    meta_cols = [c for c in items.columns if c != "path"]
+    for i in range(0, len(paths), 64):
+        slices = {c: items[c].tolist()[i : i + 64] for c in meta_cols} or None
+        for rec in bundle.predict_paths(paths[i : i + 64], slices=slices):
+            print(json.dumps(rec), flush=True)
+    return 0
+
+
+def bench(p: Parsed) -> int:
+    """Every runtime × precision of a bundle side by side."""
+    from roadwork.export.bench import bench_bundle, format_table
+
+    _print(format_table(bench_bundle(p.positionals["BUNDLE"], **p.options)))
+    return 0
+
+
+def serve(p: Parsed) -> int:
+    """The HTTP server, on a bundle folder or a registered MLflow model (fetched first)."""
+    from pydantic import ValidationError
+
+    from roadwork.serve.settings import ServeSettings
+
+    values = {k: v for k, v in p.options.items() if k in p.given and k != "tracking_uri"}
+    if os.environ.get("ROADWORK_API_KEY"):
+        values.setdefault("api_key", os.environ["ROADWORK_API_KEY"])
+    try:
+        settings = ServeSettings(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = str(err["loc"][0])
+        raise usage_error(p.command, f"{key}={values.get(key)!r}: {err['msg']}.") from None
+    from roadwork.serve import serve as serve_bundle
+
+    target = p.positionals["BUNDLE"]
+    if target.startswith(("models:/", "runs:/")):  # a registered MLflow model: fetch its bundle first
+        from roadwork.pipeline.registry import resolve_bundle
+
+        uri = (
+            p.options["tracking_uri"]
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
+        )
+        target = str(resolve_bundle(target, tracking_uri=uri))
+    serve_bundle(target, settings)
+    return 0
+
+
+def sign(p: Parsed) -> int:
+    """Ed25519-sign a bundle."""
+    from roadwork.export.signing import sign_bundle
+
+    out = sign_bundle(p.positionals["BUNDLE"], p.positionals["KEY"])
+    _print(f"signed {p.positionals['BUNDLE']}: {out}")
+    return 0
+
+
+def sign_keygen(p: Parsed) -> int:
+    """Write a new Ed25519 key pair."""
+    from roadwork.export.signing import generate_keypair
+
+    key = p.positionals["KEY"]
+    pub = generate_keypair(key)
+    _print(f"wrote {key} (private: keep it secret) and {pub} (public: for serve require_signature=)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- studies
+
+
+def compare(p: Parsed) -> int:
+    """Gradient-boosting frameworks side by side on the same image features and splits."""
+    from rich.console import Console
+
+    from roadwork.config import load_config
+    from roadwork.data.features import images_features
+    from roadwork.data.preprocess import load_rgb
+    from roadwork.evaluation.compare import compare_frameworks, format_compare
+    from roadwork.models.boosting import FRAMEWORKS, BoostingParams
+    from roadwork.pipeline import run_pipeline
+    from roadwork.pipeline.artifacts import abs_paths, label_indices, load_dataset
+
+    cfg = load_config(p.config, p.overrides)
+    result = run_pipeline(cfg, until="data", progress=True)
+    data_dir = result.run_dir / "data"
+    df, classes = load_dataset(data_dir)
+    feats, labels = {}, {}
+    for split in ("train", "calib", "test"):
+        part = df[df["split"] == split]
+        feats[split] = images_features([load_rgb(path) for path in abs_paths(part, data_dir)])
+        labels[split] = label_indices(part, classes)
+    c = cfg.cascade
+    params = BoostingParams(rounds=c.boosting_rounds, max_depth=c.boosting_depth, seed=cfg.train.seed)
+    frameworks = p.options["frameworks"] or list(FRAMEWORKS)
+    rows = compare_frameworks(
+        feats, labels, len(classes), alpha=cfg.conformal.alpha, params=params, frameworks=frameworks
+    )
+    out = result.run_dir / "compare.json"
+    out.write_text(json.dumps(rows, indent=2))
+    Console().print(format_compare(rows, alpha=cfg.conformal.alpha))
+    _print(f"rows: {out}")
+    return 0
+
+
+def _drift_table(report: dict[str, Any], title: str) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title)
+    cols = ("scope", "n ref / cur", "confidence PSI", "KS p", "mean conf", "class mix TV", "abstain rate")
+    for col in (*cols, "drift"):
+        t.add_column(col, justify="left" if col in ("scope", "drift") else "right")
+    for scope, r in [("overall", report["overall"]), *report["slices"].items()]:
+        t.add_row(
+            scope,
+            f"{r['n_reference']} / {r['n_current']}",
+            f"{r['psi_confidence']:.3f}",
+            f"{r['ks_pvalue']:.2g}",
+            f"{r['mean_confidence'][0]:.3f} → {r['mean_confidence'][1]:.3f}",
+            f"{r['class_mix_tv']:.3f}",
+            f"{r['abstain_rate'][0]:.3f} → {r['abstain_rate'][1]:.3f}",
+            "; ".join(r["reasons"]) or "no",
+        )
+    return t
+
+
+def monitor(p: Parsed) -> int:
+    """Drift of served predictions against a bundle's calibration split (or another log)."""
+    from rich.console import Console
+
+    from roadwork.monitor.drift import DriftThresholds, compare_predictions, load_predictions
+
+    o = p.options
+    th = DriftThresholds(psi=o["psi"], class_mix=o["class_mix"], abstain=o["abstain"], min_rows=o["min_rows"])
+    ref, cur = p.positionals["REFERENCE"], p.positionals["CURRENT"]
+    report = compare_predictions(load_predictions(ref), load_predictions(cur), thresholds=th)
+    Console().print(_drift_table(report, f"drift: {cur} vs {ref}"))
+    if o["out"] is not None:
+        Path(o["out"]).write_text(json.dumps(report, indent=2))
+        _print(f"report: {o['out']}")
+    _print(
+        "DRIFT: the served traffic no longer looks like the calibration split; the guarantees may not hold."
+        if report["drift"]
+        else "no drift beyond the thresholds."
+    )
+    return 0
+
+
+def sweep(p: Parsed) -> int:
+    """Hyper-parameter search: Optuna locally, or Ray Tune."""
+    from roadwork.config import load_config
+    from roadwork.scale.sweep import load_space, run_sweep, run_sweep_ray
+
+    o = p.options
+    cfg = load_config(p.config, p.overrides)
+    search = run_sweep_ray if o["engine"] == "ray" else run_sweep
+    res = search(
+        cfg, load_space(o["space"], cfg), trials=o["trials"], metric=o["metric"], direction=o["direction"]
+    )
+    for row in res["trials"]:
+        _print(json.dumps(row, default=str))
+    _print(f"best: {res['best']['value']:.4f} {res['best']['params']}")
+    _print(f"re-run it: roadwork run {res['dir']}/best.yaml")
+    return 0
+
+
+def dvc(p: Parsed) -> int:
+    """Write dvc.yaml and roadwork.yaml: every stage as a DVC stage."""
+    import yaml
+
+    from roadwork.config import dump_config, load_config
+    from roadwork.pipeline.dvc import dvc_stages
+
+    out = Path(p.options["out"])
+    cfg = load_config(p.config, p.overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "roadwork.yaml").write_text(dump_config(cfg))
+    spec = dvc_stages(cfg, base=out)
+    (out / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    _print(
+        f"wrote {out / 'dvc.yaml'} ({len(spec['stages'])} stages) and {out / 'roadwork.yaml'}; run: dvc repro"
+    )
+    return 0
