@@ -257,12 +257,6 @@ def test_stop_lets_the_running_batch_and_every_queued_request_finish():
     assert results == [[1.0], [2.0], [3.0]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve/batcher.py DynamicBatcher.stop: a batch taken off the queue but still inside its batching "
-    "window (or being retried one by one) counts neither as queued nor as running, so stop() cancels the "
-    "worker and those requests never get an answer (reported to the lead, issue 20)",
-)
 def test_stop_finishes_a_batch_that_is_still_forming():
     def run_batch(x, meta):  # type: ignore[no-untyped-def]
         return list(x[:, 0])
@@ -278,12 +272,6 @@ def test_stop_finishes_a_batch_that_is_still_forming():
     assert _run(main()) == [7.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve/batcher.py DynamicBatcher.submit: after stop() a request is queued for a worker that no longer "
-    "runs and waits forever; it should be refused (QueueFull: the server's 503 + Retry-After) (reported to the "
-    "lead, issue 20)",
-)
 def test_a_request_after_stop_is_refused():
     async def main():  # type: ignore[no-untyped-def]
         b = _batcher(lambda x, meta: list(x[:, 0]))

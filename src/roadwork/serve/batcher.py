@@ -128,14 +128,18 @@ class DynamicBatcher:
         self.waiting = 0  # images queued, not yet taken into a batch
         self.running = 0  # images in the batch the model runs now
         self._running_since = 0.0
+        self._in_hand = 0  # requests the worker has taken off the queue and not yet answered
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
     async def stop(self) -> None:
-        """Finish everything already queued, then stop."""
-        while not self.queue.empty() or self.running:
+        """Refuse new requests (:class:`QueueFull`), finish everything already queued or in a forming batch,
+        then stop."""
+        self._stopping = True
+        while not self.queue.empty() or self.running or self._in_hand:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
@@ -168,6 +172,8 @@ class DynamicBatcher:
         this request at admission (before reading and decoding it); only the hard ``max_queue`` bound is
         checked again."""
         n = len(x)
+        if self._stopping:
+            raise QueueFull
         if self.waiting + n > self.max_queue and self.waiting > 0:
             raise QueueFull
         if not admitted and self.over_budget(n):
@@ -191,51 +197,68 @@ class DynamicBatcher:
         return results
 
     async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             items = [await self.queue.get()]
-            n = len(items[0].x)
-            deadline = loop.time() + self.delay
-            while n < self.max_batch_size:
-                timeout = deadline - loop.time()
-                try:
-                    nxt = (
-                        self.queue.get_nowait()
-                        if timeout <= 0
-                        else await asyncio.wait_for(self.queue.get(), timeout)
-                    )
-                except (asyncio.QueueEmpty, TimeoutError):
-                    break
-                items.append(nxt)
-                n += len(nxt.x)
-            self.waiting -= n
-            now = time.perf_counter()
-            if self.max_wait > 0:  # too late to answer within budget: 503 now rather than a slow 200
-                late = [it for it in items if now - it.enqueued > self.max_wait]
-                for it in late:
-                    if not it.future.done():
-                        it.future.set_exception(QueueTimeout())
-                items = [it for it in items if now - it.enqueued <= self.max_wait]
-                if not items:
-                    continue
-                n = sum(len(it.x) for it in items)
-            waits = [now - it.enqueued for it in items]
+            self._in_hand = 1
             try:
-                results = await self._run(items)
-            except Exception as e:
-                if len(items) == 1:
-                    if not items[0].future.done():
-                        items[0].future.set_exception(e)
-                    continue
-                await self._one_by_one(items)  # isolate the request that fails from those batched with it
-                continue
-            if self.on_batch is not None:
-                self.on_batch(n, waits)
-            start = 0
-            for it in items:
-                if not it.future.done():  # the client may have gone away
-                    it.future.set_result(results[start : start + len(it.x)])
-                start += len(it.x)
+                await self._fill(items)
+                self.waiting -= sum(len(it.x) for it in items)
+                items = self._expire(items)
+                if items:
+                    await self._answer(items)
+            finally:
+                self._in_hand = 0
+
+    async def _fill(self, items: list[_Item]) -> None:
+        """Add queued requests to ``items`` until ``max_batch_size`` images or the batching window closes."""
+        loop = asyncio.get_running_loop()
+        n = len(items[0].x)
+        deadline = loop.time() + self.delay
+        while n < self.max_batch_size:
+            timeout = deadline - loop.time()
+            try:
+                nxt = (
+                    self.queue.get_nowait()
+                    if timeout <= 0
+                    else await asyncio.wait_for(self.queue.get(), timeout)
+                )
+            except (asyncio.QueueEmpty, TimeoutError):
+                return
+            items.append(nxt)
+            self._in_hand = len(items)
+            n += len(nxt.x)
+
+    def _expire(self, items: list[_Item]) -> list[_Item]:
+        """``max_queue_wait_ms``: requests already too late get :class:`QueueTimeout` (a 503 now rather than a
+        slow 200); the others."""
+        if self.max_wait <= 0:
+            return items
+        now = time.perf_counter()
+        for it in items:
+            if now - it.enqueued > self.max_wait and not it.future.done():
+                it.future.set_exception(QueueTimeout())
+        return [it for it in items if now - it.enqueued <= self.max_wait]
+
+    async def _answer(self, items: list[_Item]) -> None:
+        """Run one batch and hand each request its slice of the results; a failed batch of several requests is
+        retried one by one, so only the request that makes the model fail gets the error."""
+        now = time.perf_counter()
+        waits = [now - it.enqueued for it in items]
+        try:
+            results = await self._run(items)
+        except Exception as e:
+            if len(items) > 1:
+                await self._one_by_one(items)
+            elif not items[0].future.done():
+                items[0].future.set_exception(e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(sum(len(it.x) for it in items), waits)
+        start = 0
+        for it in items:
+            if not it.future.done():  # the client may have gone away
+                it.future.set_result(results[start : start + len(it.x)])
+            start += len(it.x)
 
     async def _one_by_one(self, items: list[_Item]) -> None:
         for it in items:
