@@ -5,7 +5,6 @@ Every heavy import happens inside the handler that needs it, so ``roadwork help`
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -143,6 +142,8 @@ def data_synthetic(p: Parsed) -> int:
 
 def predict(p: Parsed) -> int:
     """One JSON line per image, or a resumable Parquet folder (out=DIR), locally or on Ray Data."""
+    import json
+
     from roadwork.scale.batch import list_images
 
     o = p.options
@@ -241,6 +242,8 @@ def sign_keygen(p: Parsed) -> int:
 
 def compare(p: Parsed) -> int:
     """Gradient-boosting frameworks side by side on the same image features and splits."""
+    import json
+
     from rich.console import Console
 
     from roadwork.config import load_config
@@ -296,6 +299,8 @@ def _drift_table(report: dict[str, Any], title: str) -> Any:
 
 def monitor(p: Parsed) -> int:
     """Drift of served predictions against a bundle's calibration split (or another log)."""
+    import json
+
     from rich.console import Console
 
     from roadwork.monitor.drift import DriftThresholds, compare_predictions, load_predictions
@@ -318,6 +323,8 @@ def monitor(p: Parsed) -> int:
 
 def sweep(p: Parsed) -> int:
     """Hyper-parameter search: Optuna locally, or Ray Tune."""
+    import json
+
     from roadwork.config import load_config
     from roadwork.scale.sweep import load_space, run_sweep, run_sweep_ray
 

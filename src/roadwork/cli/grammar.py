@@ -6,16 +6,15 @@ turns argv into a :class:`Parsed` (typed values, defaults filled in) or raises :
 command's usage line and a "did you mean" drawn from the command's own options; :func:`render_help` writes the
 per-command ``--help`` from the same spec, so help, suggestions and errors cannot drift apart.
 
-Only the standard library is imported here: ``roadwork help`` must start fast.
+Only the standard library is imported here, and only what is cheap (named tuples, not dataclasses, whose import
+pulls in ``inspect``): ``roadwork help`` must start fast.
 """
 
 from __future__ import annotations
 
-import difflib
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from roadwork.errors import RoadworkError
 
@@ -42,12 +41,13 @@ class UsageError(RoadworkError):
 
 def suggest(word: str, candidates: Sequence[str]) -> str:
     """``" Did you mean 'x'?"`` for the closest candidate, or ``""`` when none is close."""
+    import difflib
+
     close = difflib.get_close_matches(word, list(candidates), n=1)
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-@dataclass(frozen=True)
-class Positional:
+class Positional(NamedTuple):
     """A positional argument: ``name`` as shown in the usage line; ``many`` takes one or more."""
 
     name: str
@@ -56,8 +56,7 @@ class Positional:
     many: bool = False
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """A ``key=value`` option.
 
     ``kind`` is one of ``str``, ``int``, ``float``, ``bool``, ``list`` (comma-separated) and ``yaml`` (a YAML
@@ -74,8 +73,7 @@ class Option:
     metavar: str = ""  # shown in the usage line (default: from the kind)
 
 
-@dataclass(frozen=True)
-class Flag:
+class Flag(NamedTuple):
     """A ``--name VALUE`` (or ``--name=VALUE``) flag; repeatable, every value kept in order."""
 
     name: str
@@ -85,8 +83,7 @@ class Flag:
     what: str = "value"  # the noun in an error: "Unknown stage 'trian'"
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """One command's grammar, help and handler.
 
     ``name`` may be two words (``data synthetic``, ``config show``, ``sign keygen``). ``config`` takes an
@@ -106,7 +103,7 @@ class Command:
     flags: tuple[Flag, ...] = ()
     config: bool = False
     overrides: bool = False
-    extra_options: Callable[[], tuple[Option, ...]] | None = field(default=None, compare=False)
+    extra_options: Callable[[], tuple[Option, ...]] | None = None
 
     def all_options(self) -> tuple[Option, ...]:
         """The command's options, with the lazily read ones after its own."""
@@ -129,18 +126,18 @@ class Command:
         return " ".join(parts)
 
 
-@dataclass
 class Parsed:
     """A parsed command line: positionals by name (a list for ``many``), typed options (defaults filled in),
-    flag values in order, the CONFIG and the config overrides."""
+    flag values in order, the CONFIG, the config overrides, and which options were given (not defaulted)."""
 
-    command: Command
-    positionals: dict[str, Any]
-    options: dict[str, Any]
-    flags: dict[str, list[str]]
-    config: str | None = None
-    overrides: list[str] = field(default_factory=list)
-    given: frozenset[str] = frozenset()  # the options set on the command line (not defaulted)
+    def __init__(self, command: Command) -> None:
+        self.command = command
+        self.positionals: dict[str, Any] = {}
+        self.options: dict[str, Any] = {}
+        self.flags: dict[str, list[str]] = {f.name: [] for f in command.flags}
+        self.config: str | None = None
+        self.overrides: list[str] = []
+        self.given: frozenset[str] = frozenset()
 
 
 def _metavar(o: Option) -> str:
@@ -244,7 +241,7 @@ def parse(cmd: Command, args: Sequence[str]) -> Parsed:
     """``args`` (after the command's name) → :class:`Parsed`, or a :class:`UsageError` that says what is wrong,
     with the usage line and a suggestion from this command's own options and flags."""
     options = {o.name: o for o in cmd.all_options()}
-    parsed = Parsed(cmd, {}, {}, {f.name: [] for f in cmd.flags})
+    parsed = Parsed(cmd)
     words: list[str] = []
     given: set[str] = set()
     args = list(args)
