@@ -116,6 +116,14 @@ def test_yaml_file_with_typo(tmp_path):
             ["train.strategy=fsdp", "train.devices=2", "train.compile=true"],
             ["train.strategy=fsdp", "train.compile=True", "train.strategy=ddp"],
         ),
+        (
+            ["tracking.enabled=false", "tracking.register_as=demo-model"],
+            ["tracking.register_as=demo-model", "tracking.enabled=false", "tracking.enabled=true"],
+        ),
+        (
+            ["tracking.enabled=false", "tracking.wandb=true"],
+            ["tracking.wandb=True", "tracking.enabled=false"],
+        ),
     ],
 )
 def test_config_only_contradictions_fail_at_load_naming_fields_values_and_fix(overrides, names):
@@ -143,6 +151,7 @@ def test_config_only_contradictions_fail_at_load_naming_fields_values_and_fix(ov
         ],  # the small net by confidence: hard labels unneeded
         ["train.strategy=fsdp", "train.devices=1", "train.compile=true"],  # one device: no sharding happens
         ["train.recipe=explora", "train.unlabeled=photos/"],
+        ["tracking.enabled=true", "tracking.register_as=demo-model", "tracking.wandb=true"],
     ],
 )
 def test_the_rules_allow_the_consistent_neighbours(overrides):

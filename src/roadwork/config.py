@@ -451,6 +451,20 @@ class TrackingConfig(_Strict):
         None, description="also log the bundle as an MLflow model and register it under this name"
     )
 
+    @model_validator(mode="after")
+    def _registry_and_wandb_need_tracking(self) -> TrackingConfig:
+        """Registering the bundle and logging to W&B go through the run's tracker: with tracking off they were
+        skipped without a word."""
+        needs = [
+            f"tracking.{k}={v}" for k, v in (("register_as", self.register_as), ("wandb", self.wandb)) if v
+        ]
+        if not self.enabled and needs:
+            raise ValueError(
+                f"{' and '.join(needs)} need the run's MLflow tracking, but tracking.enabled=false; set "
+                "tracking.enabled=true, or unset them"
+            )
+        return self
+
 
 class RunConfig(_Strict):
     """One run: every stage's section, the run folder (ROOT/NAME), and the cross-field rules that depend only
