@@ -88,6 +88,16 @@ def test_export_certifies_each_openvino_variant_on_its_own_outputs(ov_bundle):
     from roadwork.export.runtime import bf16_supported
 
     manifest = json.loads((ov_bundle / "manifest.json").read_text())
+    q = manifest["variants"]["openvino-int8"]  # NNCF post-training int8: an IR with its own policy
+    assert (q["file"], q["runtime"], q["precision"], q["calibration_images"]) == (
+        "model-openvino-int8.xml",
+        "openvino",
+        "int8",
+        32,
+    )
+    assert {"model-openvino-int8.xml", "model-openvino-int8.bin", q["policy"]} <= set(manifest["files"])
+    qb = Bundle.load(ov_bundle, variant="openvino-int8")
+    assert qb.runtime["precision"] == "int8" and qb.runtime["inference_precision"] == "f32"
     v = manifest["variants"]["openvino-fp32"]
     assert (v["file"], v["runtime"], v["precision"]) == ("model.onnx", "openvino", "fp32")
     assert v["policy"] == "policy-openvino-fp32.json" and v["policy"] in manifest["files"]
@@ -121,11 +131,16 @@ def test_bench_measures_every_runtime_selects_records_and_auto_serves_it(ov_bund
             assert "never selected" in r["note"]
     table = format_table(rows)
     assert table.startswith("cpu: ") and f"selected: {rows.meta['selected']}" in table
+    assert "| threads |" in table
+    for fmt in ("torch eager", "ONNX fp32", "OpenVINO fp32"):
+        assert by[fmt]["threads"] >= 1  # what each runtime really ran with (0 asked: its default)
 
     manifest = json.loads((ov_bundle / "manifest.json").read_text())
     assert RUNTIME_FILE in manifest["files"]
     rec = json.loads((ov_bundle / RUNTIME_FILE).read_text())
     assert rec["variant"] == rows.meta["selected"] and rec["batch"] == 2 and rec["cpu"]["model"]
+    assert rec["threads"] == 0 and rec["threads_effective"] == chosen[0]["threads"] >= 1
+    assert rec["measured"]["fp32"]["threads"] == fp32["threads"]
     auto = Bundle.load(ov_bundle, variant="auto")
     assert auto.variant == rec["variant"] and auto.runtime["auto"]["recorded"] == rec["variant"]
     policy_file = manifest["variants"].get(auto.variant, {}).get("policy", "policy.json")
@@ -135,7 +150,7 @@ def test_bench_measures_every_runtime_selects_records_and_auto_serves_it(ov_bund
 
 def test_runtime_choice_is_hashed_and_never_names_an_uncertified_variant(ov_bundle, monkeypatch):
     with pytest.raises(ArtifactError, match="no policy certified on its outputs"):
-        record_runtime_choice(ov_bundle, {"variant": "openvino-int8"})
+        record_runtime_choice(ov_bundle, {"variant": "openvino-int4"})
     record_runtime_choice(ov_bundle, {"variant": "openvino-fp32", "cpu": {"model": "x"}})
     assert Bundle.load(ov_bundle, variant="auto").runtime["runtime"] == "openvino"
     import roadwork.export.bundle as bundle_mod

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,16 @@ from roadwork.export.runtime import (
 )
 from roadwork.trust.policy import TrustPolicy
 
-__all__ = ["BenchResult", "bench_bundle", "format_table", "select_variant"]
+__all__ = [
+    "BenchResult",
+    "bench_bundle",
+    "bench_cli",
+    "format_table",
+    "measure",
+    "measure_bundle",
+    "record_selection",
+    "select_variant",
+]
 
 _FORMATS = {
     "fp32": "ONNX fp32",
@@ -62,14 +71,43 @@ class _Candidate:
     row: dict[str, Any]
     run: Callable[[], object]
     best: float = 0.0
-    times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Inputs:
+    """What every variant runs on: ``x`` (one serving batch, for speed) and the labelled images ``xl``/``y``."""
+
+    x: np.ndarray
+    xl: np.ndarray | None
+    y: np.ndarray
+    source: str
+    batch: int
+    threads: int
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _read_labelled(src: Path) -> Any:
+    """A folder with one subfolder per class, or a manifest (``.csv``/``.parquet``: path, label)."""
+    import pandas as pd
+
+    if src.is_dir():
+        files = sorted(f for f in src.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES)
+        return pd.DataFrame(
+            {"path": [str(f) for f in files], "label": [f.relative_to(src).parts[0] for f in files]}
+        )
+    df = pd.read_parquet(src) if src.suffix.lower() == ".parquet" else pd.read_csv(src)
+    if not {"path", "label"} <= set(df.columns):
+        raise InputError(
+            f"roadwork bench: images={str(src)!r} needs path and label columns; it has {list(df.columns)}."
+        )
+    return df.assign(path=[p if Path(p).is_absolute() else str(src.parent / p) for p in df["path"]])
 
 
 def _labelled_images(bundle: Bundle, images: str | None, limit: int) -> tuple[list[str], np.ndarray, str]:
     """Paths, labels (class indices) and a description of where they came from."""
     import pandas as pd
-
-    from roadwork.data.sources import _from_folder, _from_manifest  # the data stage's own readers
 
     if images is not None:
         src = Path(images)
@@ -78,8 +116,7 @@ def _labelled_images(bundle: Bundle, images: str | None, limit: int) -> tuple[li
                 f"roadwork bench: images={images!r} does not exist; pass a folder with one subfolder per "
                 "class or a manifest.csv with path,label columns."
             )
-        df = _from_folder(src) if src.is_dir() else _from_manifest(src)
-        what = f"images={images}"
+        df, what = _read_labelled(src), f"images={images}"
     else:
         run_dir = bundle.path.resolve().parent.parent
         data = run_dir / "data" / "dataset.parquet"
@@ -97,6 +134,18 @@ def _labelled_images(bundle: Bundle, images: str | None, limit: int) -> tuple[li
     df = df.head(limit)
     index = {c: i for i, c in enumerate(bundle.classes)}
     return list(df["path"]), df["label"].map(index).to_numpy(np.int64), f"{what}, {len(df)} images"
+
+
+def _inputs(bundle: Bundle, images: str | None, max_images: int, batch: int, threads: int) -> _Inputs:
+    paths, y, source = _labelled_images(bundle, images, max_images)
+    xl = None
+    if paths:
+        from roadwork.data.preprocess import load_rgb, preprocess
+
+        xl = preprocess([load_rgb(p, bundle.decode_side) for p in paths], bundle.card.preprocess)
+    s = bundle.card.preprocess.size
+    x = np.random.default_rng(0).normal(size=(batch, 3, s, s)).astype(np.float32)
+    return _Inputs(x, xl, y, source, batch, threads)
 
 
 def _torch_model(bundle: Bundle) -> tuple[Any, str]:
@@ -123,6 +172,180 @@ def _quality(row: dict[str, Any], logits: np.ndarray, policy: TrustPolicy, y: np
     row["accuracy"], row["ece"] = M.accuracy(probs, y), M.ece(probs, y)
 
 
+def _torch_candidate(bundle: Bundle, inp: _Inputs) -> tuple[dict[str, Any], _Candidate | None]:
+    """The reference: torch eager (the run's trained weights when it has them), scored like the others."""
+    row: dict[str, Any] = {"format": "torch eager", "variant": None}
+    try:
+        import torch
+    except ImportError:
+        return row | {"status": "torch not installed (train extra)"}, None
+    model, weights = _torch_model(bundle)
+    if inp.threads:
+        torch.set_num_threads(inp.threads)
+    xt = torch.from_numpy(inp.x)
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(xt)
+
+    row |= {
+        "status": f"ok ({weights})",
+        "size_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20,
+        "threads": torch.get_num_threads(),
+    }
+    if inp.xl is not None and weights == "trained weights":
+        xl = inp.xl
+        with torch.inference_mode():
+            z = np.concatenate(
+                [model(torch.from_numpy(xl[i : i + 64])).double().numpy() for i in range(0, len(xl), 64)]
+            )
+        _quality(row, z, bundle.policy, inp.y)
+    return row, _Candidate(row, run)
+
+
+def _variant_list(bundle: Bundle) -> list[tuple[str, str, str | None]]:
+    """(variant, model file, certified policy file) of every runtime × precision the bundle can run: its
+    manifest's variants, and OpenVINO fp32/bf16 of model.onnx without a policy (measured, never selected)."""
+    known = bundle.manifest.get("variants", {})
+    specs: list[tuple[str, str, str | None]] = [("fp32", "model.onnx", "policy.json")]
+    specs += [(n, v["file"], v.get("policy")) for n, v in known.items() if n != "fp32"]
+    specs += [(n, "model.onnx", None) for n in ("openvino-fp32", "openvino-bf16") if n not in known]
+    return specs
+
+
+def _runtime_candidate(
+    bundle: Bundle, variant: tuple[str, str, str | None], inp: _Inputs
+) -> tuple[dict[str, Any], _Candidate | None]:
+    """One runtime × precision: opened, scored on the labelled images through its own policy, ready to time."""
+    name, fname, policy_file = variant
+    known = bundle.manifest.get("variants", {})
+    spec = RuntimeSpec.from_variant(name, known.get(name), threads=inp.threads)
+    row: dict[str, Any] = {
+        "format": _FORMATS.get(name, name),
+        "variant": name,
+        "runtime": spec.runtime,
+        "precision": spec.precision,
+        "certified": policy_file is not None,
+    }
+    status = runtime_status(spec)
+    if status != "ok":
+        return row | {"status": status}, None
+    try:
+        sess = open_session(bundle.path / fname, spec)
+    except RuntimeUnavailable as e:
+        return row | {"status": str(e)}, None
+    files = [bundle.path / fname]
+    if fname.endswith(".xml"):  # an OpenVINO IR: its weights are in the .bin beside it
+        files.append(files[0].with_suffix(".bin"))
+    row |= {
+        "status": "ok" if policy_file else "ok, no certified policy (export.openvino=true)",
+        "size_mb": sum(f.stat().st_size for f in files) / 2**20,
+        "threads": sess.info.get("intra_op_threads", sess.info.get("threads")),
+        "session": {k: v for k, v in sess.info.items() if k not in ("runtime", "precision")},
+    }
+    if inp.xl is not None:
+        row["logits"] = sess.logits(inp.xl, batch_size=inp.batch)
+        _quality(row, row["logits"], TrustPolicy.load(bundle.path / (policy_file or "policy.json")), inp.y)
+    elif f"test_accuracy_{name}" in known.get(name, {}):  # recorded at export time
+        row["accuracy"], row["ece"] = known[name][f"test_accuracy_{name}"], known[name][f"test_ece_{name}"]
+        row["quality_source"] = "export"
+
+    def run(s: Any = sess.session, x: np.ndarray = inp.x) -> None:
+        s.run(None, {"input": x})
+
+    return row, _Candidate(row, run)
+
+
+def measure(cands: list[_Candidate], *, batch: int, seconds: float, rounds: int) -> None:
+    """Images per second of each candidate at ``batch`` images per call: the best of ``rounds`` interleaved
+    rounds (each candidate runs ``seconds / rounds`` per round, so a noisy neighbour slows them all alike),
+    after two warm-up calls (allocation, kernel compilation, caches). Sets ``img_s`` and ``ms_img``."""
+    for c in cands:
+        c.run()
+        c.run()
+    slot = seconds / rounds
+    for _ in range(rounds):
+        for c in cands:
+            done, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < slot or done == 0:
+                c.run()
+                done += batch
+            c.best = max(c.best, done / (time.perf_counter() - t0))
+    for c in cands:
+        c.row["img_s"], c.row["ms_img"] = c.best, 1000 / c.best
+
+
+def _compare(rows: list[dict[str, Any]], bundle: Bundle) -> None:
+    """Speed-up vs torch eager, accuracy/ECE change and max |logit difference| vs ONNX Runtime fp32."""
+    base = next((r.get("img_s") for r in rows if r["format"] == "torch eager"), None)
+    fp32 = next(r for r in rows if r.get("variant") == "fp32")
+    known = bundle.manifest.get("variants", {})
+    if "accuracy" not in fp32 and "test_accuracy_fp32" in known.get("int8", {}):  # recorded at export time
+        fp32["accuracy"], fp32["ece"] = known["int8"]["test_accuracy_fp32"], known["int8"]["test_ece_fp32"]
+        fp32["quality_source"] = "export"
+    if bundle.manifest.get("export", {}).get("parity_max_abs_diff") is not None:
+        fp32["parity"] = bundle.manifest["export"]["parity_max_abs_diff"]
+    ref = fp32.get("logits")
+    for r in rows:
+        if "img_s" in r:
+            r["speedup"] = r["img_s"] / base if base else None
+        if r.get("variant") and "accuracy" in r and "accuracy" in fp32:
+            r["accuracy_change"] = r["accuracy"] - fp32["accuracy"]
+            r["ece_change"] = r["ece"] - fp32["ece"]
+        if r is not fp32 and ref is not None and r.get("logits") is not None:
+            r["max_diff"] = float(np.abs(r["logits"] - ref).max())
+    for r in rows:
+        r.pop("logits", None)
+
+
+def _budget(
+    bundle: Bundle, max_accuracy_drop: float | None, max_ece_increase: float | None
+) -> dict[str, float]:
+    """The selection budget: the bundle's ``export.selection`` (0.5 points, 0.01 ECE), overridden by the caller."""
+    budget = {"max_accuracy_drop": 0.5, "max_ece_increase": 0.01}
+    budget |= bundle.manifest.get("export", {}).get("selection", {})
+    if max_accuracy_drop is not None:
+        budget["max_accuracy_drop"] = max_accuracy_drop
+    if max_ece_increase is not None:
+        budget["max_ece_increase"] = max_ece_increase
+    return budget
+
+
+def measure_bundle(
+    bundle: Bundle,
+    *,
+    batch: int = 8,
+    seconds: float = 3.0,
+    rounds: int = 5,
+    threads: int = 0,
+    images: str | None = None,
+    max_images: int = 512,
+) -> tuple[list[dict[str, Any]], str]:
+    """Step 1 of :func:`bench_bundle`: one row per runtime × precision (torch eager first), each scored on the
+    labelled images through its own policy and timed in one interleaved run; returns the rows and where the
+    labelled images came from."""
+    inp = _inputs(bundle, images, max_images, batch, threads)
+    rows, cands = [], []
+    for row, cand in [
+        _torch_candidate(bundle, inp),
+        *(_runtime_candidate(bundle, v, inp) for v in _variant_list(bundle)),
+    ]:
+        rows.append(row)
+        if cand is not None:
+            cands.append(cand)
+    if "int8" not in bundle.manifest.get("variants", {}):
+        rows.insert(
+            2, {"format": "ONNX int8", "variant": "int8", "status": "not exported (export.int8=static)"}
+        )
+    measure(cands, batch=batch, seconds=seconds, rounds=rounds)
+    from roadwork.export.variants import tensorrt_available
+
+    trt = "available" if tensorrt_available() else "needs an NVIDIA GPU + onnxruntime-gpu"
+    rows.append({"format": "TensorRT (ORT EP)", "variant": None, "status": trt})
+    _compare(rows, bundle)
+    return rows, inp.source
+
+
 def bench_bundle(
     path: str,
     *,
@@ -137,159 +360,25 @@ def bench_bundle(
     max_ece_increase: float | None = None,
 ) -> BenchResult:
     """Measure every runtime × precision of the bundle at ``batch`` images per call (``seconds`` in all per
-    variant, split over ``rounds`` interleaved rounds), score each on labelled images, mark the selected one
-    (``row["selected"]``) and with ``select`` record it in the bundle. Budgets default to the bundle's
-    ``export.selection`` (0.5 points, 0.01 ECE)."""
+    variant, split over ``rounds`` interleaved rounds), score each on labelled images (:func:`measure_bundle`),
+    mark the selected one (``row["selected"]``, :func:`select_variant`) and with ``select`` record it in the
+    bundle (:func:`record_selection`). Budgets default to the bundle's ``export.selection`` (0.5 points,
+    0.01 ECE). ``threads=0``: each runtime's default (recorded per row)."""
     if batch < 1 or seconds <= 0 or rounds < 1:
         raise InputError(
             f"roadwork bench: batch, seconds and rounds must be positive. Got {batch}, {seconds}, {rounds}."
         )
     bundle = Bundle.load(path)
-    budget = {"max_accuracy_drop": 0.5, "max_ece_increase": 0.01}
-    budget |= bundle.manifest.get("export", {}).get("selection", {})
-    if max_accuracy_drop is not None:
-        budget["max_accuracy_drop"] = max_accuracy_drop
-    if max_ece_increase is not None:
-        budget["max_ece_increase"] = max_ece_increase
-    paths, y, source = _labelled_images(bundle, images, max_images)
-    xl = None
-    if paths:
-        from roadwork.data.preprocess import load_rgb, preprocess
-
-        xl = preprocess([load_rgb(p) for p in paths], bundle.card.preprocess)
-    s = bundle.card.preprocess.size
-    x = np.random.default_rng(0).normal(size=(batch, 3, s, s)).astype(np.float32)
-    known = bundle.manifest.get("variants", {})
-    cands: list[_Candidate] = []
-    rows: list[dict[str, Any]] = []
-
-    torch_row: dict[str, Any] = {"format": "torch eager", "variant": None}
-    rows.append(torch_row)
-    try:
-        import torch
-
-        model, weights = _torch_model(bundle)
-        xt = torch.from_numpy(x)
-        if threads:
-            torch.set_num_threads(threads)
-
-        def run_torch() -> None:
-            with torch.inference_mode():
-                model(xt)
-
-        torch_row |= {
-            "status": f"ok ({weights})",
-            "size_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20,
-            "threads": torch.get_num_threads(),
-        }
-        if xl is not None and weights == "trained weights":
-            with torch.inference_mode():
-                z = np.concatenate(
-                    [model(torch.from_numpy(xl[i : i + 64])).double().numpy() for i in range(0, len(xl), 64)]
-                )
-            _quality(torch_row, z, bundle.policy, y)
-        cands.append(_Candidate(torch_row, run_torch))
-    except ImportError:
-        torch_row["status"] = "torch not installed (train extra)"
-
-    # every runtime × precision this bundle has a model file for; those without a certified policy are measured
-    # (the fp32 policy scores them) but never selected
-    specs: list[tuple[str, str, str | None]] = [("fp32", "model.onnx", "policy.json")]
-    specs += [(n, v["file"], v.get("policy")) for n, v in known.items() if n != "fp32"]
-    for name in ("openvino-fp32", "openvino-bf16"):
-        if name not in known:
-            specs.append((name, "model.onnx", None))
-    if "int8" not in known:
-        rows.append({"format": "ONNX int8", "variant": "int8", "status": "not exported (export.int8=static)"})
-    ref_logits: np.ndarray | None = None
-    for name, fname, policy_file in specs:
-        spec = RuntimeSpec.from_variant(name, known.get(name), threads=threads)
-        row: dict[str, Any] = {
-            "format": _FORMATS.get(name, name),
-            "variant": name,
-            "runtime": spec.runtime,
-            "precision": spec.precision,
-            "certified": policy_file is not None,
-        }
-        rows.append(row)
-        status = runtime_status(spec)
-        if status != "ok":
-            row["status"] = status
-            continue
-        try:
-            sess = open_session(bundle.path / fname, spec)
-        except RuntimeUnavailable as e:
-            row["status"] = str(e)
-            continue
-        row |= {
-            "status": "ok" if policy_file else "ok, no certified policy (export.openvino=true)",
-            "size_mb": (bundle.path / fname).stat().st_size / 2**20,
-            "threads": sess.info.get("threads"),
-        }
-        if xl is not None:
-            z = sess.logits(xl, batch_size=batch)
-            policy = TrustPolicy.load(bundle.path / (policy_file or "policy.json"))
-            _quality(row, z, policy, y)
-            if name == "fp32":
-                ref_logits = z
-            elif ref_logits is not None:
-                row["max_diff"] = float(np.abs(z - ref_logits).max())
-        elif name in known and f"test_accuracy_{name}" in known[name]:  # recorded at export time
-            row["accuracy"], row["ece"] = (
-                known[name][f"test_accuracy_{name}"],
-                known[name][f"test_ece_{name}"],
-            )
-            row["quality_source"] = "export"
-
-        def run_onnx(sess: Any = sess.session) -> None:
-            sess.run(None, {"input": x})
-
-        cands.append(_Candidate(row, run_onnx))
-    if "fp32" in [r.get("variant") for r in rows] and xl is None:
-        fp = known.get("int8", {})
-        if "test_accuracy_fp32" in fp:
-            row0 = next(r for r in rows if r.get("variant") == "fp32")
-            row0["accuracy"], row0["ece"], row0["quality_source"] = (
-                fp["test_accuracy_fp32"],
-                fp["test_ece_fp32"],
-                "export",
-            )
-
-    for c in cands:  # warm-up: first runs allocate, compile kernels, fill caches
-        c.run()
-        c.run()
-    slot = seconds / rounds
-    for _ in range(rounds):
-        for c in cands:
-            done, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < slot or done == 0:
-                c.run()
-                done += batch
-            c.best = max(c.best, done / (time.perf_counter() - t0))
-    for c in cands:
-        c.row["img_s"] = c.best
-        c.row["ms_img"] = 1000 / c.best
-
-    from roadwork.export.variants import tensorrt_available
-
-    rows.append(
-        {
-            "format": "TensorRT (ORT EP)",
-            "variant": None,
-            "status": "available" if tensorrt_available() else "needs an NVIDIA GPU + onnxruntime-gpu",
-        }
+    budget = _budget(bundle, max_accuracy_drop, max_ece_increase)
+    rows, source = measure_bundle(
+        bundle,
+        batch=batch,
+        seconds=seconds,
+        rounds=rounds,
+        threads=threads,
+        images=images,
+        max_images=max_images,
     )
-    base = torch_row.get("img_s")
-    for r in rows:
-        if "img_s" in r:
-            r["speedup"] = r["img_s"] / base if base else None
-    fp32 = next(r for r in rows if r.get("variant") == "fp32")
-    if bundle.manifest.get("export", {}).get("parity_max_abs_diff") is not None:
-        fp32["parity"] = bundle.manifest["export"]["parity_max_abs_diff"]
-    for r in rows:
-        if r.get("variant") and "accuracy" in r and "accuracy" in fp32:
-            r["accuracy_change"] = r["accuracy"] - fp32["accuracy"]
-            r["ece_change"] = r["ece"] - fp32["ece"]
     chosen = select_variant(rows, **budget)
     result = BenchResult(rows)
     result.meta = {
@@ -303,24 +392,39 @@ def bench_bundle(
         "selected": chosen["variant"],
     }
     if select:
-        record = {
-            "variant": chosen["variant"],
-            "runtime": chosen["runtime"],
-            "precision": chosen["precision"],
-            "threads": threads,
-            "batch": batch,
-            "img_s": chosen["img_s"],
-            "ms_img": chosen["ms_img"],
-            "accuracy": chosen.get("accuracy"),
-            "ece": chosen.get("ece"),
-            "images": source,
-            "budget": budget,
-            "cpu": cpu_summary(),
-            "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "measured": {r["variant"]: r["img_s"] for r in rows if r.get("variant") and "img_s" in r},
-        }
-        result.meta["recorded"] = str(record_runtime_choice(bundle.path, record))
+        result.meta["recorded"] = str(record_selection(bundle.path, rows, chosen, result.meta))
     return result
+
+
+def record_selection(
+    path: str | Path, rows: list[dict[str, Any]], chosen: dict[str, Any], meta: dict[str, Any]
+) -> Path:
+    """Step 3 of :func:`bench_bundle`: write the choice into the bundle's ``runtime.json`` (hashed in the
+    manifest, see :func:`record_runtime_choice`) with what it was measured on: the machine, the threads each
+    runtime ran with, the speed of every variant, the labelled images and the budget."""
+    record = {
+        "variant": chosen["variant"],
+        "runtime": chosen["runtime"],
+        "precision": chosen["precision"],
+        "threads": meta["threads"],  # what the server asks for (0: the runtime's default)
+        "threads_effective": chosen.get("threads"),
+        "session": chosen.get("session", {}),
+        "batch": meta["batch"],
+        "img_s": chosen["img_s"],
+        "ms_img": chosen["ms_img"],
+        "accuracy": chosen.get("accuracy"),
+        "ece": chosen.get("ece"),
+        "images": meta["images"],
+        "budget": meta["budget"],
+        "cpu": meta["cpu"],
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "measured": {
+            r["variant"]: {"img_s": r["img_s"], "threads": r.get("threads")}
+            for r in rows
+            if r.get("variant") and "img_s" in r
+        },
+    }
+    return record_runtime_choice(path, record)
 
 
 def select_variant(
@@ -359,6 +463,9 @@ def select_variant(
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (selected row in bold with ✓), preceded by the machine (CPU model, cores,
+    flags), batch, rounds, threads, labelled images and budget when ``rows`` is a :class:`BenchResult`."""
+
     def f(v: Any, spec: str) -> str:
         return "–" if v is None else format(v, spec)
 
@@ -374,9 +481,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             "",
         ]
     lines += [
-        "| format | status | size MB | accuracy | Δ acc pt | ECE | Δ ECE | max Δ logit | ms/img | img/s "
+        "| format | status | size MB | accuracy | Δ acc pt | ECE | Δ ECE | max Δ logit | threads | ms/img | img/s "
         "| vs torch eager | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         change = r.get("accuracy_change")
@@ -384,7 +491,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"| {'**' + r['format'] + '** ✓' if r.get('selected') else r['format']} | {r['status']} | "
             f"{f(r.get('size_mb'), '.2f')} | {f(r.get('accuracy'), '.4f')} | "
             f"{f(None if change is None else 100 * change, '+.2f')} | {f(r.get('ece'), '.4f')} | "
-            f"{f(r.get('ece_change'), '+.4f')} | {f(r.get('max_diff'), '.1e')} | {f(r.get('ms_img'), '.2f')} | "
+            f"{f(r.get('ece_change'), '+.4f')} | {f(r.get('max_diff'), '.1e')} | {f(r.get('threads'), 'd')} | "
+            f"{f(r.get('ms_img'), '.2f')} | "
             f"{f(r.get('img_s'), '.1f')} | {f(r.get('speedup'), '.2f')}{'x' if r.get('speedup') else ''} | "
             f"{r.get('note', '')} |"
         )

@@ -184,6 +184,9 @@ def open_image(path: str | Path, min_side: int | None = None) -> Image.Image:
 
 @dataclass
 class Bundle:
+    """A verified bundle, opened: its model session (the variant's runtime × precision), the policy certified on
+    that variant's outputs, the cascade's earlier stages and the manifest. Build it with :meth:`load`."""
+
     path: Path
     card: ModelCard
     policy: TrustPolicy
@@ -237,9 +240,11 @@ class Bundle:
 
     @property
     def classes(self) -> list[str]:
+        """The class names, in the order of the logits."""
         return self.card.classes
 
     def logits(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> np.ndarray:
+        """float64 logits (N, K) of the served model on decoded images (preprocessed as the card says)."""
         x = preprocess(list(images), self.card.preprocess)
         return onnx_logits(self.session, x, batch_size=batch_size)
 

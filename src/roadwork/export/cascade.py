@@ -46,6 +46,7 @@ class StageRunner:
         return cls("network", session=onnx_session(onnx_path, threads=threads, spin=spin), spec=spec)
 
     def logits(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> np.ndarray:
+        """float64 logits (N, K) of this stage: the tree table on colour features, or the network."""
         if self.kind == "boosting":
             assert self.trees is not None
             return self.trees.logits(images_features(images))

@@ -106,6 +106,7 @@ def quantize_openvino_int8(src: Path, dst: Path, *, calibration: np.ndarray) -> 
 
 
 def tensorrt_available() -> bool:
+    """Whether ONNX Runtime here has the TensorRT execution provider (onnxruntime-gpu with TensorRT)."""
     try:
         import onnxruntime as ort
     except ImportError:

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from roadwork._deps import require
-from roadwork.config import RunConfig, _merge, dump_config, load_config, parse_overrides
+from roadwork.config import RunConfig, dump_config, load_config, parse_overrides
 from roadwork.errors import ConfigError
 
 __all__ = ["load_space", "run_sweep", "run_sweep_ray"]
@@ -74,11 +74,18 @@ def _suggest(trial: Any, key: str, spec: dict[str, Any]) -> Any:
     return trial.suggest_categorical(key, list(spec["choices"]))
 
 
+def _nested_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra``'s values set, nested dicts merged key by key (neither is modified)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _nested_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _with(base: dict[str, Any], values: dict[str, Any]) -> RunConfig:
     """``base`` (a dumped config) with dotted keys set: validated like any override."""
-    return load_config(
-        None, _merge(base, parse_overrides([f"{k}={json.dumps(v)}" for k, v in values.items()]))
-    )
+    extra = parse_overrides([f"{k}={json.dumps(v)}" for k, v in values.items()])
+    return load_config(None, _nested_update(base, extra))
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float:
@@ -157,6 +164,32 @@ def run_sweep(
     }
 
 
+def _to_tune(tune: Any, spec: dict[str, Any]) -> Any:
+    """One search-space entry (float/int/categorical) as a Ray Tune distribution."""
+    if spec["type"] == "float":
+        return (tune.loguniform if spec.get("log") else tune.uniform)(float(spec["low"]), float(spec["high"]))
+    if spec["type"] == "int":
+        return tune.randint(int(spec["low"]), int(spec["high"]) + 1)
+    return tune.choice(list(spec["choices"]))
+
+
+def _tune_rows(grid: Any, space: dict[str, Any], metric: str, mode: str) -> list[dict[str, Any]]:
+    """One row per Ray Tune trial: its folder name, best value of ``metric`` and its parameters."""
+    rows = []
+    for i in range(len(grid)):
+        r = grid[i]
+        frame = r.metrics_dataframe
+        series = [] if frame is None or metric not in frame else list(frame[metric])
+        rows.append(
+            {
+                "trial": Path(r.path).name if r.path else None,
+                "value": (min(series) if mode == "min" else max(series)) if series else None,
+                **{k: (r.config or {}).get(k) for k in space},
+            }
+        )
+    return rows
+
+
 def run_sweep_ray(
     cfg: RunConfig,
     space: dict[str, dict[str, Any]],
@@ -197,15 +230,6 @@ def run_sweep_ray(
         if metric != "val_loss":
             tune.report({metric: _metric(result.metrics or {}, metric), "run_dir": str(result.run_dir)})
 
-    def to_tune(spec: dict[str, Any]) -> Any:
-        if spec["type"] == "float":
-            return (tune.loguniform if spec.get("log") else tune.uniform)(
-                float(spec["low"]), float(spec["high"])
-            )
-        if spec["type"] == "int":
-            return tune.randint(int(spec["low"]), int(spec["high"]) + 1)
-        return tune.choice(list(spec["choices"]))
-
     tune_dir = sweep_dir / "tune"
     resources = tune.with_resources(trainable, {"cpu": cpus_per_trial})
     if tune.Tuner.can_restore(str(tune_dir / cfg.name)):
@@ -213,7 +237,7 @@ def run_sweep_ray(
     else:
         tuner = tune.Tuner(
             resources,
-            param_space={key: to_tune(spec) for key, spec in space.items()},
+            param_space={key: _to_tune(tune, spec) for key, spec in space.items()},
             tune_config=tune.TuneConfig(
                 metric=metric,
                 mode=mode,
@@ -227,18 +251,7 @@ def run_sweep_ray(
     best: Any = grid.get_best_result(metric=metric, mode=mode, scope="all")
     params = {k: best.config[k] for k in space}
     (sweep_dir / "best.yaml").write_text(dump_config(_with(base, {**params, "name": f"{cfg.name}-best"})))
-    rows = []
-    for i in range(len(grid)):
-        r = grid[i]
-        frame = r.metrics_dataframe
-        series = [] if frame is None or metric not in frame else list(frame[metric])
-        rows.append(
-            {
-                "trial": Path(r.path).name if r.path else None,
-                "value": (min(series) if mode == "min" else max(series)) if series else None,
-                **{k: (r.config or {}).get(k) for k in space},
-            }
-        )
+    rows = _tune_rows(grid, space, metric, mode)
     (sweep_dir / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
     frame = best.metrics_dataframe
     values = list(frame[metric]) if frame is not None else [best.metrics[metric]]
