@@ -24,7 +24,11 @@ class ServeSettings(BaseModel):
         description="ONNX Runtime execution provider: cpu, cuda (onnxruntime-gpu), tensorrt, or auto (the "
         "best one installed)",
     )
-    variant: str = Field("fp32", description="which model of the bundle: fp32, or int8 when it was exported")
+    variant: str = Field(
+        "fp32",
+        description="which model of the bundle: fp32 (ONNX Runtime), a variant it was exported with (int8, "
+        "openvino-fp32, openvino-bf16, openvino-int8), or auto: the one roadwork bench BUNDLE select=true recorded",
+    )
     trt_fp16: bool = Field(False, description="device=tensorrt: build fp16 engines")
     trt_cache_dir: str | None = Field(
         None, description="device=tensorrt: cache built engines here (the next start skips the build)"
