@@ -1,11 +1,17 @@
 """Every runtime × precision of roadwork's runtime layer on two models, side by side in one interleaved run.
 
     .venv/bin/python benchmarks/runtimes.py [--rounds 5] [--seconds 2] [--batch 8] [--threads 0]
+    .venv/bin/python benchmarks/runtimes.py --bundle runs/vit-runtimes/export/bundle [--select]
+
+With ``--bundle`` (one or more): ``roadwork bench``'s table for trained bundles instead — accuracy and ECE on
+the run's test split through each variant's own policy, the selected variant. The trained ViT bundle comes from
+``roadwork run benchmarks/runtimes_vit.yaml`` (ViT-S/14 @ 224, random init, linear probe on generated scenes).
 
 ViT-S/14 at 224 px (timm ``vit_small_patch14_dinov2``, random weights, ``img_size=224``) and the demo's CNN
 (``resnet10t`` with the demo's widths at 96 px). Each model is exported by roadwork's own exporter, then run by
 torch eager, ONNX Runtime fp32 and static int8 (QDQ calibrated on 64 random inputs), OpenVINO fp32 and bf16
-(bf16 only where the CPU has AVX-512 BF16 or AMX). Random weights have no accuracy, so the quality columns are
+(bf16 only where the CPU has AVX-512 BF16 or AMX) and OpenVINO int8 (NNCF post-training quantisation on the
+same 64 inputs). Random weights have no accuracy, so the quality columns are
 top-1 agreement with ONNX Runtime fp32 and the max |logit difference| on 64 held-out inputs (the bundle's
 ``roadwork bench`` scores accuracy and ECE on labelled images). Speed: best of N rounds after a warm-up, every
 variant once per round. The machine's CPU model and flags are printed first.
@@ -41,12 +47,32 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0, help="per variant per round")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--bundle", nargs="*", default=[], help="trained bundles: roadwork bench's table for each"
+    )
+    ap.add_argument(
+        "--select", action="store_true", help="with --bundle: record the selection (runtime.json)"
+    )
     args = ap.parse_args()
+    if args.bundle:
+        from roadwork.export.bench import bench_bundle, format_table
+
+        for b in args.bundle:
+            rows = bench_bundle(
+                b,
+                batch=args.batch,
+                seconds=args.seconds * args.rounds,
+                rounds=args.rounds,
+                threads=args.threads,
+                select=args.select,
+            )
+            print(f"### {b}\n\n{format_table(rows)}\n")
+        return
     import torch
 
     from roadwork.export.onnx import export_onnx
     from roadwork.export.runtime import RuntimeSpec, open_session, runtime_status
-    from roadwork.export.variants import quantize_int8
+    from roadwork.export.variants import quantize_int8, quantize_openvino_int8
 
     print("\n".join(machine_lines()))
     print(
@@ -66,6 +92,11 @@ def main() -> None:
         quantize_int8(
             onnx, q, mode="static", calibration=rng.normal(size=(64, 3, size, size)).astype(np.float32)
         )
+        ov_q = tmp / f"{size}-ov-int8.xml"
+        if runtime_status(RuntimeSpec("openvino", "int8")) == "ok":
+            quantize_openvino_int8(
+                onnx, ov_q, calibration=rng.normal(size=(64, 3, size, size)).astype(np.float32)
+            )
         xt = torch.from_numpy(x)
 
         def run_torch(model=model, xt=xt) -> None:  # type: ignore[no-untyped-def]
@@ -80,6 +111,7 @@ def main() -> None:
             ("ONNX Runtime int8 (static QDQ)", RuntimeSpec("onnxruntime", "int8", threads=args.threads), q),
             ("OpenVINO fp32", RuntimeSpec("openvino", "fp32", threads=args.threads), onnx),
             ("OpenVINO bf16", RuntimeSpec("openvino", "bf16", threads=args.threads), onnx),
+            ("OpenVINO int8 (NNCF)", RuntimeSpec("openvino", "int8", threads=args.threads), ov_q),
         ]:
             status = runtime_status(spec)
             if status != "ok":
