@@ -195,3 +195,25 @@ b.predict_local({str(result.bundle)!r}, b.list_images([{str(folder)!r}]), {str(o
     df = read_predictions(out)
     assert df["path"].is_unique and {Path(p).name for p in df["path"]} == good
     assert {Path(p).name for p in read_skipped(out)["path"]} == bad
+
+
+def test_both_engines_load_the_bundles_selected_variant(monkeypatch, tmp_path):
+    """roadwork predict serves what roadwork bench selected (variant=auto), as the server does."""
+    import inspect
+
+    import roadwork.export.bundle as bundle_mod
+    from roadwork.scale.batch import BundlePredictor, predict_local, predict_ray
+
+    seen = {}
+
+    def fake_load(path, *, threads=0, variant="fp32"):  # type: ignore[no-untyped-def]
+        seen.update(path=path, threads=threads, variant=variant)
+        return object()
+
+    monkeypatch.setattr(bundle_mod.Bundle, "load", staticmethod(fake_load))
+    BundlePredictor(str(tmp_path), threads=1)
+    assert seen == {"path": str(tmp_path), "threads": 1, "variant": "auto"}
+    BundlePredictor(str(tmp_path), variant="int8")
+    assert seen["variant"] == "int8"
+    for engine in (predict_local, predict_ray):
+        assert inspect.signature(engine).parameters["variant"].default == "auto"
