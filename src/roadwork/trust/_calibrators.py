@@ -229,6 +229,10 @@ class _OneVsRest(ABC):
 
 
 class IsotonicCalibrator(_OneVsRest):
+    """Isotonic regression (Zadrozny & Elkan, 2002), one-vs-rest: each class's probability is mapped through the
+    non-decreasing step function that pool-adjacent-violators fits to "is this the true class", interpolated
+    between its steps; the rows are renormalised to sum to one."""
+
     kind = "isotonic"
 
     def _fit_1d(self, p: np.ndarray, hit: np.ndarray) -> dict[str, list[float]]:

@@ -178,7 +178,9 @@ CalibrationMethod = Literal[
     "beta",
     "auto",
 ]
+"""The ``calibrate.method`` values: one calibrator each, ``auto`` picks by cross-validated NLL."""
 METHODS: tuple[str, ...] = get_args(CalibrationMethod)
+"""Every :data:`CalibrationMethod` value, in order (for help texts and validation)."""
 _AUTO_CANDIDATES = ("temperature", "vector", "dirichlet", "isotonic", "histogram")
 
 
@@ -341,9 +343,11 @@ Calibrator = (
     | AutoCalibrator
     | SliceCalibrator
 )
+"""Any fitted calibrator: ``fit(logits, labels)``, ``predict_proba(logits)``, ``to_dict()``/``from_dict``."""
 
 
 def calibrator_from_dict(d: dict[str, Any]) -> Calibrator:
+    """The calibrator a ``to_dict()`` wrote, chosen by its ``kind``; an unknown kind is an :class:`InputError`."""
     kind = d.get("kind")
     loaders: dict[str, Any] = {
         "temperature": TemperatureScaler.from_dict,

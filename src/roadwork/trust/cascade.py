@@ -94,6 +94,11 @@ class CascadeStage:
 
 @dataclass
 class Cascade:
+    """An ordered list of stages (cheapest first) and one certified gate ``threshold`` λ: a row stops at the first
+    stage whose calibrated confidence reaches λ, and the last stage answers the rest. ``certified`` says whether
+    the selective risk ``target`` holds at confidence ``1 - delta`` (``bound_pvalue`` ≤ ``delta``) on the
+    ``n_calib`` calibration rows; round-trips through :meth:`to_dict`/:meth:`from_dict`."""
+
     stages: list[CascadeStage]
     threshold: float  # λ: the gate of every stage but the last; +inf sends everything to the last stage
     mode: Mode

@@ -30,10 +30,12 @@ __all__ = [
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose argmax class is the label (``probs`` of shape (n, K)); NaN for no rows."""
     return float(np.mean(probs.argmax(axis=1) == labels)) if len(labels) else float("nan")
 
 
 def nll(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the labels, probabilities clipped below at ``eps``."""
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], eps, None))))
 
 

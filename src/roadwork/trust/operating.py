@@ -23,6 +23,10 @@ Criterion = Literal["max_mcc", "precision", "recall"]
 
 @dataclass(frozen=True)
 class OperatingPoint:
+    """A decision threshold on the calibrated positive-class probability of a binary task, with the precision,
+    recall and MCC it had on the calibration split. :meth:`remap` moves the threshold to 0.5 (piecewise linear,
+    monotone), so a consumer that thresholds at 0.5 (StreetVision) decides at the chosen point."""
+
     criterion: str
     target: float | None
     threshold: float  # on the calibrated positive-class probability
@@ -69,6 +73,9 @@ def _sweep(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
 def fit_operating_point(
     p_pos: object, is_positive: object, *, criterion: Criterion = "max_mcc", target: float | None = None
 ) -> OperatingPoint:
+    """The threshold that maximises MCC (``criterion="max_mcc"``), or the one with the most recall at precision
+    ≥ ``target`` (``"precision"``), or the most precision at recall ≥ ``target`` (``"recall"``), over every
+    distinct probability in ``p_pos`` (shape (n,)) against the boolean ``is_positive``."""
     p = np.asarray(p_pos, dtype=np.float64).ravel()
     y = np.asarray(is_positive).astype(bool).ravel()
     if p.shape != y.shape or p.size == 0:

@@ -27,11 +27,15 @@ from roadwork.trust.selective import AbstentionCertificate
 __all__ = ["POLICY_SCHEMA", "PolicyOutput", "TrustPolicy", "cascade_probs", "concat_outputs"]
 
 POLICY_SCHEMA = 1
+"""Version of ``policy.json``'s layout (docs/reference/policy.schema.json); bumped when it changes."""
 _NO_GROUP = "\x00no-group"  # rows whose request lacks the group column: never a calibration group → global
 
 
 @dataclass
 class PolicyOutput:
+    """What the policy decides for ``n`` rows: calibrated probabilities, prediction, confidence, conformal sets,
+    abstain flags, and (binary tasks, cascades, risk control) the score, stage and flags. Shapes per field."""
+
     probs: np.ndarray  # (n, K) calibrated probabilities, float64
     pred: np.ndarray  # (n,) argmax class index
     confidence: np.ndarray  # (n,) max calibrated probability
@@ -118,6 +122,10 @@ def concat_outputs(parts: Sequence[PolicyOutput]) -> PolicyOutput:
 
 @dataclass
 class TrustPolicy:
+    """Everything after the network, as one serialisable object: calibrator → conformal sets → certified
+    abstention, optionally a binary operating point, false-negative risk control and a cascade. The evaluator,
+    the Python API, the bundle and the server all call :meth:`apply` (or :meth:`apply_cascade`)."""
+
     classes: list[str]
     calibrator: Calibrator
     conformal: SplitConformal

@@ -18,10 +18,14 @@ from roadwork.trust._checks import check_labels, check_logits
 __all__ = ["PREDICTIONS_SCHEMA", "Predictions"]
 
 PREDICTIONS_SCHEMA = 1
+"""Version of the ``predictions-*.parquet`` layout."""
 
 
 @dataclass
 class Predictions:
+    """The one currency after the model: ``n`` rows of id, true label index and logits over ``classes``, plus
+    slice columns (weather, camera, ...). Checked on construction (shapes, finite logits, labels in range)."""
+
     ids: np.ndarray  # (n,) str
     labels: np.ndarray  # (n,) int class indices
     logits: np.ndarray  # (n, K) float
