@@ -64,13 +64,18 @@ def test_tiny_overrides_are_valid():
 
 
 @pytest.mark.filterwarnings("ignore::roadwork.errors.RoadworkWarning")
-def test_predict_on_an_unreadable_image_names_the_file(tiny_run, tmp_path, capsys):
+def test_predict_skips_an_unreadable_image_and_names_it(tiny_run, tmp_path, capsys):
+    """JSON lines mode keeps going past a bad file, as out=DIR does: every good image predicted, the bad one
+    named on stderr with its reason."""
     _, result = tiny_run
+    good = sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:2]
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
-    assert main(["predict", str(result.bundle), str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert "Cannot read image" in err and "broken.jpg" in err
+    assert main(["predict", str(result.bundle), str(good[0]), str(bad), str(good[1])]) == 0
+    captured = capsys.readouterr()
+    recs = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["path"] for r in recs] == [str(good[0]), str(good[1])]
+    assert "skipped " + str(bad) in captured.err and "1 of 3 images unreadable" in captured.err
 
 
 def test_stage_commands_match_the_pipeline():

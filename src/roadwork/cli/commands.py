@@ -142,7 +142,6 @@ def data_synthetic(p: Parsed) -> int:
 
 def predict(p: Parsed) -> int:
     """One JSON line per image, or a resumable Parquet folder (out=DIR), locally or on Ray Data."""
-    import json
 
     from roadwork.scale.batch import list_images
 
@@ -165,18 +164,35 @@ def predict(p: Parsed) -> int:
             + "); read with pandas.read_parquet"
         )
         return 0
-    from roadwork.export.bundle import Bundle
-    from roadwork.export.onnx import execution_device
+    return _predict_lines(bundle_path, items, o["device"])
 
-    with execution_device(o["device"]):
-        bundle = Bundle.load(bundle_path)
-    paths = items["path"].tolist()
-    meta_cols = [c for c in items.columns if c != "path"]
-    for i in range(0, len(paths), 64):
-        slices = {c: items[c].tolist()[i : i + 64] for c in meta_cols} or None
-        for rec in bundle.predict_paths(paths[i : i + 64], slices=slices):
-            print(json.dumps(rec), flush=True)
+
+def _predict_lines(bundle_path: str, items: Any, device: str) -> int:
+    """JSON lines on stdout, one per readable image, through the same predictor as out=DIR (the bundle's
+    selected variant); an unreadable image is named on stderr with its reason and skipped, not the end of the
+    job (as out=DIR lists it in skipped.csv)."""
+    import json
+
+    from roadwork.scale.batch import BundlePredictor
+
+    predictor = BundlePredictor(bundle_path, device=device)
+    skipped = 0
+    for i in range(0, len(items), 64):
+        for row in predictor(items.iloc[i : i + 64]).to_dict("records"):
+            reason = row.pop("skip_reason", "")
+            if reason:
+                skipped += 1
+                print(f"skipped {row['path']}: {reason}", file=sys.stderr, flush=True)
+                continue
+            print(json.dumps(row, default=_plain), flush=True)
+    if skipped:
+        print(f"{skipped} of {len(items)} images unreadable (named above)", file=sys.stderr)
     return 0
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars and arrays as JSON values."""
+    return v.tolist() if hasattr(v, "tolist") else str(v)
 
 
 def bench(p: Parsed) -> int:
