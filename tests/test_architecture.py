@@ -215,6 +215,36 @@ def cycle_offenders(proj: Project) -> list[str]:
     return lines
 
 
+def package_graph(proj: Project) -> dict[str, dict[str, tuple[str, str, int]]]:
+    """The module graph folded onto the top-level packages (``roadwork.trust``, ``roadwork.cli``, ...; a
+    top-level module such as ``roadwork.errors`` is its own node): ``{a: {b: (one module edge a -> b)}}``."""
+
+    def top(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    graph: dict[str, dict[str, tuple[str, str, int]]] = {top(m): {} for m in proj.modules}
+    for a, targets in import_graph(proj).items():
+        for b, line in targets.items():
+            if top(a) != top(b):
+                graph[top(a)].setdefault(top(b), (a, b, line))
+    return graph
+
+
+def package_cycle_offenders(proj: Project) -> list[str]:
+    graph = package_graph(proj)
+    lines = []
+    for comp in strongly_connected({a: dict.fromkeys(bs, 0) for a, bs in graph.items()}):
+        members = set(comp)
+        edges = [
+            f"{proj.where(proj.modules[m], line)}: {m} -> {t}"
+            for a in comp
+            for b, (m, t, line) in sorted(graph[a].items())
+            if b in members
+        ]
+        lines.append(f"package cycle among {', '.join(comp)}:\n    " + "\n    ".join(edges))
+    return lines
+
+
 def _private_scope(proj: Project, target: str) -> str | None:
     """The package a dotted path is private to, or None when no component is ``_private``."""
     parts = target.split(".")
@@ -482,6 +512,12 @@ def test_no_import_cycle_between_modules(project: Project) -> None:
     assert not offenders, _report(offenders, "no import cycle (function-level imports included)")
 
 
+def test_packages_depend_one_way(project: Project) -> None:
+    """The layers of docs/architecture.md: no two top-level packages import each other, even through others."""
+    offenders = package_cycle_offenders(project)
+    assert not offenders, _report(offenders, "no import cycle between top-level packages")
+
+
 def test_no_module_imports_another_packages_private_names(project: Project) -> None:
     offenders = private_offenders(project)
     assert not offenders, _report(offenders, "no cross-package import of a _private name")
@@ -588,3 +624,9 @@ def test_the_checker_finds_untrue_undocumented_and_incomplete_dunder_all(tmp_pat
         "pkg/m.py:4: pkg.m.bare is in __all__ without a docstring",
         "pkg/m.py:5: pkg.m.Forgotten is public but not in __all__ (list it, or name it _private)",
     ]
+
+
+if __name__ == "__main__":  # python tests/test_architecture.py: the package arrows for docs/architecture.md
+    for src, targets in sorted(package_graph(Project.load(SRC)).items()):
+        if targets:
+            print(f"{src} -> {', '.join(sorted(targets))}")
