@@ -563,6 +563,8 @@ def test_the_checker_finds_a_cycle_through_a_function_level_import_but_not_throu
         "pkg/a/x.py:1: pkg.a.x -> pkg.b.y" in offenders[0]
         and "pkg/b/y.py:2: pkg.b.y -> pkg.a.x" in offenders[0]
     )
+    packages = package_cycle_offenders(proj)
+    assert len(packages) == 1 and packages[0].startswith("package cycle among pkg.a, pkg.b:")
 
 
 def test_the_checker_finds_private_imports_across_packages_only(tmp_path: Path) -> None:
