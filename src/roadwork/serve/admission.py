@@ -22,6 +22,7 @@ from roadwork.serve.settings import ServeSettings
 __all__ = ["OPEN_PATHS", "Admission", "Gate", "Shed"]
 
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
+"""Paths served without the API key (probes and the scraper)."""
 
 
 def _json_bytes(

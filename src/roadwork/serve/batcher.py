@@ -35,11 +35,11 @@ __all__ = ["DynamicBatcher", "QueueFull", "QueueTimeout", "ServiceTime"]
 
 
 class QueueFull(Exception):
-    pass
+    """The queue is at ``max_queue``, over the latency budget, or stopping: the server answers 503."""
 
 
 class QueueTimeout(Exception):
-    pass
+    """The request waited over ``max_queue_wait_ms`` before its batch: 503 rather than a late answer."""
 
 
 class ServiceTime:

@@ -11,9 +11,10 @@ from PIL import Image
 
 from roadwork.data.preprocess import decode_opened, open_checked
 
-__all__ = ["IMAGE_TYPES", "RequestError", "decode_image"]
+__all__ = ["IMAGE_TYPES", "RequestError", "decode_b64", "decode_image"]
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "application/octet-stream")
+"""Content types ``/v1/classify`` takes as a raw image body."""
 
 
 class RequestError(Exception):
@@ -26,6 +27,7 @@ class RequestError(Exception):
 
 
 def decode_b64(text: object, field: str) -> bytes:
+    """A base64 string (or data URL) of image bytes → the bytes; 400 naming ``field`` when it is not one."""
     if not isinstance(text, str) or not text:
         raise RequestError(400, f"'{field}' must be a non-empty base64 string of image bytes.")
     if text.startswith("data:") and "," in text:  # a data URL: data:image/jpeg;base64,....

@@ -19,6 +19,8 @@ _RESERVED = {"ts", "label", "probability", "set_size", "abstain", "stage", "scor
 
 
 class PredictionLog:
+    """Buffered, rotating Parquet files of what ``/v1/classify`` answered (``log_dir``)."""
+
     def __init__(self, directory: str | Path, rows_per_file: int = 10_000) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)

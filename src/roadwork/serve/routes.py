@@ -17,9 +17,25 @@ from roadwork.serve.decode import IMAGE_TYPES, RequestError
 from roadwork.serve.model import model_config_of
 from roadwork.serve.state import ServerState, server_state
 
-__all__ = ["router", "version"]
+__all__ = [
+    "all_stats",
+    "classify",
+    "infer",
+    "live",
+    "model_config",
+    "model_metadata",
+    "model_ready",
+    "model_stats",
+    "prometheus",
+    "ready",
+    "repository_index",
+    "router",
+    "server_metadata",
+    "version",
+]
 
 router = APIRouter()
+"""Every endpoint; :func:`roadwork.serve.app.create_app` includes it."""
 State = Annotated[ServerState, Depends(server_state)]
 
 

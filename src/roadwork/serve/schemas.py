@@ -1,5 +1,5 @@
 """Pydantic models of the HTTP bodies: they document the API (``/docs``, ``/openapi.json``) for people and for
-generated clients and fuzzers. Requests are still parsed by hand in :mod:`roadwork.serve.app` (the binary-tensor
+generated clients and fuzzers. Requests are still parsed by hand in :mod:`roadwork.serve.v2` (the binary-tensor
 extension puts raw bytes after the JSON), with the same rules these models state."""
 
 from __future__ import annotations
@@ -12,49 +12,71 @@ __all__ = [
     "ClassifyRequest",
     "ClassifyResponse",
     "ErrorBody",
+    "InferInput",
+    "InferOutput",
+    "InferOutputRequest",
     "InferRequest",
     "InferResponse",
+    "InputParameters",
     "Live",
     "ModelMetadata",
     "ModelReady",
+    "OutputParameters",
+    "Prediction",
     "Ready",
     "RepositoryEntry",
+    "RequestParameters",
     "ServerMetadata",
+    "TensorMetadata",
 ]
 
 OutputName = Literal["logits", "probabilities", "label", "prediction_set", "abstain"]
 
 
 class ErrorBody(BaseModel):
+    """Every error answer: ``{"error": "..."}``."""
+
     error: str = Field(description="what was wrong and how to fix it")
 
 
 class Live(BaseModel):
+    """Liveness: ``{"live": true}``."""
+
     live: bool
 
 
 class Ready(BaseModel):
+    """Readiness: false while starting or draining."""
+
     ready: bool
 
 
 class ModelReady(BaseModel):
+    """One model's readiness."""
+
     name: str
     ready: bool
 
 
 class ServerMetadata(BaseModel):
+    """Server metadata (OIP v2): name, version, extensions."""
+
     name: str
     version: str
     extensions: list[str]
 
 
 class TensorMetadata(BaseModel):
+    """One input or output tensor: name, datatype, shape (-1: any)."""
+
     name: str
     datatype: str
     shape: list[int]
 
 
 class ModelMetadata(BaseModel):
+    """Model metadata (OIP v2), with classes, slice columns, variant, runtime and precision in ``parameters``."""
+
     name: str
     versions: list[str]
     platform: str
@@ -64,12 +86,16 @@ class ModelMetadata(BaseModel):
 
 
 class RepositoryEntry(BaseModel):
+    """One model of Triton's repository index."""
+
     name: str
     version: str
     state: str
 
 
 class InputParameters(BaseModel):
+    """An input tensor's parameters (binary-tensor extension)."""
+
     model_config = ConfigDict(extra="allow")
     binary_data_size: int | None = Field(
         None, ge=0, description="bytes of this tensor after the JSON header (binary-tensor extension)"
@@ -77,6 +103,8 @@ class InputParameters(BaseModel):
 
 
 class InferInput(BaseModel):
+    """The one input tensor, ``input``: [N, 3, S, S] preprocessed pixels."""
+
     name: Literal["input"]
     shape: list[int] = Field(min_length=4, max_length=4, description="[N, 3, S, S], S the model's input size")
     datatype: Literal["FP32", "FP16", "FP64"] = Field(description="cast to FP32; values must be finite there")
@@ -85,16 +113,22 @@ class InferInput(BaseModel):
 
 
 class OutputParameters(BaseModel):
+    """An output's parameters: ``binary_data`` to get it as raw bytes after the JSON."""
+
     model_config = ConfigDict(extra="allow")
     binary_data: bool = False
 
 
 class InferOutputRequest(BaseModel):
+    """An output asked for by name."""
+
     name: OutputName
     parameters: OutputParameters | None = None
 
 
 class RequestParameters(BaseModel):
+    """Request parameters: binary outputs for all, slice values per image."""
+
     model_config = ConfigDict(extra="allow")
     binary_data_output: bool = False
     slices: dict[str, str | list[str]] | None = Field(
@@ -112,6 +146,8 @@ class InferRequest(BaseModel):
 
 
 class InferOutput(BaseModel):
+    """One output tensor of the answer."""
+
     name: OutputName
     datatype: Literal["FP32", "BYTES", "BOOL"]
     shape: list[int]
@@ -120,6 +156,8 @@ class InferOutput(BaseModel):
 
 
 class InferResponse(BaseModel):
+    """OIP v2 inference response: the outputs asked for (all five by default)."""
+
     model_name: str
     model_version: str
     id: str | None = None
@@ -136,6 +174,8 @@ class ClassifyRequest(BaseModel):
 
 
 class Prediction(BaseModel):
+    """One image's answer: label, calibrated probability, prediction set, abstain, answering stage."""
+
     model_config = ConfigDict(extra="allow")
     label: str
     probability: float
@@ -145,5 +185,7 @@ class Prediction(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
+    """``/v1/classify``'s answer: the served model's name and one prediction per image."""
+
     model: str
     predictions: list[Prediction]

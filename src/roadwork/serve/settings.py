@@ -10,6 +10,8 @@ __all__ = ["ServeSettings"]
 
 
 class ServeSettings(BaseModel):
+    """Every server setting, validated: ``roadwork serve BUNDLE key=value ...``."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     host: str = Field("127.0.0.1", description="interface to bind; 0.0.0.0 in a container")

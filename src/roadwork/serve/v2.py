@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 OUTPUT_NAMES = ("logits", "probabilities", "label", "prediction_set", "abstain")
+"""The model's v2 outputs, in answer order."""
 
 
 def parse_json(body: bytes) -> Any:
