@@ -103,6 +103,11 @@ class ModelConfig(_Strict):
     weights: str | None = Field(
         None, description="local weights: a .safetensors file, or a save_pretrained folder for hf: backbones"
     )
+    strict: bool = Field(
+        True,
+        description="weights (model.weights, an ExPLoRA backbone) must fit the model but for the classifier head; "
+        "false: load what fits and list what was skipped",
+    )
     image_size: int = Field(96, ge=16, le=1024, description="network input side in pixels")
     drop_rate: float = Field(0.1, ge=0, lt=1)
     kwargs: dict[str, Any] = Field(

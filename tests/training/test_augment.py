@@ -13,7 +13,7 @@ from roadwork.config import TrainConfig, load_config  # noqa: E402
 from roadwork.data.preprocess import PreprocessSpec  # noqa: E402
 from roadwork.errors import ConfigError  # noqa: E402
 from roadwork.training.augment import BatchAugment, light_augment  # noqa: E402
-from roadwork.training.loop import _to_input  # noqa: E402
+from roadwork.training.augment import to_input as _to_input  # noqa: E402
 
 SPEC = PreprocessSpec(size=32)
 

@@ -23,9 +23,10 @@ from PIL import Image
 
 from roadwork.data.preprocess import PreprocessSpec, resize_uint8
 
-__all__ = ["FEATURE_NAMES", "FEATURE_SPEC", "image_features", "images_features", "pixels_and_hsv"]
+__all__ = ["FEATURE_NAMES", "FEATURE_SPEC", "image_features", "images_features", "pixels_and_hsv", "small_image"]
 
 FEATURE_SPEC = PreprocessSpec(size=32)  # the pixels the features see (resize + centre crop)
+"""The preprocessing of the cheap features: 32 px, resize + centre crop."""
 _GRID = 4
 
 
@@ -41,6 +42,7 @@ def _names() -> list[str]:
 
 
 FEATURE_NAMES: list[str] = _names()
+"""The name of every feature column, in order."""
 
 
 def _cell_means(m: np.ndarray) -> np.ndarray:

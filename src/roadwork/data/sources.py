@@ -31,6 +31,7 @@ from roadwork.errors import DataError
 __all__ = ["CORE_COLUMNS", "DataReport", "build_dataset", "check_image"]
 
 CORE_COLUMNS = ("id", "path", "label", "split", "sha256")
+"""The columns every ``dataset.parquet`` has; any others are slice columns."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ from roadwork.config import SplitConfig
 __all__ = ["SPLITS", "assign_splits", "split_uniform"]
 
 SPLITS = ("train", "val", "calib", "test")
+"""The four splits, in the order of their fractions."""
 
 
 def split_uniform(sha256s: Sequence[str], salt: str) -> np.ndarray:
@@ -31,6 +32,7 @@ def split_uniform(sha256s: Sequence[str], salt: str) -> np.ndarray:
 
 
 def assign_splits(sha256s: Sequence[str], cfg: SplitConfig) -> list[str]:
+    """The split of every image, from its sha256 and ``cfg.salt``: stable when images are added."""
     u = split_uniform(sha256s, cfg.salt)
     edges = np.cumsum([cfg.train, cfg.val, cfg.calib])
     idx = np.searchsorted(edges, u, side="right")

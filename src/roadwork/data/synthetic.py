@@ -27,9 +27,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from roadwork.config import SyntheticConfig
 
-__all__ = ["CLASSES", "SceneSpec", "generate_dataset", "render_scene", "sample_spec"]
+__all__ = ["CLASSES", "SceneSpec", "generate_dataset", "iter_scenes", "render_scene", "sample_spec"]
 
 CLASSES = ("no_roadwork", "roadwork")
+"""The two labels of the generated scenes (index 1: a work zone)."""
 WEATHER = ("clear", "rain", "fog", "snow")
 TIMES = ("day", "dusk", "night")
 CAMERAS = ("sharp", "blur", "jpeg")
@@ -68,6 +69,7 @@ def sample_spec(
     domain_b_fraction: float = 0.5,
     label_noise: float = 0.0,
 ) -> SceneSpec:
+    """Draw the attributes of scene ``index`` (label, weather, time, camera, domain, distances, distractor)."""
     true_label = int(rng.random() < positive_fraction)
     flipped = bool(rng.random() < label_noise)
     distractor_p = 0.55 if true_label == 0 else 0.25
@@ -275,16 +277,8 @@ def _zone_object(
 _DEPTHS = {"near": (0.5, 0.95), "mid": (0.3, 0.5), "far": (0.15, 0.3)}
 
 
-def _draw_scene(spec: SceneSpec, rng: np.random.Generator, w: int) -> tuple[np.ndarray, float]:
-    """Return the image downsampled by the supersampling factor, and the horizon row at that size."""
-    st = _STYLES[spec.domain]
-    sc = _Scene(rng, w)
-    base = np.zeros((w, w, 3), np.float32)
-    _draw_background(base, sc, st, rng)
-    im = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(im)
-
-    # Road surface, edges and dashed lane markings.
+def _draw_road(d: ImageDraw.ImageDraw, sc: _Scene, st: _Style, rng: np.random.Generator, w: int) -> None:
+    """Road surface, edges and dashed lane markings."""
     road = [(sc.x(0, -1), sc.h), (sc.x(0, 1), sc.h), (sc.x(1, 1), w), (sc.x(1, -1), w)]
     d.polygon(road, fill=_jitter(rng, st.asphalt, 8))
     lw = max(1, int(0.006 * w))
@@ -302,7 +296,10 @@ def _draw_scene(spec: SceneSpec, rng: np.random.Generator, w: int) -> tuple[np.n
                 width=max(1, int(lw * (0.5 + 2 * t1))),
             )
 
-    # Everything standing on the ground, drawn far to near: (t, kind, lateral).
+
+def _scene_items(spec: SceneSpec, rng: np.random.Generator) -> list[tuple[float, str, float]]:
+    """Everything standing on the ground, as (t, kind, lateral), in drawing order: far to near, except that the
+    nearest work-zone object comes last."""
     items: list[tuple[float, str, float]] = []
     for _ in range(int(rng.integers(2, 9))):  # roadside trees and buildings
         side = rng.choice([-1.0, 1.0])
@@ -341,46 +338,62 @@ def _draw_scene(spec: SceneSpec, rng: np.random.Generator, w: int) -> tuple[np.n
     # positive always shows at least one object (how visible it is is left to distance, weather and camera).
     lead = [it for it in items if it[1] in ZONE_OBJECTS][:1]
     items = sorted((it for it in items if it not in lead), key=lambda it: it[0]) + lead
+    return items
 
-    for t, kind, lat in items:
+
+def _draw_item(
+    d: ImageDraw.ImageDraw, kind: str, x: float, y: float, s: float, st: _Style, rng: np.random.Generator
+) -> None:
+    """One object standing on the ground at (x, y), scale ``s``: scenery, traffic, a distractor or a zone object."""
+    if kind == "tree":
+        _tree(d, x, y, s * 1.4, _jitter(rng, st.tree, 15))
+    elif kind == "building":
+        bw, bh = s * rng.uniform(0.3, 0.6), s * rng.uniform(0.4, 0.9)
+        d.rectangle([x - bw / 2, y - bh, x + bw / 2, y], fill=_jitter(rng, st.building, 20))
+    elif kind == "vehicle":
+        pal = [
+            (200, 200, 205),
+            (30, 30, 35),
+            (160, 20, 25),
+            (30, 60, 140),
+            (120, 120, 125),
+            (230, 230, 230),
+        ]
+        _vehicle(d, x, y, s, _jitter(rng, pal[int(rng.integers(len(pal)))], 10), truck=rng.random() < 0.25)
+    elif kind == "orange_vehicle":
+        _vehicle(d, x, y, s, _jitter(rng, (245, 125, 25), 15), truck=rng.random() < 0.6)
+    elif kind == "yellow_sign":
+        _diamond(d, x, y, s, _jitter(rng, (245, 205, 30), 10), glyph=False)
+    elif kind == "tourist_sign":
+        top = y - 0.3 * s
+        d.rectangle([x - 0.008 * s, top, x + 0.008 * s, y], fill=(90, 90, 90))
+        d.rectangle([x - 0.1 * s, top - 0.07 * s, x + 0.1 * s, top], fill=_jitter(rng, (165, 80, 30), 15))
+        d.line(
+            [(x - 0.07 * s, top - 0.035 * s), (x + 0.07 * s, top - 0.035 * s)],
+            fill=(240, 240, 240),
+            width=max(1, int(0.012 * s)),
+        )
+    elif kind == "autumn_tree":
+        _tree(d, x, y, s * 1.4, _jitter(rng, (235, 120, 25), 15))
+    else:
+        _zone_object(d, kind, x, y, s, st, rng)
+
+
+def _draw_scene(spec: SceneSpec, rng: np.random.Generator, w: int) -> tuple[np.ndarray, float]:
+    """Return the image downsampled by the supersampling factor, and the horizon row at that size."""
+    st = _STYLES[spec.domain]
+    sc = _Scene(rng, w)
+    base = np.zeros((w, w, 3), np.float32)
+    _draw_background(base, sc, st, rng)
+    im = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    _draw_road(d, sc, st, rng, w)
+    for t, kind, lat in _scene_items(spec, rng):
         x, y, s = sc.x(t, lat), sc.row(t), t * w
         if kind in ZONE_OBJECTS or kind in DISTRACTORS:
             x = float(np.clip(x, 0.04 * w, 0.96 * w))  # keep what decides the label inside the frame
             s *= 2.0
-        if kind == "tree":
-            _tree(d, x, y, s * 1.4, _jitter(rng, st.tree, 15))
-        elif kind == "building":
-            bw, bh = s * rng.uniform(0.3, 0.6), s * rng.uniform(0.4, 0.9)
-            d.rectangle([x - bw / 2, y - bh, x + bw / 2, y], fill=_jitter(rng, st.building, 20))
-        elif kind == "vehicle":
-            pal = [
-                (200, 200, 205),
-                (30, 30, 35),
-                (160, 20, 25),
-                (30, 60, 140),
-                (120, 120, 125),
-                (230, 230, 230),
-            ]
-            _vehicle(
-                d, x, y, s, _jitter(rng, pal[int(rng.integers(len(pal)))], 10), truck=rng.random() < 0.25
-            )
-        elif kind == "orange_vehicle":
-            _vehicle(d, x, y, s, _jitter(rng, (245, 125, 25), 15), truck=rng.random() < 0.6)
-        elif kind == "yellow_sign":
-            _diamond(d, x, y, s, _jitter(rng, (245, 205, 30), 10), glyph=False)
-        elif kind == "tourist_sign":
-            top = y - 0.3 * s
-            d.rectangle([x - 0.008 * s, top, x + 0.008 * s, y], fill=(90, 90, 90))
-            d.rectangle([x - 0.1 * s, top - 0.07 * s, x + 0.1 * s, top], fill=_jitter(rng, (165, 80, 30), 15))
-            d.line(
-                [(x - 0.07 * s, top - 0.035 * s), (x + 0.07 * s, top - 0.035 * s)],
-                fill=(240, 240, 240),
-                width=max(1, int(0.012 * s)),
-            )
-        elif kind == "autumn_tree":
-            _tree(d, x, y, s * 1.4, _jitter(rng, (235, 120, 25), 15))
-        else:
-            _zone_object(d, kind, x, y, s, st, rng)
+        _draw_item(d, kind, x, y, s, st, rng)
     return np.asarray(im.reduce(_SS), dtype=np.float32), sc.h / _SS
 
 

@@ -22,10 +22,18 @@ from typing import Any, Literal
 from roadwork._deps import require
 from roadwork.errors import ConfigError
 
-__all__ = ["FINETUNE_MODES", "count_trainable", "head_name", "merge_adapters", "prepare_finetune"]
+__all__ = [
+    "FINETUNE_MODES",
+    "count_trainable",
+    "default_targets",
+    "head_name",
+    "merge_adapters",
+    "prepare_finetune",
+]
 
 Finetune = Literal["full", "linear_probe", "lora", "dora", "doran", "rslora"]
 FINETUNE_MODES: tuple[str, ...] = ("full", "linear_probe", "lora", "dora", "doran", "rslora")
+"""The values of ``train.finetune``."""
 
 
 def head_name(model: Any) -> str:
@@ -38,6 +46,7 @@ def head_name(model: Any) -> str:
 
 
 def default_targets(model: Any) -> list[str]:
+    """The modules that get adapters when ``train.target_modules`` is null, chosen per architecture."""
     torch = require("torch")
     names = [n for n, _ in model.named_modules()]
     if any(n.endswith("attn.qkv") for n in names):
@@ -113,4 +122,5 @@ def merge_adapters(model: Any) -> Any:
 
 
 def count_trainable(model: Any) -> int:
+    """The number of parameters that receive gradients."""
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))

@@ -22,11 +22,14 @@ from roadwork.models.trees import NodeTable, TreeEnsemble
 __all__ = ["FRAMEWORKS", "BoostingParams", "available_frameworks", "fit_booster", "native_raw", "to_trees"]
 
 FRAMEWORKS = ("sklearn", "xgboost", "lightgbm", "catboost")
+"""The gradient-boosting frameworks a cascade's first stage can use."""
 _MODULE = {"sklearn": "sklearn", "xgboost": "xgboost", "lightgbm": "lightgbm", "catboost": "catboost"}
 
 
 @dataclass(frozen=True)
 class BoostingParams:
+    """Hyper-parameters shared by every boosting framework (rounds, learning rate, depth ...)."""
+
     rounds: int = 200
     learning_rate: float = 0.1
     max_depth: int = 6
@@ -35,6 +38,7 @@ class BoostingParams:
 
 
 def available_frameworks() -> dict[str, bool]:
+    """Which of :data:`FRAMEWORKS` are installed."""
     import importlib.util
 
     return {f: importlib.util.find_spec(_MODULE[f]) is not None for f in FRAMEWORKS}

@@ -32,6 +32,7 @@ from roadwork.errors import ConfigError
 __all__ = ["TAU_INIT", "enable_doran"]
 
 TAU_INIT = 1e-3
+"""The initial value of DoRAN's learnable offset in the weight norm."""
 
 
 def _layer_class() -> Any:

@@ -17,13 +17,25 @@ from roadwork.config import ModelConfig
 from roadwork.data.preprocess import PreprocessSpec
 from roadwork.errors import ArtifactError, ConfigError
 
-__all__ = ["MODEL_SCHEMA", "ModelCard", "card_kwargs", "create_model", "load_model", "save_model"]
+__all__ = [
+    "BACKBONE_PREFIX",
+    "MODEL_SCHEMA",
+    "ModelCard",
+    "card_kwargs",
+    "create_model",
+    "load_model",
+    "load_weights_into",
+    "save_model",
+]
 
 MODEL_SCHEMA = 1
+"""The version of ``model.json``."""
 
 
 @dataclass(frozen=True)
 class ModelCard:
+    """What ``model.json`` holds: architecture, class names, preprocessing, head, pooling and deferral gate."""
+
     backbone: str
     classes: list[str]
     preprocess: PreprocessSpec
@@ -76,7 +88,74 @@ def _unknown_backbone(name: str) -> ConfigError:
     return ConfigError(f"Unknown backbone model.backbone={name!r}.{hint}")
 
 
-def _load_weights(model: Any, path: str) -> None:
+BACKBONE_PREFIX = "backbone."
+"""Where a :class:`~roadwork.models.heads.PooledClassifier` (or an ``hf:`` classifier) keeps its backbone's tensors."""
+
+
+def _head_prefixes(model: Any) -> tuple[str, ...]:
+    """State-dict prefixes of the classifier head: ours (``get_classifier``) and the one timm's pretrained config
+    names (a checkpoint's 1000-class head), under the backbone prefix too."""
+    names = {"head."} if hasattr(model, "head") and hasattr(model, "backbone") else set()
+    for owner, prefix in ((model, ""), (getattr(model, "backbone", None), BACKBONE_PREFIX)):
+        classifier = (getattr(owner, "pretrained_cfg", None) or {}).get("classifier")
+        for c in (classifier,) if isinstance(classifier, str) else (classifier or ()):
+            names.add(f"{prefix}{c}.")
+    return tuple(sorted(names))
+
+
+def load_weights_into(model: Any, state: dict[str, Any], *, strict: bool = True, source: str) -> list[str]:
+    """Load ``state`` into ``model`` by name and shape and return the keys that were skipped.
+
+    The classifier head is the one part allowed not to fit (a checkpoint's head has its own class count). A
+    backbone state (names without :data:`BACKBONE_PREFIX`) is matched under that prefix. Anything else that does
+    not fit — a tensor the model has not, one of another shape, a model tensor the state lacks — raises a
+    :class:`~roadwork.errors.ConfigError` listing it; with ``strict=False`` (``model.strict=false``) what fits is
+    loaded and every skipped key is listed in a :class:`~roadwork.errors.RoadworkWarning`."""
+    own = model.state_dict()
+    if not any(k in own for k in state) and any(BACKBONE_PREFIX + k in own for k in state):
+        state = {BACKBONE_PREFIX + k: v for k, v in state.items()}
+    heads = _head_prefixes(model)
+    fits = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not fits:
+        raise ConfigError(
+            f"{source} shares no tensor (name and shape) with backbone {type(model).__name__}; check "
+            "model.backbone matches the weights."
+        )
+    unexpected = sorted(k for k in state if k not in own and not k.startswith(heads))
+    reshaped = sorted(k for k in state if k in own and k not in fits and not k.startswith(heads))
+    missing = sorted(k for k in own if k not in state and not k.startswith(heads))
+    skipped = unexpected + reshaped + missing
+    if skipped:
+        detail = "; ".join(
+            f"{what} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+            for what, keys in (
+                ("not in the model", unexpected),
+                ("of another shape", reshaped),
+                ("missing from the weights, left at their initial values", missing),
+            )
+            if keys
+        )
+        if strict:
+            raise ConfigError(
+                f"{source} does not fit model.backbone: {detail}. Check model.backbone (and model.kwargs) match "
+                f"the weights, or set model.strict=false to load the {len(fits)} tensors that fit and skip the rest "
+                "(they are listed when loading)."
+            )
+        import warnings
+
+        from roadwork.errors import RoadworkWarning
+
+        warnings.warn(
+            RoadworkWarning(
+                f"model.strict=false: loaded {len(fits)} tensors from {source}; skipped {detail}."
+            ),
+            stacklevel=2,
+        )
+    model.load_state_dict(fits, strict=False)
+    return skipped
+
+
+def _load_weights(model: Any, path: str, strict: bool) -> None:
     st = require("safetensors.torch")
     p = Path(path)
     if not p.is_file():
@@ -85,20 +164,13 @@ def _load_weights(model: Any, path: str) -> None:
         state = st.load_file(str(p))
     except Exception as e:
         raise ConfigError(f"model.weights={path!r} is not a readable safetensors file ({e}).") from None
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ConfigError(
-            f"model.weights={path!r} shares no tensor (name and shape) with backbone "
-            f"{type(model).__name__}; check model.backbone matches the weights."
-        )
-    model.load_state_dict(usable, strict=False)  # the classifier head is new when class counts differ
+    load_weights_into(model, state, strict=strict, source=f"model.weights={path!r}")
 
 
 def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpec]:
     """Build the network and its preprocessing. Hub weights only when ``pretrained`` and no local file."""
-    from roadwork.models.heads import build_network  # imports torch: only where a network is built
     from roadwork.models.hf import hf_preprocess, is_hf
+    from roadwork.models.network import build_network  # imports torch: only where a network is built
 
     timm = require("timm")
     from_hub = cfg.pretrained and cfg.weights is None
@@ -127,7 +199,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[Any, PreprocessSpe
             "model.pretrained=false to start from random weights."
         ) from None
     if cfg.weights is not None and not (hf and Path(cfg.weights).is_dir()):
-        _load_weights(model.backbone if hf else model, cfg.weights)
+        _load_weights(model.backbone if hf else model, cfg.weights, cfg.strict)
     if hf:
         if cfg.pretrained or cfg.weights is not None:
             return model, hf_preprocess(cfg.backbone, cfg.weights, cfg.image_size)
@@ -152,6 +224,7 @@ def card_kwargs(model: Any, cfg: ModelConfig) -> dict[str, Any]:
 
 
 def save_model(model: Any, card: ModelCard, out_dir: Path) -> None:
+    """Write ``model.safetensors`` and ``model.json`` into ``out_dir``."""
     st = require("safetensors.torch")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     st.save_file(state, str(out_dir / "model.safetensors"))
@@ -160,7 +233,7 @@ def save_model(model: Any, card: ModelCard, out_dir: Path) -> None:
 
 def load_model(model_dir: str | Path) -> tuple[Any, ModelCard]:
     """Rebuild a trained network from ``model.safetensors`` + ``model.json`` (eval mode, CPU)."""
-    from roadwork.models.heads import build_network  # imports torch: only where a network is built
+    from roadwork.models.network import build_network  # imports torch: only where a network is built
 
     require("timm")
     st = require("safetensors.torch")

@@ -3,7 +3,7 @@
 ``model.pooling``: ``default`` (the backbone's own), ``cls`` (the class token), ``mean`` (mean of the patch
 tokens, or global average pooling for CNNs), ``cls+mean`` (both concatenated, as DINOv2's linear probe).
 ``model.head``: ``linear`` or ``mlp`` (Linear → GELU → Dropout → Linear, hidden width = feature width).
-With ``default`` + ``linear`` the plain timm model is used, unchanged.
+With ``default`` + ``linear`` the plain timm model is used, unchanged (:func:`roadwork.models.network.build_network`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from roadwork._deps import require
 from roadwork.errors import ConfigError
 
-__all__ = ["PooledClassifier", "build_network", "make_head", "pool_tokens"]
+__all__ = ["PooledClassifier", "make_head", "pool_tokens"]
 
 
 def make_head(dim: int, num_classes: int, head: str, drop_rate: float) -> Any:
@@ -70,38 +70,3 @@ class PooledClassifier(_module_base()):  # type: ignore[misc]
         if f.ndim == 4:  # CNN feature map (B, C, H, W)
             return self.head(f.mean(dim=(2, 3)))
         return self.head(pool_tokens(f, self.pooling, self.prefix))
-
-
-def build_network(
-    backbone: str,
-    num_classes: int,
-    *,
-    drop_rate: float,
-    kwargs: dict[str, Any],
-    head: str = "linear",
-    pooling: str = "default",
-    pretrained: bool = False,
-    weights: str | None = None,
-) -> Any:
-    """A timm model (with a :class:`PooledClassifier` when pooling or head are not timm's own), or a Hugging Face
-    ``transformers`` backbone for ``hf:`` names (:mod:`roadwork.models.hf`; ``weights`` is only read there)."""
-    from roadwork.models.hf import build_hf, is_hf
-
-    if is_hf(backbone):
-        return build_hf(
-            backbone,
-            num_classes,
-            drop_rate=drop_rate,
-            kwargs=kwargs,
-            head=head,
-            pooling=pooling,
-            pretrained=pretrained,
-            weights=weights,
-        )
-    timm = require("timm")
-    if head == "linear" and pooling == "default":
-        return timm.create_model(
-            backbone, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **kwargs
-        )
-    net = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **kwargs)
-    return PooledClassifier(net, num_classes, pooling if pooling != "default" else "mean", head, drop_rate)

@@ -31,11 +31,13 @@ from roadwork.models.heads import make_head, pool_tokens
 __all__ = ["HF_PREFIX", "HFClassifier", "build_hf", "hf_preprocess", "is_hf"]
 
 HF_PREFIX = "hf:"
+"""The ``model.backbone`` prefix of Hugging Face ``transformers`` backbones."""
 # PIL resample codes in image processor configs
 _RESAMPLE: dict[int, Literal["nearest", "bilinear", "bicubic"]] = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 def is_hf(backbone: str) -> bool:
+    """Whether ``model.backbone`` names a ``transformers`` backbone (``hf:...``)."""
     return backbone.startswith(HF_PREFIX)
 
 
@@ -145,6 +147,9 @@ def build_hf(
     pretrained: bool = False,
     weights: str | None = None,
 ) -> Any:
+    """An :class:`HFClassifier` for ``model.backbone=hf:...``: hub weights (``pretrained``), a local folder or
+    file (``weights``), or random weights from a model type's config; ``pooling=default`` is ``mean`` for CNNs and
+    ``cls+mean`` for ViTs. The backbone's whole config goes into ``card_kwargs`` (``model.json``)."""
     net = _backbone(name, kwargs, pretrained, weights)
     if not hasattr(net.config, "hidden_size") and not _is_spatial(net.config):
         raise ConfigError(

@@ -18,7 +18,7 @@ import numpy as np
 
 from roadwork.errors import ArtifactError, InputError
 
-__all__ = ["TreeEnsemble", "margins_to_logits"]
+__all__ = ["NodeTable", "TreeEnsemble", "margins_to_logits"]
 
 
 def margins_to_logits(raw: np.ndarray) -> np.ndarray:

@@ -18,10 +18,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-__all__ = ["AUGMENT_PRESETS", "BatchAugment"]
+from roadwork.data.preprocess import PreprocessSpec
+
+__all__ = ["AUGMENT_PRESETS", "BatchAugment", "light_augment", "to_input"]
 
 AugmentPreset = Literal["none", "light", "standard", "strong"]
 AUGMENT_PRESETS: tuple[str, ...] = ("none", "light", "standard", "strong")
+"""The values of ``train.augment``."""
+
+
+def to_input(torch: Any, u8: Any, spec: PreprocessSpec) -> Any:
+    """(B, H, W, 3) uint8 tensor → normalised (B, 3, H, W) float32, same arithmetic as ``preprocess.to_float``."""
+    x = u8.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def light_augment(torch: Any, x: Any, gen: Any) -> Any:
@@ -103,8 +114,6 @@ class BatchAugment:
         """``gen``: the loop's generator, which ``light`` draws from (as it always did: old runs repeat)."""
         import torch
 
-        from roadwork.training.loop import _to_input
-
         # one seed per (seed, epoch, step): torchvision draws from torch's global RNG, so fork it
         batch_seed = ((self.seed * 1_000_003 + epoch) * 1_000_003 + step) % (2**63)
         with torch.random.fork_rng(devices=[]):
@@ -112,7 +121,7 @@ class BatchAugment:
             if self._pixels is not None:
                 chw = u8.permute(0, 3, 1, 2)
                 u8 = torch.stack([self._pixels(img) for img in chw]).permute(0, 2, 3, 1)
-            x = _to_input(torch, u8, self.spec)
+            x = to_input(torch, u8, self.spec)
             if self.preset == "light":
                 x = light_augment(
                     torch, x, gen if gen is not None else torch.Generator().manual_seed(batch_seed)

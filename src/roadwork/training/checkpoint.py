@@ -20,6 +20,7 @@ __all__ = ["load_checkpoint", "save_checkpoint"]
 def save_checkpoint(
     directory: Path, *, tensors: dict[str, Any], optimizer: Any, meta: dict[str, Any]
 ) -> None:
+    """Write a resumable checkpoint atomically: ``tensors`` (safetensors), the optimizer state and ``meta``."""
     st = require("safetensors.torch")
     directory.mkdir(parents=True, exist_ok=True)
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

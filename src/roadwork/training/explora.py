@@ -88,9 +88,9 @@ def _project(torch: Any, head: Any, feats: Any) -> Any:
 
 def _views(torch: Any, u8: Any, spec: PreprocessSpec, n_local: int, gen: Any) -> list[Any]:
     """2 global + ``n_local`` local random-resized crops of a uint8 batch (N, H, W, 3) → float (N, 3, S, S)."""
-    from roadwork.training.loop import _to_input
+    from roadwork.training.augment import to_input
 
-    x = _to_input(torch, u8, spec)  # normalised, (N, 3, S, S)
+    x = to_input(torch, u8, spec)  # normalised, (N, 3, S, S)
     n, _, h, w = x.shape
     views = []
     for k in range(2 + n_local):
@@ -113,6 +113,51 @@ def _koleo(torch: Any, feats: Any, eps: float = 1e-8) -> Any:
     d = torch.cdist(z, z)
     d = d + torch.eye(len(z)) * 1e6  # exclude each point itself
     return -torch.log(d.min(dim=1).values + eps).mean()
+
+
+def _dino_step(
+    torch: Any,
+    views: list[Any],
+    student: tuple[Any, Any],
+    teacher: tuple[Any, Any],
+    opt: Any,
+    center: Any,
+    koleo_weight: float,
+    momentum: float,
+) -> tuple[Any, Any, Any]:
+    """One DINO self-distillation step: the student matches the teacher's centred, sharpened outputs on the two
+    global views from every other view (+ KoLeo); then the teacher follows by EMA and the centre moves.
+    Returns (DINO loss, KoLeo term, new centre)."""
+    (student_net, head), (teacher_net, teacher_head) = student, teacher
+    with torch.no_grad():
+        t_out = [
+            torch.softmax((_project(torch, teacher_head, teacher_net(v)) - center) / 0.04, -1)
+            for v in views[:2]
+        ]
+    s_feats = [student_net(v) for v in views]
+    s_out = [torch.log_softmax(_project(torch, head, f) / 0.1, -1) for f in s_feats]
+    loss: Any = 0.0
+    pairs = 0
+    for ti, t in enumerate(t_out):
+        for si, lp in enumerate(s_out):
+            if si != ti:
+                loss = loss + (-(t * lp).sum(-1).mean())
+                pairs += 1
+    loss = loss / pairs
+    koleo = _koleo(torch, s_feats[0])
+    opt.zero_grad(set_to_none=True)
+    (loss + koleo_weight * koleo).backward()
+    opt.step()
+    with torch.no_grad():
+        for pt, ps in zip(
+            [*teacher_net.parameters(), *teacher_head.parameters()],
+            [*student_net.parameters(), *head.parameters()],
+            strict=True,
+        ):
+            pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
+        batch_center = torch.cat([_project(torch, teacher_head, teacher_net(v)) for v in views[:2]]).mean(0)
+        center = 0.9 * center + 0.1 * batch_center
+    return loss, koleo, center
 
 
 def explora_pretrain(
@@ -138,8 +183,10 @@ def explora_pretrain(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = _backbone(model_cfg)
-    if init_state is not None:
-        net.load_state_dict(init_state, strict=False)
+    if init_state is not None:  # must fit the backbone (model.strict=false: what fits, the rest listed)
+        from roadwork.models.factory import load_weights_into
+
+        load_weights_into(net, init_state, strict=model_cfg.strict, source="the ExPLoRA init_state")
     student = explora_trainable(net, unfreeze_last=unfreeze_last, lora_rank=lora_rank)
     head = _head(torch, int(net.num_features), prototypes)
     teacher_net, teacher_head = copy.deepcopy(student), copy.deepcopy(head)
@@ -160,37 +207,16 @@ def explora_pretrain(
             if len(idx) < 2:
                 continue
             views = _views(torch, u8[idx], spec, local_crops, gen)
-            with torch.no_grad():
-                t_out = [
-                    torch.softmax((_project(torch, teacher_head, teacher_net(v)) - center) / 0.04, -1)
-                    for v in views[:2]
-                ]
-            s_feats = [student(v) for v in views]
-            s_out = [torch.log_softmax(_project(torch, head, f) / 0.1, -1) for f in s_feats]
-            loss: Any = 0.0
-            pairs = 0
-            for ti, t in enumerate(t_out):
-                for si, lp in enumerate(s_out):
-                    if si != ti:
-                        loss = loss + (-(t * lp).sum(-1).mean())
-                        pairs += 1
-            loss = loss / pairs
-            koleo = _koleo(torch, s_feats[0])
-            total_loss = loss + koleo_weight * koleo
-            opt.zero_grad(set_to_none=True)
-            total_loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for pt, ps in zip(
-                    [*teacher_net.parameters(), *teacher_head.parameters()],
-                    [*student.parameters(), *head.parameters()],
-                    strict=True,
-                ):
-                    pt.mul_(teacher_momentum).add_(ps.detach(), alpha=1 - teacher_momentum)
-                batch_center = torch.cat(
-                    [_project(torch, teacher_head, teacher_net(v)) for v in views[:2]]
-                ).mean(0)
-                center = 0.9 * center + 0.1 * batch_center
+            loss, koleo, center = _dino_step(
+                torch,
+                views,
+                (student, head),
+                (teacher_net, teacher_head),
+                opt,
+                center,
+                koleo_weight,
+                teacher_momentum,
+            )
             total += float(loss.detach())
             koleo_total += float(koleo.detach())
             steps += 1

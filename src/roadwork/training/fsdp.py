@@ -59,6 +59,7 @@ class _SpawnFSDP2(ModelParallelStrategy):
 
 
 def fsdp_strategy(devices: int) -> Any:
+    """Lightning Fabric's FSDP2 strategy over ``devices`` processes (``fully_shard`` per block, spawned)."""
     return _SpawnFSDP2(parallelize_fn=parallelize, data_parallel_size=devices, tensor_parallel_size=1)
 
 
