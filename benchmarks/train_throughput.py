@@ -9,6 +9,18 @@ over the same number of steps); the two loops alternate ``--repeats`` times and 
 each (this machine is shared and noisy). The last rows compare fp32 with
 bf16 autocast and eager with ``torch.compile`` (inductor) for full fine-tuning; the compile itself falls in the
 first epoch, which the best-epoch rule leaves out (on CPU, bf16 helps only where the CPU has bf16 units).
+
+    python benchmarks/train_throughput.py --pipeline [--n 1200] [--photos 240] [--epochs 2] [--workers 2]
+
+``--pipeline`` prints the data-pipeline tables instead: the demo model (``configs/demo.yaml``: a slim ResNet-10-T
+at 96 px) trained with ``train_model`` by today's in-memory loop (``train.cache=memory``: every image decoded by
+one thread into RAM, batches indexed from it) and by the new pipeline (``train.cache=disk``: decoded once into
+the disk cache, by ``train.workers`` processes, batches read per step), same seed, epochs and batches, rounds
+alternating, best kept. Two data sets: the demo's generated 128-px scenes, and full-size photos (the shared real
+photos upscaled to 1920x1080, JPEG q90), where "today" also decodes as before the DCT-scaled decode (full
+decode, then resize; patched in this process for that row only). ``train img/s``: the best epoch's optimisation
+steps (``train_images_per_s``); ``end-to-end img/s``: images x epochs / the wall time of the whole
+``train_model`` call (decode, every epoch, validation). ``cached`` reruns on the same ``train.cache_dir``.
 """
 
 from __future__ import annotations
@@ -27,7 +39,9 @@ from roadwork.config import ModelConfig, TrainConfig
 from roadwork.data.preprocess import PreprocessSpec
 from roadwork.models.adapters import prepare_finetune
 from roadwork.models.factory import create_model
-from roadwork.training.loop import _augment, _lr_lambda, _to_input, train_model
+from roadwork.training.augment import light_augment as _augment
+from roadwork.training.augment import to_input as _to_input
+from roadwork.training.loop import _lr_lambda, train_model
 
 
 def _images(d: Path, n: int, size: int) -> list[str]:
@@ -74,6 +88,152 @@ def _plain(model_cfg: ModelConfig, cfg: TrainConfig, u8: torch.Tensor, y: torch.
     return best
 
 
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-roadwork-mini"
+
+
+def _scenes(d: Path, n: int) -> list[str]:
+    """The demo's generated scenes (128 px JPEGs), ``n`` of them."""
+    from roadwork.config import SyntheticConfig
+    from roadwork.data.synthetic import generate_dataset
+
+    rows = generate_dataset(d, SyntheticConfig(n=n, size=128, seed=0, workers=1), progress=False)
+    return [str(d / str(r["path"])) for r in rows]
+
+
+def _full_size(d: Path, n: int, size: tuple[int, int] = (1920, 1080)) -> tuple[list[str], str]:
+    files = sorted(REAL.rglob("*.jpg")) if REAL.is_dir() else []
+    where = f"{REAL.name} photos upscaled to {size[0]}x{size[1]}"
+    if not files:
+        files = [Path(p) for p in _scenes(d / "src", 32)]
+        where = f"generated scenes upscaled to {size[0]}x{size[1]}"
+    step = max(1, len(files) // n)
+    paths = []
+    for i in range(n):
+        p = d / f"{i}.jpg"
+        Image.open(files[(i * step) % len(files)]).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(
+            p, "JPEG", quality=90
+        )
+        paths.append(str(p))
+    return paths, where
+
+
+def _old_decode(enabled: bool):  # type: ignore[no-untyped-def]
+    """Today's decode for the in-memory row: full decode, then resize (as before the DCT-scaled decode)."""
+    import contextlib
+
+    import roadwork.training.loop as loop_mod
+    from roadwork.data.preprocess import load_rgb, resize_uint8
+
+    @contextlib.contextmanager
+    def patch():  # type: ignore[no-untyped-def]
+        keep = loop_mod.load_resized
+        if enabled:
+            loop_mod.load_resized = lambda src, spec, min_side=None: resize_uint8(load_rgb(src), spec)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            loop_mod.load_resized = keep  # type: ignore[assignment]
+
+    return patch()
+
+
+def _pipeline_rows(
+    paths: list[str], epochs: int, batch: int, workers: int, rounds: int, old_decode: bool, tmp: Path
+) -> list[tuple[str, dict[str, float]]]:
+    from roadwork.config import load_config
+
+    model_cfg = load_config("demo").model
+    labels = np.arange(len(paths)) % 2
+    n_val = max(32, len(paths) // 10)
+    variants = [
+        ("today: in-memory loop" + (", full decode" if old_decode else ""), "memory", 1, None),
+        ("new: disk cache, decoded in this process", "disk", 1, "fresh"),
+        (f"new: disk cache, {workers} worker processes", "disk", workers, "fresh2"),
+        ("new: disk cache, cached (second run)", "disk", 1, "kept"),
+    ]
+    best: dict[str, dict[str, float]] = {}
+    for r in range(rounds):
+        for label, cache, w, where in variants:
+            cache_dir = None
+            if where in ("fresh", "fresh2"):
+                cache_dir = str(tmp / f"cache-{r}-{where}")
+            elif where == "kept":
+                cache_dir = str(tmp / f"cache-{r}-fresh")  # the one the row before filled
+            cfg = TrainConfig(
+                epochs=epochs,
+                batch_size=batch,
+                patience=epochs,
+                accelerator="cpu",
+                cache=cache,
+                workers=w,
+                cache_dir=cache_dir,
+            )
+            with _old_decode(old_decode and cache == "memory"):
+                t0 = time.perf_counter()
+                res = train_model(
+                    model_cfg,
+                    cfg,
+                    classes=["a", "b"],
+                    train_paths=paths[n_val:],
+                    train_labels=labels[n_val:],
+                    val_paths=paths[:n_val],
+                    val_labels=labels[:n_val],
+                    progress=False,
+                )
+                wall = time.perf_counter() - t0
+            row = {
+                "train": max(h["train_images_per_s"] for h in res.history),
+                "e2e": (len(paths) - n_val) * len(res.history) / wall,
+                "wall": wall,
+            }
+            if label not in best or row["e2e"] > best[label]["e2e"]:
+                best[label] = row
+    return [(label, best[label]) for label, *_ in variants]
+
+
+def _print_pipeline(title: str, rows: list[tuple[str, dict[str, float]]]) -> None:
+    base = rows[0][1]
+    print(f"{title}\n")
+    print("| loop | train img/s | vs today | end-to-end img/s | vs today | wall s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, r in rows:
+        print(
+            f"| {label} | {r['train']:.1f} | {r['train'] / base['train']:.2f}x | {r['e2e']:.1f} | "
+            f"{r['e2e'] / base['e2e']:.2f}x | {r['wall']:.1f} |"
+        )
+    print()
+
+
+def pipeline(args: argparse.Namespace) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine_lines
+
+    for line in machine_lines():
+        print(line)
+    print(
+        f"demo model (configs/demo.yaml: {load_demo_backbone()} @ 96 px); {args.epochs} epochs; batch {args.batch}; "
+        f"best of {args.rounds} alternating rounds; {torch.get_num_threads()} torch threads\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="roadwork-bench-") as d:
+        tmp = Path(d)
+        (tmp / "scenes").mkdir()
+        scenes = _scenes(tmp / "scenes", args.n)
+        rows = _pipeline_rows(scenes, args.epochs, args.batch, args.workers, args.rounds, False, tmp / "a")
+        _print_pipeline(f"The demo's generated scenes: {len(scenes)} JPEGs at 128 px", rows)
+        (tmp / "photos").mkdir()
+        photos, where = _full_size(tmp / "photos", args.photos)
+        rows = _pipeline_rows(photos, args.epochs, args.batch, args.workers, args.rounds, True, tmp / "b")
+        _print_pipeline(f"Full-size photos: {len(photos)} {where} (JPEG q90)", rows)
+
+
+def load_demo_backbone() -> str:
+    from roadwork.config import load_config
+
+    return load_config("demo").model.backbone
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="test_vit")
@@ -84,7 +244,15 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=3, help="alternate the two loops this many times; best of each"
     )
+    ap.add_argument("--pipeline", action="store_true", help="the data-pipeline tables (see above)")
+    ap.add_argument("--photos", type=int, default=240, help="--pipeline: full-size photos")
+    ap.add_argument("--workers", type=int, default=2, help="--pipeline: train.workers of the new rows")
+    ap.add_argument("--rounds", type=int, default=2, help="--pipeline: alternating rounds, best kept")
     args = ap.parse_args()
+    if args.pipeline:
+        if args.n == 512:  # the default of the other tables
+            args.n = 1200
+        return pipeline(args)
     kwargs = {"img_size": args.size} if "vit" in args.backbone else {}
     model_cfg = ModelConfig(backbone=args.backbone, image_size=args.size, drop_rate=0.0, kwargs=kwargs)
     rows = []
