@@ -474,30 +474,56 @@ def _int8_variant(
 
 def _openvino_variants(
     ctx: StageContext, card: Any, policy: TrustPolicy, onnx_path: Path, info: dict[str, Any]
-) -> dict[str, tuple[dict[str, Any], Path]]:
-    """The same model.onnx through OpenVINO: each precision certified on its own outputs, here (a precision
-    this CPU lacks is recorded in ``info['variants_skipped']``). Returns each variant's info and policy file."""
+) -> dict[str, tuple[dict[str, Any], Path, Path | None]]:
+    """The same model.onnx through OpenVINO (fp32, bf16; int8 quantised by NNCF): each certified on its own
+    outputs, here (a precision this CPU lacks is recorded in ``info['variants_skipped']``). Returns each
+    variant's info, policy file and model file (``None``: model.onnx itself)."""
     from roadwork.export.runtime import RuntimeSpec, cpu_summary, runtime_status
 
-    out: dict[str, tuple[dict[str, Any], Path]] = {}
-    for spec in (RuntimeSpec("openvino", "fp32"), RuntimeSpec("openvino", "bf16")):
+    out: dict[str, tuple[dict[str, Any], Path, Path | None]] = {}
+    for spec in (
+        RuntimeSpec("openvino", "fp32"),
+        RuntimeSpec("openvino", "bf16"),
+        RuntimeSpec("openvino", "int8"),
+    ):
         status = runtime_status(spec)
         if status != "ok":
             if spec.precision == "fp32":
                 raise ConfigError(f"export.openvino=true: {status}. Install it or set export.openvino=false.")
             info.setdefault("variants_skipped", {})[spec.name] = status
             continue
-        v_policy, v_report = _variant_policy(ctx, card, policy, onnx_path, runtime=spec)
+        model_path: Path = onnx_path
+        v_info: dict[str, Any] = {"runtime": spec.runtime, "precision": spec.precision}
+        if spec.precision == "int8":  # NNCF post-training int8, calibrated on training images
+            model_path, v_info = _openvino_int8(ctx, card, onnx_path, v_info)
+        v_policy, v_report = _variant_policy(ctx, card, policy, model_path, runtime=spec)
         pname = f"policy-{spec.name}.json"
         v_policy.save(ctx.out / pname)
-        v_info: dict[str, Any] = {"runtime": spec.runtime, "precision": spec.precision, "policy": pname}
+        v_info = v_info | {"policy": pname}
         v_info |= {
             "certified_on": v_report["rows"],
             "certified_cpu": cpu_summary(),
             "warnings": v_report["warnings"],
         }
-        out[spec.name] = (v_info, ctx.out / pname)
+        out[spec.name] = (v_info, ctx.out / pname, None if model_path == onnx_path else model_path)
     return out
+
+
+def _openvino_int8(
+    ctx: StageContext, card: Any, onnx_path: Path, v_info: dict[str, Any]
+) -> tuple[Path, dict[str, Any]]:
+    """model.onnx quantised by NNCF (an OpenVINO IR, xml + bin) on ``export.int8_calibration_images`` training
+    images decoded and preprocessed as served."""
+    from roadwork.data.preprocess import load_rgb, preprocess
+    from roadwork.export.variants import quantize_openvino_int8
+
+    df, _ = load_dataset(ctx.inputs["data"])
+    rows = split_rows(df, "train").head(ctx.cfg.export.int8_calibration_images)
+    side = decode_side_for(ctx.cfg, card.preprocess)
+    x = preprocess([load_rgb(p, side) for p in abs_paths(rows, ctx.inputs["data"])], card.preprocess)
+    path = ctx.out / "model-openvino-int8.tmp.xml"
+    v_info = v_info | quantize_openvino_int8(onnx_path, path, calibration=x)
+    return path, v_info
 
 
 def stage_export(ctx: StageContext) -> dict[str, Any]:
@@ -524,9 +550,11 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
         q_path, info["int8"], extra["policy-int8.json"] = _int8_variant(ctx, card, policy, onnx_path, side)
         variants["int8"] = (q_path, info["int8"])
     if e.openvino:
-        for name, (v_info, v_policy_path) in _openvino_variants(ctx, card, policy, onnx_path, info).items():
+        for name, (v_info, v_policy_path, v_path) in _openvino_variants(
+            ctx, card, policy, onnx_path, info
+        ).items():
             info[name], extra[v_policy_path.name] = v_info, v_policy_path
-            variants[name] = (None, v_info)
+            variants[name] = (v_path, v_info)
     # what roadwork bench may select: the fastest certified variant within these of fp32 on the test split
     info["selection"] = {"max_accuracy_drop": e.max_accuracy_drop, "max_ece_increase": e.max_ece_increase}
     info["size_mb"] = round(onnx_path.stat().st_size / 2**20, 3)
