@@ -60,8 +60,12 @@ def _lscpu() -> str:
     return "\n".join(keep)
 
 
+EXTRA_SETTINGS: list[str] = []  # --server: appended to every server's settings
+
+
 class Server:
     def __init__(self, bundle: Path, *settings: str) -> None:
+        settings = (*settings, *EXTRA_SETTINGS)
         self.port = _port()
         self.log = Path(tempfile.gettempdir()) / f"roadwork-chaos-{self.port}.log"
         self.proc = subprocess.Popen(
@@ -678,11 +682,15 @@ def sigterm(bundle: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="runs/demo/export/bundle")
+    ap.add_argument(
+        "--server", nargs="*", default=[], help="extra server settings, e.g. latency_factor=6 (default: none)"
+    )
     ap.add_argument("--quick", action="store_true", help="short loops (a smoke test, not the acceptance run)")
     ap.add_argument(
         "--only", default="overload,poison,slow,bad,sigterm", help="comma-separated subset of the tables"
     )
     args = ap.parse_args()
+    EXTRA_SETTINGS.extend(args.server)
     bundle = Path(args.bundle)
     from roadwork.export.bundle import Bundle
 
@@ -691,6 +699,7 @@ def main() -> None:
     only = set(args.only.split(","))
     print(_lscpu())
     print(f"\nbundle: {bundle} (input {size} px); server and clients share these cores")
+    print(f"server settings beside each table's own: {' '.join(EXTRA_SETTINGS) or 'defaults'}")
     if "overload" in only:
         unloaded_and_overload(bundle, 3 if q else 10)
     if "poison" in only:

@@ -60,7 +60,7 @@ class Admission:
       but not yet in its queue, being decoded, one image each until their count is known);
     - the whole request's latency, by Little's law: at most ``budget × throughput`` requests inside, where the
       throughput is the measured rate of answered requests (a decaying maximum over 1 s windows, so it
-      follows capacity rather than demand) and the budget is ``max_latency_ms`` or, by default, three times the
+      follows capacity rather than demand) and the budget is ``max_latency_ms`` or, by default, ``latency_factor`` (3) times the
       fastest recent answer (a windowed minimum; at least an efficient batch's time). This
       counts everything a request waits for (reading, decoding, the event loop, the batch), not only the
       model, and needs no tuning: the bound follows the machine and the model."""
@@ -91,7 +91,7 @@ class Admission:
             if per_image <= 0
             else min(b.max_batch_size, max(1, math.ceil(4 * a / per_image)))
         )
-        base = 3 * self.base_s if math.isfinite(self.base_s) else 0.0
+        base = self.settings.latency_factor * self.base_s if math.isfinite(self.base_s) else 0.0
         return max(base, b.service.seconds(n) + b.delay, 0.01)
 
     def limit(self) -> int | None:
@@ -274,7 +274,7 @@ class Gate:
             return None
         try:
             return await asyncio.wait_for(self._read(receive), self.settings.body_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # a distinct class before Python 3.11
             self.metrics.body_timeouts.inc()
             msg = (
                 f"the request body did not arrive within body_timeout_s={self.settings.body_timeout_s:g} "

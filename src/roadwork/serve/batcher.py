@@ -222,7 +222,7 @@ class DynamicBatcher:
                     if timeout <= 0
                     else await asyncio.wait_for(self.queue.get(), timeout)
                 )
-            except (asyncio.QueueEmpty, TimeoutError):
+            except (asyncio.QueueEmpty, asyncio.TimeoutError):  # distinct before 3.11
                 return
             items.append(nxt)
             self._in_hand = len(items)

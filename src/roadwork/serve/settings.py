@@ -50,6 +50,12 @@ class ServeSettings(BaseModel):
         "within it at the measured batch throughput, else 503 + Retry-After; 0 = auto (three times "
         "the time of a full batch plus the batching window, at least 50 ms)",
     )
+    latency_factor: float = Field(
+        3.0,
+        gt=1,
+        description="max_latency_ms=0 (auto): the whole-request latency budget is this many times the fastest "
+        "recent answer; larger keeps more requests inside (goodput) at a higher latency",
+    )
     max_queue_wait_ms: float = Field(
         0.0,
         ge=0,
