@@ -53,8 +53,10 @@ __all__ = [
 ]
 
 BUNDLE_SCHEMA = 1
+"""The bundle layout version written to ``manifest.json``."""
 _FILES = ("model.onnx", "model.json", "policy.json")
 RUNTIME_FILE = "runtime.json"
+"""Where ``roadwork bench BUNDLE select=true`` records the selected variant (hashed in the manifest)."""
 log = logging.getLogger(__name__)
 
 

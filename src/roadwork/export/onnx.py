@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 DEVICES = ("cpu", "cuda", "tensorrt", "auto")
+"""Execution devices a session can be opened on (ONNX Runtime providers; ``auto``: the best installed)."""
 # the device of sessions opened without one (Bundle.load opens several): set with ``execution_device``
 _DEVICE: ContextVar[tuple[str, bool, str | None]] = ContextVar(
     "roadwork_onnx_device", default=("cpu", False, None)
@@ -38,6 +39,7 @@ _PROVIDER = {
 }
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+"""The exported graph's input and output names."""
 log = logging.getLogger(__name__)
 
 

@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 RUNTIMES = ("onnxruntime", "openvino")
+"""The runtimes a bundle variant can run on."""
 PRECISIONS = ("fp32", "bf16", "int8")
+"""The precisions a variant can run at (bf16 only where the CPU has it)."""
 Runtime = Literal["onnxruntime", "openvino"]
 Precision = Literal["fp32", "bf16", "int8"]
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the ops NNCF left in float

@@ -24,6 +24,7 @@ from roadwork.errors import ArtifactError, InputError
 __all__ = ["SIGNATURE_FILE", "generate_keypair", "sign_bundle", "verify_bundle"]
 
 SIGNATURE_FILE = "signature.json"
+"""The Ed25519 signature file ``roadwork sign`` writes into a bundle."""
 _DOMAIN = b"roadwork-bundle-signature-v1\n"  # what is signed: this prefix + the manifest's sha256 (hex)
 
 

@@ -36,6 +36,9 @@ COLUMNS = ("label", "probability", "set_size", "abstain")
 
 @dataclass(frozen=True)
 class DriftThresholds:
+    """When a served sample counts as drifted from the reference: confidence PSI, class-mix distance, and the
+    abstention-rate change."""
+
     psi: float = 0.25  # confidence PSI above this: drift
     class_mix: float = 0.15  # total variation distance of predicted-label shares above this: drift
     abstain: float = 0.15  # absolute change of the abstention rate above this: drift
