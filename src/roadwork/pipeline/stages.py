@@ -114,8 +114,8 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
 def _explora(ctx: StageContext) -> Path:
     """ExPLoRA step (a) on ``train.unlabeled``; the backbone it returns starts the supervised training."""
     from roadwork._deps import require
+    from roadwork.data.listing import list_images
     from roadwork.data.preprocess import PreprocessSpec
-    from roadwork.scale.batch import list_images
     from roadwork.training.explora import explora_pretrain
     from roadwork.training.loop import load_uint8
 
