@@ -85,15 +85,14 @@ class _Inputs:
     threads: int
 
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
 def _read_labelled(src: Path) -> Any:
     """A folder with one subfolder per class, or a manifest (``.csv``/``.parquet``: path, label)."""
     import pandas as pd
 
+    from roadwork.data.listing import IMAGE_SUFFIXES
+
     if src.is_dir():
-        files = sorted(f for f in src.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES)
+        files = sorted(f for f in src.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         return pd.DataFrame(
             {"path": [str(f) for f in files], "label": [f.relative_to(src).parts[0] for f in files]}
         )
