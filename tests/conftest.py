@@ -31,6 +31,9 @@ def tiny_overrides(root: Path, name: str = "tiny", **extra: object) -> list[str]
         "train.batch_size": 32,
         "train.lr": 0.002,
         "export.parity_samples": 8,
+        # the TorchScript exporter takes ~1 s where torch.export takes ~15 s per network (three per run); the
+        # shared tiny_run keeps the default, and tests/models/test_heads.py checks both exporters' parity
+        "export.exporter": "legacy",
         "evaluate.n_examples": 4,
         "tracking.enabled": False,
         # a tiny model would keep no early stage; the cascade tests need all three (selection: tests/trust)
@@ -47,7 +50,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     from roadwork.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("runs")
-    cfg = load_config("demo", tiny_overrides(root, **{"tracking.enabled": True}))
+    cfg = load_config("demo", tiny_overrides(root, **{"tracking.enabled": True, "export.exporter": "dynamo"}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RoadworkWarning)  # a tiny model may certify nothing; that is correct
         return cfg, run_pipeline(cfg, progress=False)
