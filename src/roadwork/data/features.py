@@ -23,7 +23,14 @@ from PIL import Image
 
 from roadwork.data.preprocess import PreprocessSpec, resize_uint8
 
-__all__ = ["FEATURE_NAMES", "FEATURE_SPEC", "image_features", "images_features", "pixels_and_hsv", "small_image"]
+__all__ = [
+    "FEATURE_NAMES",
+    "FEATURE_SPEC",
+    "image_features",
+    "images_features",
+    "pixels_and_hsv",
+    "small_image",
+]
 
 FEATURE_SPEC = PreprocessSpec(size=32)  # the pixels the features see (resize + centre crop)
 """The preprocessing of the cheap features: 32 px, resize + centre crop."""
