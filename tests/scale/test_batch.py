@@ -134,6 +134,9 @@ def test_unreadable_images_are_skipped_with_a_reason_and_the_rest_predicted(tiny
     assert {Path(p).name for p in df["path"]} == good and len(df) == len(good)
     assert {Path(p).name for p in skipped["path"]} == bad
     assert all(skipped["reason"].str.len() > 0) and df["sha256"].str.len().eq(64).all()
+    import pandas as pd
+
+    assert len(pd.read_parquet(out)) == len(good)  # the skipped list does not break reading the folder
     # a rerun predicts nothing again, tries the bad ones again, and lists them once
     assert predict_local(result.bundle, list_images([folder]), out, progress=False) == 0
     assert len(read_skipped(out)) == len(bad) and len(read_predictions(out)) == len(good)

@@ -160,7 +160,7 @@ def predict(p: Parsed) -> int:
         skipped = len(read_skipped(o["out"]))
         _print(
             f"predicted {n} images ({len(items) - n - skipped} already in {o['out']}"
-            + (f", {skipped} unreadable: see {Path(o['out']) / 'skipped.csv'}" if skipped else "")
+            + (f", {skipped} unreadable: see {Path(o['out']) / '_skipped.csv'}" if skipped else "")
             + "); read with pandas.read_parquet"
         )
         return 0
@@ -170,7 +170,7 @@ def predict(p: Parsed) -> int:
 def _predict_lines(bundle_path: str, items: Any, device: str) -> int:
     """JSON lines on stdout, one per readable image, through the same predictor as out=DIR (the bundle's
     selected variant); an unreadable image is named on stderr with its reason and skipped, not the end of the
-    job (as out=DIR lists it in skipped.csv)."""
+    job (as out=DIR lists it in _skipped.csv)."""
     import json
 
     from roadwork.scale.batch import BundlePredictor

@@ -9,7 +9,7 @@ files), locally or on a Ray cluster. Both engines run the whole ``TrustPolicy`` 
   cluster they spread over it.
 
 Both skip unreadable images (corrupt, truncated, missing, not an image) instead of stopping: each is listed
-with its reason in ``skipped.csv`` beside the parts, and every other image is predicted. Parts are flushed every
+with its reason in ``_skipped.csv`` beside the parts, and every other image is predicted. Parts are flushed every
 ``part_rows`` rows (256) or ``flush_s`` seconds (10), whichever comes first, so a killed job loses little.
 
 Both resume, keyed on content: every row carries the image's ``sha256``, and a rerun skips as many images of
@@ -53,7 +53,8 @@ def read_predictions(out: str | Path) -> pd.DataFrame:
     )
 
 
-SKIPPED = "skipped.csv"
+SKIPPED = "_skipped.csv"
+"""Beside the parts; the leading underscore keeps it out of `pandas.read_parquet(out)` (pyarrow skips `_` files)."""
 
 
 def _sha256(path: str) -> str:
@@ -147,7 +148,7 @@ def _chunks(df: pd.DataFrame, n: int) -> Iterator[pd.DataFrame]:
 class _Parts:
     """Buffers predicted rows and writes them ``part_rows`` at a time, or when ``flush_s`` seconds have passed, as
     ``part-*.parquet`` (temp name + rename: a reader, or a resumed job, never sees half a file); rows with a
-    ``skip_reason`` go to ``skipped.csv`` instead (rewritten the same way at each flush)."""
+    ``skip_reason`` go to ``_skipped.csv`` instead (rewritten the same way at each flush)."""
 
     def __init__(
         self, out: Path, part_rows: int, flush_s: float = 10.0, retried: set[str] | None = None
@@ -212,7 +213,7 @@ def predict_local(
     variant: str = "auto",
 ) -> int:
     """Predict every row of ``items`` not yet in ``out``; returns how many were predicted now (unreadable images
-    are listed in ``out/skipped.csv``, see :func:`read_skipped`, and not counted). ``variant``: see
+    are listed in ``out/_skipped.csv``, see :func:`read_skipped`, and not counted). ``variant``: see
     :class:`BundlePredictor` (``auto``: the bundle's selected runtime × precision)."""
     from roadwork._progress import progress_bar
 
