@@ -76,6 +76,10 @@ def test_predict_skips_an_unreadable_image_and_names_it(tiny_run, tmp_path, caps
     recs = [json.loads(line) for line in captured.out.splitlines()]
     assert [r["path"] for r in recs] == [str(good[0]), str(good[1])]
     assert "skipped " + str(bad) in captured.err and "1 of 3 images unreadable" in captured.err
+    assert all(r["stage"] for r in recs)  # which stage answered, as the server says
+    # nothing readable at all is an error, not an empty success
+    assert main(["predict", str(result.bundle), str(bad)]) == 2
+    assert "none of the 1 images could be read" in capsys.readouterr().err
 
 
 def test_stage_commands_match_the_pipeline():
@@ -256,3 +260,12 @@ def test_parse_types_values_and_fills_defaults():
     assert s.config is None and s.options["trials"] == 4 and s.overrides == ["name=x"]
     b = parse(COMMANDS["bench"], ["b", "select=yes", "seconds=0.5"])
     assert b.options["select"] is True and b.options["seconds"] == 0.5
+
+
+def test_the_help_names_every_preset(capsys):
+    """The preset list in the help is written out (help loads no config code); it must follow configs/."""
+    from roadwork.config import preset_names
+
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out.split("a preset (")[1].split(")")[0]
+    assert set(listed.split(", ")) == set(preset_names())

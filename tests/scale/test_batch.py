@@ -220,3 +220,19 @@ def test_both_engines_load_the_bundles_selected_variant(monkeypatch, tmp_path):
     assert seen["variant"] == "int8"
     for engine in (predict_local, predict_ray):
         assert inspect.signature(engine).parameters["variant"].default == "auto"
+
+
+def test_the_cli_counts_this_runs_images_after_a_move(tiny_run, messy_images, tmp_path, capsys):
+    """A rerun on the moved folder: every good image already there, every bad one unreadable, counted once."""
+    from roadwork.cli import main
+
+    _, result = tiny_run
+    folder, good, bad = messy_images
+    out = tmp_path / "o"
+    assert main(["predict", str(result.bundle), str(folder), f"out={out}"]) == 0
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    capsys.readouterr()
+    assert main(["predict", str(result.bundle), str(moved), f"out={out}"]) == 0
+    said = capsys.readouterr().out
+    assert f"predicted 0 images ({len(good)} already in {out}, {len(bad)} unreadable" in said

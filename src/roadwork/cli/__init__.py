@@ -59,7 +59,7 @@ def _overview() -> str:
             ]
     lines += [
         "",
-        "CONFIG is a YAML file or a preset (default, demo). Overrides use dotted keys and YAML values.",
+        "CONFIG is a YAML file or a preset (default, demo, finetune-cpu, finetune-gpu). Overrides use dotted keys and YAML values.",
         "Every command answers --help (roadwork COMMAND --help, or roadwork help COMMAND).",
         "",
         "",
@@ -139,7 +139,18 @@ def _help(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command line (``sys.argv[1:]`` by default); returns the exit status (2: a usage error)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except (
+        BrokenPipeError
+    ):  # ``roadwork --help | head``: the reader left; stop quietly, as Python's docs advise
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         return _help(args[1:])
     cmd, rest = lookup(args)

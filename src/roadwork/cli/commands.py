@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from roadwork.cli.grammar import Parsed, usage_error
+from roadwork.errors import InputError
 
 __all__ = [
     "bench",
@@ -151,16 +152,21 @@ def predict(p: Parsed) -> int:
     bundle_path = p.positionals["BUNDLE"]
     items = list_images(p.positionals["PATH"])
     if o["out"] is not None:  # batch mode: a resumable Parquet folder
-        from roadwork.scale.batch import predict_local, predict_ray, read_skipped
+        from roadwork.scale.batch import SKIPPED, predict_local, predict_ray, read_skipped
 
         if o["engine"] == "ray":
             n = predict_ray(bundle_path, items, o["out"], batch_size=o["batch"], actors=o["workers"])
         else:
             n = predict_local(bundle_path, items, o["out"], batch_size=o["batch"], device=o["device"])
-        skipped = len(read_skipped(o["out"]))
+        listed = read_skipped(o["out"])  # this run's items only: the list keeps earlier runs' files too
+        skipped = int(listed["path"].isin(set(items["path"].astype(str))).sum()) if len(listed) else 0
+        if n == 0 and skipped == len(items):
+            raise InputError(
+                f"none of the {len(items)} images could be read: see {Path(o['out']) / SKIPPED}."
+            )
         _print(
             f"predicted {n} images ({len(items) - n - skipped} already in {o['out']}"
-            + (f", {skipped} unreadable: see {Path(o['out']) / '_skipped.csv'}" if skipped else "")
+            + (f", {skipped} unreadable: see {Path(o['out']) / SKIPPED}" if skipped else "")
             + "); read with pandas.read_parquet"
         )
         return 0
@@ -185,6 +191,8 @@ def _predict_lines(bundle_path: str, items: Any, device: str) -> int:
                 print(f"skipped {row['path']}: {reason}", file=sys.stderr, flush=True)
                 continue
             print(json.dumps(row, default=_plain), flush=True)
+    if skipped and skipped == len(items):
+        raise InputError(f"none of the {len(items)} images could be read (each is named above).")
     if skipped:
         print(f"{skipped} of {len(items)} images unreadable (named above)", file=sys.stderr)
     return 0

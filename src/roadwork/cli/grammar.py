@@ -296,7 +296,7 @@ def render_help(cmd: Command) -> str:
     if cmd.config:
         out += [
             "",
-            "CONFIG is a YAML file or a preset (default, demo); overrides are dotted keys (train.lr=1e-3).",
+            "CONFIG is a YAML file or a preset (default, demo, finetune-cpu, finetune-gpu); overrides are dotted keys (train.lr=1e-3).",
         ]
     if cmd.positionals:
         out += ["", "Arguments:"] + [f"  {p.name:<28} {p.help}".rstrip() for p in cmd.positionals]

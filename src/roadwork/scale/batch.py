@@ -33,6 +33,7 @@ from roadwork.data.listing import list_images
 from roadwork.errors import InputError
 
 __all__ = [
+    "SKIPPED",
     "BundlePredictor",
     "identical",
     "list_images",
@@ -127,6 +128,8 @@ class BundlePredictor:
             if images
             else pd.DataFrame()
         )
+        if images and "stage" not in recs.columns:  # which stage answered, as the server says it
+            recs["stage"] = "model"
         recs.insert(0, "path", [str(p) for p in rows["path"]])
         for c in batch.columns:
             if c != "path":

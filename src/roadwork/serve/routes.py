@@ -134,8 +134,9 @@ async def all_stats(state: State) -> dict[str, Any]:
 
 @router.get("/v2/models/{name}", response_model=schemas.ModelMetadata, responses=_GET_ERRORS)
 async def model_metadata(name: str, state: State) -> dict[str, Any]:
-    """Model metadata (OIP v2): input ``input`` FP32 ``[-1, 3, S, S]``, outputs and class names; 404 for
-    another name."""
+    """Model metadata (OIP v2): input ``input`` FP32 ``[-1, 3, S, S]``, outputs, class names, the served
+    variant, and ``parameters.preprocess`` (resize side, crop, interpolation, mean/std: how to build the input
+    tensor from an image); 404 for another name."""
     state.check_name(name)
     model = state.model
     bundle = model.bundle
@@ -160,6 +161,8 @@ async def model_metadata(name: str, state: State) -> dict[str, Any]:
             "variant": bundle.variant,
             "runtime": runtime,
             "precision": bundle.runtime.get("precision"),
+            # what a v2 client must do to an image before sending its tensor
+            "preprocess": bundle.card.preprocess.to_dict() | {"decode_side": model.decode_side},
         },
     }
 

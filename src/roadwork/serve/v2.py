@@ -187,7 +187,7 @@ def parse_input(
             400,
             f"'data' has values up to {float(np.abs(x32).max()):.3g}, far outside the model's preprocessed range "
             f"(normalised pixels; |values| <= {bound:.3g} accepted): send images preprocessed as "
-            "/v2/models/{name} describes (resize, /255, mean/std).",
+            "parameters.preprocess of /v2/models/{name} describes (resize, crop, /255, mean/std).",
         )
     return x32, _slices(req, shape[0])
 
