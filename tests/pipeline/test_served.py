@@ -153,10 +153,13 @@ def test_policy_json_follows_the_published_schema(served_run, tiny_run):
 
 def test_warnings_reach_metrics_the_cli_and_the_report(tiny_run, capsys):
     """The tiny run abstains on everything: metrics.json lists why, with advice, and the report shows it."""
-    _, result = tiny_run
+    cfg, result = tiny_run
     warns = result.metrics["warnings"]
     assert any("answers 0 %" in w and "selective.target_risk" in w for w in warns)
-    assert any("149 answered rows" in w for w in warns)  # how many rows the target needs
+    # how many rows the target needs: zero errors among n answered rows pass at delta once (1 - target)^n <= delta
+    s = cfg.selective
+    need = math.ceil(math.log(s.delta) / math.log(1 - s.target_risk))
+    assert need == 59 and any(f"{need} answered rows" in w for w in warns)
     html = result.report.read_text()
     assert "class='warnings'" in html and "answers 0 %" in html
     from roadwork.cli.commands import print_summary
