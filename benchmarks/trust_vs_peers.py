@@ -20,8 +20,7 @@ import time
 
 import numpy as np
 
-from roadwork.trust import SplitConformal
-from roadwork.trust._checks import softmax
+from roadwork.trust import SplitConformal, softmax
 
 
 def _task(n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
