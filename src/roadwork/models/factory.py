@@ -25,6 +25,7 @@ __all__ = [
     "create_model",
     "load_model",
     "load_weights_into",
+    "network_for_card",
     "save_model",
 ]
 
@@ -231,15 +232,11 @@ def save_model(model: Any, card: ModelCard, out_dir: Path) -> None:
     (out_dir / "model.json").write_text(json.dumps(card.to_dict(), indent=2))
 
 
-def load_model(model_dir: str | Path) -> tuple[Any, ModelCard]:
-    """Rebuild a trained network from ``model.safetensors`` + ``model.json`` (eval mode, CPU)."""
+def network_for_card(card: ModelCard) -> Any:
+    """The untrained network a card describes (backbone, classes + gate, head, pooling): load weights into it."""
     from roadwork.models.network import build_network  # imports torch: only where a network is built
 
-    require("timm")
-    st = require("safetensors.torch")
-    d = Path(model_dir)
-    card = ModelCard.load(d / "model.json")
-    model = build_network(
+    return build_network(
         card.backbone,
         len(card.classes) + card.gate,
         drop_rate=card.drop_rate,
@@ -247,6 +244,15 @@ def load_model(model_dir: str | Path) -> tuple[Any, ModelCard]:
         head=card.head,
         pooling=card.pooling,
     )
+
+
+def load_model(model_dir: str | Path) -> tuple[Any, ModelCard]:
+    """Rebuild a trained network from ``model.safetensors`` + ``model.json`` (eval mode, CPU)."""
+    require("timm")
+    st = require("safetensors.torch")
+    d = Path(model_dir)
+    card = ModelCard.load(d / "model.json")
+    model = network_for_card(card)
     try:
         model.load_state_dict(st.load_file(str(d / "model.safetensors")))
     except Exception as e:

@@ -23,7 +23,7 @@ from roadwork._progress import progress_bar, progress_write
 from roadwork.config import ModelConfig, TrainConfig
 from roadwork.data.preprocess import PreprocessSpec, load_resized
 from roadwork.models.adapters import count_trainable, merge_adapters, prepare_finetune
-from roadwork.models.factory import ModelCard, card_kwargs, create_model, load_weights_into
+from roadwork.models.factory import ModelCard, card_kwargs, create_model, load_weights_into, network_for_card
 from roadwork.training.augment import BatchAugment, to_input
 
 __all__ = [
@@ -188,8 +188,6 @@ def _train_spawned(
     """``train.devices > 1``: DDP (or FSDP2) processes spawned here; rank 0's weights come back through a file."""
     import tempfile
 
-    from roadwork.models.network import build_network
-
     strategy: Any = "ddp_spawn"  # processes started here: it works from Python, the CLI and notebooks alike
     if cfg.strategy == "fsdp":
         from roadwork.errors import ConfigError
@@ -211,14 +209,7 @@ def _train_spawned(
         )
         weights = require("safetensors.torch").load_file(str(weights_file))
     card = ModelCard.from_dict(card_d)
-    model = build_network(
-        card.backbone,
-        len(card.classes) + card.gate,
-        drop_rate=card.drop_rate,
-        kwargs=card.kwargs,
-        head=card.head,
-        pooling=card.pooling,
-    )
+    model = network_for_card(card)
     model.load_state_dict(weights)
     return TrainResult(model.eval(), card, history, best, trainable)
 
