@@ -15,8 +15,8 @@ first epoch, which the best-epoch rule leaves out (on CPU, bf16 helps only where
 ``--pipeline`` prints the data-pipeline tables instead: the demo model (``configs/demo.yaml``: a slim ResNet-10-T
 at 96 px) trained with ``train_model`` by today's in-memory loop (``train.cache=memory``: every image decoded by
 one thread into RAM, batches indexed from it) and by the new pipeline (``train.cache=disk``: decoded once into
-the disk cache, by ``train.workers`` processes, batches read per step), same seed, epochs and batches, rounds
-alternating, best kept. Two data sets: the demo's generated 128-px scenes, and full-size photos (the shared real
+the disk cache, by ``train.decode_workers`` processes, batches read per step in this process or by
+``train.workers`` DataLoader workers), same seed, epochs and batches, rounds alternating, best kept. Two data sets: the demo's generated 128-px scenes, and full-size photos (the shared real
 photos upscaled to 1920x1080, JPEG q90), where "today" also decodes as before the DCT-scaled decode (full
 decode, then resize; patched in this process for that row only). ``train img/s``: the best epoch's optimisation
 steps (``train_images_per_s``); ``end-to-end img/s``: images x epochs / the wall time of the whole
@@ -145,20 +145,21 @@ def _pipeline_rows(
     model_cfg = load_config("demo").model
     labels = np.arange(len(paths)) % 2
     n_val = max(32, len(paths) // 10)
-    variants = [
-        ("today: in-memory loop" + (", full decode" if old_decode else ""), "memory", 1, None),
-        ("new: disk cache, decoded in this process", "disk", 1, "fresh"),
-        (f"new: disk cache, {workers} worker processes", "disk", workers, "fresh2"),
-        ("new: disk cache, cached (second run)", "disk", 1, "kept"),
+    variants = [  # (label, train.cache, train.decode_workers, train.workers, cache folder)
+        ("today: in-memory loop" + (", full decode" if old_decode else ""), "memory", 1, 1, None),
+        ("new: disk cache, decoded in this process", "disk", 1, 1, "fresh"),
+        (f"new: disk cache, decoded by {workers} processes (default)", "disk", workers, 1, "fresh2"),
+        ("new: disk cache, cached (second run)", "disk", workers, 1, "kept"),
+        (f"new: cached, batches read by {workers} DataLoader workers", "disk", workers, workers, "kept"),
     ]
     best: dict[str, dict[str, float]] = {}
     for r in range(rounds):
-        for label, cache, w, where in variants:
+        for label, cache, dw, w, where in variants:
             cache_dir = None
             if where in ("fresh", "fresh2"):
                 cache_dir = str(tmp / f"cache-{r}-{where}")
             elif where == "kept":
-                cache_dir = str(tmp / f"cache-{r}-fresh")  # the one the row before filled
+                cache_dir = str(tmp / f"cache-{r}-fresh2")  # the one the default row filled
             cfg = TrainConfig(
                 epochs=epochs,
                 batch_size=batch,
@@ -166,6 +167,7 @@ def _pipeline_rows(
                 accelerator="cpu",
                 cache=cache,
                 workers=w,
+                decode_workers=dw,
                 cache_dir=cache_dir,
             )
             with _old_decode(old_decode and cache == "memory"):
@@ -246,7 +248,12 @@ def main() -> None:
     )
     ap.add_argument("--pipeline", action="store_true", help="the data-pipeline tables (see above)")
     ap.add_argument("--photos", type=int, default=240, help="--pipeline: full-size photos")
-    ap.add_argument("--workers", type=int, default=2, help="--pipeline: train.workers of the new rows")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="--pipeline: train.decode_workers (and the DataLoader row's workers)",
+    )
     ap.add_argument("--rounds", type=int, default=2, help="--pipeline: alternating rounds, best kept")
     args = ap.parse_args()
     if args.pipeline:

@@ -190,8 +190,13 @@ class TrainConfig(_Strict):
     workers: int = Field(
         1,
         ge=0,
-        description="processes that decode images into the cache and load + augment batches; 1: this one, "
-        "0: one per core",
+        description="processes that read + augment batches while training (a torch DataLoader); 1: this one "
+        "(best on CPU, where the cores are training), 0: one per core",
+    )
+    decode_workers: int = Field(
+        0,
+        ge=0,
+        description="processes that decode images into the disk cache, once, before training; 0: one per core",
     )
     cache: Literal["disk", "memory"] = Field(
         "disk",

@@ -45,7 +45,7 @@ def test_the_cache_holds_the_shared_decode_paths_pixels(
     paths, _ = photos
     ref = _reference(paths)
     one = build_cache(paths, SPEC, cache_dir=tmp_path / "a", workers=1)
-    two = build_cache(paths, SPEC, cache_dir=tmp_path / "b", workers=2)  # spawned processes fill it
+    two = build_cache(paths, SPEC, cache_dir=tmp_path / "b", workers=2)  # worker processes fill it
     assert len(one) == 40 and os.path.getsize(one.file) == 40 * 24 * 24 * 3
     np.testing.assert_array_equal(one[np.arange(40)], ref)
     np.testing.assert_array_equal(two[np.arange(40)], ref)
@@ -127,7 +127,10 @@ def test_training_from_disk_from_ram_and_with_workers_is_the_same(
 ) -> None:
     pytest.importorskip("torch")
     assert _fit(photos, cache="disk") == _fit(photos, cache="memory")  # light: the loop's generator
-    assert _fit(photos, augment="standard", workers=1) == _fit(photos, augment="standard", workers=2)
+    one = _fit(photos, augment="standard", workers=1, decode_workers=1)
+    assert one == _fit(
+        photos, augment="standard", workers=2, decode_workers=2
+    )  # forked decoders + DataLoader
 
 
 def test_a_second_training_run_reuses_the_cache_keyed_on_content(
@@ -155,7 +158,9 @@ def test_a_second_training_run_reuses_the_cache_keyed_on_content(
         model = ModelConfig(
             backbone="test_vit", image_size=image_size, drop_rate=0.0, kwargs={"img_size": 32}
         )
-        cfg = TrainConfig(epochs=1, batch_size=8, accelerator="cpu", cache_dir=str(tmp_path / "cache"))
+        cfg = TrainConfig(  # decoded in this process, so the patched _fill counts every decode
+            epochs=1, batch_size=8, accelerator="cpu", decode_workers=1, cache_dir=str(tmp_path / "cache")
+        )
         train_model(
             model,
             cfg,

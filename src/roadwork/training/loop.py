@@ -407,7 +407,7 @@ def _data(
                 p,
                 run.spec,
                 cache_dir=cfg.cache_dir,
-                workers=cfg.workers,
+                workers=cfg.decode_workers,
                 digests=sha,
                 progress=run.progress,
                 desc=f"decoding {name} images",
@@ -472,7 +472,12 @@ def _optimiser(run: _Run, deferral: Deferral | None) -> None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         run.ema = AveragedModel(run.train_net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-    loading = {"workers", "cache", "cache_dir"}  # how images are read changes no result: resume across them
+    loading = {
+        "workers",
+        "decode_workers",
+        "cache",
+        "cache_dir",
+    }  # how images are read changes no result: resume across them
     run.fingerprint = json.dumps(
         [
             run.model_cfg.model_dump(mode="json"),
