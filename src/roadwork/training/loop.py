@@ -472,12 +472,8 @@ def _optimiser(run: _Run, deferral: Deferral | None) -> None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         run.ema = AveragedModel(run.train_net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-    loading = {
-        "workers",
-        "decode_workers",
-        "cache",
-        "cache_dir",
-    }  # how images are read changes no result: resume across them
+    # how images are read changes no result: a run resumes across these
+    loading = {"workers", "decode_workers", "cache", "cache_dir"}
     run.fingerprint = json.dumps(
         [
             run.model_cfg.model_dump(mode="json"),
