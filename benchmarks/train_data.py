@@ -9,6 +9,13 @@ to ``--image`` (``load_uint8`` into RAM, or ``build_cache`` into a file; ``decod
 shuffled batches through ``_batch_loader`` and the augmentation preset (``batches img/s``), without a model: the
 model's memory does not depend on N, and on 2 shared cores a model epoch over 60k images takes longer than this
 benchmark may. ``disk, reused`` runs again on the same ``train.cache_dir``: nothing is decoded.
+
+    python benchmarks/train_data.py --train [--sizes 6000,60000] [--epochs 1]
+
+``--train`` measures the train stage itself instead: each row is a fresh process running ``train_model`` with the
+demo model (``configs/demo.yaml``) for ``--epochs`` epochs (10 % of the images for validation) and reports its
+peak RSS, the seconds outside the optimisation steps (``other s``: decode, validation, set-up) and the best
+epoch's training img/s (at the demo's 96 px; ``--image`` is not used).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ labels = torch.as_tensor(np.arange(len(paths)) % 2)
 spec = PreprocessSpec(size=args["image"])
 t0 = time.perf_counter()
 if args["cache"] == "disk":  # what _train does for train.cache=disk / memory
-    images = build_cache(paths, spec, cache_dir=args["cache_dir"], workers=args["workers"])
+    images = build_cache(paths, spec, cache_dir=args["cache_dir"], workers=args["decode_workers"])
 else:
     images = torch.from_numpy(load_uint8(paths, spec, progress=False))
 t1 = time.perf_counter()
@@ -54,6 +61,28 @@ for step, (idx, x, y) in enumerate(_batch_loader(torch, images, labels, batches,
     checksum += float(x[:, 0, 0, 0].sum())
 t2 = time.perf_counter()
 print(json.dumps({"seconds": t1 - t0, "img_s": len(paths) / (t2 - t1),
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+TRAIN_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+from roadwork.config import TrainConfig, load_config
+from roadwork.training.loop import train_model
+args = json.loads(sys.argv[1])
+paths = open(args["list"]).read().splitlines()
+labels = np.arange(len(paths)) % 2
+n_val = len(paths) // 10
+cfg = TrainConfig(epochs=args["epochs"], batch_size=args["batch"], patience=args["epochs"], accelerator="cpu",
+                  cache=args["cache"], cache_dir=args["cache_dir"], workers=args["workers"],
+                  decode_workers=args["decode_workers"], augment=args["augment"])
+t0 = time.perf_counter()
+res = train_model(load_config("demo").model, cfg, classes=["a", "b"], train_paths=paths[n_val:],
+                  train_labels=labels[n_val:], val_paths=paths[:n_val], val_labels=labels[:n_val], progress=False)
+wall = time.perf_counter() - t0
+train_s = sum(len(paths[n_val:]) / h["train_images_per_s"] for h in res.history)
+print(json.dumps({"seconds": wall - train_s, "img_s": max(h["train_images_per_s"] for h in res.history),
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -74,7 +103,15 @@ def main() -> None:
     ap.add_argument("--image", type=int, default=96)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--augment", default="light")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="train.workers: DataLoader processes for batches")
+    ap.add_argument(
+        "--decode-workers",
+        type=int,
+        default=0,
+        help="train.decode_workers: cache-filling processes (0: per core)",
+    )
+    ap.add_argument("--train", action="store_true", help="run train_model with the demo model (see above)")
+    ap.add_argument("--epochs", type=int, default=1, help="--train: epochs")
     ap.add_argument(
         "--modes", default="memory,disk,dir,reused", help="rows to run, of memory,disk,dir,reused"
     )
@@ -89,7 +126,12 @@ def main() -> None:
         blobs.append(buf.getvalue())
     with tempfile.TemporaryDirectory(prefix="roadwork-bench-") as tmp:
         root = Path(tmp)
-        print(f"\n{'images':>7} {'cache':>13} {'peak RSS MB':>12} {'decode s':>9} {'batches img/s':>14}")
+        what = f"train_model, demo model, {args.epochs} epoch(s)" if args.train else "data path only"
+        speed = "train img/s" if args.train else "batches img/s"
+        print(f"{what}; decode_workers={args.decode_workers}, workers={args.workers}, augment={args.augment}")
+        print(
+            f"\n{'images':>7} {'cache':>13} {'peak RSS MB':>12} {'other s' if args.train else 'decode s':>9} {speed:>14}"
+        )
         print("-" * 59)
         for n in sizes:
             d = root / f"n{n}"
@@ -116,11 +158,13 @@ def main() -> None:
                     "cache": cache,
                     "cache_dir": cdir,
                     "workers": args.workers,
+                    "decode_workers": args.decode_workers,
                     "augment": args.augment,
+                    "epochs": args.epochs,
                 }
                 out = (
                     subprocess.run(
-                        [sys.executable, "-c", CHILD, json.dumps(spec)],
+                        [sys.executable, "-c", TRAIN_CHILD if args.train else CHILD, json.dumps(spec)],
                         capture_output=True,
                         text=True,
                         check=True,
