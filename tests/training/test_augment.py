@@ -44,6 +44,14 @@ def test_none_is_the_plain_input_and_light_is_the_original_augmentation() -> Non
     assert torch.equal(x, light_augment(torch, _to_input(torch, u8, SPEC), gen_b))
 
 
+def test_light_runs_on_the_device_the_batch_is_on() -> None:
+    """The loop moves uint8 batches to the device before ``light``: its CPU-generator draws must follow them
+    there (a GPU augments there). The meta device stands in for CUDA: any other device than the draws' CPU."""
+    x = torch.zeros(4, 3, 16, 16, device="meta")
+    out = light_augment(torch, x, torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and out.shape == x.shape
+
+
 @pytest.mark.parametrize("preset", ["standard", "strong"])
 def test_presets_change_images_and_repeat_under_the_seed(preset: str) -> None:
     u8, y = _batch()

@@ -1,9 +1,11 @@
 """Training augmentation: ``train.augment=none|light|standard|strong`` and ``train.mixup`` / ``train.cutmix``.
 
 - ``light``: the original hand-written batch augmentation (flip, a <= 6 % shift with reflection, brightness and
-  contrast jitter) on normalised tensors. ``train.augment=true`` in old configs means this.
-- ``standard``: torchvision.transforms.v2 per image, the field's fine-tuning default (timm/DeiT-style):
-  RandomResizedCrop(scale 0.35-1), horizontal flip, TrivialAugmentWide, ColorJitter 0.2; RandomErasing p=0.25.
+  contrast jitter) on normalised tensors, batched, on the training device (a GPU's when there is one: the loop
+  moves the uint8 batch there first). ``train.augment=true`` in old configs means this.
+- ``standard``: torchvision.transforms.v2 per image (on the CPU, in the DataLoader workers), the field's
+  fine-tuning default (timm/DeiT-style): RandomResizedCrop(scale 0.35-1), horizontal flip, TrivialAugmentWide,
+  ColorJitter 0.2; RandomErasing p=0.25.
 - ``strong``: RandomResizedCrop(scale 0.08-1), flip, RandAugment(2 ops, magnitude 9), ColorJitter 0.4;
   RandomErasing p=0.25. For long schedules from scratch or heavy fine-tuning.
 - ``mixup`` / ``cutmix``: Beta(α, α) mixing of image pairs in a batch (torchvision's MixUp / CutMix; one of the
@@ -36,9 +38,10 @@ def to_input(torch: Any, u8: Any, spec: PreprocessSpec) -> Any:
 
 
 def light_augment(torch: Any, x: Any, gen: Any) -> Any:
-    """The ``light`` preset on a normalised float batch (B, 3, H, W): flip, small shift, gain and bias."""
+    """The ``light`` preset on a normalised float batch (B, 3, H, W): flip, small shift, gain and bias. The draws
+    come from ``gen`` (a CPU generator) and move to ``x``'s device: on a GPU the arithmetic runs there."""
     b, _, h, w = x.shape
-    flip = torch.rand(b, generator=gen) < 0.5
+    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
     x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
     pad = max(1, h // 16)  # translate by up to ~6% with reflection padding
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
@@ -46,7 +49,7 @@ def light_augment(torch: Any, x: Any, gen: Any) -> Any:
     x = xp[:, :, dy : dy + h, dx : dx + w]
     gain = 1.0 + 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
     bias = 0.15 * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1)
-    return x * gain + bias
+    return x * gain.to(x.device) + bias.to(x.device)
 
 
 def _image_pipeline(preset: str, size: int) -> tuple[Any, Any]:

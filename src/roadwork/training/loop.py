@@ -512,8 +512,10 @@ def _optimise(run: _Run, epoch: int) -> tuple[float, int]:
     )
     run_loss, seen = 0.0, 0
     for step, (idx, x, y) in zip(bar, _epoch_batches(run, epoch), strict=True):
-        if run.augment.preset == "light":  # batched tensor ops on the loop's generator, here as always
-            x, y = run.augment(x, y, epoch=epoch, step=step, gen=run.gen)
+        if (
+            run.augment.preset == "light"
+        ):  # batched tensor ops on the loop's generator, on the device (a GPU's)
+            x, y = run.augment(*fabric.to_device((x, y)), epoch=epoch, step=step, gen=run.gen)
         x, y = fabric.to_device((x, y))
         try:
             loss = run.objective.train(run.model(x), y, idx, fabric)
