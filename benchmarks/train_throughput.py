@@ -10,7 +10,7 @@ each (this machine is shared and noisy). The last rows compare fp32 with
 bf16 autocast and eager with ``torch.compile`` (inductor) for full fine-tuning; the compile itself falls in the
 first epoch, which the best-epoch rule leaves out (on CPU, bf16 helps only where the CPU has bf16 units).
 
-    python benchmarks/train_throughput.py --pipeline [--n 1200] [--photos 240] [--epochs 2] [--workers 2]
+    python benchmarks/train_throughput.py --pipeline [--n 1200] [--photos 1000] [--epochs 2] [--workers 2]
 
 ``--pipeline`` prints the data-pipeline tables instead: the demo model (``configs/demo.yaml``: a slim ResNet-10-T
 at 96 px) trained with ``train_model`` by today's in-memory loop (``train.cache=memory``: every image decoded by
@@ -152,6 +152,11 @@ def _pipeline_rows(
         ("new: disk cache, cached (second run)", "disk", workers, 1, "kept"),
         (f"new: cached, batches read by {workers} DataLoader workers", "disk", workers, workers, "kept"),
     ]
+    warm = TrainConfig(epochs=1, batch_size=batch, accelerator="cpu", cache="memory")
+    small = dict(
+        train_paths=paths[:64], train_labels=labels[:64], val_paths=paths[:32], val_labels=labels[:32]
+    )
+    train_model(model_cfg, warm, classes=["a", "b"], progress=False, **small)  # warm-up: no row pays for it
     best: dict[str, dict[str, float]] = {}
     for r in range(rounds):
         for label, cache, dw, w, where in variants:
@@ -247,7 +252,7 @@ def main() -> None:
         "--repeats", type=int, default=3, help="alternate the two loops this many times; best of each"
     )
     ap.add_argument("--pipeline", action="store_true", help="the data-pipeline tables (see above)")
-    ap.add_argument("--photos", type=int, default=240, help="--pipeline: full-size photos")
+    ap.add_argument("--photos", type=int, default=1000, help="--pipeline: full-size photos")
     ap.add_argument(
         "--workers",
         type=int,
