@@ -138,7 +138,12 @@ def _png(w: int, h: int, mode: str = "RGB") -> bytes:
         ({"content": _png(12000, 12000, "1"), "headers": {"content-type": "image/png"}}, 400, "pixels"),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
         ({"json": {"picture": "x"}}, 400, '{"image"'),
-        ({"json": {"image": "%%%"}}, 400, "not valid base64"),
+        ({"json": {"image": "%%%"}}, 400, "'image' is not valid base64"),
+        (
+            {"json": {"images": [base64.b64encode(b"x").decode(), "%%%"]}},
+            400,
+            "'images[1]' is not valid base64",
+        ),
         ({"json": {"images": []}}, 400, "non-empty list"),
         ({"json": {"image": base64.b64encode(b"GIF89a").decode()}}, 400, "cannot be decoded"),
     ],

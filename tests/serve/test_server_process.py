@@ -145,3 +145,18 @@ def test_slow_uploads_hold_no_slot_and_get_408_json(tiny_run, tmp_path):
         assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
         assert "body_timeout_s=3" in json.loads(body)["error"]
     assert "roadwork_body_timeouts_total 6.0" in text
+
+
+def test_a_busy_port_is_our_error_naming_the_port_before_the_bundle_loads(tmp_path):
+    """uvicorn alone prints ``[Errno 98]`` after the bundle has loaded; roadwork says which setting and the fix."""
+    from roadwork.errors import InputError
+    from roadwork.serve import ServeSettings, serve
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        with pytest.raises(InputError, match=rf"port={port}: cannot listen .*pass another port=N"):
+            serve(str(tmp_path / "no-bundle-needed"), ServeSettings(host="127.0.0.1", port=port))
+    with pytest.raises(InputError, match=r"host='no\.such\.host\.invalid'"):
+        serve(str(tmp_path), ServeSettings(host="no.such.host.invalid", port=8000))

@@ -13,6 +13,31 @@ __all__ = ["ServeSettings", "create_app", "serve"]
 log = logging.getLogger(__name__)
 
 
+def _check_port(host: str, port: int) -> None:
+    """Raise :class:`~roadwork.errors.InputError` when ``host:port`` cannot be bound (in use, not an address of
+    this machine, a privileged port), naming the setting and the fix — not uvicorn's bare ``[Errno 98]``."""
+    import socket
+
+    from roadwork.errors import InputError
+
+    if port == 0:  # the OS picks a free one
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise InputError(f"host={host!r}: not an address of this machine ({e}); try host=0.0.0.0.") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise InputError(
+                f"port={port}: cannot listen on {host}:{port} ({e.strerror or e}); another server may hold it: "
+                "stop it or pass another port=N."
+            ) from None
+
+
 def serve(bundle: str, settings: ServeSettings) -> None:
     """Run the server until SIGTERM/SIGINT, then drain the way Kubernetes expects: readiness answers 503 at once
     and every answer carries ``Connection: close``, while the listener keeps serving for ``drain_delay_s`` (the
@@ -21,6 +46,7 @@ def serve(bundle: str, settings: ServeSettings) -> None:
     the rest of the delay."""
     import uvicorn
 
+    _check_port(settings.host, settings.port)  # before the bundle loads: a busy port is a second's error
     app = create_app(bundle, settings)
 
     class _DrainingServer(uvicorn.Server):

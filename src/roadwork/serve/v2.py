@@ -61,8 +61,9 @@ def json_images(req: Any, max_images: int) -> tuple[list[bytes], list[dict[str, 
         per_image = meta
     else:
         raise RequestError(400, "'metadata' must be an object, or a list of objects (one per image).")
-    field = "image" if "image" in req else "images[]"
-    return [decode_b64(b, field) for b in items], per_image
+    if "image" in req:
+        return [decode_b64(items[0], "image")], per_image
+    return [decode_b64(b, f"images[{i}]") for i, b in enumerate(items)], per_image
 
 
 _V2_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
