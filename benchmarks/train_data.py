@@ -14,7 +14,7 @@ benchmark may. ``disk, reused`` runs again on the same ``train.cache_dir``: noth
 
 ``--train`` measures the train stage itself instead: each row is a fresh process running ``train_model`` with the
 demo model (``configs/demo.yaml``) for ``--epochs`` epochs (10 % of the images for validation) and reports its
-peak RSS, the seconds outside the optimisation steps (``other s``: decode, validation, set-up) and the best
+peak RSS (with ``--repeats R``: the median of R fresh processes and their range), the seconds outside the optimisation steps (``other s``: decode, validation, set-up) and the best
 epoch's training img/s (at the demo's 96 px; ``--image`` is not used).
 """
 
@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,9 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="run train_model with the demo model (see above)")
     ap.add_argument("--epochs", type=int, default=1, help="--train: epochs")
     ap.add_argument(
+        "--repeats", type=int, default=1, help="fresh processes per row; medians (and the range) shown"
+    )
+    ap.add_argument(
         "--modes", default="memory,disk,dir,reused", help="rows to run, of memory,disk,dir,reused"
     )
     args = ap.parse_args()
@@ -130,9 +134,9 @@ def main() -> None:
         speed = "train img/s" if args.train else "batches img/s"
         print(f"{what}; decode_workers={args.decode_workers}, workers={args.workers}, augment={args.augment}")
         print(
-            f"\n{'images':>7} {'cache':>13} {'peak RSS MB':>12} {'other s' if args.train else 'decode s':>9} {speed:>14}"
+            f"\n{'images':>7} {'cache':>13} {'peak RSS MB':>12} {'range':>11} {'other s' if args.train else 'decode s':>9} {speed:>14}"
         )
-        print("-" * 59)
+        print("-" * 71)
         for n in sizes:
             d = root / f"n{n}"
             d.mkdir()
@@ -162,19 +166,21 @@ def main() -> None:
                     "augment": args.augment,
                     "epochs": args.epochs,
                 }
-                out = (
-                    subprocess.run(
+                runs = []
+                for _ in range(args.repeats):  # peak RSS varies run to run by ~100 MB here: report the spread
+                    out = subprocess.run(
                         [sys.executable, "-c", TRAIN_CHILD if args.train else CHILD, json.dumps(spec)],
                         capture_output=True,
                         text=True,
                         check=True,
-                    )
-                    .stdout.strip()
-                    .splitlines()[-1]
-                )
-                r = json.loads(out)
+                    ).stdout
+                    runs.append(json.loads(out.strip().splitlines()[-1]))
+                rss = sorted(r["rss_mb"] for r in runs)
+                spread = f"{rss[0]:.0f}-{rss[-1]:.0f}" if len(rss) > 1 else ""
                 print(
-                    f"{n:>7} {label:>13} {r['rss_mb']:>12.0f} {r['seconds']:>9.1f} {r['img_s']:>14.0f}",
+                    f"{n:>7} {label:>13} {statistics.median(rss):>12.0f} {spread:>11} "
+                    f"{statistics.median(r['seconds'] for r in runs):>9.1f} "
+                    f"{statistics.median(r['img_s'] for r in runs):>14.0f}",
                     flush=True,
                 )
 

@@ -20,7 +20,11 @@ the disk cache, by ``train.decode_workers`` processes, batches read per step in 
 photos upscaled to 1920x1080, JPEG q90), where "today" also decodes as before the DCT-scaled decode (full
 decode, then resize; patched in this process for that row only). ``train img/s``: the best epoch's optimisation
 steps (``train_images_per_s``); ``end-to-end img/s``: images x epochs / the wall time of the whole
-``train_model`` call (decode, every epoch, validation). ``cached`` reruns on the same ``train.cache_dir``.
+``train_model`` call (decode, every epoch, validation). ``cached`` reruns on the same ``train.cache_dir`` in the
+same process, so the file is in the page cache (a later run on a machine with the RAM to hold it reads it the
+same way; a cold disk adds its read time). The ``train img/s`` column should be equal across rows (same model,
+same batches): how far apart it is shows the noise of the machine; read the tables only at the default sizes and
+rounds (at ``--photos 64 --rounds 1`` a shared machine spread it 11-80 img/s).
 """
 
 from __future__ import annotations

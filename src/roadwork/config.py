@@ -90,6 +90,11 @@ class DataConfig(_Strict):
     min_per_class: int = Field(10, ge=2, description="a class with fewer usable images is an error")
     max_pixels: int = Field(40_000_000, ge=1, description="larger images are skipped (decompression bombs)")
     max_file_mb: float = Field(64.0, gt=0, description="larger files are skipped")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="processes that check (decode and hash) a folder's or manifest's images; 0: one per core",
+    )
 
 
 class ModelConfig(_Strict):

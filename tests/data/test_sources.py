@@ -30,6 +30,17 @@ def test_bad_files_are_skipped_with_reasons(messy_folder):
     assert df.loc[df["id"].str.startswith("roadwork/dup"), "split"].nunique() == 1
 
 
+def test_checking_in_worker_processes_gives_the_same_table_and_reasons(messy_folder, monkeypatch):
+    import roadwork.data.sources as sources
+
+    monkeypatch.setattr(sources, "_CHECK_CHUNK", 4)  # 31 files: 8 tasks over 2 forked processes
+    kw = {"source": str(messy_folder), "max_pixels": 4_000_000, "min_per_class": 5}
+    one_df, _, one = build_dataset(DataConfig(**kw, workers=1))
+    two_df, _, two = build_dataset(DataConfig(**kw, workers=2))
+    pd.testing.assert_frame_equal(one_df, two_df)
+    assert one.to_dict() == two.to_dict() and len(one.skipped) == 5
+
+
 def test_too_few_images_per_class_says_how_many_are_needed(messy_folder):
     with pytest.raises(
         DataError, match=r"'no_roadwork' has 13, 'roadwork' has 14.*at least data.min_per_class=20"

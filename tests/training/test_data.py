@@ -76,6 +76,29 @@ def test_a_second_run_reuses_the_cache_and_any_change_misses_it(
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".u8"]  # no temp file left behind
 
 
+def test_a_build_sweeps_the_temp_files_of_killed_builds_and_keeps_live_ones(
+    photos: tuple[list[str], np.ndarray], tmp_path: Path
+) -> None:
+    """kill -9 or the OOM killer runs no ``except``: the next build on the folder removes what such a build left
+    (this host, process gone) and leaves a running build's file (this host, process alive) and other hosts'."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = socket.gethostname()
+    dead = tmp_path / f"k.u8.tmp-{host}-{int(gone.stdout)}"
+    live = tmp_path / f"k.u8.tmp-{host}-{os.getppid()}"
+    other = tmp_path / f"k.u8.tmp-elsewhere-{int(gone.stdout)}"
+    for f in (dead, live, other):
+        f.write_bytes(b"\0" * 64)
+    paths, _ = photos
+    build_cache(paths[:4], SPEC, cache_dir=tmp_path, workers=1)
+    assert not dead.exists() and live.exists() and other.exists()
+
+
 def test_reading_does_not_map_the_file_and_a_temporary_cache_is_removed(
     photos: tuple[list[str], np.ndarray],
 ) -> None:

@@ -75,6 +75,11 @@ def print_summary(result: Any) -> None:
 
 def _on_stage(r: Any) -> None:
     status = "cached" if r.cached else f"done in {r.seconds:.1f}s"
+    if r.name == "data" and "n" in r.info:  # what a user of their own folder needs to see at once
+        skipped = int(r.info.get("skipped", 0))
+        status += f": {r.info['n']} images"
+        if skipped:
+            status += f", {skipped} skipped as unusable (reasons: {r.path / 'data_report.json'})"
     print(f"[{r.name}] {status}", file=sys.stderr, flush=True)
 
 

@@ -94,11 +94,15 @@ _PIPELINE = [
         "every stage, cached (a stage reruns when its inputs, config or code change)",
         "Runs (or reuses from cache) every stage. Overrides are dotted keys with YAML values. The run folder "
         "is ROOT/NAME/: set it with root= and name= (run takes no out=). --force STAGE reruns a stage and "
-        "everything after it; --until STAGE stops after it.",
+        "everything after it; --until STAGE stops after it. data.source=FOLDER with no CONFIG and no "
+        "model.backbone uses the pretrained recipe (finetune-gpu with CUDA, else finetune-cpu): its weights come "
+        "from the hub once; offline, pass model.weights=FILE or model.pretrained=false. Images are decoded once "
+        "into ROOT/cache/ (train.decode_workers processes) and reused by later runs on the same images.",
         (
             "roadwork run demo name=fog data.synthetic.seed=7 --force train",
             "roadwork run demo cascade.enabled=false   # the model alone, no cascade in front of it",
             "roadwork run data.source=path/to/folder name=mydata root=experiments",
+            "roadwork run finetune-gpu data.source=~/photos train.workers=4   # 4 DataLoader processes",
             "roadwork run data.source=manifest.csv conformal.alpha=0.05 selective.target_risk=0.01",
             "roadwork run demo --until predict",
         ),

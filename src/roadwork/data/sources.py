@@ -16,6 +16,7 @@ any slice columns, relative paths resolved against the manifest's folder), or th
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,9 @@ class DataReport:
 def check_image(path: Path, *, max_pixels: int, max_bytes: int) -> tuple[str | None, str]:
     """Return ``(sha256, "")`` for a usable image, or ``(None, reason)``.
 
-    Decodes the whole file: ``Image.verify`` misses truncated JPEGs, a full ``load`` does not.
+    Decodes the whole file (``Image.verify`` misses truncated JPEGs, a ``load`` does not) from the bytes it
+    hashes; a JPEG at its smallest DCT scale (1/8): every byte of entropy-coded data is still decoded, so a
+    truncated or corrupt file fails the same way, in about half the time of a full decode at 1080p.
     """
     try:
         size = path.stat().st_size
@@ -77,10 +80,12 @@ def check_image(path: Path, *, max_pixels: int, max_bytes: int) -> tuple[str | N
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     return None, f"too many pixels ({w}x{h} > {max_pixels}; possible decompression bomb)"
+                if im.format == "JPEG":
+                    im.draft("RGB", (1, 1))
                 im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return None, f"decompression bomb: {e}"
@@ -140,16 +145,37 @@ def _from_manifest(path: Path) -> pd.DataFrame:
     return df
 
 
+_CHECK_CHUNK = 64  # files per task of a checking process
+
+
+def _check_many(paths: list[str], max_pixels: int, max_bytes: int) -> list[tuple[str | None, str]]:
+    """Worker: :func:`check_image` on each of ``paths``."""
+    return [check_image(Path(p), max_pixels=max_pixels, max_bytes=max_bytes) for p in paths]
+
+
 def _validate_files(df: pd.DataFrame, cfg: DataConfig, report: DataReport) -> pd.DataFrame:
+    """Check (decode and hash) every file, in ``data.workers`` processes; drop and report the unusable ones."""
+    from roadwork._parallel import process_pool, resolve_workers
     from roadwork._progress import progress_bar
 
+    paths, limits = [str(p) for p in df["path"]], (cfg.max_pixels, int(cfg.max_file_mb * 2**20))
+    chunks = [paths[i : i + _CHECK_CHUNK] for i in range(0, len(paths), _CHECK_CHUNK)]
+    workers = min(resolve_workers(cfg.workers), len(chunks))
+    bar = progress_bar(total=len(paths), desc="checking images", unit="img", leave=False)
+    results: list[tuple[str | None, str]] = []
+    with bar:
+        if workers <= 1:
+            for part in chunks:
+                results += _check_many(part, *limits)
+                bar.update(len(part))
+        else:
+            with process_pool(workers) as pool:
+                futures = [pool.submit(_check_many, part, *limits) for part in chunks]
+                for part, fut in zip(chunks, futures, strict=True):
+                    results += fut.result()
+                    bar.update(len(part))
     hashes: list[str | None] = []
-    for rid, p in progress_bar(
-        zip(df["id"], df["path"], strict=True), total=len(df), desc="checking images", unit="img", leave=False
-    ):
-        digest, reason = check_image(
-            Path(p), max_pixels=cfg.max_pixels, max_bytes=int(cfg.max_file_mb * 2**20)
-        )
+    for rid, p, (digest, reason) in zip(df["id"], paths, results, strict=True):
         if digest is None:
             report.skipped.append({"id": rid, "path": p, "reason": reason})
         hashes.append(digest)

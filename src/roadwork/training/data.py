@@ -17,19 +17,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from roadwork._parallel import process_pool, resolve_workers
 from roadwork.data.preprocess import PreprocessSpec, load_resized
 
 __all__ = ["DiskImages", "build_cache", "cache_key"]
 
 CACHE_SCHEMA = 1
+_TMP = ".tmp-"  # <key>.u8.tmp-<host>-<pid>: a build in progress
 
 
 def cache_key(
@@ -58,17 +61,6 @@ def _fill(
     mm.flush()
     del mm
     return len(paths)
-
-
-def _pool_context() -> Any:
-    """fork on Linux: the workers run only Pillow and numpy (``_fill``), never torch, so the torch thread pools
-    a fork copies are never entered — the condition under which torch's own DataLoader forks. A spawned worker
-    would re-import the parent's ``__main__`` (measured: 2.0 s for two workers when that imports torch, against
-    0.03 s forked). Elsewhere (macOS, Windows) spawn."""
-    import multiprocessing as mp
-    import sys
-
-    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
 class DiskImages:
@@ -137,7 +129,7 @@ def build_cache(
     """Decode ``paths`` once into a uint8 cache file (reused when ``cache_dir`` holds a complete one for the same
     key) and return a reader. ``workers`` > 1: that many processes decode; 0: one per core. ``cache_dir=None``:
     a temporary folder, removed by ``DiskImages.close()``."""
-    from roadwork._progress import progress_bar
+    from roadwork._progress import progress_bar, progress_write
 
     owned = None
     if cache_dir is None:
@@ -150,12 +142,14 @@ def build_cache(
     file, meta = root / f"{key}.u8", root / f"{key}.json"
     n, shape = len(paths), (len(paths), spec.size, spec.size, 3)
     if meta.is_file() and file.is_file() and file.stat().st_size == int(np.prod(shape)):
+        if progress:
+            progress_write(f"{_what(desc)}: {n} reused from {file} (decoded by an earlier run)")
         return DiskImages(file, n, spec.size, owned_dir=owned)
-    tmp = root / f"{key}.u8.tmp-{os.getpid()}"
+    _sweep_stale(root)
+    tmp = root / f"{key}.u8{_TMP}{socket.gethostname()}-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.truncate(int(np.prod(shape)))
-    if workers == 0:
-        workers = os.cpu_count() or 1
+    workers, t0 = resolve_workers(workers), time.perf_counter()
     chunk = max(1, min(256, -(-n // max(1, workers * 4))))
     jobs = [(i, list(paths[i : i + chunk])) for i in range(0, n, chunk)]
     bar = progress_bar(total=n, desc=desc, unit="img", leave=False, disable=not progress)
@@ -164,7 +158,7 @@ def build_cache(
             for start, part in jobs:
                 bar.update(_fill(str(tmp), shape, start, part, spec.to_dict(), min_side))
         else:
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=_pool_context()) as pool:
+            with process_pool(min(workers, len(jobs))) as pool:
                 futures = [
                     pool.submit(_fill, str(tmp), shape, s, part, spec.to_dict(), min_side) for s, part in jobs
                 ]
@@ -183,4 +177,30 @@ def build_cache(
     meta.write_text(
         json.dumps({"schema": CACHE_SCHEMA, "n": n, "spec": spec.to_dict(), "min_side": min_side})
     )
+    if progress:
+        procs = f"{min(workers, len(jobs))} processes" if workers > 1 and n > chunk else "1 process"
+        progress_write(
+            f"{_what(desc)}: {n} decoded in {time.perf_counter() - t0:.1f} s ({procs}) into {file}"
+        )
     return DiskImages(file, n, spec.size, owned_dir=owned)
+
+
+def _what(desc: str) -> str:
+    """'decoding train images' → 'train images': the subject of the one line a build prints."""
+    return desc.removeprefix("decoding ")
+
+
+def _sweep_stale(root: Path) -> None:
+    """Remove the temporary files of cache builds on this host whose process is gone (killed by a signal or
+    the OOM killer: no ``except`` ran); a build still running keeps its file."""
+    host = socket.gethostname()
+    for f in root.glob(f"*{_TMP}{host}-*"):
+        pid = f.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: does the process exist?
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            pass
