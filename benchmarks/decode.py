@@ -10,6 +10,9 @@ side in one run and from bytes in memory (no disk I/O), open → decode → resi
 - ``new``: ``data.preprocess.load_resized`` — JPEG DCT scaling to the smallest 1/1, 1/2, 1/4, 1/8 size whose
   shorter side is still >= the resize side, then the same ``resize_uint8``.
 
+A second table times the data stage's per-file check (read, sha256, decode to prove the file whole) before
+(full decode) and now (``check_image``: a JPEG at 1/8 scale; the stage also runs it in ``data.workers`` processes).
+
 ms/img is the median over ``--repeats`` rounds (old and new alternate within each round: this machine is
 shared). ``mean |diff|`` is the mean absolute difference of the two uint8 outputs (levels of 255).
 """
@@ -100,6 +103,46 @@ def main() -> None:
                 f"{f'{w}x{h}':>10} {len(data) // 1024:>5} {name:>17} {f'{dw}x{dh}':>11} {o:>11.2f} {n:>11.2f} "
                 f"{o / n:>8.1f}x {diff:>12.2f}"
             )
+    _check_table(src, args.repeats)
+
+
+def _check_full(path: Path) -> None:
+    """The data stage's check before: read, hash, decode in full."""
+    import hashlib
+
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+    hashlib.sha256(data).hexdigest()
+
+
+def _check_table(src: Image.Image, repeats: int) -> None:
+    """The data stage's per-file check (read, hash, decode to prove the file whole): before (full decode) vs
+    now (``data.sources.check_image``: a JPEG at 1/8 scale), one process, from files on disk."""
+    import tempfile
+
+    from roadwork.data.sources import check_image
+
+    print("\nData-stage check per file (read + sha256 + decode), one process")
+    head = f"{'image':>10} {'full decode ms':>15} {'check_image ms':>15} {'speed-up':>9}"
+    print(head)
+    print("-" * len(head))
+    with tempfile.TemporaryDirectory() as d:
+        for w, h in ((1920, 1080), (4000, 3000)):
+            path = Path(d) / f"{w}x{h}.jpg"
+            path.write_bytes(_jpeg(src, (w, h)))
+            old_t, new_t = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                _check_full(path)
+                t1 = time.perf_counter()
+                digest, _ = check_image(path, max_pixels=10**9, max_bytes=2**30)
+                t2 = time.perf_counter()
+                assert digest is not None
+                old_t.append((t1 - t0) * 1e3)
+                new_t.append((t2 - t1) * 1e3)
+            o, n = statistics.median(old_t), statistics.median(new_t)
+            print(f"{f'{w}x{h}':>10} {o:>15.2f} {n:>15.2f} {o / n:>8.1f}x")
 
 
 if __name__ == "__main__":
