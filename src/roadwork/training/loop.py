@@ -539,7 +539,7 @@ def _optimise(run: _Run, epoch: int) -> tuple[float, int]:
 def _validate(run: _Run) -> tuple[float, float]:
     """Step 5, validate: (val loss by the objective, val accuracy) of the kept weights; remembers the best."""
     net = run.model if run.ema is None else run.keep
-    logits = predict_logits(net, run.x_val, run.spec, batch_size=256, fabric=run.fabric)
+    logits = predict_logits(net, run.x_val, run.spec, batch_size=run.cfg.batch_size, fabric=run.fabric)
     val_loss = float(run.objective.validate(run.torch.from_numpy(logits), run.y_val))
     val_acc = float((logits[:, : len(run.classes)].argmax(1) == run.val_labels).mean())
     return val_loss, val_acc
