@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import multiprocessing as mp
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from roadwork._parallel import resolve_workers
 from roadwork.config import SyntheticConfig
 
 __all__ = ["CLASSES", "SceneSpec", "generate_dataset", "iter_scenes", "render_scene", "sample_spec"]
@@ -497,7 +497,7 @@ def generate_dataset(
     kw: dict[str, float | int] = cfg.model_dump(
         include={"size", "seed", "positive_fraction", "domain_b_fraction", "label_noise"}
     )
-    workers = cfg.workers or (os.cpu_count() or 1)
+    workers = resolve_workers(cfg.workers)
     chunk = 64
     jobs = [(out, s, min(chunk, n - s), kw) for s in range(0, n, chunk)]
     rows: list[dict[str, object]] = []

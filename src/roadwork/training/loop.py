@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from roadwork._deps import require
+from roadwork._parallel import resolve_workers
 from roadwork._progress import progress_bar, progress_write
 from roadwork.config import ModelConfig, TrainConfig
 from roadwork.data.preprocess import PreprocessSpec, load_resized
@@ -728,10 +729,8 @@ def _batch_loader(
 ) -> Any:
     """The epoch's batches: read (and augmented) in this process with ``workers=1``, else by a DataLoader with
     that many worker processes (0: one per core), pinned memory on CUDA, a few batches ahead."""
-    import os
-
     ds = _StepBatches(images, labels, batches, augment, epoch)
-    n = (os.cpu_count() or 1) if workers == 0 else workers
+    n = resolve_workers(workers)
     if n <= 1 or len(batches) < 2:
         return (ds[i] for i in range(len(ds)))
     return torch.utils.data.DataLoader(
