@@ -5,7 +5,8 @@ is decoded and resized once (the shared decode path, ``data.preprocess.load_resi
 uint8 pixels, shape (N, size, size, 3), written by ``workers`` processes (``train.decode_workers``; forked on
 Linux) straight into a memory map (no pixels travel through pipes). Training then reads each batch's rows with
 ``os.pread``: the bytes come from the page cache or the disk and are copied into the batch; nothing stays mapped,
-so the process's peak RSS does not grow with the number of images (a memory map that training touched would count every touched page in RSS).
+so the process's peak RSS does not grow with the number of images (a memory map that training touched would
+count every touched page in RSS).
 
 The cache is keyed on the preprocessing (spec, decode side) and on the images: their sha256 when the caller has
 them (``dataset.parquet`` does), else path, size and modification time. With ``cache_dir`` set, a second run on
@@ -152,13 +153,14 @@ def build_cache(
     workers, t0 = resolve_workers(workers), time.perf_counter()
     chunk = max(1, min(256, -(-n // max(1, workers * 4))))
     jobs = [(i, list(paths[i : i + chunk])) for i in range(0, n, chunk)]
+    procs = min(workers, len(jobs)) if workers > 1 and n > chunk else 1
     bar = progress_bar(total=n, desc=desc, unit="img", leave=False, disable=not progress)
     try:
-        if workers <= 1 or n <= chunk:
+        if procs == 1:
             for start, part in jobs:
                 bar.update(_fill(str(tmp), shape, start, part, spec.to_dict(), min_side))
         else:
-            with process_pool(min(workers, len(jobs))) as pool:
+            with process_pool(procs) as pool:
                 futures = [
                     pool.submit(_fill, str(tmp), shape, s, part, spec.to_dict(), min_side) for s, part in jobs
                 ]
@@ -178,10 +180,8 @@ def build_cache(
         json.dumps({"schema": CACHE_SCHEMA, "n": n, "spec": spec.to_dict(), "min_side": min_side})
     )
     if progress:
-        procs = f"{min(workers, len(jobs))} processes" if workers > 1 and n > chunk else "1 process"
-        progress_write(
-            f"{_what(desc)}: {n} decoded in {time.perf_counter() - t0:.1f} s ({procs}) into {file}"
-        )
+        took = time.perf_counter() - t0
+        progress_write(f"{_what(desc)}: {n} decoded in {took:.1f} s ({procs} process(es)) into {file}")
     return DiskImages(file, n, spec.size, owned_dir=owned)
 
 
