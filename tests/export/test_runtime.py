@@ -151,7 +151,10 @@ def test_openvino_int8_through_nncf_stays_within_the_recorded_bound(model_onnx, 
         (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str))
         for op in runtime_ops
     }
-    assert ("Convolution", "i8") in kinds  # OpenVINO runs the convolutions in int8
+    # OpenVINO runs the convolutions in 8-bit integers. Which signedness depends on the CPU's int8 kernels: i8 on
+    # the Intel Xeons with AMX this project runs on, u8 activations (u8 x s8 VNNI) on the AMD EPYCs without AMX.
+    conv_precisions = {precision for layer, precision in kinds if layer == "Convolution"}
+    assert conv_precisions & {"i8", "u8"}, f"no int8 convolution at run time: {sorted(kinds)}"
 
 
 def test_onnxruntime_threads_are_recorded(model_onnx):

@@ -76,10 +76,31 @@ def test_options_train_to_a_finite_loss(images, option):
     assert all(np.isfinite(r["train_loss"]) for r in res.history) and len(res.history) == 2
 
 
-def test_ema_keeps_weights_that_move_less(images):
+def test_ema_decay_warms_up_then_holds():
+    from roadwork.training.loop import ema_decay
+
+    assert [ema_decay(0.999, t) for t in (0, 1, 10)] == pytest.approx([0.1, 2 / 11, 0.55])
+    assert ema_decay(0.999, 10**6) == 0.999 and ema_decay(0.9, 100) == 0.9
+    # the share of the starting weights left after 36 steps (3 epochs of 12): 0.998**36 = 93 % without warm-up
+    kept = np.prod([ema_decay(0.998, t) for t in range(1, 36)])
+    assert kept < 1e-6 < 0.998**36
+
+
+@pytest.mark.parametrize("decay", [0.99, 0.998])
+def test_ema_after_few_steps_is_not_a_copy_of_the_start(images, decay):
+    """6 optimiser steps: the kept (EMA) weights move as the raw weights do, head included, and so does the
+    validation loss; with a fixed decay they would be 0.99**5 = 95 % (0.998**5 = 99 %) the random start."""
     start = _initial()
-    plain, ema = _train(images).model, _train(images, ema=0.99).model
-    assert _distance(ema, start) < 0.5 * _distance(plain, start)  # 6 updates at 0.99 barely move the average
+    plain, ema = _train(images), _train(images, ema=decay)
+    d_plain, d_ema = _distance(plain.model, start), _distance(ema.model, start)
+    assert 0.5 * d_plain < d_ema <= 1.5 * d_plain
+
+    def head_change(net):  # type: ignore[no-untyped-def]
+        return float((net.get_classifier().weight - start.get_classifier().weight).detach().norm())
+
+    assert head_change(ema.model) > 0.5 * head_change(plain.model) > 0
+    moved = [abs(r.history[-1]["val_loss"] - np.log(2)) for r in (plain, ema)]
+    assert moved[1] > 0.5 * moved[0] > 0  # the validation loss leaves ln 2 as without EMA
 
 
 def test_layer_decay_scales_learning_rates_by_depth():
