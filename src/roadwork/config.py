@@ -157,8 +157,11 @@ class TrainConfig(_Strict):
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ema: float | None = Field(
-        None, gt=0, lt=1, description="EMA decay of the weights (e.g. 0.999), warmed up as min(decay, (1+t)/(10+t)) "
-        "over the t-th step; the EMA is what is validated and kept"
+        None,
+        gt=0,
+        lt=1,
+        description="EMA decay of the weights (e.g. 0.999), warmed up as min(decay, (1+t)/(10+t)) "
+        "over the t-th step; the EMA is what is validated and kept",
     )
     layer_decay: float | None = Field(
         None, gt=0, le=1, description="layer-wise LR decay for ViTs (e.g. 0.75): block i gets lr·d^(L-i)"
