@@ -20,11 +20,70 @@ def test_own_photos_without_a_model_get_the_pretrained_recipe() -> None:
     assert default_recipe(None, ["data.source=photos"], cuda=False)[0] == "finetune-cpu"
     preset, line = default_recipe(None, ["data.source=photos", "train.epochs=3"], cuda=True)
     assert preset == "finetune-gpu" and "finetune-gpu" in line and "pretrained recipe" in line
-    # the offered fixes keep the recipe: random or local weights of the same backbone
-    assert (
-        default_recipe(None, ["data.source=photos", "model.pretrained=false"], cuda=False)[0]
-        == "finetune-cpu"
+    # local weights of the same backbone keep the recipe
+    assert default_recipe(None, ["data.source=photos", "model.weights=w.safetensors"], cuda=True)[0] == (
+        "finetune-gpu"
     )
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_own_photos_without_pretrained_weights_get_the_scratch_recipe(cuda: bool) -> None:
+    """A fine-tuning recipe from random weights stays at chance on small sets: no weights, the scratch recipe."""
+    preset, line = default_recipe(None, ["data.source=photos", "model.pretrained=false"], cuda=cuda)
+    assert preset == "scratch" and "from-scratch recipe scratch" in line
+    cfg = load_config(preset, ["data.source=photos", "model.pretrained=false"])
+    assert (cfg.model.backbone, cfg.model.pretrained, cfg.cascade.enabled) == ("resnet10t", False, False)
+    # weights given as well: they are pretrained weights, the fine-tuning recipe uses them
+    both = ["data.source=photos", "model.pretrained=false", "model.weights=w.safetensors"]
+    assert default_recipe(None, both, cuda=cuda)[0] in ("finetune-cpu", "finetune-gpu")
+
+
+def _config_of_run(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> str:
+    """The configuration `roadwork run ARGS` hands to the pipeline (stopped there), as config show prints it."""
+    import roadwork.pipeline
+    from roadwork.cli import main
+    from roadwork.config import dump_config
+
+    seen = []
+
+    def stop(cfg: object, **kw: object) -> None:
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(roadwork.pipeline, "run_pipeline", stop)
+    with pytest.raises(SystemExit):
+        main(["run", *args])
+    return dump_config(seen[0]).rstrip()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["model.pretrained=false"],  # no weights: the scratch recipe
+        ["model.weights=WEIGHTS"],  # local weights: the fine-tuning recipe with them
+        ["finetune-cpu", "model.pretrained=false"],  # a recipe named: kept (with a warning)
+        ["demo", "model.pretrained=false"],
+    ],
+)
+def test_config_show_prints_what_run_trains_for_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    from roadwork.cli import main
+
+    photos = _photos(tmp_path / "photos")
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    args = [a.replace("WEIGHTS", str(tmp_path / "w.safetensors")) for a in args]
+    args += [f"data.source={photos}", f"root={tmp_path / 'runs'}"]
+    assert main(["config", "show", *args]) == 0
+    shown = capsys.readouterr()
+    ran = _config_of_run(monkeypatch, args)
+    assert shown.out.strip() == ran
+    said = capsys.readouterr().err
+    assert shown.err == said  # the same lines on stderr about the choice
+    if args[0] == "model.pretrained=false":
+        assert "backbone: resnet10t" in ran and "using the from-scratch recipe scratch" in said
+    if args[0] == "finetune-cpu":
+        assert "convnext_atto" in ran and "roadwork run scratch" in said
 
 
 @pytest.mark.parametrize(
@@ -110,5 +169,7 @@ def test_roadwork_run_on_photos_offline_fails_at_once_with_the_fixes(
     assert res.returncode != 0
     assert "using the pretrained recipe finetune-cpu" in res.stderr
     assert "model.weights=FILE" in res.stderr and "model.pretrained=false" in res.stderr
+    # the command that trains without the hub, ready to paste
+    assert f"roadwork run data.source={photos} root={tmp_path / 'runs'} model.pretrained=false" in res.stderr
     assert "Retrying" not in res.stderr  # no backoff against the hub
     assert not (tmp_path / "runs" / "finetune-cpu" / "data").exists()  # before any stage ran

@@ -114,10 +114,14 @@ def run(p: Parsed, *, until: str | None = None, config: str | None = None) -> in
 
 
 def config_show(p: Parsed) -> int:
-    """Print the resolved configuration as YAML."""
-    from roadwork.config import dump_config, load_config
+    """Print the resolved configuration as YAML: exactly what ``roadwork run`` uses for the same arguments."""
+    from roadwork.config import dump_config
+    from roadwork.training.recipes import resolve_config
 
-    _print(dump_config(load_config(p.config, p.overrides)).rstrip())
+    cfg, notes = resolve_config(p.config, p.overrides)  # what `roadwork run` with these arguments would train
+    for line in notes:
+        print(line, file=sys.stderr, flush=True)
+    _print(dump_config(cfg).rstrip())
     return 0
 
 

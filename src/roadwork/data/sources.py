@@ -219,6 +219,9 @@ def build_dataset(
             raise DataError(f"data.source={cfg.source!r} is a file but not a .csv or .parquet manifest.")
         report.n_found = len(df)
         df = _validate_files(df, cfg, report)  # suffixes are not trusted: every file is decoded
+        # one canonical row order, by content: a folder and a manifest listing the same files (or a manifest in
+        # another row order) give the same table order, so the same training order and the same model
+        df = df.sort_values(["sha256", "id"], kind="stable").reset_index(drop=True)
     classes = sorted(df["label"].unique().tolist())
     counts = df["label"].value_counts().to_dict()
     report.class_counts = {c: int(counts.get(c, 0)) for c in classes}

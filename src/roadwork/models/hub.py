@@ -82,7 +82,7 @@ def _error(cfg: ModelConfig, f: HubFile, why: str) -> ConfigError:
         f"model.pretrained=true needs the weights of model.backbone={cfg.backbone!r} from the Hugging Face hub "
         f"({f.repo_id}), and {why}. Pass model.weights=FILE (a .safetensors state dict of the same backbone"
         f"{', or a save_pretrained folder' if cfg.backbone.startswith('hf:') else ''}), or set "
-        "model.pretrained=false to train from random weights (then train longer, e.g. train.epochs=40). "
+        "model.pretrained=false to train from random weights. "
         "Online once, the weights are cached for later offline runs."
     )
 
