@@ -43,7 +43,7 @@ def print_summary(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from roadwork.evaluation.report import summary_rows
+    from roadwork.evaluation.report import model_check_line, summary_rows
 
     console = Console()
     t = Table(title="stages", show_lines=False)
@@ -53,6 +53,14 @@ def print_summary(result: Any) -> None:
         t.add_row(r.name, "[green]cached[/green]" if r.cached else "ran", f"{r.seconds:.1f}")
     console.print(t)
     m = result.metrics
+    checked: set[str] = set()
+    if m is not None and m.get("model_check"):  # before any calibration figure: is the model worth them?
+        mc = m["model_check"]
+        colour = "green" if mc["verdict"] == "ok" else "bold red"
+        console.print(f"[{colour}]{model_check_line(m)}[/{colour}]", highlight=False)
+        for w in mc["warnings"]:
+            console.print(f"[bold red]warning:[/bold red] {w}", highlight=False)
+        checked = set(mc["warnings"])
     if m is not None:
         s = Table(title="test results")
         s.add_column("metric")
@@ -63,7 +71,7 @@ def print_summary(result: Any) -> None:
         worst = sorted(m["slices"].items(), key=lambda kv: kv[1]["accuracy"])[:4]
         if worst:
             console.print("hardest slices: " + ", ".join(f"{k} ({v['accuracy']:.3f})" for k, v in worst))
-        for w in m.get("warnings", []):
+        for w in (w for w in m.get("warnings", []) if w not in checked):
             console.print(f"[bold yellow]warning:[/bold yellow] {w}", highlight=False)
     if result.report.is_file():
         console.print(f"report:  {result.report}")

@@ -7,7 +7,7 @@ import html
 import math
 from typing import Any
 
-__all__ = ["render_html", "render_model_card", "summary_rows"]
+__all__ = ["model_check_line", "render_html", "render_model_card", "summary_rows"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
@@ -18,6 +18,8 @@ td:first-child,th:first-child{text-align:left}.bad{background:#fde2e2}.ok{backgr
 figure{margin:.6rem 0 1.4rem}img{max-width:100%;border:1px solid #eee}
 .note{background:#f7f7fb;border-left:4px solid #88a;padding:.6rem 1rem}
 .warnings{background:#fff6e0;border-left:4px solid #e0a000;padding:.6rem 1rem;margin:1rem 0}
+.check-bad{background:#fde8e8;border-left-color:#c00000}
+.check-ok{border-left:4px solid #2a8a2a;padding:.4rem 1rem;background:#eef8ee}
 .table-wrap{overflow-x:auto;max-width:100%}
 """
 
@@ -34,8 +36,39 @@ def _answer_rule(s: dict[str, Any]) -> str:
     return f"answers only images whose calibrated confidence is at least {thr:.4f}"
 
 
+def model_check_line(metrics: dict[str, Any]) -> str:
+    """The model check in one line (CLI, report headline, model card): the verdict and its figures."""
+    mc = metrics.get("model_check")
+    if not mc:
+        return ""
+    verdict = {"ok": "better than chance", "chance": "NO BETTER THAN CHANCE", "weak": "WEAK"}[mc["verdict"]]
+    text = (
+        f"model check: {verdict} — the model alone on {mc['n']} test images: accuracy {mc['accuracy']:.3f} "
+        f"(a constant guess: {mc['constant_accuracy']:.3f}), MCC {mc['mcc']:.3f} [{mc['mcc_ci95'][0]:.3f}, "
+        f"{mc['mcc_ci95'][1]:.3f}], AUROC {mc['auroc']:.3f} [{mc['auroc_ci95'][0]:.3f}, {mc['auroc_ci95'][1]:.3f}]"
+    )
+    if mc.get("baseline"):
+        text += f"; a logistic regression on colour/edge features: {mc['baseline']['accuracy']:.3f}"
+    return text
+
+
+def _model_check_html(metrics: dict[str, Any]) -> str:
+    """The report's headline: is the model worth the figures below? Its findings, before any calibration figure."""
+    mc = metrics.get("model_check")
+    if not mc:
+        return ""
+    if mc["verdict"] == "ok" and not mc["warnings"]:
+        return f"<p class='check-ok' id='model-check'>{html.escape(model_check_line(metrics))}.</p>"
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in mc["warnings"])
+    return (
+        f"<div class='warnings check-bad' id='model-check' role='alert'><b>{html.escape(model_check_line(metrics))}"
+        f".</b><ul>{items}</ul></div>"
+    )
+
+
 def _warnings_html(metrics: dict[str, Any]) -> str:
-    found = metrics.get("warnings") or []
+    shown = set((metrics.get("model_check") or {}).get("warnings") or [])  # in the headline already
+    found = [w for w in metrics.get("warnings") or [] if w not in shown]
     if not found:
         return ""
     items = "".join(f"<li>{html.escape(w)}</li>" for w in found)
@@ -194,6 +227,7 @@ def render_html(
         f"{html.escape(run_name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>roadwork report — {html.escape(run_name)}</h1>",
         f"<p class='sub'>classes: {html.escape(', '.join(metrics['classes']))}</p>",
+        _model_check_html(metrics),
         _warnings_html(metrics),
         _served_html(metrics),
         "<h2>Summary</h2>",
@@ -304,6 +338,7 @@ def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, 
         f"- **Backbone:** `{backbone}`",
         f"- **Training data:** `{data_source}`",
         f"- **Test accuracy:** {t['accuracy']:.4f} on {t['n']} images (MCC {t['mcc']:.4f}, AUROC {t['auroc']:.4f})",
+        f"- **Model check:** {model_check_line(metrics).removeprefix('model check: ') or 'not run'}",
         f"- **Calibration:** {metrics['calibration']['kind']}; ECE {t['ece']['uncalibrated']:.4f} → "
         f"{t['ece']['calibrated']:.4f}",
         f"- **Figures are of:** {metrics.get('served', {}).get('what', 'the model')}",

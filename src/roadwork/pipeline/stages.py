@@ -814,10 +814,51 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     metrics["timing"] = _timing(ctx, time.perf_counter() - t0)
     if bundle.policy.cascade is not None:
         metrics["cascade"] = _cascade_report(ctx, bundle.policy, test, out)
-    metrics["warnings"] = _run_warnings(ctx)
+    metrics["model_check"] = _model_check(ctx, test, df, path_of)
+    metrics["warnings"] = list(dict.fromkeys(metrics["model_check"]["warnings"] + _run_warnings(ctx)))
     metrics["export"] = read_json(ctx.inputs["export"] / "bundle" / "manifest.json")["export"]
     _write_reports(ctx, metrics, figures)
     return {"accuracy": metrics["test"]["accuracy"]}
+
+
+_BASELINE_TRAIN_IMAGES = 5000  # the feature baseline's training rows at most (a sample: it is a reference)
+
+
+def _model_check(
+    ctx: StageContext, test: Predictions, df: pd.DataFrame, path_of: dict[Any, str]
+) -> dict[str, Any]:
+    """Is the model better than chance, and near what a cheap baseline gets from the same training images? (see
+    :mod:`roadwork.evaluation.quality`)."""
+    from roadwork.data.features import FEATURE_SPEC
+    from roadwork.data.preprocess import load_rgb
+    from roadwork.errors import MissingDependencyError
+    from roadwork.evaluation.quality import feature_baseline, model_check
+
+    history_file = ctx.inputs["train"] / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    train = split_rows(df, "train")
+    if len(train) > _BASELINE_TRAIN_IMAGES:
+        train = train.sample(_BASELINE_TRAIN_IMAGES, random_state=0)
+    side = 2 * FEATURE_SPEC.size  # the features see 32 px: decode small (JPEG DCT scaling)
+    try:
+        correct = feature_baseline(
+            [load_rgb(p, side) for p in abs_paths(train, ctx.inputs["data"])],
+            label_indices(train, test.classes),
+            [load_rgb(path_of[i], side) for i in test.ids],
+            test.labels,
+            seed=ctx.cfg.train.seed,
+        )
+    except MissingDependencyError:  # scikit-learn absent: the chance checks still run
+        correct = None
+    m = ctx.cfg.model
+    return model_check(
+        test.logits,
+        test.labels,
+        test.classes,
+        val_losses=[float(h["val_loss"]) for h in history],
+        baseline_correct=correct,
+        pretrained=m.pretrained or m.weights is not None,
+    )
 
 
 def _stage_share(out: Any, policy: TrustPolicy) -> dict[str, float]:
