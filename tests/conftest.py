@@ -38,6 +38,8 @@ def tiny_overrides(root: Path, name: str = "tiny", **extra: object) -> list[str]
         "tracking.enabled": False,
         # a tiny model would keep no early stage; the cascade tests need all three (selection: tests/trust)
         "cascade.select_stages": False,
+        # the demo's cascade.enabled=auto turns the cascade off on 400 images (too few gate rows to certify it)
+        "cascade.enabled": True,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -402,8 +402,10 @@ class CascadeNetConfig(_Strict):
 class CascadeConfig(_Strict):
     """boosting → small network → the model: cheap stages answer what they are sure of."""
 
-    enabled: bool = Field(
-        False, description="build a cascade in front of the model and ship it in the bundle"
+    enabled: bool | Literal["auto"] = Field(
+        False,
+        description="build a cascade in front of the model and ship it in the bundle; auto: only where the "
+        "calibration split can certify its gate (decided from the data size, said in the log)",
     )
     boosting: Literal["none", "sklearn", "xgboost", "lightgbm", "catboost"] = Field(
         "sklearn", description="gradient-boosting framework of the first stage (cheap image features)"

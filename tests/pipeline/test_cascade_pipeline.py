@@ -203,3 +203,30 @@ def test_certificate_holds_on_stored_predictions_over_many_draws(tiny_run):
         if fit.certified:
             bad += risk_at[fit.threshold] > target
     assert bad / draws <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
+
+
+def test_auto_cascade_is_off_where_its_gate_cannot_be_certified(tiny_run, tmp_path, capsys):
+    """cascade.enabled=auto on the tiny run's 80 calibration rows: about 40 gate rows, where cascade.target=0.02
+    needs 149 even with no disagreement. The model alone is served, every trust row certifies its policy, and the
+    log and the warnings say why; the same data with a target its gate rows can certify keeps the cascade."""
+    import shutil
+
+    from roadwork.pipeline import run_pipeline
+    from roadwork.trust.selective import rows_needed
+
+    cfg, _ = tiny_run
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    auto = cfg.model_copy(update={"root": str(tmp_path)}, deep=True)
+    auto.cascade.enabled = "auto"
+    res = run_pipeline(auto, progress=False)
+    spec = json.loads((res.run_dir / "cascade" / "cascade.json").read_text())
+    assert spec["enabled"] is False and "cascade.enabled=auto" in spec["warnings"][0]
+    assert f"fewer than the {rows_needed(0.02, 0.05)} that cascade.target=0.02 needs" in spec["warnings"][0]
+    assert "[cascade] off (cascade.enabled=auto)" in capsys.readouterr().out
+    assert res.metrics["served"]["path"] == "model"
+    assert any("cascade.enabled=auto" in w for w in res.metrics["warnings"])
+    policy_rows = json.loads((res.run_dir / "policy" / "manifest.json").read_text())["info"]["n_policy_rows"]
+    assert policy_rows == json.loads((res.run_dir / "calibrate" / "split.json").read_text())["n_trust"]
+    auto.cascade.target = 0.3  # 9 rows suffice: the cascade stays
+    res = run_pipeline(auto, progress=False)
+    assert json.loads((res.run_dir / "cascade" / "cascade.json").read_text())["enabled"] is True

@@ -174,7 +174,9 @@ def predict(p: Parsed) -> int:
         if o["engine"] == "ray":
             n = predict_ray(bundle_path, items, o["out"], batch_size=o["batch"], actors=o["workers"])
         else:
-            n = predict_local(bundle_path, items, o["out"], batch_size=o["batch"], device=o["device"])
+            n = predict_local(
+                bundle_path, items, o["out"], batch_size=o["batch"], device=o["device"], say=_say_answers
+            )
         listed = read_skipped(o["out"])  # this run's items only: the list keeps earlier runs' files too
         skipped = int(listed["path"].isin(set(items["path"].astype(str))).sum()) if len(listed) else 0
         if n == 0 and skipped == len(items):
@@ -190,6 +192,11 @@ def predict(p: Parsed) -> int:
     return _predict_lines(bundle_path, items, o["device"])
 
 
+def _say_answers(statement: str, warning: bool) -> None:
+    """What the bundle will do (the share it answers, or that it abstains on everything), on stderr."""
+    print(("warning: " if warning else "") + statement, file=sys.stderr, flush=True)
+
+
 def _predict_lines(bundle_path: str, items: Any, device: str) -> int:
     """JSON lines on stdout, one per readable image, through the same predictor as out=DIR (the bundle's
     selected variant); an unreadable image is named on stderr with its reason and skipped, not the end of the
@@ -199,6 +206,7 @@ def _predict_lines(bundle_path: str, items: Any, device: str) -> int:
     from roadwork.scale.batch import BundlePredictor
 
     predictor = BundlePredictor(bundle_path, device=device)
+    _say_answers(*predictor.bundle.answers_statement())
     skipped = 0
     for i in range(0, len(items), 64):
         for row in predictor(items.iloc[i : i + 64]).to_dict("records"):

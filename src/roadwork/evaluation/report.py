@@ -66,6 +66,16 @@ def _model_check_html(metrics: dict[str, Any]) -> str:
     )
 
 
+def _answers_line(s: dict[str, Any]) -> str:
+    """The share of test images the policy answered, and a plain warning when it is none."""
+    if s["coverage"] == 0:
+        return (
+            f"**none** — the policy abstains on every test image (abstain=true): no confidence threshold "
+            f"certifies selective risk ≤ {s['target_risk']} at δ={s['delta']}; see the warnings."
+        )
+    return f"{s['coverage']:.1%} of test images, with certified selective risk ≤ {s['target_risk']} (δ={s['delta']})"
+
+
 def _warnings_html(metrics: dict[str, Any]) -> str:
     shown = set((metrics.get("model_check") or {}).get("warnings") or [])  # in the headline already
     found = [w for w in metrics.get("warnings") or [] if w not in shown]
@@ -342,6 +352,7 @@ def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, 
         f"- **Calibration:** {metrics['calibration']['kind']}; ECE {t['ece']['uncalibrated']:.4f} → "
         f"{t['ece']['calibrated']:.4f}",
         f"- **Figures are of:** {metrics.get('served', {}).get('what', 'the model')}",
+        f"- **Answers:** {_answers_line(s)}",
         "",
         *(f"> **Warning:** {w}" for w in metrics.get("warnings") or []),
         "",

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import platform
 import shutil
 from collections.abc import Mapping, Sequence
@@ -239,6 +240,38 @@ class Bundle:
         specs = [self.card.preprocess]
         specs += [r.spec if r.spec is not None else FEATURE_SPEC for r in self.stage_runners or []]
         return decode_side(*specs)
+
+    def answers_statement(self) -> tuple[str, bool]:
+        """What this bundle will do, in one sentence for a log line, and whether it is a warning: the share of
+        images its policy answered on the test split (fp32; the calibration rows for a variant) under its
+        certified error bound, or that it abstains on every image and what to change."""
+        a = self.policy.abstention
+        rec = self.manifest.get("export", {}).get("answers") or {}
+        on_test = rec.get("test") if self.variant == "fp32" else None
+        where = (
+            f"{on_test:.0%} of the {rec['test_n']} test images"
+            if on_test is not None
+            else f"{a.coverage:.0%} of the {a.n} calibration images it was certified on"
+        )
+        if a.answers == "none" and all(g.answers == "none" for g in a.groups.values()):
+            lowest = rec.get("smallest_certifiable_risk")
+            hint = (
+                f" The smallest target its calibration rows could support is about {math.ceil(lowest * 1000) / 1000:g}"
+                f": rerun with selective.target_risk={math.ceil(lowest * 1000) / 1000:g},"
+                if lowest is not None and lowest < 1
+                else " Rerun with a larger selective.target_risk,"
+            )
+            return (
+                f"this bundle abstains on every image (abstain=true, answered {where}): its policy certified no "
+                f"confidence threshold for selective risk ≤ {a.target_risk:g} at δ={a.delta:g}.{hint} add labelled "
+                "images, or train a stronger model.",
+                True,
+            )
+        return (
+            f"this bundle answers about {where.split(' of ')[0]} of images ({where}) with certified selective "
+            f"risk ≤ {a.target_risk:g} (δ={a.delta:g}); the others come back abstain=true.",
+            False,
+        )
 
     @property
     def classes(self) -> list[str]:

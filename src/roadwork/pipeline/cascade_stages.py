@@ -12,6 +12,7 @@ The files they read and write are in :mod:`roadwork.pipeline.artifacts`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -328,6 +329,32 @@ class _EarlyOutputs:
         return [*out, None]
 
 
+def _cannot_pay(ctx: StageContext, split: Any) -> str | None:
+    """With ``cascade.enabled=auto``: why a cascade cannot pay on this calibration split, or None. Its gate is
+    certified on its own share of the calibration rows and the policy on the rest: when the gate's rows are fewer
+    than ``cascade.target`` needs at ``cascade.delta`` even with no disagreement at all, no earlier stage can ever
+    be kept, and the rows it took are missing behind the policy (1,079 photos: 108 gate rows where 0.02 at δ 0.05
+    needs 149). Decided here, where the cache key covers every ``cascade`` key (the earlier stages are trained
+    either way: a new ``cascade.target`` must not retrain them)."""
+    from roadwork.trust.selective import rows_needed
+
+    c = ctx.cfg.cascade
+    if c.enabled != "auto":
+        return None
+    gate, policy = int(split.gate.sum()), int(split.policy.sum())
+    need_gate = rows_needed(c.target, c.delta)
+    if gate >= need_gate:
+        return None
+    return (
+        f"its gate would be certified on {gate} calibration rows (cascade.gate_fraction={c.gate_fraction:g} of "
+        f"{len(split.gate)}), fewer than the {need_gate} that cascade.target={c.target:g} needs at "
+        f"δ={c.delta:g} even with no disagreement, so no earlier stage could be kept; the model alone is served "
+        f"and all {policy + gate} rows certify its policy. A cascade can pay from about "
+        f"{math.ceil(need_gate / c.gate_fraction)} calibration images (a larger data set or data.splits.calib), "
+        "or with a larger cascade.target."
+    )
+
+
 def _too_few_rows(ctx: StageContext, split: Any) -> str | None:
     """Why the cascade is off for this calibration split (too few rows to certify both gate and policy)."""
     if split.gate.sum() >= 20 and split.policy.sum() >= 20:
@@ -377,6 +404,12 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
     early = {s: _EarlyOutputs.read(models, stages, s, cal.n_classes) for s in ("calib", "test")}
     split = row_split(cal.ids, fit_fraction(ctx.cfg), c.gate_fraction)
     note = _too_few_rows(ctx, split)
+    cannot = _cannot_pay(ctx, split)
+    if cannot is not None:  # decided from the data size: said in the log and in the report's warnings
+        from roadwork._progress import progress_write
+
+        progress_write(f"[cascade] off (cascade.enabled=auto): {cannot}")
+        note = f"The cascade is off (cascade.enabled=auto): {cannot}"
     if note is not None:  # too few rows to certify both: serve the model alone
         write_json(ctx.out / "cascade.json", {"enabled": False, "warnings": [note]})
         return {"enabled": False, "warnings": [note]}

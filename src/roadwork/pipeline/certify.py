@@ -22,6 +22,7 @@ nothing is split further. Every variant of the model (fp32, int8) is certified o
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -309,16 +310,22 @@ def fit_fraction(cfg: RunConfig) -> float:
     return 1.0 if shared else 0.3
 
 
-def abstention_warnings(cert: AbstentionCertificate, n_rows: int) -> list[str]:
-    """Advice when the certificate answers nothing or the split is too small for its target."""
+def abstention_warnings(cert: AbstentionCertificate, probs: np.ndarray, labels: np.ndarray) -> list[str]:
+    """Advice when the certificate answers nothing or the split is too small for its target, with the smallest
+    target these rows could support (``probs``: the policy rows' served probabilities; ``labels``: theirs)."""
+    from roadwork.trust.selective import smallest_certifiable_risk
+
     out = []
+    n_rows = len(labels)
     need = rows_needed(cert.target_risk, cert.delta)
+    lowest, share = smallest_certifiable_risk(probs.max(axis=1), probs.argmax(axis=1) == labels, cert.delta)
     if cert.answers == "none":
         out.append(
             f"Certified abstention answers 0 % of images: no confidence threshold certifies selective risk ≤ "
-            f"{cert.target_risk:g} at δ={cert.delta:g} on {n_rows} calibration rows. Raise selective.target_risk, "
-            "add calibration data (more images or a larger data.splits.calib), or train a stronger model "
-            "(a pretrained backbone: the finetune-cpu / finetune-gpu presets)."
+            f"{cert.target_risk:g} at δ={cert.delta:g} on {n_rows} calibration rows, so the bundle abstains on "
+            f"every image. The smallest target these rows could support is about {math.ceil(lowest * 1000) / 1000:g} "
+            f"(answering about {share:.0%} of them): set selective.target_risk to at least that, add labelled "
+            "images (more calibration rows), or use a stronger model (pretrained weights: model.weights=FILE)."
         )
     if n_rows < need:
         out.append(

@@ -364,7 +364,7 @@ def stage_selective(ctx: StageContext) -> dict[str, Any]:
         warnings.simplefilter("always", RoadworkWarning)  # said once, with advice, below
         cert = fit_abstention(ctx.cfg.selective, probs, cal)
     write_json(ctx.out / "selective.json", cert.to_dict())
-    return {**cert.to_dict(), "warnings": abstention_warnings(cert, len(cal))}
+    return {**cert.to_dict(), "warnings": abstention_warnings(cert, probs, cal.labels)}
 
 
 def stage_policy(ctx: StageContext) -> dict[str, Any]:
@@ -543,6 +543,7 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
     info = _parity_export(ctx, model, card, x, onnx_path)
     info["decode_side"] = side  # the bundle decodes every image to this side (as the predict stage did)
     policy = TrustPolicy.load(ctx.inputs["policy"] / "policy.json")
+    info["answers"] = _what_it_answers(ctx, policy)  # predict, serve and the card say it
     extra = _cascade_files(ctx, policy, info)
     extra["reference.json"] = _drift_reference(ctx, policy, ctx.out / "reference.json")
     variants: dict[str, tuple[Path | None, dict[str, Any]]] = {}
@@ -587,6 +588,33 @@ def _remove_staging_files(
         if path is not None:
             path.unlink()
             path.with_suffix(".bin").unlink(missing_ok=True)  # an OpenVINO IR's weights
+
+
+def _what_it_answers(ctx: StageContext, policy: TrustPolicy) -> dict[str, Any]:
+    """The share of images the policy answers (not abstains on): on the test split (the served path on the stored
+    outputs: the model's logits, the cascade's earlier stages), and on the calibration rows that certified it; with
+    the smallest selective-risk target those rows could support (the advice when it answers nothing)."""
+    from roadwork.trust.selective import smallest_certifiable_risk
+
+    test = _preds(ctx, "test")
+    if policy.cascade is not None:
+        models = ctx.inputs["cascade_models"]
+        outs = [*(stage_outputs(models, st, "test") for st in policy.cascade.stages[:-1]), test.logits]
+        out = policy.apply_cascade(lambda s, r: outs[s][r], len(test), test.slices)
+    else:
+        out = policy.apply(test.logits, test.slices)
+    cal, probs, _, _ = served_calib(ctx)
+    a = policy.abstention
+    lowest, _ = smallest_certifiable_risk(probs.max(axis=1), probs.argmax(axis=1) == cal.labels, a.delta)
+    return {
+        "test": float((~out.abstain).mean()) if len(test) else None,
+        "test_n": len(test),
+        "calib": a.coverage,
+        "calib_n": a.n,
+        "target_risk": a.target_risk,
+        "delta": a.delta,
+        "smallest_certifiable_risk": lowest,
+    }
 
 
 def _drift_reference(ctx: StageContext, policy: TrustPolicy, path: Path) -> Path:

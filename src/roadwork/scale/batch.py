@@ -24,7 +24,7 @@ import hashlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -214,16 +214,20 @@ def predict_local(
     threads: int = 0,
     device: str = "cpu",
     variant: str = "auto",
+    say: Callable[[str, bool], None] | None = None,
 ) -> int:
     """Predict every row of ``items`` not yet in ``out``; returns how many were predicted now (unreadable images
     are listed in ``out/_skipped.csv``, see :func:`read_skipped`, and not counted). ``variant``: see
-    :class:`BundlePredictor` (``auto``: the bundle's selected runtime × precision)."""
+    :class:`BundlePredictor` (``auto``: the bundle's selected runtime × precision). ``say``: called once the
+    bundle is open with what it will do (:meth:`~roadwork.export.bundle.Bundle.answers_statement`)."""
     from roadwork._progress import progress_bar
 
     out = Path(out)
     todo = _todo(items, out)
     parts = _Parts(out, part_rows, flush_s, retried=set(todo["path"]))
     predictor = BundlePredictor(str(bundle_dir), threads=threads, device=device, variant=variant)
+    if say is not None:
+        say(*predictor.bundle.answers_statement())
     with progress_bar(total=len(todo), desc="predicting", unit="img", disable=not progress) as bar:
         for chunk in _chunks(todo, batch_size):
             parts.add(predictor(chunk))

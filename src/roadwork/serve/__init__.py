@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
 from roadwork.serve.app import create_app
@@ -48,6 +49,10 @@ def serve(bundle: str, settings: ServeSettings) -> None:
 
     _check_port(settings.host, settings.port)  # before the bundle loads: a busy port is a second's error
     app = create_app(bundle, settings)
+    statement, warn = (
+        app.state.roadwork.model.bundle.answers_statement()
+    )  # what clients will get, said up front
+    print(("warning: " if warn else "roadwork serve: ") + statement, file=sys.stderr, flush=True)
 
     class _DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:

@@ -163,7 +163,23 @@ async def model_metadata(name: str, state: State) -> dict[str, Any]:
             "precision": bundle.runtime.get("precision"),
             # what a v2 client must do to an image before sending its tensor
             "preprocess": bundle.card.preprocess.to_dict() | {"decode_side": model.decode_side},
+            "answers": _answers(bundle),
         },
+    }
+
+
+def _answers(bundle: Any) -> dict[str, Any]:
+    """What share of images the policy answers (abstain=false) and under which certified bound."""
+    a = bundle.policy.abstention
+    recorded = bundle.manifest.get("export", {}).get("answers") or {}
+    statement, warn = bundle.answers_statement()
+    return {
+        "test_share": recorded.get("test") if bundle.variant == "fp32" else None,
+        "calib_share": a.coverage,
+        "target_risk": a.target_risk,
+        "delta": a.delta,
+        "abstains_on_every_image": warn,
+        "statement": statement,
     }
 
 

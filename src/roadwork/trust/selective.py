@@ -47,6 +47,7 @@ __all__ = [
     "clopper_pearson_upper",
     "hoeffding_bentkus_pvalue",
     "rows_needed",
+    "smallest_certifiable_risk",
     "threshold_grid",
 ]
 
@@ -156,6 +157,24 @@ def rows_needed(target_risk: float, delta: float) -> int:
     """Answered calibration rows needed to certify ``target_risk`` at ``delta`` even with zero errors:
     ``⌈log δ / log(1 - r)⌉`` (fewer can never reject H0: risk > r)."""
     return math.ceil(math.log(delta) / math.log(1 - target_risk))
+
+
+def smallest_certifiable_risk(confidence: object, correct: object, delta: float) -> tuple[float, float]:
+    """``(risk, answered share)``: the lowest selective-risk target any single confidence threshold could certify on
+    these rows at ``delta`` — the minimum, over answering the k most confident rows, of the one-sided Clopper–Pearson
+    bound on their errors — and the share it answers. A guide for choosing ``selective.target_risk`` (what a
+    split of this size and a model of this quality can support), not itself a certificate: choosing the target
+    after looking is what this number is for, so certify the chosen target on fresh rows."""
+    c = np.asarray(confidence, dtype=np.float64).ravel()
+    err = ~np.asarray(correct, dtype=bool).ravel()
+    if c.size == 0:
+        return 1.0, 0.0
+    order = np.argsort(-c, kind="stable")
+    c_sorted, k = c[order], np.arange(1, c.size + 1)
+    last_of_tie = np.r_[c_sorted[1:] != c_sorted[:-1], True]  # a threshold answers ties together
+    bound = clopper_pearson_upper(np.cumsum(err[order])[last_of_tie], k[last_of_tie], delta)
+    best = int(np.argmin(bound))
+    return float(bound[best]), float(k[last_of_tie][best] / c.size)
 
 
 def _counts(c: np.ndarray, err: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
