@@ -118,6 +118,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "paths: [src]", f"paths: [{ROOT / 'src'}]"
     )
     cfg = cfg.replace("- docs/griffe_rst.py:", f"- {DOCS / 'griffe_rst.py'}:")
+    cfg = cfg.replace("- docs/hooks.py", f"- {DOCS / 'hooks.py'}")
     (tmp_path / "mkdocs.yml").write_text(cfg)
     proc = subprocess.run(
         [mkdocs, "build", "--strict", "-f", str(tmp_path / "mkdocs.yml")],
