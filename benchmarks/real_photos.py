@@ -5,7 +5,7 @@
 Reads ``../shared/data/real-roadwork-mini`` (1,079 photos, 256x256; see its SOURCES.md) in place — nothing is
 copied into the project — and exits cleanly when it is absent. Each row is one whole pipeline run
 (``run_pipeline``: data → train → calibrate → conformal / selective → policy → export → evaluate; cascade off,
-tracking off) of ``configs/default.yaml`` — ``mobilenetv3_small_100``, random weights, ``train.augment=light`` —
+tracking off) of ``configs/default.yaml`` — ``resnet10t``, random weights, ``train.augment=light`` —
 with only ``train.augment`` changed, the same seed, epochs (early stopping off) and image size, on ``--threads``
 torch threads. The figures are those of the exported bundle on the test split (``evaluate/metrics.json``):
 accuracy, AUROC, ECE before → after temperature scaling, split-conformal coverage at α = 0.1, and the share of
@@ -92,7 +92,7 @@ def main() -> None:
         print(line)
     print(
         f"data: {REAL} (1,079 photos at 256x256, read in place); configs/default.yaml from scratch "
-        f"(mobilenetv3_small_100, random weights) at {args.image_size} px, {args.epochs} epochs (no early stop), "
+        f"(resnet10t, random weights) at {args.image_size} px, {args.epochs} epochs (no early stop), "
         f"{args.threads} torch threads; conformal α = 0.1; abstention target risk {args.target_risk:g}, δ = 0.05"
     )
     print(STYLE + "\n")

@@ -101,7 +101,7 @@ class ModelConfig(_Strict):
     """The network: a timm or Hugging Face backbone, its input side, head and pooling (``model.*``)."""
 
     backbone: str = Field(
-        "mobilenetv3_small_100",
+        "resnet10t",
         description="a timm model name, or hf:<model id | model type> for Hugging Face transformers backbones",
     )
     pretrained: bool = Field(False, description="download pretrained weights from the hub")
