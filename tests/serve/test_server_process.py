@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from roadwork.export.bundle import Bundle
+
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
@@ -128,6 +130,8 @@ def test_slow_uploads_hold_no_slot_and_get_408_json(tiny_run, tmp_path):
     image = next((result.run_dir / "data" / "images").glob("*.jpg")).read_bytes()
     proc, base = _start(result.bundle, tmp_path / "server.log", "body_timeout_s=3", "max_queue=2")
     port = int(base.rsplit(":", 1)[1])
+    statement, warn = Bundle.load(result.bundle).answers_statement()
+    assert ("warning: " if warn else "roadwork serve: ") + statement in (tmp_path / "server.log").read_text()
     try:
         slow = [_slow_upload(port, len(image), image[:10]) for _ in range(6)]  # 3x max_queue, all stuck
         time.sleep(0.5)

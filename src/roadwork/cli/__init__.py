@@ -59,7 +59,7 @@ def _overview() -> str:
             ]
     lines += [
         "",
-        "CONFIG is a YAML file or a preset (default, demo, finetune-cpu, finetune-gpu). Overrides use dotted keys and YAML values.",
+        "CONFIG is a YAML file or a preset (default, demo, scratch, finetune-cpu, finetune-gpu). Overrides use dotted keys and YAML values.",
         "Every command answers --help (roadwork COMMAND --help, or roadwork help COMMAND).",
         "",
         "",

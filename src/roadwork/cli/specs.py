@@ -96,12 +96,15 @@ _PIPELINE = [
         "is ROOT/NAME/: set it with root= and name= (run takes no out=). --force STAGE reruns a stage and "
         "everything after it; --until STAGE stops after it. data.source=FOLDER with no CONFIG and no "
         "model.backbone uses the pretrained recipe (finetune-gpu with CUDA, else finetune-cpu): its weights come "
-        "from the hub once; offline, pass model.weights=FILE or model.pretrained=false. Images are decoded once "
+        "from the hub once; offline, pass model.weights=FILE, or model.pretrained=false for the from-scratch "
+        "recipe (scratch). The first line says which; 'roadwork config show' with the same arguments prints "
+        "the configuration. Images are decoded once "
         "into ROOT/cache/ (train.decode_workers processes) and reused by later runs on the same images.",
         (
             "roadwork run demo name=fog data.synthetic.seed=7 --force train",
             "roadwork run demo cascade.enabled=false   # the model alone, no cascade in front of it",
             "roadwork run data.source=path/to/folder name=mydata root=experiments",
+            "roadwork run data.source=path/to/folder model.pretrained=false   # offline: the scratch recipe",
             "roadwork run finetune-gpu data.source=~/photos train.workers=4   # 4 DataLoader processes",
             "roadwork run data.source=manifest.csv conformal.alpha=0.05 selective.target_risk=0.01",
             "roadwork run demo --until predict",
@@ -114,8 +117,14 @@ _PIPELINE = [
     Command(
         "config show",
         "print the resolved configuration",
-        "Prints the resolved configuration (defaults ← CONFIG ← overrides) as YAML; a typo gets a suggestion.",
-        ("roadwork config show demo train.lr=1e-3", "roadwork config show my.yaml > resolved.yaml"),
+        "Prints the resolved configuration (defaults ← CONFIG ← overrides) as YAML, exactly what 'roadwork run' "
+        "would use with the same arguments (own photos with no CONFIG: the recipe it picks); a typo gets a "
+        "suggestion.",
+        (
+            "roadwork config show demo train.lr=1e-3",
+            "roadwork config show my.yaml > resolved.yaml",
+            "roadwork config show data.source=photos/ model.pretrained=false",
+        ),
         C.config_show,
         config=True,
         overrides=True,
