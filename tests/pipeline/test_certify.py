@@ -137,3 +137,21 @@ def test_flip_rate_removes_the_over_coverage_of_noisy_labels():
     plain, fixed = np.mean(covs["plain"]), np.mean(covs["flip"])
     assert plain > 0.91  # noisy calibration labels widen the sets
     assert abs(fixed - 0.9) < 0.006 and abs(fixed - 0.9) < abs(plain - 0.9) / 2
+
+
+def test_a_separable_calibration_split_is_said_to_pin_probabilities():
+    """Temperature scaling on a calibration split the model never gets wrong drives T towards 0: every calibrated
+    probability becomes exactly 1.0. The calibrate stage warns when most rows are pinned (see _pinned_share)."""
+    from roadwork.pipeline.stages import _pinned_share
+    from roadwork.trust import Predictions, make_calibrator
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    margin = (2 * y - 1) * (3 + rng.random(200))  # always right, margins 3 to 4
+    logits = np.stack([-margin / 2, margin / 2], axis=1)
+    fit = Predictions(np.array([f"r{i}" for i in range(200)]), y, logits, ["a", "b"])
+    separable = make_calibrator("temperature").fit(logits, y)
+    assert _pinned_share(separable, fit) > 0.5
+    noisy = logits + rng.normal(scale=3, size=logits.shape)  # mistakes: a moderate temperature
+    rough = Predictions(fit.ids, y, noisy, ["a", "b"])
+    assert _pinned_share(make_calibrator("temperature").fit(noisy, y), rough) == 0

@@ -24,7 +24,7 @@ METRICS_SCHEMA = 1
 """The layout version of metrics.json (raised when a key changes meaning)."""
 
 
-def _group(out: PolicyOutput, labels: np.ndarray, n_bins: int) -> dict[str, float]:
+def _group(out: PolicyOutput, labels: np.ndarray, n_bins: int) -> dict[str, float | None]:
     correct = out.pred == labels
     answered = ~out.abstain
     covered = out.sets[np.arange(len(labels)), labels]
@@ -35,13 +35,13 @@ def _group(out: PolicyOutput, labels: np.ndarray, n_bins: int) -> dict[str, floa
         "coverage": float(covered.mean()) if len(labels) else float("nan"),
         "mean_set_size": float(out.sets.sum(axis=1).mean()) if len(labels) else float("nan"),
         "abstain_rate": float(out.abstain.mean()) if len(labels) else float("nan"),
-        "selective_risk": float(1 - correct[answered].mean()) if answered.any() else 0.0,
+        "selective_risk": float(1 - correct[answered].mean()) if answered.any() else None,  # undefined
     }
 
 
-def slice_rows(preds: Predictions, out: PolicyOutput, n_bins: int) -> dict[str, dict[str, float]]:
+def slice_rows(preds: Predictions, out: PolicyOutput, n_bins: int) -> dict[str, dict[str, float | None]]:
     """``{"weather=fog": {n, accuracy, ece, coverage, ...}, ...}`` for every slice column and value."""
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, float | None]] = {}
     for col, values in sorted(preds.slices.items()):
         levels = sorted(set(values.tolist()))
         if len(levels) < 2:  # a slice that covers every image says nothing the overall row does not
@@ -110,7 +110,8 @@ def compute_metrics(
             "threshold": policy.abstention.threshold,
             "answers": policy.abstention.answers,
             "coverage": float(answered.mean()),
-            "risk": float(1 - correct[answered].mean()) if answered.any() else 0.0,
+            # the error on answered images; undefined (null) when nothing is answered, not 0
+            "risk": float(1 - correct[answered].mean()) if answered.any() else None,
             "calib_coverage": policy.abstention.coverage,
             "calib_risk_upper_bound": policy.abstention.risk_upper_bound,
             "group_by": policy.abstention.group_by,

@@ -111,6 +111,8 @@ _CERT_METHOD = {
 
 
 def _fmt(v: Any) -> str:
+    if v is None:  # undefined (e.g. the error on answered images when none is answered)
+        return "—"
     if isinstance(v, float):
         return f"{v:.4f}"
     return html.escape(str(v))
@@ -154,7 +156,10 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ("NLL before → after", f"{t['nll_uncalibrated']:.4f} → {t['nll']:.4f}"),
         (f"conformal coverage (target ≥ {1 - c['alpha']:.2f})", f"{c['coverage']:.4f}"),
         ("mean set size / singletons", f"{c['mean_set_size']:.3f} / {c['singleton_rate']:.3f}"),
-        (f"selective risk (target ≤ {s['target_risk']}, δ={s['delta']})", f"{s['risk']:.4f}"),
+        (
+            f"selective risk (target ≤ {s['target_risk']}, δ={s['delta']})",
+            "— (nothing answered)" if s["risk"] is None else f"{s['risk']:.4f}",
+        ),
         ("answered (coverage) at certified threshold", f"{s['coverage']:.4f}"),
         *cascade,
     ]
@@ -365,7 +370,8 @@ def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, 
         f"2. **Certified abstention.** The policy {_answer_rule(s)}. "
         f"With probability ≥ {1 - s['delta']:.2f} over the calibration draw, the error rate on answered images is "
         f"at most {s['target_risk']} ({_CERT_METHOD.get(s.get('method', ''), s.get('method', ''))}). "
-        f"Measured on test: answered {s['coverage']:.4f}, error on answered {s['risk']:.4f}.",
+        f"Measured on test: answered {s['coverage']:.4f}, error on answered "
+        f"{'— (none answered)' if s['risk'] is None else format(s['risk'], '.4f')}.",
         "",
         "**Assumption:** calibration and deployment images are exchangeable (same distribution). Under "
         "distribution shift — new cities, cameras, seasons — or label noise in the calibration split, neither "

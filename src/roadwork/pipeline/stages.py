@@ -269,6 +269,14 @@ def _calibration_checks(c: CalibrateConfig, cal: Predictions) -> tuple[bool, dic
     return keep, figures
 
 
+def _pinned_share(calibrator: Any, fit: Predictions) -> float:
+    """The share of the calibrator's rows whose calibrated top probability is exactly 1.0 in float64."""
+    if len(fit) == 0:
+        return 0.0
+    probs = calibrate_proba(calibrator, fit.logits, fit.slices)
+    return float((probs.max(axis=1) >= 1.0).mean())
+
+
 def stage_calibrate(ctx: StageContext) -> dict[str, Any]:
     """Fit the calibrator on the calibrator rows of the calibration split, checked by cross-validation."""
     from roadwork.pipeline.certify import fit_calibrator, fit_fraction, row_split
@@ -300,6 +308,15 @@ def stage_calibrate(ctx: StageContext) -> dict[str, Any]:
             f"Calibration ({c.method}) lowers held-out NLL but raises held-out ECE in cross-validation on the "
             f"calibration rows ({figures['cv_ece_uncalibrated']:.3f} → {figures['cv_ece_calibrated']:.3f}). Try "
             "calibrate.method=auto, or more calibration data."
+        )
+    pinned = _pinned_share(calibrator, fit)
+    if pinned > 0.5:
+        warnings_.append(
+            f"Calibration ({calibrator.to_dict().get('kind', c.method)}) pins probabilities to 0 or 1: "
+            f"{pinned:.0%} of the calibration rows get a top probability of exactly 1.0. The calibration split is "
+            "separable (the model makes no mistake on it, or it is very small), so the fitted calibrator is "
+            "extreme and served probabilities carry no ranking for abstention or sets. Add calibration images, "
+            "or use calibrate.method=none."
         )
     write_json(ctx.out / "calibrator.json", calibrator.to_dict())
     trust_rows = row_split(
