@@ -155,3 +155,37 @@ def test_a_separable_calibration_split_is_said_to_pin_probabilities():
     noisy = logits + rng.normal(scale=3, size=logits.shape)  # mistakes: a moderate temperature
     rough = Predictions(fit.ids, y, noisy, ["a", "b"])
     assert _pinned_share(make_calibrator("temperature").fit(noisy, y), rough) == 0
+
+
+def test_a_variant_recertifies_the_gate_at_the_level_its_stages_were_chosen_at(monkeypatch):
+    """select_cascade tested m subsets of stages, each at δ/m; a model variant re-certifying the gate on the same
+    gate rows must test at δ/m too (at δ the union bound over the m candidates is lost)."""
+    import roadwork.pipeline.certify as certify
+    from roadwork.trust.cascade import fit_cascade, select_cascade
+
+    y, small, model = _pool(2000)
+    stages = [*_cascade().stages[:1], CascadeStage("mid", "network", "x.onnx", 0.5), _cascade().stages[1]]
+    from roadwork.trust import softmax
+
+    chosen, candidates = select_cascade(
+        stages, [softmax(small), softmax(small), softmax(model)], y, delta=DELTA
+    )
+    assert chosen.tests == len(candidates) - 1 == 3 and chosen.delta == DELTA
+    assert type(chosen).from_dict(chosen.to_dict()).tests == 3
+    seen = []
+
+    def spy(*a, **kw):  # type: ignore[no-untyped-def]
+        seen.append(kw["delta"])
+        return fit_cascade(*a, **kw)
+
+    monkeypatch.setattr(certify, "fit_cascade", spy)
+    cascade = _cascade()
+    cascade.tests = 3
+    cfg = load_config("default", ["cascade.target=0.02"])
+    ids = np.array([f"img{i}" for i in range(len(y))])
+    calib = Predictions(ids, y, model, ["no_roadwork", "roadwork"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoadworkWarning)
+        policy, _ = certify_served(cfg, calib, cascade=cascade, early=[small])
+    assert seen == [pytest.approx(DELTA / 3)]
+    assert policy.cascade is not None and policy.cascade.delta == DELTA and policy.cascade.tests == 3

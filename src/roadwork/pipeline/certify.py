@@ -259,6 +259,7 @@ def certify_served(
 
         k = calib.n_classes
         gate = calib.subset(split.gate)
+        refit_tests = cascade.tests
         probs = [
             st.calibrator.predict_proba(z[split.gate][:, :k])  # type: ignore[union-attr]
             for st, z in zip(cascade.stages, early, strict=False)
@@ -277,10 +278,11 @@ def certify_served(
                 gate.labels,
                 mode=cascade.mode,
                 target=cascade.target,
-                delta=cascade.delta,
+                delta=cascade.delta / cascade.tests,  # the level its stages were chosen at (union bound)
                 floor=0.5,
                 scores=scores,
             )
+        cascade.delta, cascade.tests = cascade.delta * refit_tests, refit_tests  # family-wise, as chosen
     pol = calib.subset(split.policy)
     probs_pol, _ = served_probs(calibrator, cascade, [z[split.policy] for z in early], pol.logits, pol.slices)
     with warnings.catch_warnings(record=True) as caught:

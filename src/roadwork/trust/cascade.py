@@ -108,6 +108,9 @@ class Cascade:
     bound_pvalue: float  # p-value of the chosen λ (≤ delta when certified)
     calib_risk: float  # empirical risk of the chosen λ on the calibration rows
     n_calib: int
+    tests: int = (
+        1  # candidate subsets of stages tested (select_cascade): each at delta / tests, a union bound
+    )
 
     @property
     def names(self) -> list[str]:
@@ -131,6 +134,7 @@ class Cascade:
             "bound_pvalue": self.bound_pvalue,
             "calib_risk": self.calib_risk,
             "n_calib": self.n_calib,
+            "tests": self.tests,
         }
 
     @classmethod
@@ -145,6 +149,7 @@ class Cascade:
             bound_pvalue=float(d["bound_pvalue"]),
             calib_risk=float(d["calib_risk"]),
             n_calib=int(d["n_calib"]),
+            tests=int(d.get("tests", 1)),
         )
 
 
@@ -364,6 +369,7 @@ def select_cascade(
             n_calib=len(y),
         )
     chosen.delta = delta  # the family-wise level; each candidate was tested at delta / m
+    chosen.tests = m  # whoever re-certifies this gate (a model variant) must test it at delta / m too
     for row in candidates:
         row["chosen"] = row["stages"] == chosen.names
     return chosen, candidates
