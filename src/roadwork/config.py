@@ -319,7 +319,14 @@ class PolicyConfig(_Strict):
     """Binary tasks: an operating point and miss-rate (false-negative) control (``policy.*``)."""
 
     operating_point: Literal["none", "max_mcc", "precision", "recall"] = Field(
-        "none", description="binary tasks: remap the score so this calibration-split operating point is 0.5"
+        "none",
+        description="binary tasks: decide positive at this calibration-split operating point (label, and score "
+        "remapped so it is 0.5); abstention is certified for that decision",
+    )
+    positive_class: str | None = Field(
+        None,
+        description="binary tasks: the class whose probability is the score; null: 'roadwork' for the "
+        "roadwork/no_roadwork task, else the alphabetically second class",
     )
     target: float = Field(0.9, gt=0, lt=1, description="target precision or recall for operating_point")
     max_miss_rate: float | None = Field(

@@ -24,13 +24,19 @@ METRICS_SCHEMA = 1
 """The layout version of metrics.json (raised when a key changes meaning)."""
 
 
+def _decided(out: PolicyOutput, k: int) -> np.ndarray:
+    """One-hot rows of the served decision ``out.pred`` (the argmax, or the operating point's): metrics of the
+    label clients act on, through the probability-based metric functions."""
+    return np.eye(k)[out.pred]
+
+
 def _group(out: PolicyOutput, labels: np.ndarray, n_bins: int) -> dict[str, float | None]:
     correct = out.pred == labels
     answered = ~out.abstain
     covered = out.sets[np.arange(len(labels)), labels]
     return {
         "n": len(labels),
-        "accuracy": M.accuracy(out.probs, labels),
+        "accuracy": float(correct.mean()) if len(labels) else float("nan"),
         "ece": M.ece(out.probs, labels, n_bins),
         "coverage": float(covered.mean()) if len(labels) else float("nan"),
         "mean_set_size": float(out.sets.sum(axis=1).mean()) if len(labels) else float("nan"),
@@ -71,8 +77,10 @@ def compute_metrics(
         "classes": test.classes,
         "test": {
             "n": len(test),
-            "accuracy": M.accuracy(out.probs, y),
-            "mcc": M.mcc(out.probs, y),
+            "accuracy": float(
+                correct.mean()
+            ),  # of the label served (the operating point's, when there is one)
+            "mcc": M.mcc(_decided(out, test.n_classes), y),
             "auroc": M.auroc(out.probs, y),
             "nll": M.nll(out.probs, y),
             "nll_uncalibrated": M.nll(raw, y),
@@ -87,7 +95,7 @@ def compute_metrics(
             "mce": M.mce(out.probs, y, n_bins),
             "classwise_ece": M.classwise_ece(out.probs, y, n_bins),
             "ci95": {  # percentile bootstrap over test images
-                "accuracy": M.bootstrap_ci(M.accuracy, out.probs, y),
+                "accuracy": M.bootstrap_ci(M.accuracy, _decided(out, test.n_classes), y),
                 "ece": M.bootstrap_ci(lambda p, t: M.ece(p, t, n_bins), out.probs, y),
             },
             "aurc": M.aurc(out.confidence, correct),

@@ -42,7 +42,7 @@ from roadwork.errors import ConfigError, RoadworkWarning
 from roadwork.trust import Predictions, SplitConformal, TrustPolicy, certify_abstention, make_calibrator
 from roadwork.trust.calibration import Calibrator, SliceCalibrator
 from roadwork.trust.cascade import Cascade, CascadeStage, fit_cascade, select_cascade
-from roadwork.trust.operating import OperatingPoint, fit_operating_point
+from roadwork.trust.operating import OperatingPoint, decide, fit_operating_point
 from roadwork.trust.policy import cascade_probs
 from roadwork.trust.risk import FalseNegativeControl
 from roadwork.trust.selective import AbstentionCertificate, rows_needed
@@ -56,10 +56,12 @@ __all__ = [
     "fit_calibrator",
     "fit_conformal",
     "fit_fraction",
+    "fit_operating_point_of",
     "fit_risk",
     "flip_to_noise",
     "positive_class",
     "row_split",
+    "served_decision",
     "served_probs",
     "slice_column",
 ]
@@ -183,12 +185,21 @@ def fit_conformal(c: ConformalConfig, probs: np.ndarray, cal: Predictions) -> Sp
     ).fit(probs, cal.labels, slice_column(cal, c.group_by, "conformal.group_by") if c.group_by else None)
 
 
-def fit_abstention(s: SelectiveConfig, probs: np.ndarray, cal: Predictions) -> AbstentionCertificate:
-    """The certified abstention threshold on the policy rows' served probabilities (per slice with group_by)."""
+def fit_abstention(
+    s: SelectiveConfig,
+    probs: np.ndarray,
+    cal: Predictions,
+    op: OperatingPoint | None = None,
+    positive: str | None = None,
+) -> AbstentionCertificate:
+    """The certified abstention threshold on the policy rows' served probabilities (per slice with group_by), for
+    the decision the policy serves: the argmax, or the operating point ``op``'s (binary; see
+    :func:`~roadwork.trust.operating.decide`)."""
     groups = slice_column(cal, s.group_by, "selective.group_by") if s.group_by else None
+    pred, conf = served_decision(probs, cal.classes, op, positive)
     return certify_abstention(
-        probs.max(axis=1),
-        probs.argmax(axis=1) == cal.labels,
+        conf,
+        pred == cal.labels,
         target_risk=s.target_risk,
         delta=s.delta,
         n_classes=cal.n_classes,
@@ -199,18 +210,50 @@ def fit_abstention(s: SelectiveConfig, probs: np.ndarray, cal: Predictions) -> A
     )
 
 
-def positive_class(classes: list[str]) -> str | None:
-    """Binary tasks: the class whose probability is the score (``roadwork`` for the flagship task)."""
+def served_decision(
+    probs: np.ndarray, classes: list[str], op: OperatingPoint | None, positive: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(pred, confidence)`` as the served policy decides (:meth:`TrustPolicy.decision`): the operating point's
+    decision when there is one, else the argmax."""
+    if op is None:
+        return probs.argmax(axis=1), probs.max(axis=1)
+    return decide(probs, classes.index(positive or positive_class(classes) or classes[1]), op.threshold)
+
+
+def positive_class(classes: list[str], chosen: str | None = None) -> str | None:
+    """Binary tasks: the class whose probability is the score: ``chosen`` (``policy.positive_class``) when given,
+    else ``roadwork`` for the flagship task, else the alphabetically second class; None with more classes."""
+    if chosen is not None:
+        if chosen not in classes or len(classes) != 2:
+            raise ConfigError(
+                f"policy.positive_class={chosen!r} is not one of this binary task's classes {classes}; set it to "
+                "one of them, or null for the default."
+            )
+        return chosen
     if classes == ["no_roadwork", "roadwork"]:
         return "roadwork"
     return classes[1] if len(classes) == 2 else None
+
+
+def fit_operating_point_of(pc: PolicyConfig, probs: np.ndarray, cal: Predictions) -> OperatingPoint | None:
+    """``policy.operating_point`` fitted on these rows' served probabilities (None when it is ``none``)."""
+    if pc.operating_point == "none":
+        return None
+    positive = positive_class(cal.classes, pc.positive_class)
+    if positive is None:
+        raise ConfigError(
+            f"policy.operating_point needs two classes; this task has {cal.n_classes}. Set "
+            "policy.operating_point=none."
+        )
+    k = cal.classes.index(positive)
+    return fit_operating_point(probs[:, k], cal.labels == k, criterion=pc.operating_point, target=pc.target)
 
 
 def fit_risk(
     pc: PolicyConfig, probs: np.ndarray, cal: Predictions
 ) -> tuple[OperatingPoint | None, FalseNegativeControl | None]:
     """The operating point and the miss-rate control on the policy rows' served probabilities."""
-    positive = positive_class(cal.classes)
+    positive = positive_class(cal.classes, pc.positive_class)
     if positive is None and (pc.operating_point != "none" or pc.max_miss_rate is not None):
         raise ConfigError(
             f"policy.operating_point and policy.max_miss_rate need two classes; this task has {cal.n_classes}. "
@@ -225,10 +268,7 @@ def fit_risk(
             group_by=pc.group_by,
             min_count=pc.min_group_count,
         ).fit(probs, cal.labels, groups)
-    if pc.operating_point != "none":
-        assert positive is not None
-        k = cal.classes.index(positive)
-        op = fit_operating_point(probs[:, k], cal.labels == k, criterion=pc.operating_point, target=pc.target)
+    op = fit_operating_point_of(pc, probs, cal)
     return op, fnr
 
 
@@ -288,14 +328,15 @@ def certify_served(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RoadworkWarning)
         conformal = fit_conformal(cfg.conformal, probs_pol, pol)
-        abstention = fit_abstention(cfg.selective, probs_pol, pol)
         op, fnr = fit_risk(cfg.policy, probs_pol, pol)
+        positive = positive_class(calib.classes, cfg.policy.positive_class)
+        abstention = fit_abstention(cfg.selective, probs_pol, pol, op, positive)  # for the decision served
     policy = TrustPolicy(
         classes=calib.classes,
         calibrator=calibrator,
         conformal=conformal,
         abstention=abstention,
-        positive_class=positive_class(calib.classes),
+        positive_class=positive_class(calib.classes, cfg.policy.positive_class),
         operating_point=op,
         risk_control=fnr,
         cascade=cascade if cascade is not None and len(cascade.stages) > 1 else None,
@@ -312,15 +353,17 @@ def fit_fraction(cfg: RunConfig) -> float:
     return 1.0 if shared else 0.3
 
 
-def abstention_warnings(cert: AbstentionCertificate, probs: np.ndarray, labels: np.ndarray) -> list[str]:
+def abstention_warnings(
+    cert: AbstentionCertificate, confidence: np.ndarray, correct: np.ndarray
+) -> list[str]:
     """Advice when the certificate answers nothing or the split is too small for its target, with the smallest
-    target these rows could support (``probs``: the policy rows' served probabilities; ``labels``: theirs)."""
+    target these rows could support (``confidence``/``correct``: the served decision's on the policy rows)."""
     from roadwork.trust.selective import smallest_certifiable_risk
 
     out = []
-    n_rows = len(labels)
+    n_rows = len(correct)
     need = rows_needed(cert.target_risk, cert.delta)
-    lowest, share = smallest_certifiable_risk(probs.max(axis=1), probs.argmax(axis=1) == labels, cert.delta)
+    lowest, share = smallest_certifiable_risk(confidence, correct, cert.delta)
     if cert.answers == "none":
         out.append(
             f"Certified abstention answers 0 % of images: no confidence threshold certifies selective risk ≤ "

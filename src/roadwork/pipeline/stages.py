@@ -374,14 +374,29 @@ def stage_conformal(ctx: StageContext) -> dict[str, Any]:
 
 def stage_selective(ctx: StageContext) -> dict[str, Any]:
     """The abstention certificate on the policy rows, on the served path's calibrated probabilities."""
-    from roadwork.pipeline.certify import abstention_warnings, fit_abstention
+    from roadwork.pipeline.certify import (
+        abstention_warnings,
+        fit_abstention,
+        fit_operating_point_of,
+        positive_class,
+        served_decision,
+    )
 
     cal, probs, _, _ = served_calib(ctx)
+    pc = ctx.cfg.policy
+    op = fit_operating_point_of(pc, probs, cal)  # certified for the decision served (the operating point's)
+    positive = positive_class(cal.classes, pc.positive_class)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always", RoadworkWarning)  # said once, with advice, below
-        cert = fit_abstention(ctx.cfg.selective, probs, cal)
+        cert = fit_abstention(ctx.cfg.selective, probs, cal, op, positive)
     write_json(ctx.out / "selective.json", cert.to_dict())
-    return {**cert.to_dict(), "warnings": abstention_warnings(cert, probs, cal.labels)}
+    pred, conf = served_decision(probs, cal.classes, op, positive)
+    decision = "argmax" if op is None else f"operating point ({op.criterion}, threshold {op.threshold:.4f})"
+    return {
+        **cert.to_dict(),
+        "decision": decision,
+        "warnings": abstention_warnings(cert, conf, pred == cal.labels),
+    }
 
 
 def stage_policy(ctx: StageContext) -> dict[str, Any]:
@@ -395,7 +410,7 @@ def stage_policy(ctx: StageContext) -> dict[str, Any]:
         calibrator=load_calibrator(ctx.inputs["calibrate"]),
         conformal=SplitConformal.from_dict(read_json(ctx.inputs["conformal"] / "conformal.json")),
         abstention=AbstentionCertificate.from_dict(read_json(ctx.inputs["selective"] / "selective.json")),
-        positive_class=positive_class(cal.classes),
+        positive_class=positive_class(cal.classes, ctx.cfg.policy.positive_class),
         operating_point=op,
         risk_control=fnr,
         cascade=cascade,
@@ -622,7 +637,8 @@ def _what_it_answers(ctx: StageContext, policy: TrustPolicy) -> dict[str, Any]:
         out = policy.apply(test.logits, test.slices)
     cal, probs, _, _ = served_calib(ctx)
     a = policy.abstention
-    lowest, _ = smallest_certifiable_risk(probs.max(axis=1), probs.argmax(axis=1) == cal.labels, a.delta)
+    pred, conf = policy.decision(probs)
+    lowest, _ = smallest_certifiable_risk(conf, pred == cal.labels, a.delta)
     return {
         "test": float((~out.abstain).mean()) if len(test) else None,
         "test_n": len(test),
@@ -970,7 +986,7 @@ STAGES: list[Stage] = [
     Stage(
         "selective",
         ("predict", "calibrate", "cascade_models", "cascade"),
-        ("selective", "calibrate", "cascade.gate_fraction"),
+        ("selective", "calibrate", "policy", "cascade.gate_fraction"),  # policy: the decision certified
         stage_selective,
         code=_code("trust", "pipeline/certify.py", "pipeline/cascade_stages.py"),
     ),

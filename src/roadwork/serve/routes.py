@@ -265,6 +265,7 @@ async def infer(name: str, request: Request, state: State) -> Any:
 @router.post(
     "/v1/classify",
     response_model=schemas.ClassifyResponse,
+    response_model_exclude_unset=True,  # a field the policy does not produce (score, stage) is absent, not null
     responses=_ERRORS | {415: {"model": schemas.ErrorBody, "description": "unsupported content type"}},
     openapi_extra=_CLASSIFY_BODY,
 )

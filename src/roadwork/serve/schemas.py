@@ -174,14 +174,32 @@ class ClassifyRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    """One image's answer: label, calibrated probability, prediction set, abstain, answering stage."""
+    """One image's answer: label, calibrated probability, prediction set, abstain, answering stage. ``label`` is
+    the one decision to act on, and the one the abstention certificate covers (see the docs' concepts page)."""
 
     model_config = ConfigDict(extra="allow")
-    label: str
-    probability: float
-    prediction_set: list[str]
-    abstain: bool
-    stage: str | None = None
+    label: str = Field(
+        description="the decision: the class with the highest calibrated probability, or, with an operating "
+        "point, the operating point's decision (the positive class exactly where score >= 0.5). abstain=false "
+        "certifies this label: its error rate on answered images is at most selective.target_risk (prob. >= 1-δ)"
+    )
+    probability: float = Field(description="the calibrated probability of label")
+    prediction_set: list[str] = Field(
+        description="conformal set: contains the true class for at least 1-α of images (on average)"
+    )
+    abstain: bool = Field(
+        description="true: do not act on label (its confidence is below the certified threshold)"
+    )
+    score: float | None = Field(
+        None,
+        description="binary tasks: the positive class's calibrated probability, remapped so the operating point "
+        "is 0.5; score >= 0.5 exactly when label is the positive class (with an operating point)",
+    )
+    positive_possible: bool | None = Field(
+        None,
+        description="with policy.max_miss_rate: the positive class cannot be ruled out (miss-rate control)",
+    )
+    stage: str | None = Field(None, description="the cascade stage that answered")
 
 
 class ClassifyResponse(BaseModel):

@@ -20,7 +20,7 @@ from roadwork.trust._checks import check_logits
 from roadwork.trust.calibration import Calibrator, SliceCalibrator, calibrate_proba, calibrator_from_dict
 from roadwork.trust.cascade import Cascade, run_cascade
 from roadwork.trust.conformal import SplitConformal
-from roadwork.trust.operating import OperatingPoint
+from roadwork.trust.operating import OperatingPoint, decide
 from roadwork.trust.risk import FalseNegativeControl
 from roadwork.trust.selective import AbstentionCertificate
 
@@ -167,7 +167,7 @@ class TrustPolicy:
             return np.full(len(probs), _NO_GROUP) if col is None else np.asarray(col)
 
         groups = column(self.conformal.group_by) if self.conformal.mondrian == "group" else None
-        conf = probs.max(axis=1)
+        pred, conf = self.decision(probs)
         fnr = self.risk_control
         score = None
         if self.positive_index is not None:
@@ -176,13 +176,21 @@ class TrustPolicy:
                 score = self.operating_point.remap(score)
         return PolicyOutput(
             probs=probs,
-            pred=probs.argmax(axis=1),
+            pred=pred,
             confidence=conf,
             sets=self.conformal.predict_sets(probs, groups=groups),
             abstain=conf < self.abstention.thresholds(column(self.abstention.group_by), len(probs)),
             score=score,
             positive_possible=None if fnr is None else fnr.predict(probs, column(fnr.group_by)),
         )
+
+    def decision(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(pred, confidence)`` on calibrated probabilities: the operating point's decision when there is one
+        (:func:`~roadwork.trust.operating.decide`), else the argmax and its probability. Abstention is certified
+        on exactly this (see :func:`~roadwork.pipeline.certify.fit_abstention`)."""
+        if self.operating_point is not None and self.positive_index is not None:
+            return decide(probs, self.positive_index, self.operating_point.threshold)
+        return probs.argmax(axis=1), probs.max(axis=1)
 
     @property
     def slice_columns(self) -> list[str]:
