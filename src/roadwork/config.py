@@ -363,7 +363,8 @@ class ExportConfig(_Strict):
     parity_samples: int = Field(64, ge=1)
     int8: Literal["none", "dynamic", "static"] = Field(
         "none",
-        description="also put an int8 ONNX model in the bundle (static: QDQ calibrated on train images)",
+        description="also put an int8 ONNX model in the bundle: static (QDQ calibrated on train images); dynamic "
+        "is refused (its outputs depend on the batch)",
     )
     int8_calibration_images: int = Field(128, ge=1, description="training images that calibrate static int8")
     openvino: bool = Field(
@@ -382,6 +383,19 @@ class ExportConfig(_Strict):
     )
     triton: bool = Field(False, description="also write a Triton model repository (export/triton/)")
     tensorrt: bool = Field(False, description="check TensorRT through ONNX Runtime (needs an NVIDIA GPU)")
+
+    @field_validator("int8")
+    @classmethod
+    def _batch_invariant(cls, v: str) -> str:
+        """A served variant's answer for an image must not depend on its batch-mates: dynamic int8's does."""
+        if v == "dynamic":
+            raise ValueError(
+                "export.int8=dynamic is refused: ONNX Runtime's dynamic quantisation scales activations over the "
+                "whole batch, so an image's logits depend on its batch-mates (up to 0.33 on the demo, 11-14 "
+                "abstain flags flipped between batch 1 and 256) and no policy certified at one batch size holds "
+                "at another. Use export.int8=static (fixed scales calibrated on training images)"
+            )
+        return v
 
 
 class CascadeNetConfig(_Strict):

@@ -162,3 +162,84 @@ def test_onnxruntime_threads_are_recorded(model_onnx):
 
     assert open_session(model_onnx, RuntimeSpec()).info["intra_op_threads"] == physical_cores() >= 1
     assert open_session(model_onnx, RuntimeSpec(threads=1)).info["intra_op_threads"] == 1
+
+
+def _variant_models(model_onnx, tmp_path):  # type: ignore[no-untyped-def]
+    """Every variant the project exports, as (name, model file, spec): fp32 and static int8 on ONNX Runtime,
+    OpenVINO fp32 / bf16 / NNCF int8 where installed and supported by this CPU."""
+    from roadwork.export.variants import quantize_int8
+
+    calib = np.random.default_rng(2).normal(size=(32, 3, 32, 32)).astype(np.float32)
+    q = tmp_path / "model-int8.onnx"
+    quantize_int8(model_onnx, q, mode="static", calibration=calib)
+    out = [("fp32", model_onnx, RuntimeSpec()), ("int8", q, RuntimeSpec("onnxruntime", "int8"))]
+    if openvino_available():
+        out.append(("openvino-fp32", model_onnx, RuntimeSpec("openvino", "fp32")))
+        if bf16_supported():
+            out.append(("openvino-bf16", model_onnx, RuntimeSpec("openvino", "bf16")))
+        try:
+            from roadwork.export.variants import quantize_openvino_int8
+
+            quantize_openvino_int8(model_onnx, tmp_path / "ov.xml", calibration=calib)
+            out.append(("openvino-int8", tmp_path / "ov.xml", RuntimeSpec("openvino", "int8")))
+        except ImportError:  # NNCF absent
+            pass
+    return out
+
+
+def test_every_variant_answers_an_image_the_same_alone_and_inside_a_batch(model_onnx, tmp_path):
+    """A served variant's answer must not depend on its batch-mates (the server batches 1 to max_batch_size,
+    the policy is certified at another batch size): one image alone vs at position 17 of 64 others."""
+    rng = np.random.default_rng(5)
+    batch = rng.normal(size=(64, 3, 32, 32)).astype(np.float32) * rng.uniform(0.2, 5, (64, 1, 1, 1))
+    batch = batch.astype(np.float32)
+    for name, path, spec in _variant_models(model_onnx, tmp_path):
+        sess = open_session(path, spec)
+        alone = sess.logits(batch[17:18], batch_size=1)
+        inside = sess.logits(batch, batch_size=64)[17:18]
+        diff = float(np.abs(alone - inside).max())
+        print(f"{name}: max |Δlogit| alone vs in a batch of 64 = {diff:.2e}")
+        assert diff <= 1e-5, f"{name} depends on its batch-mates: {diff:.2e}"
+        if name == "int8":  # the policy certified on its outputs at export's batch size is the one served
+            _same_policy_at_any_batch(sess, batch)
+
+
+def _same_policy_at_any_batch(sess, batch) -> None:  # type: ignore[no-untyped-def]
+    import warnings
+
+    from roadwork.config import load_config
+    from roadwork.errors import RoadworkWarning
+    from roadwork.pipeline.certify import certify_served
+    from roadwork.trust import Predictions
+
+    y = np.arange(64) % 3
+    ids = np.array([f"i{i}" for i in range(64)])
+    cfg = load_config("default", ["selective.target_risk=0.5"])
+    policies = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoadworkWarning)
+        for bs in (64, 8, 1):
+            z = sess.logits(batch, batch_size=bs)
+            policies.append(certify_served(cfg, Predictions(ids, y, z, ["a", "b", "c"]))[0].to_dict())
+    assert policies[0] == policies[1] == policies[2]
+
+
+def test_dynamic_int8_is_refused_where_it_would_be_served(model_onnx, tmp_path):
+    """Its scales are computed over the whole batch: measured here, refused by the config, a bundle and bench."""
+    from roadwork.config import load_config
+    from roadwork.export.bundle import BATCH_DEPENDENT, batch_dependent
+    from roadwork.export.variants import quantize_int8
+
+    q = tmp_path / "dyn.onnx"
+    quantize_int8(model_onnx, q, mode="dynamic")
+    rng = np.random.default_rng(5)
+    batch = (rng.normal(size=(64, 3, 32, 32)) * rng.uniform(0.2, 5, (64, 1, 1, 1))).astype(np.float32)
+    sess = open_session(q, RuntimeSpec("onnxruntime", "int8"))
+    diff = float(
+        np.abs(sess.logits(batch[17:18], batch_size=1) - sess.logits(batch, batch_size=64)[17:18]).max()
+    )
+    assert diff > 1e-5  # why it is refused
+    with pytest.raises(ConfigError, match="export.int8=dynamic is refused"):
+        load_config("demo", ["export.int8=dynamic"])
+    assert batch_dependent({"mode": "dynamic"}) and not batch_dependent({"mode": "static"})
+    assert "export.int8=static" in BATCH_DEPENDENT

@@ -172,3 +172,33 @@ def test_warnings_reach_metrics_the_cli_and_the_report(tiny_run, capsys):
     out = capsys.readouterr().out
     assert "warning:" in out and "answers 0 %" in out
     assert "hardest slices: \n" not in out
+
+
+def test_slice_dependent_policies_report_bare_requests_beside_requests_with_metadata(served_run, tmp_path):
+    """selective.group_by=weather: requests that carry the weather get their slice's threshold, bare ones (no
+    metadata: roadwork predict on a folder, most HTTP clients) the global one. metrics.json reports both, and the
+    bare figures are the bundle's own on requests without metadata."""
+    import shutil
+
+    from roadwork.pipeline import run_pipeline
+
+    cfg, result = served_run
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    sliced = cfg.model_copy(update={"root": str(tmp_path)}, deep=True)
+    sliced.selective.group_by, sliced.selective.min_group_count = "weather", 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoadworkWarning)
+        res = run_pipeline(sliced, progress=False)
+    kinds = res.metrics["request_kinds"]
+    assert kinds["slice_columns"] == ["weather"]
+    test = Predictions.from_parquet(res.run_dir / "predict" / "predictions-test.parquet")
+    df = pd.read_parquet(res.run_dir / "data" / "dataset.parquet").set_index("id")
+    paths = [str(res.run_dir / "data" / df.loc[i, "path"]) for i in test.ids]
+    bare = Bundle.load(res.bundle).predict_paths(paths, batch_size=16)  # no metadata
+    answered = ~np.array([r["abstain"] for r in bare])
+    assert kinds["bare"]["answered"] == pytest.approx(float(answered.mean()), abs=1e-12)
+    assert kinds["with_metadata"]["answered"] == pytest.approx(res.metrics["selective"]["coverage"], abs=1e-12)
+    from roadwork.evaluation.report import summary_rows
+
+    rows = dict(summary_rows(res.metrics))
+    assert "bare requests (no metadata)" in rows and "requests with metadata (weather)" in rows

@@ -17,6 +17,7 @@ __all__ = [
     "compute_metrics",
     "conformal_comparison",
     "model_alone_metrics",
+    "request_kind_figures",
     "slice_rows",
 ]
 
@@ -131,12 +132,27 @@ def compute_metrics(
     }
 
 
+def request_kind_figures(out: PolicyOutput, labels: np.ndarray) -> dict[str, Any]:
+    """What one kind of request gets (with slice metadata, or bare): the share answered, the error on answered
+    images (null when none), the conformal coverage and the accuracy of the label served."""
+    correct = out.pred == labels
+    answered = ~out.abstain
+    return {
+        "n": len(labels),
+        "answered": float(answered.mean()) if len(labels) else None,
+        "selective_risk": float(1 - correct[answered].mean()) if answered.any() else None,
+        "coverage": float(out.sets[np.arange(len(labels)), labels].mean()) if len(labels) else None,
+        "accuracy": float(correct.mean()) if len(labels) else None,
+    }
+
+
 def model_alone_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int = 15) -> dict[str, Any]:
     """The model alone on its stored test logits, through the policy's calibrator: for comparison with the
     served figures (its sets and abstentions are not what is certified when a cascade is served)."""
     from roadwork.trust.calibration import calibrate_proba
 
     probs = calibrate_proba(policy.calibrator, test.logits, test.slices)
+    raw = softmax(test.logits)
     y = test.labels
     return {
         "what": "the model alone (stored logits through the calibrator), not the served path",
@@ -144,6 +160,9 @@ def model_alone_metrics(test: Predictions, policy: TrustPolicy, *, n_bins: int =
         "auroc": M.auroc(probs, y),
         "nll": M.nll(probs, y),
         "ece": M.ece(probs, y, n_bins),
+        # the same path before calibration: what the before → after pairs compare with (like with like)
+        "nll_raw": M.nll(raw, y),
+        "ece_raw": M.ece(raw, y, n_bins),
     }
 
 

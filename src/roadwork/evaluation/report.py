@@ -152,8 +152,8 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ("test images", f"{t['n']}"),
         ("accuracy", f"{t['accuracy']:.4f}"),
         ("MCC / AUROC", f"{t['mcc']:.4f} / {t['auroc']:.4f}"),
-        ("ECE (15 bins) before → after", f"{t['ece']['uncalibrated']:.4f} → {t['ece']['calibrated']:.4f}"),
-        ("NLL before → after", f"{t['nll_uncalibrated']:.4f} → {t['nll']:.4f}"),
+        *_calibration_rows(metrics),
+        *_request_kind_rows(metrics),
         (f"conformal coverage (target ≥ {1 - c['alpha']:.2f})", f"{c['coverage']:.4f}"),
         ("mean set size / singletons", f"{c['mean_set_size']:.3f} / {c['singleton_rate']:.3f}"),
         (
@@ -162,6 +162,44 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("answered (coverage) at certified threshold", f"{s['coverage']:.4f}"),
         *cascade,
+    ]
+
+
+def _request_kind_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """A slice-dependent policy answers requests with and without slice metadata differently: both, side by side."""
+    kinds = metrics.get("request_kinds")
+    if not kinds:
+        return []
+
+    def fmt(k: dict[str, Any]) -> str:
+        risk = "—" if k["selective_risk"] is None else f"{k['selective_risk']:.4f}"
+        return f"answered {k['answered']:.4f}, risk {risk}, coverage {k['coverage']:.4f}"
+
+    cols = ", ".join(kinds["slice_columns"])
+    return [
+        (f"requests with metadata ({cols})", fmt(kinds["with_metadata"])),
+        ("bare requests (no metadata)", fmt(kinds["bare"])),
+    ]
+
+
+def _calibration_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """Before → after calibration on one path (the model alone: raw softmax → calibrated), and the served path's
+    own figures on their own line (a cascade's composite is not the model calibrated)."""
+    t, alone = metrics["test"], metrics.get("model_alone") or {}
+    bins = t["ece"].get("bins", 15)
+    served = (metrics.get("served") or {}).get("path", "model")
+    if "ece_raw" not in alone:  # metrics.json written before the like-with-like rows
+        return [
+            (
+                f"ECE ({bins} bins) before → after",
+                f"{t['ece']['uncalibrated']:.4f} → {t['ece']['calibrated']:.4f}",
+            ),
+            ("NLL before → after", f"{t['nll_uncalibrated']:.4f} → {t['nll']:.4f}"),
+        ]
+    return [
+        (f"model alone: ECE ({bins} bins) raw → calibrated", f"{alone['ece_raw']:.4f} → {alone['ece']:.4f}"),
+        ("model alone: NLL raw → calibrated", f"{alone['nll_raw']:.4f} → {alone['nll']:.4f}"),
+        (f"served ({served}): ECE / NLL", f"{t['ece']['calibrated']:.4f} / {t['nll']:.4f}"),
     ]
 
 
@@ -196,8 +234,9 @@ def _calibration_methods(metrics: dict[str, Any]) -> list[str]:
     chosen = metrics["calibration"]["kind"]
     cols = ("nll", "ece", "ece_equal_mass", "classwise_ece", "brier", "accuracy")
     return [
-        "<h2>Calibration methods</h2><p>Every calibrator fitted on the calibration split, scored on test. "
-        f"The policy uses <b>{html.escape(chosen)}</b> (shaded); 'none' is the raw model.</p>",
+        "<h2>Calibration methods (the model alone)</h2><p>Every calibrator fitted on the calibration split, "
+        "scored on test, on the model alone's logits (not the served cascade's composite: its figures are in the "
+        f"summary). The policy uses <b>{html.escape(chosen)}</b> (shaded); 'none' is the raw model.</p>",
         _table(
             ["method", "NLL", "ECE", "ECE (equal mass)", "classwise ECE", "Brier", "accuracy"],
             [[k, *(r[col] for col in cols)] for k, r in comparison.items()],
@@ -354,8 +393,8 @@ def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, 
         f"- **Training data:** `{data_source}`",
         f"- **Test accuracy:** {t['accuracy']:.4f} on {t['n']} images (MCC {t['mcc']:.4f}, AUROC {t['auroc']:.4f})",
         f"- **Model check:** {model_check_line(metrics).removeprefix('model check: ') or 'not run'}",
-        f"- **Calibration:** {metrics['calibration']['kind']}; ECE {t['ece']['uncalibrated']:.4f} → "
-        f"{t['ece']['calibrated']:.4f}",
+        f"- **Calibration:** {metrics['calibration']['kind']}; "
+        + "; ".join(f"{k} {v}" for k, v in _calibration_rows(metrics)),
         f"- **Figures are of:** {metrics.get('served', {}).get('what', 'the model')}",
         f"- **Answers:** {_answers_line(s)}",
         "",

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from roadwork.errors import InputError
-from roadwork.export.bundle import Bundle, record_runtime_choice
+from roadwork.export.bundle import BATCH_DEPENDENT, Bundle, batch_dependent, record_runtime_choice
 from roadwork.export.runtime import (
     RuntimeSpec,
     RuntimeUnavailable,
@@ -226,7 +226,7 @@ def _runtime_candidate(
         "precision": spec.precision,
         "certified": policy_file is not None,
     }
-    status = runtime_status(spec)
+    status = BATCH_DEPENDENT if batch_dependent(known.get(name)) else runtime_status(spec)
     if status != "ok":
         return row | {"status": status}, None
     try:

@@ -44,9 +44,11 @@ from roadwork.models.factory import ModelCard
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
 
 __all__ = [
+    "BATCH_DEPENDENT",
     "BUNDLE_SCHEMA",
     "RUNTIME_FILE",
     "Bundle",
+    "batch_dependent",
     "file_sha256",
     "open_image",
     "record_runtime_choice",
@@ -146,6 +148,8 @@ def _auto_variant(root: Path, manifest: dict[str, Any], threads: int) -> tuple[s
     if name != "fp32" and info is None:
         raise ArtifactError(f"{RUNTIME_FILE} selects {name!r}, which the bundle's manifest does not list.")
     status = "ok" if name == "fp32" else runtime_status(RuntimeSpec.from_variant(name, info))
+    if batch_dependent(info):
+        status = BATCH_DEPENDENT
     if status != "ok":
         log.warning(
             "variant=auto: %s was selected on %s but %s here; serving fp32", name, rec.get("cpu"), status
@@ -355,6 +359,20 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
+BATCH_DEPENDENT = (
+    "dynamic int8 is not batch-invariant: ONNX Runtime's dynamic quantisation scales activations over the whole "
+    "batch, so an image's logits depend on its batch-mates and the policy certified at one batch size does not "
+    "hold at another (the server batches 1 to max_batch_size). Re-export with export.int8=static (fixed scales "
+    "calibrated on training images), or serve fp32"
+)
+"""Why a dynamic-int8 variant is never served (a bundle exported before it was refused may still carry one)."""
+
+
+def batch_dependent(info: Mapping[str, Any] | None) -> bool:
+    """Whether a manifest variant's outputs depend on its batch-mates (dynamic int8)."""
+    return bool(info) and info.get("mode") == "dynamic"  # type: ignore[union-attr]
+
+
 def _variant_files(root: Path, manifest: dict[str, Any], variant: str) -> tuple[str, str]:
     """The model file and the certified policy file of ``variant``."""
     if variant == "fp32":
@@ -363,9 +381,11 @@ def _variant_files(root: Path, manifest: dict[str, Any], variant: str) -> tuple[
     if variant not in known:
         raise ArtifactError(
             f"Bundle {str(root)!r} has no {variant!r} model; it has "
-            f"{', '.join(['fp32', *known, 'auto'])}. Export one with export.int8=dynamic|static or "
+            f"{', '.join(['fp32', *known, 'auto'])}. Export one with export.int8=static or "
             "export.openvino=true."
         )
+    if batch_dependent(known[variant]):
+        raise ArtifactError(f"variant={variant!r} of {str(root)!r} is refused: {BATCH_DEPENDENT}.")
     policy_file = known[variant].get("policy")
     if policy_file is None:
         raise ArtifactError(

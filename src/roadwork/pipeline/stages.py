@@ -871,6 +871,17 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     path_of = dict(zip(df["id"], abs_paths(df, ctx.inputs["data"]), strict=True))
     out = bundle.predict_output([path_of[i] for i in test.ids], slices=test.slices or None)
     metrics = _served_metrics(ctx, test, bundle, out)
+    if (
+        bundle.policy.slice_columns and test.slices
+    ):  # slice-dependent policy: requests without metadata differ
+        from roadwork.evaluation.metrics_table import request_kind_figures
+
+        bare = bundle.predict_output([path_of[i] for i in test.ids], slices=None)
+        metrics["request_kinds"] = {
+            "slice_columns": bundle.policy.slice_columns,
+            "with_metadata": request_kind_figures(out, test.labels),
+            "bare": request_kind_figures(bare, test.labels),
+        }
     figures = _figures(ctx, test, out, bundle.policy, path_of)
     metrics["timing"] = _timing(ctx, time.perf_counter() - t0)
     if bundle.policy.cascade is not None:
