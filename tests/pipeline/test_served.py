@@ -182,7 +182,7 @@ def test_slice_dependent_policies_report_bare_requests_beside_requests_with_meta
 
     from roadwork.pipeline import run_pipeline
 
-    cfg, result = served_run
+    cfg, _ = served_run
     shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
     sliced = cfg.model_copy(update={"root": str(tmp_path)}, deep=True)
     sliced.selective.group_by, sliced.selective.min_group_count = "weather", 10
@@ -197,7 +197,9 @@ def test_slice_dependent_policies_report_bare_requests_beside_requests_with_meta
     bare = Bundle.load(res.bundle).predict_paths(paths, batch_size=16)  # no metadata
     answered = ~np.array([r["abstain"] for r in bare])
     assert kinds["bare"]["answered"] == pytest.approx(float(answered.mean()), abs=1e-12)
-    assert kinds["with_metadata"]["answered"] == pytest.approx(res.metrics["selective"]["coverage"], abs=1e-12)
+    assert kinds["with_metadata"]["answered"] == pytest.approx(
+        res.metrics["selective"]["coverage"], abs=1e-12
+    )
     from roadwork.evaluation.report import summary_rows
 
     rows = dict(summary_rows(res.metrics))
