@@ -339,3 +339,24 @@ def test_v2_binary_tensors_in_and_out_match_the_json_answer(client, bundle, imag
     ):
         bad = client.post("/v2/models/tiny/infer", content=content, headers=headers)
         assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_v2_tensors_get_the_model_alones_certified_policy(client, bundle, images):
+    """/v2 infer takes tensors, so it runs the model alone, not the cascade: it applies the policy certified on
+    the model alone's outputs (policy-model.json), not the composite's thresholds."""
+    from roadwork.data.preprocess import load_rgb, preprocess
+
+    assert bundle.policy.cascade is not None and bundle.model_policy is not None
+    assert bundle.model_policy.cascade is None and bundle.tensor_policy is bundle.model_policy
+    info = bundle.manifest["export"]["model_policy"]
+    assert info["file"] == "policy-model.json" and "/v2" in info["note"]
+    x = preprocess([load_rgb(p) for p in images], bundle.card.preprocess)
+    body = {
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+    out = {o["name"]: o for o in client.post("/v2/models/tiny/infer", json=body).json()["outputs"]}
+    logits = np.array(out["logits"]["data"]).reshape(out["logits"]["shape"])
+    expected = bundle.model_policy.apply(logits)
+    assert out["abstain"]["data"] == expected.abstain.tolist()
+    meta = client.get("/v2/models/tiny").json()["parameters"]
+    assert meta["infer_policy"] == "model alone (policy-model.json)"

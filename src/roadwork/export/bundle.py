@@ -202,6 +202,15 @@ class Bundle:
     stage_runners: list[Any] | None = None  # the cascade's earlier stages (StageRunner), in order
     variant: str = "fp32"
     runtime: dict[str, Any] = field(default_factory=dict)  # runtime, precision, threads: what runs the model
+    model_policy: TrustPolicy | None = (
+        None  # with a cascade: the policy certified on the model alone's outputs
+    )
+
+    @property
+    def tensor_policy(self) -> TrustPolicy:
+        """The policy for preprocessed tensors (``/v2`` infer, Triton): the model alone's certified one when the
+        main policy has a cascade (which needs decoded images), else the main policy."""
+        return self.model_policy if self.model_policy is not None else self.policy
 
     @classmethod
     def load(cls, path: str | Path, *, threads: int = 0, variant: str = "fp32") -> Bundle:
@@ -216,11 +225,22 @@ class Bundle:
         if variant == "auto":
             variant, threads, choice = _auto_variant(root, manifest, threads)
         model_file, policy_file = _variant_files(root, manifest, variant)
+        model_policy_file = (manifest.get("export", {}).get("model_policy") or {}).get("file")
+        if variant != "fp32":  # the alone-policy is certified on fp32's outputs; a variant's cascade: its own
+            model_policy_file = None
         _verify_files(
-            root, manifest["files"], (model_file, policy_file, *_policy_stage_files(root, policy_file))
+            root,
+            manifest["files"],
+            (
+                model_file,
+                policy_file,
+                *_policy_stage_files(root, policy_file),
+                *([model_policy_file] if model_policy_file else []),
+            ),
         )
         card = ModelCard.load(root / "model.json")
         policy = TrustPolicy.load(root / policy_file)
+        alone = TrustPolicy.load(root / model_policy_file) if model_policy_file else None
         # several ONNX Runtime sessions take turns on the same cores: no busy-waiting between runs
         spin = policy.cascade is None or all(st.kind != "network" for st in policy.cascade.stages[:-1])
         runners = _stage_runners(root, policy, threads, spin)
@@ -229,7 +249,7 @@ class Bundle:
         info = {"variant": variant, **session.info}
         if choice is not None:
             info["auto"] = choice
-        return cls(root, card, policy, manifest, session.session, runners, variant, info)
+        return cls(root, card, policy, manifest, session.session, runners, variant, info, alone)
 
     @property
     def decode_side(self) -> int:

@@ -578,6 +578,8 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
     info["answers"] = _what_it_answers(ctx, policy)  # predict, serve and the card say it
     extra = _cascade_files(ctx, policy, info)
     extra["reference.json"] = _drift_reference(ctx, policy, ctx.out / "reference.json")
+    if policy.cascade is not None:  # /v2 and Triton take tensors: the model alone, with its own certificate
+        extra[MODEL_POLICY], info["model_policy"] = _model_alone_policy(ctx)
     variants: dict[str, tuple[Path | None, dict[str, Any]]] = {}
     if e.int8 != "none":
         q_path, info["int8"], extra["policy-int8.json"] = _int8_variant(ctx, card, policy, onnx_path, side)
@@ -603,10 +605,41 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
     if e.triton:
         from roadwork.export.variants import write_triton_repository
 
-        write_triton_repository(onnx_path, ctx.out / "triton", name=ctx.cfg.name)
+        repo = write_triton_repository(onnx_path, ctx.out / "triton", name=ctx.cfg.name)
+        # Triton serves the model's logits: the policy a client applies is the one certified on them
+        shutil.copyfile(extra.get(MODEL_POLICY, ctx.inputs["policy"] / "policy.json"), repo / "policy.json")
         info["triton"] = str(Path("export") / "triton" / ctx.cfg.name)
     _remove_staging_files(ctx, onnx_path, variants)
     return info
+
+
+MODEL_POLICY = "policy-model.json"
+"""The bundle's policy for the model alone (``/v2`` infer and Triton: tensors in, no cascade), with a cascade."""
+
+
+def _model_alone_policy(ctx: StageContext) -> tuple[Path, dict[str, Any]]:
+    """The policy certified on the model alone's outputs (every trust row of the calibration split, no gate):
+    what ``/v2/.../infer`` and the Triton repository serve, since a cascade needs decoded images. Said in the
+    log and recorded in the manifest (``export.model_policy``)."""
+    from roadwork._progress import progress_write
+    from roadwork.pipeline.certify import certify_served
+
+    path = ctx.out / MODEL_POLICY
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoadworkWarning)  # its warnings are recorded below
+        policy, report = certify_served(ctx.cfg, _preds(ctx, "calib"), cascade=None)
+    policy.save(path)
+    a = policy.abstention
+    note = (
+        f"/v2 infer and the Triton repository serve the model alone (tensors in: the cascade needs decoded "
+        f"images) with its own policy certified on its outputs ({MODEL_POLICY}: answers {a.coverage:.0%} of "
+        f"{a.n} calibration rows at selective risk ≤ {a.target_risk:g}); /v1/classify serves the cascade"
+    )
+    progress_write(f"[export] {note}")
+    return path, {"file": MODEL_POLICY, "served_by": ["/v2/models/{name}/infer", "triton"], "note": note} | {
+        "certified_on": report["rows"],
+        "warnings": report["warnings"],
+    }
 
 
 def _remove_staging_files(
@@ -615,6 +648,7 @@ def _remove_staging_files(
     """The bundle holds copies of everything: the stage folder keeps only the bundle (and Triton's repository)."""
     onnx_path.unlink()
     (ctx.out / "reference.json").unlink()
+    (ctx.out / MODEL_POLICY).unlink(missing_ok=True)
     for path, v_info in variants.values():
         (ctx.out / v_info["policy"]).unlink(missing_ok=True)
         if path is not None:

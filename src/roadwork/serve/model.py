@@ -149,7 +149,8 @@ class ServedModel:
             if len(good) < n:  # finite inputs far outside the preprocessed range overflow the network
                 logits = logits[good]
                 slices = {k: [v[i] for i in good] for k, v in slices.items()}
-            out = self.bundle.policy.apply(logits, slices or None) if len(good) else None
+            # the model alone: its own certified policy (a cascade's thresholds are the composite's)
+            out = self.bundle.tensor_policy.apply(logits, slices or None) if len(good) else None
         rows: list[Row | RowError] = [_NOT_FINITE] * n
         if out is None:
             return rows

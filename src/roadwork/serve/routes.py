@@ -164,6 +164,10 @@ async def model_metadata(name: str, state: State) -> dict[str, Any]:
             # what a v2 client must do to an image before sending its tensor
             "preprocess": bundle.card.preprocess.to_dict() | {"decode_side": model.decode_side},
             "answers": _answers(bundle),
+            # what /v2 infer applies to its tensors: the model alone's certified policy when the bundle has a cascade
+            "infer_policy": "model alone (policy-model.json)"
+            if bundle.model_policy is not None
+            else "policy.json",
         },
     }
 
