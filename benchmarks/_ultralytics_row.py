@@ -62,6 +62,7 @@ def ultralytics_row(
     workdir = Path(workdir).resolve()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+    os.environ.setdefault("YOLO_VERBOSE", "False")  # its banners and per-epoch bars would bury the table
     os.environ.setdefault("YOLO_CONFIG_DIR", str(workdir / "ultralytics_config"))
     import ultralytics
     from sklearn.metrics import roc_auc_score

@@ -1,6 +1,6 @@
 """How much each certified-abstention method answers, on identical calibration draws, and how often it breaks δ.
 
-    python benchmarks/ltt_power.py [--draws 500] [--pool 30000]
+    python benchmarks/ltt_power.py [--draws 1000] [--pool 30000] [--sizes 300,650,1000,3000] [--targets 0.02,0.05]
 
 Two pools of calibrated probabilities from scikit-learn models on held-out rows: a binary logistic regression
 and a 7-class gradient-boosting classifier (``make_classification`` tasks). Each draw takes ``n`` calibration
@@ -8,9 +8,13 @@ rows from the pool; the rest of the pool is the population. For each method: the
 answered at the certified threshold, the share of draws that answer nothing, and the violation rate (draws
 whose population selective risk exceeds the target; the guarantee is ≤ δ). ``ltt-before`` is Learn-then-Test as
 roadwork ran it before (Hoeffding–Bentkus p-values, the fixed sequence from the strictest grid point down), kept
-here as the baseline; ``ltt`` is the current one (exact binomial p-values, order and start fixed on 20 % ordering
-rows). ``oracle`` is the largest share whose
-population risk is within the target (no method can know it).
+here as the baseline; ``ltt-minp`` is LTT with exact binomial p-values whose fixed sequence starts at the threshold
+with the smallest projected p-value on 20 % ordering rows (the default until 2026-12-06: it certified nothing in
+13 % of draws at the demo's 642 rows); ``ltt`` is the current default, which starts at the strictest threshold
+projected to pass with room (p ≤ δ/4) and walks towards answering more. ``oracle`` is the largest share whose
+population risk is within the target (no method can know it). The acceptance of issue 26: at n from 300 to 3,000
+the default answers ≥ 90 % of the best valid method's share and certifies nothing in ≤ 2 % of draws where the
+oracle answers > 50 %, every method within δ.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from _machine import machine_lines
 from roadwork.errors import RoadworkWarning
 from roadwork.trust.selective import (
     _counts,
+    binomial_pvalue,
     certify_abstention,
     hoeffding_bentkus_pvalue,
 )
@@ -87,6 +92,25 @@ def _ltt_before(c: np.ndarray, ok: np.ndarray, r: float, d: float, m: int = 50, 
     return float(grid[last]) if last >= 0 and n_acc[last] > 0 else math.inf
 
 
+def _ltt_minp(c: np.ndarray, ok: np.ndarray, r: float, d: float, m: int = 50, seed: int = 0) -> float:
+    """LTT as it ran until 2026-12-06: exact binomial p-values; the sequence starts at the threshold with the
+    smallest projected p-value on the 20 % ordering rows."""
+    err = ~ok
+    idx = np.random.default_rng([seed, 11]).permutation(c.size)
+    n_order = round(0.2 * c.size)
+    c_order, e_order, test = c[idx[:n_order]], err[idx[:n_order]], idx[n_order:]
+    levels = np.arange(1, m + 1) / m
+    grid = np.unique(np.quantile(c_order, 1 - levels, method="lower"))[::-1]
+    n_o, k_o = _counts(c_order, e_order, grid)
+    n_proj = np.floor(n_o * len(test) / n_order)
+    projected = binomial_pvalue(np.ceil((k_o + 0.5) / np.maximum(n_o, 1) * n_proj - 1e-9), n_proj, r)
+    grid = grid[int(np.flatnonzero(projected == projected.min())[-1]) :]
+    n_acc, k_err = _counts(c[test], err[test], grid)
+    failed = np.flatnonzero(binomial_pvalue(k_err, n_acc, r) > d)
+    last = (int(failed[0]) if failed.size else len(grid)) - 1
+    return float(grid[last]) if last >= 0 and n_acc[last] > 0 else math.inf
+
+
 def _population(c: np.ndarray, ok: np.ndarray, mask: np.ndarray, thr: float) -> tuple[float, float]:
     """Share answered and selective risk on the population rows (``mask``) at threshold ``thr``."""
     if not math.isfinite(thr):
@@ -98,12 +122,16 @@ def _population(c: np.ndarray, ok: np.ndarray, mask: np.ndarray, thr: float) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--draws", type=int, default=500)
+    ap.add_argument("--draws", type=int, default=1000)
     ap.add_argument("--pool", type=int, default=30000)
+    ap.add_argument("--sizes", default="300,650,1000,3000", help="calibration rows per draw")
+    ap.add_argument("--targets", default="0.02,0.05", help="selective risk targets")
     args = ap.parse_args()
+    sizes = [int(v) for v in args.sizes.split(",")]
+    targets = [float(v) for v in args.targets.split(",")]
     print("\n".join(machine_lines()))
     print(f"{args.draws} draws per row, delta = {DELTA}; share = mean share of the population answered\n")
-    methods = ("ltt-before", "ltt", "sgr", "bonferroni")
+    methods = ("ltt-before", "ltt-minp", "ltt", "sgr", "bonferroni")
     print(
         "| pool | n | target | oracle share | "
         + " | ".join(f"{m} share / none / violations" for m in methods)
@@ -114,8 +142,8 @@ def main() -> None:
     for pool_name, (c, ok) in _pools(args.pool).items():
         order = np.argsort(-c, kind="stable")
         cum_err = np.cumsum(~ok[order]) / np.arange(1, len(c) + 1)
-        for n in (500, 2000):
-            for target in (0.02, 0.05):
+        for n in sizes:
+            for target in targets:
                 good = np.flatnonzero(cum_err <= target)
                 oracle = (good[-1] + 1) / len(c) if good.size else 0.0
                 rng = np.random.default_rng([n, int(target * 1000)])
@@ -129,6 +157,8 @@ def main() -> None:
                             warnings.simplefilter("ignore", RoadworkWarning)
                             if m == "ltt-before":
                                 thr = _ltt_before(c[cal], ok[cal], target, DELTA, seed=draw)
+                            elif m == "ltt-minp":
+                                thr = _ltt_minp(c[cal], ok[cal], target, DELTA, seed=draw)
                             else:
                                 thr = certify_abstention(
                                     c[cal],
