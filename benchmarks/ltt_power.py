@@ -11,7 +11,8 @@ roadwork ran it before (Hoeffding–Bentkus p-values, the fixed sequence from th
 here as the baseline; ``ltt-minp`` is LTT with exact binomial p-values whose fixed sequence starts at the threshold
 with the smallest projected p-value on 20 % ordering rows (the default until 2026-12-06: it certified nothing in
 13 % of draws at the demo's 642 rows); ``ltt`` is the current default, which starts at the strictest threshold
-projected to pass with room (p ≤ δ/4) and walks towards answering more. ``oracle`` is the largest share whose
+projected to pass even at a pessimistic error rate (a 70 % upper bound on the ordering rows), skips the thresholds
+projected to fail, and walks towards answering more. ``oracle`` is the largest share whose
 population risk is within the target (no method can know it). The acceptance of issue 26: at n from 300 to 3,000
 the default answers ≥ 90 % of the best valid method's share and certifies nothing in ≤ 2 % of draws where the
 oracle answers > 50 %, every method within δ.
