@@ -531,6 +531,8 @@ class RunConfig(_Strict):
     def _plain_name(cls, v: str) -> str:
         if not v or any(c in v for c in "/\\") or v.startswith("."):
             raise ValueError("must be a plain folder name (no slashes, not starting with '.')")
+        if len(v.encode()) > 100:  # stage folders and temp names are appended: stay well under NAME_MAX (255)
+            raise ValueError(f"is {len(v.encode())} bytes long; use a folder name of at most 100 bytes")
         return v
 
     @model_validator(mode="after")

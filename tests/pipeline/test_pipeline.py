@@ -174,7 +174,8 @@ def test_operating_point_and_risk_control_land_in_the_policy_the_bundle_and_the_
     cfg2.policy.operating_point = "max_mcc"
     cfg2.policy.max_miss_rate = 0.2
     res = run_pipeline(cfg2, progress=False)
-    assert {r.name for r in res.stages if not r.cached} == {"policy", "export", "evaluate"}
+    # selective too: abstention is certified for the decision served, the operating point's
+    assert {r.name for r in res.stages if not r.cached} == {"selective", "policy", "export", "evaluate"}
     m = res.metrics
     assert m is not None and m["operating_point"]["chosen"]["criterion"] == "max_mcc"
     bundle = Bundle.load(res.bundle)
@@ -267,6 +268,12 @@ def test_int8_and_triton_exports_and_bench(tiny_run, tmp_path):
     assert set(a) == set(b) and abs(a["probability"] - b["probability"]) < 0.2  # same policy, int8 weights
     with pytest.raises(Exception, match="no 'fp16' model"):
         Bundle.load(res.bundle, variant="fp16")
+    # tensors (/v2, Triton) get the model alone's certified policy, each variant its own
+    assert q["model_policy"] == "policy-model-int8.json" and q["model_policy"] in manifest["files"]
+    assert int8.model_policy is not None and int8.model_policy.cascade is None
+    assert fp32.model_policy is not None and fp32.tensor_policy is fp32.model_policy
+    repo_policy = (res.run_dir / "export" / "triton" / cfg2.name / "policy.json").read_text()
+    assert repo_policy == (res.bundle / "policy-model.json").read_text()
     config = (res.run_dir / "export" / "triton" / cfg2.name / "config.pbtxt").read_text()
     assert 'name: "input"' in config and "dims: [ 3, 64, 64 ]" in config and "dynamic_batching" in config
     assert (res.run_dir / "export" / "triton" / cfg2.name / "1" / "model.onnx").is_file()

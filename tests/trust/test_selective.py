@@ -92,3 +92,22 @@ def test_ltt_rarely_certifies_nothing_at_the_demos_size():
             violations += risk > target
     assert nothing / draws <= 0.02
     assert violations / draws <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
+
+
+@pytest.mark.parametrize("method", ["ltt", "sgr", "bonferroni"])
+def test_the_smallest_certifiable_target_is_one_that_certifies(method):
+    """The advice of a bundle that answers nothing: rerun with this target. On the same rows, with the same method
+    and seed, that target certifies a threshold and the next smaller grid target does not (an outside review
+    found the old Clopper-Pearson figure, 0.054, too optimistic for LTT: following it still answered nothing)."""
+    from roadwork.trust.selective import smallest_certifiable_risk
+
+    rng = np.random.default_rng(3)
+    c = 0.5 + 0.5 * rng.random(217)
+    ok = rng.random(217) < c  # a 0.75-accurate model on 217 rows: nothing at 0.05
+    target, share = smallest_certifiable_risk(c, ok, 0.05, method=method)
+    assert 0.05 < target < 0.5 and share > 0
+    cert = lambda t: certify_abstention(c, ok, target_risk=t, delta=0.05, n_classes=2, method=method)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoadworkWarning)
+        assert math.isfinite(cert(target).threshold) and cert(target).coverage == share
+        assert math.isinf(cert(round(target - 0.001, 3)).threshold)

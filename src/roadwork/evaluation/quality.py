@@ -49,8 +49,13 @@ def paired_gap(model_correct: np.ndarray, other_correct: np.ndarray) -> tuple[fl
     return gap, se
 
 
-def _advice(pretrained: bool) -> str:
+def _advice(pretrained: bool, scratch: bool = False) -> str:
     labels = "Check the labels first (a shuffled or misaligned label column gives exactly this). "
+    if not pretrained and scratch:
+        return labels + (
+            "This run already used the from-scratch recipe: pretrained weights (model.weights=FILE, or "
+            "finetune-cpu/finetune-gpu online) are what does far better; more labelled images help too."
+        )
     if not pretrained:
         return labels + (
             "No pretrained weights were used: the from-scratch recipe learns on small sets (roadwork run scratch "
@@ -71,6 +76,7 @@ def model_check(
     val_losses: Sequence[float] = (),
     baseline_correct: np.ndarray | None = None,
     pretrained: bool = True,
+    scratch: bool = False,
     n_boot: int = 400,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -78,7 +84,8 @@ def model_check(
 
     ``logits``: the model's test logits, shape (n, K); ``labels``: shape (n,); ``val_losses``: the validation loss
     of every epoch; ``baseline_correct``: whether the feature baseline got each test image right (shape (n,));
-    ``pretrained``: whether the network started from pretrained weights (the advice differs).
+    ``pretrained``: whether the network started from pretrained weights, ``scratch``: whether it is the
+    from-scratch recipe's network (the advice differs).
     """
     from roadwork.trust import softmax
 
@@ -104,23 +111,28 @@ def model_check(
     lo_mcc, lo_auc = out["mcc_ci95"][0], out["auroc_ci95"][0]
     chance = lo_mcc <= 0 or not lo_auc > 0.5
     if chance:
+        which = [
+            *(["the MCC interval includes 0"] if lo_mcc <= 0 else []),
+            *(["the AUROC interval includes 0.5"] if not lo_auc > 0.5 else []),
+        ]
         warnings.append(
-            f"The model is {CHANCE} on the test split: MCC {out['mcc']:.3f} (95 % interval "
-            f"{lo_mcc:.3f} to {out['mcc_ci95'][1]:.3f}), AUROC {out['auroc']:.3f} (95 % interval {lo_auc:.3f} to "
-            f"{out['auroc_ci95'][1]:.3f}) on {n} images. The calibration, coverage and abstention figures below "
-            "are valid for such a model and mean nothing useful. " + _advice(pretrained)
+            f"The model is {CHANCE} on the test split ({' and '.join(which)}): MCC {out['mcc']:.3f} (95 % "
+            f"interval {lo_mcc:.3f} to {out['mcc_ci95'][1]:.3f}), AUROC {out['auroc']:.3f} (95 % interval "
+            f"{lo_auc:.3f} to {out['auroc_ci95'][1]:.3f}) on {n} images. The calibration, coverage and abstention "
+            "figures below are valid for such a model and mean nothing useful. "
+            + _advice(pretrained, scratch)
         )
     if shares.max() == 1.0:
         warnings.append(
             f"The model is a constant: it predicts {classes[int(shares.argmax())]!r} for every test image "
             f"(accuracy {out['accuracy']:.3f}, which a constant guess of the majority class gets: "
-            f"{out['constant_accuracy']:.3f}). " + _advice(pretrained)
+            f"{out['constant_accuracy']:.3f}). " + _advice(pretrained, scratch)
         )
     best = out["best_val_loss"]
     if best is not None and best >= out["ln_k"] - 0.005:
         warnings.append(
             f"Training did not learn: the validation loss never went below ln {k} = {out['ln_k']:.4f} (what a "
-            f"uniform guess scores; best {best:.4f}). " + _advice(pretrained)
+            f"uniform guess scores; best {best:.4f}). " + _advice(pretrained, scratch)
         )
     weak = False
     if baseline_correct is not None and len(baseline_correct) == n and n:
@@ -138,7 +150,7 @@ def model_check(
                 f"The model is far below what this data gives: test accuracy {out['accuracy']:.3f} where a logistic "
                 f"regression on cheap colour and edge features of the same training images reaches "
                 f"{out['baseline']['accuracy']:.3f} (paired difference {gap:.3f} ± {1.96 * se:.3f}). "
-                + _advice(pretrained)
+                + _advice(pretrained, scratch)
             )
     out["verdict"] = "chance" if chance or shares.max() == 1.0 else "weak" if weak or warnings else "ok"
     out["warnings"] = warnings

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import platform
 import shutil
 from collections.abc import Mapping, Sequence
@@ -226,8 +225,8 @@ class Bundle:
             variant, threads, choice = _auto_variant(root, manifest, threads)
         model_file, policy_file = _variant_files(root, manifest, variant)
         model_policy_file = (manifest.get("export", {}).get("model_policy") or {}).get("file")
-        if variant != "fp32":  # the alone-policy is certified on fp32's outputs; a variant's cascade: its own
-            model_policy_file = None
+        if variant != "fp32":  # each variant's model-alone policy is certified on its own outputs
+            model_policy_file = manifest.get("variants", {}).get(variant, {}).get("model_policy")
         _verify_files(
             root,
             manifest["files"],
@@ -280,8 +279,8 @@ class Bundle:
         if a.answers == "none" and all(g.answers == "none" for g in a.groups.values()):
             lowest = rec.get("smallest_certifiable_risk")
             hint = (
-                f" The smallest target its calibration rows could support is about {math.ceil(lowest * 1000) / 1000:g}"
-                f": rerun with selective.target_risk={math.ceil(lowest * 1000) / 1000:g},"
+                f" The smallest target its calibration rows certify is {lowest:g}: rerun with "
+                f"selective.target_risk={lowest:g} (same name=),"
                 if lowest is not None and lowest < 1
                 else " Rerun with a larger selective.target_risk,"
             )

@@ -346,8 +346,9 @@ def _cannot_pay(ctx: StageContext, split: Any) -> str | None:
     if gate >= need_gate:
         return None
     return (
-        f"its gate would be certified on {gate} calibration rows (cascade.gate_fraction={c.gate_fraction:g} of "
-        f"{len(split.gate)}), fewer than the {need_gate} that cascade.target={c.target:g} needs at "
+        f"its gate would be certified on {gate} of the {len(split.gate)} calibration rows (each row drawn for it "
+        f"with probability cascade.gate_fraction={c.gate_fraction:g}), fewer than the {need_gate} that "
+        f"cascade.target={c.target:g} needs at "
         f"δ={c.delta:g} even with no disagreement, so no earlier stage could be kept; the model alone is served "
         f"and all {policy + gate} rows certify its policy. A cascade can pay from about "
         f"{math.ceil(need_gate / c.gate_fraction)} calibration images (a larger data set or data.splits.calib), "

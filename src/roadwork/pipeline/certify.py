@@ -22,7 +22,6 @@ nothing is split further. Every variant of the model (fp32, int8) is certified o
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ __all__ = [
     "abstention_warnings",
     "certify_gate",
     "certify_served",
+    "check_policy_classes",
     "fit_abstention",
     "fit_calibrator",
     "fit_conformal",
@@ -249,16 +249,24 @@ def fit_operating_point_of(pc: PolicyConfig, probs: np.ndarray, cal: Predictions
     return fit_operating_point(probs[:, k], cal.labels == k, criterion=pc.operating_point, target=pc.target)
 
 
+def check_policy_classes(pc: PolicyConfig, classes: list[str]) -> str | None:
+    """The positive class the policy keys need (``policy.*`` against the data's classes), or a
+    :class:`ConfigError` naming the key, the value and the fix: called as soon as the classes are known, before
+    training, and again where the policy is fitted."""
+    positive = positive_class(classes, pc.positive_class)
+    if positive is None and (pc.operating_point != "none" or pc.max_miss_rate is not None):
+        raise ConfigError(
+            f"policy.operating_point and policy.max_miss_rate need two classes; this task has {len(classes)}. "
+            "Set policy.operating_point=none and policy.max_miss_rate=null."
+        )
+    return positive
+
+
 def fit_risk(
     pc: PolicyConfig, probs: np.ndarray, cal: Predictions
 ) -> tuple[OperatingPoint | None, FalseNegativeControl | None]:
     """The operating point and the miss-rate control on the policy rows' served probabilities."""
-    positive = positive_class(cal.classes, pc.positive_class)
-    if positive is None and (pc.operating_point != "none" or pc.max_miss_rate is not None):
-        raise ConfigError(
-            f"policy.operating_point and policy.max_miss_rate need two classes; this task has {cal.n_classes}. "
-            "Set policy.operating_point=none and policy.max_miss_rate=null."
-        )
+    positive = check_policy_classes(pc, cal.classes)
     op, fnr = None, None
     if positive is not None and pc.max_miss_rate is not None:
         groups = slice_column(cal, pc.group_by, "policy.group_by") if pc.group_by else None
@@ -354,7 +362,7 @@ def fit_fraction(cfg: RunConfig) -> float:
 
 
 def abstention_warnings(
-    cert: AbstentionCertificate, confidence: np.ndarray, correct: np.ndarray
+    cert: AbstentionCertificate, confidence: np.ndarray, correct: np.ndarray, n_classes: int
 ) -> list[str]:
     """Advice when the certificate answers nothing or the split is too small for its target, with the smallest
     target these rows could support (``confidence``/``correct``: the served decision's on the policy rows)."""
@@ -363,14 +371,27 @@ def abstention_warnings(
     out = []
     n_rows = len(correct)
     need = rows_needed(cert.target_risk, cert.delta)
-    lowest, share = smallest_certifiable_risk(confidence, correct, cert.delta)
+    lowest, share = smallest_certifiable_risk(
+        confidence,
+        correct,
+        cert.delta,
+        n_classes=n_classes,
+        method=cert.method,  # type: ignore[arg-type]
+    )
     if cert.answers == "none":
         out.append(
             f"Certified abstention answers 0 % of images: no confidence threshold certifies selective risk ≤ "
             f"{cert.target_risk:g} at δ={cert.delta:g} on {n_rows} calibration rows, so the bundle abstains on "
-            f"every image. The smallest target these rows could support is about {math.ceil(lowest * 1000) / 1000:g} "
-            f"(answering about {share:.0%} of them): set selective.target_risk to at least that, add labelled "
-            "images (more calibration rows), or use a stronger model (pretrained weights: model.weights=FILE)."
+            "every image. "
+            + (
+                f"The smallest target {cert.method} certifies on these rows is {lowest:g} (answering {share:.0%} "
+                f"of them): rerun with selective.target_risk={lowest:g} (the same name=, so only the trust stages "
+                "rerun), "
+                if lowest < 1
+                else "No target up to 0.5 is certified on these rows: "
+            )
+            + "add labelled images (more calibration rows), or use a stronger model (pretrained weights: "
+            "model.weights=FILE)."
         )
     if n_rows < need:
         out.append(

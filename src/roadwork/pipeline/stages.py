@@ -145,9 +145,11 @@ def stage_train(ctx: StageContext) -> dict[str, Any]:
     """Train the model on the train split (early stopping on val): its weights, card, history and curves."""
     from roadwork.evaluation.plots import training_png
     from roadwork.models.factory import save_model
+    from roadwork.pipeline.certify import check_policy_classes
     from roadwork.training.loop import save_history, train_model
 
     df, classes = load_dataset(ctx.inputs["data"])
+    check_policy_classes(ctx.cfg.policy, classes)  # class-dependent keys fail here, not after training
     tr, va = df[df["split"] == "train"], df[df["split"] == "val"]
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
@@ -395,7 +397,7 @@ def stage_selective(ctx: StageContext) -> dict[str, Any]:
     return {
         **cert.to_dict(),
         "decision": decision,
-        "warnings": abstention_warnings(cert, conf, pred == cal.labels),
+        "warnings": abstention_warnings(cert, conf, pred == cal.labels, cal.n_classes),
     }
 
 
@@ -497,6 +499,7 @@ def _int8_variant(
     q_policy_path = ctx.out / "policy-int8.json"
     q_policy.save(q_policy_path)
     info = q_info | {"runtime": "onnxruntime", "precision": "int8", "policy": "policy-int8.json"}
+    _save_model_alone(ctx, "int8", q_report, info)
     info["certified_on"] = q_report["rows"]
     info |= _variant_quality(ctx, card, {"fp32": (onnx_path, policy), "int8": (q_path, q_policy)})
     info["size_mb"] = round(q_path.stat().st_size / 2**20, 3)
@@ -532,6 +535,7 @@ def _openvino_variants(
         pname = f"policy-{spec.name}.json"
         v_policy.save(ctx.out / pname)
         v_info = v_info | {"policy": pname}
+        _save_model_alone(ctx, spec.name, v_report, v_info)
         v_info |= {
             "certified_on": v_report["rows"],
             "certified_cpu": cpu_summary(),
@@ -590,6 +594,9 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
         ).items():
             info[name], extra[v_policy_path.name] = v_info, v_policy_path
             variants[name] = (v_path, v_info)
+    for _, v_info in variants.values():  # each variant's model-alone policy (/v2, Triton) ships with it
+        if v_info.get("model_policy"):
+            extra[v_info["model_policy"]] = ctx.out / v_info["model_policy"]
     # what roadwork bench may select: the fastest certified variant within these of fp32 on the test split
     info["selection"] = {"max_accuracy_drop": e.max_accuracy_drop, "max_ece_increase": e.max_ece_increase}
     info["size_mb"] = round(onnx_path.stat().st_size / 2**20, 3)
@@ -651,6 +658,8 @@ def _remove_staging_files(
     (ctx.out / MODEL_POLICY).unlink(missing_ok=True)
     for path, v_info in variants.values():
         (ctx.out / v_info["policy"]).unlink(missing_ok=True)
+        if v_info.get("model_policy"):
+            (ctx.out / v_info["model_policy"]).unlink(missing_ok=True)
         if path is not None:
             path.unlink()
             path.with_suffix(".bin").unlink(missing_ok=True)  # an OpenVINO IR's weights
@@ -672,7 +681,13 @@ def _what_it_answers(ctx: StageContext, policy: TrustPolicy) -> dict[str, Any]:
     cal, probs, _, _ = served_calib(ctx)
     a = policy.abstention
     pred, conf = policy.decision(probs)
-    lowest, _ = smallest_certifiable_risk(conf, pred == cal.labels, a.delta)
+    lowest, _ = smallest_certifiable_risk(
+        conf,
+        pred == cal.labels,
+        a.delta,
+        n_classes=cal.n_classes,
+        method=a.method,  # type: ignore[arg-type]
+    )
     return {
         "test": float((~out.abstain).mean()) if len(test) else None,
         "test_n": len(test),
@@ -744,7 +759,20 @@ def _variant_policy(
         cascade = Cascade.from_dict(policy.cascade.to_dict())
     elif load_cascade(ctx.inputs["cascade"]) is not None:  # a cascade that kept the model alone: same rows
         cascade = load_cascade(ctx.inputs["cascade"])
-    return certify_served(ctx.cfg, variant, cascade=cascade, early=early)
+    served, report = certify_served(ctx.cfg, variant, cascade=cascade, early=early)
+    if served.cascade is not None:  # /v2 and Triton give this variant tensors: its model alone, certified too
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RoadworkWarning)
+            report["model_alone"] = certify_served(ctx.cfg, variant, cascade=None)[0]
+    return served, report
+
+
+def _save_model_alone(ctx: StageContext, name: str, report: dict[str, Any], info: dict[str, Any]) -> None:
+    """A variant's model-alone policy (see :func:`_variant_policy`) saved beside its policy, named in ``info``."""
+    alone = report.pop("model_alone", None)
+    if alone is not None:
+        info["model_policy"] = f"policy-model-{name}.json"
+        alone.save(ctx.out / info["model_policy"])
 
 
 def _variant_quality(
@@ -956,7 +984,9 @@ def _model_check(
         )
     except MissingDependencyError:  # scikit-learn absent: the chance checks still run
         correct = None
-    m = ctx.cfg.model
+    from roadwork.config import load_config
+
+    m, recipe = ctx.cfg.model, load_config("scratch").model
     return model_check(
         test.logits,
         test.labels,
@@ -964,6 +994,7 @@ def _model_check(
         val_losses=[float(h["val_loss"]) for h in history],
         baseline_correct=correct,
         pretrained=m.pretrained or m.weights is not None,
+        scratch=(m.backbone, m.kwargs) == (recipe.backbone, recipe.kwargs),
     )
 
 

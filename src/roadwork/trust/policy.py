@@ -59,7 +59,9 @@ class PolicyOutput:
                 "abstain": bool(self.abstain[i]),
             }
             if self.score is not None:  # StreetVision-style binary score in [0, 1]; 0.5 decides
-                rec["score"] = round(float(self.score[i]), 6)
+                s = round(float(self.score[i]), 6)
+                # a score just under 0.5 must not print as 0.5: a client rounding the JSON decides as label does
+                rec["score"] = 0.499999 if s >= 0.5 > self.score[i] else s
             if self.positive_possible is not None:
                 rec["positive_possible"] = bool(self.positive_possible[i])
             if self.stage is not None and self.stage_names is not None:

@@ -159,22 +159,45 @@ def rows_needed(target_risk: float, delta: float) -> int:
     return math.ceil(math.log(delta) / math.log(1 - target_risk))
 
 
-def smallest_certifiable_risk(confidence: object, correct: object, delta: float) -> tuple[float, float]:
-    """``(risk, answered share)``: the lowest selective-risk target any single confidence threshold could certify on
-    these rows at ``delta`` — the minimum, over answering the k most confident rows, of the one-sided Clopper–Pearson
-    bound on their errors — and the share it answers. A guide for choosing ``selective.target_risk`` (what a
-    split of this size and a model of this quality can support), not itself a certificate: choosing the target
-    after looking is what this number is for, so certify the chosen target on fresh rows."""
+def smallest_certifiable_risk(
+    confidence: object,
+    correct: object,
+    delta: float,
+    *,
+    n_classes: int = 2,
+    method: Method = "ltt",
+    seed: int = 0,
+) -> tuple[float, float]:
+    """``(target, answered share)``: the smallest selective-risk target, on a 0.001 grid up to 0.5, at which
+    :func:`certify_abstention` with this ``method`` and ``seed`` certifies a threshold on these very rows (``1.0,
+    0.0`` when none up to 0.5 does) — the number to try in ``selective.target_risk`` when nothing was certified:
+    rerun on the same calibration rows, it answers. Found by bisection (certification is nearly monotone in the
+    target; the returned target is checked). A guide for choosing the target, not itself a certificate of
+    anything: choosing after looking is what it is for, so certify the chosen target on fresh rows."""
     c = np.asarray(confidence, dtype=np.float64).ravel()
-    err = ~np.asarray(correct, dtype=bool).ravel()
+    ok = np.asarray(correct, dtype=bool).ravel()
     if c.size == 0:
         return 1.0, 0.0
-    order = np.argsort(-c, kind="stable")
-    c_sorted, k = c[order], np.arange(1, c.size + 1)
-    last_of_tie = np.r_[c_sorted[1:] != c_sorted[:-1], True]  # a threshold answers ties together
-    bound = clopper_pearson_upper(np.cumsum(err[order])[last_of_tie], k[last_of_tie], delta)
-    best = int(np.argmin(bound))
-    return float(bound[best]), float(k[last_of_tie][best] / c.size)
+
+    def certify(target: float) -> AbstentionCertificate:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RoadworkWarning)
+            return certify_abstention(
+                c, ok, target_risk=target, delta=delta, n_classes=n_classes, method=method, seed=seed
+            )
+
+    grid = np.round(np.arange(1, 501) / 1000, 3)
+    lo, hi = 0, len(grid) - 1
+    if math.isinf(certify(float(grid[hi])).threshold):
+        return 1.0, 0.0
+    while lo < hi:  # the first grid target that certifies something
+        mid = (lo + hi) // 2
+        if math.isinf(certify(float(grid[mid])).threshold):
+            lo = mid + 1
+        else:
+            hi = mid
+    cert = certify(float(grid[lo]))
+    return float(grid[lo]), float(cert.coverage)
 
 
 def _counts(c: np.ndarray, err: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
