@@ -388,7 +388,7 @@ def abstention_warnings(
                 f"of them): rerun with selective.target_risk={lowest:g} (the same name=, so only the trust stages "
                 "rerun), "
                 if lowest < 1
-                else "No target up to 0.5 is certified on these rows: "
+                else "No selective.target_risk up to 0.5 is certified on these rows: "
             )
             + "add labelled images (more calibration rows), or use a stronger model (pretrained weights: "
             "model.weights=FILE)."
