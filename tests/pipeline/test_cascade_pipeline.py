@@ -221,6 +221,8 @@ def test_auto_cascade_is_off_where_its_gate_cannot_be_certified(tiny_run, tmp_pa
     res = run_pipeline(auto, progress=False)
     spec = json.loads((res.run_dir / "cascade" / "cascade.json").read_text())
     assert spec["enabled"] is False and "cascade.enabled=auto" in spec["warnings"][0]
+    stages = json.loads((res.run_dir / "cascade_models" / "stages.json").read_text())
+    assert stages == {"enabled": False, "reason": stages["reason"]}  # decided before any stage was trained
     assert f"fewer than the {rows_needed(0.02, 0.05)} that cascade.target=0.02 needs" in spec["warnings"][0]
     assert "[cascade] off (cascade.enabled=auto)" in capsys.readouterr().out
     assert res.metrics["served"]["path"] == "model"

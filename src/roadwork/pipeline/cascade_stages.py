@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from roadwork.config import RunConfig
 from roadwork.errors import RoadworkWarning
 from roadwork.jsonio import write_json
 from roadwork.pipeline.artifacts import (
@@ -43,7 +44,7 @@ from roadwork.trust import Predictions, make_calibrator, softmax
 from roadwork.trust.calibration import calibrate_proba
 from roadwork.trust.cascade import CascadeStage
 
-__all__ = ["stage_cascade", "stage_cascade_models"]
+__all__ = ["cascade_auto_key", "stage_cascade", "stage_cascade_models"]
 
 _OUTPUT_SPLITS = ("calib", "test")  # the splits every stage's outputs are stored on
 
@@ -274,6 +275,17 @@ def stage_cascade_models(ctx: StageContext) -> dict[str, Any]:
         write_json(ctx.out / "stages.json", {"enabled": False})
         return {"enabled": False}
     df, classes = load_dataset(ctx.inputs["data"])  # load_config ensures an earlier stage exists
+    if c.enabled == "auto":  # decided from the data size before any stage trains (its key: cascade_auto_key)
+        from roadwork.pipeline.certify import fit_fraction, row_split
+
+        calib_ids = split_rows(df, "calib")["id"].to_numpy()
+        cannot = _cannot_pay(ctx, row_split(calib_ids, fit_fraction(ctx.cfg), c.gate_fraction))
+        if cannot is not None:
+            from roadwork._progress import progress_write
+
+            progress_write(f"[cascade] off (cascade.enabled=auto): {cannot}")
+            write_json(ctx.out / "stages.json", {"enabled": False, "reason": cannot})
+            return {"enabled": False}
     parts = {split: split_rows(df, split) for split in ("train", "val", "calib", "test")}
     side = run_decode_side(ctx.cfg, ctx.inputs["train"])
     images = {
@@ -329,13 +341,25 @@ class _EarlyOutputs:
         return [*out, None]
 
 
+def cascade_auto_key(cfg: RunConfig) -> str:
+    """What ``cascade.enabled=auto``'s decision reads besides the data (the cascade_models stage's cache key): a
+    new ``cascade.target`` retrains the earlier stages only when it can change that decision."""
+    from roadwork.pipeline.certify import fit_fraction
+    from roadwork.trust.selective import rows_needed
+
+    c = cfg.cascade
+    if c.enabled != "auto":
+        return ""
+    return f"auto:{rows_needed(c.target, c.delta)}:{c.gate_fraction}:{fit_fraction(cfg)}"
+
+
 def _cannot_pay(ctx: StageContext, split: Any) -> str | None:
     """With ``cascade.enabled=auto``: why a cascade cannot pay on this calibration split, or None. Its gate is
     certified on its own share of the calibration rows and the policy on the rest: when the gate's rows are fewer
     than ``cascade.target`` needs at ``cascade.delta`` even with no disagreement at all, no earlier stage can ever
     be kept, and the rows it took are missing behind the policy (1,079 photos: 108 gate rows where 0.02 at δ 0.05
-    needs 149). Decided here, where the cache key covers every ``cascade`` key (the earlier stages are trained
-    either way: a new ``cascade.target`` must not retrain them)."""
+    needs 149). Decided in the cascade_models stage before anything trains (:func:`cascade_auto_key` is in its
+    cache key) and checked again in the cascade stage, whose key covers every ``cascade`` key."""
     from roadwork.trust.selective import rows_needed
 
     c = ctx.cfg.cascade
@@ -398,8 +422,11 @@ def stage_cascade(ctx: StageContext) -> dict[str, Any]:
     models = ctx.inputs["cascade_models"]
     listed = read_json(models / "stages.json")
     if not listed.get("enabled"):
-        write_json(ctx.out / "cascade.json", {"enabled": False})
-        return {"enabled": False}
+        notes = (
+            [f"The cascade is off (cascade.enabled=auto): {listed['reason']}"] if listed.get("reason") else []
+        )
+        write_json(ctx.out / "cascade.json", {"enabled": False, "warnings": notes})
+        return {"enabled": False, "warnings": notes}
     stages = [CascadeStage.from_dict(d) for d in listed["stages"]]
     cal, test = (load_predictions(ctx.inputs["predict"], s) for s in ("calib", "test"))
     early = {s: _EarlyOutputs.read(models, stages, s, cal.n_classes) for s in ("calib", "test")}

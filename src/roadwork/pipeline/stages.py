@@ -38,7 +38,7 @@ from roadwork.pipeline.artifacts import (
     stage_manifest,
     stage_outputs,
 )
-from roadwork.pipeline.cascade_stages import stage_cascade, stage_cascade_models
+from roadwork.pipeline.cascade_stages import cascade_auto_key, stage_cascade, stage_cascade_models
 from roadwork.pipeline.runner import Stage, StageContext
 from roadwork.trust import Predictions, SplitConformal, TrustPolicy, make_calibrator, softmax
 from roadwork.trust.calibration import calibrate_proba
@@ -1042,6 +1042,7 @@ STAGES: list[Stage] = [
             "export.opset",
         ),
         stage_cascade_models,
+        fingerprint=cascade_auto_key,  # cascade.enabled=auto decides here from cascade.target and the data
         code=_code("data", "models", "training", "export", "trust", "pipeline/cascade_stages.py"),
     ),
     Stage(
