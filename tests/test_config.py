@@ -156,3 +156,22 @@ def test_config_only_contradictions_fail_at_load_naming_fields_values_and_fix(ov
 )
 def test_the_rules_allow_the_consistent_neighbours(overrides):
     load_config("demo", overrides)
+
+
+def test_cascade_enabled_is_true_false_or_auto_with_one_message():
+    from roadwork.config import ConfigError, load_config
+
+    assert load_config("demo").cascade.enabled == "auto"
+    assert load_config("demo", ["cascade.enabled=true"]).cascade.enabled is True
+    assert load_config("demo", ["cascade.enabled=False"]).cascade.enabled is False
+    import pytest
+
+    with pytest.raises(ConfigError, match=r"cascade.enabled.*must be true, false or auto \(got 'maybe'\)"):
+        load_config("demo", ["cascade.enabled=maybe"])
+
+
+def test_a_numeric_positive_class_names_the_class_of_that_name():
+    from roadwork.config import load_config
+
+    assert load_config("default", ["policy.positive_class=1"]).policy.positive_class == "1"
+    assert load_config("default", ["policy.positive_class=roadwork"]).policy.positive_class == "roadwork"

@@ -328,6 +328,13 @@ class PolicyConfig(_Strict):
         description="binary tasks: the class whose probability is the score; null: 'roadwork' for the "
         "roadwork/no_roadwork task, else the alphabetically second class",
     )
+
+    @field_validator("positive_class", mode="before")
+    @classmethod
+    def _class_name(cls, v: Any) -> Any:
+        """Class names are folder names or manifest labels, strings: ``policy.positive_class=1`` means class "1"."""
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
     target: float = Field(0.9, gt=0, lt=1, description="target precision or recall for operating_point")
     max_miss_rate: float | None = Field(
         None,
@@ -454,6 +461,18 @@ class CascadeConfig(_Strict):
     )
     cost_batch: int = Field(32, ge=1, description="batch size at which each stage's ms/image is measured")
     cost_images: int = Field(256, ge=8, description="test images used to measure costs")
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, v: Any) -> Any:
+        """One message for every other value (pydantic's would list the union's parts)."""
+        if isinstance(v, bool) or v == "auto":
+            return v
+        if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+            return v.strip().lower() == "true"
+        raise ValueError(
+            f"must be true, false or auto (got {v!r}); auto builds a cascade only where it can pay"
+        )
 
     @model_validator(mode="after")
     def _needs_an_earlier_stage(self) -> CascadeConfig:
