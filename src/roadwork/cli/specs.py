@@ -179,8 +179,9 @@ _BUNDLE = [
         "measured side by side in one interleaved run: size, accuracy and ECE (each through its own policy) "
         "and their change vs fp32, ms/img, img/s, speed-up over torch eager. Marks the fastest variant with a "
         "certified policy within the accuracy/ECE budget and not slower than fp32; select=true records it in "
-        "the bundle (runtime.json), which roadwork serve BUNDLE variant=auto serves. Labelled images: "
-        "images=, else the run's test split.",
+        "the bundle (runtime.json), which roadwork serve BUNDLE variant=auto serves, with its served figures on "
+        "the run's test split (runtime.json and evaluate/metrics.json). Labelled images for the selection: "
+        "images=, else the run's val split (never the test split it reports).",
         (
             "roadwork bench runs/demo/export/bundle",
             "roadwork bench runs/demo/export/bundle batch=32 seconds=10 threads=2",

@@ -2,20 +2,22 @@
 and the fastest correct one chosen by that measurement.
 
 Columns as Ultralytics' benchmark table: format, status, size MB, accuracy and ECE on labelled images (each
-variant through its *own* policy), their change vs ONNX Runtime fp32, max |logit difference| vs fp32, ms/img
+certified variant as it serves: decode, cascade and its *own* policy, end to end), their change vs ONNX Runtime fp32, max |logit difference| vs fp32, ms/img
 and img/s at the serving batch size, speed-up over torch eager. Speed is the best of ``rounds`` interleaved
 rounds (every variant runs once per round, so a noisy neighbour slows them all alike), after a warm-up.
 
 The labelled images: ``images=FOLDER`` (one subfolder per class) or ``images=manifest.csv`` (path, label), else
-the run's test split when the bundle sits in a run folder (``runs/<name>/export/bundle``), else none (the
-accuracy recorded at export time, where the manifest has it). Torch eager runs the trained weights when the
+the run's val split when the bundle sits in a run folder (``runs/<name>/export/bundle``) — never the test split
+the run reports — else none (the accuracy recorded at export time, where the manifest has it). Torch eager runs the trained weights when the
 run folder has them, else the same architecture with random weights (speed only).
 
 Selection: the fastest variant that (a) has a policy certified on its own outputs, (b) loses at most
 ``max_accuracy_drop`` points of accuracy and raises ECE by at most ``max_ece_increase`` vs fp32 (the bundle's
 ``export.selection``, from the run's config), (c) is not slower than ONNX Runtime fp32. ``select=True``
 records it in ``runtime.json`` (hashed in the manifest); ``Bundle.load(variant="auto")`` and
-``roadwork serve BUNDLE variant=auto`` serve it.
+``roadwork serve BUNDLE variant=auto`` serve it. The selected variant's served figures on the run's test split
+(end to end) go into ``runtime.json`` (``served_test``) and the run's ``evaluate/metrics.json``
+(``variants[name]``, ``served_variant``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ __all__ = [
     "measure_bundle",
     "record_selection",
     "select_variant",
+    "served_test_figures",
 ]
 
 _FORMATS = {
@@ -83,6 +86,7 @@ class _Inputs:
     source: str
     batch: int
     threads: int
+    paths: list[str] = field(default_factory=list)  # the labelled images, for the served path end to end
 
 
 def _read_labelled(src: Path) -> Any:
@@ -104,8 +108,11 @@ def _read_labelled(src: Path) -> Any:
     return df.assign(path=[p if Path(p).is_absolute() else str(src.parent / p) for p in df["path"]])
 
 
-def _labelled_images(bundle: Bundle, images: str | None, limit: int) -> tuple[list[str], np.ndarray, str]:
-    """Paths, labels (class indices) and a description of where they came from."""
+def _labelled_images(
+    bundle: Bundle, images: str | None, limit: int, split: str = "val"
+) -> tuple[list[str], np.ndarray, str]:
+    """Paths, labels (class indices) and a description of where they came from: ``images=``, else the run's
+    ``split`` — the val split for the selection, so that it never looks at the test split it then reports."""
     import pandas as pd
 
     if images is not None:
@@ -122,9 +129,9 @@ def _labelled_images(bundle: Bundle, images: str | None, limit: int) -> tuple[li
         if bundle.path.resolve().parent.name != "export" or not data.is_file():
             return [], np.zeros(0, np.int64), "none (pass images=FOLDER|manifest.csv)"
         df = pd.read_parquet(data)
-        df = df[df["split"] == "test"]
+        df = df[df["split"] == split]
         df = df.assign(path=[p if Path(p).is_absolute() else str(data.parent / p) for p in df["path"]])
-        what = f"the run's test split ({run_dir.name})"
+        what = f"the run's {split} split ({run_dir.name})"
     unknown = sorted(set(df["label"]) - set(bundle.classes))
     if unknown:
         raise InputError(
@@ -144,7 +151,7 @@ def _inputs(bundle: Bundle, images: str | None, max_images: int, batch: int, thr
         xl = preprocess([load_rgb(p, bundle.decode_side) for p in paths], bundle.card.preprocess)
     s = bundle.card.preprocess.size
     x = np.random.default_rng(0).normal(size=(batch, 3, s, s)).astype(np.float32)
-    return _Inputs(x, xl, y, source, batch, threads)
+    return _Inputs(x, xl, y, source, batch, threads, list(paths))
 
 
 def _torch_model(bundle: Bundle) -> tuple[Any, str]:
@@ -165,10 +172,22 @@ def _torch_model(bundle: Bundle) -> tuple[Any, str]:
 
 
 def _quality(row: dict[str, Any], logits: np.ndarray, policy: TrustPolicy, y: np.ndarray) -> None:
+    """The model alone through the policy's calibrator (what torch eager and uncertified variants can show)."""
     from roadwork.trust import metrics as M
 
     probs = policy.apply(logits).probs
     row["accuracy"], row["ece"] = M.accuracy(probs, y), M.ece(probs, y)
+    row["accuracy_model"] = row["accuracy"]
+
+
+def _served_quality(row: dict[str, Any], bundle: Bundle, name: str, inp: _Inputs) -> None:
+    """Accuracy and ECE of what this variant serves, end to end (decode, cascade, its own policy), on the
+    labelled images: what the selection compares."""
+    from roadwork.trust import metrics as M
+
+    out = Bundle.load(bundle.path, variant=name, threads=inp.threads).predict_output(inp.paths)
+    row["accuracy"], row["ece"] = float((out.pred == inp.y).mean()), M.ece(out.probs, inp.y)
+    row["quality_source"] = "served"
 
 
 def _torch_candidate(bundle: Bundle, inp: _Inputs) -> tuple[dict[str, Any], _Candidate | None]:
@@ -245,6 +264,8 @@ def _runtime_candidate(
     if inp.xl is not None:
         row["logits"] = sess.logits(inp.xl, batch_size=inp.batch)
         _quality(row, row["logits"], TrustPolicy.load(bundle.path / (policy_file or "policy.json")), inp.y)
+        if policy_file is not None:
+            _served_quality(row, bundle, name, inp)
     elif f"test_accuracy_{name}" in known.get(name, {}):  # recorded at export time
         row["accuracy"], row["ece"] = known[name][f"test_accuracy_{name}"], known[name][f"test_ece_{name}"]
         row["quality_source"] = "export"
@@ -391,8 +412,59 @@ def bench_bundle(
         "selected": chosen["variant"],
     }
     if select:
+        served = served_test_figures(bundle, chosen["variant"], threads)
+        result.meta["served_test"] = served
         result.meta["recorded"] = str(record_selection(bundle.path, rows, chosen, result.meta))
+        if served is not None:
+            _record_in_run_metrics(bundle.path, chosen["variant"], served)
     return result
+
+
+def served_test_figures(bundle: Bundle, variant: str, threads: int = 0) -> dict[str, Any] | None:
+    """The figures of what ``variant`` serves, end to end (decode, cascade, its own policy), on the run's test
+    split — the split the run's report is about, never looked at by the selection (None outside a run folder)."""
+    from roadwork.trust import metrics as M
+
+    paths, y, source = _labelled_images(bundle, None, 10**9, split="test")
+    if not paths:
+        return None
+    out = Bundle.load(bundle.path, variant=variant, threads=threads).predict_output(paths)
+    answered = ~out.abstain
+    correct = out.pred == y
+    return {
+        "variant": variant,
+        "what": f"the bundle's {variant} variant end to end (decode, cascade, its own policy) on {source}",
+        "n": len(y),
+        "accuracy": float(correct.mean()),
+        "ece": M.ece(out.probs, y),
+        "coverage": float(out.sets[np.arange(len(y)), y].mean()),
+        "answered": float(answered.mean()),
+        "selective_risk": float(1 - correct[answered].mean()) if answered.any() else None,
+    }
+
+
+def _record_in_run_metrics(bundle_path: Path, variant: str, served: dict[str, Any]) -> None:
+    """The run's ``evaluate/metrics.json`` gets ``variants[variant]`` (and ``served_variant``), and the evaluate
+    stage's manifest the file's new size and sha256, so the stage stays a valid cache entry."""
+    import hashlib
+    import json
+
+    evaluate = bundle_path.resolve().parent.parent / "evaluate"
+    metrics_file, manifest_file = evaluate / "metrics.json", evaluate / "manifest.json"
+    if not (metrics_file.is_file() and manifest_file.is_file()):
+        return
+    metrics = json.loads(metrics_file.read_text())
+    metrics.setdefault("variants", {})[variant] = served
+    metrics["served_variant"] = variant  # what variant=auto serves now
+    from roadwork.jsonio import write_json
+
+    write_json(metrics_file, metrics)
+    manifest = json.loads(manifest_file.read_text())
+    entry = manifest.get("outputs", {}).get("metrics.json")
+    if entry is not None:
+        data = metrics_file.read_bytes()
+        entry.update({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+        write_json(manifest_file, manifest)
 
 
 def record_selection(
@@ -411,8 +483,9 @@ def record_selection(
         "batch": meta["batch"],
         "img_s": chosen["img_s"],
         "ms_img": chosen["ms_img"],
-        "accuracy": chosen.get("accuracy"),
+        "accuracy": chosen.get("accuracy"),  # on the selection's labelled images (the val split by default)
         "ece": chosen.get("ece"),
+        "served_test": meta.get("served_test"),  # end to end on the run's test split: what it serves
         "images": meta["images"],
         "budget": meta["budget"],
         "cpu": meta["cpu"],
