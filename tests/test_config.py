@@ -175,3 +175,32 @@ def test_a_numeric_positive_class_names_the_class_of_that_name():
 
     assert load_config("default", ["policy.positive_class=1"]).policy.positive_class == "1"
     assert load_config("default", ["policy.positive_class=roadwork"]).policy.positive_class == "roadwork"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """A 1 KB "billion laughs" config grew roadwork config show to 1.5 GB in 25 s: aliases are refused."""
+    import time
+
+    import pytest
+
+    from roadwork.config import ConfigError, load_config
+
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        prev = chr(ord("a") + i - 1)
+        lines.append(
+            f"{chr(ord('a') + i)}: &{chr(ord('a') + i)} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]"
+        )
+    lines.append("model: {kwargs: {bomb: *i}}")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"aliases \(\*a\) are not accepted"):
+        load_config(str(bomb))
+    with pytest.raises(
+        ConfigError
+    ):  # an alias in an override is not YAML we read: the kwargs are not a mapping
+        load_config("demo", ["model.kwargs={a: &x [1, 2], b: [*x, *x]}"])
+    assert (
+        time.perf_counter() - t0 < 30
+    )  # generous: the point is that nothing expands (it took 25 s and 1.5 GB)

@@ -360,3 +360,26 @@ def test_v2_tensors_get_the_model_alones_certified_policy(client, bundle, images
     assert out["abstain"]["data"] == expected.abstain.tolist()
     meta = client.get("/v2/models/tiny").json()["parameters"]
     assert meta["infer_policy"] == "model alone (policy-model.json)"
+
+
+def test_a_non_string_v2_id_is_a_400_before_the_model_runs_and_the_connection_lives(client, bundle, images):
+    from roadwork.data.preprocess import load_rgb, preprocess
+
+    x = preprocess([load_rgb(images[0])], bundle.card.preprocess)
+    inp = [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    for bad in (5, None, {"a": 1}, ["x"], 1.5, True):
+        r = client.post("/v2/models/tiny/infer", json={"id": bad, "inputs": inp})
+        assert r.status_code == 400 and "id must be a string" in r.json()["error"]
+    assert client.post("/v2/models/tiny/infer", json={"id": "ok", "inputs": inp}).json()["id"] == "ok"
+
+
+def test_an_empty_api_key_is_refused_not_read_as_no_auth(monkeypatch, capsys):
+    from pydantic import ValidationError
+
+    from roadwork.cli import main
+
+    with pytest.raises(ValidationError, match="would switch authentication off"):
+        ServeSettings(api_key="  ")
+    monkeypatch.setenv("ROADWORK_API_KEY", "")
+    assert main(["serve", "some/bundle"]) == 2
+    assert "api_key=''" in capsys.readouterr().err

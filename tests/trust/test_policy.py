@@ -97,3 +97,15 @@ def test_slices_reach_the_per_slice_calibrator_and_group_mondrian():
     back = TrustPolicy.from_json(policy.to_json())
     assert np.array_equal(back.apply(z, {"weather": g}).sets, with_meta.sets)
     assert back.slice_columns == ["weather"]
+
+
+def test_a_deeply_nested_policy_file_is_our_error(tmp_path):
+    import pytest
+
+    from roadwork.errors import ArtifactError
+    from roadwork.trust import TrustPolicy
+
+    deep = tmp_path / "policy.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ArtifactError, match="nested too deeply|Could not read policy"):
+        TrustPolicy.load(deep)

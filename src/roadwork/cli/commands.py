@@ -243,7 +243,7 @@ def serve(p: Parsed) -> int:
     from roadwork.serve.settings import ServeSettings
 
     values = {k: v for k, v in p.options.items() if k in p.given and k != "tracking_uri"}
-    if os.environ.get("ROADWORK_API_KEY"):
+    if "ROADWORK_API_KEY" in os.environ:  # set but empty is an error, not "no auth" (ServeSettings says so)
         values.setdefault("api_key", os.environ["ROADWORK_API_KEY"])
     try:
         settings = ServeSettings(**values)
@@ -251,6 +251,13 @@ def serve(p: Parsed) -> int:
         err = e.errors()[0]
         key = str(err["loc"][0])
         raise usage_error(p.command, f"{key}={values.get(key)!r}: {err['msg']}.") from None
+    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: host={settings.host} without an API key: anyone who reaches this port can classify; set "
+            "ROADWORK_API_KEY (or api_key=) or bind host=127.0.0.1",
+            file=sys.stderr,
+            flush=True,
+        )
     from roadwork.serve import serve as serve_bundle
 
     target = p.positionals["BUNDLE"]

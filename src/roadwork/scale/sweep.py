@@ -26,10 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from roadwork._deps import require
-from roadwork.config import RunConfig, dump_config, load_config, parse_overrides
+from roadwork.config import RunConfig, dump_config, load_config, parse_overrides, yaml_load
 from roadwork.errors import ConfigError
 
 __all__ = ["load_space", "run_sweep", "run_sweep_ray"]
@@ -42,7 +40,7 @@ def load_space(path: str | Path, cfg: RunConfig) -> dict[str, dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"space={str(path)!r} does not exist; pass a YAML file of dotted keys → ranges.")
-    space = yaml.safe_load(p.read_text()) or {}
+    space = yaml_load(p.read_text()) or {}
     if not isinstance(space, dict) or not space:
         raise ConfigError(
             f"space={str(path)!r} must map dotted config keys to ranges, e.g. train.lr: {{type: float, low: 1e-4, high: 1e-2}}."

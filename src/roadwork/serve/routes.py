@@ -254,6 +254,10 @@ async def infer(name: str, request: Request, state: State) -> Any:
     model = state.model
     body = await request.body()
     req, blob = v2.split_binary(body, request.headers.get("inference-header-content-length"))
+    if "id" in req and not isinstance(req["id"], str):  # OIP's id is a string; echoed back, so checked first
+        raise RequestError(
+            400, f"id must be a string (the request id echoed back); got {type(req['id']).__name__}."
+        )
     x, meta = v2.parse_input(req, model.size, state.settings.max_queue, blob, bound=model.input_bound)
     wanted = v2.requested_outputs(req)
     rows = await state.predict(request, x, meta, admit=True)

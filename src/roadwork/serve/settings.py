@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["ServeSettings"]
 
@@ -98,3 +98,14 @@ class ServeSettings(BaseModel):
         description="write every /v1/classify prediction to rotating Parquet files here (roadwork monitor)",
     )
     log_rows_per_file: int = Field(10_000, ge=1, description="predictions per Parquet file of log_dir")
+
+    @field_validator("api_key")
+    @classmethod
+    def _a_key_or_none(cls, v: str | None) -> str | None:
+        """An empty key would silently switch authentication off: refused (leave it unset for no auth)."""
+        if v is not None and not v.strip():
+            raise ValueError(
+                "is empty, which would switch authentication off; set a key (e.g. openssl rand -hex 32), or "
+                "leave ROADWORK_API_KEY/api_key unset to serve without one"
+            )
+        return v

@@ -262,3 +262,5 @@ class TrustPolicy:
             return cls.from_json(Path(path).read_text())
         except (OSError, ValueError, KeyError) as e:
             raise ArtifactError(f"Could not read policy {str(path)!r}: {e}") from None
+        except RecursionError:  # json nested thousands deep: not a policy
+            raise ArtifactError(f"Could not read policy {str(path)!r}: it is nested too deeply.") from None
