@@ -254,7 +254,7 @@ async def infer(name: str, request: Request, state: State) -> Any:
     model = state.model
     body = await request.body()
     req, blob = v2.split_binary(body, request.headers.get("inference-header-content-length"))
-    if "id" in req and not isinstance(req["id"], str):  # OIP's id is a string; echoed back, so checked first
+    if isinstance(req, dict) and "id" in req and not isinstance(req["id"], str):  # OIP's id: a string, echoed
         raise RequestError(
             400, f"id must be a string (the request id echoed back); got {type(req['id']).__name__}."
         )
