@@ -67,7 +67,35 @@ def _advice(pretrained: bool, scratch: bool = False) -> str:
     )
 
 
-# long: one finding after another, each with its figures and its message, reads best top to bottom
+def _baseline_finding(
+    out: dict[str, Any],
+    model_correct: np.ndarray,
+    baseline_correct: np.ndarray | None,
+    warnings: list[str],
+    advice: str,
+) -> bool:
+    """The feature baseline beside the model (``out["baseline"]``); True, with a warning, when it is right on
+    significantly more test images (paired, two-sided 5 %)."""
+    n = len(model_correct)
+    if baseline_correct is None or len(baseline_correct) != n or not n:
+        return False
+    gap, se = paired_gap(model_correct, np.asarray(baseline_correct, dtype=bool))
+    out["baseline"] = {
+        "what": "logistic regression on cheap colour/edge features, same training split",
+        "accuracy": float(np.mean(baseline_correct)),
+        "gap": gap,
+        "gap_se": se,
+    }
+    if not (gap > 1.96 * se and gap > 0):
+        return False
+    warnings.append(
+        f"The model is far below what this data gives: test accuracy {out['accuracy']:.3f} where a logistic "
+        f"regression on cheap colour and edge features of the same training images reaches "
+        f"{out['baseline']['accuracy']:.3f} (paired difference {gap:.3f} ± {1.96 * se:.3f}). " + advice
+    )
+    return True
+
+
 def model_check(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -134,24 +162,7 @@ def model_check(
             f"Training did not learn: the validation loss never went below ln {k} = {out['ln_k']:.4f} (what a "
             f"uniform guess scores; best {best:.4f}). " + _advice(pretrained, scratch)
         )
-    weak = False
-    if baseline_correct is not None and len(baseline_correct) == n and n:
-        model_correct = pred == y
-        gap, se = paired_gap(model_correct, np.asarray(baseline_correct, dtype=bool))
-        out["baseline"] = {
-            "what": "logistic regression on cheap colour/edge features, same training split",
-            "accuracy": float(np.mean(baseline_correct)),
-            "gap": gap,
-            "gap_se": se,
-        }
-        weak = gap > 1.96 * se and gap > 0
-        if weak:
-            warnings.append(
-                f"The model is far below what this data gives: test accuracy {out['accuracy']:.3f} where a logistic "
-                f"regression on cheap colour and edge features of the same training images reaches "
-                f"{out['baseline']['accuracy']:.3f} (paired difference {gap:.3f} ± {1.96 * se:.3f}). "
-                + _advice(pretrained, scratch)
-            )
+    weak = _baseline_finding(out, pred == y, baseline_correct, warnings, _advice(pretrained, scratch))
     out["verdict"] = "chance" if chance or shares.max() == 1.0 else "weak" if weak or warnings else "ok"
     out["warnings"] = warnings
     return out
