@@ -157,6 +157,15 @@ def test_bench_measures_every_runtime_selects_records_and_auto_serves_it(ov_bund
     evaluate_manifest = json.loads((ov_bundle.parent.parent / "evaluate" / "manifest.json").read_text())
     entry = evaluate_manifest["outputs"]["metrics.json"]
     assert entry["size"] == (ov_bundle.parent.parent / "evaluate" / "metrics.json").stat().st_size
+    # the report and the model card say what variant=auto serves, with those same figures
+    evaluate = ov_bundle.parent.parent / "evaluate"
+    report, card = (evaluate / "report.html").read_text(), (evaluate / "MODEL_CARD.md").read_text()
+    assert report.count("<section id='variants'>") == 1 and f"serves <b>{auto.variant}</b>" in report
+    assert f"<td>{again['accuracy']:.4f}</td>" in report.split("<section id='variants'>")[1]
+    line = next(x for x in card.splitlines() if x.startswith("- **Served variant:**"))
+    assert f"`{auto.variant}`" in line and f"accuracy {again['accuracy']:.4f}" in line
+    for name in ("report.html", "MODEL_CARD.md"):
+        assert evaluate_manifest["outputs"][name]["size"] == (evaluate / name).stat().st_size
 
 
 def test_runtime_choice_is_hashed_and_never_names_an_uncertified_variant(ov_bundle, monkeypatch):

@@ -7,7 +7,15 @@ import html
 import math
 from typing import Any
 
-__all__ = ["model_check_line", "render_html", "render_model_card", "summary_rows"]
+__all__ = [
+    "model_check_line",
+    "render_html",
+    "render_model_card",
+    "summary_rows",
+    "variant_card_line",
+    "variants_html",
+    "with_variants",
+]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
@@ -101,6 +109,75 @@ def _served_html(metrics: dict[str, Any]) -> str:
             f"AUROC {alone['auroc']:.4f}, ECE {alone['ece']:.4f}."
         )
     return text + "</p>"
+
+
+def variants_html(metrics: dict[str, Any]) -> str:
+    """The section on what ``roadwork bench ... select=true`` chose, with each measured variant's served figures
+    (end to end on the test split), inside a ``<section id='variants'>`` that :func:`with_variants` replaces."""
+    variants = metrics.get("variants") or {}
+    if not variants:
+        return "<section id='variants'></section>"
+    chosen = metrics.get("served_variant")
+    rows = [
+        [
+            name,
+            v["n"],
+            v["accuracy"],
+            v["ece"],
+            v["coverage"],
+            v["answered"],
+            v["selective_risk"],
+        ]
+        for name, v in variants.items()
+    ]
+    return (
+        "<section id='variants'><h2>Served variant</h2><p>After <code>roadwork bench ... select=true</code>, "
+        f"<code>variant=auto</code> serves <b>{html.escape(str(chosen))}</b>. Each row is that variant end to "
+        "end (decode, cascade, its own certified policy) on this report's test split; the selection itself "
+        "compared variants on the val split. The figures above are the fp32 bundle's.</p>"
+        + _table(
+            ["variant", "n", "accuracy", "ECE", "coverage", "answered", "error on answered"],
+            rows,
+            ["ok" if name == chosen else "" for name in variants],
+        )
+        + "</section>"
+    )
+
+
+def variant_card_line(metrics: dict[str, Any]) -> str:
+    """The model card's line on the variant ``variant=auto`` serves and its served test figures."""
+    chosen = metrics.get("served_variant")
+    v = (metrics.get("variants") or {}).get(chosen or "")
+    if not v:
+        return "- **Served variant:** fp32 (no `roadwork bench ... select=true` yet)"
+    risk = "—" if v["selective_risk"] is None else f"{v['selective_risk']:.4f}"
+    return (
+        f"- **Served variant:** `{chosen}` (chosen by `roadwork bench ... select=true`); end to end on the "
+        f"{v['n']} test images: accuracy {v['accuracy']:.4f}, ECE {v['ece']:.4f}, coverage "
+        f"{v['coverage']:.4f}, answered {v['answered']:.4f}, error on answered {risk}"
+    )
+
+
+def with_variants(report_html: str, card_md: str, metrics: dict[str, Any]) -> tuple[str, str]:
+    """``report.html`` and ``MODEL_CARD.md`` with their served-variant section and line replaced by
+    ``metrics``' (what ``roadwork bench`` does after a selection, without re-rendering the figures)."""
+    import re
+
+    section = variants_html(metrics)
+    pattern = re.compile(r"<section id='variants'>.*?</section>", re.S)
+    if pattern.search(report_html):
+        report_html = pattern.sub(lambda _: section, report_html, count=1)
+    else:  # a report written before this section existed
+        report_html = report_html.replace("<h2>Summary</h2>", section + "\n<h2>Summary</h2>", 1)
+    line = variant_card_line(metrics)
+    lines = card_md.splitlines()
+    at = [i for i, x in enumerate(lines) if x.startswith("- **Served variant:**")]
+    if at:
+        lines[at[0]] = line
+    else:
+        after = [i for i, x in enumerate(lines) if x.startswith("- **Answers:**")]
+        lines.insert(after[0] + 1 if after else min(len(lines), 1), line)
+    return report_html, "\n".join(lines) + "\n"
 
 
 _CERT_METHOD = {
@@ -284,6 +361,7 @@ def render_html(
         _model_check_html(metrics),
         _warnings_html(metrics),
         _served_html(metrics),
+        variants_html(metrics),
         "<h2>Summary</h2>",
         _table(["metric", "value"], [list(r) for r in summary_rows(metrics)]),
         _guarantees_note(metrics),
@@ -397,6 +475,7 @@ def render_model_card(*, metrics: dict[str, Any], run_name: str, backbone: str, 
         + "; ".join(f"{k} {v}" for k, v in _calibration_rows(metrics)),
         f"- **Figures are of:** {metrics.get('served', {}).get('what', 'the model')}",
         f"- **Answers:** {_answers_line(s)}",
+        variant_card_line(metrics),
         "",
         *(f"> **Warning:** {w}" for w in metrics.get("warnings") or []),
         "",

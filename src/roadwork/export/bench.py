@@ -444,10 +444,14 @@ def served_test_figures(bundle: Bundle, variant: str, threads: int = 0) -> dict[
 
 
 def _record_in_run_metrics(bundle_path: Path, variant: str, served: dict[str, Any]) -> None:
-    """The run's ``evaluate/metrics.json`` gets ``variants[variant]`` (and ``served_variant``), and the evaluate
-    stage's manifest the file's new size and sha256, so the stage stays a valid cache entry."""
+    """The run's ``evaluate/metrics.json`` gets ``variants[variant]`` (and ``served_variant``), its report and
+    model card the served-variant section, and the evaluate stage's manifest the files' new sizes and sha256,
+    so the stage stays a valid cache entry."""
     import hashlib
     import json
+
+    from roadwork.evaluation.report import with_variants
+    from roadwork.jsonio import write_json
 
     evaluate = bundle_path.resolve().parent.parent / "evaluate"
     metrics_file, manifest_file = evaluate / "metrics.json", evaluate / "manifest.json"
@@ -456,15 +460,23 @@ def _record_in_run_metrics(bundle_path: Path, variant: str, served: dict[str, An
     metrics = json.loads(metrics_file.read_text())
     metrics.setdefault("variants", {})[variant] = served
     metrics["served_variant"] = variant  # what variant=auto serves now
-    from roadwork.jsonio import write_json
-
     write_json(metrics_file, metrics)
+    written = ["metrics.json"]
+    report, card = evaluate / "report.html", evaluate / "MODEL_CARD.md"
+    if report.is_file() and card.is_file():
+        new_report, new_card = with_variants(report.read_text(), card.read_text(), metrics)
+        for f, text in ((report, new_report), (card, new_card)):
+            tmp = f.with_name(f".{f.name}.tmp")
+            tmp.write_text(text)
+            tmp.replace(f)
+        written += ["report.html", "MODEL_CARD.md"]
     manifest = json.loads(manifest_file.read_text())
-    entry = manifest.get("outputs", {}).get("metrics.json")
-    if entry is not None:
-        data = metrics_file.read_bytes()
-        entry.update({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
-        write_json(manifest_file, manifest)
+    for name in written:
+        entry = manifest.get("outputs", {}).get(name)
+        if entry is not None:
+            data = (evaluate / name).read_bytes()
+            entry.update({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+    write_json(manifest_file, manifest)
 
 
 def record_selection(
