@@ -291,3 +291,16 @@ def test_json_images_bad_metadata_and_types(client, tiny_run):
         headers={"content-type": "application/json"},
     )
     assert r.status_code == 200
+
+
+def test_after_a_stall_an_idle_server_serves_every_v2_request(bundle, x):
+    """A stall (one batch that took 30 s) leaves the batch-time estimate far over any budget; a v2 request on an
+    idle server must still be served: it never counts as ahead of itself, and what is ahead is nothing."""
+    with _client(bundle, max_queue_delay_ms=1, max_latency_ms=200) as c:
+        state = c.app.state.roadwork  # type: ignore[attr-defined]
+        for _ in range(20):
+            state.batcher.service.observe(1, 30.0)  # as if every recent batch had stalled
+        assert state.batcher.expected_seconds(1, ahead=1) > 10  # one image ahead would be refused
+        codes = [c.post("/v2/models/tiny/infer", json=_v2(x[:1])).status_code for _ in range(30)]
+        assert codes == [200] * 30
+        assert state.admission.pending == 0 and state.admission.inside == 0

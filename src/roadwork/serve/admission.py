@@ -122,8 +122,10 @@ class Admission:
 
     def refusal(self, *, hard_only: bool = False, own: int = 0) -> str | None:
         """Why a new request is refused now (``None``: admitted). ``own``: 1 when the asking request is already
-        counted inside (a v2 request asks again once validated); ``hard_only``: only ``max_queue``."""
+        counted inside and pending (a v2 request asks again once validated): it never counts as ahead of itself,
+        so an idle server always serves it; ``hard_only``: only ``max_queue``."""
         inside = self.inside - own
+        pending = max(self.pending - own, 0)
         if inside >= self.settings.max_queue:
             return f"the server holds max_queue={self.settings.max_queue} requests already"
         if hard_only:
@@ -135,8 +137,8 @@ class Admission:
                 f"of {self.budget_s() * 1000:.0f} ms at {self.capacity:.0f} requests/s"
             )
         b = self.batcher
-        if b.over_budget(1, ahead=b.waiting + self.pending):
-            expected = b.expected_seconds(1, ahead=b.waiting + self.pending) * 1000
+        if b.over_budget(1, ahead=b.waiting + pending):
+            expected = b.expected_seconds(1, ahead=b.waiting + pending) * 1000
             return (
                 f"a new request would wait about {expected:.0f} ms for the model, over its budget of "
                 f"{b.budget * 1000:.0f} ms"
