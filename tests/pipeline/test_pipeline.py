@@ -98,6 +98,25 @@ def test_interrupted_run_resumes_and_leaves_no_partial_stage(tmp_path, monkeypat
     assert cached["data"] and cached["train"] and cached["predict"] and not cached["calibrate"]
 
 
+def test_a_second_run_on_a_busy_run_folder_is_refused_and_touches_nothing(tiny_run):
+    from roadwork.errors import ConfigError
+    from roadwork.pipeline.runner import run_folder_lock
+
+    cfg, _ = tiny_run
+    live = cfg.run_dir / ".tmp-train-99999"  # the first run's stage being written
+    with run_folder_lock(cfg.run_dir):
+        live.mkdir()
+        try:
+            with pytest.raises(
+                ConfigError, match=r"is in use by another roadwork run \(pid \d+, since .*name="
+            ):
+                run_pipeline(cfg, progress=False)
+            assert live.is_dir()  # the second run deleted nothing of the first's
+        finally:
+            live.rmdir()
+    assert all(r.cached for r in run_pipeline(cfg, progress=False).stages)  # free again once released
+
+
 def test_bundle_matches_the_in_process_pipeline_on_test(tiny_run):
     from roadwork.export.bundle import Bundle
     from roadwork.pipeline.artifacts import load_dataset, load_policy

@@ -4,6 +4,7 @@ admission slot and are cut off after body_timeout_s."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,13 +29,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start(bundle: Path, log: Path, *settings: str) -> tuple[subprocess.Popen[bytes], str]:
+def _start(
+    bundle: Path, log: Path, *settings: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "roadwork.cli", "serve", str(bundle), f"port={port}", *settings],
         stdout=log.open("wb"),  # a file: an unread pipe can fill and block the server
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180  # a cold first start (fresh venv, no .pyc yet) can take a while
@@ -164,3 +167,71 @@ def test_a_busy_port_is_our_error_naming_the_port_before_the_bundle_loads(tmp_pa
             serve(str(tmp_path / "no-bundle-needed"), ServeSettings(host="127.0.0.1", port=port))
     with pytest.raises(InputError, match=r"host='no\.such\.host\.invalid'"):
         serve(str(tmp_path), ServeSettings(host="no.such.host.invalid", port=8000))
+
+
+def _raw(base: str, data: bytes, wait: float = 10.0) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it (or ``wait`` passes)."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        with contextlib.suppress(OSError):  # the server may close while we still send: its answer counts
+            s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except OSError:
+            pass
+        return out
+
+
+def test_what_arrives_before_a_request_is_bounded(tiny_run, tmp_path):
+    """Heads over max_header_kb or max_headers get a JSON 431; a silent connection is closed after
+    header_timeout_s; beyond max_connections the oldest silent one is closed so a probe still gets in; a body
+    sent to an open path is refused unread; two Authorization headers are a 400; malformed HTTP is a JSON 400."""
+    _cfg, result = tiny_run
+    proc, base = _start(
+        result.bundle,
+        tmp_path / "server.log",
+        "max_header_kb=8",
+        "max_headers=20",
+        "header_timeout_s=1.5",
+        "max_connections=40",
+        env={"ROADWORK_API_KEY": "k"},
+    )
+    try:
+        big = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
+        answer = _raw(base, big)
+        assert answer.startswith(b"HTTP/1.1 431") and b'{"error": "the request head is over' in answer
+        many = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"".join(
+            b"X-%d: 1\r\n" % i for i in range(30)
+        )
+        assert _raw(base, many + b"\r\n").startswith(b"HTTP/1.1 431")
+        t0 = time.monotonic()
+        silent = _raw(base, b"", wait=10)
+        assert silent.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5
+        trickle = _raw(base, b"GET /v2/health/live HTTP/1.1\r\nX-A: 1\r\n", wait=10)  # never ends its head
+        assert trickle.startswith(b"HTTP/1.1 408")
+        held = [socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) for _ in range(80)]
+        try:
+            r = httpx.get(f"{base}/v2/health/ready", timeout=2)  # 80 silent sockets, 40 allowed: still in
+            assert r.status_code == 200
+            metrics = httpx.get(f"{base}/metrics", timeout=2).text
+            evicted = next(
+                ln for ln in metrics.splitlines() if ln.startswith("roadwork_connections_closed_idle_total")
+            )
+            assert float(evicted.split()[1]) >= 40
+        finally:
+            for s in held:
+                s.close()
+        body = b"x" * 5_000_000
+        post = b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+        answer = _raw(base, post + body[:1000])  # refused before the body: the rest is never waited for
+        assert answer.startswith(b"HTTP/1.1 405") and b"use GET" in answer
+        two = b"GET /v2/models/tiny HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nAuthorization: Bearer x\r\n\r\n"
+        assert _raw(base, two).startswith(b"HTTP/1.1 400")
+        bad = _raw(base, b"GARBAGE\x01 / HTTP/1.1\r\n\r\n")
+        assert bad.startswith(b"HTTP/1.1 400") and b"application/json" in bad and b'"error"' in bad
+        assert httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -244,7 +244,47 @@ def run_stages(
     forced = _descendants(stages, force)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in run_dir.glob(".tmp-*"):  # an interrupted earlier run
+    with run_folder_lock(run_dir):
+        return _run_locked(stages, cfg, forced, tracker, progress, on_stage, on_epoch)
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` (an exclusive ``flock``, released by the kernel if the process dies) for a run;
+    a second run on the same folder gets our error at once instead of deleting the first one's stage folders."""
+    import fcntl
+
+    lock = (run_dir / ".lock").open("a+")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(
+                f"run folder {run_dir} is in use by another roadwork run ({holder}); wait for it to finish, or "
+                f"pass another name=... for a separate run folder."
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        lock.flush()
+        yield
+    finally:
+        lock.close()
+
+
+def _run_locked(
+    stages: list[Stage],
+    cfg: RunConfig,
+    forced: set[str],
+    tracker: Any,
+    progress: bool,
+    on_stage: Callable[[StageResult], None] | None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+) -> list[StageResult]:
+    run_dir = cfg.run_dir
+    for leftover in run_dir.glob(".tmp-*"):  # an interrupted earlier run (the lock says none is running)
         shutil.rmtree(leftover, ignore_errors=True)
     done: dict[str, StageResult] = {}
     for stage in stages:

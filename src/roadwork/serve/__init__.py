@@ -68,8 +68,11 @@ def serve(bundle: str, settings: ServeSettings) -> None:
             timer.daemon = True
             timer.start()
 
+    from roadwork.serve.protocol import guarded_protocol
+
     config = uvicorn.Config(
         app,
+        http=guarded_protocol(settings, app.state.roadwork.metrics),  # head limits, head timeout, eviction
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),

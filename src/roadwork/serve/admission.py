@@ -52,6 +52,10 @@ class _Disconnected(Exception):
     pass
 
 
+class _OverTotal(Exception):
+    pass
+
+
 class Admission:
     """Which prediction requests get in. Three bounds, each answered 503 + ``Retry-After``:
 
@@ -204,6 +208,8 @@ class Gate:
         self.draining = draining
         self.key = settings.api_key.encode() if settings.api_key else None
         self.limit = int(settings.max_body_mb * 2**20)
+        self.total_limit = int(settings.max_inflight_body_mb * 2**20)
+        self.buffered = 0  # bytes of request bodies being read or held, declared or arrived
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -222,6 +228,17 @@ class Gate:
 
     async def _serve(self, scope: dict[str, Any], receive: Any, answer: _Answer) -> str:
         """Answer one request; returns the gate that refused it (``"other"`` when none did)."""
+        auths = [v for k, v in scope["headers"] if k == b"authorization"]
+        if len(auths) > 1:  # which one counts is ambiguous between proxies and us: neither
+            await answer.refuse(
+                400, "send one Authorization header, not several.", [(b"connection", b"close")]
+            )
+            return "auth"
+        if scope["path"] in OPEN_PATHS and scope["method"] not in ("GET", "HEAD"):
+            self.metrics.bodies_refused.inc()  # probes and the scraper take no body: never read one
+            msg = f"{scope['method']} is not allowed on {scope['path']}; use GET."
+            await answer.refuse(405, msg, [(b"allow", b"GET, HEAD"), (b"connection", b"close")])
+            return "other"
         if self.key is not None and scope["path"] not in OPEN_PATHS and not self._authorised(scope):
             msg = "missing or wrong API key: send 'Authorization: Bearer <key>'."
             await answer.refuse(401, msg, [(b"www-authenticate", b"Bearer")])
@@ -232,6 +249,12 @@ class Gate:
         body = await self._body(scope, receive, answer)
         if body is None:
             return "body"
+        try:
+            return await self._handle(scope, receive, answer, body)
+        finally:
+            self.buffered -= len(body)
+
+    async def _handle(self, scope: dict[str, Any], receive: Any, answer: _Answer, body: bytes) -> str:
         replay = _Replay(body, receive)
         if not scope["path"].endswith(_PREDICT_SUFFIXES):
             await self.app(scope, replay, answer)
@@ -274,8 +297,21 @@ class Gate:
             msg = f"request body is {int(length)} bytes, over the limit of {self.limit}; send less."
             await answer.refuse(413, msg, close)
             return None
+        declared = int(length) if length.isdigit() else 0
+        if self.buffered + declared > self.total_limit:
+            self.metrics.bodies_refused.inc()
+            msg = (
+                f"the server holds max_inflight_body_mb={self.settings.max_inflight_body_mb:g} MB of request "
+                "bodies already; retry after a second."
+            )
+            await answer.refuse(503, msg, [*close, (b"retry-after", b"1")])
+            return None
+        self.buffered += declared  # released by _serve once the request is answered
+        read = False
         try:
-            return await asyncio.wait_for(self._read(receive), self.settings.body_timeout_s)
+            body = await asyncio.wait_for(self._read(receive, declared), self.settings.body_timeout_s)
+            read = True
+            return body
         except asyncio.TimeoutError:  # a distinct class before Python 3.11
             self.metrics.body_timeouts.inc()
             msg = (
@@ -289,21 +325,40 @@ class Gate:
             )
         except _Disconnected:
             answer.status = 499  # nginx's "client closed request"; nothing to answer
+        except _OverTotal:
+            self.metrics.bodies_refused.inc()
+            msg = "the server holds too many request bodies at once; retry after a second."
+            await answer.refuse(503, msg, [*close, (b"retry-after", b"1")])
+        finally:
+            if not read:
+                self.buffered -= declared
         return None
 
-    async def _read(self, receive: Any) -> bytes:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Disconnected
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                raise _BodyTooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+    async def _read(self, receive: Any, declared: int) -> bytes:
+        """The body; bytes beyond ``declared`` (chunked bodies) count against the total as they arrive."""
+        chunks, size, extra = [], 0, 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Disconnected
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.limit:
+                    raise _BodyTooLarge
+                if size > declared:
+                    grow = size - declared - extra
+                    if self.buffered + grow > self.total_limit:
+                        raise _OverTotal
+                    self.buffered += grow
+                    extra += grow
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    self.buffered += size - declared - extra  # from now on the body holds exactly its size
+                    extra = 0
+                    return b"".join(chunks)
+        finally:
+            self.buffered -= extra
 
 
 class _Answer:

@@ -74,6 +74,7 @@ class ServerMetrics:
             "Requests whose body did not arrive within body_timeout_s (408, connection closed)",
             registry=r,
         )
+        self._add_guards(r)
         # the calibration split through the policy (the bundle's reference.json): what drift alerts compare with
         self.ref_abstain = Gauge(
             "roadwork_reference_abstain_rate", "Abstention rate on the calibration split", registry=r
@@ -87,6 +88,21 @@ class ServerMetrics:
             "roadwork_reference_label_share",
             "Share of each predicted label on the calibration split",
             ["label"],
+            registry=r,
+        )
+
+    def _add_guards(self, r: CollectorRegistry) -> None:
+        """What the server refuses before a request exists (serve/protocol.py) or before its body is read."""
+        self.connections_evicted = Counter(
+            "roadwork_connections_closed_idle",
+            "Connections closed before a complete request head: header_timeout_s, or the oldest idle one "
+            "when the server holds max_connections",
+            registry=r,
+        )
+        self.bodies_refused = Counter(
+            "roadwork_bodies_refused",
+            "Request bodies refused before being read: over max_inflight_body_mb in flight, or sent to a path "
+            "that takes none",
             registry=r,
         )
 

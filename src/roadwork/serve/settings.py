@@ -74,6 +74,28 @@ class ServeSettings(BaseModel):
         "120 M ~ 360 MB); beyond it 503 + Retry-After; a request alone is always admitted",
     )
     max_body_mb: float = Field(64.0, gt=0, description="request body limit (413 above it), as Triton")
+    max_inflight_body_mb: float = Field(
+        256.0,
+        gt=0,
+        description="request bodies buffered by all requests at once; a body that would go over it is refused "
+        "(503 + Retry-After) before it is read",
+    )
+    max_header_kb: int = Field(
+        64, ge=1, description="request line and headers per request (431 above it, connection closed)"
+    )
+    max_headers: int = Field(100, ge=1, description="headers per request (431 above it)")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection must send a complete request head within this many seconds of opening or "
+        "of its last answer (408, closed): silent and trickling connections hold no file descriptor",
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="open connections; beyond it the oldest one without a complete request head is closed; "
+        "0 = the open-file limit (raised to the hard limit at start) less 64",
+    )
     max_pixels: int = Field(40_000_000, ge=1, description="decoded pixels per image (400 above: bombs)")
     max_images: int = Field(64, ge=1, description="images per /v1/classify request")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
