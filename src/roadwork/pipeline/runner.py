@@ -34,6 +34,7 @@ __all__ = [
     "code_files",
     "code_version",
     "config_value",
+    "run_folder_lock",
     "run_stages",
 ]
 
