@@ -369,7 +369,7 @@ class ExportConfig(_Strict):
     )
     parity_atol: float = Field(1e-4, gt=0, description="max |logit difference| torch vs ONNX")
     parity_samples: int = Field(64, ge=1)
-    int8: Literal["none", "dynamic", "static"] = Field(
+    int8: Literal["none", "static"] = Field(
         "none",
         description="also put an int8 ONNX model in the bundle: static (QDQ calibrated on train images); dynamic "
         "is refused (its outputs depend on the batch)",
@@ -392,9 +392,9 @@ class ExportConfig(_Strict):
     triton: bool = Field(False, description="also write a Triton model repository (export/triton/)")
     tensorrt: bool = Field(False, description="check TensorRT through ONNX Runtime (needs an NVIDIA GPU)")
 
-    @field_validator("int8")
+    @field_validator("int8", mode="before")
     @classmethod
-    def _batch_invariant(cls, v: str) -> str:
+    def _batch_invariant(cls, v: object) -> object:
         """A served variant's answer for an image must not depend on its batch-mates: dynamic int8's does."""
         if v == "dynamic":
             raise ValueError(

@@ -359,7 +359,7 @@ def test_v2_tensors_get_the_model_alones_certified_policy(client, bundle, images
     expected = bundle.model_policy.apply(logits)
     assert out["abstain"]["data"] == expected.abstain.tolist()
     meta = client.get("/v2/models/tiny").json()["parameters"]
-    assert meta["infer_policy"] == "model alone (policy-model.json)"
+    assert meta["infer_policy"] == "model alone (policy-model.json)"  # fp32: its own file
 
 
 def test_a_non_string_v2_id_is_a_400_before_the_model_runs_and_the_connection_lives(client, bundle, images):

@@ -183,7 +183,7 @@ def _group_certificates(policy: TrustPolicy, out: PolicyOutput, test: Prediction
             "calib_risk_upper_bound": g.risk_upper_bound,
             "test_n": int(m.sum()),
             "test_coverage": float(ans.sum() / m.sum()) if m.any() else None,
-            "test_risk": float((out.pred[ans] != test.labels[ans]).mean()) if ans.any() else 0.0,
+            "test_risk": float((out.pred[ans] != test.labels[ans]).mean()) if ans.any() else None,
         }
     return rows
 
@@ -211,6 +211,9 @@ def _operating_point(policy: TrustPolicy, out: PolicyOutput, y: np.ndarray) -> d
     denom = np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
     return {
         "chosen": None if policy.operating_point is None else policy.operating_point.to_dict(),
+        "positive_class": policy.classes[
+            k
+        ],  # the class score >= 0.5 (and label, with an operating point) stands for
         "test": {
             "threshold_on_probability": 0.5
             if policy.operating_point is None

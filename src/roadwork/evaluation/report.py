@@ -134,7 +134,7 @@ def variants_html(metrics: dict[str, Any]) -> str:
         "<section id='variants'><h2>Served variant</h2><p>After <code>roadwork bench ... select=true</code>, "
         f"<code>variant=auto</code> serves <b>{html.escape(str(chosen))}</b>. Each row is that variant end to "
         "end (decode, cascade, its own certified policy) on this report's test split; the selection itself "
-        "compared variants on the val split. The figures above are the fp32 bundle's.</p>"
+        "compared variants on the val split. The summary and the figures below are the fp32 bundle's; its guarantees are certified by its own policy file.</p>"
         + _table(
             ["variant", "n", "accuracy", "ECE", "coverage", "answered", "error on answered"],
             rows,

@@ -177,7 +177,8 @@ def _quality(row: dict[str, Any], logits: np.ndarray, policy: TrustPolicy, y: np
 
     probs = policy.apply(logits).probs
     row["accuracy"], row["ece"] = M.accuracy(probs, y), M.ece(probs, y)
-    row["accuracy_model"] = row["accuracy"]
+    row["accuracy_model"], row["ece_model"] = row["accuracy"], row["ece"]
+    row["quality_source"] = "model alone"
 
 
 def _served_quality(row: dict[str, Any], bundle: Bundle, name: str, inp: _Inputs) -> None:
@@ -310,8 +311,16 @@ def _compare(rows: list[dict[str, Any]], bundle: Bundle) -> None:
         if "img_s" in r:
             r["speedup"] = r["img_s"] / base if base else None
         if r.get("variant") and "accuracy" in r and "accuracy" in fp32:
-            r["accuracy_change"] = r["accuracy"] - fp32["accuracy"]
-            r["ece_change"] = r["ece"] - fp32["ece"]
+            # like with like: served vs served where both are served, else the model alone vs the model alone
+            served = r.get("quality_source") == fp32.get("quality_source") == "served"
+            acc, ece = (
+                ("accuracy", "ece")
+                if served or "accuracy_model" not in fp32
+                else ("accuracy_model", "ece_model")
+            )
+            if acc in r:
+                r["accuracy_change"] = r[acc] - fp32[acc]
+                r["ece_change"] = r[ece] - fp32[ece]
         if r is not fp32 and ref is not None and r.get("logits") is not None:
             r["max_diff"] = float(np.abs(r["logits"] - ref).max())
     for r in rows:

@@ -211,6 +211,15 @@ class Bundle:
         main policy has a cascade (which needs decoded images), else the main policy."""
         return self.model_policy if self.model_policy is not None else self.policy
 
+    @property
+    def tensor_policy_file(self) -> str:
+        """The file :attr:`tensor_policy` was read from (this variant's own)."""
+        if self.model_policy is None:
+            return _variant_files(self.path, self.manifest, self.variant)[1]
+        if self.variant != "fp32":
+            return str(self.manifest["variants"][self.variant]["model_policy"])
+        return str(self.manifest["export"]["model_policy"]["file"])
+
     @classmethod
     def load(cls, path: str | Path, *, threads: int = 0, variant: str = "fp32") -> Bundle:
         """Verify every hash in ``manifest.json``, then open the model and its policy. ``variant``: ``fp32``

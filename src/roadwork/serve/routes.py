@@ -165,9 +165,11 @@ async def model_metadata(name: str, state: State) -> dict[str, Any]:
             "preprocess": bundle.card.preprocess.to_dict() | {"decode_side": model.decode_side},
             "answers": _answers(bundle),
             # what /v2 infer applies to its tensors: the model alone's certified policy when the bundle has a cascade
-            "infer_policy": "model alone (policy-model.json)"
-            if bundle.model_policy is not None
-            else "policy.json",
+            "infer_policy": (
+                f"model alone ({bundle.tensor_policy_file})"
+                if bundle.model_policy is not None
+                else bundle.tensor_policy_file
+            ),
         },
     }
 
