@@ -151,10 +151,18 @@ def variant_card_line(metrics: dict[str, Any]) -> str:
     if not v:
         return "- **Served variant:** fp32 (no `roadwork bench ... select=true` yet)"
     risk = "—" if v["selective_risk"] is None else f"{v['selective_risk']:.4f}"
+    cert = v.get("certified") or {}
+    own = (
+        f"; its own certificate ({cert['policy_file']}): {_answer_rule(cert)}, error on answered ≤ "
+        f"{cert['target_risk']} with probability ≥ {1 - cert['delta']:.2f}"
+        if cert
+        else ""
+    )
     return (
         f"- **Served variant:** `{chosen}` (chosen by `roadwork bench ... select=true`); end to end on the "
         f"{v['n']} test images: accuracy {v['accuracy']:.4f}, ECE {v['ece']:.4f}, coverage "
-        f"{v['coverage']:.4f}, answered {v['answered']:.4f}, error on answered {risk}"
+        f"{v['coverage']:.4f}, answered {v['answered']:.4f}, error on answered {risk}{own}. The guarantees "
+        "below are fp32's"
     )
 
 

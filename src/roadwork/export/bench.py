@@ -437,7 +437,8 @@ def served_test_figures(bundle: Bundle, variant: str, threads: int = 0) -> dict[
     paths, y, source = _labelled_images(bundle, None, 10**9, split="test")
     if not paths:
         return None
-    out = Bundle.load(bundle.path, variant=variant, threads=threads).predict_output(paths)
+    served = Bundle.load(bundle.path, variant=variant, threads=threads)
+    out = served.predict_output(paths)
     answered = ~out.abstain
     correct = out.pred == y
     return {
@@ -449,7 +450,13 @@ def served_test_figures(bundle: Bundle, variant: str, threads: int = 0) -> dict[
         "coverage": float(out.sets[np.arange(len(y)), y].mean()),
         "answered": float(answered.mean()),
         "selective_risk": float(1 - correct[answered].mean()) if answered.any() else None,
+        # the variant's own certificate (its policy file), which the model card's fp32 guarantees are not
+        "certified": served.policy.abstention.to_dict() | {"policy_file": _variant_policy_file(served)},
     }
+
+
+def _variant_policy_file(bundle: Bundle) -> str:
+    return str(bundle.manifest.get("variants", {}).get(bundle.variant, {}).get("policy", "policy.json"))
 
 
 def _record_in_run_metrics(bundle_path: Path, variant: str, served: dict[str, Any]) -> None:
