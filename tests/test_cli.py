@@ -248,7 +248,14 @@ def test_parse_types_values_and_fills_defaults():
 
     p = parse(COMMANDS["predict"], ["bundle", "a.jpg", "dir/", "batch=8", "engine=ray", "out=o"])
     assert p.positionals == {"BUNDLE": "bundle", "PATH": ["a.jpg", "dir/"]}
-    assert p.options == {"out": "o", "engine": "ray", "batch": 8, "workers": 2, "device": "cpu"}
+    assert p.options == {
+        "out": "o",
+        "engine": "ray",
+        "batch": 8,
+        "workers": 2,
+        "device": "cpu",
+        "require_signature": None,
+    }
     assert p.given == {"batch", "engine", "out"}
     r = parse(COMMANDS["run"], ["demo", "train.epochs=3", "--force", "train", "--until=export"])
     assert (r.config, r.overrides, r.flags) == (

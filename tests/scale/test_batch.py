@@ -209,7 +209,7 @@ def test_both_engines_load_the_bundles_selected_variant(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_load(path, *, threads=0, variant="fp32"):  # type: ignore[no-untyped-def]
+    def fake_load(path, *, threads=0, variant="fp32", require_signature=None):  # type: ignore[no-untyped-def]
         seen.update(path=path, threads=threads, variant=variant)
         return object()
 

@@ -80,11 +80,91 @@ def test_serve_requires_the_signature_and_the_cli_signs(tiny_run, tmp_path, caps
     settings = ServeSettings(require_signature=str(key) + ".pub")
     with pytest.raises(ArtifactError, match="is not signed"):
         create_app(bundle, settings)
+    image = str(next((tiny_run[1].run_dir / "data" / "images").glob("*.jpg")))
+    assert main(["predict", str(bundle), image, f"require_signature={key}.pub"]) == 2
+    assert "is not signed" in capsys.readouterr().err
     assert main(["sign", str(bundle), str(key)]) == 0
     assert "signed" in capsys.readouterr().out
+    assert main(["predict", str(bundle), image, f"require_signature={key}.pub"]) == 0
+    assert '"label"' in capsys.readouterr().out
     app = create_app(bundle, settings)
     assert app.state.roadwork.model.bundle.path == bundle
     assert main(["sign", str(bundle)]) == 2
     assert "Usage: roadwork sign" in capsys.readouterr().err
     assert main(["sign", str(bundle), str(tmp_path / "nokey")]) == 2
     assert "roadwork sign keygen" in capsys.readouterr().err
+
+
+def test_a_symlink_flipped_after_the_signature_check_changes_nothing_loaded(signed, tmp_path, monkeypatch):
+    """``current`` → a signed bundle; right after its signature is checked, ``current`` is flipped to a tampered
+    copy. What loads is the signed bundle's policy, every time: the folder was opened once, before the flip."""
+    import roadwork.export.signing as signing
+    from roadwork.export.bundle import Bundle
+
+    bundle, pub = signed
+    evil = tmp_path / "evil"
+    shutil.copytree(bundle, evil)
+    policy = json.loads((evil / "policy.json").read_text())
+    policy["abstention"]["threshold"] = 0.0  # answer everything
+    (evil / "policy.json").write_text(json.dumps(policy))
+    manifest = json.loads((evil / "manifest.json").read_text())
+    manifest["files"]["policy.json"] = file_sha256(evil / "policy.json")
+    (evil / "manifest.json").write_text(json.dumps(manifest))
+    current = tmp_path / "current"
+    original = signing.verify_manifest
+
+    def verify_then_flip(*args, **kwargs):  # type: ignore[no-untyped-def]
+        original(*args, **kwargs)
+        current.unlink()
+        current.symlink_to(evil)  # the attacker's flip, after the check
+
+    monkeypatch.setattr(signing, "verify_manifest", verify_then_flip)
+    from roadwork.trust.policy import TrustPolicy
+
+    want = TrustPolicy.load(bundle / "policy.json").to_dict()
+    assert TrustPolicy.load(evil / "policy.json").to_dict() != want
+    for _ in range(20):
+        if current.is_symlink():
+            current.unlink()
+        current.symlink_to(bundle)
+        loaded = Bundle.load(current, require_signature=pub)
+        assert loaded.policy.to_dict() == want
+        assert current.resolve() == evil.resolve()  # the flip happened, and changed nothing loaded
+
+
+@pytest.mark.parametrize("name", ["/proc/self/pagemap", "../x", "/etc/passwd", "sub/../../x", "a\\b"])
+def test_manifest_names_outside_the_folder_are_refused_before_anything_is_opened(signed, name, capsys):
+    import time
+
+    from roadwork.cli import main
+    from roadwork.export.bundle import Bundle
+
+    bundle, pub = signed
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][name] = "0" * 64
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    t0 = time.monotonic()
+    with pytest.raises(ArtifactError, match="not a plain file name"):
+        Bundle.load(bundle)
+    with pytest.raises(ArtifactError, match="changed after it was signed"):  # signed: the signature first
+        Bundle.load(bundle, require_signature=pub)
+    assert main(["predict", str(bundle), str(bundle / "model.json")]) == 2
+    assert "not a plain file name" in capsys.readouterr().err
+    assert time.monotonic() - t0 < 30  # nothing was read from /proc (which never ends)
+
+
+def test_links_and_special_files_in_a_bundle_are_refused(signed, tmp_path):
+    import os
+
+    from roadwork.export.bundle import Bundle
+
+    bundle, _ = signed
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (bundle / "linked.json").symlink_to(tmp_path / "elsewhere.json")
+    os.mkfifo(bundle / "pipe.json")  # opening a FIFO for reading would block forever
+    for name, needle in (("linked.json", "not links"), ("pipe.json", "not a regular file")):
+        m = dict(manifest, files={**manifest["files"], name: "0" * 64})
+        (bundle / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ArtifactError, match=needle):
+            Bundle.load(bundle)

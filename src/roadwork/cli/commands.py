@@ -171,11 +171,25 @@ def predict(p: Parsed) -> int:
     if o["out"] is not None:  # batch mode: a resumable Parquet folder
         from roadwork.scale.batch import SKIPPED, predict_local, predict_ray, read_skipped
 
+        key = o["require_signature"]
         if o["engine"] == "ray":
-            n = predict_ray(bundle_path, items, o["out"], batch_size=o["batch"], actors=o["workers"])
+            n = predict_ray(
+                bundle_path,
+                items,
+                o["out"],
+                batch_size=o["batch"],
+                actors=o["workers"],
+                require_signature=key,
+            )
         else:
             n = predict_local(
-                bundle_path, items, o["out"], batch_size=o["batch"], device=o["device"], say=_say_answers
+                bundle_path,
+                items,
+                o["out"],
+                batch_size=o["batch"],
+                device=o["device"],
+                say=_say_answers,
+                require_signature=key,
             )
         listed = read_skipped(o["out"])  # this run's items only: the list keeps earlier runs' files too
         skipped = int(listed["path"].isin(set(items["path"].astype(str))).sum()) if len(listed) else 0
@@ -189,7 +203,7 @@ def predict(p: Parsed) -> int:
             + "); read with pandas.read_parquet"
         )
         return 0
-    return _predict_lines(bundle_path, items, o["device"])
+    return _predict_lines(bundle_path, items, o["device"], o["require_signature"])
 
 
 def _say_answers(statement: str, warning: bool) -> None:
@@ -197,7 +211,7 @@ def _say_answers(statement: str, warning: bool) -> None:
     print(("warning: " if warning else "") + statement, file=sys.stderr, flush=True)
 
 
-def _predict_lines(bundle_path: str, items: Any, device: str) -> int:
+def _predict_lines(bundle_path: str, items: Any, device: str, require_signature: str | None) -> int:
     """JSON lines on stdout, one per readable image, through the same predictor as out=DIR (the bundle's
     selected variant); an unreadable image is named on stderr with its reason and skipped, not the end of the
     job (as out=DIR lists it in _skipped.csv)."""
@@ -205,7 +219,7 @@ def _predict_lines(bundle_path: str, items: Any, device: str) -> int:
 
     from roadwork.scale.batch import BundlePredictor
 
-    predictor = BundlePredictor(bundle_path, device=device)
+    predictor = BundlePredictor(bundle_path, device=device, require_signature=require_signature)
     _say_answers(*predictor.bundle.answers_statement())
     skipped = 0
     for i in range(0, len(items), 64):

@@ -170,6 +170,12 @@ _BUNDLE = [
             Option("batch", "int", 64, "images per batch (out= mode)"),
             Option("workers", "int", 2, "Ray actors (engine=ray)"),
             Option("device", "str", "cpu", "where ONNX Runtime runs", DEVICES),
+            Option(
+                "require_signature",
+                "str",
+                None,
+                "an Ed25519 public key (PEM): refuse a bundle that is not signed by it (roadwork sign)",
+            ),
         ),
     ),
     Command(

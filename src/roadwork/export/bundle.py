@@ -204,6 +204,7 @@ class Bundle:
     model_policy: TrustPolicy | None = (
         None  # with a cascade: the policy certified on the model alone's outputs
     )
+    reference: list[dict[str, Any]] | None = None  # reference.json's rows: the calibration split (drift)
 
     @property
     def tensor_policy(self) -> TrustPolicy:
@@ -221,23 +222,44 @@ class Bundle:
         return str(self.manifest["export"]["model_policy"]["file"])
 
     @classmethod
-    def load(cls, path: str | Path, *, threads: int = 0, variant: str = "fp32") -> Bundle:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        threads: int = 0,
+        variant: str = "fp32",
+        require_signature: str | Path | None = None,
+    ) -> Bundle:
         """Verify every hash in ``manifest.json``, then open the model and its policy. ``variant``: ``fp32``
         (ONNX Runtime), one the manifest lists (``int8``, ``openvino-fp32``, ``openvino-bf16``,
         ``openvino-int8``), or ``auto``: the one ``roadwork bench BUNDLE select=true`` recorded in
         ``runtime.json`` (fp32 without one, or when the recorded runtime cannot run here: logged).
-        ``threads=0``: the recorded threads with ``auto``, else the runtime's default."""
-        root = Path(path)
-        manifest = _read_manifest(root)
+        ``threads=0``: the recorded threads with ``auto``, else the runtime's default. ``require_signature``: a
+        public key (PEM); the bundle must carry a valid signature by it.
+
+        The folder is read once (:mod:`roadwork.export.snapshot`): the signature is checked over the manifest's
+        bytes before any listed file is opened, only plain regular files inside the folder are read, and what is
+        loaded is the copy whose bytes were hashed."""
+        from roadwork.export.snapshot import snapshot
+
+        with snapshot(path, public_key=require_signature) as snap:
+            return cls._load_verified(
+                Path(path), snap.dir, _check_schema(snap.manifest, snap.dir), threads, variant
+            )
+
+    @classmethod
+    def _load_verified(
+        cls, source: Path, root: Path, manifest: dict[str, Any], threads: int, variant: str
+    ) -> Bundle:
+        """:meth:`load` from the verified private copy ``root`` of ``source``."""
         choice: dict[str, Any] | None = None
         if variant == "auto":
             variant, threads, choice = _auto_variant(root, manifest, threads)
-        model_file, policy_file = _variant_files(root, manifest, variant)
+        model_file, policy_file = _variant_files(source, manifest, variant)
         model_policy_file = (manifest.get("export", {}).get("model_policy") or {}).get("file")
         if variant != "fp32":  # each variant's model-alone policy is certified on its own outputs
             model_policy_file = manifest.get("variants", {}).get(variant, {}).get("model_policy")
-        _verify_files(
-            root,
+        _check_listed(
             manifest["files"],
             (
                 model_file,
@@ -257,7 +279,11 @@ class Bundle:
         info = {"variant": variant, **session.info}
         if choice is not None:
             info["auto"] = choice
-        return cls(root, card, policy, manifest, session.session, runners, variant, info, alone)
+        reference = None
+        if "reference.json" in manifest["files"]:
+            with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
+                reference = json.loads((root / "reference.json").read_text()).get("rows")
+        return cls(source, card, policy, manifest, session.session, runners, variant, info, alone, reference)
 
     @property
     def decode_side(self) -> int:
@@ -369,19 +395,8 @@ class Bundle:
         return out
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
-    """``manifest.json`` of a bundle folder, its schema checked."""
-    mpath = root / "manifest.json"
-    if not mpath.is_file():
-        raise ArtifactError(
-            f"{str(root)!r} is not a roadwork bundle: it has no manifest.json. Pass the bundle "
-            "folder written by 'roadwork run' (runs/<name>/export/bundle)."
-        )
-    try:
-        manifest: dict[str, Any] = json.loads(mpath.read_text())
-        manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{str(mpath)!r} is not a valid bundle manifest: {e}") from None
+def _check_schema(manifest: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``manifest`` if its schema is this roadwork's."""
     if manifest.get("schema") != BUNDLE_SCHEMA:
         raise ArtifactError(f"Bundle schema {manifest.get('schema')!r} is not {BUNDLE_SCHEMA}; re-export it.")
     return manifest
@@ -431,20 +446,11 @@ def _policy_stage_files(root: Path, policy_file: str) -> list[str]:
     return []
 
 
-def _verify_files(root: Path, files: dict[str, str], needed: Sequence[str]) -> None:
-    """Every file the manifest lists (reference.json too) and those the variant needs exist and match their
-    sha256."""
-    for name in dict.fromkeys((*_FILES, *needed, *files)):
-        f = root / name
+def _check_listed(files: dict[str, str], needed: Sequence[str]) -> None:
+    """Every file the variant needs is listed in the manifest (and so was copied and hashed)."""
+    for name in dict.fromkeys((*_FILES, *needed)):
         if name not in files:
             raise ArtifactError(f"Bundle manifest does not list {name!r}; the bundle is incomplete.")
-        if not f.is_file():
-            raise ArtifactError(f"Bundle file {name!r} is missing from {str(root)!r}.")
-        if file_sha256(f) != files[name]:
-            raise ArtifactError(
-                f"Bundle file {name!r} does not match its sha256 in manifest.json: it was "
-                "modified or corrupted after export. Re-export the bundle; do not edit it."
-            )
 
 
 def _stage_runners(root: Path, policy: TrustPolicy, threads: int, spin: bool) -> list[Any] | None:

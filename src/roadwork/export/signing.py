@@ -21,7 +21,14 @@ from typing import Any
 from roadwork._deps import require
 from roadwork.errors import ArtifactError, InputError
 
-__all__ = ["SIGNATURE_FILE", "generate_keypair", "sign_bundle", "verify_bundle"]
+__all__ = [
+    "SIGNATURE_FILE",
+    "generate_keypair",
+    "load_public_key",
+    "sign_bundle",
+    "verify_bundle",
+    "verify_manifest",
+]
 
 SIGNATURE_FILE = "signature.json"
 """The Ed25519 signature file ``roadwork sign`` writes into a bundle."""
@@ -83,28 +90,18 @@ def _load_key(path: str | Path, private: bool) -> Any:
     return key
 
 
-def _checked_manifest(bundle_dir: Path) -> tuple[bytes, dict[str, Any]]:
-    """The manifest's bytes, after checking that every file it lists matches its sha256."""
-    from roadwork.export.bundle import file_sha256
+def load_public_key(path: str | Path) -> Any:
+    """The Ed25519 public key in a PEM file, or :class:`InputError` saying what is wrong with the file."""
+    return _load_key(path, private=False)
 
-    mpath = bundle_dir / "manifest.json"
-    if not mpath.is_file():
-        raise ArtifactError(f"{str(bundle_dir)!r} is not a roadwork bundle: it has no manifest.json.")
-    raw = mpath.read_bytes()
-    try:
-        files = json.loads(raw)["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{str(mpath)!r} is not a valid bundle manifest: {e}") from None
-    for name, digest in files.items():
-        f = bundle_dir / name
-        if not f.is_file():
-            raise ArtifactError(f"Bundle file {name!r} is missing from {str(bundle_dir)!r}.")
-        if file_sha256(f) != digest:
-            raise ArtifactError(
-                f"Bundle file {name!r} does not match its sha256 in manifest.json: it was modified after "
-                "export. Re-export the bundle; do not edit it."
-            )
-    return raw, files
+
+def _checked_manifest(bundle_dir: Path) -> bytes:
+    """The manifest's bytes, after checking (one read, :mod:`roadwork.export.snapshot`) that every file it lists
+    is a plain regular file of the folder matching its sha256."""
+    from roadwork.export.snapshot import snapshot
+
+    with snapshot(bundle_dir) as snap:
+        return snap.raw_manifest
 
 
 def _fingerprint(public_key: Any) -> str:
@@ -117,7 +114,7 @@ def sign_bundle(bundle_dir: str | Path, private_key: str | Path) -> Path:
     """Check every file against the manifest, then sign the manifest; returns ``signature.json``'s path."""
     root = Path(bundle_dir)
     key = _load_key(private_key, private=True)
-    raw, _files = _checked_manifest(root)
+    raw = _checked_manifest(root)
     digest = hashlib.sha256(raw).hexdigest()
     sig = key.sign(_DOMAIN + digest.encode())
     out = root / SIGNATURE_FILE
@@ -139,35 +136,36 @@ def sign_bundle(bundle_dir: str | Path, private_key: str | Path) -> Path:
 
 def verify_bundle(bundle_dir: str | Path, public_key: str | Path) -> None:
     """Raise :class:`ArtifactError` unless the bundle carries a valid signature by ``public_key`` over its
-    current manifest and every file matches the manifest."""
+    manifest and every file matches the manifest (one read: :func:`roadwork.export.snapshot.snapshot`)."""
+    from roadwork.export.snapshot import snapshot
+
+    snapshot(bundle_dir, public_key=public_key).close()
+
+
+def verify_manifest(raw: bytes, signature_file: bytes, public_key: str | Path, source: Path) -> None:
+    """Raise :class:`ArtifactError` unless ``signature_file`` (``signature.json``'s bytes) is a valid signature by
+    ``public_key`` over exactly the manifest bytes ``raw``."""
     from cryptography.exceptions import InvalidSignature
 
-    root = Path(bundle_dir)
     key = _load_key(public_key, private=False)
-    spath = root / SIGNATURE_FILE
-    if not spath.is_file():
-        raise ArtifactError(
-            f"Bundle {str(root)!r} is not signed (no {SIGNATURE_FILE}) but require_signature is set; sign it "
-            "with 'roadwork sign BUNDLE KEY'."
-        )
+    spath = source / SIGNATURE_FILE
     try:
-        sig = json.loads(spath.read_text())
+        sig = json.loads(signature_file)
         signature = base64.b64decode(sig["signature"], validate=True)
         signed_digest = str(sig["manifest_sha256"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{str(spath)!r} is not a valid signature file: {e}") from None
-    raw, _files = _checked_manifest(root)
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ArtifactError(f"{str(spath)!r} is not a valid signature file: {str(e)[:200]}") from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != signed_digest:
         raise ArtifactError(
-            f"Bundle {str(root)!r}: manifest.json changed after it was signed; the bundle was altered. "
+            f"Bundle {str(source)!r}: manifest.json changed after it was signed; the bundle was altered. "
             "Re-export and re-sign it."
         )
     try:
         key.verify(signature, _DOMAIN + digest.encode())
     except InvalidSignature:
-        theirs = sig.get("public_key_sha256", "?")
+        theirs = sig.get("public_key_sha256", "?") if isinstance(sig, dict) else "?"
         raise ArtifactError(
-            f"Bundle {str(root)!r}: the signature does not verify with {str(public_key)!r} (key sha256 "
+            f"Bundle {str(source)!r}: the signature does not verify with {str(public_key)!r} (key sha256 "
             f"{_fingerprint(key)[:16]}…; signed by {str(theirs)[:16]}…). It was signed by another key or altered."
         ) from None

@@ -100,12 +100,21 @@ class BundlePredictor:
     the local engine and as the Ray actor class. ``variant``: the bundle's model variant, by default ``auto``:
     the one ``roadwork bench BUNDLE select=true`` recorded (fp32 without one), as the server serves it."""
 
-    def __init__(self, bundle_dir: str, threads: int = 0, device: str = "cpu", variant: str = "auto") -> None:
+    def __init__(
+        self,
+        bundle_dir: str,
+        threads: int = 0,
+        device: str = "cpu",
+        variant: str = "auto",
+        require_signature: str | None = None,
+    ) -> None:
         from roadwork.export.bundle import Bundle
         from roadwork.export.onnx import execution_device
 
         with execution_device(device):
-            self.bundle = Bundle.load(bundle_dir, threads=threads, variant=variant)
+            self.bundle = Bundle.load(
+                bundle_dir, threads=threads, variant=variant, require_signature=require_signature
+            )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """One row per image of ``batch``: its predictions, or (unreadable) a ``skip_reason`` and no predictions."""
@@ -215,17 +224,21 @@ def predict_local(
     device: str = "cpu",
     variant: str = "auto",
     say: Callable[[str, bool], None] | None = None,
+    require_signature: str | None = None,
 ) -> int:
     """Predict every row of ``items`` not yet in ``out``; returns how many were predicted now (unreadable images
     are listed in ``out/_skipped.csv``, see :func:`read_skipped`, and not counted). ``variant``: see
     :class:`BundlePredictor` (``auto``: the bundle's selected runtime × precision). ``say``: called once the
-    bundle is open with what it will do (:meth:`~roadwork.export.bundle.Bundle.answers_statement`)."""
+    bundle is open with what it will do (:meth:`~roadwork.export.bundle.Bundle.answers_statement`).
+    ``require_signature``: a public key (PEM); the bundle must be signed by it."""
     from roadwork._progress import progress_bar
 
     out = Path(out)
     todo = _todo(items, out)
     parts = _Parts(out, part_rows, flush_s, retried=set(todo["path"]))
-    predictor = BundlePredictor(str(bundle_dir), threads=threads, device=device, variant=variant)
+    predictor = BundlePredictor(
+        str(bundle_dir), threads=threads, device=device, variant=variant, require_signature=require_signature
+    )
     if say is not None:
         say(*predictor.bundle.answers_statement())
     with progress_bar(total=len(todo), desc="predicting", unit="img", disable=not progress) as bar:
@@ -247,6 +260,7 @@ def predict_ray(
     part_rows: int = 256,
     flush_s: float = 10.0,
     variant: str = "auto",
+    require_signature: str | None = None,
 ) -> int:
     """The same on Ray Data: an actor pool of ``actors`` bundle copies (``ray.init`` is called with defaults
     when Ray is not running yet; connect to a cluster first to use one). The prediction rows (a few hundred
@@ -259,11 +273,21 @@ def predict_ray(
     todo = _todo(items, out)
     if not len(todo):
         return 0
+    if require_signature is not None:  # checked here first: a refusal is our error, not an actor's crash
+        from roadwork.export.signing import verify_bundle
+
+        verify_bundle(bundle_dir, require_signature)
     if not ray.is_initialized():
         ray.init(num_cpus=max(actors * threads_per_actor, 1), include_dashboard=False, log_to_driver=False)
     preds = ray.data.from_pandas(list(_chunks(todo, batch_size))).map_batches(  # one block per batch
         BundlePredictor,
-        fn_constructor_args=(str(Path(bundle_dir).resolve()), threads_per_actor, "cpu", variant),
+        fn_constructor_args=(
+            str(Path(bundle_dir).resolve()),
+            threads_per_actor,
+            "cpu",
+            variant,
+            require_signature,
+        ),
         batch_size=batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51

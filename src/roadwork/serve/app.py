@@ -27,7 +27,6 @@ Layers, one way: ``app`` (assembly) → ``routes`` (endpoints) → ``state`` (th
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,6 +40,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from roadwork.errors import ArtifactError
 from roadwork.export.bundle import Bundle
 from roadwork.serve import schemas
 from roadwork.serve.admission import Gate, Shed
@@ -60,9 +60,8 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
     settings = settings or ServeSettings()
     metrics = ServerMetrics()
     state = build_state(ServedModel(_load(bundle, settings), settings, metrics), settings, metrics)
-    reference = state.model.bundle.path / "reference.json"  # hashed in the manifest, verified by Bundle.load
-    if reference.is_file():
-        metrics.set_reference(json.loads(reference.read_text()).get("rows", []))
+    if state.model.bundle.reference:  # reference.json, read with the rest in Bundle.load's one verified read
+        metrics.set_reference(state.model.bundle.reference)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,18 +99,22 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
 
 def _load(bundle: Bundle | str | Path, settings: ServeSettings) -> Bundle:
     """The bundle, its signature checked first when ``require_signature`` is set, on ``settings.device``."""
-    from roadwork.export.signing import verify_bundle
-
     if isinstance(bundle, Bundle):
-        if settings.require_signature:
-            verify_bundle(bundle.path, settings.require_signature)
+        if settings.require_signature:  # an already loaded bundle cannot prove what it was loaded from
+            raise ArtifactError(
+                "require_signature needs the bundle's folder, not a loaded Bundle: pass its path, so that the "
+                "signature is checked over the very bytes that are loaded."
+            )
         return bundle
-    if settings.require_signature:
-        verify_bundle(bundle, settings.require_signature)
     from roadwork.export.onnx import execution_device
 
     with execution_device(settings.device, fp16=settings.trt_fp16, cache_dir=settings.trt_cache_dir):
-        return Bundle.load(bundle, threads=settings.ort_threads, variant=settings.variant)
+        return Bundle.load(
+            bundle,
+            threads=settings.ort_threads,
+            variant=settings.variant,
+            require_signature=settings.require_signature,
+        )
 
 
 async def _warm_up(state: ServerState) -> None:
