@@ -242,7 +242,12 @@ class Bundle:
         loaded is the copy whose bytes were hashed."""
         from roadwork.export.snapshot import snapshot
 
-        with snapshot(path, public_key=require_signature) as snap:
+        check = None
+        if require_signature is not None:
+            from roadwork.export.signing import signature_check
+
+            check = signature_check(require_signature, Path(path))
+        with snapshot(path, check_signature=check) as snap:
             return cls._load_verified(
                 Path(path), snap.dir, _check_schema(snap.manifest, snap.dir), threads, variant
             )

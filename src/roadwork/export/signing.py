@@ -15,23 +15,24 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from roadwork._deps import require
 from roadwork.errors import ArtifactError, InputError
+from roadwork.export.snapshot import SIGNATURE_FILE, snapshot
 
 __all__ = [
     "SIGNATURE_FILE",
     "generate_keypair",
     "load_public_key",
     "sign_bundle",
+    "signature_check",
     "verify_bundle",
     "verify_manifest",
 ]
 
-SIGNATURE_FILE = "signature.json"
-"""The Ed25519 signature file ``roadwork sign`` writes into a bundle."""
 _DOMAIN = b"roadwork-bundle-signature-v1\n"  # what is signed: this prefix + the manifest's sha256 (hex)
 
 
@@ -98,8 +99,6 @@ def load_public_key(path: str | Path) -> Any:
 def _checked_manifest(bundle_dir: Path) -> bytes:
     """The manifest's bytes, after checking (one read, :mod:`roadwork.export.snapshot`) that every file it lists
     is a plain regular file of the folder matching its sha256."""
-    from roadwork.export.snapshot import snapshot
-
     with snapshot(bundle_dir) as snap:
         return snap.raw_manifest
 
@@ -137,9 +136,23 @@ def sign_bundle(bundle_dir: str | Path, private_key: str | Path) -> Path:
 def verify_bundle(bundle_dir: str | Path, public_key: str | Path) -> None:
     """Raise :class:`ArtifactError` unless the bundle carries a valid signature by ``public_key`` over its
     manifest and every file matches the manifest (one read: :func:`roadwork.export.snapshot.snapshot`)."""
-    from roadwork.export.snapshot import snapshot
+    snapshot(bundle_dir, check_signature=signature_check(public_key, Path(bundle_dir))).close()
 
-    snapshot(bundle_dir, public_key=public_key).close()
+
+def signature_check(public_key: str | Path, source: Path) -> Callable[[bytes, bytes | None], None]:
+    """What :func:`~roadwork.export.snapshot.snapshot` calls on a bundle's manifest and signature bytes: the key
+    is loaded now (a missing or malformed key is the caller's error, said before the bundle is read)."""
+    load_public_key(public_key)
+
+    def check(raw: bytes, signature_file: bytes | None) -> None:
+        if signature_file is None:
+            raise ArtifactError(
+                f"Bundle {str(source)!r} is not signed (no {SIGNATURE_FILE}) but require_signature is set; sign "
+                "it with 'roadwork sign BUNDLE KEY'."
+            )
+        verify_manifest(raw, signature_file, public_key, source)
+
+    return check
 
 
 def verify_manifest(raw: bytes, signature_file: bytes, public_key: str | Path, source: Path) -> None:

@@ -17,16 +17,19 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from roadwork.errors import ArtifactError
 
-__all__ = ["MANIFEST_FILE", "Snapshot", "check_name", "snapshot"]
+__all__ = ["MANIFEST_FILE", "SIGNATURE_FILE", "Snapshot", "check_name", "snapshot"]
 
 MANIFEST_FILE = "manifest.json"
 """The bundle's manifest: schema, sha256 of every file, versions."""
+SIGNATURE_FILE = "signature.json"
+"""The Ed25519 signature file ``roadwork sign`` writes into a bundle."""
 _MAX_MANIFEST = 16 * 2**20  # bytes: a manifest is a few KB
 _BLOCK = 1 << 20
 
@@ -123,16 +126,13 @@ def _parse_manifest(raw: bytes, source: Path) -> dict[str, Any]:
     return manifest
 
 
-def snapshot(path: str | Path, *, public_key: str | Path | None = None) -> Snapshot:
-    """Read, verify and copy a bundle folder once (module docstring). ``public_key``: require a valid
-    signature by it over the manifest, checked before any listed file is opened."""
+def snapshot(
+    path: str | Path, *, check_signature: Callable[[bytes, bytes | None], None] | None = None
+) -> Snapshot:
+    """Read, verify and copy a bundle folder once (module docstring). ``check_signature(manifest, signature)``
+    (:func:`roadwork.export.signing.signature_check`): called with the manifest's bytes and ``signature.json``'s
+    (``None`` when there is none) before any listed file is opened; it raises to refuse."""
     source = Path(path)
-    if (
-        public_key is not None
-    ):  # a missing or malformed key is the caller's error, said before anything is read
-        from roadwork.export.signing import load_public_key
-
-        load_public_key(public_key)
     try:
         dfd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
@@ -150,19 +150,14 @@ def snapshot(path: str | Path, *, public_key: str | Path | None = None) -> Snaps
                 f"{str(source)!r} is not a roadwork bundle: it has no manifest.json. Pass the bundle folder written "
                 "by 'roadwork run' (runs/<name>/export/bundle)."
             ) from None
-        if public_key is not None:
-            from roadwork.export.signing import SIGNATURE_FILE, verify_manifest
-
+        if check_signature is not None:
             try:
-                sig = _read_small(dfd, SIGNATURE_FILE, source, 1 << 16)
+                sig: bytes | None = _read_small(dfd, SIGNATURE_FILE, source, 1 << 16)
             except ArtifactError as e:
                 if "is missing" not in str(e):
                     raise
-                raise ArtifactError(
-                    f"Bundle {str(source)!r} is not signed (no {SIGNATURE_FILE}) but require_signature is set; "
-                    "sign it with 'roadwork sign BUNDLE KEY'."
-                ) from None
-            verify_manifest(raw, sig, public_key, source)
+                sig = None
+            check_signature(raw, sig)
         manifest = _parse_manifest(raw, source)
         private = Path(tempfile.mkdtemp(prefix="roadwork-bundle-"))  # 0700: only this user
         try:
