@@ -94,3 +94,38 @@ def test_folder_and_manifest_listings_give_the_same_table_and_training_order(tmp
         pd.testing.assert_frame_equal(folder[cols], manifest[cols])
         train = [df.loc[df["split"] == "train", "path"].tolist() for df in (folder, manifest)]
         assert train[0] == train[1] and len(train[0]) > 5  # what train_model receives, in its order
+
+
+def test_odd_names_and_empty_cells_are_skipped_and_named_not_the_end_of_the_job(messy_folder):
+    """A file name that is not UTF-8 (written by another system) and manifest rows with an empty path or label:
+    every good image is used, each odd entry is listed with its reason, in training and in prediction."""
+    import os
+
+    from roadwork.data.listing import list_images
+
+    good = (messy_folder / "roadwork" / "0.jpg").read_bytes()
+    odd = os.path.join(os.fsencode(messy_folder / "roadwork"), b"caf\xe9.jpg")  # Latin-1 'café'
+    with open(odd, "wb") as f:
+        f.write(good)
+    df, _, report = build_dataset(DataConfig(source=str(messy_folder), max_pixels=4_000_000, min_per_class=5))
+    reasons = {r["id"]: r["reason"] for r in report.skipped}
+    assert "not valid UTF-8" in reasons["roadwork/caf\\xe9.jpg"] and len(df) == 26
+    listed = list_images([messy_folder / "roadwork"])
+    assert len(listed) == 16 and [s["path"].endswith("caf\\xe9.jpg") for s in listed.attrs["skipped"]] == [
+        True
+    ]
+
+    rows = [{"path": f"roadwork/{i}.jpg", "label": "roadwork"} for i in range(12)]
+    rows += [{"path": f"no_roadwork/{i}.jpg", "label": "no_roadwork"} for i in range(12)]
+    rows += [{"path": "", "label": "roadwork"}, {"path": "roadwork/1.jpg", "label": ""}]
+    pd.DataFrame(rows).to_csv(messy_folder / "m.csv", index=False)
+    df, _, report = build_dataset(DataConfig(source=str(messy_folder / "m.csv"), min_per_class=5))
+    assert len(df) == 24
+    assert [(r["id"], r["reason"].split(":")[0]) for r in report.skipped] == [
+        ("row 26", "empty path"),
+        ("row 27", "empty label"),
+    ]
+    listed = list_images([messy_folder / "m.csv"])
+    assert len(listed) == 24 and listed.attrs["skipped"] == [  # roadwork/1.jpg twice: listed once
+        {"path": "manifest m.csv row 26", "reason": "empty path: give every row a path"}
+    ]

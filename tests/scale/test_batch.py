@@ -236,3 +236,29 @@ def test_the_cli_counts_this_runs_images_after_a_move(tiny_run, messy_images, tm
     assert main(["predict", str(result.bundle), str(moved), f"out={out}"]) == 0
     said = capsys.readouterr().out
     assert f"predicted 0 images ({len(good)} already in {out}, {len(bad)} unreadable" in said
+
+
+def test_predict_skips_and_names_odd_entries_and_predicts_every_good_image(tiny_run, tmp_path, capsys):
+    import json
+    import os
+
+    from roadwork.cli import main
+
+    _, result = tiny_run
+    images = sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:3]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for im in images:
+        (folder / im.name).write_bytes(im.read_bytes())
+    with open(os.path.join(os.fsencode(folder), b"stra\xdfe.jpg"), "wb") as f:  # Latin-1 'straße'
+        f.write(images[0].read_bytes())
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"path": ["", str(images[1])], "weather": ["fog", "rain"]}).to_csv(manifest, index=False)
+    assert main(["predict", str(result.bundle), str(folder), str(manifest)]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 4 and {Path(r["path"]).name for r in rows} == {im.name for im in images}
+    assert "skipped " in err and "stra\\xdfe.jpg: its name is not valid UTF-8" in err
+    assert "skipped manifest m.csv row 2: empty path" in err
+    assert main(["predict", str(result.bundle), str(folder), str(manifest), f"out={tmp_path / 'o'}"]) == 0
+    assert len(read_predictions(tmp_path / "o")) == 4

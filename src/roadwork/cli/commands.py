@@ -168,6 +168,16 @@ def predict(p: Parsed) -> int:
         raise usage_error(p.command, "engine=ray writes a Parquet folder; pass out=DIR.")
     bundle_path = p.positionals["BUNDLE"]
     items = list_images(p.positionals["PATH"])
+    unlisted = items.attrs.get("skipped", [])
+    for (
+        bad
+    ) in unlisted:  # odd entries (empty manifest cells, non-UTF-8 names) are named, not the end of the job
+        print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr, flush=True)
+    if not len(items):
+        raise InputError(
+            f"no usable image in {', '.join(map(str, p.positionals['PATH']))}"
+            + (f" ({len(unlisted)} entries skipped, each named above)." if unlisted else ".")
+        )
     if o["out"] is not None:  # batch mode: a resumable Parquet folder
         from roadwork.scale.batch import SKIPPED, predict_local, predict_ray, read_skipped
 

@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from roadwork.config import DataConfig
+from roadwork.data.listing import name_problem, shown
 from roadwork.data.splits import assign_splits
 from roadwork.errors import DataError
 
@@ -106,13 +107,20 @@ def _from_folder(root: Path) -> pd.DataFrame:
             f"data.source={str(root)!r} is a folder with {len(class_dirs)} class subfolder(s); an image folder "
             "needs one subfolder per class (at least two), e.g. roadwork/ and no_roadwork/."
         )
-    rows = [
-        {"id": f.relative_to(root).as_posix(), "path": str(f.resolve()), "label": d.name}
-        for d in class_dirs
-        for f in sorted(d.rglob("*"))
-        if f.is_file() and not f.name.startswith(".")
-    ]
-    return pd.DataFrame(rows, columns=["id", "path", "label"])
+    rows, skipped = [], []
+    for d in class_dirs:
+        for f in sorted(d.rglob("*")):
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            rid = f.relative_to(root).as_posix()
+            reason = name_problem(str(f)) or name_problem(d.name)
+            if reason is not None:  # one odd name is reported, not the end of the job
+                skipped.append({"id": shown(rid), "path": shown(str(f)), "reason": reason})
+                continue
+            rows.append({"id": rid, "path": str(f.resolve()), "label": d.name})
+    df = pd.DataFrame(rows, columns=["id", "path", "label"])
+    df.attrs["skipped"] = skipped
+    return df
 
 
 def _from_manifest(path: Path) -> pd.DataFrame:
@@ -136,12 +144,24 @@ def _from_manifest(path: Path) -> pd.DataFrame:
             f"Manifest {str(path)!r} uses reserved column name(s) {sorted(reserved)}; rename them."
         )
     base = path.parent
-    df = df.astype({"path": str, "label": str})
+    skipped = []
+    keep = []
+    for i, (p, label) in enumerate(zip(df["path"].tolist(), df["label"].tolist(), strict=True)):
+        reason = name_problem(p) or (
+            "empty label: give every row a label" if not str(label).strip() else None
+        )
+        if reason is not None:
+            skipped.append(
+                {"id": f"row {i + 2}", "path": shown(p) if isinstance(p, str) else "", "reason": reason}
+            )
+        keep.append(reason is None)
+    df = df[keep].astype({"path": str, "label": str})
     df.insert(0, "id", df["path"])
     df["path"] = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in df["path"]]
     for col in df.columns:
         if col not in ("id", "path", "label"):
             df[col] = df[col].astype(str)
+    df.attrs["skipped"] = skipped  # manifest rows that name no usable path (row numbers count the header)
     return df
 
 
@@ -217,7 +237,8 @@ def build_dataset(
             df = _from_manifest(src)
         else:
             raise DataError(f"data.source={cfg.source!r} is a file but not a .csv or .parquet manifest.")
-        report.n_found = len(df)
+        report.skipped.extend(df.attrs.get("skipped", []))
+        report.n_found = len(df) + len(report.skipped)
         df = _validate_files(df, cfg, report)  # suffixes are not trusted: every file is decoded
         # one canonical row order, by content: a folder and a manifest listing the same files (or a manifest in
         # another row order) give the same table order, so the same training order and the same model

@@ -76,7 +76,7 @@ def _source_fingerprint(cfg: RunConfig) -> str:
     if cfg.data.source == "synthetic":
         return "synthetic"
     src = Path(cfg.data.source)
-    h = hashlib.sha256(str(src.resolve()).encode())
+    h = hashlib.sha256(str(src.resolve()).encode("utf-8", "surrogateescape"))  # any name the OS gives
     if src.is_dir():
         files = sorted(p for p in src.rglob("*") if p.is_file())
     elif src.is_file():
@@ -85,7 +85,8 @@ def _source_fingerprint(cfg: RunConfig) -> str:
         return "missing"
     for p in files:
         st = p.stat()
-        h.update(f"{p.relative_to(src) if src.is_dir() else p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        name = p.relative_to(src) if src.is_dir() else p.name
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
