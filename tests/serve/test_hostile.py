@@ -304,3 +304,30 @@ def test_after_a_stall_an_idle_server_serves_every_v2_request(bundle, x):
         codes = [c.post("/v2/models/tiny/infer", json=_v2(x[:1])).status_code for _ in range(30)]
         assert codes == [200] * 30
         assert state.admission.pending == 0 and state.admission.inside == 0
+
+
+def test_large_v2_bodies_are_parsed_in_another_process_with_the_same_answers_and_errors(bundle, x):
+    """Over OFF_LOOP_BYTES a body is parsed in the parsing process (json.loads holds the GIL: probes must not wait
+    behind it): the same answer as parsed here, and a malformed one is the same JSON 400."""
+    from roadwork.serve.state import OFF_LOOP_BYTES
+
+    many = np.concatenate([x] * 8)
+    small = _v2(many[:1])
+    big = _v2(many, id="big")
+    assert len(json.dumps(big)) > OFF_LOOP_BYTES > len(json.dumps(small))
+    with _client(bundle, max_queue_delay_ms=1) as c:
+        state = c.app.state.roadwork  # type: ignore[attr-defined]
+        one = c.post("/v2/models/tiny/infer", json=small).json()
+        assert state.parse_pool is None  # small bodies: parsed on the loop
+        r = c.post("/v2/models/tiny/infer", json=big)
+        assert r.status_code == 200 and state.parse_pool is not None and r.json()["id"] == "big"
+        logits = next(o for o in r.json()["outputs"] if o["name"] == "logits")
+        first = next(o for o in one["outputs"] if o["name"] == "logits")
+        assert logits["shape"][0] == len(many) and logits["data"][: len(first["data"])] == first["data"]
+        bad = _v2(many)
+        bad["inputs"][0]["shape"] = [len(many), 3, 1, 1]
+        r = c.post("/v2/models/tiny/infer", json=bad)
+        assert r.status_code == 400 and "preprocess to that size" in r.json()["error"]
+        bad_id = _v2(many, id=7)
+        r = c.post("/v2/models/tiny/infer", json=bad_id)
+        assert r.status_code == 400 and "id must be a string" in r.json()["error"]

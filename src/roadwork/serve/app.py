@@ -75,6 +75,8 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
             state.pred_log.flush()
         state.decode_pool.shutdown(wait=False)
         state.model_pool.shutdown(wait=True)
+        if state.parse_pool is not None:
+            state.parse_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="roadwork",

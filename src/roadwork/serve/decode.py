@@ -6,6 +6,7 @@ import base64
 import binascii
 import re
 import warnings
+from typing import Any
 
 from PIL import Image
 
@@ -24,6 +25,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, tuple[int, str]]:  # raised in a parsing process, re-raised here
+        return (type(self), (self.status, self.message))
 
 
 def decode_b64(text: object, field: str) -> bytes:

@@ -4,6 +4,7 @@ inference, Triton's model-repository and statistics extensions, ``/v1/classify``
 from __future__ import annotations
 
 import asyncio
+import functools
 from importlib import metadata
 from typing import Annotated, Any
 
@@ -255,12 +256,15 @@ async def infer(name: str, request: Request, state: State) -> Any:
     state.check_name(name)
     model = state.model
     body = await request.body()
-    req, blob = v2.split_binary(body, request.headers.get("inference-header-content-length"))
-    if isinstance(req, dict) and "id" in req and not isinstance(req["id"], str):  # OIP's id: a string, echoed
-        raise RequestError(
-            400, f"id must be a string (the request id echoed back); got {type(req['id']).__name__}."
-        )
-    x, meta = v2.parse_input(req, model.size, state.settings.max_queue, blob, bound=model.input_bound)
+    parse = functools.partial(
+        v2.parse_request,
+        body,
+        request.headers.get("inference-header-content-length"),
+        model.size,
+        state.settings.max_queue,
+        model.input_bound,
+    )
+    x, meta, req = await state.parse(parse, len(body))
     wanted = v2.requested_outputs(req)
     rows = await state.predict(request, x, meta, admit=True)
     outputs = v2.infer_outputs(rows, model.bundle.classes)

@@ -3,10 +3,13 @@ and the prediction path every endpoint shares (:meth:`ServerState.predict`)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -18,7 +21,11 @@ from roadwork.serve.model import Row, RowError, ServedModel
 from roadwork.serve.prediction_log import PredictionLog
 from roadwork.serve.settings import ServeSettings
 
-__all__ = ["ServerState", "build_state", "server_state"]
+__all__ = ["OFF_LOOP_BYTES", "ServerState", "build_state", "server_state"]
+
+OFF_LOOP_BYTES = 1 << 20
+"""Request bodies over this many bytes are parsed in a parsing process, not on the event loop."""
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,6 +43,23 @@ class ServerState:
     pred_log: PredictionLog | None = None
     ready: bool = False
     draining: bool = False
+
+    parse_pool: ProcessPoolExecutor | None = None  # started on the first large body (see parse)
+
+    async def parse(self, fn: Callable[[], T], size: int) -> T:
+        """``fn()`` (a pure parse of a request body): here for small bodies, in a parsing process for bodies over
+        :data:`OFF_LOOP_BYTES`: ``json.loads`` of 60 MB holds the GIL for seconds, and probes must not wait."""
+        if size <= OFF_LOOP_BYTES:
+            return fn()
+        if self.parse_pool is None:
+            import multiprocessing
+
+            self.parse_pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.parse_pool, fn)
+        except BrokenProcessPool:  # the parsing process died (killed for memory): a fresh one next time
+            self.parse_pool = None
+            raise RequestError(503, "the request could not be parsed now; retry.") from None
 
     @property
     def serving(self) -> bool:

@@ -22,6 +22,7 @@ __all__ = [
     "json_images",
     "parse_input",
     "parse_json",
+    "parse_request",
     "requested_outputs",
     "split_binary",
 ]
@@ -84,6 +85,22 @@ def split_binary(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
             f"{len(body)} bytes: the length of the JSON part.",
         )
     return parse_json(body[:n]), body[n:]
+
+
+def parse_request(
+    body: bytes, header_length: str | None, size: int, max_n: int, bound: float
+) -> tuple[np.ndarray, dict[str, list[str]], dict[str, Any]]:
+    """A whole infer request, bytes to validated tensor: ``(x, slices, request)``, the request without its input
+    values (what is left to answer it: id, outputs asked for, parameters). Pure, so that a large body can be
+    parsed in another process while the event loop keeps answering probes (``json.loads`` holds the GIL)."""
+    req, blob = split_binary(body, header_length)
+    if isinstance(req, dict) and "id" in req and not isinstance(req["id"], str):  # OIP's id: a string, echoed
+        raise RequestError(
+            400, f"id must be a string (the request id echoed back); got {type(req['id']).__name__}."
+        )
+    x, meta = parse_input(req, size, max_n, blob, bound=bound)
+    req["inputs"][0].pop("data", None)
+    return x, meta, req
 
 
 def requested_outputs(req: dict[str, Any]) -> set[str]:
