@@ -15,7 +15,10 @@ machine's cores. Tables:
    probes beside them; how soon the server closes them;
 5. bad requests: >= 2000 generated malformed requests of every kind; statuses, JSON bodies, RSS growth; then a
    burst of 16 concurrent 6000x6000 PNGs (small files, 36 M pixels each) and the peak RSS;
-6. SIGTERM under load: readiness, resets, answered requests, exit code.
+6. SIGTERM under load: readiness, resets, answered requests, exit code;
+7-11. the second ring (``benchmarks/_chaos_ring2.py``): a signed-bundle swap race and manifest names outside the
+   folder, a stall, pressure before a request (huge header, silent connections, bodies to open paths, huge JSON),
+   open-loop load at 0.8x and 3x capacity and 1080p JPEGs, odd file names and manifest cells.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 HOST = "127.0.0.1"
 
@@ -64,7 +69,7 @@ EXTRA_SETTINGS: list[str] = []  # --server: appended to every server's settings
 
 
 class Server:
-    def __init__(self, bundle: Path, *settings: str) -> None:
+    def __init__(self, bundle: Path, *settings: str, preexec: Any = None) -> None:
         settings = (*settings, *EXTRA_SETTINGS)
         self.port = _port()
         self.log = Path(tempfile.gettempdir()) / f"roadwork-chaos-{self.port}.log"
@@ -73,6 +78,7 @@ class Server:
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=preexec,  # e.g. a lower open-file limit for the server alone
         )
         deadline = time.monotonic() + 180
         while True:
@@ -687,7 +693,9 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="short loops (a smoke test, not the acceptance run)")
     ap.add_argument(
-        "--only", default="overload,poison,slow,bad,sigterm", help="comma-separated subset of the tables"
+        "--only",
+        default="overload,poison,slow,bad,sigterm,swap,stall,pressure,openloop,odd",
+        help="comma-separated subset of the tables",
     )
     args = ap.parse_args()
     EXTRA_SETTINGS.extend(args.server)
@@ -710,6 +718,9 @@ def main() -> None:
         bad_requests(bundle, size, 400 if q else 2400)
     if "sigterm" in only:
         sigterm(bundle)
+    from _chaos_ring2 import run as second_ring  # tables 7-11 (issue 27)
+
+    second_ring(bundle, only, size, q)
 
 
 if __name__ == "__main__":

@@ -75,10 +75,11 @@ class ServeSettings(BaseModel):
     )
     max_body_mb: float = Field(64.0, gt=0, description="request body limit (413 above it), as Triton")
     max_inflight_body_mb: float = Field(
-        256.0,
+        96.0,
         gt=0,
-        description="request bodies buffered by all requests at once; a body that would go over it is refused "
-        "(503 + Retry-After) before it is read",
+        description="request bodies held by all requests at once (one body at max_body_mb and change: each "
+        "costs about twice its size while it is parsed); a body that would go over it is refused (503 + "
+        "Retry-After) before it is read",
     )
     max_header_kb: int = Field(
         64, ge=1, description="request line and headers per request (431 above it, connection closed)"
