@@ -381,7 +381,13 @@ def _vit_bundle(out: Path, demo_bundle: Path) -> Path:
         preprocess=PreprocessSpec(size=224),
         kwargs={"img_size": 224},
     )
-    policy = TrustPolicy.load(demo_bundle / "policy.json")
+    # the demo's model-alone policy (no cascade: this bundle has no earlier stages to ship)
+    alone = demo_bundle / "policy-model.json"
+    policy = TrustPolicy.load(alone if alone.is_file() else demo_bundle / "policy.json")
+    if policy.cascade is not None:
+        import dataclasses
+
+        policy = dataclasses.replace(policy, cascade=None)
     write_bundle(
         out / "vit-bundle", onnx_path=onnx_path, card=card, policy=policy, export_info={"bench": True}
     )

@@ -54,6 +54,11 @@ def test_compose_prometheus_and_kubernetes_files_are_consistent():
     drain = next(float(a.split("=")[1]) for a in c["args"] if a.startswith("drain_timeout_s="))
     assert pod["terminationGracePeriodSeconds"] > drain  # drain finishes before Kubernetes kills the pod
     assert any(d["kind"] == "Service" for d in docs)
+    # both deploy files require an API key: compose refuses to start without one, the secret is not optional
+    key = compose["services"]["roadwork"]["environment"]["ROADWORK_API_KEY"]
+    assert key.startswith("${ROADWORK_API_KEY:?"), key
+    env = next(e for e in c["env"] if e["name"] == "ROADWORK_API_KEY")
+    assert env["valueFrom"]["secretKeyRef"]["optional"] is False
 
 
 def _name(requirement: str) -> str:
