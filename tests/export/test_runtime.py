@@ -246,3 +246,29 @@ def test_dynamic_int8_is_refused_where_it_would_be_served(model_onnx, tmp_path):
         load_config("demo", ["export.int8=dynamic"])
     assert batch_dependent({"mode": "dynamic"}) and not batch_dependent({"mode": "static"})
     assert "export.int8=static" in BATCH_DEPENDENT
+
+
+def test_a_full_disk_is_not_a_reason_to_switch_exporters(tmp_path, monkeypatch):
+    """The dynamo exporter falls back to the legacy one for graphs it rejects, never for a disk error: that is
+    raised as it is (and nothing half-written is left)."""
+    import errno
+
+    torch = pytest.importorskip("torch")
+    import roadwork.export.onnx as onnx_mod
+
+    class _Program:
+        def save(self, path: str, **_: object) -> None:
+            with open(path, "wb") as f:
+                f.write(b"half")
+            raise RuntimeError("could not save the program") from OSError(
+                errno.ENOSPC, "No space left on device"
+            )
+
+    monkeypatch.setattr(
+        torch.onnx, "export", lambda *a, **k: _Program() if k.get("dynamo") else pytest.fail()
+    )
+    path = tmp_path / "model.onnx"
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)).eval()
+    with pytest.raises(OSError) as err:
+        onnx_mod.export_onnx(net, np.zeros((2, 3, 2, 2), np.float32), path)
+    assert err.value.errno == errno.ENOSPC and not path.exists()

@@ -262,3 +262,23 @@ def test_predict_skips_and_names_odd_entries_and_predicts_every_good_image(tiny_
     assert "skipped manifest m.csv row 2: empty path" in err
     assert main(["predict", str(result.bundle), str(folder), str(manifest), f"out={tmp_path / 'o'}"]) == 0
     assert len(read_predictions(tmp_path / "o")) == 4
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_no_temporary_part(tiny_run, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from roadwork.cli import main
+
+    _, result = tiny_run
+    images = sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:3]
+
+    def full(self, path, *a, **k):  # type: ignore[no-untyped-def]
+        Path(path).write_bytes(b"PAR1 half")  # what a write cut short leaves
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full)
+    out = tmp_path / "out"
+    assert main(["predict", str(result.bundle), *map(str, images), f"out={out}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: No space left on device writing ") and "Traceback" not in "\n".join(err)
+    assert not list(out.glob(".part-*")) and not list(out.glob("part-*"))

@@ -7,6 +7,8 @@ once in :mod:`roadwork.cli.specs` and parsed by :mod:`roadwork.cli.grammar`; wha
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import textwrap
 from collections.abc import Iterator, Mapping
@@ -137,6 +139,9 @@ def _help(args: list[str]) -> int:
     return 0
 
 
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # said in one line, not a traceback
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command line (``sys.argv[1:]`` by default); returns the exit status (2: a usage error)."""
     try:
@@ -163,6 +168,16 @@ def _main(args: list[str]) -> int:
     except RoadworkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"error: {os.strerror(e.errno or 0)}{where}. Nothing half-written was kept: free space (or quota) and "
+            "run the same command again (completed work is kept and resumed), or write elsewhere.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "interrupted: completed stages are kept; run the same command again to resume.", file=sys.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import warnings
 from collections.abc import Iterator
@@ -73,10 +74,29 @@ def export_onnx(
             prog.save(str(path), external_data=False)
         return "dynamo"
     except Exception as e:  # the dynamo exporter still rejects some graphs; the legacy one is a fine fallback
+        disk = _os_error(e)
+        if disk is not None:  # a full or failing disk is not a graph the exporter rejects: no silent switch
+            path.unlink(missing_ok=True)
+            raise disk from e
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         log.warning("dynamo ONNX export failed (%s); falling back to the legacy exporter", reason)
         _legacy(torch, model, x, path, opset)
         return f"legacy: {reason}"
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The disk error behind ``e`` (itself, or one it was raised from), if any: exporters wrap what they hit."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and cur.errno in _DISK_ERRNOS:
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _legacy(torch: Any, model: Any, x: Any, path: Path, opset: int) -> None:

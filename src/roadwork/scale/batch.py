@@ -20,6 +20,7 @@ there are no duplicate and no missing rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
@@ -157,6 +158,15 @@ def _chunks(df: pd.DataFrame, n: int) -> Iterator[pd.DataFrame]:
         yield df.iloc[i : i + n]
 
 
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class _Parts:
     """Buffers predicted rows and writes them ``part_rows`` at a time, or when ``flush_s`` seconds have passed, as
     ``part-*.parquet`` (temp name + rename: a reader, or a resumed job, never sees half a file); rows with a
@@ -196,13 +206,15 @@ class _Parts:
         if self.buffer:
             part = pd.concat(self.buffer, ignore_index=True)
             tmp = self.out / f".part-{uuid.uuid4().hex}.tmp"
-            part.to_parquet(tmp, index=False)
-            tmp.rename(self.out / f"part-{uuid.uuid4().hex[:12]}.parquet")
+            with _removed_on_failure(tmp):  # a full disk leaves no half part behind
+                part.to_parquet(tmp, index=False)
+                tmp.rename(self.out / f"part-{uuid.uuid4().hex[:12]}.parquet")
             self.buffer, self.rows = [], 0
         if len(self.skipped) or (self.out / SKIPPED).exists():
             tmp = self.out / f".{SKIPPED}.tmp"
-            self.skipped.to_csv(tmp, index=False)
-            tmp.replace(self.out / SKIPPED)
+            with _removed_on_failure(tmp):
+                self.skipped.to_csv(tmp, index=False)
+                tmp.replace(self.out / SKIPPED)
 
 
 def read_skipped(out: str | Path) -> pd.DataFrame:
