@@ -229,6 +229,9 @@ def test_what_arrives_before_a_request_is_bounded(tiny_run, tmp_path):
         assert answer.startswith(b"HTTP/1.1 405") and b"use GET" in answer
         two = b"GET /v2/models/tiny HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nAuthorization: Bearer x\r\n\r\n"
         assert _raw(base, two).startswith(b"HTTP/1.1 400")
+        # a valid request pipelined before a malformed one keeps its answer; the 400 follows it
+        piped = _raw(base, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\x01 / HTTP/1.1\r\n\r\n")
+        assert piped.startswith(b"HTTP/1.1 200") and piped.count(b"HTTP/1.1 400") == 1, piped
         bad = _raw(base, b"GARBAGE\x01 / HTTP/1.1\r\n\r\n")
         assert bad.startswith(b"HTTP/1.1 400") and b"application/json" in bad and b'"error"' in bad
         assert httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200

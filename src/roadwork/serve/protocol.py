@@ -93,6 +93,7 @@ class GuardedProtocol(HttpToolsProtocol):
     subclass made by :func:`guarded_protocol` carries the limits."""
 
     limits: _Limits
+    _error_after: str | None = None  # a parse error after a pipelined good request: answered after it
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -142,6 +143,8 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._error_after is not None:  # the parser failed: nothing after it is read
+            return
         waiting = self in self.limits.idle
         if waiting:
             self._head_bytes += len(data)
@@ -167,11 +170,21 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         busy = self.cycle is not None and not self.cycle.response_complete  # a pipelined request runs
-        if not busy and not self.transport.is_closing():
-            self._awaiting_head()
+        if busy or self.transport.is_closing():
+            return
+        error, self._error_after = self._error_after, None
+        if error is not None:  # the malformed request that followed a good one gets its 400 now, in order
+            self._refuse(400, b"Bad Request", error)
+            return
+        self._awaiting_head()
 
     def send_400_response(self, msg: str) -> None:
-        self._refuse(400, b"Bad Request", f"malformed HTTP request ({msg.rstrip('.')}); send valid HTTP/1.1.")
+        error = f"malformed HTTP request ({msg.rstrip('.')}); send valid HTTP/1.1."
+        if self.cycle is not None and not self.cycle.response_complete:  # pipelined after a good request: that
+            self._error_after = error  # one is answered first, then this 400, then the connection closes
+            self.transport.pause_reading()
+            return
+        self._refuse(400, b"Bad Request", error)
 
 
 class _Refused(Exception):
