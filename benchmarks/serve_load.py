@@ -311,8 +311,14 @@ async def _open_loop(url: str, bodies: list[bytes], seconds: float, rate: float)
     }
 
 
-def _in_process(bundle_dir: Path, jpegs: list[bytes], seconds: float, batch: int) -> float:
-    """decode + preprocess + ORT + policy in this process, batches of ``batch``: the ceiling for a server."""
+def _in_process(
+    bundle_dir: Path, jpegs: list[bytes], seconds: float, batch: int, served: bool = True
+) -> float:
+    """In this process, batches of ``batch``: the ceiling for a server. ``served``: what the server computes for
+    each image (decode to the bundle's decode side, then the bundle's whole served path: cascade and policy);
+    else decode + preprocess + the last model + its policy alone (what this table compared before 2026-12-06,
+    less work than the server does when the bundle has a cascade)."""
+
     from roadwork.data.preprocess import load_rgb, preprocess
     from roadwork.export.bundle import Bundle
     from roadwork.export.onnx import onnx_logits
@@ -321,8 +327,11 @@ def _in_process(bundle_dir: Path, jpegs: list[bytes], seconds: float, batch: int
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         chunk = [jpegs[(n + i) % len(jpegs)] for i in range(batch)]
-        x = preprocess([load_rgb(j) for j in chunk], b.card.preprocess)
-        b.policy.apply(onnx_logits(b.session, x))
+        if served:
+            b.predict_images([load_rgb(j, b.decode_side) for j in chunk])
+        else:
+            x = preprocess([load_rgb(j) for j in chunk], b.card.preprocess)
+            b.tensor_policy.apply(onnx_logits(b.session, x))
         n += batch
     return n / (time.perf_counter() - t0)
 
@@ -483,8 +492,14 @@ def main() -> None:
             print()
 
         rows = []
+        alone = _in_process(bundle, jpegs, args.seconds, args.batch, served=False)
+        rows.append(
+            ("in-process: decode + the last model + its policy", alone, float("nan"), float("nan"), 0)
+        )
         inproc = _in_process(bundle, jpegs, args.seconds, args.batch)
-        rows.append(("in-process decode + preprocess + ORT + policy", inproc, float("nan"), float("nan"), 0))
+        rows.append(
+            ("in-process: decode + the served path (cascade + policy)", inproc, *[float("nan")] * 2, 0)
+        )
         results = {}
         for name, start in (("roadwork serve", _roadwork_server), ("LitServe", _litserve_server)):
             port = _port()
@@ -507,7 +522,10 @@ def main() -> None:
         for name, rps, p50, p99, err in rows:
             note = ""
             if name == "roadwork serve":
-                note = f"{rps / results['LitServe']['rps']:.2f}x LitServe, {rps / inproc:.2f}x in-process"
+                note = (
+                    f"{rps / results['LitServe']['rps']:.2f}x LitServe, {rps / inproc:.2f}x in-process (same "
+                    f"path), {rps / alone:.2f}x the last model alone"
+                )
             print(f"| {name} | {rps:.1f} | {p50:.1f} | {p99:.1f} | {err} | {note} |")
         print()
 

@@ -67,6 +67,7 @@ def test_sigterm_drains_in_flight_and_keep_alive_requests_and_exits_0(tiny_run, 
         result.bundle,
         tmp_path / "server.log",
         "max_queue_delay_ms=3000",
+        "max_latency_ms=20000",  # the 3 s window fits the latency budget
         "max_batch_size=64",
         "drain_delay_s=2",
         "drain_timeout_s=20",

@@ -173,10 +173,10 @@ def predict(p: Parsed) -> int:
         bad
     ) in unlisted:  # odd entries (empty manifest cells, non-UTF-8 names) are named, not the end of the job
         print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr, flush=True)
-    if not len(items):
+    if unlisted and not len(items):
         raise InputError(
-            f"no usable image in {', '.join(map(str, p.positionals['PATH']))}"
-            + (f" ({len(unlisted)} entries skipped, each named above)." if unlisted else ".")
+            f"no usable image in {', '.join(map(str, p.positionals['PATH']))} ({len(unlisted)} entries skipped, "
+            "each named above)."
         )
     if o["out"] is not None:  # batch mode: a resumable Parquet folder
         from roadwork.scale.batch import SKIPPED, predict_local, predict_ray, read_skipped

@@ -64,10 +64,13 @@ class Admission:
       but not yet in its queue, being decoded, one image each until their count is known);
     - the whole request's latency, by Little's law: at most ``budget × throughput`` requests inside, where the
       throughput is the measured rate of answered requests (a decaying maximum over 1 s windows, so it
-      follows capacity rather than demand) and the budget is ``max_latency_ms`` or, by default, ``latency_factor`` (3) times the
-      fastest recent answer (a windowed minimum; at least an efficient batch's time). This
-      counts everything a request waits for (reading, decoding, the event loop, the batch), not only the
-      model, and needs no tuning: the bound follows the machine and the model."""
+      follows capacity rather than demand) and the budget is ``max_latency_ms`` (500 ms by default, an absolute
+      budget: a load under capacity is never shed), or with ``max_latency_ms=0`` ``latency_factor`` (3) times
+      the fastest recent answer (a windowed minimum; at least an efficient batch's time). This counts
+      everything a request waits for (reading, decoding, the event loop, the batch), not only the model.
+
+    What it does is in ``/metrics``: ``roadwork_rejected_total``, ``roadwork_admission_limit``,
+    ``roadwork_latency_budget_seconds``, ``roadwork_inflight_requests``."""
 
     def __init__(self, settings: ServeSettings, batcher: DynamicBatcher) -> None:
         self.settings = settings
@@ -200,8 +203,10 @@ class Gate:
         metrics: ServerMetrics,
         admission: Admission,
         draining: Callable[[], bool],
+        fast: dict[str, Any] | None = None,
     ) -> None:
         self.app = app
+        self.fast = fast or {}  # POST path → a plain ASGI endpoint served past the app (the hot path)
         self.settings = settings
         self.metrics = metrics
         self.admission = admission
@@ -273,15 +278,16 @@ class Gate:
         scope.setdefault("state", {})["roadwork_pending"] = True
         self.metrics.inflight.set(adm.inside)
         t_in = time.perf_counter()
+        fast = self.fast.get(scope["path"])
         try:
-            await self.app(scope, replay, answer)
+            await (fast or self.app)(scope, replay, answer)
         finally:
             adm.inside -= 1
             if scope["state"].get("roadwork_pending"):
                 adm.pending -= 1
             adm.finished(time.perf_counter() - t_in, answer.status == 200)
             self.metrics.inflight.set(adm.inside)
-        return "other"
+        return scope["path"] if fast is not None else "other"  # the metrics label: the route's path
 
     def _authorised(self, scope: dict[str, Any]) -> bool:
         auth = dict(scope["headers"]).get(b"authorization", b"")

@@ -43,11 +43,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from roadwork.errors import ArtifactError
 from roadwork.export.bundle import Bundle
 from roadwork.serve import schemas
-from roadwork.serve.admission import Gate, Shed
+from roadwork.serve.admission import Gate
 from roadwork.serve.decode import RequestError
 from roadwork.serve.metrics import ServerMetrics
 from roadwork.serve.model import ServedModel, served_name
-from roadwork.serve.routes import router, version
+from roadwork.serve.routes import (
+    fast_routes,
+    request_error_response,
+    router,
+    server_error_response,
+    version,
+)
 from roadwork.serve.settings import ServeSettings
 from roadwork.serve.state import ServerState, build_state
 
@@ -93,6 +99,7 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         metrics=metrics,
         admission=state.admission,
         draining=lambda: state.draining,
+        fast=fast_routes(state),
     )
     app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -144,8 +151,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
-        retry = e.retry_after if isinstance(e, Shed) else 1
-        return _error(e.status, e.message, {"Retry-After": str(retry)} if e.status == 503 else None)
+        return request_error_response(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -160,7 +166,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception) -> JSONResponse:  # last resort: still JSON
-        return _error(500, f"internal error ({type(e).__name__}); the server log has the details.")
+        return server_error_response(e)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -109,6 +109,16 @@ class ServedModel:
         dw, dh = decoded_size((w, h), im.format, self.decode_side)
         return dw * dh
 
+    def reserve_and_preprocess(self, blobs: list[bytes]) -> tuple[int, Any]:
+        """:meth:`reserve_pixels` then :meth:`preprocess` (one trip to the decode pool); the pixels are given
+        back if decoding fails. Release them with :meth:`release_pixels` once answered."""
+        pixels = self.reserve_pixels(blobs)
+        try:
+            return pixels, self.preprocess(blobs)
+        except BaseException:
+            self.release_pixels(pixels)
+            raise
+
     def release_pixels(self, pixels: int) -> None:
         """Give back what :meth:`reserve_pixels` counted."""
         with self._pixel_lock:

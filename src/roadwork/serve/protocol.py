@@ -180,7 +180,9 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         error = f"malformed HTTP request ({msg.rstrip('.')}); send valid HTTP/1.1."
-        if self.cycle is not None and not self.cycle.response_complete:  # pipelined after a good request: that
+        if (
+            self.cycle is not None and not self.cycle.response_complete
+        ):  # pipelined after a good request: that
             self._error_after = error  # one is answered first, then this 400, then the connection closes
             self.transport.pause_reading()
             return

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Annotated, Any
 
@@ -14,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from roadwork.export.onnx import INPUT_NAME
 from roadwork.serve import schemas, v2
+from roadwork.serve.admission import Shed
 from roadwork.serve.decode import IMAGE_TYPES, RequestError
 from roadwork.serve.model import model_config_of
 from roadwork.serve.state import ServerState, server_state
@@ -34,6 +38,8 @@ __all__ = [
     "server_metadata",
     "version",
 ]
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 """Every endpoint; :func:`roadwork.serve.app.create_app` includes it."""
@@ -283,17 +289,53 @@ async def infer(name: str, request: Request, state: State) -> Any:
     responses=_ERRORS | {415: {"model": schemas.ErrorBody, "description": "unsupported content type"}},
     openapi_extra=_CLASSIFY_BODY,
 )
-async def classify(request: Request, state: State) -> dict[str, Any]:
+async def classify(request: Request) -> Response:  # documented here; POSTs are served by fast_routes
     """Classify images: a raw body (``image/jpeg``, ``image/png`` …), ``multipart/form-data`` with one or more
     files, or JSON ``{"image": base64}`` / ``{"images": [...]}`` with optional ``"metadata"`` (slice values).
     Returns ``{"predictions": [{label, probability, prediction_set, abstain, score, stage}]}``: the bundle's
     whole policy and cascade. 400 corrupt image or bomb, 413 body too large, 415 other content types."""
+    return await _classify(request, server_state(request))
+
+
+def fast_routes(state: ServerState) -> dict[str, Callable[..., Awaitable[None]]]:
+    """The hot path as plain ASGI endpoints the gate calls directly (``/v1/classify``), past FastAPI's routing,
+    middleware stack, dependency solving and response re-validation; the same code, errors and JSON."""
+
+    async def classify_asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await _classify(request, state)
+        except RequestError as e:
+            response = request_error_response(e)
+        except Exception as e:  # the last resort: still JSON, logged like the app's handler
+            log.exception("classify failed")
+            response = server_error_response(e)
+        await response(scope, receive, send)
+
+    return {"/v1/classify": classify_asgi}
+
+
+def request_error_response(e: RequestError) -> JSONResponse:
+    """Our 4xx/503 as JSON ``{"error": ...}`` (503 with ``Retry-After``)."""
+    retry = e.retry_after if isinstance(e, Shed) else 1
+    headers = {"Retry-After": str(retry)} if e.status == 503 else None
+    return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
+
+
+def server_error_response(e: Exception) -> JSONResponse:
+    """A server fault as a JSON 500 that names the exception's type only (details go to the log)."""
+    return JSONResponse(
+        {"error": f"internal error ({type(e).__name__}); the server log has the details."}, status_code=500
+    )
+
+
+async def _classify(request: Request, state: ServerState) -> Response:
     model = state.model
     blobs, per_image, query_meta = await _classify_images(request, state)
     loop = asyncio.get_running_loop()
-    pixels = await loop.run_in_executor(state.decode_pool, model.reserve_pixels, blobs)
+    # one trip to the decode pool: count the pixels (503 over the budget), then decode and preprocess
+    pixels, x = await loop.run_in_executor(state.decode_pool, model.reserve_and_preprocess, blobs)
     try:
-        x = await loop.run_in_executor(state.decode_pool, model.preprocess, blobs)
         meta = {
             col: [str(pi.get(col, query_meta.get(col, ""))) for pi in per_image]
             for col in model.slice_columns
@@ -306,7 +348,10 @@ async def classify(request: Request, state: State) -> dict[str, Any]:
             k: v for k, v in query_meta.items() if isinstance(v, str)
         }
         state.pred_log.add(records, [request_meta | pi for pi in per_image])
-    return {"model": model.name, "predictions": records}
+    return Response(
+        content=json.dumps({"model": model.name, "predictions": records}).encode(),
+        media_type="application/json",
+    )
 
 
 async def _classify_images(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["ServeSettings"]
 
@@ -44,16 +44,19 @@ class ServeSettings(BaseModel):
         "beside max_latency_ms; beyond it 503 + Retry-After",
     )
     max_latency_ms: float = Field(
-        0.0,
+        500.0,
         ge=0,
-        description="latency budget: a request is admitted only while the images ahead of it can be served "
-        "within it at the measured batch throughput, else 503 + Retry-After; 0 = auto (three times "
-        "the time of a full batch plus the batching window, at least 50 ms)",
+        description="latency budget: a request is admitted while the requests inside can be answered within it "
+        "at the measured throughput (Little's law) and the images ahead of it within it at the measured batch "
+        "times, else 503 + Retry-After at once. 500 ms by default: under capacity nothing is shed, in overload "
+        "the server stays busy (goodput at capacity) and admitted requests wait at most about this long. 0 = "
+        "relative: latency_factor times the fastest recent answer (sheds earlier, keeps latency near the "
+        "unloaded one)",
     )
     latency_factor: float = Field(
         3.0,
         gt=1,
-        description="max_latency_ms=0 (auto): the whole-request latency budget is this many times the fastest "
+        description="max_latency_ms=0 only: the whole-request latency budget is this many times the fastest "
         "recent answer; larger keeps more requests inside (goodput) at a higher latency",
     )
     max_queue_wait_ms: float = Field(
@@ -132,3 +135,14 @@ class ServeSettings(BaseModel):
                 "leave ROADWORK_API_KEY/api_key unset to serve without one"
             )
         return v
+
+    @model_validator(mode="after")
+    def _window_within_budget(self) -> ServeSettings:
+        """A batching window longer than the latency budget would shed every request that waits for it."""
+        if self.max_latency_ms and self.max_queue_delay_ms >= self.max_latency_ms:
+            raise ValueError(
+                f"max_queue_delay_ms={self.max_queue_delay_ms:g} is not below max_latency_ms={self.max_latency_ms:g}: "
+                "every request waiting for a batch would be over the latency budget and refused; raise "
+                "max_latency_ms, or lower max_queue_delay_ms"
+            )
+        return self

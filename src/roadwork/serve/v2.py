@@ -136,8 +136,8 @@ def binary_response(resp: dict[str, Any], req: Any) -> Any:
         for o in req.get("outputs") or []
         if isinstance(o.get("parameters"), dict) and o["parameters"].get("binary_data")
     }
-    if not every and not asked:
-        return resp
+    if not every and not asked:  # rendered here: the schema is documented, not re-validated per request
+        return Response(content=json.dumps(resp).encode(), media_type="application/json")
     chunks = []
     for o in resp["outputs"]:
         if not (every or o["name"] in asked):
