@@ -1,0 +1,145 @@
+"""The server's side of the field loop: an id and a policy version on every prediction, a uniform audit sample,
+the store written by one thread with group commits, and the field estimates refreshed as labels arrive.
+
+Each request waits for the commit that holds its predictions (several requests share one commit), so an id a
+client has received is in the store: feedback for it is never "unknown" after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import queue
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from roadwork.field.estimates import field_estimates
+from roadwork.field.store import FeedbackResult, FieldStore, StoredPrediction, open_store
+
+__all__ = ["FieldLoop", "policy_version"]
+
+_STOP = object()
+
+
+def policy_version(policy_bytes: bytes) -> str:
+    """The version clients see: the first 12 hex digits of the sha256 of the served policy file's bytes."""
+    return hashlib.sha256(policy_bytes).hexdigest()[:12]
+
+
+class FieldLoop:
+    """One server's field loop over a store (``feedback_db``): ids, audit flags, durable writes, estimates."""
+
+    def __init__(
+        self,
+        where: str,
+        *,
+        version: str,
+        classes: Sequence[str],
+        audit_rate: float,
+        retention_days: float,
+        max_rows: int,
+        positive_class: str | None = None,
+        slice_columns: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> None:
+        self.store: FieldStore = open_store(where)
+        self.version = version
+        self.classes = list(classes)
+        self.audit_rate = audit_rate
+        self.retention_days, self.max_rows = retention_days, max_rows
+        self.positive_class = positive_class
+        self.slice_columns = list(slice_columns)
+        self._rng = random.Random(seed)
+        self._prefix = uuid.uuid4().hex[:8]  # this replica: ids stay unique across replicas and restarts
+        self._count = 0
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._writer = threading.Thread(target=self._write, name="roadwork-field", daemon=True)
+        self._writer.start()
+        self.store.prune(retention_days=retention_days, max_rows=max_rows)
+
+    def stamp(self, records: list[dict[str, Any]]) -> None:
+        """Give each answer its ``id``, ``policy_version`` and ``audit`` flag (in place)."""
+        for rec in records:
+            self._count += 1
+            rec["id"] = f"{self._prefix}-{self._count:x}-{os.urandom(4).hex()}"
+            rec["policy_version"] = self.version
+            rec["audit"] = self._rng.random() < self.audit_rate
+
+    async def record(
+        self, records: list[dict[str, Any]], probs: Sequence[Any], meta: list[dict[str, Any]]
+    ) -> None:
+        """Store what was served for these answers; returns once committed."""
+        now = time.time()
+        rows = [
+            StoredPrediction(
+                id=rec["id"],
+                ts=now,
+                policy_version=self.version,
+                label=rec["label"],
+                probs=[round(float(v), 6) for v in p],
+                pred_set=list(rec["prediction_set"]),
+                abstain=bool(rec["abstain"]),
+                stage=str(rec.get("stage", "model")),
+                meta={str(k)[:64]: str(v)[:64] for k, v in list(m.items())[:16]},
+                audit=bool(rec["audit"]),
+            )
+            for rec, p, m in zip(records, probs, meta, strict=True)
+        ]
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.put((rows, loop, done))
+        await done
+
+    def _write(self) -> None:
+        """The writer thread: everything queued since the last commit goes in the next one (group commit)."""
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            batch = [item]
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    self._queue.put(_STOP)
+                    break
+                batch.append(nxt)
+            error: BaseException | None = None
+            try:
+                self.store.add_predictions([r for rows, _, _ in batch for r in rows])
+            except Exception as e:  # the requests waiting for this commit get it as their error
+                error = e
+            for _, loop, fut in batch:
+                loop.call_soon_threadsafe(_settle, fut, error)
+
+    def feedback(self, labels: Sequence[tuple[str, int]]) -> FeedbackResult:
+        """Store labels (class indices) for served ids (blocking: call it in a thread)."""
+        return self.store.add_labels(labels)
+
+    def estimates(self) -> dict[str, Any]:
+        """Field rates from the labelled audit sample (blocking: call it in a thread)."""
+        rows = self.store.labelled(audit_only=True)
+        return field_estimates(
+            rows, self.classes, positive_class=self.positive_class, slice_columns=self.slice_columns
+        )
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._writer.join(timeout=30)
+        self.store.close()
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
