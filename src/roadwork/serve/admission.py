@@ -11,7 +11,7 @@ import hmac
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from roadwork.serve.batcher import DynamicBatcher
@@ -19,7 +19,7 @@ from roadwork.serve.decode import RequestError
 from roadwork.serve.metrics import ServerMetrics
 from roadwork.serve.settings import ServeSettings
 
-__all__ = ["OPEN_PATHS", "Admission", "Gate", "Shed"]
+__all__ = ["OPEN_PATHS", "Admission", "Gate", "Shed", "body_of"]
 
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
 """Paths served without the API key (probes and the scraper)."""
@@ -259,7 +259,8 @@ class Gate:
         finally:
             self.buffered -= len(body)
 
-    async def _handle(self, scope: dict[str, Any], receive: Any, answer: _Answer, body: bytes) -> str:
+    async def _handle(self, scope: dict[str, Any], receive: Any, answer: _Answer, body: bytearray) -> str:
+        scope.setdefault("state", {})["roadwork_body"] = body  # read without a copy by body_of
         replay = _Replay(body, receive)
         if not scope["path"].endswith(_PREDICT_SUFFIXES):
             await self.app(scope, replay, answer)
@@ -294,7 +295,7 @@ class Gate:
         given = auth[7:] if auth[:7].lower() == b"bearer " else b""
         return self.key is not None and hmac.compare_digest(given, self.key)
 
-    async def _body(self, scope: dict[str, Any], receive: Any, answer: _Answer) -> bytes | None:
+    async def _body(self, scope: dict[str, Any], receive: Any, answer: _Answer) -> bytearray | None:
         """The whole body, read under ``body_timeout_s`` and the size limit; ``None`` once refused (413/408, the
         connection closed: the rest of an unread body must not be parsed as a request) or disconnected."""
         close = [(b"connection", b"close")]
@@ -340,29 +341,35 @@ class Gate:
                 self.buffered -= declared
         return None
 
-    async def _read(self, receive: Any, declared: int) -> bytes:
-        """The body; bytes beyond ``declared`` (chunked bodies) count against the total as they arrive."""
-        chunks, size, extra = [], 0, 0
+    async def _read(self, receive: Any, declared: int) -> bytearray:
+        """The body, in one buffer of its declared size (no second copy to join chunks: a 60 MB body costs
+        60 MB); bytes beyond ``declared`` (chunked bodies) count against the total as they arrive."""
+        buf, size, extra = bytearray(declared), 0, 0
         try:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     raise _Disconnected
                 chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.limit:
+                if size + len(chunk) > self.limit:
                     raise _BodyTooLarge
-                if size > declared:
-                    grow = size - declared - extra
+                if size + len(chunk) > declared:
+                    grow = size + len(chunk) - declared - extra
                     if self.buffered + grow > self.total_limit:
                         raise _OverTotal
                     self.buffered += grow
                     extra += grow
-                chunks.append(chunk)
+                if size + len(chunk) <= len(buf):
+                    buf[size : size + len(chunk)] = chunk
+                else:
+                    del buf[size:]
+                    buf += chunk
+                size += len(chunk)
                 if not message.get("more_body", False):
+                    del buf[size:]  # a body shorter than declared (uvicorn refuses that; keep it exact)
                     self.buffered += size - declared - extra  # from now on the body holds exactly its size
                     extra = 0
-                    return b"".join(chunks)
+                    return buf
         finally:
             self.buffered -= extra
 
@@ -385,10 +392,16 @@ class _Answer:
             await self(m)
 
 
+def body_of(scope: Mapping[str, Any]) -> bytearray | None:
+    """The body the gate read for this request (the very buffer: no copy), or ``None``."""
+    body: bytearray | None = scope.get("state", {}).get("roadwork_body")
+    return body
+
+
 class _Replay:
     """The ASGI ``receive`` of a body already read: the body once, then the connection's own messages."""
 
-    def __init__(self, body: bytes, receive: Any) -> None:
+    def __init__(self, body: bytes | bytearray, receive: Any) -> None:
         self.body, self.receive, self.replayed = body, receive, False
 
     async def __call__(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ OUTPUT_NAMES = ("logits", "probabilities", "label", "prediction_set", "abstain")
 """The model's v2 outputs, in answer order."""
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes | bytearray) -> Any:
     """The body as JSON; 400 (not 500) for invalid or too deeply nested JSON."""
     try:
         return json.loads(body)
@@ -70,7 +70,7 @@ def json_images(req: Any, max_images: int) -> tuple[list[bytes], list[dict[str, 
 _V2_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 
 
-def split_binary(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
+def split_binary(body: bytes | bytearray, header_length: str | None) -> tuple[Any, bytes | bytearray]:
     """The JSON part and the binary part of a request (Triton's binary-tensor extension)."""
     if header_length is None:
         return parse_json(body), b""
@@ -88,7 +88,7 @@ def split_binary(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
 
 
 def parse_request(
-    body: bytes, header_length: str | None, size: int, max_n: int, bound: float
+    body: bytes | bytearray, header_length: str | None, size: int, max_n: int, bound: float
 ) -> tuple[np.ndarray, dict[str, list[str]], dict[str, Any]]:
     """A whole infer request, bytes to validated tensor: ``(x, slices, request)``, the request without its input
     values (what is left to answer it: id, outputs asked for, parameters). Pure, so that a large body can be
@@ -159,7 +159,7 @@ def binary_response(resp: dict[str, Any], req: Any) -> Any:
 
 
 def parse_input(
-    req: Any, size: int, max_n: int, blob: bytes = b"", *, bound: float = math.inf
+    req: Any, size: int, max_n: int, blob: bytes | bytearray = b"", *, bound: float = math.inf
 ) -> tuple[np.ndarray, dict[str, list[str]]]:
     """Validate an OIP v2 infer request: one tensor ``input`` of shape [N, 3, size, size], FP32 (or FP16/FP64,
     cast to FP32), its values in ``data`` or, with the binary-tensor extension, in ``blob``
@@ -210,7 +210,9 @@ def parse_input(
     return x32, _slices(req, shape[0])
 
 
-def _values(t: dict[str, Any], dtype: str, shape: list[int], count: int, blob: bytes) -> np.ndarray:
+def _values(
+    t: dict[str, Any], dtype: str, shape: list[int], count: int, blob: bytes | bytearray
+) -> np.ndarray:
     """The input's values as sent: ``data`` (JSON numbers) or, with the binary-tensor extension, ``blob``."""
     raw_params = t.get("parameters")
     if raw_params is not None and not isinstance(raw_params, dict):
