@@ -40,8 +40,16 @@ def client(bundle):
         yield c
 
 
+_STAMPS = ("id", "policy_version", "audit")  # what the server adds to each answer (tests/serve/test_feedback.py)
+
+
 def _strip(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k not in ("path", "stage")}
+    return {k: v for k, v in rec.items() if k not in ("path", "stage", *_STAMPS)}
+
+
+def _decision(rec: dict) -> dict:
+    assert rec["id"] and rec["policy_version"]  # every answer can be referred to
+    return {k: v for k, v in rec.items() if k not in _STAMPS}
 
 
 def test_health_and_metadata(client, bundle):
@@ -66,7 +74,7 @@ def test_every_classify_body_gives_what_roadwork_predict_gives(client, bundle, i
         for p in images
     ]
     with_stage = [{k: v for k, v in r.items() if k != "path"} for r in bundle.predict_paths(images)]
-    assert [r["predictions"][0] for r in raw] == with_stage
+    assert [_decision(r["predictions"][0]) for r in raw] == with_stage
     files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
     multi = client.post("/v1/classify", files=files).json()["predictions"]
     b64 = [base64.b64encode(p.read_bytes()).decode() for p in images]
@@ -95,7 +103,7 @@ def test_cascade_stages_answer_over_http_as_in_the_bundle(tiny_run, images):
             for p in images
         ]
         text = c.get("/metrics").text
-    assert [g["predictions"][0] for g in got] == expected
+    assert [_decision(g["predictions"][0]) for g in got] == expected
     first = b.policy.cascade.names[0]
     n_first = sum(r["stage"] == first for r in expected)
     assert f'roadwork_cascade_stage_total{{stage="{first}"}} {float(n_first)}' in text

@@ -213,6 +213,16 @@ class Bundle:
         return self.model_policy if self.model_policy is not None else self.policy
 
     @property
+    def policy_file(self) -> str:
+        """The file :attr:`policy` was read from (this variant's own)."""
+        return _variant_files(self.path, self.manifest, self.variant)[1]
+
+    @property
+    def policy_version(self) -> str:
+        """The version clients see: the first 12 hex digits of the sha256 of :attr:`policy_file`."""
+        return str(self.manifest["files"][self.policy_file])[:12]
+
+    @property
     def tensor_policy_file(self) -> str:
         """The file :attr:`tensor_policy` was read from (this variant's own)."""
         if self.model_policy is None:

@@ -21,7 +21,7 @@ from typing import Any
 from roadwork.field.estimates import field_estimates
 from roadwork.field.store import FeedbackResult, FieldStore, StoredPrediction, open_store
 
-__all__ = ["FieldLoop", "policy_version"]
+__all__ = ["FieldLoop", "Stamper", "policy_version"]
 
 _STOP = object()
 
@@ -29,6 +29,31 @@ _STOP = object()
 def policy_version(policy_bytes: bytes) -> str:
     """The version clients see: the first 12 hex digits of the sha256 of the served policy file's bytes."""
     return hashlib.sha256(policy_bytes).hexdigest()[:12]
+
+
+class Stamper:
+    """Every answer's ``id`` (unique per server lifetime and across replicas: a random replica prefix, a counter and
+    random bits), the ``policy_version`` it was decided under, and with ``audit_rate > 0`` its ``audit`` flag (a
+    uniform random share, drawn before any label exists)."""
+
+    def __init__(self, version: str, audit_rate: float = 0.0, seed: int | None = None) -> None:
+        self.version = version
+        self.audit_rate = audit_rate
+        self._rng = random.Random(seed)
+        self._prefix = uuid.uuid4().hex[:8]
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def stamp(self, records: list[dict[str, Any]]) -> None:
+        """Add ``id``, ``policy_version`` (and ``audit`` when auditing) to each answer, in place."""
+        with self._lock:
+            start, self._count = self._count, self._count + len(records)
+            draws = [self._rng.random() < self.audit_rate for _ in records] if self.audit_rate else []
+        for k, rec in enumerate(records):
+            rec["id"] = f"{self._prefix}-{start + k + 1:x}-{os.urandom(4).hex()}"
+            rec["policy_version"] = self.version
+            if draws:
+                rec["audit"] = draws[k]
 
 
 class FieldLoop:
@@ -54,9 +79,7 @@ class FieldLoop:
         self.retention_days, self.max_rows = retention_days, max_rows
         self.positive_class = positive_class
         self.slice_columns = list(slice_columns)
-        self._rng = random.Random(seed)
-        self._prefix = uuid.uuid4().hex[:8]  # this replica: ids stay unique across replicas and restarts
-        self._count = 0
+        self.stamper = Stamper(version, audit_rate, seed)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._writer = threading.Thread(target=self._write, name="roadwork-field", daemon=True)
         self._writer.start()
@@ -64,11 +87,7 @@ class FieldLoop:
 
     def stamp(self, records: list[dict[str, Any]]) -> None:
         """Give each answer its ``id``, ``policy_version`` and ``audit`` flag (in place)."""
-        for rec in records:
-            self._count += 1
-            rec["id"] = f"{self._prefix}-{self._count:x}-{os.urandom(4).hex()}"
-            rec["policy_version"] = self.version
-            rec["audit"] = self._rng.random() < self.audit_rate
+        self.stamper.stamp(records)
 
     async def record(
         self, records: list[dict[str, Any]], probs: Sequence[Any], meta: list[dict[str, Any]]
@@ -86,7 +105,7 @@ class FieldLoop:
                 abstain=bool(rec["abstain"]),
                 stage=str(rec.get("stage", "model")),
                 meta={str(k)[:64]: str(v)[:64] for k, v in list(m.items())[:16]},
-                audit=bool(rec["audit"]),
+                audit=bool(rec.get("audit", False)),
             )
             for rec, p, m in zip(records, probs, meta, strict=True)
         ]

@@ -83,6 +83,8 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         state.model_pool.shutdown(wait=True)
         if state.parse_pool is not None:
             state.parse_pool.shutdown(wait=False, cancel_futures=True)
+        if state.field is not None:
+            state.field.close()
 
     app = FastAPI(
         title="roadwork",
@@ -176,7 +178,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         comps = spec.setdefault("components", {}).setdefault("schemas", {})
-        for m in (schemas.InferRequest, schemas.ClassifyRequest):
+        for m in (schemas.InferRequest, schemas.ClassifyRequest, schemas.FeedbackRequest):
             js = m.model_json_schema(ref_template="#/components/schemas/{model}")
             comps.update(js.pop("$defs", {}))
             comps[m.__name__] = js

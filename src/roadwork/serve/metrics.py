@@ -75,6 +75,7 @@ class ServerMetrics:
             registry=r,
         )
         self._add_guards(r)
+        self._add_field(r)
         # the calibration split through the policy (the bundle's reference.json): what drift alerts compare with
         self.ref_abstain = Gauge(
             "roadwork_reference_abstain_rate", "Abstention rate on the calibration split", registry=r
@@ -90,6 +91,29 @@ class ServerMetrics:
             ["label"],
             registry=r,
         )
+
+    def _add_field(self, r: CollectorRegistry) -> None:
+        """The field loop (feedback_db): rates on the labelled audit sample, with exact 95 % intervals."""
+        self.field_rate = Gauge(
+            "roadwork_field_rate",
+            "Field rate on the labelled audit sample (coverage, accuracy, selective_risk, miss_rate): the point "
+            "estimate and the exact 95 % interval's bounds, overall and per slice value",
+            ["rate", "slice", "bound"],
+            registry=r,
+        )
+        self.field_rows = Gauge(
+            "roadwork_field_rows", "Rows in the field store: predictions, audit, labels", ["kind"], registry=r
+        )
+
+    def set_field(self, estimates: dict[str, Any], counts: dict[str, int]) -> None:
+        """Publish :func:`roadwork.field.estimates.field_estimates` and the store's row counts."""
+        for kind, n in counts.items():
+            self.field_rows.labels(kind).set(n)
+        for slice_name, rates in [("all", estimates["overall"]), *estimates["slices"].items()]:
+            for rate, r in rates.items():
+                for bound, key in (("point", "rate"), ("low", "low"), ("high", "high")):
+                    if r[key] is not None:
+                        self.field_rate.labels(rate, slice_name, bound).set(r[key])
 
     def _add_guards(self, r: CollectorRegistry) -> None:
         """What the server refuses before a request exists (serve/protocol.py) or before its body is read."""

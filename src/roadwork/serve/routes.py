@@ -25,6 +25,8 @@ from roadwork.serve.state import ServerState, server_state
 __all__ = [
     "all_stats",
     "classify",
+    "fast_routes",
+    "feedback",
     "infer",
     "live",
     "model_config",
@@ -34,7 +36,9 @@ __all__ = [
     "prometheus",
     "ready",
     "repository_index",
+    "request_error_response",
     "router",
+    "server_error_response",
     "server_metadata",
     "version",
 ]
@@ -342,14 +346,17 @@ async def _classify(request: Request, state: ServerState) -> Response:
             col: [str(pi.get(col, query_meta.get(col, ""))) for pi in per_image]
             for col in model.slice_columns
         }
-        records = [r.record for r in await state.predict(request, x, meta)]
+        rows = await state.predict(request, x, meta)
+        records = [r.record for r in rows]
     finally:
         model.release_pixels(pixels)
+    if state.stamper is not None:  # each answer's id and policy_version (and audit flag)
+        state.stamper.stamp(records)
+    plain_meta = {k: v for k, v in query_meta.items() if isinstance(v, str)}
     if state.pred_log is not None:
-        request_meta = dict(request.query_params) | {
-            k: v for k, v in query_meta.items() if isinstance(v, str)
-        }
-        state.pred_log.add(records, [request_meta | pi for pi in per_image])
+        state.pred_log.add(records, [dict(request.query_params) | plain_meta | pi for pi in per_image])
+    if state.field is not None:  # stored (committed) before the ids are sent: feedback can always find them
+        await state.field.record(records, [r.probs for r in rows], [plain_meta | pi for pi in per_image])
     return Response(
         content=json.dumps({"model": model.name, "predictions": records}).encode(),
         media_type="application/json",
@@ -385,6 +392,41 @@ async def _classify_images(
     if len(blobs) > settings.max_images:
         raise RequestError(413, f"{len(blobs)} images in one request; the limit is {settings.max_images}.")
     return blobs, per_image, query_meta
+
+
+@router.post(
+    "/v1/feedback",
+    response_model=schemas.FeedbackResponse,
+    responses=_ERRORS
+    | {404: {"model": schemas.ErrorBody, "description": "feedback is off (no feedback_db)"}},
+)
+async def feedback(body: schemas.FeedbackRequest, state: State) -> dict[str, Any]:
+    """Labels for answers this server (or another replica on the same store) gave: ``{"labels": [{"id": ...,
+    "label": "roadwork"}, ...]}`` (a class name or index; up to 1,000). Idempotent per id: the first label is
+    kept, a repeat is listed in ``duplicates``; ids the store does not hold are listed in ``unknown``. Stored
+    (committed) before the answer. Needs ``feedback_db``."""
+    if state.field is None:
+        raise RequestError(
+            404, "feedback is off on this server: start it with feedback_db=PATH (or a postgresql:// URL)."
+        )
+    classes = state.model.bundle.classes
+    labels = []
+    for i, item in enumerate(body.labels):
+        y = item.label
+        if isinstance(y, int) and not isinstance(y, bool) and 0 <= y < len(classes):
+            labels.append((item.id, y))
+        elif isinstance(y, str) and y in classes:
+            labels.append((item.id, classes.index(y)))
+        else:
+            raise RequestError(
+                400,
+                f"labels[{i}].label={str(y)[:60]!r} is not a class of this model: use one of {classes} or "
+                f"an index 0..{len(classes) - 1}.",
+            )
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(None, state.field.feedback, labels)
+    await state.refresh_field_metrics()
+    return {"accepted": result.accepted, "unknown": result.unknown, "duplicates": result.duplicates}
 
 
 @router.get("/metrics", response_class=Response)

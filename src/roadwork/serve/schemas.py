@@ -12,6 +12,9 @@ __all__ = [
     "ClassifyRequest",
     "ClassifyResponse",
     "ErrorBody",
+    "FeedbackLabel",
+    "FeedbackRequest",
+    "FeedbackResponse",
     "InferInput",
     "InferOutput",
     "InferOutputRequest",
@@ -200,6 +203,20 @@ class Prediction(BaseModel):
         description="with policy.max_miss_rate: the positive class cannot be ruled out (miss-rate control)",
     )
     stage: str | None = Field(None, description="the cascade stage that answered")
+    id: str | None = Field(
+        None,
+        description="this answer's id (unique across the server's lifetime and replicas): send its label to "
+        "POST /v1/feedback",
+    )
+    policy_version: str | None = Field(
+        None,
+        description="the certified policy this answer was decided under (sha256 prefix of its policy file)",
+    )
+    audit: bool | None = Field(
+        None,
+        description="with feedback_db: true for a uniform random share (audit_rate) of answers: ask a person to "
+        "label these; the field estimates rest on them alone",
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -207,3 +224,27 @@ class ClassifyResponse(BaseModel):
 
     model: str
     predictions: list[Prediction]
+
+
+class FeedbackLabel(BaseModel):
+    """One label for an answer the server gave: its ``id`` and the true class (a name, or an index)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(max_length=200, description="the answer's id, as /v1/classify returned it")
+    label: str | int = Field(description="the true class: one of the model's class names, or its index")
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: up to 1,000 labels."""
+
+    model_config = ConfigDict(extra="forbid")
+    labels: list[FeedbackLabel] = Field(min_length=1, max_length=1000)
+
+
+class FeedbackResponse(BaseModel):
+    """Labels stored now; ids this store never served (or no longer keeps); ids labelled before (the first
+    label is kept: feedback is idempotent)."""
+
+    accepted: int
+    unknown: list[str]
+    duplicates: list[str]

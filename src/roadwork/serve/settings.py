@@ -124,6 +124,29 @@ class ServeSettings(BaseModel):
         description="write every /v1/classify prediction to rotating Parquet files here (roadwork monitor)",
     )
     log_rows_per_file: int = Field(10_000, ge=1, description="predictions per Parquet file of log_dir")
+    feedback_db: str | None = Field(
+        None,
+        description="the field store: a SQLite file path, or postgresql://user@host/db for several replicas. "
+        "Every /v1/classify answer is stored under its id (committed before it is sent), and POST /v1/feedback "
+        "takes labels for those ids",
+    )
+    audit_rate: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="with feedback_db: this uniform random share of answers carries audit=true (ask a person to "
+        "label those); field coverage, accuracy, selective risk and miss rate are estimated from them alone",
+    )
+    feedback_retention_days: float = Field(
+        30.0,
+        gt=0,
+        description="with feedback_db: stored answers (and their labels) older than this are deleted",
+    )
+    feedback_max_rows: int = Field(
+        10_000_000,
+        ge=1,
+        description="with feedback_db: at most this many stored answers (the oldest go first)",
+    )
 
     @field_validator("api_key")
     @classmethod

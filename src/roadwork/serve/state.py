@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from roadwork.field.loop import FieldLoop, Stamper
 from roadwork.serve.admission import Admission, Shed
 from roadwork.serve.batcher import DynamicBatcher, QueueFull, QueueTimeout
 from roadwork.serve.decode import RequestError
@@ -41,6 +42,8 @@ class ServerState:
     model_pool: ThreadPoolExecutor
     stats: InferenceStats = field(default_factory=InferenceStats)
     pred_log: PredictionLog | None = None
+    stamper: Stamper | None = None  # every answer's id and policy_version (set by build_state)
+    field: FieldLoop | None = None  # with feedback_db: the store, the audit sample, the field estimates
     ready: bool = False
     draining: bool = False
 
@@ -60,6 +63,16 @@ class ServerState:
         except BrokenProcessPool:  # the parsing process died (killed for memory): a fresh one next time
             self.parse_pool = None
             raise RequestError(503, "the request could not be parsed now; retry.") from None
+
+    _field_refreshed: float = 0.0
+
+    async def refresh_field_metrics(self, every_s: float = 2.0) -> None:
+        """The field estimates (audit sample only) into the Prometheus gauges, at most every ``every_s``."""
+        if self.field is None or time.monotonic() - self._field_refreshed < every_s:
+            return
+        self._field_refreshed = time.monotonic()
+        est = await asyncio.get_running_loop().run_in_executor(None, self.field.estimates)
+        self.metrics.set_field(est, self.field.store.counts())
 
     @property
     def serving(self) -> bool:
@@ -151,6 +164,19 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
         max_latency_ms=settings.max_latency_ms,
     )
     pred_log = PredictionLog(settings.log_dir, settings.log_rows_per_file) if settings.log_dir else None
+    bundle = model.bundle
+    field_loop = None
+    if settings.feedback_db:
+        field_loop = FieldLoop(
+            settings.feedback_db,
+            version=bundle.policy_version,
+            classes=bundle.classes,
+            audit_rate=settings.audit_rate,
+            retention_days=settings.feedback_retention_days,
+            max_rows=settings.feedback_max_rows,
+            positive_class=bundle.policy.positive_class,
+            slice_columns=bundle.policy.slice_columns,
+        )
     return ServerState(
         settings=settings,
         metrics=metrics,
@@ -161,6 +187,8 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
         model_pool=model_pool,
         stats=stats,
         pred_log=pred_log,
+        stamper=field_loop.stamper if field_loop is not None else Stamper(bundle.policy_version),
+        field=field_loop,
     )
 
 

@@ -1,0 +1,88 @@
+"""POST /v1/feedback and the ids on every answer: the field loop as a client sees it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient
+
+from roadwork.export.bundle import Bundle
+from roadwork.serve import ServeSettings, create_app
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_run):
+    return Bundle.load(tiny_run[1].bundle)
+
+
+@pytest.fixture(scope="module")
+def images(tiny_run):
+    return [p.read_bytes() for p in sorted((tiny_run[1].run_dir / "data" / "images").glob("*.jpg"))[:6]]
+
+
+def _classify(c: TestClient, images: list[bytes]) -> list[dict]:  # type: ignore[type-arg]
+    files = [("files", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(images)]
+    r = c.post("/v1/classify", files=files)
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"]  # type: ignore[no-any-return]
+
+
+def test_every_answer_has_an_id_and_its_policy_version_even_without_a_store(bundle, images):
+    with TestClient(create_app(bundle, ServeSettings(name="tiny"))) as c:
+        preds = _classify(c, images[:3])
+        assert len({p["id"] for p in preds}) == 3 and "audit" not in preds[0]
+        assert {p["policy_version"] for p in preds} == {bundle.manifest["files"]["policy.json"][:12]}
+        r = c.post("/v1/feedback", json={"labels": [{"id": preds[0]["id"], "label": 0}]})
+        assert r.status_code == 404 and "feedback_db" in r.json()["error"]
+
+
+def test_feedback_is_stored_idempotent_validated_and_survives_a_restart(bundle, images, tmp_path):
+    db = str(tmp_path / "field.db")
+    settings = ServeSettings(name="tiny", feedback_db=db, audit_rate=1.0)
+    with TestClient(create_app(bundle, settings)) as c:
+        preds = _classify(c, images)
+        assert all(p["audit"] is True for p in preds)
+        ids = [p["id"] for p in preds]
+        classes = bundle.classes
+        r = c.post(
+            "/v1/feedback",
+            json={
+                "labels": [
+                    {"id": ids[0], "label": classes[1]},
+                    {"id": ids[1], "label": 0},
+                    {"id": "nope", "label": 1},
+                ]
+            },
+        )
+        assert r.status_code == 200 and r.json() == {"accepted": 2, "unknown": ["nope"], "duplicates": []}
+        r = c.post("/v1/feedback", json={"labels": [{"id": ids[0], "label": 0}]})
+        assert r.json() == {"accepted": 0, "unknown": [], "duplicates": [ids[0]]}
+        bad = c.post("/v1/feedback", json={"labels": [{"id": ids[2], "label": "cats"}]})
+        assert bad.status_code == 400 and "not a class of this model" in bad.json()["error"]
+        assert c.post("/v1/feedback", json={"labels": [{"id": ids[2], "label": 7}]}).status_code == 400
+        many = {"labels": [{"id": f"x{i}", "label": 0} for i in range(1001)]}
+        assert c.post("/v1/feedback", json=many).status_code == 422
+        assert c.post("/v1/feedback", json={"labels": []}).status_code == 422
+        assert c.post(
+            "/v1/feedback", content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code in (400, 422)
+        metrics = c.get("/metrics").text
+        assert 'roadwork_field_rows{kind="labels"} 2.0' in metrics
+        assert 'roadwork_field_rate{bound="point",rate="accuracy",slice="all"}' in metrics
+    with TestClient(create_app(bundle, settings)) as c:  # a restart: every answered id is still there
+        r = c.post("/v1/feedback", json={"labels": [{"id": i, "label": 1} for i in ids[2:]]})
+        assert r.json() == {"accepted": len(ids) - 2, "unknown": [], "duplicates": []}
+
+
+def test_feedback_needs_the_api_key_like_every_route(bundle, images, tmp_path):
+    settings = ServeSettings(name="tiny", feedback_db=str(tmp_path / "f.db"), api_key="k")
+    with TestClient(create_app(bundle, settings)) as c:
+        r = c.post("/v1/feedback", json={"labels": [{"id": "a", "label": 0}]})
+        assert r.status_code == 401
+        r = c.post(
+            "/v1/feedback", json={"labels": [{"id": "a", "label": 0}]}, headers={"Authorization": "Bearer k"}
+        )
+        assert r.status_code == 200 and r.json()["unknown"] == ["a"]
