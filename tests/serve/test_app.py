@@ -40,7 +40,11 @@ def client(bundle):
         yield c
 
 
-_STAMPS = ("id", "policy_version", "audit")  # what the server adds to each answer (tests/serve/test_feedback.py)
+_STAMPS = (
+    "id",
+    "policy_version",
+    "audit",
+)  # what the server adds to each answer (tests/serve/test_feedback.py)
 
 
 def _strip(rec: dict) -> dict:
