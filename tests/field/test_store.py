@@ -112,3 +112,23 @@ def test_audit_rows_are_selected_by_the_flag_stored_when_served(where):
     assert [p.id for p, _ in store.labelled(audit_only=True)] == ["p0", "p1"]
     assert len(store.labelled(since=time.time() + 60)) == 0
     store.close()
+
+
+def test_shared_state_updates_from_two_replicas_are_applied_one_after_the_other(where):
+    import threading
+
+    a, b = open_store(where), open_store(where)
+
+    def bump(store, n):  # type: ignore[no-untyped-def]
+        for _ in range(n):
+            store.update_state("counter", lambda old: {"n": (old or {"n": 0})["n"] + 1})
+
+    threads = [threading.Thread(target=bump, args=(s, 40)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert a.state("counter") == b.state("counter") == {"n": 80}
+    assert a.state("nothing") is None
+    a.close()
+    b.close()

@@ -86,3 +86,36 @@ def test_feedback_needs_the_api_key_like_every_route(bundle, images, tmp_path):
             "/v1/feedback", json={"labels": [{"id": "a", "label": 0}]}, headers={"Authorization": "Bearer k"}
         )
         assert r.status_code == 200 and r.json()["unknown"] == ["a"]
+
+
+def test_online_conformal_moves_the_served_threshold_and_replicas_share_it(tiny_run, images, tmp_path):
+    import asyncio
+
+    path = tiny_run[1].bundle
+    db = str(tmp_path / "field.db")
+    settings = ServeSettings(
+        name="tiny", feedback_db=db, audit_rate=1.0, conformal_online="aci", online_eta=0.1
+    )
+    a, b = Bundle.load(path), Bundle.load(path)
+    certified = a.policy.conformal.threshold_
+    with TestClient(create_app(a, settings)) as c, TestClient(create_app(b, settings)) as replica:
+        preds = _classify(c, images)
+        classes = a.classes
+        # every label outside its served set: each is a miscoverage, so the threshold must rise by η(1 - α)
+        wrong = [
+            {"id": p["id"], "label": next((k for k in classes if k not in p["prediction_set"]), classes[0])}
+            for p in preds
+        ]
+        misses = sum(w["label"] not in p["prediction_set"] for w, p in zip(wrong, preds, strict=True))
+        assert c.post("/v1/feedback", json={"labels": wrong}).json()["accepted"] == len(preds)
+        state = c.app.state.roadwork  # type: ignore[attr-defined]
+        alpha = a.policy.conformal.alpha
+        want = 0.1 * (misses - alpha * len(preds))
+        assert state.field.online.offsets["all"] == pytest.approx(want)
+        if certified != float("inf"):
+            assert a.policy.conformal.threshold_ == pytest.approx(certified + want)
+        other = replica.app.state.roadwork  # type: ignore[attr-defined]
+        asyncio.run(other.refresh_online())  # what the replica's refresher does every 2 s
+        assert other.field.online.offsets == state.field.online.offsets
+    with pytest.raises(ValueError, match="feedback_db"):
+        ServeSettings(conformal_online="aci")

@@ -15,15 +15,17 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from roadwork.field.estimates import field_estimates
+from roadwork.field.online import OnlineConformal
 from roadwork.field.store import FeedbackResult, FieldStore, StoredPrediction, open_store
 
 __all__ = ["FieldLoop", "Stamper", "policy_version"]
 
 _STOP = object()
+_ONLINE = "conformal"  # the online conformal state's name in the store
 
 
 def policy_version(policy_bytes: bytes) -> str:
@@ -71,6 +73,8 @@ class FieldLoop:
         positive_class: str | None = None,
         slice_columns: Sequence[str] = (),
         seed: int | None = None,
+        online: OnlineConformal | None = None,
+        online_group_by: str | None = None,
     ) -> None:
         self.store: FieldStore = open_store(where)
         self.version = version
@@ -80,6 +84,13 @@ class FieldLoop:
         self.positive_class = positive_class
         self.slice_columns = list(slice_columns)
         self.stamper = Stamper(version, audit_rate, seed)
+        # online conformal: the shared state in the store (a replica's own copy is refreshed from it)
+        self.online_group_by = online_group_by
+        self.online = online
+        if online is not None:
+            state = self.store.state(_ONLINE)
+            if state is not None and state.get("policy_version") == version:  # offsets belong to one policy
+                self.online = OnlineConformal.from_dict(state)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._writer = threading.Thread(target=self._write, name="roadwork-field", daemon=True)
         self._writer.start()
@@ -139,8 +150,44 @@ class FieldLoop:
                 loop.call_soon_threadsafe(_settle, fut, error)
 
     def feedback(self, labels: Sequence[tuple[str, int]]) -> FeedbackResult:
-        """Store labels (class indices) for served ids (blocking: call it in a thread)."""
-        return self.store.add_labels(labels)
+        """Store labels (class indices) for served ids, then (online conformal) move the served threshold by the
+        labels just accepted, in arrival order (blocking: call it in a thread)."""
+        result = self.store.add_labels(labels)
+        if self.online is not None and result.accepted:
+            rejected = set(result.unknown) | set(result.duplicates)
+            fresh = [(i, y) for i, y in labels if i not in rejected]
+            served = self.store.predictions([i for i, _ in fresh])
+            errors = [
+                (self._group(served[i]), self.classes[y] not in served[i].pred_set)
+                for i, y in dict(fresh).items()  # one label per id: the first, as stored
+                if i in served and served[i].policy_version == self.version
+            ]
+            if errors:
+                self.online = OnlineConformal.from_dict(self.store.update_state(_ONLINE, self._apply(errors)))
+        return result
+
+    def _group(self, p: StoredPrediction) -> str:
+        return p.meta.get(self.online_group_by, "all") if self.online_group_by else "all"
+
+    def _apply(self, errors: list[tuple[str, bool]]) -> Callable[[dict[str, Any] | None], dict[str, Any]]:
+        base = self.online
+
+        def change(old: dict[str, Any] | None) -> dict[str, Any]:
+            assert base is not None
+            fresh = old is None or old.get("policy_version") != self.version
+            state = OnlineConformal(base.alpha, base.eta) if fresh else OnlineConformal.from_dict(old or {})
+            state.update(errors)
+            return state.to_dict() | {"policy_version": self.version}
+
+        return change
+
+    def refresh_online(self) -> OnlineConformal | None:
+        """This replica's online state, re-read from the store (other replicas' labels included)."""
+        if self.online is not None:
+            state = self.store.state(_ONLINE)
+            if state is not None and state.get("policy_version") == self.version:
+                self.online = OnlineConformal.from_dict(state)
+        return self.online
 
     def estimates(self) -> dict[str, Any]:
         """Field rates from the labelled audit sample (blocking: call it in a thread)."""

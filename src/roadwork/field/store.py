@@ -19,7 +19,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS labels (
         id TEXT PRIMARY KEY, label INTEGER NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)",
+    "CREATE TABLE IF NOT EXISTS online_state (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 
 
@@ -70,6 +71,7 @@ class FieldStore:
     def __init__(self, conn: Any, placeholder: str, where: str) -> None:
         self._conn = conn
         self._p = placeholder
+        self._postgres = placeholder == "%s"
         self.where = where
         self._lock = threading.Lock()
         with self._lock:
@@ -160,24 +162,70 @@ class FieldStore:
             cur = self._conn.cursor()
             cur.execute(self._sql(sql), args)
             rows = cur.fetchall()
-        return [
-            (
-                StoredPrediction(
-                    str(r[0]),
-                    float(r[1]),
-                    str(r[2]),
-                    str(r[3]),
-                    json.loads(r[4]),
-                    json.loads(r[5]),
-                    bool(r[6]),
-                    str(r[7]),
-                    json.loads(r[8]),
-                    bool(r[9]),
-                ),
-                int(r[10]),
-            )
-            for r in rows
-        ]
+        return [(_row(r), int(r[10])) for r in rows]
+
+    def predictions(self, ids: Sequence[str]) -> dict[str, StoredPrediction]:
+        """The stored answers of these ids (those the store holds)."""
+        out: dict[str, StoredPrediction] = {}
+        with self._lock:
+            cur = self._conn.cursor()
+            for k in range(0, len(ids), 500):
+                chunk = list(ids[k : k + 500])
+                marks = ", ".join("?" * len(chunk))
+                cur.execute(
+                    self._sql(
+                        "SELECT id, ts, policy_version, label, probs, pred_set, abstain, stage, meta, audit "
+                        f"FROM predictions WHERE id IN ({marks})"
+                    ),
+                    chunk,
+                )
+                for r in cur.fetchall():
+                    out[str(r[0])] = _row(r)
+            self._conn.commit()
+        return out
+
+    def state(self, name: str) -> dict[str, Any] | None:
+        """A shared state (JSON) by name, e.g. the online conformal offsets; ``None`` when never written."""
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute(self._sql("SELECT value FROM online_state WHERE name = ?"), (name,))
+            row = cur.fetchone()
+            self._conn.commit()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def update_state(
+        self, name: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Read, change and write a shared state in one transaction that other replicas wait for (a row lock on
+        PostgreSQL, an immediate transaction on SQLite): concurrent updates are applied one after the other."""
+        with self._lock:
+            cur = self._conn.cursor()
+            try:
+                if self._postgres:
+                    cur.execute(
+                        "INSERT INTO online_state (name, value) VALUES (%s, 'null') ON CONFLICT (name) DO NOTHING",
+                        (name,),
+                    )
+                    cur.execute("SELECT value FROM online_state WHERE name = %s FOR UPDATE", (name,))
+                else:
+                    self._conn.commit()
+                    cur.execute("BEGIN IMMEDIATE")
+                    cur.execute("SELECT value FROM online_state WHERE name = ?", (name,))
+                row = cur.fetchone()
+                old = json.loads(row[0]) if row is not None else None
+                new = change(old if isinstance(old, dict) else None)
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO online_state (name, value) VALUES (?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+                    ),
+                    (name, json.dumps(new)),
+                )
+                self._conn.commit()
+            except BaseException:
+                self._conn.rollback()
+                raise
+        return new
 
     def counts(self) -> dict[str, int]:
         """Rows held: predictions, of them audited, labels."""
@@ -257,3 +305,18 @@ def _redact(url: str) -> str:
     scheme, _, cred = head.partition("://")
     user = cred.split(":", 1)[0]
     return f"{scheme}://{user}:***@{tail}"
+
+
+def _row(r: Sequence[Any]) -> StoredPrediction:
+    return StoredPrediction(
+        str(r[0]),
+        float(r[1]),
+        str(r[2]),
+        str(r[3]),
+        json.loads(r[4]),
+        json.loads(r[5]),
+        bool(r[6]),
+        str(r[7]),
+        json.loads(r[8]),
+        bool(r[9]),
+    )

@@ -27,6 +27,7 @@ Layers, one way: ``app`` (assembly) → ``routes`` (endpoints) → ``state`` (th
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -59,6 +60,8 @@ from roadwork.serve.state import ServerState, build_state
 
 __all__ = ["create_app", "served_name"]
 
+log = logging.getLogger(__name__)
+
 
 def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app. ``bundle`` is a loaded :class:`Bundle` or its folder. Its :class:`ServerState` is
@@ -73,9 +76,12 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await _warm_up(state)
         state.batcher.start()
+        state.apply_online()  # offsets already in the store (a restart, another replica)
+        refresher = asyncio.get_running_loop().create_task(_refresh_online(state))
         state.ready = True
         yield
         state.ready = False
+        refresher.cancel()
         await state.batcher.stop()
         if state.pred_log is not None:
             state.pred_log.flush()
@@ -126,6 +132,18 @@ def _load(bundle: Bundle | str | Path, settings: ServeSettings) -> Bundle:
             variant=settings.variant,
             require_signature=settings.require_signature,
         )
+
+
+async def _refresh_online(state: ServerState, every_s: float = 2.0) -> None:
+    """Replicas share the online conformal state through the store: each re-reads it every ``every_s``."""
+    if state.field is None or state.field.online is None:
+        return
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await state.refresh_online()
+        except Exception:  # a store hiccup must not stop the server; the next round tries again
+            log.exception("refreshing the online conformal state failed")
 
 
 async def _warm_up(state: ServerState) -> None:

@@ -425,6 +425,7 @@ async def feedback(body: schemas.FeedbackRequest, state: State) -> dict[str, Any
             )
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(None, state.field.feedback, labels)
+    state.apply_online()  # conformal_online=aci: the next answers use the moved threshold
     await state.refresh_field_metrics()
     return {"accepted": result.accepted, "unknown": result.unknown, "duplicates": result.duplicates}
 

@@ -137,6 +137,13 @@ class ServeSettings(BaseModel):
         description="with feedback_db: this uniform random share of answers carries audit=true (ask a person to "
         "label those); field coverage, accuracy, selective risk and miss rate are estimated from them alone",
     )
+    conformal_online: Literal["off", "aci"] = Field(
+        "off",
+        description="with feedback_db: aci moves the served sets' threshold with every label that comes back "
+        "(conformal quantile tracking, per Mondrian group): long-run miscoverage on the labelled stream within "
+        "(B + online_eta) / (online_eta * T) of alpha, whatever the drift; shared by replicas through the store",
+    )
+    online_eta: float = Field(0.05, gt=0, le=1, description="conformal_online=aci: the step, in score units")
     feedback_retention_days: float = Field(
         30.0,
         gt=0,
@@ -158,6 +165,16 @@ class ServeSettings(BaseModel):
                 "leave ROADWORK_API_KEY/api_key unset to serve without one"
             )
         return v
+
+    @model_validator(mode="after")
+    def _online_needs_a_store(self) -> ServeSettings:
+        """Online conformal learns from labels: without a store there are none."""
+        if self.conformal_online != "off" and not self.feedback_db:
+            raise ValueError(
+                f"conformal_online={self.conformal_online} learns from the labels sent to POST /v1/feedback: set "
+                "feedback_db=PATH (or a postgresql:// URL) too"
+            )
+        return self
 
     @model_validator(mode="after")
     def _window_within_budget(self) -> ServeSettings:

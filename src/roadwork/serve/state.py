@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from roadwork.field.loop import FieldLoop, Stamper
+from roadwork.field.online import OnlineConformal, shifted
 from roadwork.serve.admission import Admission, Shed
 from roadwork.serve.batcher import DynamicBatcher, QueueFull, QueueTimeout
 from roadwork.serve.decode import RequestError
@@ -65,6 +66,24 @@ class ServerState:
             raise RequestError(503, "the request could not be parsed now; retry.") from None
 
     _field_refreshed: float = 0.0
+    base_conformal: Any = None  # the certified conformal step; online offsets are applied to a copy of it
+
+    def apply_online(self) -> None:
+        """Serve the field loop's current online conformal offsets (a copy of the certified step, swapped in)."""
+        online = self.field.online if self.field is not None else None
+        if online is None:
+            return
+        policy = self.model.bundle.policy
+        if self.base_conformal is None:
+            self.base_conformal = policy.conformal
+        policy.conformal = shifted(self.base_conformal, online)
+
+    async def refresh_online(self) -> None:
+        """Re-read the shared online state (other replicas' labels) and serve it."""
+        if self.field is None or self.field.online is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self.field.refresh_online)
+        self.apply_online()
 
     async def refresh_field_metrics(self, every_s: float = 2.0) -> None:
         """The field estimates (audit sample only) into the Prometheus gauges, at most every ``every_s``."""
@@ -176,6 +195,10 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
             max_rows=settings.feedback_max_rows,
             positive_class=bundle.policy.positive_class,
             slice_columns=bundle.policy.slice_columns,
+            online=_online(bundle.policy, settings),
+            online_group_by=bundle.policy.conformal.group_by
+            if bundle.policy.conformal.mondrian == "group"
+            else None,
         )
     return ServerState(
         settings=settings,
@@ -190,6 +213,12 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
         stamper=field_loop.stamper if field_loop is not None else Stamper(bundle.policy_version),
         field=field_loop,
     )
+
+
+def _online(policy: Any, settings: ServeSettings) -> OnlineConformal | None:
+    if settings.conformal_online != "aci":
+        return None
+    return OnlineConformal(alpha=float(policy.conformal.alpha), eta=settings.online_eta)
 
 
 def server_state(request: Request) -> ServerState:
