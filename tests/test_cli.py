@@ -75,7 +75,7 @@ def test_predict_skips_an_unreadable_image_and_names_it(tiny_run, tmp_path, caps
     captured = capsys.readouterr()
     recs = [json.loads(line) for line in captured.out.splitlines()]
     assert [r["path"] for r in recs] == [str(good[0]), str(good[1])]
-    assert "skipped " + str(bad) in captured.err and "1 of 3 images unreadable" in captured.err
+    assert "skipped " + str(bad) in captured.err and "1 of 3 entries skipped" in captured.err
     assert all(r["stage"] for r in recs)  # which stage answered, as the server says
     # nothing readable at all is an error, not an empty success
     assert main(["predict", str(result.bundle), str(bad)]) == 2

@@ -723,9 +723,15 @@ def yaml_load(text: str) -> Any:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml_load(path.read_text())
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"Config file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})."
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"Config file {str(path)!r} is nested too deeply to be a config.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

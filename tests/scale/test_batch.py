@@ -254,12 +254,14 @@ def test_predict_skips_and_names_odd_entries_and_predicts_every_good_image(tiny_
         f.write(images[0].read_bytes())
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": ["", str(images[1])], "weather": ["fog", "rain"]}).to_csv(manifest, index=False)
+    with open(manifest, "ab") as f:  # a row written in Latin-1: the cell is named, the file still read
+        f.write(b"caf\xe9.jpg,sun\n")
     assert main(["predict", str(result.bundle), str(folder), str(manifest)]) == 0
     out, err = capsys.readouterr()
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 4 and {Path(r["path"]).name for r in rows} == {im.name for im in images}
     assert "skipped " in err and "stra\\xdfe.jpg: its name is not valid UTF-8" in err
-    assert "skipped manifest m.csv row 2: empty path" in err
+    assert "skipped manifest m.csv row 2: empty path" in err and "caf\\xe9.jpg: its name is not valid" in err
     assert main(["predict", str(result.bundle), str(folder), str(manifest), f"out={tmp_path / 'o'}"]) == 0
     assert len(read_predictions(tmp_path / "o")) == 4
 

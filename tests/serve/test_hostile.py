@@ -334,3 +334,17 @@ def test_large_v2_bodies_are_parsed_in_another_process_with_the_same_answers_and
         bad_id = _v2(many, id=7)
         r = c.post("/v2/models/tiny/infer", json=bad_id)
         assert r.status_code == 400 and "id must be a string" in r.json()["error"]
+
+
+def test_a_strip_image_and_broken_multipart_bodies_are_json_4xx(client):
+    """A 300-byte 1x3000 PNG would be resized to 96x288000 pixels: refused by its shape. Starlette's own
+    multipart errors come back as our JSON 400s, not 500s."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 3000)).save(buf, format="PNG")
+    r = client.post("/v1/classify", content=buf.getvalue(), headers={"content-type": "image/png"})
+    assert r.status_code == 400 and "wider than 32:1" in r.json()["error"]
+    r = client.post("/v1/classify", content=b"--x\r\n\r\n", headers={"content-type": "multipart/form-data"})
+    assert r.status_code == 400 and "error" in r.json(), r.text
+    parts = [("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(70)]  # over max_images files
+    r = client.post("/v1/classify", files=parts)
+    assert 400 <= r.status_code < 500 and "error" in r.json(), r.text

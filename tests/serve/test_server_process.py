@@ -203,6 +203,8 @@ def test_what_arrives_before_a_request_is_bounded(tiny_run, tmp_path):
         big = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
         answer = _raw(base, big)
         assert answer.startswith(b"HTTP/1.1 431") and b'{"error": "the request head is over' in answer
+        whole = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 20_000 + b"\r\n\r\n"  # one read
+        assert _raw(base, whole).startswith(b"HTTP/1.1 431")
         many = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"".join(
             b"X-%d: 1\r\n" % i for i in range(30)
         )

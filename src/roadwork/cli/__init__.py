@@ -142,6 +142,21 @@ def _help(args: list[str]) -> int:
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # said in one line, not a traceback
 
 
+def _disk_full(e: BaseException) -> str | None:
+    """What a full (or read-only) disk did, if that is what ``e`` is or was raised from: an ``OSError`` (ENOSPC,
+    quota, too large, read-only) or SQLite's "database or disk is full" (the MLflow store); else ``None``."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _DISK_ERRORS:
+            return os.strerror(cur.errno or 0) + (f" writing {cur.filename}" if cur.filename else "")
+        if "disk is full" in str(cur) and type(cur).__name__ == "OperationalError":
+            return f"No space left on device ({cur})"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command line (``sys.argv[1:]`` by default); returns the exit status (2: a usage error)."""
     try:
@@ -168,13 +183,13 @@ def _main(args: list[str]) -> int:
     except RoadworkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno not in _DISK_ERRORS:
+    except Exception as e:
+        what = _disk_full(e)
+        if what is None:
             raise
-        where = f" writing {e.filename}" if e.filename else ""
         print(
-            f"error: {os.strerror(e.errno or 0)}{where}. Nothing half-written was kept: free space (or quota) and "
-            "run the same command again (completed work is kept and resumed), or write elsewhere.",
+            f"error: {what}. Nothing half-written was kept: free space (or quota) and run the same command again "
+            "(completed work is kept and resumed), or write elsewhere.",
             file=sys.stderr,
         )
         return 1

@@ -161,6 +161,7 @@ def data_synthetic(p: Parsed) -> int:
 def predict(p: Parsed) -> int:
     """One JSON line per image, or a resumable Parquet folder (out=DIR), locally or on Ray Data."""
 
+    from roadwork.data.listing import IMAGE_SUFFIXES, shown
     from roadwork.scale.batch import list_images
 
     o = p.options
@@ -173,10 +174,15 @@ def predict(p: Parsed) -> int:
         bad
     ) in unlisted:  # odd entries (empty manifest cells, non-UTF-8 names) are named, not the end of the job
         print(f"skipped {bad['path']}: {bad['reason']}", file=sys.stderr, flush=True)
-    if unlisted and not len(items):
+    if (
+        not len(items) and (Path(bundle_path) / "manifest.json").is_file()
+    ):  # (a non-bundle: its own error first)
+        where = ", ".join(shown(str(x)) for x in p.positionals["PATH"])
         raise InputError(
-            f"no usable image in {', '.join(map(str, p.positionals['PATH']))} ({len(unlisted)} entries skipped, "
-            "each named above)."
+            f"no usable image in {where} ({len(unlisted)} entries skipped, each named above)."
+            if unlisted
+            else f"no image found in {where}: pass image files ({', '.join(sorted(IMAGE_SUFFIXES))}), folders of "
+            "them, or a .csv/.parquet manifest with a 'path' column."
         )
     if o["out"] is not None:  # batch mode: a resumable Parquet folder
         from roadwork.scale.batch import SKIPPED, predict_local, predict_ray, read_skipped
@@ -242,8 +248,10 @@ def _predict_lines(bundle_path: str, items: Any, device: str, require_signature:
             print(json.dumps(row, default=_plain), flush=True)
     if skipped and skipped == len(items):
         raise InputError(f"none of the {len(items)} images could be read (each is named above).")
-    if skipped:
-        print(f"{skipped} of {len(items)} images unreadable (named above)", file=sys.stderr)
+    unlisted = len(items.attrs.get("skipped", []))  # odd names and empty cells, named before the predictions
+    if skipped or unlisted:
+        total = len(items) + unlisted
+        print(f"{skipped + unlisted} of {total} entries skipped (each named above)", file=sys.stderr)
     return 0
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from roadwork.errors import InputError
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "name_problem", "shown"]
+__all__ = ["IMAGE_SUFFIXES", "list_images", "name_problem", "read_manifest_csv", "shown"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 """File suffixes taken as images when a folder is listed."""
@@ -46,6 +47,16 @@ def _usable(paths: list[str], skipped: list[dict[str, str]], where: str) -> list
     return keep
 
 
+def read_manifest_csv(path: Path) -> pd.DataFrame:
+    """A CSV manifest as Python strings, whatever its encoding: bytes that are not UTF-8 stay readable (as
+    surrogates) in ``path``, where :func:`name_problem` names them, and are shown escaped in other columns."""
+    df = pd.read_csv(path, dtype=object, keep_default_na=False, encoding_errors="surrogateescape")
+    for col in df.columns:
+        if col != "path":
+            df[col] = [shown(v) if isinstance(v, str) else v for v in df[col]]
+    return df
+
+
 def list_images(sources: Sequence[str | Path]) -> pd.DataFrame:
     """Image files, folders of them (recursively), or manifests (``.csv``/``.parquet`` with a ``path`` column and
     any metadata columns, e.g. ``weather``) → one row per image: ``path`` plus metadata. A manifest's ``label``
@@ -66,9 +77,8 @@ def list_images(sources: Sequence[str | Path]) -> pd.DataFrame:
             )
         elif p.suffix.lower() in (".csv", ".parquet"):
             df = (
-                pd.read_csv(p, dtype=str, keep_default_na=False)
-                if p.suffix.lower() == ".csv"
-                else pd.read_parquet(p)
+                # a cell in another encoding stays readable (and is then named as not UTF-8, not a traceback)
+                read_manifest_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
             )
             if "path" not in df.columns:
                 raise InputError(f"manifest {str(p)!r} has no 'path' column; it needs one path per image.")
@@ -76,11 +86,11 @@ def list_images(sources: Sequence[str | Path]) -> pd.DataFrame:
             df = df.drop(columns=[c for c in ("split",) if c in df.columns]).rename(
                 columns={"label": "true_label"}
             )
-            df = df[_usable(df["path"].tolist(), skipped, f"manifest {p.name}")]
+            df = df.loc[np.array(_usable(df["path"].tolist(), skipped, f"manifest {p.name}"), dtype=bool)]
             df["path"] = [q if Path(q).is_absolute() else str(p.parent / q) for q in df["path"]]
             frames.append(df.astype({c: str for c in df.columns}))
         elif p.is_file():
-            frames.append(pd.DataFrame({"path": [str(p)]}))
+            frames.append(pd.DataFrame({"path": [str(p)] if _usable([str(p)], skipped, "")[0] else []}))
         else:
             raise InputError(
                 f"{shown(str(src))!r} is neither an image, a folder of images nor a .csv/.parquet manifest."

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "MAX_ASPECT",
     "ImageTooLarge",
     "PreprocessSpec",
     "decode_opened",
@@ -39,6 +40,7 @@ __all__ = [
     "open_checked",
     "preprocess",
     "resize_uint8",
+    "shape_problem",
     "to_float",
 ]
 
@@ -94,14 +96,33 @@ class ImageTooLarge(ValueError):
     """The header announces more pixels than allowed (a decompression bomb, or just too big)."""
 
 
+MAX_ASPECT = 32
+"""The widest image accepted (long side / short side): resizing the short side to the model's size makes a
+1x60000 strip 96x5.8 M pixels (seconds of CPU and GBs for a 300-byte file). Panoramas are about 4:1."""
+
+
+def shape_problem(w: int, h: int) -> str | None:
+    """Why an image of ``w`` x ``h`` cannot be classified (empty, or a strip wider than :data:`MAX_ASPECT`:1)."""
+    if w < 1 or h < 1:
+        return f"{w}x{h} has no pixels"
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return f"{w}x{h} is wider than {MAX_ASPECT}:1; crop it to the part that matters"
+    return None
+
+
 def open_checked(src: str | Path | bytes, *, max_pixels: int | None = None) -> Image.Image:
     """Open lazily and check the header only: nothing is decoded yet. Raises :class:`ImageTooLarge` when the
-    header's width x height exceeds ``max_pixels`` (and PIL's own bomb error beyond its limit)."""
+    header's width x height exceeds ``max_pixels`` or its shape is a strip (:func:`shape_problem`), and PIL's
+    own bomb error beyond its limit."""
     im = Image.open(io.BytesIO(src)) if isinstance(src, bytes) else Image.open(src)
     w, h = im.size
     if max_pixels is not None and w * h > max_pixels:
         im.close()
         raise ImageTooLarge(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    problem = shape_problem(w, h)
+    if problem is not None:
+        im.close()
+        raise ImageTooLarge(problem)
     return im
 
 

@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from roadwork.config import DataConfig
-from roadwork.data.listing import name_problem, shown
+from roadwork.data.listing import name_problem, read_manifest_csv, shown
+from roadwork.data.preprocess import shape_problem
 from roadwork.data.splits import assign_splits
 from roadwork.errors import DataError
 
@@ -85,6 +87,9 @@ def check_image(path: Path, *, max_pixels: int, max_bytes: int) -> tuple[str | N
                 w, h = im.size
                 if w * h > max_pixels:
                     return None, f"too many pixels ({w}x{h} > {max_pixels}; possible decompression bomb)"
+                problem = shape_problem(w, h)
+                if problem is not None:
+                    return None, problem
                 if im.format == "JPEG":
                     im.draft("RGB", (1, 1))
                 im.load()
@@ -125,11 +130,7 @@ def _from_folder(root: Path) -> pd.DataFrame:
 
 def _from_manifest(path: Path) -> pd.DataFrame:
     try:
-        df = (
-            pd.read_parquet(path)
-            if path.suffix == ".parquet"
-            else pd.read_csv(path, dtype=str, keep_default_na=False)
-        )
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else read_manifest_csv(path)
     except Exception as e:
         raise DataError(f"data.source={str(path)!r} could not be read as a manifest: {e}") from None
     missing = {"path", "label"} - set(df.columns)
@@ -155,7 +156,7 @@ def _from_manifest(path: Path) -> pd.DataFrame:
                 {"id": f"row {i + 2}", "path": shown(p) if isinstance(p, str) else "", "reason": reason}
             )
         keep.append(reason is None)
-    df = df[keep].astype({"path": str, "label": str})
+    df = df.loc[np.array(keep, dtype=bool)].astype({"path": str, "label": str})
     df.insert(0, "id", df["path"])
     df["path"] = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in df["path"]]
     for col in df.columns:

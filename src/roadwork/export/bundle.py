@@ -274,15 +274,12 @@ class Bundle:
         model_policy_file = (manifest.get("export", {}).get("model_policy") or {}).get("file")
         if variant != "fp32":  # each variant's model-alone policy is certified on its own outputs
             model_policy_file = manifest.get("variants", {}).get(variant, {}).get("model_policy")
+        # only names the manifest lists (each a plain file name of the private copy) are ever opened: the
+        # variant's files first, then the stage files its policy names
         _check_listed(
-            manifest["files"],
-            (
-                model_file,
-                policy_file,
-                *_policy_stage_files(root, policy_file),
-                *([model_policy_file] if model_policy_file else []),
-            ),
+            manifest["files"], (model_file, policy_file, *([model_policy_file] if model_policy_file else []))
         )
+        _check_listed(manifest["files"], _policy_stage_files(root, policy_file))
         card = ModelCard.load(root / "model.json")
         policy = TrustPolicy.load(root / policy_file)
         alone = TrustPolicy.load(root / model_policy_file) if model_policy_file else None
@@ -461,10 +458,10 @@ def _policy_stage_files(root: Path, policy_file: str) -> list[str]:
     return []
 
 
-def _check_listed(files: dict[str, str], needed: Sequence[str]) -> None:
+def _check_listed(files: dict[str, str], needed: Sequence[object]) -> None:
     """Every file the variant needs is listed in the manifest (and so was copied and hashed)."""
     for name in dict.fromkeys((*_FILES, *needed)):
-        if name not in files:
+        if not isinstance(name, str) or name not in files:
             raise ArtifactError(f"Bundle manifest does not list {name!r}; the bundle is incomplete.")
 
 

@@ -118,6 +118,16 @@ def sign_bundle(bundle_dir: str | Path, private_key: str | Path) -> Path:
     sig = key.sign(_DOMAIN + digest.encode())
     out = root / SIGNATURE_FILE
     tmp = root / (SIGNATURE_FILE + ".tmp")
+    try:
+        _write_signature(tmp, digest, key, sig)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves nothing half-written
+        raise
+    return out
+
+
+def _write_signature(tmp: Path, digest: str, key: Any, sig: bytes) -> None:
     tmp.write_text(
         json.dumps(
             {
@@ -129,8 +139,6 @@ def sign_bundle(bundle_dir: str | Path, private_key: str | Path) -> Path:
             indent=2,
         )
     )
-    tmp.replace(out)
-    return out
 
 
 def verify_bundle(bundle_dir: str | Path, public_key: str | Path) -> None:

@@ -73,6 +73,7 @@ def serve(bundle: str, settings: ServeSettings) -> None:
     config = uvicorn.Config(
         app,
         http=guarded_protocol(settings, app.state.roadwork.metrics),  # head limits, head timeout, eviction
+        ws="none",  # no WebSocket routes: an upgrade request is a plain request (and gets a JSON answer)
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),

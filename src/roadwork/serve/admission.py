@@ -242,7 +242,7 @@ class Gate:
         if scope["path"] in OPEN_PATHS and scope["method"] not in ("GET", "HEAD"):
             self.metrics.bodies_refused.inc()  # probes and the scraper take no body: never read one
             msg = f"{scope['method']} is not allowed on {scope['path']}; use GET."
-            await answer.refuse(405, msg, [(b"allow", b"GET, HEAD"), (b"connection", b"close")])
+            await answer.refuse(405, msg, [(b"allow", b"GET"), (b"connection", b"close")])
             return "other"
         if self.key is not None and scope["path"] not in OPEN_PATHS and not self._authorised(scope):
             msg = "missing or wrong API key: send 'Authorization: Bearer <key>'."

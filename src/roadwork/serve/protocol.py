@@ -104,7 +104,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self._evict_oldest_idle()
 
     def _awaiting_head(self) -> None:
-        self._head_bytes = self._head_count = 0
+        self._head_bytes = self._head_count = self._head_len = 0
         self.limits.idle[self] = None
         self.limits.idle.move_to_end(self)
         if self._head_timer is None:
@@ -155,7 +155,16 @@ class GuardedProtocol(HttpToolsProtocol):
                 431, b"Request Header Fields Too Large", f"the request head is over max_header_kb={kb} KiB."
             )
 
+    def on_message_begin(self) -> None:
+        self._head_len = self._head_count = 0  # each request's own head (pipelined ones included)
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._head_len += len(url)
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_len += len(name) + len(value) + 4
         self._head_count += 1
         if self._head_count > self.limits.settings.max_headers:
             n = self.limits.settings.max_headers
@@ -165,6 +174,12 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_done()
+        if self._head_len > self.limits.head_limit:  # a head that arrived whole, in one read
+            kb = self.limits.settings.max_header_kb
+            self._refuse(
+                431, b"Request Header Fields Too Large", f"the request head is over max_header_kb={kb} KiB."
+            )
+            raise _Refused
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from roadwork.export.onnx import INPUT_NAME
 from roadwork.serve import schemas, v2
@@ -313,6 +314,13 @@ def fast_routes(state: ServerState) -> dict[str, Callable[..., Awaitable[None]]]
             response = await _classify(request, state)
         except RequestError as e:
             response = request_error_response(e)
+        except (
+            StarletteHTTPException
+        ) as e:  # Starlette's own 4xx (a malformed multipart body, too many parts)
+            response = JSONResponse(
+                {"error": f"{str(e.detail).rstrip('.')}; send a well-formed body (see /docs)."},
+                status_code=e.status_code,
+            )
         except Exception as e:  # the last resort: still JSON, logged like the app's handler
             log.exception("classify failed")
             response = server_error_response(e)
