@@ -497,7 +497,14 @@ def open_loop(bundle: Path, seconds: float) -> None:
         single = asyncio.run(_closed_loop(server.port, bodies, seconds / 3, 1))
         capacity = max(asyncio.run(_closed_loop(server.port, bodies, seconds / 3, c))["rps"] for c in (8, 16))
         for factor in (0.8, 3.0):
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
             r = asyncio.run(_open_loop(server.port, bodies, factor * capacity, seconds))
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            # the load generator's own share of the machine's cores (it shares them with the server)
+            r["client_cpu"] = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / (
+                (time.perf_counter() - t0) * (os.cpu_count() or 1)
+            )
             refused = r["codes"].get("503", 0) / max(r["sent"], 1)
             other = {k: v for k, v in r["codes"].items() if k not in ("200", "503")}
             if factor < 1:
@@ -508,7 +515,8 @@ def open_loop(bundle: Path, seconds: float) -> None:
                 target = "goodput >= 80 % of capacity, only 200/503"
             rows.append(
                 [
-                    f"open loop {factor:g}x ({factor * capacity:.0f} req/s)",
+                    f"open loop {factor:g}x ({factor * capacity:.0f} req/s; client {100 * r['client_cpu']:.0f} % "
+                    "of the cores)",
                     r["sent"],
                     json.dumps(r["codes"]),
                     f"{100 * refused:.2f}",
