@@ -293,6 +293,21 @@ _STUDIES = [
         ),
     ),
     Command(
+        "audit",
+        "likely label errors in a run's calibration and test splits (cleanlab) and the label flip rate",
+        "Confident learning (cleanlab) on the run's out-of-sample probabilities: the calibration and test splits "
+        "through the trained model and its calibrator (the training split's own probabilities would hide its "
+        "errors). Writes RUN/audit/label_issues.csv (id, path, given, suggested, score: most suspect first) and "
+        "RUN/audit/audit.json (flip rate per class and overall, the confident joint), and says which "
+        "conformal.label_flip_rate to rerun with when the estimated rate is material (over 1 %).",
+        ("roadwork audit runs/demo", "roadwork audit runs/demo top=50"),
+        C.audit,
+        positionals=(
+            Positional("RUN", "a run folder (runs/NAME) whose predict and calibrate stages are complete"),
+        ),
+        options=(Option("top", "int", 20, "suspects printed (the CSV has them all)"),),
+    ),
+    Command(
         "sweep",
         "Optuna search (SQLite, resumable, pruning on val loss); engine=ray: Ray Tune",
         "Hyper-parameter search. engine=local (default): Optuna (TPE, SQLite study under ROOT/NAME-sweep/, "

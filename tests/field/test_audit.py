@@ -1,0 +1,62 @@
+"""The label audit: flip rates estimated within two points at 5 % and 10 % flipped labels, the suspects ranked,
+and `roadwork audit RUN` writing its files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cleanlab")
+
+from roadwork.errors import InputError
+from roadwork.field.audit import label_audit
+
+
+def _noisy(n: int, rate: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Out-of-sample probabilities of a calibrated model that is right ~95 % of the time, and given labels with
+    ``rate`` of them flipped."""
+    y_true = rng.integers(0, 2, n)
+    p_true = 1 / (1 + np.exp(-rng.normal(2.0, 1.2, n)))
+    probs = np.where(y_true[:, None] == np.arange(2), p_true[:, None], 1 - p_true[:, None])
+    flipped = rng.random(n) < rate
+    return probs, np.where(flipped, 1 - y_true, y_true), flipped
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.10])
+def test_the_flip_rate_is_estimated_within_two_points(rate):
+    rng = np.random.default_rng(int(rate * 100))
+    errors = []
+    for _ in range(20):
+        probs, given, _ = _noisy(2000, rate, rng)
+        result = label_audit(probs, given, ["no_roadwork", "roadwork"], [str(i) for i in range(len(given))])
+        errors.append(result["flip_rate"] - rate)
+    assert np.mean(np.abs(errors) <= 0.02) >= 0.9, errors  # within two points in at least 18 of 20 draws
+    assert result["suggested_label_flip_rate"] == pytest.approx(result["flip_rate"], abs=1e-4)
+
+
+def test_the_suspects_are_mostly_the_flipped_labels_and_bad_input_is_our_error():
+    probs, given, flipped = _noisy(2000, 0.10, np.random.default_rng(3))
+    result = label_audit(probs, given, ["a", "b"], [str(i) for i in range(len(given))])
+    top = [int(r["id"]) for r in result["issues"][:100]]
+    assert np.mean(flipped[top]) >= 0.9  # the most suspect labels are flipped ones
+    assert all(r["suggested"] != r["given"] for r in result["issues"][:100])
+    with pytest.raises(InputError, match="do not agree"):
+        label_audit(probs[:10], given, ["a", "b"], [])
+    with pytest.raises(InputError, match="no row is labelled"):
+        label_audit(probs, np.zeros(len(given), int), ["a", "b"], [str(i) for i in range(len(given))])
+
+
+def test_roadwork_audit_writes_the_suspects_and_the_rates(tiny_run, capsys):
+    from roadwork.cli import main
+
+    _, result = tiny_run
+    assert main(["audit", str(result.run_dir), "top=3"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated flip rate" in out and "label_issues.csv" in out
+    issues = (result.run_dir / "audit" / "label_issues.csv").read_text().splitlines()
+    assert issues[0] == "id,path,given,suggested,score"
+    report = json.loads((result.run_dir / "audit" / "audit.json").read_text())
+    assert report["n"] > 0 and set(report["flip_rate_per_class"]) == {"no_roadwork", "roadwork"}
+    assert main(["audit", str(result.run_dir / "nope")]) == 2
