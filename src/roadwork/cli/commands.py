@@ -15,6 +15,7 @@ from roadwork.cli.grammar import Parsed, usage_error
 from roadwork.errors import InputError
 
 __all__ = [
+    "audit",
     "bench",
     "compare",
     "config_show",
