@@ -24,6 +24,7 @@ __all__ = [
     "monitor",
     "predict",
     "print_summary",
+    "recertify",
     "run",
     "serve",
     "sign",
@@ -474,6 +475,44 @@ def audit(p: Parsed) -> int:
             f"conformal.label_flip_rate={result['suggested_label_flip_rate']}."
         )
     _print(f"wrote {out / 'label_issues.csv'} and {out / 'audit.json'}")
+    return 0
+
+
+def recertify(p: Parsed) -> int:
+    """A new bundle version whose conformal threshold and abstention are refitted on freshly labelled images."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from roadwork.config import DataConfig
+    from roadwork.data.sources import CORE_COLUMNS, build_dataset
+    from roadwork.field.recertify import recertify as run_recertify
+
+    o = p.options
+    df, _classes, data_report = build_dataset(DataConfig(source=p.positionals["SOURCE"], min_per_class=2))
+    slices = {c: df[c].astype(str).tolist() for c in df.columns if c not in CORE_COLUMNS}
+    report = run_recertify(
+        p.positionals["BUNDLE"],
+        df["path"].tolist(),
+        df["label"].tolist(),
+        out=o["out"],
+        key=o["key"],
+        slices=slices or None,
+    )
+    table = Table(
+        title=f"recertified on {report['fit_rows']} images, checked on {report['check_rows']} others"
+    )
+    for col in ("policy", "policy_version", "coverage", "answered", "error on answered"):
+        table.add_column(col)
+    for name in ("old", "new"):
+        f = report[name]["check"]
+        risk = "-" if f["selective_risk"] is None else f"{f['selective_risk']:.4f}"
+        table.add_row(
+            name, report[name]["policy_version"], f"{f['coverage']:.4f}", f"{f['answered']:.4f}", risk
+        )
+    Console().print(table)
+    if data_report.skipped:
+        _print(f"{len(data_report.skipped)} file(s) of SOURCE were unusable and skipped")
+    _print(f"new version: {report['bundle']} (policy_version {report['new']['policy_version']})")
     return 0
 
 

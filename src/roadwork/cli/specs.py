@@ -308,6 +308,33 @@ _STUDIES = [
         options=(Option("top", "int", 20, "suspects printed (the CSV has them all)"),),
     ),
     Command(
+        "recertify",
+        "refit a bundle's conformal sets and certified abstention on freshly labelled images: a new version",
+        "SOURCE (an image folder with one subfolder per class, or a .csv/.parquet manifest with path and label "
+        "columns) goes through BUNDLE exactly as it is served; three quarters of the images (by content hash) refit "
+        "the conformal threshold and the abstention certificate, the other quarter checks old and new side by side. "
+        "Writes a new bundle version (the same model files, a new policy_version, recertify.json; signed with "
+        "key=) beside the old one, which is left untouched. The calibrator, cascade gate and operating point are "
+        "kept; variants are not carried over (the new version serves fp32).",
+        (
+            "roadwork recertify runs/demo/export/bundle labelled/",
+            "roadwork recertify runs/demo/export/bundle labelled.csv out=bundles/v2 key=keys/release",
+        ),
+        C.recertify,
+        positionals=(
+            Positional("BUNDLE", "the bundle folder to recertify"),
+            Positional(
+                "SOURCE", "freshly labelled images: a folder with a subfolder per class, or a manifest"
+            ),
+        ),
+        options=(
+            Option(
+                "out", "str", None, "the new version's folder (default: BUNDLE-<policy_version> beside it)"
+            ),
+            Option("key", "str", None, "an Ed25519 private key (PEM): sign the new version (roadwork sign)"),
+        ),
+    ),
+    Command(
         "sweep",
         "Optuna search (SQLite, resumable, pruning on val loss); engine=ray: Ray Tune",
         "Hyper-parameter search. engine=local (default): Optuna (TPE, SQLite study under ROOT/NAME-sweep/, "

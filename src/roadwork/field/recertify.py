@@ -1,0 +1,185 @@
+"""Recertify a deployed bundle on freshly labelled images: a new bundle version with the same model files and a
+policy whose conformal threshold and certified abstention are refitted on the bundle's own served path.
+
+The images go through the bundle exactly as it serves them (decode, cascade, calibrator), so the refitted
+thresholds are certified for what is served. The rows are split by content hash, as the pipeline splits data:
+three quarters fit the policy (the train, val and calib shares of a run), the test quarter checks it; the report
+gives both policies' figures on those check rows. The calibrator, the cascade gate and the operating point are kept
+(they belong to the model path; rerun ``roadwork run`` to refit them). The old version is left untouched; the new
+one gets its own ``policy_version`` and, with a key, a signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from roadwork.errors import InputError
+from roadwork.export.bundle import Bundle
+from roadwork.jsonio import threshold_to_json
+from roadwork.trust.conformal import SplitConformal
+from roadwork.trust.policy import TrustPolicy
+from roadwork.trust.selective import certify_abstention
+
+__all__ = ["recertify"]
+
+
+def _refit(
+    policy: TrustPolicy, probs: np.ndarray, y: np.ndarray, slices: dict[str, np.ndarray]
+) -> TrustPolicy:
+    """The policy with its conformal step and abstention certificate refitted on ``probs`` (served, calibrated)."""
+    c = policy.conformal
+    conformal = SplitConformal(
+        alpha=c.alpha,
+        score=c.score,
+        randomized=c.randomized,
+        mondrian=c.mondrian,
+        allow_empty=c.allow_empty,
+        k_reg=c.k_reg,
+        lam=c.lam,
+        label_noise=c.label_noise,
+        group_by=c.group_by,
+        seed=c.seed,
+    ).fit(probs, y, slices.get(c.group_by) if c.group_by else None)
+    a = policy.abstention
+    pred, conf = policy.decision(probs)
+    abstention = certify_abstention(
+        conf,
+        pred == y,
+        target_risk=a.target_risk,
+        delta=a.delta,
+        n_classes=len(policy.classes),
+        method=a.method,  # type: ignore[arg-type]
+        groups=slices.get(a.group_by) if a.group_by else None,
+        group_by=a.group_by,
+    )
+    return dataclasses.replace(policy, conformal=conformal, abstention=abstention)
+
+
+def _figures(
+    policy: TrustPolicy, probs: np.ndarray, y: np.ndarray, slices: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Coverage, share answered and error on answered of ``policy`` on rows it was not fitted on."""
+    groups = slices or None
+    sets = policy.conformal.predict_sets(
+        probs, groups.get(policy.conformal.group_by) if groups and policy.conformal.group_by else None
+    )
+    pred, conf = policy.decision(probs)
+    abstain = conf < policy.abstention.thresholds(
+        slices.get(policy.abstention.group_by) if policy.abstention.group_by else None, len(probs)
+    )
+    answered = ~abstain
+    return {
+        "n": len(y),
+        "coverage": float(sets[np.arange(len(y)), y].mean()) if len(y) else None,
+        "answered": float(answered.mean()) if len(y) else None,
+        "selective_risk": float((pred[answered] != y[answered]).mean()) if answered.any() else None,
+    }
+
+
+def recertify(
+    bundle_dir: str | Path,
+    paths: list[str],
+    labels: list[str],
+    *,
+    out: str | Path | None = None,
+    key: str | Path | None = None,
+    slices: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Write a new bundle version recertified on ``paths`` labelled ``labels`` (class names); returns the report
+    (old and new certificates, both policies on the check rows, the new folder and policy_version)."""
+    bundle = Bundle.load(bundle_dir)
+    classes = bundle.classes
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise InputError(f"recertify: labels {unknown[:5]} are not classes of this bundle ({classes}).")
+    if len(paths) < 100:
+        raise InputError(
+            f"recertify: {len(paths)} labelled images; a certificate needs a few hundred at least."
+        )
+    y = np.array([classes.index(v) for v in labels])
+    sl = {k: np.asarray(v, dtype=str) for k, v in (slices or {}).items()}
+    out_probs = bundle.predict_output(paths, slices={k: list(v) for k, v in sl.items()} or None)
+    probs = out_probs.probs
+    digest = [hashlib.sha256(Path(p).read_bytes()).digest()[0] for p in paths]
+    check = np.array([d < 64 for d in digest])  # a quarter, by content: the same image is always on one side
+    fit = ~check
+    new = _refit(bundle.policy, probs[fit], y[fit], {k: v[fit] for k, v in sl.items()})
+    on_check = {k: v[check] for k, v in sl.items()}
+    report: dict[str, Any] = {
+        "old": {
+            "policy_version": bundle.policy_version,
+            "conformal_threshold": threshold_to_json(float(bundle.policy.conformal.threshold_)),
+            "abstention": bundle.policy.abstention.to_dict(),
+            "check": _figures(bundle.policy, probs[check], y[check], on_check),
+        },
+        "new": {
+            "conformal_threshold": threshold_to_json(float(new.conformal.threshold_)),
+            "abstention": new.abstention.to_dict(),
+            "check": _figures(new, probs[check], y[check], on_check),
+        },
+        "fit_rows": int(fit.sum()),
+        "check_rows": int(check.sum()),
+    }
+    report["bundle"], report["new"]["policy_version"] = _write_version(bundle, new, out, key, report)
+    return report
+
+
+def _write_version(
+    bundle: Bundle,
+    policy: TrustPolicy,
+    out: str | Path | None,
+    key: str | Path | None,
+    report: dict[str, Any],
+) -> tuple[str, str]:
+    """The new version: the old version's verified files (one read), the new policy and manifest, a signature with
+    a key; staged next to the target and moved into place whole. Variants and a runtime selection are not carried
+    over (their policies were certified on the old data): the new version serves fp32. The report goes in as
+    ``recertify.json``, hashed and signed with the rest."""
+    from roadwork.export.snapshot import snapshot
+
+    source = Path(bundle.path)
+    policy_bytes = json.dumps(policy.to_dict(), indent=2).encode()
+    version = hashlib.sha256(policy_bytes).hexdigest()[:12]
+    target = Path(out) if out is not None else source.parent / f"{source.name}-{version}"
+    if target.exists():
+        raise InputError(f"recertify: {str(target)!r} exists already; pass out=ANOTHER_FOLDER.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with snapshot(source) as snap:
+            manifest = json.loads(snap.raw_manifest)
+            variants = manifest.pop("variants", {})
+            dropped = {v.get(k) for v in variants.values() for k in ("file", "policy", "model_policy")}
+            dropped |= {"runtime.json"}
+            manifest["files"] = {
+                n: d for n, d in manifest["files"].items() if n not in dropped or n == "model.onnx"
+            }
+            for name in manifest["files"]:
+                shutil.copyfile(snap.dir / name, staging / name)
+        (staging / "policy.json").write_bytes(policy_bytes)
+        manifest["files"]["policy.json"] = hashlib.sha256(policy_bytes).hexdigest()
+        record = json.dumps(
+            report | {"bundle": str(target), "new": report["new"] | {"policy_version": version}}, indent=2
+        )
+        (staging / "recertify.json").write_text(record)
+        manifest["files"]["recertify.json"] = hashlib.sha256(record.encode()).hexdigest()
+        manifest.setdefault("export", {})["recertified_from"] = bundle.policy_version
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if key is not None:
+            from roadwork.export.signing import sign_bundle
+
+            sign_bundle(staging, key)
+        Bundle.load(staging)  # the new version verifies and opens before it is put in place
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return str(target), version
