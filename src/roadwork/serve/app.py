@@ -101,17 +101,31 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
     )
     app.state.roadwork = state
     _add_error_handlers(app)
-    app.add_middleware(
-        Gate,
-        settings=settings,
-        metrics=metrics,
-        admission=state.admission,
-        draining=lambda: state.draining,
-        fast=fast_routes(state),
-    )
+    _gate_outermost(app, state, settings, metrics)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _gate_outermost(
+    app: FastAPI, state: ServerState, settings: ServeSettings, metrics: ServerMetrics
+) -> None:
+    """The gate in front of Starlette's whole middleware stack (not inside it, where ``add_middleware`` puts it):
+    a request it refuses or serves on the fast path costs no error, telemetry or body-limit middleware. Those
+    still wrap everything the gate hands to the app."""
+    build = app.build_middleware_stack
+
+    def gated() -> Any:
+        return Gate(
+            build(),
+            settings=settings,
+            metrics=metrics,
+            admission=state.admission,
+            draining=lambda: state.draining,
+            fast=fast_routes(state),
+        )
+
+    app.build_middleware_stack = gated  # type: ignore[method-assign]
 
 
 def _load(bundle: Bundle | str | Path, settings: ServeSettings) -> Bundle:
