@@ -15,22 +15,25 @@ import yaml
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
-def _exported_metrics(tiny_run) -> str:  # type: ignore[no-untyped-def]
+def _exported_metrics(tiny_run, tmp_path) -> str:  # type: ignore[no-untyped-def]
+    """A server with a field store, one answer and its label back: every metric the files may use has samples."""
     from fastapi.testclient import TestClient
 
     from roadwork.serve import ServeSettings, create_app
 
     image = next((tiny_run[1].run_dir / "data" / "images").glob("*.jpg")).read_bytes()
-    with TestClient(create_app(tiny_run[1].bundle, ServeSettings())) as c:
-        assert (
-            c.post("/v1/classify", content=image, headers={"content-type": "image/jpeg"}).status_code == 200
-        )
+    settings = ServeSettings(feedback_db=str(tmp_path / "field.db"), audit_rate=1.0)
+    with TestClient(create_app(tiny_run[1].bundle, settings)) as c:
+        r = c.post("/v1/classify", content=image, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200
+        answer = r.json()["predictions"][0]
+        assert c.post("/v1/feedback", json={"labels": [{"id": answer["id"], "label": 0}]}).status_code == 200
         return c.get("/metrics").text
 
 
-def test_every_metric_in_the_dashboard_and_the_alert_rules_is_exported(tiny_run):
+def test_every_metric_in_the_dashboard_and_the_alert_rules_is_exported(tiny_run, tmp_path):
     pytest.importorskip("fastapi")
-    exported = set(re.findall(r"^(roadwork_[a-z_]+)", _exported_metrics(tiny_run), re.M))
+    exported = set(re.findall(r"^(roadwork_[a-z_]+)", _exported_metrics(tiny_run, tmp_path), re.M))
     dash = json.loads((DEPLOY / "grafana" / "dashboards" / "roadwork.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     rules = yaml.safe_load((DEPLOY / "prometheus-rules.yml").read_text())

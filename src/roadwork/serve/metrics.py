@@ -101,6 +101,13 @@ class ServerMetrics:
             ["rate", "slice", "bound"],
             registry=r,
         )
+        self.field_target = Gauge(
+            "roadwork_field_target",
+            "What the certified policy promises for each field rate (coverage: 1 - alpha; selective_risk: the "
+            "certified target): alert when the field interval excludes it",
+            ["rate"],
+            registry=r,
+        )
         self.field_rows = Gauge(
             "roadwork_field_rows", "Rows in the field store: predictions, audit, labels", ["kind"], registry=r
         )

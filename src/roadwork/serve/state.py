@@ -200,6 +200,9 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
             if bundle.policy.conformal.mondrian == "group"
             else None,
         )
+    if field_loop is not None:  # what the alert rules compare the field intervals with
+        metrics.field_target.labels("coverage").set(1 - float(bundle.policy.conformal.alpha))
+        metrics.field_target.labels("selective_risk").set(float(bundle.policy.abstention.target_risk))
     return ServerState(
         settings=settings,
         metrics=metrics,
