@@ -488,7 +488,13 @@ def recertify(p: Parsed) -> int:
     from roadwork.field.recertify import recertify as run_recertify
 
     o = p.options
-    df, _classes, data_report = build_dataset(DataConfig(source=p.positionals["SOURCE"], min_per_class=2))
+    source = Path(p.positionals["SOURCE"])
+    if not (source.is_dir() or source.suffix.lower() in (".csv", ".parquet") and source.is_file()):
+        raise InputError(
+            f"SOURCE={str(source)!r} is not a folder of labelled images (one subfolder per class) nor a "
+            ".csv/.parquet manifest with 'path' and 'label' columns; pass one of those."
+        )
+    df, _classes, data_report = build_dataset(DataConfig(source=str(source), min_per_class=2))
     slices = {c: df[c].astype(str).tolist() for c in df.columns if c not in CORE_COLUMNS}
     report = run_recertify(
         p.positionals["BUNDLE"],

@@ -26,6 +26,7 @@ from roadwork.export.snapshot import SIGNATURE_FILE, snapshot
 __all__ = [
     "SIGNATURE_FILE",
     "generate_keypair",
+    "load_private_key",
     "load_public_key",
     "sign_bundle",
     "signature_check",
@@ -89,6 +90,11 @@ def _load_key(path: str | Path, private: bool) -> Any:
     if not isinstance(key, want):
         raise InputError(f"{str(p)!r} is a {type(key).__name__}; bundle signatures use Ed25519 keys.")
     return key
+
+
+def load_private_key(path: str | Path) -> Any:
+    """The Ed25519 private key in a PEM file, or :class:`InputError` saying what is wrong with the file."""
+    return _load_key(path, private=True)
 
 
 def load_public_key(path: str | Path) -> Any:

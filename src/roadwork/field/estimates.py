@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from roadwork.field.store import StoredPrediction
+from roadwork.trust.selective import clopper_pearson_upper
 
 __all__ = ["FIELD_RATES", "clopper_pearson", "field_estimates"]
 
@@ -31,7 +32,9 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float | None, 
         return None, None
     a = (1 - level) / 2
     low = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
-    high = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    high = float(
+        clopper_pearson_upper(np.array([k]), np.array([n]), a)[0]
+    )  # the trust layer's one-sided bound
     return low, high
 
 

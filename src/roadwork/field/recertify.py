@@ -95,6 +95,10 @@ def recertify(
 ) -> dict[str, Any]:
     """Write a new bundle version recertified on ``paths`` labelled ``labels`` (class names); returns the report
     (old and new certificates, both policies on the check rows, the new folder and policy_version)."""
+    if key is not None:  # a wrong key is said before the images are run, not after
+        from roadwork.export.signing import load_private_key
+
+        load_private_key(key)
     bundle = Bundle.load(bundle_dir)
     classes = bundle.classes
     unknown = sorted(set(labels) - set(classes))
