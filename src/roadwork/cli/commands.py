@@ -489,7 +489,7 @@ def recertify(p: Parsed) -> int:
 
     o = p.options
     source = Path(p.positionals["SOURCE"])
-    if not (source.is_dir() or source.suffix.lower() in (".csv", ".parquet") and source.is_file()):
+    if not (source.is_dir() or (source.suffix.lower() in (".csv", ".parquet") and source.is_file())):
         raise InputError(
             f"SOURCE={str(source)!r} is not a folder of labelled images (one subfolder per class) nor a "
             ".csv/.parquet manifest with 'path' and 'label' columns; pass one of those."
