@@ -111,9 +111,14 @@ def test_online_conformal_moves_the_served_threshold_and_replicas_share_it(tiny_
         state = c.app.state.roadwork  # type: ignore[attr-defined]
         alpha = a.policy.conformal.alpha
         want = 0.1 * (misses - alpha * len(preds))
-        assert state.field.online.offsets["all"] == pytest.approx(want)
+        assert state.field.online.offsets["sets"]["all"] == pytest.approx(want)
         if certified != float("inf"):
             assert a.policy.conformal.threshold_ == pytest.approx(certified + want)
+        t0, target = state.certified.abstention.threshold, state.certified.abstention.target_risk
+        if t0 != float("inf"):  # the abstention's threshold moves by its step on the answered ones
+            answered = [(w, p) for w, p in zip(wrong, preds, strict=True) if not p["abstain"]]
+            moved = 0.1 * (1 - t0) * sum((w["label"] != p["label"]) - target for w, p in answered)
+            assert a.policy.abstention.threshold == pytest.approx(t0 + moved)
         other = replica.app.state.roadwork  # type: ignore[attr-defined]
         asyncio.run(other.refresh_online())  # what the replica's refresher does every 2 s
         assert other.field.online.offsets == state.field.online.offsets

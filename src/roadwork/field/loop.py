@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from roadwork.field.estimates import field_estimates
-from roadwork.field.online import OnlineConformal
+from roadwork.field.online import OnlineControl, Outcome
 from roadwork.field.store import FeedbackResult, FieldStore, StoredPrediction, open_store
 
 __all__ = ["FieldLoop", "Stamper", "policy_version"]
@@ -73,8 +73,8 @@ class FieldLoop:
         positive_class: str | None = None,
         slice_columns: Sequence[str] = (),
         seed: int | None = None,
-        online: OnlineConformal | None = None,
-        online_group_by: str | None = None,
+        online: OnlineControl | None = None,
+        online_groups: dict[str, str] | None = None,
     ) -> None:
         self.store: FieldStore = open_store(where)
         self.version = version
@@ -84,13 +84,11 @@ class FieldLoop:
         self.positive_class = positive_class
         self.slice_columns = list(slice_columns)
         self.stamper = Stamper(version, audit_rate, seed)
-        # online conformal: the shared state in the store (a replica's own copy is refreshed from it)
-        self.online_group_by = online_group_by
+        # online control: the shared state in the store (a replica's own copy is refreshed from it);
+        # online_groups: the slice column whose value is each kind's group (sets, abstain, miss)
+        self.online_groups = dict(online_groups or {})
         self.online = online
-        if online is not None:
-            state = self.store.state(_ONLINE)
-            if state is not None and state.get("policy_version") == version:  # offsets belong to one policy
-                self.online = OnlineConformal.from_dict(state)
+        self.refresh_online()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._writer = threading.Thread(target=self._write, name="roadwork-field", daemon=True)
         self._writer.start()
@@ -117,6 +115,7 @@ class FieldLoop:
                 stage=str(rec.get("stage", "model")),
                 meta={str(k)[:64]: str(v)[:64] for k, v in list(m.items())[:16]},
                 audit=bool(rec.get("audit", False)),
+                flagged=rec.get("positive_possible"),
             )
             for rec, p, m in zip(records, probs, meta, strict=True)
         ]
@@ -150,43 +149,57 @@ class FieldLoop:
                 loop.call_soon_threadsafe(_settle, fut, error)
 
     def feedback(self, labels: Sequence[tuple[str, int]]) -> FeedbackResult:
-        """Store labels (class indices) for served ids, then (online conformal) move the served threshold by the
+        """Store labels (class indices) for served ids, then (online control) move the served thresholds by the
         labels just accepted, in arrival order (blocking: call it in a thread)."""
         result = self.store.add_labels(labels)
         if self.online is not None and result.accepted:
             rejected = set(result.unknown) | set(result.duplicates)
-            fresh = [(i, y) for i, y in labels if i not in rejected]
-            served = self.store.predictions([i for i, _ in fresh])
-            errors = [
-                (self._group(served[i]), self.classes[y] not in served[i].pred_set)
-                for i, y in dict(fresh).items()  # one label per id: the first, as stored
+            fresh = dict((i, y) for i, y in labels if i not in rejected)  # one label per id: the first, as stored
+            served = self.store.predictions(list(fresh))
+            outcomes = [
+                self._outcome(served[i], y)
+                for i, y in fresh.items()
                 if i in served and served[i].policy_version == self.version
             ]
-            if errors:
-                self.online = OnlineConformal.from_dict(self.store.update_state(_ONLINE, self._apply(errors)))
+            if outcomes:
+                self.online = OnlineControl.from_dict(self.store.update_state(_ONLINE, self._apply(outcomes)))
         return result
 
-    def _group(self, p: StoredPrediction) -> str:
-        return p.meta.get(self.online_group_by, "all") if self.online_group_by else "all"
+    def _outcome(self, p: StoredPrediction, y: int) -> Outcome:
+        """What the label ``y`` says about the answer ``p`` as it was served."""
+        truth = self.classes[y]
+        positive = self.positive_class is not None and truth == self.positive_class
+        return Outcome(
+            covered=truth in p.pred_set,
+            answered=not p.abstain,
+            wrong=p.label != truth,
+            missed=(not p.flagged) if positive and p.flagged is not None else None,
+            groups={kind: p.meta.get(col, "all") for kind, col in self.online_groups.items()},
+        )
 
-    def _apply(self, errors: list[tuple[str, bool]]) -> Callable[[dict[str, Any] | None], dict[str, Any]]:
+    def _apply(self, outcomes: list[Outcome]) -> Callable[[dict[str, Any] | None], dict[str, Any]]:
         base = self.online
 
         def change(old: dict[str, Any] | None) -> dict[str, Any]:
             assert base is not None
             fresh = old is None or old.get("policy_version") != self.version
-            state = OnlineConformal(base.alpha, base.eta) if fresh else OnlineConformal.from_dict(old or {})
-            state.update(errors)
+            state = (
+                OnlineControl(base.alpha, base.eta, base.target_risk, base.miss_alpha, dict(base.scales))
+                if fresh
+                else OnlineControl.from_dict(old or {})
+            )
+            state.update(outcomes)
             return state.to_dict() | {"policy_version": self.version}
 
         return change
 
-    def refresh_online(self) -> OnlineConformal | None:
-        """This replica's online state, re-read from the store (other replicas' labels included)."""
+    def refresh_online(self) -> OnlineControl | None:
+        """This replica's online state, re-read from the store (other replicas' labels included); offsets
+        belong to one policy version: another version's are ignored."""
         if self.online is not None:
             state = self.store.state(_ONLINE)
             if state is not None and state.get("policy_version") == self.version:
-                self.online = OnlineConformal.from_dict(state)
+                self.online = OnlineControl.from_dict(state)
         return self.online
 
     def estimates(self) -> dict[str, Any]:

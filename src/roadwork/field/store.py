@@ -6,7 +6,8 @@ same SQL. Two tables:
 
 - ``predictions``: ``id`` (primary key), ``ts``, ``policy_version``, ``label`` (the decision served),
   ``probs`` (the calibrated probabilities, JSON), ``pred_set`` (JSON), ``abstain``, ``stage``, ``meta`` (the
-  request's slice values, JSON), ``audit`` (1: a uniform random share, for unbiased field estimates);
+  request's slice values, JSON), ``audit`` (1: a uniform random share, for unbiased field estimates),
+  ``flagged`` (policies with ``risk_control``: the served ``positive_possible``; else NULL);
 - ``labels``: ``id`` (primary key: a label per prediction, the first one kept), ``label`` (class index), ``ts``.
 
 Retention is bounded: :meth:`FieldStore.prune` deletes rows older than ``retention_days`` and keeps at most
@@ -28,11 +29,12 @@ from roadwork.errors import InputError
 
 __all__ = ["FeedbackResult", "FieldStore", "StoredPrediction", "open_store"]
 
+_COLUMNS = "id, ts, policy_version, label, probs, pred_set, abstain, stage, meta, audit, flagged"
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS predictions (
         id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, policy_version TEXT NOT NULL, label TEXT NOT NULL,
         probs TEXT NOT NULL, pred_set TEXT NOT NULL, abstain INTEGER NOT NULL, stage TEXT NOT NULL,
-        meta TEXT NOT NULL, audit INTEGER NOT NULL)""",
+        meta TEXT NOT NULL, audit INTEGER NOT NULL, flagged INTEGER)""",
     """CREATE TABLE IF NOT EXISTS labels (
         id TEXT PRIMARY KEY, label INTEGER NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)",
@@ -54,6 +56,7 @@ class StoredPrediction:
     stage: str
     meta: dict[str, str]
     audit: bool
+    flagged: bool | None = None  # the served positive_possible (policies with risk_control)
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,7 @@ class FieldStore:
         if not rows:
             return
         sql = self._sql(
-            "INSERT INTO predictions (id, ts, policy_version, label, probs, pred_set, abstain, stage, meta, audit) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            f"INSERT INTO predictions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         values = [
             (
@@ -103,6 +105,7 @@ class FieldStore:
                 r.stage,
                 json.dumps(r.meta),
                 int(r.audit),
+                None if r.flagged is None else int(r.flagged),
             )
             for r in rows
         ]
@@ -148,8 +151,8 @@ class FieldStore:
     ) -> list[tuple[StoredPrediction, int]]:
         """Labelled predictions in the order their labels arrived: ``(prediction, label index)``."""
         sql = (
-            "SELECT p.id, p.ts, p.policy_version, p.label, p.probs, p.pred_set, p.abstain, p.stage, p.meta, "
-            "p.audit, l.label FROM predictions p JOIN labels l ON l.id = p.id WHERE 1 = 1"
+            f"SELECT {', '.join('p.' + c for c in _COLUMNS.split(', '))}, l.label "
+            "FROM predictions p JOIN labels l ON l.id = p.id WHERE 1 = 1"
         )
         args: list[Any] = []
         if audit_only:
@@ -162,7 +165,7 @@ class FieldStore:
             cur = self._conn.cursor()
             cur.execute(self._sql(sql), args)
             rows = cur.fetchall()
-        return [(_row(r), int(r[10])) for r in rows]
+        return [(_row(r), int(r[11])) for r in rows]
 
     def predictions(self, ids: Sequence[str]) -> dict[str, StoredPrediction]:
         """The stored answers of these ids (those the store holds)."""
@@ -174,8 +177,7 @@ class FieldStore:
                 marks = ", ".join("?" * len(chunk))
                 cur.execute(
                     self._sql(
-                        "SELECT id, ts, policy_version, label, probs, pred_set, abstain, stage, meta, audit "
-                        f"FROM predictions WHERE id IN ({marks})"
+                        f"SELECT {_COLUMNS} FROM predictions WHERE id IN ({marks})"
                     ),
                     chunk,
                 )
@@ -319,4 +321,5 @@ def _row(r: Sequence[Any]) -> StoredPrediction:
         str(r[7]),
         json.loads(r[8]),
         bool(r[9]),
+        None if r[10] is None else bool(r[10]),
     )

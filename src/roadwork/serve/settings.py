@@ -139,9 +139,11 @@ class ServeSettings(BaseModel):
     )
     conformal_online: Literal["off", "aci"] = Field(
         "off",
-        description="with feedback_db: aci moves the served sets' threshold with every label that comes back "
-        "(conformal quantile tracking, per Mondrian group): long-run miscoverage on the labelled stream within "
-        "(B + online_eta) / (online_eta * T) of alpha, whatever the drift; shared by replicas through the store",
+        description="with feedback_db: aci moves the served thresholds with every label that comes back "
+        "(conformal quantile tracking and online risk control, per group): the sets' (long-run miscoverage on the "
+        "labelled stream within (B + online_eta) / (online_eta * T) of alpha, whatever the drift), the "
+        "abstention's (long-run error on answered at most the target plus a bound of the same form) and the "
+        "miss-rate control's; shared by replicas through the store",
     )
     online_eta: float = Field(0.05, gt=0, le=1, description="conformal_online=aci: the step, in score units")
     feedback_retention_days: float = Field(

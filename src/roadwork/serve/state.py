@@ -4,6 +4,7 @@ and the prediction path every endpoint shares (:meth:`ServerState.predict`)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -14,7 +15,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from roadwork.field.loop import FieldLoop, Stamper
-from roadwork.field.online import OnlineConformal, shifted
+from roadwork.field.online import OnlineControl, online_groups, shifted
 from roadwork.serve.admission import Admission, Shed
 from roadwork.serve.batcher import DynamicBatcher, QueueFull, QueueTimeout
 from roadwork.serve.decode import RequestError
@@ -66,17 +67,19 @@ class ServerState:
             raise RequestError(503, "the request could not be parsed now; retry.") from None
 
     _field_refreshed: float = 0.0
-    base_conformal: Any = None  # the certified conformal step; online offsets are applied to a copy of it
+    certified: Any = None  # a copy of the certified policy; online offsets are applied to copies of its parts
 
     def apply_online(self) -> None:
-        """Serve the field loop's current online conformal offsets (a copy of the certified step, swapped in)."""
+        """Serve the field loop's current online offsets: copies of the certified sets, abstention and miss-rate
+        control with the offsets added, swapped into the served policy."""
         online = self.field.online if self.field is not None else None
         if online is None:
             return
         policy = self.model.bundle.policy
-        if self.base_conformal is None:
-            self.base_conformal = policy.conformal
-        policy.conformal = shifted(self.base_conformal, online)
+        if self.certified is None:
+            self.certified = copy.copy(policy)
+        for name, part in shifted(self.certified, online).items():
+            setattr(policy, name, part)
 
     async def refresh_online(self) -> None:
         """Re-read the shared online state (other replicas' labels) and serve it."""
@@ -196,9 +199,7 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
             positive_class=bundle.policy.positive_class,
             slice_columns=bundle.policy.slice_columns,
             online=_online(bundle.policy, settings),
-            online_group_by=bundle.policy.conformal.group_by
-            if bundle.policy.conformal.mondrian == "group"
-            else None,
+            online_groups=online_groups(bundle.policy),
         )
     if field_loop is not None:  # what the alert rules compare the field intervals with
         metrics.field_target.labels("coverage").set(1 - float(bundle.policy.conformal.alpha))
@@ -218,10 +219,10 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
     )
 
 
-def _online(policy: Any, settings: ServeSettings) -> OnlineConformal | None:
+def _online(policy: Any, settings: ServeSettings) -> OnlineControl | None:
     if settings.conformal_online != "aci":
         return None
-    return OnlineConformal(alpha=float(policy.conformal.alpha), eta=settings.online_eta)
+    return OnlineControl.for_policy(policy, settings.online_eta)
 
 
 def server_state(request: Request) -> ServerState:
