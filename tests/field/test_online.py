@@ -54,7 +54,9 @@ def test_groups_and_label_delay_are_tracked_and_the_state_round_trips():
             online.update([pending.pop(0)])
     for g in ("fog", "clear"):
         assert online.updates["sets"][g] > 0 and online.bound("sets", g) is not None
-    assert online.updates["abstain"]["all"] == sum(k % 2 == 0 for k in range(3000 - 200))  # answered ones only
+    assert online.updates["abstain"]["all"] == sum(
+        k % 2 == 0 for k in range(3000 - 200)
+    )  # answered ones only
     assert online.offset("sets", "snow") == online.offset("sets", "all") == 0.0  # no labels for the group yet
     again = OnlineControl.from_dict(online.to_dict())
     assert again == online
@@ -80,7 +82,9 @@ def test_online_abstention_holds_the_selective_risk_after_a_shift_that_breaks_th
     p_wrong = np.where(np.arange(n) < n // 4, 1 - conf, np.minimum(1.0, 1.5 * (1 - conf) + 0.01))
     wrong = rng.random(n) < p_wrong
     policy = types.SimpleNamespace(
-        conformal=SplitConformal(alpha=0.1).fit(np.eye(2)[rng.integers(0, 2, 200)] * 0.8 + 0.1, rng.integers(0, 2, 200)),
+        conformal=SplitConformal(alpha=0.1).fit(
+            np.eye(2)[rng.integers(0, 2, 200)] * 0.8 + 0.1, rng.integers(0, 2, 200)
+        ),
         abstention=_certified(0.9, target),
         risk_control=None,
     )
@@ -116,7 +120,9 @@ def test_online_miss_rate_control_flags_more_when_positives_are_missed():
     p = np.stack([1 - score, score], axis=1)
     fnr = FalseNegativeControl(alpha=0.05, positive=1).fit(p[:2000], y[:2000])
     policy = __import__("types").SimpleNamespace(
-        conformal=SplitConformal(alpha=0.1).fit(p[:2000], y[:2000]), abstention=_certified(0.9, 0.05), risk_control=fnr
+        conformal=SplitConformal(alpha=0.1).fit(p[:2000], y[:2000]),
+        abstention=_certified(0.9, 0.05),
+        risk_control=fnr,
     )
     online = OnlineControl(alpha=0.1, eta=0.05, miss_alpha=0.05)
     shift = np.clip(score[2000:] - 0.2 * (y[2000:] == 1), 0, 1)  # positives look weaker after the shift

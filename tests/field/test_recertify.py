@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from roadwork.export.bundle import Bundle
-from roadwork.field.recertify import _figures, _refit
+from roadwork.field.recertify import check_figures, refit
 
 
 def _pool(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -29,8 +29,8 @@ def test_the_refitted_policy_holds_its_targets_over_300_resplits(tiny_run):
     for _ in range(300):
         idx = rng.permutation(len(y))
         fit, check = idx[:1000], idx[1000:]
-        new = _refit(policy, probs[fit], y[fit], {})
-        f = _figures(new, probs[check], y[check], {})
+        new = refit(policy, probs[fit], y[fit], {})
+        f = check_figures(new, probs[check], y[check], {})
         coverage.append(f["coverage"])
         answered.append(f["answered"])
         violations += f["selective_risk"] is not None and f["selective_risk"] > target
@@ -71,3 +71,49 @@ def test_roadwork_recertify_writes_a_new_signed_version_and_leaves_the_old_one(t
     report = json.loads((out / "recertify.json").read_text())
     assert report["fit_rows"] > report["check_rows"] > 0
     assert main(["recertify", str(old), str(manifest), f"out={out}"]) == 2  # never overwrites a version
+
+
+@pytest.mark.filterwarnings("ignore::roadwork.errors.RoadworkWarning")
+def test_recertify_from_the_field_store_uses_the_audit_sample_only(tiny_run, tmp_path, capsys):
+    """The store's labelled answers carry their served probabilities: recertify needs no image again, and by
+    default only the uniform audit sample is used (people's own choices of what to label are not exchangeable)."""
+    from roadwork.cli import main
+    from roadwork.field.recertify import recertify_from_store
+    from roadwork.field.store import StoredPrediction, open_store
+
+    old = tiny_run[1].bundle
+    bundle = Bundle.load(old)
+    rng = np.random.default_rng(5)
+    probs, y = _pool(1200, rng)
+    store = open_store(tmp_path / "field.db")
+    rows = [
+        StoredPrediction(
+            f"id-{i}",
+            1000.0 + i,
+            bundle.policy_version,
+            bundle.classes[int(p.argmax())],
+            [float(v) for v in p],
+            [],
+            False,
+            "model",
+            {},
+            audit=i % 3 != 0,
+        )
+        for i, p in enumerate(probs)
+    ]
+    store.add_predictions(rows)
+    store.add_labels([(r.id, int(v)) for r, v in zip(rows, y, strict=True)])
+    store.close()
+    report = recertify_from_store(old, str(tmp_path / "field.db"), out=tmp_path / "v2")
+    assert report["source"]["rows"] == sum(r.audit for r in rows)
+    assert report["fit_rows"] + report["check_rows"] == report["source"]["rows"]
+    assert Bundle.load(tmp_path / "v2").policy_version == report["new"]["policy_version"]
+    every = recertify_from_store(old, str(tmp_path / "field.db"), audit_only=False, out=tmp_path / "v3")
+    assert every["source"]["rows"] == len(rows)
+    # the CLI takes the store as SOURCE; since= a date after every label: nothing to recertify on
+    assert main(["recertify", str(old), str(tmp_path / "field.db"), f"out={tmp_path / 'v4'}"]) == 0
+    assert "policy_version" in capsys.readouterr().out
+    assert main(["recertify", str(old), str(tmp_path / "field.db"), "since=2999-01-01"]) == 2
+    assert "no labelled audit answers" in capsys.readouterr().err
+    assert main(["recertify", str(old), str(tmp_path / "field.db"), "since=yesterday"]) == 2
+    assert "since='yesterday'" in capsys.readouterr().err

@@ -261,8 +261,15 @@ def test_triton_extension_endpoints(client, bundle):
     assert cfg["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [3, size, size]}]
     assert cfg["output"][0]["name"] == "logits" and cfg["output"][0]["dims"] == [len(bundle.classes)]
     assert cfg["max_batch_size"] == 32
-    assert client.post("/v2/repository/index", json={}).json() == [
-        {"name": "tiny", "version": "1", "state": "READY"}
+    ready = [e for e in client.post("/v2/repository/index", json={}).json() if e["state"] == "READY"]
+    assert ready == [
+        {
+            "name": "tiny",
+            "version": bundle.path.name,
+            "state": "READY",
+            "reason": "",
+            "policy_version": bundle.policy_version,
+        }
     ]
     assert client.get("/v2/models/nope/config").status_code == 404
 

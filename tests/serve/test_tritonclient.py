@@ -54,7 +54,16 @@ def test_tritonclient_metadata_config_index_and_stats(served, x):
     cfg = c.get_model_config("tiny")
     assert cfg["input"][0] == {"name": "input", "data_type": "TYPE_FP32", "dims": [3, x.shape[2], x.shape[3]]}
     assert cfg["output"][0]["dims"] == [len(bundle.classes)]
-    assert c.get_model_repository_index() == [{"name": "tiny", "version": "1", "state": "READY"}]
+    ready = [e for e in c.get_model_repository_index() if e["state"] == "READY"]
+    assert ready == [
+        {
+            "name": "tiny",
+            "version": bundle.path.name,
+            "state": "READY",
+            "reason": "",
+            "policy_version": bundle.policy_version,
+        }
+    ]
     before = c.get_inference_statistics("tiny")["model_stats"][0]
     inp = httpclient.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=True)

@@ -479,31 +479,27 @@ def audit(p: Parsed) -> int:
 
 
 def recertify(p: Parsed) -> int:
-    """A new bundle version whose conformal threshold and abstention are refitted on freshly labelled images."""
+    """A new bundle version whose conformal threshold, abstention and miss-rate control are refitted on freshly
+    labelled images or the field store's labelled answers."""
     from rich.console import Console
     from rich.table import Table
 
-    from roadwork.config import DataConfig
-    from roadwork.data.sources import CORE_COLUMNS, build_dataset
-    from roadwork.field.recertify import recertify as run_recertify
-
     o = p.options
-    source = Path(p.positionals["SOURCE"])
-    if not (source.is_dir() or (source.suffix.lower() in (".csv", ".parquet") and source.is_file())):
-        raise InputError(
-            f"SOURCE={str(source)!r} is not a folder of labelled images (one subfolder per class) nor a "
-            ".csv/.parquet manifest with 'path' and 'label' columns; pass one of those."
+    text = p.positionals["SOURCE"]
+    if text.startswith(("postgresql://", "postgres://")) or Path(text).suffix.lower() in _STORE_SUFFIXES:
+        from roadwork.field.recertify import recertify_from_store
+
+        report = recertify_from_store(
+            p.positionals["BUNDLE"],
+            text,
+            since=_since(o["since"]),
+            audit_only=o["labels"] == "audit",
+            out=o["out"],
+            key=o["key"],
         )
-    df, _classes, data_report = build_dataset(DataConfig(source=str(source), min_per_class=2))
-    slices = {c: df[c].astype(str).tolist() for c in df.columns if c not in CORE_COLUMNS}
-    report = run_recertify(
-        p.positionals["BUNDLE"],
-        df["path"].tolist(),
-        df["label"].tolist(),
-        out=o["out"],
-        key=o["key"],
-        slices=slices or None,
-    )
+        data_report = None
+    else:
+        report, data_report = _recertify_images(p.positionals["BUNDLE"], Path(text), o)
     table = Table(
         title=f"recertified on {report['fit_rows']} images, checked on {report['check_rows']} others"
     )
@@ -516,10 +512,53 @@ def recertify(p: Parsed) -> int:
             name, report[name]["policy_version"], f"{f['coverage']:.4f}", f"{f['answered']:.4f}", risk
         )
     Console().print(table)
-    if data_report.skipped:
+    if data_report is not None and data_report.skipped:
         _print(f"{len(data_report.skipped)} file(s) of SOURCE were unusable and skipped")
     _print(f"new version: {report['bundle']} (policy_version {report['new']['policy_version']})")
     return 0
+
+
+_STORE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def _since(text: str | None) -> float | None:
+    """``since=`` as a UNIX time: an ISO date or date-time (UTC when no zone is given)."""
+    if text is None:
+        return None
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InputError(
+            f"since={text!r} is not a date; use an ISO date or date-time, e.g. since=2026-12-01."
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+def _recertify_images(bundle: str, source: Path, o: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``roadwork recertify`` from an image folder or manifest."""
+    from roadwork.config import DataConfig
+    from roadwork.data.sources import CORE_COLUMNS, build_dataset
+    from roadwork.field.recertify import recertify as run_recertify
+
+    if not (source.is_dir() or (source.suffix.lower() in (".csv", ".parquet") and source.is_file())):
+        raise InputError(
+            f"SOURCE={str(source)!r} is not a folder of labelled images (one subfolder per class), a "
+            ".csv/.parquet manifest with 'path' and 'label' columns, nor a field store (.db file or "
+            "postgresql:// URL); pass one of those."
+        )
+    df, _classes, data_report = build_dataset(DataConfig(source=str(source), min_per_class=2))
+    slices = {c: df[c].astype(str).tolist() for c in df.columns if c not in CORE_COLUMNS}
+    report = run_recertify(
+        bundle,
+        df["path"].tolist(),
+        df["label"].tolist(),
+        out=o["out"],
+        key=o["key"],
+        slices=slices or None,
+    )
+    return report, data_report
 
 
 def sweep(p: Parsed) -> int:

@@ -311,20 +311,25 @@ _STUDIES = [
         "recertify",
         "refit a bundle's conformal sets and certified abstention on freshly labelled images: a new version",
         "SOURCE (an image folder with one subfolder per class, or a .csv/.parquet manifest with path and label "
-        "columns) goes through BUNDLE exactly as it is served; three quarters of the images (by content hash) refit "
-        "the conformal threshold and the abstention certificate, the other quarter checks old and new side by side. "
+        "columns) goes through BUNDLE exactly as it is served; or SOURCE is the field store (a .db file or a "
+        "postgresql:// URL, as feedback_db=), whose labelled answers carry the probabilities served for them "
+        "(labels=audit, the default: the uniform audit sample only). Three quarters of the rows (by content hash "
+        "or id) refit the conformal threshold, the abstention certificate and the miss-rate control, the other "
+        "quarter checks old and new side by side. "
         "Writes a new bundle version (the same model files, a new policy_version, recertify.json; signed with "
         "key=) beside the old one, which is left untouched. The calibrator, cascade gate and operating point are "
         "kept; variants are not carried over (the new version serves fp32).",
         (
             "roadwork recertify runs/demo/export/bundle labelled/",
             "roadwork recertify runs/demo/export/bundle labelled.csv out=bundles/v2 key=keys/release",
+            "roadwork recertify runs/demo/export/bundle field.db since=2026-12-01",
         ),
         C.recertify,
         positionals=(
             Positional("BUNDLE", "the bundle folder to recertify"),
             Positional(
-                "SOURCE", "freshly labelled images: a folder with a subfolder per class, or a manifest"
+                "SOURCE",
+                "freshly labelled images: a folder with a subfolder per class, a manifest, or the field store",
             ),
         ),
         options=(
@@ -332,6 +337,14 @@ _STUDIES = [
                 "out", "str", None, "the new version's folder (default: BUNDLE-<policy_version> beside it)"
             ),
             Option("key", "str", None, "an Ed25519 private key (PEM): sign the new version (roadwork sign)"),
+            Option("since", "str", None, "field store: only labels given since this ISO date or date-time"),
+            Option(
+                "labels",
+                "str",
+                "audit",
+                "field store: audit (the uniform audit sample: exchangeable with the traffic) or all",
+                ("audit", "all"),
+            ),
         ),
     ),
     Command(

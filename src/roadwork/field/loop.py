@@ -53,7 +53,9 @@ class Stamper:
             draws = [self._rng.random() < self.audit_rate for _ in records] if self.audit_rate else []
         for k, rec in enumerate(records):
             rec["id"] = f"{self._prefix}-{start + k + 1:x}-{os.urandom(4).hex()}"
-            rec["policy_version"] = self.version
+            rec.setdefault(
+                "policy_version", self.version
+            )  # the model path's, when it stamped the version it used
             if draws:
                 rec["audit"] = draws[k]
 
@@ -107,7 +109,7 @@ class FieldLoop:
             StoredPrediction(
                 id=rec["id"],
                 ts=now,
-                policy_version=self.version,
+                policy_version=str(rec.get("policy_version", self.version)),
                 label=rec["label"],
                 probs=[round(float(v), 6) for v in p],
                 pred_set=list(rec["prediction_set"]),
@@ -154,7 +156,9 @@ class FieldLoop:
         result = self.store.add_labels(labels)
         if self.online is not None and result.accepted:
             rejected = set(result.unknown) | set(result.duplicates)
-            fresh = dict((i, y) for i, y in labels if i not in rejected)  # one label per id: the first, as stored
+            fresh = dict(
+                (i, y) for i, y in labels if i not in rejected
+            )  # one label per id: the first, as stored
             served = self.store.predictions(list(fresh))
             outcomes = [
                 self._outcome(served[i], y)
@@ -192,6 +196,13 @@ class FieldLoop:
             return state.to_dict() | {"policy_version": self.version}
 
         return change
+
+    def switch(self, version: str, online: OnlineControl | None, online_groups: dict[str, str]) -> None:
+        """A new policy version is served (a load through the repository API): new answers carry it, and online
+        control starts from its certificate (or from the state replicas already share for it)."""
+        self.version = self.stamper.version = version
+        self.online, self.online_groups = online, dict(online_groups)
+        self.refresh_online()
 
     def refresh_online(self) -> OnlineControl | None:
         """This replica's online state, re-read from the store (other replicas' labels included); offsets

@@ -86,7 +86,9 @@ class OnlineControl:
     scales: dict[str, float] = field(default_factory=dict)
     offsets: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> group -> offset
     updates: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> group -> labels used
-    losses: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> group -> miscovered/wrong/missed
+    losses: dict[str, dict[str, int]] = field(
+        default_factory=dict
+    )  # kind -> group -> miscovered/wrong/missed
 
     @classmethod
     def for_policy(cls, policy: Any, eta: float = 0.05) -> OnlineControl:
@@ -191,9 +193,7 @@ def shifted(policy: Any, online: OnlineControl) -> dict[str, Any]:
     if fnr is not None and online.miss_alpha is not None and math.isfinite(fnr.threshold_):
         f = copy.copy(fnr)
         f.threshold_ = fnr.threshold_ + online.offset("miss")
-        f.group_thresholds_ = {
-            v: t + online.offset("miss", v) for v, t in fnr.group_thresholds_.items()
-        }
+        f.group_thresholds_ = {v: t + online.offset("miss", v) for v, t in fnr.group_thresholds_.items()}
         parts["risk_control"] = f
     return parts
 

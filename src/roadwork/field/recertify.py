@@ -1,11 +1,15 @@
 """Recertify a deployed bundle on freshly labelled images: a new bundle version with the same model files and a
-policy whose conformal threshold and certified abstention are refitted on the bundle's own served path.
+policy whose conformal threshold, certified abstention and miss-rate control are refitted on the bundle's own
+served path. The images come from a folder or manifest (run through the bundle), or from the field store (the
+probabilities it stored when it served them: no image is needed again).
 
 The images go through the bundle exactly as it serves them (decode, cascade, calibrator), so the refitted
 thresholds are certified for what is served. The rows are split by content hash, as the pipeline splits data:
 three quarters fit the policy (the train, val and calib shares of a run), the test quarter checks it; the report
-gives both policies' figures on those check rows. The calibrator, the cascade gate and the operating point are kept
-(they belong to the model path; rerun ``roadwork run`` to refit them). The old version is left untouched; the new
+gives both policies' figures on those check rows. The calibrator, the cascade gate and the operating point are kept:
+they shape the probabilities the refitted steps are certified on (refitting them on the same rows would need a
+split of its own, as a run has; rerun ``roadwork run`` for that). The model-alone policy of ``/v2`` tensors is
+kept too (its outputs are the model's, not the served path's). The old version is left untouched; the new
 one gets its own ``policy_version`` and, with a key, a signature.
 """
 
@@ -26,12 +30,13 @@ from roadwork.export.bundle import Bundle
 from roadwork.jsonio import threshold_to_json
 from roadwork.trust.conformal import SplitConformal
 from roadwork.trust.policy import TrustPolicy
+from roadwork.trust.risk import FalseNegativeControl
 from roadwork.trust.selective import certify_abstention
 
-__all__ = ["recertify"]
+__all__ = ["check_figures", "recertify", "recertify_from_store", "refit"]
 
 
-def _refit(
+def refit(
     policy: TrustPolicy, probs: np.ndarray, y: np.ndarray, slices: dict[str, np.ndarray]
 ) -> TrustPolicy:
     """The policy with its conformal step and abstention certificate refitted on ``probs`` (served, calibrated)."""
@@ -60,10 +65,15 @@ def _refit(
         groups=slices.get(a.group_by) if a.group_by else None,
         group_by=a.group_by,
     )
-    return dataclasses.replace(policy, conformal=conformal, abstention=abstention)
+    fnr = policy.risk_control
+    if fnr is not None:  # the miss-rate control, refitted at its own alpha on the same rows
+        fnr = FalseNegativeControl(
+            alpha=fnr.alpha, positive=fnr.positive, group_by=fnr.group_by, min_count=fnr.min_count
+        ).fit(probs, y, slices.get(fnr.group_by) if fnr.group_by else None)
+    return dataclasses.replace(policy, conformal=conformal, abstention=abstention, risk_control=fnr)
 
 
-def _figures(
+def check_figures(
     policy: TrustPolicy, probs: np.ndarray, y: np.ndarray, slices: dict[str, np.ndarray]
 ) -> dict[str, Any]:
     """Coverage, share answered and error on answered of ``policy`` on rows it was not fitted on."""
@@ -76,12 +86,18 @@ def _figures(
         slices.get(policy.abstention.group_by) if policy.abstention.group_by else None, len(probs)
     )
     answered = ~abstain
-    return {
+    out: dict[str, Any] = {
         "n": len(y),
         "coverage": float(sets[np.arange(len(y)), y].mean()) if len(y) else None,
         "answered": float(answered.mean()) if len(y) else None,
         "selective_risk": float((pred[answered] != y[answered]).mean()) if answered.any() else None,
     }
+    fnr = policy.risk_control
+    if fnr is not None:
+        pos = y == fnr.positive
+        flagged = fnr.predict(probs, slices.get(fnr.group_by) if fnr.group_by else None)
+        out["miss_rate"] = float((~flagged[pos]).mean()) if pos.any() else None
+    return out
 
 
 def recertify(
@@ -95,39 +111,98 @@ def recertify(
 ) -> dict[str, Any]:
     """Write a new bundle version recertified on ``paths`` labelled ``labels`` (class names); returns the report
     (old and new certificates, both policies on the check rows, the new folder and policy_version)."""
+    _check_key(key)
+    bundle = Bundle.load(bundle_dir)
+    y = _label_indices(bundle, labels)
+    sl = {k: np.asarray(v, dtype=str) for k, v in (slices or {}).items()}
+    probs = bundle.predict_output(paths, slices={k: list(v) for k, v in sl.items()} or None).probs
+    digest = [hashlib.sha256(Path(p).read_bytes()).digest()[0] for p in paths]
+    check = np.array([d < 64 for d in digest])  # a quarter, by content: the same image is always on one side
+    return _recertify(bundle, probs, y, sl, check, out, key, {"source": "images", "rows": len(paths)})
+
+
+def recertify_from_store(
+    bundle_dir: str | Path,
+    where: str,
+    *,
+    since: float | None = None,
+    audit_only: bool = True,
+    out: str | Path | None = None,
+    key: str | Path | None = None,
+) -> dict[str, Any]:
+    """The same from the field store (``feedback_db``): the labelled answers' served probabilities (the bundle's
+    served path, as stored when they were answered) and their labels, since ``since`` (a UNIX time of the label).
+    ``audit_only`` (default): only the uniform audit sample, which is exchangeable with the traffic; labels people
+    chose to send (what looked wrong) are not, and would certify for the wrong population."""
+    from roadwork.field.store import open_store
+
+    _check_key(key)
+    bundle = Bundle.load(bundle_dir)
+    store = open_store(where)
+    try:
+        rows = store.labelled(audit_only=audit_only, since=since)
+    finally:
+        store.close()
+    k = len(bundle.classes)
+    rows = [(p, y) for p, y in rows if len(p.probs) == k]  # answers of this model's classes
+    if not rows:
+        raise InputError(
+            f"recertify: the store {where!r} holds no labelled {'audit ' if audit_only else ''}answers"
+            f"{' since then' if since is not None else ''}; label the audit sample (POST /v1/feedback) first."
+        )
+    probs = np.array([p.probs for p, _ in rows], dtype=np.float64)
+    probs /= probs.sum(axis=1, keepdims=True)  # stored rounded to 6 decimals
+    y = np.array([int(v) for _, v in rows])
+    columns = bundle.policy.slice_columns
+    sl = {c: np.array([p.meta.get(c, "") for p, _ in rows], dtype=str) for c in columns}
+    check = np.array([hashlib.sha256(p.id.encode()).digest()[0] < 64 for p, _ in rows])
+    note = {"source": "feedback store", "rows": len(rows), "audit_only": audit_only, "since": since}
+    return _recertify(bundle, probs, y, sl, check, out, key, note)
+
+
+def _check_key(key: str | Path | None) -> None:
     if key is not None:  # a wrong key is said before the images are run, not after
         from roadwork.export.signing import load_private_key
 
         load_private_key(key)
-    bundle = Bundle.load(bundle_dir)
+
+
+def _label_indices(bundle: Bundle, labels: list[str]) -> np.ndarray:
     classes = bundle.classes
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise InputError(f"recertify: labels {unknown[:5]} are not classes of this bundle ({classes}).")
-    if len(paths) < 100:
-        raise InputError(
-            f"recertify: {len(paths)} labelled images; a certificate needs a few hundred at least."
-        )
-    y = np.array([classes.index(v) for v in labels])
-    sl = {k: np.asarray(v, dtype=str) for k, v in (slices or {}).items()}
-    out_probs = bundle.predict_output(paths, slices={k: list(v) for k, v in sl.items()} or None)
-    probs = out_probs.probs
-    digest = [hashlib.sha256(Path(p).read_bytes()).digest()[0] for p in paths]
-    check = np.array([d < 64 for d in digest])  # a quarter, by content: the same image is always on one side
+    return np.array([classes.index(v) for v in labels])
+
+
+def _recertify(
+    bundle: Bundle,
+    probs: np.ndarray,
+    y: np.ndarray,
+    sl: dict[str, np.ndarray],
+    check: np.ndarray,
+    out: str | Path | None,
+    key: str | Path | None,
+    source: dict[str, Any],
+) -> dict[str, Any]:
+    """Refit on the rows outside ``check``, compare old and new on ``check``, write the new version."""
+    if len(y) < 100:
+        raise InputError(f"recertify: {len(y)} labelled images; a certificate needs a few hundred at least.")
     fit = ~check
-    new = _refit(bundle.policy, probs[fit], y[fit], {k: v[fit] for k, v in sl.items()})
+    new = refit(bundle.policy, probs[fit], y[fit], {k: v[fit] for k, v in sl.items()})
     on_check = {k: v[check] for k, v in sl.items()}
     report: dict[str, Any] = {
+        "source": source,
         "old": {
             "policy_version": bundle.policy_version,
             "conformal_threshold": threshold_to_json(float(bundle.policy.conformal.threshold_)),
             "abstention": bundle.policy.abstention.to_dict(),
-            "check": _figures(bundle.policy, probs[check], y[check], on_check),
+            "check": check_figures(bundle.policy, probs[check], y[check], on_check),
         },
         "new": {
             "conformal_threshold": threshold_to_json(float(new.conformal.threshold_)),
             "abstention": new.abstention.to_dict(),
-            "check": _figures(new, probs[check], y[check], on_check),
+            "check": check_figures(new, probs[check], y[check], on_check),
         },
         "fit_rows": int(fit.sum()),
         "check_rows": int(check.sum()),

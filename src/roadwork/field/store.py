@@ -90,9 +90,7 @@ class FieldStore:
         """Store served predictions (committed before this returns)."""
         if not rows:
             return
-        sql = self._sql(
-            f"INSERT INTO predictions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        )
+        sql = self._sql(f"INSERT INTO predictions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
         values = [
             (
                 r.id,
@@ -176,9 +174,7 @@ class FieldStore:
                 chunk = list(ids[k : k + 500])
                 marks = ", ".join("?" * len(chunk))
                 cur.execute(
-                    self._sql(
-                        f"SELECT {_COLUMNS} FROM predictions WHERE id IN ({marks})"
-                    ),
+                    self._sql(f"SELECT {_COLUMNS} FROM predictions WHERE id IN ({marks})"),
                     chunk,
                 )
                 for r in cur.fetchall():

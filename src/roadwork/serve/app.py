@@ -41,13 +41,13 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from roadwork.errors import ArtifactError
 from roadwork.export.bundle import Bundle
 from roadwork.serve import schemas
 from roadwork.serve.admission import Gate
 from roadwork.serve.decode import RequestError
 from roadwork.serve.metrics import ServerMetrics
 from roadwork.serve.model import ServedModel, served_name
+from roadwork.serve.repository import load_bundle
 from roadwork.serve.routes import (
     fast_routes,
     request_error_response,
@@ -68,7 +68,7 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
     ``app.state.roadwork``."""
     settings = settings or ServeSettings()
     metrics = ServerMetrics()
-    state = build_state(ServedModel(_load(bundle, settings), settings, metrics), settings, metrics)
+    state = build_state(ServedModel(load_bundle(bundle, settings), settings, metrics), settings, metrics)
     if state.model.bundle.reference:  # reference.json, read with the rest in Bundle.load's one verified read
         metrics.set_reference(state.model.bundle.reference)
 
@@ -126,26 +126,6 @@ def _gate_outermost(
         )
 
     app.build_middleware_stack = gated  # type: ignore[method-assign]
-
-
-def _load(bundle: Bundle | str | Path, settings: ServeSettings) -> Bundle:
-    """The bundle, its signature checked first when ``require_signature`` is set, on ``settings.device``."""
-    if isinstance(bundle, Bundle):
-        if settings.require_signature:  # an already loaded bundle cannot prove what it was loaded from
-            raise ArtifactError(
-                "require_signature needs the bundle's folder, not a loaded Bundle: pass its path, so that the "
-                "signature is checked over the very bytes that are loaded."
-            )
-        return bundle
-    from roadwork.export.onnx import execution_device
-
-    with execution_device(settings.device, fp16=settings.trt_fp16, cache_dir=settings.trt_cache_dir):
-        return Bundle.load(
-            bundle,
-            threads=settings.ort_threads,
-            variant=settings.variant,
-            require_signature=settings.require_signature,
-        )
 
 
 async def _refresh_online(state: ServerState, every_s: float = 2.0) -> None:

@@ -140,6 +140,12 @@ class ServedModel:
             return images
         return preprocess(images, self.bundle.card.preprocess)
 
+    def swap(self, bundle: Bundle) -> None:
+        """Serve ``bundle`` from the next batch on (a version with the same classes and preprocessing: see
+        :mod:`roadwork.serve.repository`). A batch already running finishes under the version it started with."""
+        self.slice_columns = bundle.policy.slice_columns
+        self.bundle = bundle
+
     def warm(self, n: int) -> None:
         """One model call of ``n`` zero images, counted nowhere (warm-up and the batch-time measurement)."""
         onnx_logits(self.bundle.session, np.zeros((n, 3, self.size, self.size), np.float32), batch_size=n)
@@ -147,26 +153,28 @@ class ServedModel:
     def run_batch(self, x: Any, meta: dict[str, list[str]]) -> list[Row | RowError]:
         """One batch (a preprocessed tensor, or decoded images for a cascade) → one row per image; an image
         whose tensor drives the network to inf/NaN gets a :class:`RowError`, its batch-mates their rows."""
-        slices = {k: v for k, v in meta.items() if k in self.slice_columns}
+        bundle = self.bundle  # one version for the whole batch, whatever a load swaps in meanwhile
+        slices = {k: v for k, v in meta.items() if k in bundle.policy.slice_columns}
         n = len(x)
         if isinstance(x, list):  # decoded images through the cascade
-            out: Any = self.bundle.predict_images(x, slices or None)
+            out: Any = bundle.predict_images(x, slices or None)
             logits = np.log(np.clip(out.probs, 1e-300, None))  # the answering stage's calibrated log-probs
             good = np.arange(n)
         else:  # a preprocessed tensor goes to the model (the cascade's last stage) directly
-            logits = onnx_logits(self.bundle.session, x, batch_size=self.settings.max_batch_size)
+            logits = onnx_logits(bundle.session, x, batch_size=self.settings.max_batch_size)
             good = np.flatnonzero(np.isfinite(logits).all(axis=1))
             if len(good) < n:  # finite inputs far outside the preprocessed range overflow the network
                 logits = logits[good]
                 slices = {k: [v[i] for i in good] for k, v in slices.items()}
             # the model alone: its own certified policy (a cascade's thresholds are the composite's)
-            out = self.bundle.tensor_policy.apply(logits, slices or None) if len(good) else None
+            out = bundle.tensor_policy.apply(logits, slices or None) if len(good) else None
         rows: list[Row | RowError] = [_NOT_FINITE] * n
         if out is None:
             return rows
-        last = self.bundle.policy.cascade.names[-1] if self.bundle.policy.cascade is not None else "model"
-        for j, rec in enumerate(out.records(self.bundle.classes)):
+        last = bundle.policy.cascade.names[-1] if bundle.policy.cascade is not None else "model"
+        for j, rec in enumerate(out.records(bundle.classes)):
             rec.setdefault("stage", last)
+            rec["policy_version"] = bundle.policy_version  # what it was decided under (a load may follow)
             self._count(rec)
             rows[int(good[j])] = Row(rec, logits[j], out.probs[j], out.sets[j])
         return rows

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from roadwork.export.onnx import INPUT_NAME
-from roadwork.serve import schemas, v2
+from roadwork.serve import repository, schemas, v2
 from roadwork.serve.admission import Shed, body_of
 from roadwork.serve.decode import IMAGE_TYPES, RequestError
 from roadwork.serve.model import model_config_of
@@ -37,6 +37,8 @@ __all__ = [
     "prometheus",
     "ready",
     "repository_index",
+    "repository_load",
+    "repository_unload",
     "request_error_response",
     "router",
     "server_error_response",
@@ -234,8 +236,38 @@ async def model_config(name: str, state: State) -> dict[str, Any]:
     operation_id="repository_index_post",
 )
 async def repository_index(state: State) -> list[dict[str, str]]:
-    """Triton's model-repository index (``get_model_repository_index``): the one model this server serves."""
-    return [{"name": state.model.name, "version": "1", "state": "READY" if state.serving else "UNAVAILABLE"}]
+    """Triton's model-repository index (``get_model_repository_index``): every bundle version of the repository
+    folder (``repository=``, default the served bundle's parent), ``READY`` for the one served, with its
+    ``policy_version``."""
+    return await asyncio.get_running_loop().run_in_executor(None, repository.repository_entries, state)
+
+
+@router.post("/v2/repository/models/{name}/load", response_model=schemas.RepositoryEntry, responses=_ERRORS)
+async def repository_load(
+    name: str, state: State, body: schemas.RepositoryLoad | None = None
+) -> dict[str, str]:
+    """Triton's ``load_model``: serve the version ``{"parameters": {"version": "..."}}`` (no body: the newest
+    version folder, as Triton's ``latest`` policy) from the next batch on,
+    without a restart and without failing a request (read and checked like start-up: ``require_signature``
+    applies; a version whose classes or preprocessing differ is refused with 400). Answers its index entry."""
+    state.check_name(name)
+    params = body.parameters if body is not None else {}
+    extra = sorted(set(params) - {"version"})
+    if extra:
+        raise RequestError(
+            400,
+            f"load parameters {extra[:5]} are not supported: versions are folders of the repository; send "
+            '{"parameters": {"version": NAME}} or no body (the newest version).',
+        )
+    return await repository.load_version(state, params.get("version", repository.NEWEST))
+
+
+@router.post("/v2/repository/models/{name}/unload", responses=_ERRORS)
+async def repository_unload(name: str, state: State) -> dict[str, str]:
+    """Triton's ``unload_model``: stop serving (readiness and inference 503) until a version is loaded."""
+    state.check_name(name)
+    repository.unload(state)
+    return {"name": name, "state": "UNAVAILABLE"}
 
 
 @router.get("/v2/models/{name}/stats", responses=_GET_ERRORS)

@@ -28,6 +28,7 @@ __all__ = [
     "Prediction",
     "Ready",
     "RepositoryEntry",
+    "RepositoryLoad",
     "RequestParameters",
     "ServerMetadata",
     "TensorMetadata",
@@ -89,11 +90,21 @@ class ModelMetadata(BaseModel):
 
 
 class RepositoryEntry(BaseModel):
-    """One model of Triton's repository index."""
+    """One version of Triton's repository index: ``READY`` for the one served."""
 
     name: str
     version: str
     state: str
+    reason: str = ""
+    policy_version: str = ""
+
+
+class RepositoryLoad(BaseModel):
+    """``POST /v2/repository/models/{name}/load``: ``{"parameters": {"version": "bundle-3f2a..."}}``, a version
+    folder's name as ``/v2/repository/index`` lists it."""
+
+    model_config = ConfigDict(extra="forbid")
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class InputParameters(BaseModel):

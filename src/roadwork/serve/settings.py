@@ -119,6 +119,12 @@ class ServeSettings(BaseModel):
         description="an Ed25519 public key (PEM file): refuse a bundle without a valid signature by it "
         "(roadwork sign)",
     )
+    repository: str | None = Field(
+        None,
+        description="the folder of bundle versions that POST /v2/repository/models/{name}/load picks from (each a "
+        "sub-folder; roadwork recertify writes its versions next to the old one); default: the served bundle's "
+        "parent folder",
+    )
     log_dir: str | None = Field(
         None,
         description="write every /v1/classify prediction to rotating Parquet files here (roadwork monitor)",

@@ -43,11 +43,13 @@ class ServerState:
     decode_pool: ThreadPoolExecutor
     model_pool: ThreadPoolExecutor
     stats: InferenceStats = field(default_factory=InferenceStats)
+    load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one repository load at a time
     pred_log: PredictionLog | None = None
     stamper: Stamper | None = None  # every answer's id and policy_version (set by build_state)
     field: FieldLoop | None = None  # with feedback_db: the store, the audit sample, the field estimates
     ready: bool = False
     draining: bool = False
+    unloaded: bool = False  # the repository API's unload: not serving until a version is loaded
 
     parse_pool: ProcessPoolExecutor | None = None  # started on the first large body (see parse)
 
@@ -98,8 +100,24 @@ class ServerState:
 
     @property
     def serving(self) -> bool:
-        """Ready and not draining: what readiness reports."""
-        return self.ready and not self.draining
+        """Ready, not draining, not unloaded: what readiness reports."""
+        return self.ready and not self.draining and not self.unloaded
+
+    def swap(self, bundle: Any) -> None:
+        """Serve ``bundle`` (a loaded, warmed, compatible version) from the next batch on: the model, the
+        version stamped on answers, online control restarted from its certificate, the metrics' targets."""
+        self.model.swap(bundle)
+        self.certified = None
+        if self.stamper is not None:
+            self.stamper.version = bundle.policy_version
+        if self.field is not None:
+            online = _online(bundle.policy, self.settings)
+            self.field.switch(bundle.policy_version, online, online_groups(bundle.policy))
+            self.apply_online()
+        _set_targets(self.metrics, bundle.policy, self.field)
+        if bundle.reference:
+            self.metrics.set_reference(bundle.reference)
+        self.unloaded = False
 
     def check_name(self, name: str) -> None:
         """404 unless ``name`` is the served model's."""
@@ -112,6 +130,10 @@ class ServerState:
         """One request's images through the batcher → its rows. ``admit``: a v2 request, now validated, asks
         the latency budget's admission (the gate checked only ``max_queue``). 503 when shed; the first failed
         image's 4xx when any failed."""
+        if self.unloaded:
+            raise RequestError(
+                503, "the model is unloaded; POST /v2/repository/models/{name}/load to load a version."
+            )
         if admit:
             await self._admit(request)
         self._leave_pending(request)
@@ -201,9 +223,7 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
             online=_online(bundle.policy, settings),
             online_groups=online_groups(bundle.policy),
         )
-    if field_loop is not None:  # what the alert rules compare the field intervals with
-        metrics.field_target.labels("coverage").set(1 - float(bundle.policy.conformal.alpha))
-        metrics.field_target.labels("selective_risk").set(float(bundle.policy.abstention.target_risk))
+    _set_targets(metrics, bundle.policy, field_loop)
     return ServerState(
         settings=settings,
         metrics=metrics,
@@ -217,6 +237,13 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
         stamper=field_loop.stamper if field_loop is not None else Stamper(bundle.policy_version),
         field=field_loop,
     )
+
+
+def _set_targets(metrics: ServerMetrics, policy: Any, field_loop: FieldLoop | None) -> None:
+    """What the alert rules compare the field intervals with (with a field store)."""
+    if field_loop is not None:
+        metrics.field_target.labels("coverage").set(1 - float(policy.conformal.alpha))
+        metrics.field_target.labels("selective_risk").set(float(policy.abstention.target_risk))
 
 
 def _online(policy: Any, settings: ServeSettings) -> OnlineControl | None:

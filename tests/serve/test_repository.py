@@ -1,0 +1,152 @@
+"""Triton's repository API: a recertified version loaded into a running server without a restart, every answer
+carrying the version it was decided under, a tampered version refused with require_signature, unload/load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient
+
+from roadwork.export.signing import generate_keypair, sign_bundle
+from roadwork.serve import ServeSettings, create_app
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::roadwork.errors.RoadworkWarning"
+)  # tiny models certify little
+KEY = {"Authorization": "Bearer k"}
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_run, tmp_path_factory):
+    """A repository folder: the run's bundle (signed) as ``v1`` and its recertified version ``v2`` (signed)."""
+    from roadwork.field.recertify import recertify
+
+    _, result = tiny_run
+    root = tmp_path_factory.mktemp("repo")
+    pub = generate_keypair(root / "key")
+    v1 = root / "models" / "v1"
+    shutil.copytree(result.bundle, v1)
+    sign_bundle(v1, root / "key")
+    data = pd.read_parquet(result.run_dir / "data" / "dataset.parquet")
+    paths = [str(result.run_dir / "data" / p) for p in data["path"]]
+    report = recertify(v1, paths, list(data["label"]), out=root / "models" / "v2", key=root / "key")
+    return root, pub, report["old"]["policy_version"], report["new"]["policy_version"]
+
+
+@pytest.fixture(scope="module")
+def image(tiny_run):
+    return sorted((tiny_run[1].run_dir / "data" / "images").glob("*.jpg"))[0].read_bytes()
+
+
+def _versions(c: TestClient) -> dict[str, dict]:  # type: ignore[type-arg]
+    r = c.post("/v2/repository/index", headers=KEY)
+    assert r.status_code == 200, r.text
+    return {e["version"]: e for e in r.json()}
+
+
+def _classify(c: TestClient, image: bytes) -> tuple[int, dict]:  # type: ignore[type-arg]
+    r = c.post("/v1/classify", content=image, headers=KEY | {"Content-Type": "image/jpeg"})
+    return r.status_code, r.json()
+
+
+def test_a_recertified_version_is_loaded_without_a_restart_and_a_tampered_one_is_refused(
+    repo, image, tmp_path
+):
+    root, pub, old, new = repo
+    models = root / "models"
+    settings = ServeSettings(name="tiny", api_key="k", require_signature=str(pub))
+    bad = models / "v3-tampered"  # v2 with its policy changed after signing (hash and manifest redone)
+    try:
+        with TestClient(create_app(models / "v1", settings)) as c:
+            index = _versions(c)
+            assert index["v1"]["state"] == "READY" and index["v1"]["policy_version"] == old
+            assert index["v2"]["state"] == "UNAVAILABLE" and index["v2"]["policy_version"] == new
+            assert _classify(c, image)[1]["predictions"][0]["policy_version"] == old
+            # guarded by the API key
+            assert (
+                c.post("/v2/repository/models/tiny/load", json={"parameters": {"version": "v2"}}).status_code
+                == 401
+            )
+            # clients keep being answered while the load runs
+            answers: list[int] = []
+            stop = threading.Event()
+
+            def client() -> None:
+                while not stop.is_set():
+                    answers.append(_classify(c, image)[0])
+
+            threads = [threading.Thread(target=client) for _ in range(4)]
+            for t in threads:
+                t.start()
+            r = c.post("/v2/repository/models/tiny/load", headers=KEY)  # no body: the newest version, v2
+            stop.set()
+            for t in threads:
+                t.join()
+            assert r.status_code == 200, r.text
+            assert r.json()["state"] == "READY" and r.json()["policy_version"] == new
+            assert answers and set(answers) <= {200, 503}
+            assert {_classify(c, image)[1]["predictions"][0]["policy_version"] for _ in range(3)} == {new}
+            # a tampered version: refused, and the served one keeps serving
+            shutil.copytree(models / "v2", bad)
+            policy = json.loads((bad / "policy.json").read_text())
+            policy["conformal"]["alpha"] = 0.5
+            (bad / "policy.json").write_text(json.dumps(policy))
+            manifest = json.loads((bad / "manifest.json").read_text())
+            manifest["files"]["policy.json"] = hashlib.sha256((bad / "policy.json").read_bytes()).hexdigest()
+            (bad / "manifest.json").write_text(json.dumps(manifest))
+            r = c.post(
+                "/v2/repository/models/tiny/load", json={"parameters": {"version": bad.name}}, headers=KEY
+            )
+            assert r.status_code == 400 and "signed" in r.json()["error"]
+            assert _classify(c, image)[1]["predictions"][0]["policy_version"] == new
+            # names outside the repository, unknown versions, a missing version, another model
+            for version, status in (("../v1", 400), ("/etc", 400), ("nope", 404), (7, 400)):
+                r = c.post(
+                    "/v2/repository/models/tiny/load", json={"parameters": {"version": version}}, headers=KEY
+                )
+                assert r.status_code == status, (version, r.text)
+            assert c.post("/v2/repository/models/tiny/load", json={}, headers=KEY).status_code == 400
+            assert c.post("/v2/repository/models/other/load", json={}, headers=KEY).status_code == 404
+            # unload: not ready, inference 503; load again: back
+            assert c.post("/v2/repository/models/tiny/unload", headers=KEY).status_code == 200
+            assert c.get("/v2/health/ready").status_code == 503
+            assert _classify(c, image)[0] == 503
+            r = c.post("/v2/repository/models/tiny/load", json={"parameters": {"version": "v1"}}, headers=KEY)
+            assert r.status_code == 200 and c.get("/v2/health/ready").status_code == 200
+            assert _classify(c, image)[1]["predictions"][0]["policy_version"] == old
+    finally:
+        shutil.rmtree(bad, ignore_errors=True)
+
+
+def test_a_version_with_other_classes_is_refused(repo, image, tmp_path):
+    root, _, _, _ = repo
+    models = tmp_path / "models"
+    shutil.copytree(root / "models" / "v1", models / "v1")
+    other = models / "other"
+    shutil.copytree(root / "models" / "v1", other)
+    model = json.loads((other / "model.json").read_text())
+    model["classes"] = ["a", "b"]
+    (other / "model.json").write_text(json.dumps(model))
+    for name in ("policy.json",):
+        policy = json.loads((other / name).read_text())
+        policy["classes"] = ["a", "b"]
+        (other / name).write_text(json.dumps(policy))
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest.pop("signature", None)
+    for name in ("model.json", "policy.json"):
+        manifest["files"][name] = hashlib.sha256((other / name).read_bytes()).hexdigest()
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    (other / "manifest.sig").unlink(missing_ok=True)
+    with TestClient(create_app(models / "v1", ServeSettings(name="tiny"))) as c:
+        r = c.post("/v2/repository/models/tiny/load", json={"parameters": {"version": "other"}})
+        assert r.status_code == 400 and "classes" in r.json()["error"], r.text
+        assert c.get("/v2/health/ready").status_code == 200
