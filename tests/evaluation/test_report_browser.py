@@ -101,3 +101,35 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     assert img.shape == (2400, 1280)
     assert img.std() > 20  # text, tables and plots, not a blank page
     assert (img < 100).mean() > 0.01  # dark pixels: text and plot lines were drawn
+
+
+def test_the_label_audit_section_shows_the_suspects_in_headless_chromium(tiny_run, tmp_path):
+    """`roadwork audit RUN` puts a Label audit section with the top suspects' thumbnails into the run's report (on a
+    copy of the run: the shared one stays as the pipeline wrote it); every thumbnail loads in the browser and the
+    evaluate stage's manifest still matches the report's bytes."""
+    pytest.importorskip("cleanlab")
+    import hashlib
+
+    from roadwork.field.audit import audit_run
+
+    browser = _chromium()
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[1].run_dir, run, ignore=shutil.ignore_patterns("mlruns", "export"))
+    result = audit_run(run, top=6)
+    html = (run / "evaluate" / "report.html").read_text()
+    assert html.count("<section id='label-audit'>") == 1
+    shown = min(6, len(result["issues"]))
+    assert html.count('<figure id="fig-suspect-') == shown
+    audit_run(run, top=6)  # a second audit replaces the section, not adds one
+    html = (run / "evaluate" / "report.html").read_text()
+    assert html.count("<section id='label-audit'>") == 1
+    manifest = json.loads((run / "evaluate" / "manifest.json").read_text())
+    assert manifest["outputs"]["report.html"]["sha256"] == hashlib.sha256(html.encode()).hexdigest()
+    page = tmp_path / "report.html"
+    page.write_text(html.replace("<head>", "<head>" + _PROBE, 1))
+    dom = _run(browser, tmp_path, "--dump-dom", page.as_uri())
+    found = re.search(r'<pre id="rw-probe">(.*?)</pre>', dom.stdout, re.S)
+    assert found, dom.stdout[-500:]
+    probe = json.loads(found.group(1).replace("&quot;", '"'))
+    assert probe["loaded"] == probe["images"] and probe["errors"] == [], probe
+    assert "Label audit" in dom.stdout and "estimated flip rate" in dom.stdout

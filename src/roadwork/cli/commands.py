@@ -413,51 +413,15 @@ def monitor(p: Parsed) -> int:
 
 def audit(p: Parsed) -> int:
     """Likely label errors of a run's calibration and test splits (cleanlab), and the flip rate."""
-    import json
-
-    import numpy as np
-    import pandas as pd
     from rich.console import Console
     from rich.table import Table
 
-    from roadwork.field.audit import MATERIAL_FLIP_RATE, label_audit
-    from roadwork.pipeline.artifacts import abs_paths, load_calibrator, load_dataset, load_predictions
+    from roadwork.field.audit import MATERIAL_FLIP_RATE, audit_run
 
     run = Path(p.positionals["RUN"])
-    for stage in ("data", "predict", "calibrate"):
-        if not (run / stage / "manifest.json").is_file():
-            raise InputError(
-                f"{str(run)!r} has no complete {stage} stage; run 'roadwork run ... name={run.name} --until "
-                "calibrate' first (or pass a run folder, runs/NAME)."
-            )
-    calibrator = load_calibrator(run / "calibrate")
-    parts = [load_predictions(run / "predict", split) for split in ("calib", "test")]
-    column = getattr(calibrator, "column", None)
-    probs = np.concatenate(
-        [
-            calibrator.predict_proba(pr.logits, pr.slices.get(column))  # type: ignore[call-arg]
-            if column
-            else calibrator.predict_proba(pr.logits)
-            for pr in parts
-        ]
-    )
-    labels = np.concatenate([pr.labels for pr in parts])
-    ids = [str(i) for pr in parts for i in pr.ids]
-    classes = parts[0].classes
-    result = label_audit(probs, labels, classes, ids)
-    df, _ = load_dataset(run / "data")
-    path_of = dict(zip(df["id"].astype(str), abs_paths(df, run / "data"), strict=True))
+    result = audit_run(run, top=p.options["top"])
+    issues = result["issues"]
     out = run / "audit"
-    out.mkdir(exist_ok=True)
-    issues = pd.DataFrame(result["issues"], columns=["id", "given", "suggested", "score"])
-    issues.insert(1, "path", [path_of.get(i, "") for i in issues["id"]])
-    tmp = out / ".label_issues.csv.tmp"
-    issues.to_csv(tmp, index=False)
-    tmp.replace(out / "label_issues.csv")
-    report = {k: v for k, v in result.items() if k != "issues"} | {"n_issues": len(issues)}
-    tmp = out / ".audit.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "audit.json")
     table = Table(
         title=f"label audit: {len(issues)} likely errors in {result['n']} calibration + test labels"
     )
@@ -474,7 +438,8 @@ def audit(p: Parsed) -> int:
             "assumes clean calibration labels. Fix the labels in label_issues.csv, or rerun with "
             f"conformal.label_flip_rate={result['suggested_label_flip_rate']}."
         )
-    _print(f"wrote {out / 'label_issues.csv'} and {out / 'audit.json'}")
+    also = f"; the report's Label audit section: {result['report']}" if "report" in result else ""
+    _print(f"wrote {out / 'label_issues.csv'} and {out / 'audit.json'}{also}")
     return 0
 
 

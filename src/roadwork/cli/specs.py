@@ -305,7 +305,9 @@ _STUDIES = [
         positionals=(
             Positional("RUN", "a run folder (runs/NAME) whose predict and calibrate stages are complete"),
         ),
-        options=(Option("top", "int", 20, "suspects printed (the CSV has them all)"),),
+        options=(
+            Option("top", "int", 20, "suspects printed and shown in the report (the CSV has them all)"),
+        ),
     ),
     Command(
         "recertify",

@@ -8,12 +8,15 @@ import math
 from typing import Any
 
 __all__ = [
+    "label_audit_html",
     "model_check_line",
+    "refresh_outputs",
     "render_html",
     "render_model_card",
     "summary_rows",
     "variant_card_line",
     "variants_html",
+    "with_section",
     "with_variants",
 ]
 
@@ -24,6 +27,7 @@ table{border-collapse:collapse;margin:.6rem 0 1.4rem;font-size:.9rem}
 th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:right}th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left}.bad{background:#fde2e2}.ok{background:#e3f5e1}
 figure{margin:.6rem 0 1.4rem}img{max-width:100%;border:1px solid #eee}
+.suspects{display:flex;flex-wrap:wrap;gap:.6rem}.suspects figure{width:150px;margin:0;font-size:.8rem}
 .note{background:#f7f7fb;border-left:4px solid #88a;padding:.6rem 1rem}
 .warnings{background:#fff6e0;border-left:4px solid #e0a000;padding:.6rem 1rem;margin:1rem 0}
 .check-bad{background:#fde8e8;border-left-color:#c00000}
@@ -169,14 +173,8 @@ def variant_card_line(metrics: dict[str, Any]) -> str:
 def with_variants(report_html: str, card_md: str, metrics: dict[str, Any]) -> tuple[str, str]:
     """``report.html`` and ``MODEL_CARD.md`` with their served-variant section and line replaced by
     ``metrics``' (what ``roadwork bench`` does after a selection, without re-rendering the figures)."""
-    import re
 
-    section = variants_html(metrics)
-    pattern = re.compile(r"<section id='variants'>.*?</section>", re.S)
-    if pattern.search(report_html):
-        report_html = pattern.sub(lambda _: section, report_html, count=1)
-    else:  # a report written before this section existed
-        report_html = report_html.replace("<h2>Summary</h2>", section + "\n<h2>Summary</h2>", 1)
+    report_html = with_section(report_html, "variants", variants_html(metrics), before="<h2>Summary</h2>")
     line = variant_card_line(metrics)
     lines = card_md.splitlines()
     at = [i for i, x in enumerate(lines) if x.startswith("- **Served variant:**")]
@@ -193,6 +191,75 @@ _CERT_METHOD = {
     "sgr": "SGR: binary search with Clopper–Pearson bounds",
     "bonferroni": "Clopper–Pearson bounds, union over a fixed grid of thresholds",
 }
+
+
+def refresh_outputs(stage_dir: Any, texts: dict[str, str]) -> None:
+    """Rewrite files of a finished stage (``evaluate``: the report, the card) and their sizes and sha256 in its
+    ``manifest.json``, so the stage stays a valid cache entry. Each file is replaced whole (temporary, rename)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from roadwork.jsonio import write_json
+
+    stage = Path(stage_dir)
+    for name, text in texts.items():
+        tmp = stage / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(stage / name)
+    manifest_file = stage / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for name in texts:
+        entry = manifest.get("outputs", {}).get(name)
+        if entry is not None:
+            data = (stage / name).read_bytes()
+            entry.update({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+    write_json(manifest_file, manifest)
+
+
+def with_section(report_html: str, section_id: str, section: str, *, before: str | None = None) -> str:
+    """``report_html`` with its ``<section id='SECTION_ID'>`` replaced by ``section``; a report without one gets
+    it inserted ahead of ``before`` (else at the end of the body)."""
+    import re
+
+    pattern = re.compile(rf"<section id='{re.escape(section_id)}'>.*?</section>", re.S)
+    if pattern.search(report_html):
+        return pattern.sub(lambda _: section, report_html, count=1)
+    if before is not None and before in report_html:
+        return report_html.replace(before, section + "\n" + before, 1)
+    return report_html.replace("</body>", section + "\n</body>", 1)
+
+
+def label_audit_html(result: dict[str, Any], suspects: list[dict[str, Any]]) -> str:
+    """The label audit's section (``roadwork audit``): the estimated flip rates, the warning when material, and
+    the top suspects with a thumbnail each (``suspects``: id, given, suggested, score, ``thumb`` JPEG bytes)."""
+    rates = ", ".join(f"{html.escape(c)} {100 * r:.1f} %" for c, r in result["flip_rate_per_class"].items())
+    out = [
+        "<section id='label-audit'>",
+        "<h2>Label audit</h2>",
+        f"<p>Confident learning (cleanlab) on the out-of-sample probabilities of {result['n']} calibration and "
+        f"test labels: estimated flip rate <b>{100 * result['flip_rate']:.1f} %</b> (per given class: {rates}); "
+        f"{len(result['issues'])} likely label errors, listed in <code>audit/label_issues.csv</code>.</p>",
+    ]
+    if result.get("suggested_label_flip_rate") is not None:
+        out.append(
+            "<div class='warnings'>The conformal guarantee assumes clean calibration labels. Fix the labels "
+            "below, or rerun with <code>conformal.label_flip_rate="
+            f"{result['suggested_label_flip_rate']}</code>.</div>"
+        )
+    cells = []
+    for s in suspects:
+        src = "data:image/jpeg;base64," + base64.b64encode(s["thumb"]).decode() if s.get("thumb") else ""
+        img = f'<img alt="{html.escape(s["id"])}" src="{src}">' if src else ""
+        cells.append(
+            f'<figure id="fig-suspect-{html.escape(s["id"])}">{img}<figcaption>{html.escape(s["id"])}: given '
+            f"<b>{html.escape(s['given'])}</b>, suggested {html.escape(s['suggested'])} (quality "
+            f"{s['score']:.3f})</figcaption></figure>"
+        )
+    if cells:
+        out.append("<h3>Top suspects</h3><div class='suspects'>" + "".join(cells) + "</div>")
+    out.append("</section>")
+    return "\n".join(out)
 
 
 def _fmt(v: Any) -> str:

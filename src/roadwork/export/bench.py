@@ -463,10 +463,9 @@ def _record_in_run_metrics(bundle_path: Path, variant: str, served: dict[str, An
     """The run's ``evaluate/metrics.json`` gets ``variants[variant]`` (and ``served_variant``), its report and
     model card the served-variant section, and the evaluate stage's manifest the files' new sizes and sha256,
     so the stage stays a valid cache entry."""
-    import hashlib
     import json
 
-    from roadwork.evaluation.report import with_variants
+    from roadwork.evaluation.report import refresh_outputs, with_variants
     from roadwork.jsonio import write_json
 
     evaluate = bundle_path.resolve().parent.parent / "evaluate"
@@ -477,22 +476,12 @@ def _record_in_run_metrics(bundle_path: Path, variant: str, served: dict[str, An
     metrics.setdefault("variants", {})[variant] = served
     metrics["served_variant"] = variant  # what variant=auto serves now
     write_json(metrics_file, metrics)
-    written = ["metrics.json"]
+    texts = {"metrics.json": metrics_file.read_text()}
     report, card = evaluate / "report.html", evaluate / "MODEL_CARD.md"
     if report.is_file() and card.is_file():
         new_report, new_card = with_variants(report.read_text(), card.read_text(), metrics)
-        for f, text in ((report, new_report), (card, new_card)):
-            tmp = f.with_name(f".{f.name}.tmp")
-            tmp.write_text(text)
-            tmp.replace(f)
-        written += ["report.html", "MODEL_CARD.md"]
-    manifest = json.loads(manifest_file.read_text())
-    for name in written:
-        entry = manifest.get("outputs", {}).get(name)
-        if entry is not None:
-            data = (evaluate / name).read_bytes()
-            entry.update({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
-    write_json(manifest_file, manifest)
+        texts |= {"report.html": new_report, "MODEL_CARD.md": new_card}
+    refresh_outputs(evaluate, texts)
 
 
 def record_selection(

@@ -10,6 +10,7 @@ test splits through the trained model and the calibrator. For each given class `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from roadwork._deps import require
 from roadwork.errors import InputError
 
-__all__ = ["MATERIAL_FLIP_RATE", "label_audit"]
+__all__ = ["MATERIAL_FLIP_RATE", "audit_run", "label_audit", "run_audit_inputs"]
 
 MATERIAL_FLIP_RATE = 0.01
 """An estimated flip rate above this is worth correcting for (``conformal.label_flip_rate``)."""
@@ -69,3 +70,88 @@ def label_audit(
         "joint": joint.tolist(),
         "suggested_label_flip_rate": round(overall, 4) if overall > MATERIAL_FLIP_RATE else None,
     }
+
+
+def run_audit_inputs(run: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str], dict[str, Any]]:
+    """A run's out-of-sample probabilities (calibration and test splits through the model and the calibrator),
+    their labels, ids, the classes, and each id's image path."""
+    from roadwork.pipeline.artifacts import abs_paths, load_calibrator, load_dataset, load_predictions
+
+    for stage in ("data", "predict", "calibrate"):
+        if not (run / stage / "manifest.json").is_file():
+            raise InputError(
+                f"{str(run)!r} has no complete {stage} stage; run 'roadwork run ... name={run.name} --until "
+                "calibrate' first (or pass a run folder, runs/NAME)."
+            )
+    calibrator = load_calibrator(run / "calibrate")
+    parts = [load_predictions(run / "predict", split) for split in ("calib", "test")]
+    column = getattr(calibrator, "column", None)
+    probs = np.concatenate(
+        [
+            calibrator.predict_proba(pr.logits, pr.slices.get(column))  # type: ignore[call-arg]
+            if column
+            else calibrator.predict_proba(pr.logits)
+            for pr in parts
+        ]
+    )
+    labels = np.concatenate([pr.labels for pr in parts])
+    ids = [str(i) for pr in parts for i in pr.ids]
+    df, _ = load_dataset(run / "data")
+    path_of = dict(zip(df["id"].astype(str), abs_paths(df, run / "data"), strict=True))
+    return probs, labels, ids, list(parts[0].classes), path_of
+
+
+def _thumb(path: Path | None, side: int = 140) -> bytes | None:
+    """A small JPEG of an image for the report (None when it cannot be read)."""
+    import io
+
+    from PIL import Image
+
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((side, side))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=80)
+            return buf.getvalue()
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def audit_run(run: str | Path, *, top: int = 12) -> dict[str, Any]:
+    """``roadwork audit RUN``: :func:`label_audit` on the run's calibration and test splits; writes
+    ``audit/label_issues.csv`` (id, path, given, suggested, score) and ``audit/audit.json`` (flip rates, the
+    confident joint), and puts a "Label audit" section with the ``top`` suspects' thumbnails into the run's
+    ``evaluate/report.html`` when it has one. Returns the audit (``issues`` with their paths)."""
+    import json
+
+    import pandas as pd
+
+    from roadwork.evaluation.report import label_audit_html, refresh_outputs, with_section
+
+    run = Path(run)
+    probs, labels, ids, classes, path_of = run_audit_inputs(run)
+    result = label_audit(probs, labels, classes, ids)
+    for row in result["issues"]:
+        row["path"] = str(path_of.get(row["id"], ""))
+    out = run / "audit"
+    out.mkdir(exist_ok=True)
+    issues = pd.DataFrame(result["issues"], columns=["id", "path", "given", "suggested", "score"])
+    tmp = out / ".label_issues.csv.tmp"
+    issues.to_csv(tmp, index=False)
+    tmp.replace(out / "label_issues.csv")
+    summary = {k: v for k, v in result.items() if k != "issues"} | {"n_issues": len(issues)}
+    tmp = out / ".audit.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "audit.json")
+    report = run / "evaluate" / "report.html"
+    if report.is_file() and (run / "evaluate" / "manifest.json").is_file():
+        suspects = [r | {"thumb": _thumb(path_of.get(r["id"]))} for r in result["issues"][: max(0, int(top))]]
+        section = label_audit_html(result, suspects)
+        refresh_outputs(
+            run / "evaluate", {"report.html": with_section(report.read_text(), "label-audit", section)}
+        )
+        result["report"] = str(report)
+    return result
