@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -93,7 +94,11 @@ def hot_swap(bundle: Path, images: list[Path], labels: list[str], seconds: float
         from roadwork.export.bundle import Bundle
 
         old, new = Bundle.load(repo / "v1").policy_version, Bundle.load(repo / "v2").policy_version
-        server = Server(repo / "v1", "name=field", "api_key=field-bench", f"require_signature={pub}")
+        os.environ["ROADWORK_API_KEY"] = "field-bench"  # the servers read the key from the environment
+        try:
+            server = Server(repo / "v1", "name=field", f"require_signature={pub}")
+        finally:
+            del os.environ["ROADWORK_API_KEY"]
         try:
             run = asyncio.run(_swap_run(server.port, _jpeg_bodies(64, size=320), seconds, 16))
         finally:

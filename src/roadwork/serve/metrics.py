@@ -111,6 +111,28 @@ class ServerMetrics:
         self.field_rows = Gauge(
             "roadwork_field_rows", "Rows in the field store: predictions, audit, labels", ["kind"], registry=r
         )
+        self.online_offset = Gauge(
+            "roadwork_online_offset",
+            "conformal_online=aci: what online control adds to each certified threshold (sets, abstain, miss), "
+            "per group; replicas on one store show the same values",
+            ["kind", "group"],
+            registry=r,
+        )
+        self.online_labels = Gauge(
+            "roadwork_online_labels",
+            "conformal_online=aci: labels each online threshold has learned from (under this policy_version)",
+            ["kind", "group"],
+            registry=r,
+        )
+
+    def set_online(self, offsets: dict[str, dict[str, float]], updates: dict[str, dict[str, int]]) -> None:
+        """Publish the online offsets and how many labels moved each (a new policy version starts afresh)."""
+        self.online_offset.clear()
+        self.online_labels.clear()
+        for kind, row in offsets.items():
+            for group, v in row.items():
+                self.online_offset.labels(kind, group).set(v)
+                self.online_labels.labels(kind, group).set(updates.get(kind, {}).get(group, 0))
 
     def set_field(self, estimates: dict[str, Any], counts: dict[str, int]) -> None:
         """Publish :func:`roadwork.field.estimates.field_estimates` and the store's row counts."""

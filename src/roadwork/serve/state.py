@@ -82,6 +82,7 @@ class ServerState:
             self.certified = copy.copy(policy)
         for name, part in shifted(self.certified, online).items():
             setattr(policy, name, part)
+        self.metrics.set_online(online.offsets, online.updates)
 
     async def refresh_online(self) -> None:
         """Re-read the shared online state (other replicas' labels) and serve it."""
