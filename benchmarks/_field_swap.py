@@ -86,8 +86,6 @@ async def _swap_run(port: int, bodies: list[bytes], seconds: float, clients: int
 def hot_swap(bundle: Path, images: list[Path], labels: list[str], seconds: float = 20.0) -> None:
     """Table: answers before, during and after the load of v2, and after the tampered load; statuses and the
     policy_version each carried."""
-    from serve_chaos import _jpeg_bodies
-
     work = Path(tempfile.mkdtemp(prefix="roadwork-field-swap-"))
     try:
         repo, pub, _v2 = _versions(bundle, images, labels, work)
@@ -100,7 +98,8 @@ def hot_swap(bundle: Path, images: list[Path], labels: list[str], seconds: float
         finally:
             del os.environ["ROADWORK_API_KEY"]
         try:
-            run = asyncio.run(_swap_run(server.port, _jpeg_bodies(64, size=320), seconds, 16))
+            bodies = [p.read_bytes() for p in images[:64]]  # the shifted scenes, as JPEG files
+            run = asyncio.run(_swap_run(server.port, bodies, seconds, 16))
         finally:
             server.stop()
     finally:
@@ -129,7 +128,8 @@ def hot_swap(bundle: Path, images: list[Path], labels: list[str], seconds: float
             ]
         )
     _table(
-        f"Hot swap under 16 closed-loop clients ({seconds:.0f} s, 320-px JPEGs, require_signature and an API key): "
+        f"Hot swap under 16 closed-loop clients ({seconds:.0f} s, the shifted scenes as JPEGs, require_signature and an "
+        "API key): "
         f"load v2 (recertified) {l_status} in {l_end - l_start:.2f} s; load v3-tampered {b_status} "
         f"({b_text[:70]})",
         ["phase", "answers", "statuses", "only 200/503", "policy_version of 200s (old/new)"],

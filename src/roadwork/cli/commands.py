@@ -21,6 +21,7 @@ __all__ = [
     "config_show",
     "data_synthetic",
     "dvc",
+    "label_next",
     "monitor",
     "predict",
     "print_summary",
@@ -484,6 +485,43 @@ def recertify(p: Parsed) -> int:
 
 
 _STORE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def label_next(p: Parsed) -> int:
+    """What to label next from a field store, as a CSV and a table."""
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    from roadwork.field.queue import label_queue
+    from roadwork.field.store import open_store
+
+    o = p.options
+    where = p.positionals["STORE"]
+    if not where.startswith(("postgresql://", "postgres://")) and not Path(where).is_file():
+        raise InputError(f"STORE={where!r} is not a field store file; pass the server's feedback_db.")
+    if o["images"] is not None and not Path(o["images"]).is_dir():
+        raise InputError(f"images={o['images']!r} is not a folder; pass the server's log_images folder.")
+    if o["n"] < 1:
+        raise InputError(f"n={o['n']} lists nothing; pass n=1 or more.")
+    store = open_store(where)
+    try:
+        rows = label_queue(store, o["n"], images=o["images"])
+    finally:
+        store.close()
+    out = Path(o["out"])
+    tmp = out.with_name(f".{out.name}.tmp")
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    tmp.replace(out)
+    table = Table(title=f"what to label next: {len(rows)} answers")
+    for col in ("rank", "id", "reason", "served", "probability", "abstain"):
+        table.add_column(col)
+    for r in rows[:20]:
+        table.add_row(*(str(r[c]) for c in ("rank", "id", "reason", "served", "probability", "abstain")))
+    Console().print(table)
+    reasons = pd.Series([r["reason"] for r in rows], dtype=str).value_counts().to_dict()
+    _print(f"wrote {out} ({', '.join(f'{k}: {v}' for k, v in reasons.items()) or 'nothing unlabelled'})")
+    return 0
 
 
 def _since(text: str | None) -> float | None:

@@ -310,6 +310,26 @@ _STUDIES = [
         ),
     ),
     Command(
+        "label-next",
+        "what to label next: the field store's unlabelled answers, ranked for a labelling team",
+        "Lists the answers of a field store (feedback_db=) that have no label yet: the uniform audit sample first "
+        "(oldest first: the field estimates rest on it alone), then abstained answers, answers from slice values "
+        "seen rarely, and the remaining answers nearest the decision (least sure first). Writes a CSV (id, reason, "
+        "served label, probability, set, time, slice values, and the captured image's path with images=, the "
+        "server's log_images folder). Send the labels back with POST /v1/feedback.",
+        (
+            "roadwork label-next field.db",
+            "roadwork label-next field.db n=500 out=to-label.csv images=captured/",
+        ),
+        C.label_next,
+        positionals=(Positional("STORE", "the field store: a SQLite file or a postgresql:// URL"),),
+        options=(
+            Option("n", "int", 200, "answers to list"),
+            Option("out", "str", "to-label.csv", "the CSV to write"),
+            Option("images", "str", None, "the server's log_images folder: each row gets its image's path"),
+        ),
+    ),
+    Command(
         "recertify",
         "refit a bundle's conformal sets and certified abstention on freshly labelled images: a new version",
         "SOURCE (an image folder with one subfolder per class, or a .csv/.parquet manifest with path and label "

@@ -165,6 +165,19 @@ class FieldStore:
             rows = cur.fetchall()
         return [(_row(r), int(r[11])) for r in rows]
 
+    def unlabelled(self, *, limit: int = 100_000) -> list[StoredPrediction]:
+        """Stored answers with no label yet, the newest ``limit`` of them (newest first)."""
+        sql = (
+            f"SELECT {', '.join('p.' + c for c in _COLUMNS.split(', '))} FROM predictions p "
+            "LEFT JOIN labels l ON l.id = p.id WHERE l.id IS NULL ORDER BY p.ts DESC, p.id LIMIT ?"
+        )
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute(self._sql(sql), (int(limit),))
+            rows = cur.fetchall()
+            self._conn.commit()
+        return [_row(r) for r in rows]
+
     def predictions(self, ids: Sequence[str]) -> dict[str, StoredPrediction]:
         """The stored answers of these ids (those the store holds)."""
         out: dict[str, StoredPrediction] = {}

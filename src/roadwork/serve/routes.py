@@ -397,6 +397,10 @@ async def _classify(request: Request, state: ServerState) -> Response:
         state.pred_log.add(records, [dict(request.query_params) | plain_meta | pi for pi in per_image])
     if state.field is not None:  # stored (committed) before the ids are sent: feedback can always find them
         await state.field.record(records, [r.probs for r in rows], [plain_meta | pi for pi in per_image])
+    if state.capture is not None:  # log_images: what labellers will be sent (audit sample, abstained)
+        keep = [(r["id"], b) for r, b in zip(records, blobs, strict=True) if r.get("audit") or r["abstain"]]
+        if keep:
+            await loop.run_in_executor(state.decode_pool, state.capture.add, keep)
     return Response(
         content=json.dumps({"model": model.name, "predictions": records}).encode(),
         media_type="application/json",

@@ -152,6 +152,14 @@ class ServeSettings(BaseModel):
         "miss-rate control's; shared by replicas through the store",
     )
     online_eta: float = Field(0.05, gt=0, le=1, description="conformal_online=aci: the step, in score units")
+    log_images: str | None = Field(
+        None,
+        description="with feedback_db: a folder where the images of audit-flagged and abstained answers are kept "
+        "under their id (what roadwork label-next sends to labellers), bounded by log_images_max_mb",
+    )
+    log_images_max_mb: float = Field(
+        1024.0, gt=0, description="log_images: the folder's size cap; the oldest images go first"
+    )
     feedback_retention_days: float = Field(
         30.0,
         gt=0,
@@ -176,7 +184,12 @@ class ServeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _online_needs_a_store(self) -> ServeSettings:
-        """Online conformal learns from labels: without a store there are none."""
+        """Online conformal learns from labels, and captured images go with stored answers: both need a store."""
+        if self.log_images and not self.feedback_db:
+            raise ValueError(
+                "log_images keeps the images of stored answers for labellers: set feedback_db=PATH (or a "
+                "postgresql:// URL) too"
+            )
         if self.conformal_online != "off" and not self.feedback_db:
             raise ValueError(
                 f"conformal_online={self.conformal_online} learns from the labels sent to POST /v1/feedback: set "

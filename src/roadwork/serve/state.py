@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from roadwork.field.capture import ImageCapture
 from roadwork.field.loop import FieldLoop, Stamper
 from roadwork.field.online import OnlineControl, online_groups, shifted
 from roadwork.serve.admission import Admission, Shed
@@ -47,6 +48,7 @@ class ServerState:
     pred_log: PredictionLog | None = None
     stamper: Stamper | None = None  # every answer's id and policy_version (set by build_state)
     field: FieldLoop | None = None  # with feedback_db: the store, the audit sample, the field estimates
+    capture: ImageCapture | None = None  # log_images: the images labellers will be sent
     ready: bool = False
     draining: bool = False
     unloaded: bool = False  # the repository API's unload: not serving until a version is loaded
@@ -237,6 +239,9 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
         pred_log=pred_log,
         stamper=field_loop.stamper if field_loop is not None else Stamper(bundle.policy_version),
         field=field_loop,
+        capture=ImageCapture(settings.log_images, int(settings.log_images_max_mb * 2**20))
+        if settings.log_images
+        else None,
     )
 
 
