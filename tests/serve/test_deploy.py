@@ -22,7 +22,7 @@ def _exported_metrics(tiny_run, tmp_path) -> str:  # type: ignore[no-untyped-def
     from roadwork.serve import ServeSettings, create_app
 
     image = next((tiny_run[1].run_dir / "data" / "images").glob("*.jpg")).read_bytes()
-    settings = ServeSettings(feedback_db=str(tmp_path / "field.db"), audit_rate=1.0)
+    settings = ServeSettings(feedback_db=str(tmp_path / "field.db"), audit_rate=1.0, conformal_online="aci")
     with TestClient(create_app(tiny_run[1].bundle, settings)) as c:
         r = c.post("/v1/classify", content=image, headers={"content-type": "image/jpeg"})
         assert r.status_code == 200
