@@ -15,13 +15,17 @@ from roadwork.field.audit import label_audit
 
 
 def _noisy(n: int, rate: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Out-of-sample probabilities of a calibrated model that is right ~95 % of the time, and given labels with
-    ``rate`` of them flipped."""
+    """Out-of-sample probabilities of a model that is right ~91 % of the time (the demo's accuracy), given labels
+    with ``rate`` of them flipped, and the probabilities from a temperature fitted on those noisy labels, as the
+    calibrate stage fits it on a noisy calibration split."""
+    from roadwork.trust.calibration import TemperatureScaler
+
     y_true = rng.integers(0, 2, n)
-    p_true = 1 / (1 + np.exp(-rng.normal(2.0, 1.2, n)))
-    probs = np.where(y_true[:, None] == np.arange(2), p_true[:, None], 1 - p_true[:, None])
+    margin = rng.normal(2.0, 1.5, n)
+    logits = np.stack([np.where(y_true == k, margin, 0.0) for k in range(2)], axis=1)
     flipped = rng.random(n) < rate
-    return probs, np.where(flipped, 1 - y_true, y_true), flipped
+    given = np.where(flipped, 1 - y_true, y_true)
+    return TemperatureScaler().fit(logits, given).predict_proba(logits), given, flipped
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.10])
@@ -40,7 +44,9 @@ def test_the_flip_rate_is_estimated_within_two_points(rate):
 def test_conformal_with_the_suggested_flip_rate_covers_clean_labels_at_one_minus_alpha(rate):
     """Calibrated on noisy labels without a correction, the sets miss 1 - alpha on the clean labels; with the
     audit's suggested label_flip_rate (through the pipeline's own conversion to the noise model's epsilon) the mean
-    coverage over 200 re-splits is back at 1 - alpha within three standard errors plus the estimate's slack."""
+    coverage over 200 re-splits is back near 1 - alpha: not below it beyond three standard errors plus a point, and
+    within 2.5 points above it (an estimate within 2 points of the flip rate moves the noise model's epsilon by up to
+    4; the flagged share errs low, so the sets err on the covering side)."""
     from roadwork.config import ConformalConfig
     from roadwork.pipeline.certify import flip_to_noise
     from roadwork.trust.conformal import SplitConformal
@@ -63,10 +69,9 @@ def test_conformal_with_the_suggested_flip_rate_covers_clean_labels_at_one_minus
             out.append(sets[np.arange(len(test)), clean[test]].mean())
     se = 3 * np.std(corrected) / np.sqrt(len(corrected))
     assert abs(np.mean(plain) - 0.9) > 0.02  # noisy labels move the uncorrected coverage off target
-    print(
-        f"rate {rate}: estimated {audit['flip_rate']:.4f}, plain {np.mean(plain):.4f}, corrected {np.mean(corrected):.4f}"
-    )
-    assert abs(np.mean(corrected) - 0.9) <= se + 0.015, (np.mean(plain), np.mean(corrected), eps)
+    got = (np.mean(plain), np.mean(corrected), eps)
+    assert 0.9 - se - 0.01 <= np.mean(corrected) <= 0.9 + 0.025, got
+    assert abs(np.mean(corrected) - 0.9) < abs(np.mean(plain) - 0.9), got
 
 
 def test_the_suspects_are_mostly_the_flipped_labels_and_bad_input_is_our_error():
