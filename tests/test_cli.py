@@ -232,6 +232,8 @@ def test_the_lists_the_specs_spell_out_match_the_code():
         (["sign", "a", "b", "c"], "unexpected argument 'c'"),
         (["dvc", "demo", "extra"], "unexpected argument 'extra'"),
         (["compare", "demo", "frameworks=sklearn,gbm"], "frameworks=gbm is unknown; choose from sklearn"),
+        (["serve", "b", "conformal_online=aci"], "learns from the labels sent to POST /v1/feedback"),
+        (["label-next", "f.db", "n=0"], "n=0 lists nothing"),
     ],
 )
 def test_usage_errors_name_the_option_value_and_fix_before_any_work(argv, message, capsys, tmp_path):
@@ -240,6 +242,15 @@ def test_usage_errors_name_the_option_value_and_fix_before_any_work(argv, messag
     assert message in err, err
     if "roadwork config: needs" not in message and "sub-command" not in message:
         assert f"Usage: roadwork {argv[0]}" in err and "--help" in err  # the usage line, from the spec
+
+
+def test_a_url_with_a_query_string_is_an_argument_not_an_option():
+    from roadwork.cli.grammar import parse
+    from roadwork.cli.specs import COMMANDS
+
+    url = "postgresql://postgres@/postgres?host=/tmp/sock"
+    parsed = parse(COMMANDS["label-next"], [url, "n=5"])
+    assert parsed.positionals["STORE"] == url and parsed.options["n"] == 5
 
 
 def test_parse_types_values_and_fills_defaults():

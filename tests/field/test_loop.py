@@ -79,3 +79,42 @@ def test_concurrent_requests_share_commits_and_every_answered_id_is_stored(tmp_p
     est = loop.estimates()
     assert est["n"] == 150 and est["overall"]["accuracy"]["rate"] == np.mean([n % 4 != 0 for n in range(150)])
     loop.close()
+
+
+def test_retention_applies_while_serving_and_each_policy_version_keeps_its_own_online_state(tmp_path):
+    """Rows beyond max_rows go as answers are written (not only at start-up); two replicas serving two versions
+    during a rollout each accumulate their own online state."""
+    from roadwork.field.online import OnlineControl
+
+    def make(version: str) -> FieldLoop:
+        return FieldLoop(
+            str(tmp_path / "f.db"),
+            version=version,
+            classes=["no_roadwork", "roadwork"],
+            audit_rate=1.0,
+            retention_days=30,
+            max_rows=20,
+            online=OnlineControl(alpha=0.1, eta=0.1),
+        )
+
+    a, b = make("v1"), make("v2")
+
+    async def serve(loop: FieldLoop, n: int) -> list[dict]:  # type: ignore[type-arg]
+        recs = _records(n)
+        for r in recs:
+            r.pop("policy_version", None)
+        loop.stamp(recs)
+        for r in recs:
+            await loop.record([r], [[0.2, 0.8]], [{}])
+        return recs
+
+    for _ in range(3):
+        ra, rb = asyncio.run(serve(a, 5)), asyncio.run(serve(b, 5))
+        a.feedback([(r["id"], 0) for r in ra])
+        b.feedback([(r["id"], 0) for r in rb])
+    assert a.online is not None and b.online is not None
+    assert a.online.updates["sets"]["all"] == b.online.updates["sets"]["all"] == 15  # neither reset the other
+    asyncio.run(serve(a, 100))
+    assert a.store.counts()["predictions"] <= 20 + 2  # pruned as it went (a tenth of the cap per round)
+    a.close()
+    b.close()

@@ -117,3 +117,10 @@ def test_recertify_from_the_field_store_uses_the_audit_sample_only(tiny_run, tmp
     assert "no labelled audit answers" in capsys.readouterr().err
     assert main(["recertify", str(old), str(tmp_path / "field.db"), "since=yesterday"]) == 2
     assert "since='yesterday'" in capsys.readouterr().err
+    assert main(["recertify", str(old), str(tmp_path / "missing.db")]) == 2  # not created on the way
+    assert "no field store" in capsys.readouterr().err and not (tmp_path / "missing.db").exists()
+    # the new version serves under the old one's name, states its own answered share, and is a normal folder
+    new = Bundle.load(tmp_path / "v2")
+    assert new.manifest["name"] == tiny_run[1].run_dir.name
+    assert new.manifest["export"]["answers"]["test_n"] == report["check_rows"]
+    assert (tmp_path / "v2").stat().st_mode & 0o055 == (old.stat().st_mode & 0o055)

@@ -63,6 +63,9 @@ def test_feedback_is_stored_idempotent_validated_and_survives_a_restart(bundle, 
         bad = c.post("/v1/feedback", json={"labels": [{"id": ids[2], "label": "cats"}]})
         assert bad.status_code == 400 and "not a class of this model" in bad.json()["error"]
         assert c.post("/v1/feedback", json={"labels": [{"id": ids[2], "label": 7}]}).status_code == 400
+        for odd in (True, 1.0, None, [1]):  # JSON true is not class 1, nor 1.0 an index
+            r = c.post("/v1/feedback", json={"labels": [{"id": ids[2], "label": odd}]})
+            assert r.status_code == 400 and "integer index" in r.json()["error"], (odd, r.text)
         many = {"labels": [{"id": f"x{i}", "label": 0} for i in range(1001)]}
         assert c.post("/v1/feedback", json=many).status_code == 422
         assert c.post("/v1/feedback", json={"labels": []}).status_code == 422
@@ -73,6 +76,8 @@ def test_feedback_is_stored_idempotent_validated_and_survives_a_restart(bundle, 
         assert 'roadwork_field_rows{kind="labels"} 2.0' in metrics
         assert 'roadwork_field_rate{bound="point",rate="accuracy",slice="all"}' in metrics
     with TestClient(create_app(bundle, settings)) as c:  # a restart: every answered id is still there
+        # the field gauges are there at start-up, before any new label
+        assert 'roadwork_field_rows{kind="labels"} 2.0' in c.get("/metrics").text
         r = c.post("/v1/feedback", json={"labels": [{"id": i, "label": 1} for i in ids[2:]]})
         assert r.json() == {"accepted": len(ids) - 2, "unknown": [], "duplicates": []}
 
@@ -107,11 +112,15 @@ def test_online_conformal_moves_the_served_threshold_and_replicas_share_it(tiny_
             for p in preds
         ]
         misses = sum(w["label"] not in p["prediction_set"] for w, p in zip(wrong, preds, strict=True))
-        assert c.post("/v1/feedback", json={"labels": wrong}).json()["accepted"] == len(preds)
+        # each id also sent a second time in the same request: stored once, learned from once
+        twice = wrong + [{"id": w["id"], "label": classes[0]} for w in wrong]
+        r = c.post("/v1/feedback", json={"labels": twice}).json()
+        assert r["accepted"] == len(preds) and len(r["duplicates"]) == len(preds)
         state = c.app.state.roadwork  # type: ignore[attr-defined]
         alpha = a.policy.conformal.alpha
         want = 0.1 * (misses - alpha * len(preds))
         assert state.field.online.offsets["sets"]["all"] == pytest.approx(want)
+        assert state.field.online.updates["sets"]["all"] == len(preds)
         if certified != float("inf"):
             assert a.policy.conformal.threshold_ == pytest.approx(certified + want)
         t0, target = state.certified.abstention.threshold, state.certified.abstention.target_risk

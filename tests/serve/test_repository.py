@@ -108,6 +108,19 @@ def test_a_recertified_version_is_loaded_without_a_restart_and_a_tampered_one_is
             )
             assert r.status_code == 400 and "signed" in r.json()["error"]
             assert _classify(c, image)[1]["predictions"][0]["policy_version"] == new
+            # a version folder that is a link (here to a signed copy outside the repository): refused, and the
+            # repository stays where it was
+            outside = tmp_path / "outside"
+            shutil.copytree(models / "v2", outside)
+            (models / "link").symlink_to(outside)
+            try:
+                r = c.post(
+                    "/v2/repository/models/tiny/load", json={"parameters": {"version": "link"}}, headers=KEY
+                )
+                assert r.status_code == 400 and "link" in r.json()["error"], r.text
+                assert {"v1", "v2"} <= set(_versions(c)) and "link" not in _versions(c)
+            finally:
+                (models / "link").unlink()
             # names outside the repository, unknown versions, a missing version, another model
             for version, status in (("../v1", 400), ("/etc", 400), ("nope", 404), (7, 400)):
                 r = c.post(

@@ -284,6 +284,9 @@ def serve(p: Parsed) -> int:
         settings = ServeSettings(**values)
     except ValidationError as e:
         err = e.errors()[0]
+        if not err["loc"]:  # a rule across settings (model validator): its message names them
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            raise usage_error(p.command, f"{msg}.") from None
         key = str(err["loc"][0])
         raise usage_error(p.command, f"{key}={values.get(key)!r}: {err['msg']}.") from None
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
@@ -498,12 +501,12 @@ def label_next(p: Parsed) -> int:
 
     o = p.options
     where = p.positionals["STORE"]
+    if o["n"] < 1:
+        raise usage_error(p.command, f"n={o['n']} lists nothing; pass n=1 or more.")
     if not where.startswith(("postgresql://", "postgres://")) and not Path(where).is_file():
         raise InputError(f"STORE={where!r} is not a field store file; pass the server's feedback_db.")
     if o["images"] is not None and not Path(o["images"]).is_dir():
         raise InputError(f"images={o['images']!r} is not a folder; pass the server's log_images folder.")
-    if o["n"] < 1:
-        raise InputError(f"n={o['n']} lists nothing; pass n=1 or more.")
     store = open_store(where)
     try:
         rows = label_queue(store, o["n"], images=o["images"])

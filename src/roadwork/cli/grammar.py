@@ -252,7 +252,7 @@ def parse(cmd: Command, args: Sequence[str]) -> Parsed:
             i = _take_flag(cmd, args, i, parsed.flags)
             continue
         key, eq, raw = a.partition("=")
-        if not eq:
+        if not eq or "://" in key:  # a URL argument (postgresql://...?host=...) is a word, not key=value
             words.append(a)
         elif key in options:
             parsed.options[key] = _convert(cmd, options[key], raw)

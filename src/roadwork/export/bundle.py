@@ -48,6 +48,7 @@ __all__ = [
     "RUNTIME_FILE",
     "Bundle",
     "batch_dependent",
+    "bundle_name",
     "file_sha256",
     "open_image",
     "record_runtime_choice",
@@ -186,6 +187,19 @@ def open_image(path: str | Path, min_side: int | None = None) -> Image.Image:
         raise InputError(
             f"Cannot read image {str(path)!r} ({type(e).__name__}: {e}); pass a readable JPEG/PNG/BMP/WebP file."
         ) from None
+
+
+def bundle_name(manifest: dict[str, Any], path: Path) -> str:
+    """A bundle's model name: the manifest's ``name``, else its folder's name, or the run's name for a bundle in
+    its run folder (``runs/demo/export/bundle`` → ``demo``). ``roadwork recertify`` writes it into the new
+    version's manifest, so every version of a model serves under one name."""
+    name = manifest.get("name")
+    if isinstance(name, str) and name:
+        return name
+    p = Path(path).resolve()
+    if p.name == "bundle" and p.parent.name == "export" and p.parent.parent.name:
+        return p.parent.parent.name
+    return p.name
 
 
 @dataclass

@@ -142,6 +142,8 @@ def audit_run(run: str | Path, *, top: int = 12) -> dict[str, Any]:
     from roadwork.evaluation.report import label_audit_html, refresh_outputs, with_section
 
     run = Path(run)
+    if int(top) < 0:
+        raise InputError(f"top={top} is negative; pass top=0 (no thumbnails) or more.")
     probs, labels, ids, classes, path_of = run_audit_inputs(run)
     result = label_audit(probs, labels, classes, ids)
     for row in result["issues"]:

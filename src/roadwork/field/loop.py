@@ -25,7 +25,7 @@ from roadwork.field.store import FeedbackResult, FieldStore, StoredPrediction, o
 __all__ = ["FieldLoop", "Stamper", "policy_version"]
 
 _STOP = object()
-_ONLINE = "conformal"  # the online conformal state's name in the store
+_ONLINE = "online:"  # + the policy_version: each version's online state has its own row in the store
 
 
 def policy_version(policy_bytes: bytes) -> str:
@@ -126,6 +126,16 @@ class FieldLoop:
         self._queue.put((rows, loop, done))
         await done
 
+    _added = 0
+    _pruned_at = 0.0
+
+    def _maybe_prune(self, added: int, every_s: float = 60.0) -> None:
+        """Retention while serving: prune after every tenth of ``max_rows`` written, and at least every minute."""
+        self._added += added
+        if self._added >= max(1, self.max_rows // 10) or time.monotonic() - self._pruned_at >= every_s:
+            self.store.prune(retention_days=self.retention_days, max_rows=self.max_rows)
+            self._added, self._pruned_at = 0, time.monotonic()
+
     def _write(self) -> None:
         """The writer thread: everything queued since the last commit goes in the next one (group commit)."""
         while True:
@@ -144,7 +154,9 @@ class FieldLoop:
                 batch.append(nxt)
             error: BaseException | None = None
             try:
-                self.store.add_predictions([r for rows, _, _ in batch for r in rows])
+                written = [r for rows, _, _ in batch for r in rows]
+                self.store.add_predictions(written)
+                self._maybe_prune(len(written))
             except Exception as e:  # the requests waiting for this commit get it as their error
                 error = e
             for _, loop, fut in batch:
@@ -155,10 +167,14 @@ class FieldLoop:
         labels just accepted, in arrival order (blocking: call it in a thread)."""
         result = self.store.add_labels(labels)
         if self.online is not None and result.accepted:
-            rejected = set(result.unknown) | set(result.duplicates)
-            fresh = dict(
-                (i, y) for i, y in labels if i not in rejected
-            )  # one label per id: the first, as stored
+            stored = set(result.accepted_ids)
+            fresh: dict[str, int] = {}
+            for (
+                i,
+                y,
+            ) in labels:  # one label per id: the first, as stored (a repeat in the request is a duplicate)
+                if i in stored and i not in fresh:
+                    fresh[i] = y
             served = self.store.predictions(list(fresh))
             outcomes = [
                 self._outcome(served[i], y)
@@ -166,7 +182,9 @@ class FieldLoop:
                 if i in served and served[i].policy_version == self.version
             ]
             if outcomes:
-                self.online = OnlineControl.from_dict(self.store.update_state(_ONLINE, self._apply(outcomes)))
+                self.online = OnlineControl.from_dict(
+                    self.store.update_state(_ONLINE + self.version, self._apply(outcomes))
+                )
         return result
 
     def _outcome(self, p: StoredPrediction, y: int) -> Outcome:
@@ -186,11 +204,10 @@ class FieldLoop:
 
         def change(old: dict[str, Any] | None) -> dict[str, Any]:
             assert base is not None
-            fresh = old is None or old.get("policy_version") != self.version
             state = (
                 OnlineControl(base.alpha, base.eta, base.target_risk, base.miss_alpha, dict(base.scales))
-                if fresh
-                else OnlineControl.from_dict(old or {})
+                if old is None
+                else OnlineControl.from_dict(old)
             )
             state.update(outcomes)
             return state.to_dict() | {"policy_version": self.version}
@@ -205,11 +222,12 @@ class FieldLoop:
         self.refresh_online()
 
     def refresh_online(self) -> OnlineControl | None:
-        """This replica's online state, re-read from the store (other replicas' labels included); offsets
-        belong to one policy version: another version's are ignored."""
+        """This replica's online state, re-read from the store (other replicas' labels included). Offsets belong
+        to one policy version: each version has its own state, so replicas serving two versions during a rollout
+        do not reset each other's."""
         if self.online is not None:
-            state = self.store.state(_ONLINE)
-            if state is not None and state.get("policy_version") == self.version:
+            state = self.store.state(_ONLINE + self.version)
+            if state is not None:
                 self.online = OnlineControl.from_dict(state)
         return self.online
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from roadwork.errors import InputError
-from roadwork.export.bundle import Bundle
+from roadwork.export.bundle import Bundle, bundle_name
 from roadwork.jsonio import threshold_to_json
 from roadwork.trust.conformal import SplitConformal
 from roadwork.trust.policy import TrustPolicy
@@ -137,6 +138,8 @@ def recertify_from_store(
     from roadwork.field.store import open_store
 
     _check_key(key)
+    if not where.startswith(("postgresql://", "postgres://")) and not Path(where).is_file():
+        raise InputError(f"recertify: no field store at {where!r}; pass the server's feedback_db.")
     bundle = Bundle.load(bundle_dir)
     store = open_store(where)
     try:
@@ -187,7 +190,10 @@ def _recertify(
 ) -> dict[str, Any]:
     """Refit on the rows outside ``check``, compare old and new on ``check``, write the new version."""
     if len(y) < 100:
-        raise InputError(f"recertify: {len(y)} labelled images; a certificate needs a few hundred at least.")
+        raise InputError(
+            f"recertify: {len(y)} labelled images; it needs at least 100 (a few hundred for a certificate that "
+            "answers much): label more."
+        )
     fit = ~check
     new = refit(bundle.policy, probs[fit], y[fit], {k: v[fit] for k, v in sl.items()})
     on_check = {k: v[check] for k, v in sl.items()}
@@ -232,6 +238,9 @@ def _write_version(
         raise InputError(f"recertify: {str(target)!r} exists already; pass out=ANOTHER_FOLDER.")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # a folder like any other (mkdtemp's is private to this user)
     try:
         with snapshot(source) as snap:
             manifest = json.loads(snap.raw_manifest)
@@ -250,7 +259,18 @@ def _write_version(
         )
         (staging / "recertify.json").write_text(record)
         manifest["files"]["recertify.json"] = hashlib.sha256(record.encode()).hexdigest()
-        manifest.setdefault("export", {})["recertified_from"] = bundle.policy_version
+        export = manifest.setdefault("export", {})
+        export["recertified_from"] = bundle.policy_version
+        check = report["new"]["check"]
+        export["answers"] = {  # what the new policy answers (the old figures would be stated as its own)
+            "test": check["answered"],
+            "test_n": check["n"],
+            "calib": policy.abstention.coverage,
+            "calib_n": policy.abstention.n,
+            "target_risk": policy.abstention.target_risk,
+            "delta": policy.abstention.delta,
+        }
+        manifest["name"] = bundle_name(bundle.manifest, bundle.path)  # every version serves under one name
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if key is not None:
             from roadwork.export.signing import sign_bundle

@@ -66,6 +66,7 @@ class FeedbackResult:
     accepted: int
     unknown: list[str]
     duplicates: list[str]
+    accepted_ids: tuple[str, ...] = ()  # the ids whose label was stored now, in the order sent
 
 
 class FieldStore:
@@ -133,7 +134,7 @@ class FieldStore:
             if fresh:
                 cur.executemany(self._sql("INSERT INTO labels (id, label, ts) VALUES (?, ?, ?)"), fresh)
             self._conn.commit()
-        return FeedbackResult(len(fresh), unknown, dup)
+        return FeedbackResult(len(fresh), unknown, dup, tuple(i for i, _, _ in fresh))
 
     def _existing(self, cur: Any, table: str, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()

@@ -47,7 +47,7 @@ from roadwork.serve.admission import Gate
 from roadwork.serve.decode import RequestError
 from roadwork.serve.metrics import ServerMetrics
 from roadwork.serve.model import ServedModel, served_name
-from roadwork.serve.repository import load_bundle
+from roadwork.serve.repository import load_bundle, repository_of
 from roadwork.serve.routes import (
     fast_routes,
     request_error_response,
@@ -69,6 +69,8 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
     settings = settings or ServeSettings()
     metrics = ServerMetrics()
     state = build_state(ServedModel(load_bundle(bundle, settings), settings, metrics), settings, metrics)
+    if not isinstance(bundle, Bundle):  # the repository of versions: the start-up folder's parent, fixed now
+        repository_of(state)
     if state.model.bundle.reference:  # reference.json, read with the rest in Bundle.load's one verified read
         metrics.set_reference(state.model.bundle.reference)
 
@@ -77,6 +79,7 @@ def create_app(bundle: Bundle | str | Path, settings: ServeSettings | None = Non
         await _warm_up(state)
         state.batcher.start()
         state.apply_online()  # offsets already in the store (a restart, another replica)
+        await state.refresh_field_metrics(every_s=0)  # the field figures a restart finds in the store
         refresher = asyncio.get_running_loop().create_task(_refresh_online(state))
         state.ready = True
         yield

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from roadwork.data.preprocess import decoded_size, preprocess
-from roadwork.export.bundle import Bundle
+from roadwork.export.bundle import Bundle, bundle_name
 from roadwork.export.onnx import onnx_logits
 from roadwork.serve.decode import RequestError, decode_image
 from roadwork.serve.metrics import ServerMetrics
@@ -24,13 +24,7 @@ __all__ = ["Row", "RowError", "ServedModel", "model_config_of", "served_name"]
 def served_name(bundle: Bundle) -> str:
     """The model's name in the v2 API: the manifest's ``name``, else the bundle folder's name, or the run's
     name for a bundle in its run folder (``runs/demo/export/bundle`` → ``demo``)."""
-    name = bundle.manifest.get("name")
-    if isinstance(name, str) and name:
-        return name
-    p = bundle.path.resolve()
-    if p.name == "bundle" and p.parent.name == "export" and p.parent.parent.name:
-        return p.parent.parent.name
-    return p.name
+    return bundle_name(bundle.manifest, bundle.path)
 
 
 @dataclass(frozen=True)

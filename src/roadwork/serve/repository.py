@@ -55,9 +55,12 @@ def load_bundle(bundle: Bundle | str | Path, settings: ServeSettings) -> Bundle:
 
 
 def repository_of(state: ServerState) -> Path:
-    """The folder of bundle versions: ``settings.repository``, else the served bundle's parent."""
-    repo = state.settings.repository
-    return Path(repo) if repo else Path(state.model.bundle.path).resolve().parent
+    """The folder of bundle versions: ``settings.repository``, else the parent of the bundle the server started
+    with (fixed then: a load does not move it)."""
+    if state.repository is None:
+        repo = state.settings.repository
+        state.repository = (Path(repo) if repo else Path(state.model.bundle.path).parent).resolve()
+    return state.repository
 
 
 def _version_of(folder: Path) -> str | None:
@@ -75,7 +78,9 @@ def _folders(state: ServerState) -> list[Path]:
     served = Path(state.model.bundle.path).resolve()
     try:
         folders = sorted(
-            p for p in repository_of(state).iterdir() if p.is_dir() and (p / "manifest.json").is_file()
+            p
+            for p in repository_of(state).iterdir()
+            if not p.is_symlink() and p.is_dir() and (p / "manifest.json").is_file()
         )
     except OSError:
         folders = []
@@ -117,6 +122,12 @@ def _folder(state: ServerState, version: object) -> Path:
         )
     served = Path(state.model.bundle.path).resolve()
     folder = served if version == served.name else repository_of(state) / version
+    if folder.is_symlink() or (folder.resolve().parent != repository_of(state) and folder != served):
+        raise RequestError(
+            400,
+            f"version {version!r} is a link: a version must be a folder inside the repository "
+            f"({str(repository_of(state))!r}); copy it there.",
+        )
     if not (folder / "manifest.json").is_file():
         raise RequestError(404, f"no version {version!r} in the repository; use one of {names[:20]}.")
     return folder
@@ -153,7 +164,8 @@ async def load_version(state: ServerState, version: object) -> dict[str, str]:
         old = state.model.bundle.policy_version
         state.swap(bundle)
         log.info("loaded version %s (policy_version %s, was %s)", folder.name, bundle.policy_version, old)
-    return next(e for e in repository_entries(state) if e["version"] == folder.name)
+    entries = [e for e in repository_entries(state) if e["version"] == folder.name]
+    return entries[0] if entries else {"name": state.model.name, "version": folder.name, "state": "READY"}
 
 
 def _warm(state: ServerState, bundle: Bundle) -> None:

@@ -464,13 +464,13 @@ async def feedback(body: schemas.FeedbackRequest, state: State) -> dict[str, Any
         else:
             raise RequestError(
                 400,
-                f"labels[{i}].label={str(y)[:60]!r} is not a class of this model: use one of {classes} or "
-                f"an index 0..{len(classes) - 1}.",
+                f"labels[{i}].label={json.dumps(y)[:60]} is not a class of this model: use one of {classes} or "
+                f"an integer index 0..{len(classes) - 1}.",
             )
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(None, state.field.feedback, labels)
     state.apply_online()  # conformal_online=aci: the next answers use the moved threshold
-    await state.refresh_field_metrics()
+    state.field_dirty = True  # the next scrape recomputes the field gauges
     return {"accepted": result.accepted, "unknown": result.unknown, "duplicates": result.duplicates}
 
 
@@ -479,6 +479,7 @@ async def prometheus(state: State) -> Response:
     """Prometheus metrics: requests, latency, queue wait, batch size, predictions, abstentions, cascade stages,
     confidence and set-size histograms, and the calibration split's reference values (warm-up excluded)."""
     m = state.metrics
+    await state.refresh_field_metrics()  # the field figures as of this scrape (at most every 2 s)
     m.queue_depth.set(state.batcher.waiting)
     m.latency_budget.set(state.admission.budget_s())
     m.admission_limit.set(state.admission.limit() or state.settings.max_queue)

@@ -52,6 +52,7 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     unloaded: bool = False  # the repository API's unload: not serving until a version is loaded
+    repository: Any = None  # the folder of bundle versions (serve/repository.py), fixed on first use
 
     parse_pool: ProcessPoolExecutor | None = None  # started on the first large body (see parse)
 
@@ -93,11 +94,17 @@ class ServerState:
         await asyncio.get_running_loop().run_in_executor(None, self.field.refresh_online)
         self.apply_online()
 
+    field_dirty: bool = False  # a label arrived since the field gauges were last computed
+
     async def refresh_field_metrics(self, every_s: float = 2.0) -> None:
-        """The field estimates (audit sample only) into the Prometheus gauges, at most every ``every_s``."""
-        if self.field is None or time.monotonic() - self._field_refreshed < every_s:
+        """The field estimates (audit sample only) into the Prometheus gauges, at most every ``every_s`` unless
+        labels arrived since (``field_dirty``: one recomputation per batch of labels, whoever scrapes)."""
+        if self.field is None:
+            return
+        if not self.field_dirty and time.monotonic() - self._field_refreshed < every_s:
             return
         self._field_refreshed = time.monotonic()
+        self.field_dirty = False
         est = await asyncio.get_running_loop().run_in_executor(None, self.field.estimates)
         self.metrics.set_field(est, self.field.store.counts())
 
