@@ -356,6 +356,12 @@ class EvaluateConfig(_Strict):
 
     ece_bins: int = Field(15, ge=2)
     n_examples: int = Field(16, ge=0, description="images in the sample and worst-mistake grids")
+    label_audit: bool = Field(
+        True,
+        description="audit the calibration and test labels (cleanlab confident learning): label_issues.csv, "
+        "label_audit.json and a report section with the top suspects; skipped with a note without cleanlab",
+    )
+    audit_top: int = Field(12, ge=0, description="label_audit: suspects shown with a thumbnail in the report")
 
 
 class ExportConfig(_Strict):

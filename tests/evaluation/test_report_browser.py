@@ -110,7 +110,7 @@ def test_the_label_audit_section_shows_the_suspects_in_headless_chromium(tiny_ru
     pytest.importorskip("cleanlab")
     import hashlib
 
-    from roadwork.field.audit import audit_run
+    from roadwork.pipeline.audit import audit_run
 
     browser = _chromium()
     run = tmp_path / "run"

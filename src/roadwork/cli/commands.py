@@ -420,7 +420,8 @@ def audit(p: Parsed) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from roadwork.field.audit import MATERIAL_FLIP_RATE, audit_run
+    from roadwork.field.audit import MATERIAL_FLIP_RATE
+    from roadwork.pipeline.audit import audit_run
 
     run = Path(p.positionals["RUN"])
     result = audit_run(run, top=p.options["top"])

@@ -950,10 +950,54 @@ def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     if bundle.policy.cascade is not None:
         metrics["cascade"] = _cascade_report(ctx, bundle.policy, test, out)
     metrics["model_check"] = _model_check(ctx, test, df, path_of)
-    metrics["warnings"] = list(dict.fromkeys(metrics["model_check"]["warnings"] + _run_warnings(ctx)))
+    audit, section = _label_audit(ctx)
+    metrics["label_audit"] = audit
+    metrics["warnings"] = list(
+        dict.fromkeys(metrics["model_check"]["warnings"] + _run_warnings(ctx) + audit.get("warnings", []))
+    )
     metrics["export"] = read_json(ctx.inputs["export"] / "bundle" / "manifest.json")["export"]
     _write_reports(ctx, metrics, figures)
+    if section:
+        from roadwork.evaluation.report import with_section
+
+        report = ctx.out / "report.html"
+        report.write_text(with_section(report.read_text(), "label-audit", section))
     return {"accuracy": metrics["test"]["accuracy"]}
+
+
+def _label_audit(ctx: StageContext) -> tuple[dict[str, Any], str]:
+    """``evaluate.label_audit``: the label audit of the calibration and test splits (label_issues.csv,
+    label_audit.json, the report section); its summary for metrics.json, with a warning when the estimated flip
+    rate is material. Skipped (and said so) without cleanlab."""
+    e = ctx.cfg.evaluate
+    if not e.label_audit:
+        return {"ran": False, "why": "evaluate.label_audit=false"}, ""
+    import importlib.util
+
+    if importlib.util.find_spec("cleanlab") is None:
+        return {"ran": False, "why": "cleanlab is not installed (pip install -e '.[field]')"}, ""
+    from roadwork.field.audit import MATERIAL_FLIP_RATE, write_audit
+    from roadwork.pipeline.audit import audit_inputs
+
+    inputs = audit_inputs(ctx.inputs["data"], ctx.inputs["predict"], ctx.inputs["calibrate"])
+    try:
+        result, section = write_audit(
+            ctx.out, *inputs, top=e.audit_top, csv_name="label_issues.csv", json_name="label_audit.json"
+        )
+    except (
+        Exception
+    ) as err:  # an audit that cannot run (a class absent from both splits) does not stop the report
+        return {"ran": False, "why": f"{type(err).__name__}: {err}"[:300]}, ""
+    summary = {k: result[k] for k in ("n", "flip_rate", "flip_rate_per_class", "suggested_label_flip_rate")}
+    summary |= {"ran": True, "n_issues": len(result["issues"])}
+    if result["suggested_label_flip_rate"] is not None:
+        summary["warnings"] = [
+            f"The label audit flags {100 * result['flip_rate']:.1f} % of the calibration and test labels as likely "
+            f"wrong (over {100 * MATERIAL_FLIP_RATE:.0f} %); the conformal guarantee assumes clean calibration "
+            "labels. Check evaluate/label_issues.csv (hard images also look like flips), fix the labels, or rerun "
+            f"with conformal.label_flip_rate={result['suggested_label_flip_rate']}."
+        ]
+    return summary, section
 
 
 _BASELINE_TRAIN_IMAGES = 5000  # the feature baseline's training rows at most (a sample: it is a reference)
@@ -1098,7 +1142,7 @@ STAGES: list[Stage] = [
         ),
         ("evaluate",),
         stage_evaluate,
-        code=_code("data", "evaluation", "trust", "export"),
+        code=_code("data", "evaluation", "trust", "export", "field/audit.py", "pipeline/audit.py"),
     ),
 ]
 """The stage graph the runner walks: each stage's inputs, the config keys and source its cache key covers."""
