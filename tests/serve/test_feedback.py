@@ -133,3 +133,27 @@ def test_online_conformal_moves_the_served_threshold_and_replicas_share_it(tiny_
         assert other.field.online.offsets == state.field.online.offsets
     with pytest.raises(ValueError, match="feedback_db"):
         ServeSettings(conformal_online="aci")
+
+
+def test_v2_answers_carry_ids_their_policy_version_and_take_feedback(tiny_run, bundle, tmp_path):
+    """Triton clients get ids too (response parameters, comma-separated in image order), stored like /v1's, with
+    the version of the policy /v2 tensors are decided under (the model alone's for a cascade bundle)."""
+    import numpy as np
+
+    from roadwork.data.preprocess import load_rgb, preprocess
+
+    paths = sorted((tiny_run[1].run_dir / "data" / "images").glob("*.jpg"))[:3]
+    x = preprocess([load_rgb(p) for p in paths], bundle.card.preprocess).astype(np.float32)
+    body = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]
+    }
+    settings = ServeSettings(name="tiny", feedback_db=str(tmp_path / "field.db"), audit_rate=1.0)
+    with TestClient(create_app(bundle, settings)) as c:
+        r = c.post("/v2/models/tiny/infer", json=body)
+        assert r.status_code == 200, r.text
+        params = r.json()["parameters"]
+        ids = params["ids"].split(",")
+        assert len(set(ids)) == 3 and params["audit"] == "true,true,true"
+        assert params["policy_version"] == bundle.tensor_policy_version
+        fb = c.post("/v1/feedback", json={"labels": [{"id": i, "label": 0} for i in ids]})
+        assert fb.json() == {"accepted": 3, "unknown": [], "duplicates": []}

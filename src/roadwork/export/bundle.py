@@ -237,6 +237,11 @@ class Bundle:
         return str(self.manifest["files"][self.policy_file])[:12]
 
     @property
+    def tensor_policy_version(self) -> str:
+        """The ``policy_version`` of what ``/v2`` tensors are decided under (:attr:`tensor_policy_file`)."""
+        return str(self.manifest["files"][self.tensor_policy_file])[:12]
+
+    @property
     def tensor_policy_file(self) -> str:
         """The file :attr:`tensor_policy` was read from (this variant's own)."""
         if self.model_policy is None:

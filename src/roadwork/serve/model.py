@@ -166,9 +166,11 @@ class ServedModel:
         if out is None:
             return rows
         last = bundle.policy.cascade.names[-1] if bundle.policy.cascade is not None else "model"
+        version = bundle.policy_version if isinstance(x, list) else bundle.tensor_policy_version
         for j, rec in enumerate(out.records(bundle.classes)):
             rec.setdefault("stage", last)
-            rec["policy_version"] = bundle.policy_version  # what it was decided under (a load may follow)
+            # what it was decided under (a load may follow): the bundle's policy, or the model alone's for tensors
+            rec["policy_version"] = version
             self._count(rec)
             rows[int(good[j])] = Row(rec, logits[j], out.probs[j], out.sets[j])
         return rows

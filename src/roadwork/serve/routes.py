@@ -316,9 +316,29 @@ async def infer(name: str, request: Request, state: State) -> Any:
     if wanted:
         outputs = [o for o in outputs if o["name"] in wanted]
     resp: dict[str, Any] = {"model_name": model.name, "model_version": "1", "outputs": outputs}
+    resp["parameters"] = await _stamp_v2(state, rows, meta)
     if "id" in req:
         resp["id"] = req["id"]
     return v2.binary_response(resp, req)
+
+
+async def _stamp_v2(state: ServerState, rows: list[Any], meta: dict[str, list[str]]) -> dict[str, Any]:
+    """A v2 answer's ids (one per image), the policy_version it was decided under and the audit flags, stored in
+    the field store like /v1's: the response's ``parameters``, so feedback works for Triton clients too. OIP
+    parameter values are scalars, so the per-image ones are comma-separated strings, in image order."""
+    records = [dict(r.record) for r in rows]
+    if state.stamper is not None:
+        state.stamper.stamp(records)
+    if state.field is not None:
+        per_image = [{k: str(v[i]) for k, v in meta.items()} for i in range(len(records))]
+        await state.field.record(records, [r.probs for r in rows], per_image)
+    params: dict[str, Any] = {
+        "ids": ",".join(r["id"] for r in records),
+        "policy_version": records[0]["policy_version"] if records else "",
+    }
+    if records and "audit" in records[0]:
+        params["audit"] = ",".join("true" if r["audit"] else "false" for r in records)
+    return params
 
 
 @router.post(

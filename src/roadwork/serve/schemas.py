@@ -176,6 +176,12 @@ class InferResponse(BaseModel):
     model_version: str
     id: str | None = None
     outputs: list[InferOutput]
+    parameters: dict[str, Any] | None = Field(
+        None,
+        description="ids: one per image, comma-separated, for POST /v1/feedback; policy_version: what the tensors "
+        "were decided under (the model alone's policy for a cascade bundle); audit: with feedback_db and "
+        "audit_rate, true/false per image, comma-separated",
+    )
 
 
 class ClassifyRequest(BaseModel):
