@@ -70,6 +70,10 @@ def test_roadwork_recertify_writes_a_new_signed_version_and_leaves_the_old_one(t
     assert (out / "model.onnx").read_bytes() == (old / "model.onnx").read_bytes()  # the same model files
     report = json.loads((out / "recertify.json").read_text())
     assert report["fit_rows"] > report["check_rows"] > 0
+    # a cascade bundle's /v2 policy (the model alone's) is refitted too, on the model's own outputs
+    assert Bundle.load(old).model_policy is not None and set(report["model_alone"]) == {"old", "new"}
+    assert new.tensor_policy_file == Bundle.load(old).tensor_policy_file
+    assert (out / new.tensor_policy_file).read_bytes() != (old / new.tensor_policy_file).read_bytes()
     assert main(["recertify", str(old), str(manifest), f"out={out}"]) == 2  # never overwrites a version
 
 

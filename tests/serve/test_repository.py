@@ -87,7 +87,8 @@ def test_a_recertified_version_is_loaded_without_a_restart_and_a_tampered_one_is
             threads = [threading.Thread(target=client) for _ in range(4)]
             for t in threads:
                 t.start()
-            r = c.post("/v2/repository/models/tiny/load", headers=KEY)  # no body: the newest version, v2
+            # what tritonclient's load_model sends: {} and no content type; the newest version, v2
+            r = c.post("/v2/repository/models/tiny/load", content=b"{}", headers=KEY)
             stop.set()
             for t in threads:
                 t.join()
@@ -127,7 +128,8 @@ def test_a_recertified_version_is_loaded_without_a_restart_and_a_tampered_one_is
                     "/v2/repository/models/tiny/load", json={"parameters": {"version": version}}, headers=KEY
                 )
                 assert r.status_code == status, (version, r.text)
-            assert c.post("/v2/repository/models/tiny/load", json={}, headers=KEY).status_code == 400
+            assert c.post("/v2/repository/models/tiny/load", json={"x": 1}, headers=KEY).status_code == 400
+            assert c.post("/v2/repository/models/tiny/load", content=b"{nope", headers=KEY).status_code == 400
             assert c.post("/v2/repository/models/other/load", json={}, headers=KEY).status_code == 404
             # unload: not ready, inference 503; load again: back
             assert c.post("/v2/repository/models/tiny/unload", headers=KEY).status_code == 200

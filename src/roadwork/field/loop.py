@@ -155,8 +155,8 @@ class FieldLoop:
             error: BaseException | None = None
             try:
                 written = [r for rows, _, _ in batch for r in rows]
+                self._maybe_prune(len(written))  # before the write: answers about to be sent are never pruned
                 self.store.add_predictions(written)
-                self._maybe_prune(len(written))
             except Exception as e:  # the requests waiting for this commit get it as their error
                 error = e
             for _, loop, fut in batch:
@@ -232,8 +232,10 @@ class FieldLoop:
         return self.online
 
     def estimates(self) -> dict[str, Any]:
-        """Field rates from the labelled audit sample (blocking: call it in a thread)."""
-        rows = self.store.labelled(audit_only=True)
+        """Field rates from the labelled audit sample of the answers decided under the served policy version (the
+        targets they are compared with are its own; ``/v2`` answers of a cascade bundle have the model alone's
+        version and are left out), blocking: call it in a thread."""
+        rows = [(p, y) for p, y in self.store.labelled(audit_only=True) if p.policy_version == self.version]
         return field_estimates(
             rows, self.classes, positive_class=self.positive_class, slice_columns=self.slice_columns
         )

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from roadwork.errors import InputError
-from roadwork.export.bundle import Bundle, bundle_name
+from roadwork.export.bundle import Bundle, bundle_name, open_image
 from roadwork.jsonio import threshold_to_json
 from roadwork.trust.conformal import SplitConformal
 from roadwork.trust.policy import TrustPolicy
@@ -119,7 +119,22 @@ def recertify(
     probs = bundle.predict_output(paths, slices={k: list(v) for k, v in sl.items()} or None).probs
     digest = [hashlib.sha256(Path(p).read_bytes()).digest()[0] for p in paths]
     check = np.array([d < 64 for d in digest])  # a quarter, by content: the same image is always on one side
-    return _recertify(bundle, probs, y, sl, check, out, key, {"source": "images", "rows": len(paths)})
+    alone = None
+    if bundle.model_policy is not None:  # /v2 tensors: the model alone's outputs, through its own calibrator
+        logits = np.concatenate(
+            [
+                bundle.logits([open_image(p, bundle.decode_side) for p in paths[i : i + 64]])
+                for i in range(0, len(paths), 64)
+            ]
+        )
+        alone = (
+            bundle.tensor_policy.apply(logits, {k: list(v) for k, v in sl.items()} or None).probs,
+            y,
+            sl,
+            check,
+        )
+    note = {"source": "images", "rows": len(paths)}
+    return _recertify(bundle, probs, y, sl, check, out, key, note, alone)
 
 
 def recertify_from_store(
@@ -131,8 +146,9 @@ def recertify_from_store(
     out: str | Path | None = None,
     key: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The same from the field store (``feedback_db``): the labelled answers' served probabilities (the bundle's
-    served path, as stored when they were answered) and their labels, since ``since`` (a UNIX time of the label).
+    """The same from the field store (``feedback_db``): the labelled answers this bundle served (its
+    ``policy_version``) with the probabilities stored when they were answered, and their labels, since ``since``
+    (a UNIX time of the label).
     ``audit_only`` (default): only the uniform audit sample, which is exchangeable with the traffic; labels people
     chose to send (what looked wrong) are not, and would certify for the wrong population."""
     from roadwork.field.store import open_store
@@ -146,21 +162,38 @@ def recertify_from_store(
         rows = store.labelled(audit_only=audit_only, since=since)
     finally:
         store.close()
-    k = len(bundle.classes)
-    rows = [(p, y) for p, y in rows if len(p.probs) == k]  # answers of this model's classes
+    # the answers this bundle's served path decided (its policy_version): their stored probabilities are that
+    # path's; /v2 answers of a cascade bundle (the model alone's version) and other models' rows are left out
+    every = rows
+    rows = [(p, y) for p, y in rows if p.policy_version == bundle.policy_version]
     if not rows:
         raise InputError(
-            f"recertify: the store {where!r} holds no labelled {'audit ' if audit_only else ''}answers"
-            f"{' since then' if since is not None else ''}; label the audit sample (POST /v1/feedback) first."
+            f"recertify: the store {where!r} holds no labelled {'audit ' if audit_only else ''}answers served "
+            f"under this bundle's policy_version {bundle.policy_version}{' since then' if since is not None else ''}; "
+            "label the audit sample (POST /v1/feedback) first."
         )
+    columns = bundle.policy.slice_columns
+    probs, y, sl, check = _rows_arrays(rows, columns)
+    note = {"source": "feedback store", "rows": len(rows), "audit_only": audit_only, "since": since}
+    alone = None
+    v2_rows = [(p, y) for p, y in every if p.policy_version == bundle.tensor_policy_version]
+    if bundle.model_policy is not None:
+        note["v2_rows"] = len(v2_rows)
+        if len(v2_rows) >= 100:  # the /v2 answers' own stored probabilities refit the model-alone policy
+            alone = _rows_arrays(v2_rows, columns)
+    return _recertify(bundle, probs, y, sl, check, out, key, note, alone)
+
+
+def _rows_arrays(
+    rows: list[tuple[Any, int]], columns: list[str]
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Stored answers → probabilities, labels, slice columns and the check quarter (by id)."""
     probs = np.array([p.probs for p, _ in rows], dtype=np.float64)
     probs /= probs.sum(axis=1, keepdims=True)  # stored rounded to 6 decimals
     y = np.array([int(v) for _, v in rows])
-    columns = bundle.policy.slice_columns
     sl = {c: np.array([p.meta.get(c, "") for p, _ in rows], dtype=str) for c in columns}
     check = np.array([hashlib.sha256(p.id.encode()).digest()[0] < 64 for p, _ in rows])
-    note = {"source": "feedback store", "rows": len(rows), "audit_only": audit_only, "since": since}
-    return _recertify(bundle, probs, y, sl, check, out, key, note)
+    return probs, y, sl, check
 
 
 def _check_key(key: str | Path | None) -> None:
@@ -187,8 +220,11 @@ def _recertify(
     out: str | Path | None,
     key: str | Path | None,
     source: dict[str, Any],
+    alone: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Refit on the rows outside ``check``, compare old and new on ``check``, write the new version."""
+    """Refit on the rows outside ``check``, compare old and new on ``check``, write the new version. ``alone``:
+    the model-alone outputs (probabilities, labels, slices, check rows) that refit a cascade bundle's ``/v2``
+    policy; None keeps it (said in the report)."""
     if len(y) < 100:
         raise InputError(
             f"recertify: {len(y)} labelled images; it needs at least 100 (a few hundred for a certificate that "
@@ -213,7 +249,23 @@ def _recertify(
         "fit_rows": int(fit.sum()),
         "check_rows": int(check.sum()),
     }
-    report["bundle"], report["new"]["policy_version"] = _write_version(bundle, new, out, key, report)
+    new_alone = None
+    if alone is not None and bundle.model_policy is not None:
+        a_probs, a_y, a_sl, a_check = alone
+        a_fit = ~a_check
+        new_alone = refit(
+            bundle.model_policy, a_probs[a_fit], a_y[a_fit], {k: v[a_fit] for k, v in a_sl.items()}
+        )
+        on = {k: v[a_check] for k, v in a_sl.items()}
+        report["model_alone"] = {
+            "old": check_figures(bundle.model_policy, a_probs[a_check], a_y[a_check], on),
+            "new": check_figures(new_alone, a_probs[a_check], a_y[a_check], on),
+        }
+    elif bundle.model_policy is not None:
+        report["model_alone"] = {"kept": "fewer than 100 labelled /v2 answers: /v2 keeps its certificate"}
+    report["bundle"], report["new"]["policy_version"] = _write_version(
+        bundle, new, out, key, report, new_alone
+    )
     return report
 
 
@@ -223,6 +275,7 @@ def _write_version(
     out: str | Path | None,
     key: str | Path | None,
     report: dict[str, Any],
+    alone: TrustPolicy | None = None,
 ) -> tuple[str, str]:
     """The new version: the old version's verified files (one read), the new policy and manifest, a signature with
     a key; staged next to the target and moved into place whole. Variants and a runtime selection are not carried
@@ -254,6 +307,11 @@ def _write_version(
                 shutil.copyfile(snap.dir / name, staging / name)
         (staging / "policy.json").write_bytes(policy_bytes)
         manifest["files"]["policy.json"] = hashlib.sha256(policy_bytes).hexdigest()
+        if alone is not None:  # the /v2 model-alone policy, refitted too
+            name = str(manifest["export"]["model_policy"]["file"])
+            alone_bytes = json.dumps(alone.to_dict(), indent=2).encode()
+            (staging / name).write_bytes(alone_bytes)
+            manifest["files"][name] = hashlib.sha256(alone_bytes).hexdigest()
         record = json.dumps(
             report | {"bundle": str(target), "new": report["new"] | {"policy_version": version}}, indent=2
         )

@@ -315,6 +315,8 @@ def _redact(url: str) -> str:
     if not sep or "://" not in head:
         return url
     scheme, _, cred = head.partition("://")
+    if ":" not in cred:  # no password to hide
+        return url
     user = cred.split(":", 1)[0]
     return f"{scheme}://{user}:***@{tail}"
 

@@ -242,16 +242,24 @@ async def repository_index(state: State) -> list[dict[str, str]]:
     return await asyncio.get_running_loop().run_in_executor(None, repository.repository_entries, state)
 
 
-@router.post("/v2/repository/models/{name}/load", response_model=schemas.RepositoryEntry, responses=_ERRORS)
-async def repository_load(
-    name: str, state: State, body: schemas.RepositoryLoad | None = None
-) -> dict[str, str]:
+@router.post(
+    "/v2/repository/models/{name}/load",
+    response_model=schemas.RepositoryEntry,
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": schemas.RepositoryLoad.model_json_schema()}},
+        }
+    },
+)
+async def repository_load(name: str, request: Request, state: State) -> dict[str, str]:
     """Triton's ``load_model``: serve the version ``{"parameters": {"version": "..."}}`` (no body: the newest
     version folder, as Triton's ``latest`` policy) from the next batch on,
     without a restart and without failing a request (read and checked like start-up: ``require_signature``
     applies; a version whose classes or preprocessing differ is refused with 400). Answers its index entry."""
     state.check_name(name)
-    params = body.parameters if body is not None else {}
+    params = _load_parameters(await request.body())
     extra = sorted(set(params) - {"version"})
     if extra:
         raise RequestError(
@@ -260,6 +268,22 @@ async def repository_load(
             '{"parameters": {"version": NAME}} or no body (the newest version).',
         )
     return await repository.load_version(state, params.get("version", repository.NEWEST))
+
+
+def _load_parameters(body: bytes) -> dict[str, Any]:
+    """A load request's ``parameters``, whatever its content type (tritonclient sends ``{}`` without one)."""
+    if not body.strip():
+        return {}
+    try:
+        req = json.loads(body)
+    except (ValueError, RecursionError):
+        raise RequestError(
+            400, 'the body is not JSON; send {"parameters": {"version": NAME}} or none.'
+        ) from None
+    params = req.get("parameters", {}) if isinstance(req, dict) else None
+    if not isinstance(params, dict) or (isinstance(req, dict) and set(req) - {"parameters"}):
+        raise RequestError(400, 'send {"parameters": {"version": NAME}}, or no body for the newest version.')
+    return params
 
 
 @router.post("/v2/repository/models/{name}/unload", responses=_ERRORS)

@@ -248,7 +248,8 @@ class FeedbackLabel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(max_length=200, description="the answer's id, as /v1/classify returned it")
-    label: Any = Field(  # checked by the route, whose 400 names the classes and the index range
+    label: Any = Field(  # checked by the route, whose 400 names the classes and the index range (missing too)
+        None,
         description="the true class: one of the model's class names, or its index (an integer; not a bool or float)",
         json_schema_extra={"anyOf": [{"type": "string"}, {"type": "integer"}]},
     )
