@@ -39,21 +39,28 @@ from serve_chaos import HOST, JSON, Conn, Server, _jpeg_bodies, _once, _pct, _St
 
 def _signed_pair(bundle: Path, work: Path) -> tuple[Path, Path, Path]:
     """A signed copy of ``bundle`` and a tampered copy (its policy answers everything, manifest re-hashed)."""
-    from roadwork.export.bundle import file_sha256
     from roadwork.export.signing import generate_keypair, sign_bundle
 
     good, evil = work / "good", work / "evil"
     shutil.copytree(bundle, good)
     pub = generate_keypair(work / "key")
     sign_bundle(good, work / "key")
-    shutil.copytree(good, evil)
-    policy = json.loads((evil / "policy.json").read_text())
-    policy["abstention"]["threshold"] = 0.0
-    (evil / "policy.json").write_text(json.dumps(policy))
-    manifest = json.loads((evil / "manifest.json").read_text())
-    manifest["files"]["policy.json"] = file_sha256(evil / "policy.json")
-    (evil / "manifest.json").write_text(json.dumps(manifest))
+    tampered_copy(good, evil)
     return good, evil, pub
+
+
+def tampered_copy(signed: Path, to: Path) -> None:
+    """A copy of a signed bundle whose policy answers everything, its manifest re-hashed (the signature no longer
+    matches): what an attacker who can write the folder makes."""
+    from roadwork.export.bundle import file_sha256
+
+    shutil.copytree(signed, to)
+    policy = json.loads((to / "policy.json").read_text())
+    policy["abstention"]["threshold"] = 0.0
+    (to / "policy.json").write_text(json.dumps(policy))
+    manifest = json.loads((to / "manifest.json").read_text())
+    manifest["files"]["policy.json"] = file_sha256(to / "policy.json")
+    (to / "manifest.json").write_text(json.dumps(manifest))
 
 
 def swap_race(bundle: Path, tries: int) -> None:

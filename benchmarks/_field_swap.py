@@ -22,7 +22,8 @@ KEY = {"Authorization": "Bearer field-bench"}
 def _versions(bundle: Path, images: list[Path], labels: list[str], work: Path) -> tuple[Path, Path, Path]:
     """The repository: ``v1`` (the bundle, signed), ``v2`` (recertified on the shifted images, signed), and
     ``v3-tampered`` (v2 with its policy changed after signing, the manifest re-hashed). Returns (repo, pub, v2)."""
-    from roadwork.export.bundle import file_sha256
+    from _chaos_ring2 import tampered_copy
+
     from roadwork.export.signing import generate_keypair, sign_bundle
     from roadwork.field.recertify import recertify
 
@@ -31,14 +32,7 @@ def _versions(bundle: Path, images: list[Path], labels: list[str], work: Path) -
     shutil.copytree(bundle, repo / "v1")
     sign_bundle(repo / "v1", work / "key")
     recertify(repo / "v1", [str(p) for p in images], labels, out=repo / "v2", key=work / "key")
-    bad = repo / "v3-tampered"
-    shutil.copytree(repo / "v2", bad)
-    policy = json.loads((bad / "policy.json").read_text())
-    policy["abstention"]["threshold"] = 0.0  # answers everything
-    (bad / "policy.json").write_text(json.dumps(policy))
-    manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["files"]["policy.json"] = file_sha256(bad / "policy.json")
-    (bad / "manifest.json").write_text(json.dumps(manifest))
+    tampered_copy(repo / "v2", repo / "v3-tampered")
     return repo, pub, repo / "v2"
 
 

@@ -234,6 +234,7 @@ def test_the_lists_the_specs_spell_out_match_the_code():
         (["compare", "demo", "frameworks=sklearn,gbm"], "frameworks=gbm is unknown; choose from sklearn"),
         (["serve", "b", "conformal_online=aci"], "learns from the labels sent to POST /v1/feedback"),
         (["label-next", "f.db", "n=0"], "n=0 lists nothing"),
+        (["recertify", "b", "f.db", "labels=some"], "labels='some' is not one of audit, all"),
     ],
 )
 def test_usage_errors_name_the_option_value_and_fix_before_any_work(argv, message, capsys, tmp_path):

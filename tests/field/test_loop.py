@@ -22,24 +22,21 @@ def _records(n: int) -> list[dict]:  # type: ignore[type-arg]
     ]
 
 
+def _loop(tmp_path, **kw) -> FieldLoop:  # type: ignore[no-untyped-def]
+    """A field loop on the test's store; ``kw`` overrides the defaults (a replica: another version, classes)."""
+    args = {
+        "version": "v",
+        "classes": ["no_roadwork", "roadwork"],
+        "audit_rate": 1.0,
+        "retention_days": 30,
+        "max_rows": 10**6,
+    } | kw
+    return FieldLoop(str(tmp_path / "f.db"), **args)
+
+
 def test_ids_are_unique_and_the_audit_share_is_the_rate(tmp_path):
-    loop = FieldLoop(
-        str(tmp_path / "f.db"),
-        version=policy_version(b"{}"),
-        classes=["no_roadwork", "roadwork"],
-        audit_rate=0.1,
-        retention_days=30,
-        max_rows=10**6,
-        seed=0,
-    )
-    other = FieldLoop(  # another replica on the same store
-        str(tmp_path / "f.db"),
-        version="x",
-        classes=["a", "b"],
-        audit_rate=0.1,
-        retention_days=30,
-        max_rows=10**6,
-    )
+    loop = _loop(tmp_path, version=policy_version(b"{}"), audit_rate=0.1, seed=0)
+    other = _loop(tmp_path, version="x", classes=["a", "b"], audit_rate=0.1)  # another replica, same store
     recs, more = _records(4000), _records(100)
     loop.stamp(recs)
     other.stamp(more)
@@ -53,15 +50,7 @@ def test_ids_are_unique_and_the_audit_share_is_the_rate(tmp_path):
 
 
 def test_concurrent_requests_share_commits_and_every_answered_id_is_stored(tmp_path):
-    loop = FieldLoop(
-        str(tmp_path / "f.db"),
-        version="v",
-        classes=["no_roadwork", "roadwork"],
-        audit_rate=1.0,
-        retention_days=30,
-        max_rows=10**6,
-        positive_class="roadwork",
-    )
+    loop = _loop(tmp_path, positive_class="roadwork")
 
     async def one(k: int) -> list[str]:
         recs = _records(3)
@@ -86,18 +75,10 @@ def test_retention_applies_while_serving_and_each_policy_version_keeps_its_own_o
     during a rollout each accumulate their own online state."""
     from roadwork.field.online import OnlineControl
 
-    def make(version: str) -> FieldLoop:
-        return FieldLoop(
-            str(tmp_path / "f.db"),
-            version=version,
-            classes=["no_roadwork", "roadwork"],
-            audit_rate=1.0,
-            retention_days=30,
-            max_rows=20,
-            online=OnlineControl(alpha=0.1, eta=0.1),
-        )
-
-    a, b = make("v1"), make("v2")
+    a, b = (
+        _loop(tmp_path, version=v, max_rows=20, online=OnlineControl(alpha=0.1, eta=0.1))
+        for v in ("v1", "v2")
+    )
 
     async def serve(loop: FieldLoop, n: int) -> list[dict]:  # type: ignore[type-arg]
         recs = _records(n)

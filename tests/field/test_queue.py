@@ -74,5 +74,7 @@ def test_the_server_captures_audit_and_abstained_images_and_label_next_lists_the
     assert all(str(path).startswith(str(folder)) for path in queue["image"])
     assert "wrote" in capsys.readouterr().out
     assert main(["label-next", str(tmp_path / "nope.db")]) == 2
+    assert main(["label-next", str(db), f"out={tmp_path / 'no' / 'q.csv'}"]) == 2  # said before any work
+    assert not (tmp_path / "no").exists()
     with pytest.raises(ValueError, match="feedback_db"):
         ServeSettings(log_images=str(folder))

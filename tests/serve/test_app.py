@@ -25,11 +25,6 @@ def images(tiny_run):
     return sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:6]
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_run):
-    return Bundle.load(tiny_run[1].bundle)
-
-
 def _client(bundle, **kw):  # type: ignore[no-untyped-def]
     return TestClient(create_app(bundle, ServeSettings(name="tiny", max_queue_delay_ms=1, **kw)))
 

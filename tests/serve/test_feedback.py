@@ -14,11 +14,6 @@ from roadwork.serve import ServeSettings, create_app
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_run):
-    return Bundle.load(tiny_run[1].bundle)
-
-
-@pytest.fixture(scope="module")
 def images(tiny_run):
     return [p.read_bytes() for p in sorted((tiny_run[1].run_dir / "data" / "images").glob("*.jpg"))[:6]]
 

@@ -19,11 +19,7 @@ from fastapi.testclient import TestClient
 
 from roadwork.export.bundle import Bundle
 from roadwork.serve import ServeSettings, create_app
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_run):
-    return Bundle.load(tiny_run[1].bundle)
+from tests.serve.conftest import ready_entry
 
 
 @pytest.fixture(scope="module")
@@ -262,15 +258,7 @@ def test_triton_extension_endpoints(client, bundle):
     assert cfg["output"][0]["name"] == "logits" and cfg["output"][0]["dims"] == [len(bundle.classes)]
     assert cfg["max_batch_size"] == 32
     ready = [e for e in client.post("/v2/repository/index", json={}).json() if e["state"] == "READY"]
-    assert ready == [
-        {
-            "name": "tiny",
-            "version": bundle.path.name,
-            "state": "READY",
-            "reason": "",
-            "policy_version": bundle.policy_version,
-        }
-    ]
+    assert ready == [ready_entry(bundle)]
     assert client.get("/v2/models/nope/config").status_code == 404
 
 

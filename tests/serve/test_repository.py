@@ -3,8 +3,6 @@ carrying the version it was decided under, a tampered version refused with requi
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import threading
 
@@ -18,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from roadwork.export.signing import generate_keypair, sign_bundle
 from roadwork.serve import ServeSettings, create_app
+from tests.serve.conftest import rewrite_json
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::roadwork.errors.RoadworkWarning"
@@ -98,12 +97,7 @@ def test_a_recertified_version_is_loaded_without_a_restart_and_a_tampered_one_is
             assert {_classify(c, image)[1]["predictions"][0]["policy_version"] for _ in range(3)} == {new}
             # a tampered version: refused, and the served one keeps serving
             shutil.copytree(models / "v2", bad)
-            policy = json.loads((bad / "policy.json").read_text())
-            policy["conformal"]["alpha"] = 0.5
-            (bad / "policy.json").write_text(json.dumps(policy))
-            manifest = json.loads((bad / "manifest.json").read_text())
-            manifest["files"]["policy.json"] = hashlib.sha256((bad / "policy.json").read_bytes()).hexdigest()
-            (bad / "manifest.json").write_text(json.dumps(manifest))
+            rewrite_json(bad, "policy.json", lambda p: p["conformal"].update(alpha=0.5))
             r = c.post(
                 "/v2/repository/models/tiny/load", json={"parameters": {"version": bad.name}}, headers=KEY
             )
@@ -148,18 +142,8 @@ def test_a_version_with_other_classes_is_refused(repo, image, tmp_path):
     shutil.copytree(root / "models" / "v1", models / "v1")
     other = models / "other"
     shutil.copytree(root / "models" / "v1", other)
-    model = json.loads((other / "model.json").read_text())
-    model["classes"] = ["a", "b"]
-    (other / "model.json").write_text(json.dumps(model))
-    for name in ("policy.json",):
-        policy = json.loads((other / name).read_text())
-        policy["classes"] = ["a", "b"]
-        (other / name).write_text(json.dumps(policy))
-    manifest = json.loads((other / "manifest.json").read_text())
-    manifest.pop("signature", None)
     for name in ("model.json", "policy.json"):
-        manifest["files"][name] = hashlib.sha256((other / name).read_bytes()).hexdigest()
-    (other / "manifest.json").write_text(json.dumps(manifest))
+        rewrite_json(other, name, lambda d: d.update(classes=["a", "b"]))
     (other / "manifest.sig").unlink(missing_ok=True)
     with TestClient(create_app(models / "v1", ServeSettings(name="tiny"))) as c:
         r = c.post("/v2/repository/models/tiny/load", json={"parameters": {"version": "other"}})

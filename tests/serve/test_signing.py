@@ -12,6 +12,7 @@ pytest.importorskip("cryptography")
 from roadwork.errors import ArtifactError, InputError
 from roadwork.export.bundle import file_sha256
 from roadwork.export.signing import generate_keypair, sign_bundle, verify_bundle
+from tests.serve.conftest import rewrite_json
 
 
 @pytest.fixture
@@ -104,12 +105,7 @@ def test_a_symlink_flipped_after_the_signature_check_changes_nothing_loaded(sign
     bundle, pub = signed
     evil = tmp_path / "evil"
     shutil.copytree(bundle, evil)
-    policy = json.loads((evil / "policy.json").read_text())
-    policy["abstention"]["threshold"] = 0.0  # answer everything
-    (evil / "policy.json").write_text(json.dumps(policy))
-    manifest = json.loads((evil / "manifest.json").read_text())
-    manifest["files"]["policy.json"] = file_sha256(evil / "policy.json")
-    (evil / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_json(evil, "policy.json", lambda p: p["abstention"].update(threshold=0.0))  # answer everything
     current = tmp_path / "current"
     original = signing.verify_manifest
 

@@ -12,6 +12,7 @@ import pytest
 
 from roadwork.export.bundle import Bundle
 from roadwork.serve import ServeSettings, create_app
+from tests.serve.conftest import ready_entry
 
 httpclient = pytest.importorskip("tritonclient.http")
 uvicorn = pytest.importorskip("uvicorn")
@@ -55,15 +56,7 @@ def test_tritonclient_metadata_config_index_and_stats(served, x):
     assert cfg["input"][0] == {"name": "input", "data_type": "TYPE_FP32", "dims": [3, x.shape[2], x.shape[3]]}
     assert cfg["output"][0]["dims"] == [len(bundle.classes)]
     ready = [e for e in c.get_model_repository_index() if e["state"] == "READY"]
-    assert ready == [
-        {
-            "name": "tiny",
-            "version": bundle.path.name,
-            "state": "READY",
-            "reason": "",
-            "policy_version": bundle.policy_version,
-        }
-    ]
+    assert ready == [ready_entry(bundle)]
     before = c.get_inference_statistics("tiny")["model_stats"][0]
     inp = httpclient.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=True)

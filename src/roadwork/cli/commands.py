@@ -508,12 +508,14 @@ def label_next(p: Parsed) -> int:
         raise InputError(f"STORE={where!r} is not a field store file; pass the server's feedback_db.")
     if o["images"] is not None and not Path(o["images"]).is_dir():
         raise InputError(f"images={o['images']!r} is not a folder; pass the server's log_images folder.")
+    out = Path(o["out"])
+    if not out.parent.is_dir():
+        raise InputError(f"out={o['out']!r}: the folder {str(out.parent)!r} does not exist; create it first.")
     store = open_store(where)
     try:
         rows = label_queue(store, o["n"], images=o["images"])
     finally:
         store.close()
-    out = Path(o["out"])
     tmp = out.with_name(f".{out.name}.tmp")
     pd.DataFrame(rows).to_csv(tmp, index=False)
     tmp.replace(out)

@@ -217,7 +217,7 @@ class FieldLoop:
     def switch(self, version: str, online: OnlineControl | None, online_groups: dict[str, str]) -> None:
         """A new policy version is served (a load through the repository API): new answers carry it, and online
         control starts from its certificate (or from the state replicas already share for it)."""
-        self.version = self.stamper.version = version
+        self.version = version  # the stamper's version is the server's to switch (ServerState.swap)
         self.online, self.online_groups = online, dict(online_groups)
         self.refresh_online()
 

@@ -49,10 +49,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["KINDS", "OnlineControl", "Outcome", "online_groups", "shifted", "shifted_sets"]
-
-KINDS = ("sets", "abstain", "miss")
-"""The thresholds online control moves: the conformal sets', the abstention's, the miss-rate control's."""
+__all__ = ["OnlineControl", "Outcome", "online_groups", "shifted", "shifted_sets"]
 
 
 @dataclass(frozen=True)

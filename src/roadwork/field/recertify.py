@@ -28,6 +28,7 @@ import numpy as np
 
 from roadwork.errors import InputError
 from roadwork.export.bundle import Bundle, bundle_name, open_image
+from roadwork.field.loop import policy_version
 from roadwork.jsonio import threshold_to_json
 from roadwork.trust.conformal import SplitConformal
 from roadwork.trust.policy import TrustPolicy
@@ -285,7 +286,7 @@ def _write_version(
 
     source = Path(bundle.path)
     policy_bytes = json.dumps(policy.to_dict(), indent=2).encode()
-    version = hashlib.sha256(policy_bytes).hexdigest()[:12]
+    version = policy_version(policy_bytes)
     target = Path(out) if out is not None else source.parent / f"{source.name}-{version}"
     if target.exists():
         raise InputError(f"recertify: {str(target)!r} exists already; pass out=ANOTHER_FOLDER.")

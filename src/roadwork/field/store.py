@@ -63,10 +63,14 @@ class StoredPrediction:
 class FeedbackResult:
     """What ``POST /v1/feedback`` answers: labels stored now, ids never served, ids already labelled."""
 
-    accepted: int
+    accepted_ids: tuple[str, ...]  # the ids whose label was stored now, in the order sent
     unknown: list[str]
     duplicates: list[str]
-    accepted_ids: tuple[str, ...] = ()  # the ids whose label was stored now, in the order sent
+
+    @property
+    def accepted(self) -> int:
+        """How many labels were stored now."""
+        return len(self.accepted_ids)
 
 
 class FieldStore:
@@ -134,7 +138,7 @@ class FieldStore:
             if fresh:
                 cur.executemany(self._sql("INSERT INTO labels (id, label, ts) VALUES (?, ?, ?)"), fresh)
             self._conn.commit()
-        return FeedbackResult(len(fresh), unknown, dup, tuple(i for i, _, _ in fresh))
+        return FeedbackResult(tuple(i for i, _, _ in fresh), unknown, dup)
 
     def _existing(self, cur: Any, table: str, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
