@@ -15,6 +15,7 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient
 
+from roadwork.errors import InputError
 from roadwork.export.bundle import Bundle
 from roadwork.serve import ServeSettings, create_app
 
@@ -106,6 +107,30 @@ def test_cascade_stages_answer_over_http_as_in_the_bundle(tiny_run, images):
     first = b.policy.cascade.names[0]
     n_first = sum(r["stage"] == first for r in expected)
     assert f'roadwork_cascade_stage_total{{stage="{first}"}} {float(n_first)}' in text
+
+
+def test_stage_inputs_prepared_at_once_give_the_lazy_cascade_s_outputs(tiny_run, images):
+    """The server prepares every stage's input in its decode threads (Bundle.stage_inputs), joined across
+    requests (StageInputs.concat): the same probabilities, stages and sets as the lazy predict_images, with early
+    exits at the first stage."""
+    from roadwork.data.preprocess import load_rgb
+    from roadwork.export.bundle import StageInputs
+
+    b = Bundle.load(tiny_run[1].bundle)
+    assert b.policy.cascade is not None
+    ims = [load_rgb(p) for p in images]
+    z = b.stage_runners[0].logits(ims)  # type: ignore[index]
+    b.policy.cascade.threshold = float(
+        np.median(b.policy.cascade.stages[0].calibrator.predict_proba(z).max(1))
+    )  # type: ignore[union-attr]
+    lazy = b.predict_images(ims)
+    eager = b.predict_inputs(StageInputs.concat([b.stage_inputs(ims[:3]), b.stage_inputs(ims[3:])]))
+    assert len(set(lazy.stage.tolist())) >= 2
+    np.testing.assert_array_equal(eager.probs, lazy.probs)
+    np.testing.assert_array_equal(eager.stage, lazy.stage)
+    assert eager.records(b.classes) == lazy.records(b.classes)
+    with pytest.raises(InputError, match="inputs for 1 stages"):
+        b.predict_inputs(StageInputs((b.stage_inputs(ims).arrays[-1],)))
 
 
 def test_v2_infer_runs_the_model_and_the_policy(client, bundle, images):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -181,3 +182,31 @@ def test_the_latency_budget_bounds_the_queue_by_measured_throughput():
 
     admitted = _run(main())
     assert 5 <= admitted <= 10  # (100 ms - the batching window) / 10 ms per image, less the running rest
+
+
+def test_the_batching_window_counts_from_a_request_s_arrival_not_from_when_the_worker_takes_it():
+    """Triton's max_queue_delay: a request that already waited its window (queued behind a running batch) is
+    batched at once; counted from the worker's pick-up, it would wait a second window with the model idle."""
+    from roadwork.serve.batcher import _Item
+
+    def run_batch(x, meta):  # type: ignore[no-untyped-def]
+        return list(x[:, 0])
+
+    async def main():  # type: ignore[no-untyped-def]
+        b = DynamicBatcher(
+            run_batch,
+            max_batch_size=8,
+            max_queue_delay_ms=60_000,
+            max_queue=100,
+            executor=ThreadPoolExecutor(1),
+        )
+        b.start()
+        fut = asyncio.get_running_loop().create_future()
+        b.waiting += 1
+        # arrived 61 s ago, as if it had queued behind a long batch: its window is over
+        b.queue.put_nowait(_Item(np.ones((1, 1), np.float32), {}, fut, enqueued=time.perf_counter() - 61))
+        out = await asyncio.wait_for(fut, 30)  # a safety net: a second window would take 60 s
+        await b.stop()
+        return out
+
+    assert _run(main()) == [1.0]

@@ -47,6 +47,7 @@ __all__ = [
     "BUNDLE_SCHEMA",
     "RUNTIME_FILE",
     "Bundle",
+    "StageInputs",
     "batch_dependent",
     "bundle_name",
     "file_sha256",
@@ -187,6 +188,22 @@ def open_image(path: str | Path, min_side: int | None = None) -> Image.Image:
         raise InputError(
             f"Cannot read image {str(path)!r} ({type(e).__name__}: {e}); pass a readable JPEG/PNG/BMP/WebP file."
         ) from None
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What each stage of a bundle runs on, for a batch of images (:meth:`Bundle.stage_inputs`): one array per
+    stage (the cascade's, then the model's), rows in image order."""
+
+    arrays: tuple[np.ndarray, ...]
+
+    def __len__(self) -> int:
+        return len(self.arrays[-1])
+
+    @staticmethod
+    def concat(parts: Sequence[StageInputs]) -> StageInputs:
+        """One batch from several requests' inputs."""
+        return StageInputs(tuple(np.concatenate(a) for a in zip(*(p.arrays for p in parts), strict=True)))
 
 
 def bundle_name(manifest: dict[str, Any], path: Path) -> str:
@@ -387,6 +404,37 @@ class Bundle:
             return runners[s].logits(sub) if s < len(runners) else self.logits(sub)
 
         return self.policy.apply_cascade(stage_logits, len(images), slices)
+
+    def stage_inputs(self, images: Sequence[Image.Image]) -> StageInputs:
+        """Every stage's input at once (the cascade's stages, then the model) for :meth:`predict_inputs`. The
+        server prepares them in its decode threads, so that its model thread only runs the stages; the price
+        is the later stages' preprocessing for the images an earlier stage answers."""
+        runners = self.stage_runners or []
+        return StageInputs(
+            (*(r.inputs(images) for r in runners), preprocess(list(images), self.card.preprocess))
+        )
+
+    def predict_inputs(
+        self, inputs: StageInputs, slices: Mapping[str, Sequence[str]] | None = None
+    ) -> PolicyOutput:
+        """:meth:`predict_images` from :meth:`stage_inputs`: the same outputs (each stage runs on the same rows,
+        in the same batches)."""
+        runners = self.stage_runners or []
+        if len(inputs.arrays) != len(runners) + 1:
+            raise InputError(
+                f"inputs for {len(inputs.arrays)} stages, but this bundle has {len(runners) + 1}: prepare them "
+                "with this bundle's stage_inputs."
+            )
+
+        def stage_logits(s: int, rows: np.ndarray) -> np.ndarray:
+            x = inputs.arrays[s][rows]
+            return (
+                runners[s].logits_of(x) if s < len(runners) else onnx_logits(self.session, x, batch_size=64)
+            )
+
+        if not runners:
+            return self.policy.apply(stage_logits(0, np.arange(len(inputs))), slices)
+        return self.policy.apply_cascade(stage_logits, len(inputs), slices)
 
     def predict_output(
         self,

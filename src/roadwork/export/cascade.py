@@ -47,17 +47,25 @@ class StageRunner:
 
     def logits(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> np.ndarray:
         """float64 logits (N, K) of this stage: the tree table on colour features, or the network."""
-        if self.kind == "boosting":
-            assert self.trees is not None
-            return self.trees.logits(images_features(images))
-        assert self.spec is not None
         out = [
-            onnx_logits(
-                self.session, preprocess(list(images[i : i + batch_size]), self.spec), batch_size=batch_size
-            )
+            self.logits_of(self.inputs(images[i : i + batch_size]), batch_size=batch_size)
             for i in range(0, len(images), batch_size)
         ]
         return np.concatenate(out) if out else np.zeros((0, 0))
+
+    def inputs(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """What this stage runs on: colour features (trees) or preprocessed pixels (a network)."""
+        if self.kind == "boosting":
+            return images_features(images)
+        assert self.spec is not None
+        return preprocess(list(images), self.spec)
+
+    def logits_of(self, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+        """float64 logits (N, K) from :meth:`inputs`."""
+        if self.kind == "boosting":
+            assert self.trees is not None
+            return self.trees.logits(x)
+        return onnx_logits(self.session, x, batch_size=batch_size)
 
 
 def measure_cost_ms(

@@ -72,7 +72,8 @@ def serve(bundle: str, settings: ServeSettings) -> None:
 
     config = uvicorn.Config(
         app,
-        http=guarded_protocol(settings, app.state.roadwork.metrics),  # head limits, head timeout, eviction
+        # head limits, head timeout, eviction, admission of small prediction requests
+        http=guarded_protocol(settings, app.state.roadwork.metrics, early=app.state.roadwork),
         ws="none",  # no WebSocket routes: an upgrade request is a plain request (and gets a JSON answer)
         host=settings.host,
         port=settings.port,

@@ -12,6 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from roadwork.serve.batcher import DynamicBatcher
@@ -19,7 +20,7 @@ from roadwork.serve.decode import RequestError
 from roadwork.serve.metrics import ServerMetrics
 from roadwork.serve.settings import ServeSettings
 
-__all__ = ["OPEN_PATHS", "Admission", "Gate", "Shed", "body_of"]
+__all__ = ["ADMITTED", "OPEN_PATHS", "Admission", "Gate", "Refused", "Shed", "body_of"]
 
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
 """Paths served without the API key (probes and the scraper)."""
@@ -42,6 +43,15 @@ class Shed(RequestError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(503, message)
         self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Admission's refusal of a request the protocol holds: why, and how long to hold it first (the rest of
+    the ``Retry-After`` its connection was told; 0: answer now)."""
+
+    reason: str
+    wait: float
 
 
 class _BodyTooLarge(Exception):
@@ -85,6 +95,11 @@ class Admission:
         self._window_done = 0
         self._retry_until: dict[Any, float] = {}  # connection (client address) → end of its Retry-After
         self.held = 0
+
+    def enter(self) -> None:
+        """One more request inside (admitted), pending until it joins the batcher's queue."""
+        self.inside += 1
+        self.pending += 1
 
     def budget_s(self) -> float:
         if self.settings.max_latency_ms:
@@ -167,6 +182,10 @@ class Admission:
                 await asyncio.sleep(wait)
             finally:
                 self.held -= 1
+        return self.answer(client, refusal)
+
+    def answer(self, client: Any, refusal: str) -> tuple[str, int]:
+        """The 503's message and ``Retry-After`` now, remembered for this connection."""
         retry_after = self.retry_after()
         self.refused(client, retry_after)
         return f"{refusal}; retry after {retry_after} s.", retry_after
@@ -190,6 +209,8 @@ class Admission:
 
 
 _PREDICT_SUFFIXES = ("/infer", "/v1/classify")
+ADMITTED = "roadwork_admitted"
+"""Scope key: the protocol admitted this request (:meth:`Gate.admit_early`); the gate does not ask again."""
 
 
 class Gate:
@@ -226,6 +247,9 @@ class Gate:
         try:
             gate = await self._serve(scope, receive, answer)
         finally:
+            if scope.pop(ADMITTED, False):  # admitted by the protocol, answered before reaching admission
+                self.admission.inside -= 1
+                self.admission.pending -= 1
             # label by route template (bounded cardinality); refusals before routing by their gate
             handler = getattr(scope.get("route"), "path", gate)
             self.metrics.requests.labels(handler, str(answer.status)).inc()
@@ -267,15 +291,17 @@ class Gate:
             return "other"
         adm = self.admission
         # v2 tensors are parsed and validated first (a malformed one gets its 400 even under load) and ask
-        # for admission again before they join a batch; images are refused before they are decoded
-        refusal = adm.refusal(hard_only=scope["path"].endswith("/infer"))
+        # for admission again before they join a batch; images are refused before they are decoded; a request
+        # the protocol admitted (admit_early) is inside already
+        early = scope.pop(ADMITTED, False)
+        refusal = None if early else adm.refusal(hard_only=scope["path"].endswith("/infer"))
         if refusal is not None:
             self.metrics.rejected.inc()
             msg, retry_after = await adm.shed(scope.get("client"), refusal)
             await answer.refuse(503, msg, [(b"retry-after", str(retry_after).encode())])
             return "admission"
-        adm.inside += 1
-        adm.pending += 1
+        if not early:
+            adm.enter()
         scope.setdefault("state", {})["roadwork_pending"] = True
         self.metrics.inflight.set(adm.inside)
         t_in = time.perf_counter()
@@ -291,9 +317,43 @@ class Gate:
         return scope["path"] if fast is not None else "other"  # the metrics label: the route's path
 
     def _authorised(self, scope: dict[str, Any]) -> bool:
-        auth = dict(scope["headers"]).get(b"authorization", b"")
+        return self._key_matches(dict(scope["headers"]).get(b"authorization", b""))
+
+    def _key_matches(self, auth: bytes) -> bool:
         given = auth[7:] if auth[:7].lower() == b"bearer " else b""
         return self.key is not None and hmac.compare_digest(given, self.key)
+
+    def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused:
+        """Admission for a small ``POST /v1/classify`` whose whole body the protocol holds, before any ASGI scope
+        or task exists. ``True``: admitted (counted inside; the gate serves it without asking again);
+        :class:`Refused`: the protocol answers 503 itself (:meth:`refuse_early`), after the rest of the
+        ``Retry-After`` this connection was told and did not wait; ``False``: the gate decides, as for every
+        other request (an auth error, draining, a pipelined request).
+
+        In overload most requests are refused; each refusal answered through the ASGI stack took CPU from the
+        admitted requests, so goodput fell as the offered load rose. Deciding here also decides once: a
+        decision made at the head and again in the gate saw different loads."""
+        if self.draining():
+            return False
+        if self.key is not None:
+            auths = [v for k, v in headers if k == b"authorization"]
+            if len(auths) != 1 or not self._key_matches(auths[0]):
+                return False  # 400/401 from the gate, as without load
+        adm = self.admission
+        refusal = adm.refusal()
+        if refusal is None:
+            adm.enter()
+            self.metrics.inflight.set(adm.inside)
+            return True
+        return Refused(refusal, adm.told_to_wait(client))
+
+    def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]:
+        """The message and ``Retry-After`` of a 503 the protocol sends (``seconds`` after the request arrived),
+        counted as the gate counts its own."""
+        self.metrics.rejected.inc()
+        self.metrics.requests.labels("admission", "503").inc()
+        self.metrics.latency.labels("admission").observe(seconds)
+        return self.admission.answer(client, reason)
 
     async def _body(self, scope: dict[str, Any], receive: Any, answer: _Answer) -> bytearray | None:
         """The whole body, read under ``body_timeout_s`` and the size limit; ``None`` once refused (413/408, the

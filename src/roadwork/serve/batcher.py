@@ -95,9 +95,12 @@ class _Item:
 
 
 def _join(parts: list[Any]) -> Any:
+    """One batch from several requests' inputs: arrays, lists, or anything with a ``concat`` of its own."""
     if isinstance(parts[0], np.ndarray):
         return np.concatenate(parts)
-    return [im for p in parts for im in p]
+    if isinstance(parts[0], list):
+        return [im for p in parts for im in p]
+    return type(parts[0]).concat(parts)
 
 
 class DynamicBatcher:
@@ -210,12 +213,14 @@ class DynamicBatcher:
                 self._in_hand = 0
 
     async def _fill(self, items: list[_Item]) -> None:
-        """Add queued requests to ``items`` until ``max_batch_size`` images or the batching window closes."""
-        loop = asyncio.get_running_loop()
+        """Add queued requests to ``items`` until ``max_batch_size`` images or the batching window closes. The
+        window is counted from the first request's arrival (Triton's ``max_queue_delay``), not from when the
+        worker takes it: requests that queued while the model ran have waited already, so the next batch
+        starts at once instead of leaving the model idle for another window."""
         n = len(items[0].x)
-        deadline = loop.time() + self.delay
+        deadline = items[0].enqueued + self.delay
         while n < self.max_batch_size:
-            timeout = deadline - loop.time()
+            timeout = deadline - time.perf_counter()
             try:
                 nxt = (
                     self.queue.get_nowait()

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from roadwork.data.preprocess import decoded_size, preprocess
-from roadwork.export.bundle import Bundle, bundle_name
+from roadwork.export.bundle import Bundle, StageInputs, bundle_name
 from roadwork.export.onnx import onnx_logits
 from roadwork.serve.decode import RequestError, decode_image
 from roadwork.serve.metrics import ServerMetrics
@@ -119,8 +119,9 @@ class ServedModel:
             self._pixels -= pixels
 
     def preprocess(self, blobs: list[bytes]) -> Any:
-        """Decode (and, without a cascade, preprocess for the model). A cascade bundle gets the decoded images:
-        each stage resizes them its own way, and only for the images that reach it."""
+        """Decode and preprocess: for the model, or for a cascade every stage's input
+        (:class:`~roadwork.export.bundle.StageInputs`), here in the decode threads rather than in the model
+        thread, which then only runs the stages."""
         images = [
             decode_image(
                 b,
@@ -131,7 +132,7 @@ class ServedModel:
             for i, b in enumerate(blobs)
         ]
         if self.bundle.stage_runners is not None:
-            return images
+            return self.bundle.stage_inputs(images)
         return preprocess(images, self.bundle.card.preprocess)
 
     def swap(self, bundle: Bundle) -> None:
@@ -145,13 +146,13 @@ class ServedModel:
         onnx_logits(self.bundle.session, np.zeros((n, 3, self.size, self.size), np.float32), batch_size=n)
 
     def run_batch(self, x: Any, meta: dict[str, list[str]]) -> list[Row | RowError]:
-        """One batch (a preprocessed tensor, or decoded images for a cascade) → one row per image; an image
-        whose tensor drives the network to inf/NaN gets a :class:`RowError`, its batch-mates their rows."""
+        """One batch (a preprocessed tensor, or a cascade's stage inputs) → one row per image; an image whose
+        tensor drives the network to inf/NaN gets a :class:`RowError`, its batch-mates their rows."""
         bundle = self.bundle  # one version for the whole batch, whatever a load swaps in meanwhile
         slices = {k: v for k, v in meta.items() if k in bundle.policy.slice_columns}
         n = len(x)
-        if isinstance(x, list):  # decoded images through the cascade
-            out: Any = bundle.predict_images(x, slices or None)
+        if isinstance(x, StageInputs):  # through the cascade
+            out: Any = bundle.predict_inputs(x, slices or None)
             logits = np.log(np.clip(out.probs, 1e-300, None))  # the answering stage's calibrated log-probs
             good = np.arange(n)
         else:  # a preprocessed tensor goes to the model (the cascade's last stage) directly
@@ -166,7 +167,7 @@ class ServedModel:
         if out is None:
             return rows
         last = bundle.policy.cascade.names[-1] if bundle.policy.cascade is not None else "model"
-        version = bundle.policy_version if isinstance(x, list) else bundle.tensor_policy_version
+        version = bundle.policy_version if isinstance(x, StageInputs) else bundle.tensor_policy_version
         for j, rec in enumerate(out.records(bundle.classes)):
             rec.setdefault("stage", last)
             # what it was decided under (a load may follow): the bundle's policy, or the model alone's for tensors

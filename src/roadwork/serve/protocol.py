@@ -18,19 +18,39 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from roadwork.serve.admission import ADMITTED, Refused
 from roadwork.serve.metrics import ServerMetrics
 from roadwork.serve.settings import ServeSettings
 
-__all__ = ["GuardedProtocol", "guarded_protocol", "raise_fd_limit"]
+__all__ = ["EarlyGate", "GuardedProtocol", "guarded_protocol", "raise_fd_limit"]
 
 log = logging.getLogger(__name__)
 
+
+class EarlyGate(Protocol):
+    """Admission of a small prediction request the protocol holds whole (the gate's, through the server)."""
+
+    def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused: ...
+
+    def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]: ...
+
+
+class _Queued:
+    """Stands for a response not yet sent (a held refusal): uvicorn queues a request behind it."""
+
+    response_complete = False
+
+
+_QUEUED: Any = _Queued()
+
+_HOLD_BYTES = 1 << 16  # prediction requests up to this are admitted by the protocol once their body is in
 _FD_RESERVE = 64  # descriptors kept for the model files, logs, the prediction log and the probes' connections
 
 
@@ -47,14 +67,15 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def _json_response(status: int, reason: bytes, message: str) -> bytes:
+def _json_response(status: int, reason: bytes, message: str, extra: bytes = b"", close: bool = True) -> bytes:
     body = json.dumps({"error": message}).encode()
     return b"".join(
         [
             b"HTTP/1.1 %d %s\r\n" % (status, reason),
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n\r\n",
+            extra,
+            b"connection: close\r\n\r\n" if close else b"\r\n",
             body,
         ]
     )
@@ -67,10 +88,15 @@ class _Limits:
     max_connections: int
     head_limit: int
     idle: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # no complete head yet, oldest first
+    early: EarlyGate | None = None  # the gate's admission for small prediction requests (admit_early)
+    held: int = 0  # refusals held until their connection's Retry-After is up
 
 
-def guarded_protocol(settings: ServeSettings, metrics: ServerMetrics) -> type[HttpToolsProtocol]:
-    """The protocol class uvicorn runs (``uvicorn.Config(http=...)``), bound to ``settings``."""
+def guarded_protocol(
+    settings: ServeSettings, metrics: ServerMetrics, early: EarlyGate | None = None
+) -> type[HttpToolsProtocol]:
+    """The protocol class uvicorn runs (``uvicorn.Config(http=...)``), bound to ``settings``; ``early``: the
+    gate's admission of a small prediction request (:meth:`~roadwork.serve.admission.Gate.admit_early`)."""
     fd_limit = raise_fd_limit()
     if settings.max_connections and settings.max_connections > fd_limit - _FD_RESERVE:
         log.warning(
@@ -84,6 +110,7 @@ def guarded_protocol(settings: ServeSettings, metrics: ServerMetrics) -> type[Ht
         metrics,
         settings.max_connections or max(fd_limit - _FD_RESERVE, 16),
         settings.max_header_kb * 1024,
+        early=early,
     )
     return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
 
@@ -94,6 +121,9 @@ class GuardedProtocol(HttpToolsProtocol):
 
     limits: _Limits
     _error_after: str | None = None  # a parse error after a pipelined good request: answered after it
+    _held: bytearray | None = None  # the body of a small prediction request, held until admission decides
+    _body_timer: Any = None
+    _holding: Any = None  # the timer of a refusal held until the connection's Retry-After is up
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -140,6 +170,12 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+        if self._holding is not None:
+            self._holding.cancel()
+            self._holding = None
+            self.limits.held -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -180,12 +216,92 @@ class GuardedProtocol(HttpToolsProtocol):
                 431, b"Request Header Fields Too Large", f"the request head is over max_header_kb={kb} KiB."
             )
             raise _Refused
+        if not self._hold_for_admission():
+            self._start()
+
+    def _start(self) -> None:
+        """uvicorn's start of a request; behind a held refusal it queues (uvicorn's pipeline), so answers go out
+        in order."""
+        if self._holding is not None and (self.cycle is None or self.cycle.response_complete):
+            self.cycle = _QUEUED
         super().on_headers_complete()
+
+    def _hold_for_admission(self) -> bool:
+        """A small ``POST /v1/classify`` (declared length up to ``_HOLD_BYTES``, about what uvicorn buffers
+        per connection anyway) is held here until its body has arrived, then admitted or refused once, before
+        any ASGI scope or task exists (:meth:`on_message_complete`)."""
+        if self.limits.early is None or self.expect_100_continue or self.parser.should_upgrade():
+            return False
+        if self.parser.get_method() != b"POST" or self.url.split(b"?", 1)[0] != b"/v1/classify":
+            return False
+        length = dict(self.headers).get(b"content-length", b"")
+        if not length.isdigit() or int(length) > _HOLD_BYTES:
+            return False
+        self._held = bytearray()
+        self._body_timer = self.loop.call_later(self.limits.settings.body_timeout_s, self._body_timeout)
+        return True
+
+    def _body_timeout(self) -> None:
+        """As the gate's body timeout: 408 (JSON), the connection closed."""
+        self.limits.metrics.body_timeouts.inc()
+        timeout = self.limits.settings.body_timeout_s
+        msg = f"the request body did not arrive within body_timeout_s={timeout:g} seconds; send it at once."
+        self._refuse(408, b"Request Timeout", msg)
+
+    def on_body(self, body: bytes) -> None:
+        if self._held is None:
+            super().on_body(body)
+        else:  # at most the declared length: the parser ends the message there
+            self._held += body
+
+    def on_message_complete(self) -> None:
+        if self._held is None:
+            super().on_message_complete()
+            return
+        body, self._held = bytes(self._held), None
+        self._body_timer.cancel()
+        early = self.limits.early
+        decision = False if self._busy() or early is None else early.admit_early(self.headers, self.client)
+        if isinstance(decision, Refused):  # 503 + Retry-After, no ASGI work
+            keep = self.parser.should_keep_alive() and self.parser.get_http_version() == "1.1"
+            lim, t0 = self.limits, time.perf_counter()
+            if decision.wait > 0 and lim.held < lim.settings.max_queue:  # as the gate's shed: hold it first
+                lim.held += 1
+                self.flow.pause_reading()
+                self._holding = self.loop.call_later(
+                    decision.wait, self._refuse_held, decision.reason, keep, t0
+                )
+            else:
+                self._refuse_held(decision.reason, keep, t0)
+            return
+        if decision:
+            self.scope[ADMITTED] = True  # type: ignore[literal-required]
+        self._start()
+        if body:
+            super().on_body(body)
+        super().on_message_complete()
+
+    def _busy(self) -> bool:
+        """An answer is still owed on this connection (a running or held request): a later one waits."""
+        return self._holding is not None or (self.cycle is not None and not self.cycle.response_complete)
+
+    def _refuse_held(self, reason: str, keep: bool, t0: float) -> None:
+        if self._holding is not None:
+            self._holding = None
+            self.limits.held -= 1
+        if self.transport.is_closing() or self.limits.early is None:
+            return
+        message, retry_after = self.limits.early.refuse_early(self.client, reason, time.perf_counter() - t0)
+        extra = b"retry-after: %d\r\n" % retry_after
+        self.transport.write(_json_response(503, b"Service Unavailable", message, extra, close=not keep))
+        if keep:
+            self.on_response_complete()  # as after any answer: reading resumed, a queued request started
+        else:
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        busy = self.cycle is not None and not self.cycle.response_complete  # a pipelined request runs
-        if busy or self.transport.is_closing():
+        if self._busy() or self.transport.is_closing():  # a pipelined request runs
             return
         error, self._error_after = self._error_after, None
         if error is not None:  # the malformed request that followed a good one gets its 400 now, in order
@@ -195,9 +311,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         error = f"malformed HTTP request ({msg.rstrip('.')}); send valid HTTP/1.1."
-        if (
-            self.cycle is not None and not self.cycle.response_complete
-        ):  # pipelined after a good request: that
+        if self._busy():  # pipelined after a good request: that
             self._error_after = error  # one is answered first, then this 400, then the connection closes
             self.transport.pause_reading()
             return

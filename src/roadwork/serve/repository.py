@@ -6,8 +6,8 @@ writes its new version next to the old one (``bundle-<policy_version>``), so a r
 once. A version is a sub-folder with a ``manifest.json``; its name is the folder's (plain names only).
 
 Loading reads the version the way start-up does (one verified read, ``require_signature`` enforced), refuses a
-version whose model differs in what requests depend on (classes, preprocessing, cascade or not: those need a
-rolling restart), warms it off the model thread, then swaps it in between two batches: a batch runs wholly under
+version whose model differs in what requests depend on (classes, preprocessing, the cascade's stage inputs:
+those need a rolling restart), warms it off the model thread, then swaps it in between two batches: a batch runs wholly under
 one version, and every answer carries the ``policy_version`` it was decided under. Requests keep being served
 during the load; one load at a time.
 """
@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from roadwork.errors import ArtifactError, InputError
 from roadwork.export.bundle import Bundle
@@ -138,7 +139,7 @@ def _compatible(old: Bundle, new: Bundle) -> None:
     checks = {
         "classes": (old.classes, new.classes),
         "preprocessing": (old.card.preprocess.to_dict(), new.card.preprocess.to_dict()),
-        "cascade": (old.stage_runners is None, new.stage_runners is None),
+        "cascade stages": (_stage_inputs(old), _stage_inputs(new)),
         "decode side": (old.decode_side, new.decode_side),
     }
     for what, (a, b) in checks.items():
@@ -148,6 +149,14 @@ def _compatible(old: Bundle, new: Bundle) -> None:
                 f"this version's {what} differ from the served bundle's ({str(b)[:120]} vs {str(a)[:120]}): "
                 "requests would change meaning mid-flight; start a server on it (a rolling restart) instead.",
             )
+
+
+def _stage_inputs(bundle: Bundle) -> list[tuple[str, Any]] | None:
+    """What each cascade stage runs on (None: no cascade): the inputs a request prepared for the served
+    version must fit the one loaded meanwhile."""
+    if bundle.stage_runners is None:
+        return None
+    return [(r.kind, r.spec.to_dict() if r.spec is not None else None) for r in bundle.stage_runners]
 
 
 async def load_version(state: ServerState, version: object) -> dict[str, str]:

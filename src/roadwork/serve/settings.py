@@ -103,7 +103,12 @@ class ServeSettings(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1, description="decoded pixels per image (400 above: bombs)")
     max_images: int = Field(64, ge=1, description="images per /v1/classify request")
     ort_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
-    decode_workers: int = Field(4, ge=1, description="threads that decode and preprocess images")
+    decode_workers: int = Field(
+        0,
+        ge=0,
+        description="threads that decode and preprocess images; 0 = one per core (more threads than cores "
+        "only contend with the model and the event loop)",
+    )
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' (health is open)")
     drain_delay_s: float = Field(
         5.0,

@@ -1,0 +1,223 @@
+"""Admission from the protocol (serve/protocol.py, ``Gate.admit_early``): a small ``POST /v1/classify`` is held
+whole, then admitted or refused once, before any ASGI work. Driven in process on uvicorn's own protocol class
+with a recording transport: what it writes, in what order, and what reaches the app."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+
+pytest.importorskip("uvicorn")
+
+import uvicorn
+from uvicorn.server import ServerState
+
+from roadwork.serve import ServeSettings, create_app
+from roadwork.serve.admission import ADMITTED, Refused
+from roadwork.serve.metrics import ServerMetrics
+from roadwork.serve.protocol import guarded_protocol
+
+REQUEST = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+PROBE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out, self.closed, self.paused = b"", False, False
+
+    def write(self, data: Any) -> None:
+        self.out += bytes(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+
+class _Gate:
+    """Answers every admission with ``decision``; records what the protocol asked."""
+
+    def __init__(self, decision: bool | Refused) -> None:
+        self.decision, self.asked, self.refused = decision, 0, 0
+
+    def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused:
+        self.asked += 1
+        return self.decision
+
+    def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]:
+        self.refused += 1
+        return f"{reason}; retry after 3 s.", 3
+
+
+def _connection(gate: Any, **settings: Any) -> tuple[Any, _Transport, list[tuple[str, Any, bytes]]]:
+    seen: list[tuple[str, Any, bytes]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = (await receive())["body"]
+        seen.append((scope["path"], scope.get(ADMITTED), body))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    cls = guarded_protocol(ServeSettings(**settings), ServerMetrics(), early=gate)
+    config = uvicorn.Config(app, http=cls, ws="none", lifespan="off", log_level="warning")
+    config.load()
+    proto = cls(config=config, server_state=ServerState(), app_state={})
+    transport = _Transport()
+    proto.connection_made(transport)
+    return proto, transport, seen
+
+
+def _answers(out: bytes) -> list[bytes]:
+    return re.findall(rb"HTTP/1\.1 (\d{3}) ", out)
+
+
+def test_a_refused_request_gets_its_503_from_the_protocol_and_the_connection_serves_the_next():
+    async def main() -> tuple[Any, ...]:
+        gate = _Gate(Refused("the server is full", 0.0))
+        proto, t, seen = _connection(gate)
+        proto.data_received(REQUEST + PROBE)  # the probe pipelined behind it
+        await asyncio.sleep(0.05)
+        return gate, t, seen
+
+    gate, t, seen = asyncio.run(main())
+    assert _answers(t.out) == [b"503", b"200"] and not t.closed
+    assert b"retry-after: 3\r\n" in t.out and b'{"error": "the server is full; retry after 3 s."}' in t.out
+    assert gate.asked == 1 and gate.refused == 1
+    assert seen == [("/v2/health/live", None, b"")]  # the refused request never reached the app
+
+
+def test_a_connection_told_to_wait_gets_its_503_when_the_wait_is_up_and_answers_stay_in_order():
+    async def main() -> tuple[Any, ...]:
+        gate = _Gate(Refused("the server is full", 0.3))
+        proto, t, seen = _connection(gate)
+        proto.data_received(REQUEST + PROBE)
+        await asyncio.sleep(0.05)
+        during = (t.out, t.paused, list(seen))
+        await asyncio.sleep(0.6)
+        return during, t, seen
+
+    (out_during, paused, seen_during), t, seen = asyncio.run(main())
+    assert out_during == b"" and paused and seen_during == []  # held: nothing read, answered or run
+    assert _answers(t.out) == [b"503", b"200"] and not t.paused  # then the 503, then the probe behind it
+    assert seen == [("/v2/health/live", None, b"")]
+
+
+def test_an_admitted_request_reaches_the_app_whole_and_marked_admitted():
+    async def main() -> tuple[Any, ...]:
+        proto, t, seen = _connection(_Gate(True))
+        proto.data_received(REQUEST[:-2])  # the body arrives in two reads
+        await asyncio.sleep(0.01)
+        before = list(seen)
+        proto.data_received(REQUEST[-2:])
+        await asyncio.sleep(0.05)
+        return before, t, seen
+
+    before, t, seen = asyncio.run(main())
+    assert before == []  # nothing is decided before the whole body is in
+    assert seen == [("/v1/classify", True, b"abc")] and _answers(t.out) == [b"200"]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "why"),
+    [
+        (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n" + b"a" * 70000, "large"),
+        (b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", "another path"),
+        (
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "chunked",
+        ),
+    ],
+)
+def test_other_requests_are_not_held_and_go_to_the_gate(request_bytes, why):
+    async def main() -> tuple[Any, ...]:
+        gate = _Gate(Refused("the server is full", 0.0))
+        proto, t, seen = _connection(gate)
+        proto.data_received(request_bytes)
+        await asyncio.sleep(0.05)
+        return gate, t, seen
+
+    gate, t, seen = asyncio.run(main())
+    assert gate.asked == 0, why
+    assert len(seen) == 1 and seen[0][1] is None and _answers(t.out) == [b"200"]
+
+
+def test_a_connection_close_request_is_refused_and_closed():
+    async def main() -> _Transport:
+        proto, t, _seen = _connection(_Gate(Refused("the server is full", 0.0)))
+        proto.data_received(REQUEST.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+        await asyncio.sleep(0.05)
+        return t
+
+    t = asyncio.run(main())
+    assert _answers(t.out) == [b"503"] and b"connection: close" in t.out and t.closed
+
+
+def test_a_held_body_that_never_completes_gets_a_json_408():
+    async def main() -> _Transport:
+        proto, t, _seen = _connection(_Gate(True), body_timeout_s=0.2)
+        proto.data_received(REQUEST[:-2])
+        await asyncio.sleep(0.5)
+        return t
+
+    t = asyncio.run(main())
+    assert _answers(t.out) == [b"408"] and t.closed and b"body_timeout_s=0.2" in t.out
+
+
+def test_the_gate_admits_early_once_and_gives_the_slot_back(bundle):
+    """The real gate: the protocol's admission counts the request inside once (the gate does not ask again) and
+    the slot is given back when it is answered; a wrong key or a draining server leaves the gate to decide."""
+    app = create_app(bundle, ServeSettings(name="tiny", api_key="k"))
+    state = app.state.roadwork
+    app.build_middleware_stack()
+    gate = state.gate
+    assert gate is not None
+    assert gate.admit_early([(b"authorization", b"Bearer x")], None) is False  # a 401 is the gate's
+    assert gate.admit_early([], None) is False
+    ok = [(b"authorization", b"Bearer k")]
+    assert gate.admit_early(ok, ("1.2.3.4", 1)) is True and state.admission.inside == 1
+    state.admission.inside -= 1  # what the gate gives back after the answer (below, through the gate)
+    state.admission.pending -= 1
+    state.draining = True
+    assert gate.admit_early(ok, None) is False
+    state.draining = False
+
+    async def through_gate() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        assert gate.admit_early(ok, None) is True
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/classify",
+            "headers": [*ok, (b"content-type", b"image/jpeg"), (b"content-length", b"3")],
+            "client": None,
+            "query_string": b"",
+            ADMITTED: True,
+        }
+        messages = [{"type": "http.request", "body": b"abc", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(m: dict[str, Any]) -> None:
+            sent.append(m)
+
+        await gate(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(through_gate())
+    assert sent[0]["status"] == 400  # not an image: answered, not refused
+    assert state.admission.inside == 0 and state.admission.pending == 0
