@@ -51,12 +51,22 @@ class _Transport(asyncio.Transport):
 class _Gate:
     """Answers every admission with ``decision``; records what the protocol asked."""
 
-    def __init__(self, decision: bool | Refused) -> None:
+    def __init__(self, decision: bool | Refused, room: int = 1 << 20) -> None:
         self.decision, self.asked, self.refused = decision, 0, 0
+        self.held, self.room = 0, room  # bytes of bodies held, and how many fit
 
     def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused:
         self.asked += 1
         return self.decision
+
+    def hold_body(self, size: int) -> bool:
+        if self.held + size > self.room:
+            return False
+        self.held += size
+        return True
+
+    def release_body(self, size: int) -> None:
+        self.held -= size
 
     def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]:
         self.refused += 1
@@ -118,16 +128,18 @@ def test_a_connection_told_to_wait_gets_its_503_when_the_wait_is_up_and_answers_
 
 def test_an_admitted_request_reaches_the_app_whole_and_marked_admitted():
     async def main() -> tuple[Any, ...]:
-        proto, t, seen = _connection(_Gate(True))
+        gate = _Gate(True)
+        proto, t, seen = _connection(gate)
         proto.data_received(REQUEST[:-2])  # the body arrives in two reads
         await asyncio.sleep(0.01)
-        before = list(seen)
+        before, held_during = list(seen), gate.held
         proto.data_received(REQUEST[-2:])
         await asyncio.sleep(0.05)
-        return before, t, seen
+        return before, t, seen, held_during, gate.held
 
-    before, t, seen = asyncio.run(main())
-    assert before == []  # nothing is decided before the whole body is in
+    before, t, seen, held_during, held_after = asyncio.run(main())
+    assert before == [] and held_during == 3  # nothing is decided before the whole body is in; it is counted
+    assert held_after == 0  # given back once decided (the gate counts it again while it serves it)
     assert seen == [("/v1/classify", True, b"abc")] and _answers(t.out) == [b"200"]
 
 
@@ -166,15 +178,34 @@ def test_a_connection_close_request_is_refused_and_closed():
     assert _answers(t.out) == [b"503"] and b"connection: close" in t.out and t.closed
 
 
-def test_a_held_body_that_never_completes_gets_a_json_408():
-    async def main() -> _Transport:
-        proto, t, _seen = _connection(_Gate(True), body_timeout_s=0.2)
+def test_a_held_body_that_never_completes_gets_a_json_408_and_held_bytes_are_given_back():
+    async def main() -> tuple[_Transport, _Gate, _Gate]:
+        gate = _Gate(True)
+        proto, t, _seen = _connection(gate, body_timeout_s=0.2)
         proto.data_received(REQUEST[:-2])
         await asyncio.sleep(0.5)
-        return t
+        proto.connection_lost(None)  # what the closed transport brings
+        lost = _Gate(True)
+        other, _t, _s = _connection(lost)
+        other.data_received(REQUEST[:-2])
+        other.connection_lost(None)  # the client went away mid-body
+        return t, gate, lost
 
-    t = asyncio.run(main())
+    t, gate, lost = asyncio.run(main())
     assert _answers(t.out) == [b"408"] and t.closed and b"body_timeout_s=0.2" in t.out
+    assert gate.held == 0 and lost.held == 0 and gate.asked == 0
+
+
+def test_bodies_over_the_in_flight_cap_are_not_held_and_go_to_the_gate():
+    async def main() -> tuple[_Gate, list[tuple[str, Any, bytes]]]:
+        gate = _Gate(Refused("the server is full", 0.0), room=2)  # a 3-byte body does not fit
+        proto, _t, seen = _connection(gate)
+        proto.data_received(REQUEST)
+        await asyncio.sleep(0.05)
+        return gate, seen
+
+    gate, seen = asyncio.run(main())
+    assert gate.asked == 0 and seen == [("/v1/classify", None, b"abc")]
 
 
 def test_the_gate_admits_early_once_and_gives_the_slot_back(bundle):
@@ -194,6 +225,9 @@ def test_the_gate_admits_early_once_and_gives_the_slot_back(bundle):
     state.draining = True
     assert gate.admit_early(ok, None) is False
     state.draining = False
+    assert gate.hold_body(gate.total_limit) and not gate.hold_body(1)  # held bodies count in the cap
+    gate.release_body(gate.total_limit)
+    assert gate.buffered == 0
 
     async def through_gate() -> list[dict[str, Any]]:
         sent: list[dict[str, Any]] = []

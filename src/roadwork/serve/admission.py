@@ -347,6 +347,18 @@ class Gate:
             return True
         return Refused(refusal, adm.told_to_wait(client))
 
+    def hold_body(self, size: int) -> bool:
+        """Count a body the protocol holds for :meth:`admit_early` in the bodies in flight
+        (``max_inflight_body_mb``); ``False`` when it does not fit (the gate then refuses the request)."""
+        if self.buffered + size > self.total_limit:
+            return False
+        self.buffered += size
+        return True
+
+    def release_body(self, size: int) -> None:
+        """Give back what :meth:`hold_body` counted (the gate counts the body again while it serves it)."""
+        self.buffered -= size
+
     def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]:
         """The message and ``Retry-After`` of a 503 the protocol sends (``seconds`` after the request arrived),
         counted as the gate counts its own."""

@@ -39,6 +39,10 @@ class EarlyGate(Protocol):
 
     def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused: ...
 
+    def hold_body(self, size: int) -> bool: ...
+
+    def release_body(self, size: int) -> None: ...
+
     def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]: ...
 
 
@@ -124,6 +128,7 @@ class GuardedProtocol(HttpToolsProtocol):
     _held: bytearray | None = None  # the body of a small prediction request, held until admission decides
     _body_timer: Any = None
     _holding: Any = None  # the timer of a refusal held until the connection's Retry-After is up
+    _held_size = 0  # its declared length, counted in the gate's bodies in flight until the body is in
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -172,6 +177,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_done()
         if self._body_timer is not None:
             self._body_timer.cancel()
+        self._release_held()
         if self._holding is not None:
             self._holding.cancel()
             self._holding = None
@@ -235,11 +241,16 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.parser.get_method() != b"POST" or self.url.split(b"?", 1)[0] != b"/v1/classify":
             return False
         length = dict(self.headers).get(b"content-length", b"")
-        if not length.isdigit() or int(length) > _HOLD_BYTES:
-            return False
-        self._held = bytearray()
+        if not length.isdigit() or int(length) > _HOLD_BYTES or not self.limits.early.hold_body(int(length)):
+            return False  # over max_inflight_body_mb with the bodies held already: the gate refuses it
+        self._held, self._held_size = bytearray(), int(length)
         self._body_timer = self.loop.call_later(self.limits.settings.body_timeout_s, self._body_timeout)
         return True
+
+    def _release_held(self) -> None:
+        if self._held_size and self.limits.early is not None:
+            self.limits.early.release_body(self._held_size)
+        self._held_size = 0
 
     def _body_timeout(self) -> None:
         """As the gate's body timeout: 408 (JSON), the connection closed."""
@@ -260,6 +271,7 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         body, self._held = bytes(self._held), None
         self._body_timer.cancel()
+        self._release_held()
         early = self.limits.early
         decision = False if self._busy() or early is None else early.admit_early(self.headers, self.client)
         if isinstance(decision, Refused):  # 503 + Retry-After, no ASGI work

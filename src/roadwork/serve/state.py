@@ -62,6 +62,15 @@ class ServerState:
         """:meth:`Gate.admit_early` once the gate exists (``False`` before: the gate decides, as always)."""
         return False if self.gate is None else self.gate.admit_early(headers, client)
 
+    def hold_body(self, size: int) -> bool:
+        """:meth:`Gate.hold_body` (``False`` before the gate exists: nothing is held then)."""
+        return self.gate is not None and self.gate.hold_body(size)
+
+    def release_body(self, size: int) -> None:
+        """:meth:`Gate.release_body`."""
+        if self.gate is not None:
+            self.gate.release_body(size)
+
     def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]:
         """:meth:`Gate.refuse_early` (only called after :meth:`admit_early` refused, so the gate exists)."""
         assert self.gate is not None
