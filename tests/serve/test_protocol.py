@@ -51,6 +51,8 @@ class _Transport(asyncio.Transport):
 class _Gate:
     """Answers every admission with ``decision``; records what the protocol asked."""
 
+    draining = False
+
     def __init__(self, decision: bool | Refused, room: int = 1 << 20) -> None:
         self.decision, self.asked, self.refused = decision, 0, 0
         self.held, self.room = 0, room  # bytes of bodies held, and how many fit
@@ -73,7 +75,9 @@ class _Gate:
         return f"{reason}; retry after 3 s.", 3
 
 
-def _connection(gate: Any, **settings: Any) -> tuple[Any, _Transport, list[tuple[str, Any, bytes]]]:
+def _connection(
+    gate: Any, keep_alive_s: float = 5.0, **settings: Any
+) -> tuple[Any, _Transport, list[tuple[str, Any, bytes]]]:
     seen: list[tuple[str, Any, bytes]] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -83,7 +87,9 @@ def _connection(gate: Any, **settings: Any) -> tuple[Any, _Transport, list[tuple
         await send({"type": "http.response.body", "body": b"ok"})
 
     cls = guarded_protocol(ServeSettings(**settings), ServerMetrics(), early=gate)
-    config = uvicorn.Config(app, http=cls, ws="none", lifespan="off", log_level="warning")
+    config = uvicorn.Config(
+        app, http=cls, ws="none", lifespan="off", log_level="warning", timeout_keep_alive=keep_alive_s
+    )
     config.load()
     proto = cls(config=config, server_state=ServerState(), app_state={})
     transport = _Transport()
@@ -167,15 +173,67 @@ def test_other_requests_are_not_held_and_go_to_the_gate(request_bytes, why):
     assert len(seen) == 1 and seen[0][1] is None and _answers(t.out) == [b"200"]
 
 
-def test_a_connection_close_request_is_refused_and_closed():
-    async def main() -> _Transport:
-        proto, t, _seen = _connection(_Gate(Refused("the server is full", 0.0)))
-        proto.data_received(REQUEST.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"))
+def test_a_connection_close_request_is_refused_and_closed_and_nothing_pipelined_behind_it_runs():
+    async def main() -> tuple[_Transport, _Gate, list[tuple[str, Any, bytes]]]:
+        gate = _Gate(Refused("the server is full", 0.0))
+        proto, t, seen = _connection(gate)
+        closing = REQUEST.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
+        proto.data_received(closing + REQUEST + PROBE)
         await asyncio.sleep(0.05)
-        return t
+        return t, gate, seen
 
-    t = asyncio.run(main())
+    t, gate, seen = asyncio.run(main())
     assert _answers(t.out) == [b"503"] and b"connection: close" in t.out and t.closed
+    assert gate.asked == 1 and seen == []  # the requests behind it never ran
+
+
+def test_a_body_still_arriving_behind_an_answer_is_not_cut_by_the_keep_alive_timeout():
+    """uvicorn arms its keep-alive timeout after each answer when nothing is queued; a held body is not
+    queued, so that timeout closed the connection under a request whose body was still on its way."""
+
+    async def main() -> tuple[_Transport, list[tuple[str, Any, bytes]]]:
+        proto, t, seen = _connection(_Gate(True), keep_alive_s=0.1)
+        proto.data_received(REQUEST + REQUEST[:-2])  # one whole, the next one's body still arriving
+        await asyncio.sleep(0.4)  # past the keep-alive timeout
+        proto.data_received(REQUEST[-2:])
+        await asyncio.sleep(0.05)
+        return t, seen
+
+    t, seen = asyncio.run(main())
+    assert _answers(t.out) == [b"200", b"200"] and not t.closed
+    assert [body for _path, _admitted, body in seen] == [b"abc", b"abc"]
+
+
+def test_a_shutdown_while_a_body_or_a_503_is_held_answers_it_then_closes():
+    async def main() -> tuple[_Transport, _Transport]:
+        proto, held_body, _seen = _connection(_Gate(True))
+        proto.data_received(REQUEST[:-2])
+        proto.shutdown()  # uvicorn's graceful shutdown closes the listener: this request is still owed
+        assert not held_body.closed
+        proto.data_received(REQUEST[-2:])
+        await asyncio.sleep(0.05)
+        refused, held_503, _s = _connection(_Gate(Refused("the server is full", 0.2)))
+        refused.data_received(REQUEST)
+        refused.shutdown()
+        await asyncio.sleep(0.4)
+        return held_body, held_503
+
+    held_body, held_503 = asyncio.run(main())
+    for t in (held_body, held_503):
+        assert len(_answers(t.out)) == 1 and b"connection: close" in t.out.lower() and t.closed
+    assert _answers(held_503.out) == [b"503"]
+
+
+def test_a_client_that_leaves_while_its_503_is_held_is_still_counted_as_refused():
+    async def main() -> _Gate:
+        gate = _Gate(Refused("the server is full", 5.0))
+        proto, _t, _seen = _connection(gate)
+        proto.data_received(REQUEST)
+        await asyncio.sleep(0.05)
+        proto.connection_lost(None)
+        return gate
+
+    assert asyncio.run(main()).refused == 1
 
 
 def test_a_held_body_that_never_completes_gets_a_json_408_and_held_bytes_are_given_back():

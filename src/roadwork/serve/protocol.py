@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 class EarlyGate(Protocol):
     """Admission of a small prediction request the protocol holds whole (the gate's, through the server)."""
 
+    draining: bool
+
     def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused: ...
 
     def hold_body(self, size: int) -> bool: ...
@@ -128,6 +130,8 @@ class GuardedProtocol(HttpToolsProtocol):
     _held: bytearray | None = None  # the body of a small prediction request, held until admission decides
     _body_timer: Any = None
     _holding: Any = None  # the timer of a refusal held until the connection's Retry-After is up
+    _hold_args: tuple[str, bool, float] = ("", False, 0.0)  # its reason, keep-alive and start
+    _closing = False  # uvicorn's shutdown came while a body or a refusal was held: close after its answer
     _held_size = 0  # its declared length, counted in the gate's bodies in flight until the body is in
 
     def connection_made(self, transport: Any) -> None:
@@ -178,11 +182,21 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
         self._release_held()
-        if self._holding is not None:
+        if self._holding is not None:  # the client left while its 503 was held: counted, as by the gate
             self._holding.cancel()
             self._holding = None
             self.limits.held -= 1
+            reason, _keep, t0 = self._hold_args
+            if self.limits.early is not None:
+                self.limits.early.refuse_early(self.client, reason, time.perf_counter() - t0)
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown closes a connection with no request running; one whose body or 503 is
+        held gets its answer first (with ``Connection: close``), then closes."""
+        self._closing = True
+        if self._held is None and self._holding is None:
+            super().shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self._error_after is not None:  # the parser failed: nothing after it is read
@@ -216,6 +230,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_done()
+        if self.transport.is_closing():  # pipelined behind an answer that closed the connection: not run
+            return
         if self._head_len > self.limits.head_limit:  # a head that arrived whole, in one read
             kb = self.limits.settings.max_header_kb
             self._refuse(
@@ -253,19 +269,24 @@ class GuardedProtocol(HttpToolsProtocol):
         self._held_size = 0
 
     def _body_timeout(self) -> None:
-        """As the gate's body timeout: 408 (JSON), the connection closed."""
+        """As the gate's body timeout: 408 (JSON), the connection closed, counted the same way."""
         self.limits.metrics.body_timeouts.inc()
+        self.limits.metrics.requests.labels("body", "408").inc()
         timeout = self.limits.settings.body_timeout_s
         msg = f"the request body did not arrive within body_timeout_s={timeout:g} seconds; send it at once."
         self._refuse(408, b"Request Timeout", msg)
 
     def on_body(self, body: bytes) -> None:
+        if self.transport.is_closing():
+            return
         if self._held is None:
             super().on_body(body)
         else:  # at most the declared length: the parser ends the message there
             self._held += body
 
     def on_message_complete(self) -> None:
+        if self.transport.is_closing():
+            return
         if self._held is None:
             super().on_message_complete()
             return
@@ -280,30 +301,38 @@ class GuardedProtocol(HttpToolsProtocol):
             if decision.wait > 0 and lim.held < lim.settings.max_queue:  # as the gate's shed: hold it first
                 lim.held += 1
                 self.flow.pause_reading()
-                self._holding = self.loop.call_later(
-                    decision.wait, self._refuse_held, decision.reason, keep, t0
-                )
+                self._hold_args = (decision.reason, keep, t0)
+                self._holding = self.loop.call_later(decision.wait, self._refuse_held, *self._hold_args)
             else:
                 self._refuse_held(decision.reason, keep, t0)
             return
         if decision:
             self.scope[ADMITTED] = True  # type: ignore[literal-required]
         self._start()
+        if self._closing and self.cycle is not None:  # shut down while its body arrived: answered, closed
+            self.cycle.keep_alive = False
         if body:
             super().on_body(body)
         super().on_message_complete()
 
     def _busy(self) -> bool:
-        """An answer is still owed on this connection (a running or held request): a later one waits."""
-        return self._holding is not None or (self.cycle is not None and not self.cycle.response_complete)
+        """An answer is still owed on this connection (a request running, its body held or its 503 held): a
+        later one waits."""
+        return (
+            self._held is not None
+            or self._holding is not None
+            or (self.cycle is not None and not self.cycle.response_complete)
+        )
 
     def _refuse_held(self, reason: str, keep: bool, t0: float) -> None:
         if self._holding is not None:
             self._holding = None
             self.limits.held -= 1
-        if self.transport.is_closing() or self.limits.early is None:
+        early = self.limits.early
+        if self.transport.is_closing() or early is None:
             return
-        message, retry_after = self.limits.early.refuse_early(self.client, reason, time.perf_counter() - t0)
+        keep = keep and not self._closing and not early.draining  # draining: every answer says close
+        message, retry_after = early.refuse_early(self.client, reason, time.perf_counter() - t0)
         extra = b"retry-after: %d\r\n" % retry_after
         self.transport.write(_json_response(503, b"Service Unavailable", message, extra, close=not keep))
         if keep:
@@ -313,6 +342,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._held is not None:  # the next request's body is arriving: no keep-alive timeout meanwhile
+            self._unset_keepalive_if_required()
         if self._busy() or self.transport.is_closing():  # a pipelined request runs
             return
         error, self._error_after = self._error_after, None
