@@ -149,3 +149,21 @@ def test_a_version_with_other_classes_is_refused(repo, image, tmp_path):
         r = c.post("/v2/repository/models/tiny/load", json={"parameters": {"version": "other"}})
         assert r.status_code == 400 and "classes" in r.json()["error"], r.text
         assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_a_version_whose_cascade_stages_take_other_inputs_is_refused(repo, tmp_path):
+    """Requests prepare every stage's input when they arrive (Bundle.stage_inputs): a version whose stages
+    preprocess differently would get inputs prepared for the other one."""
+    root, _, _, _ = repo
+    models = tmp_path / "models"
+    shutil.copytree(root / "models" / "v1", models / "v1")
+    other = models / "other"
+    shutil.copytree(root / "models" / "v1", other)
+    cards = sorted(p.name for p in other.glob("stage*-model.json"))  # a network stage (not the trees)
+    assert cards, "the tiny bundle is a cascade with a network stage"
+    rewrite_json(other, cards[0], lambda d: d["preprocess"].update(interpolation="bicubic"))
+    (other / "manifest.sig").unlink(missing_ok=True)
+    with TestClient(create_app(models / "v1", ServeSettings(name="tiny"))) as c:
+        r = c.post("/v2/repository/models/tiny/load", json={"parameters": {"version": "other"}})
+        assert r.status_code == 400 and "cascade stages" in r.json()["error"], r.text
+        assert c.get("/v2/health/ready").status_code == 200
