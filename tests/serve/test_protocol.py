@@ -204,6 +204,27 @@ def test_a_body_still_arriving_behind_an_answer_is_not_cut_by_the_keep_alive_tim
     assert [body for _path, _admitted, body in seen] == [b"abc", b"abc"]
 
 
+def test_a_request_read_together_with_a_refused_one_is_not_cut_by_the_keep_alive_timeout():
+    """The refusal is written mid-read, which arms uvicorn's keep-alive timeout; the request behind it in the
+    same read (its body still arriving) must not be cut by it."""
+
+    class _RefuseFirst(_Gate):
+        def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused:
+            self.asked += 1
+            return Refused("the server is full", 0.0) if self.asked == 1 else True
+
+    async def main() -> _Transport:
+        proto, t, _seen = _connection(_RefuseFirst(True), keep_alive_s=0.1)
+        proto.data_received(REQUEST + REQUEST[:-2])
+        await asyncio.sleep(0.4)  # past the keep-alive timeout
+        proto.data_received(REQUEST[-2:])
+        await asyncio.sleep(0.05)
+        return t
+
+    t = asyncio.run(main())
+    assert _answers(t.out) == [b"503", b"200"] and not t.closed
+
+
 def test_a_shutdown_while_a_body_or_a_503_is_held_answers_it_then_closes():
     async def main() -> tuple[_Transport, _Transport]:
         proto, held_body, _seen = _connection(_Gate(True))

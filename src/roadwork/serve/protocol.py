@@ -213,6 +213,9 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._head_len = self._head_count = 0  # each request's own head (pipelined ones included)
+        # a request is arriving: not idle. uvicorn cancels its keep-alive timeout per read, but an answer the
+        # protocol writes mid-read (a refusal) arms it again with the rest of that read still to parse
+        self._unset_keepalive_if_required()
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
