@@ -163,22 +163,28 @@ def test_the_latency_budget_counts_the_images_of_the_new_request():
 # ---------------------------------------------------------------------------------------------- cascade join
 
 
-def test_cascade_requests_are_joined_into_one_flat_list_in_arrival_order():
-    """Mutants of ``_join`` for lists of decoded images (cascade bundles): nested instead of flat, reordered,
-    or concatenated as an array; and the meta join (missing keys padded with one ``""`` per image)."""
+def test_cascade_requests_are_joined_stage_by_stage_in_arrival_order():
+    """Mutants of ``_join`` for a cascade's stage inputs: stages mixed up, requests reordered, or the inputs
+    concatenated as one array; and the meta join (missing keys padded with one ``""`` per image)."""
+    from roadwork.export.bundle import StageInputs
+
     seen: list[tuple[Any, dict[str, list[str]]]] = []
 
     def run_batch(x, meta):  # type: ignore[no-untyped-def]
         seen.append((x, meta))
-        return [f"out:{im}" for im in x]
+        return [f"out:{v:g}" for v in x.arrays[1]]
+
+    def request(*values: float) -> StageInputs:  # stage 0 holds -v, stage 1 (the model) v
+        v = np.array(values)
+        return StageInputs((-v, v))
 
     async def main():  # type: ignore[no-untyped-def]
         b = _batcher(run_batch, max_queue_delay_ms=100)
         b.start()
         reqs = [
-            b.submit(["a0", "a1"], {"camera": ["c1", "c1"]}),
-            b.submit(["b0", "b1"], {}),
-            b.submit(["c0", "c1", "c2"], {"camera": ["c3"] * 3}),
+            b.submit(request(0, 1), {"camera": ["c1", "c1"]}),
+            b.submit(request(2, 3), {}),
+            b.submit(request(4, 5, 6), {"camera": ["c3"] * 3}),
         ]
         out = await _guard(asyncio.gather(*reqs))
         await _guard(b.stop())
@@ -187,9 +193,10 @@ def test_cascade_requests_are_joined_into_one_flat_list_in_arrival_order():
     out = _run(main())
     assert len(seen) == 1
     x, meta = seen[0]
-    assert type(x) is list and x == ["a0", "a1", "b0", "b1", "c0", "c1", "c2"]
+    assert type(x) is StageInputs and len(x) == 7
+    assert x.arrays[0].tolist() == [-0.0, -1, -2, -3, -4, -5, -6] and x.arrays[1].tolist() == list(range(7))
     assert meta == {"camera": ["c1", "c1", "", "", "c3", "c3", "c3"]}
-    assert out == [["out:a0", "out:a1"], ["out:b0", "out:b1"], ["out:c0", "out:c1", "out:c2"]]
+    assert out == [["out:0", "out:1"], ["out:2", "out:3"], ["out:4", "out:5", "out:6"]]
 
 
 # ---------------------------------------------------------------------------------------------- metrics hook

@@ -51,11 +51,10 @@ class _Transport(asyncio.Transport):
 class _Gate:
     """Answers every admission with ``decision``; records what the protocol asked."""
 
-    draining = False
-
     def __init__(self, decision: bool | Refused, room: int = 1 << 20) -> None:
         self.decision, self.asked, self.refused = decision, 0, 0
         self.held, self.room = 0, room  # bytes of bodies held, and how many fit
+        self.draining = lambda: False
 
     def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused:
         self.asked += 1
@@ -70,9 +69,9 @@ class _Gate:
     def release_body(self, size: int) -> None:
         self.held -= size
 
-    def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]:
+    def refuse_early(self, client: Any, refused: Refused, seconds: float) -> tuple[str, int]:
         self.refused += 1
-        return f"{reason}; retry after 3 s.", 3
+        return f"{refused.reason}; retry after 3 s.", 3
 
 
 def _connection(
@@ -292,9 +291,7 @@ def test_the_gate_admits_early_once_and_gives_the_slot_back(bundle):
     the slot is given back when it is answered; a wrong key or a draining server leaves the gate to decide."""
     app = create_app(bundle, ServeSettings(name="tiny", api_key="k"))
     state = app.state.roadwork
-    app.build_middleware_stack()
-    gate = state.gate
-    assert gate is not None
+    gate = app.build_middleware_stack()
     assert gate.admit_early([(b"authorization", b"Bearer x")], None) is False  # a 401 is the gate's
     assert gate.admit_early([], None) is False
     ok = [(b"authorization", b"Bearer k")]
@@ -304,6 +301,17 @@ def test_the_gate_admits_early_once_and_gives_the_slot_back(bundle):
     state.draining = True
     assert gate.admit_early(ok, None) is False
     state.draining = False
+    adm = state.admission
+    adm.inside = gate.settings.max_queue  # full: refused
+    adm.refused(("1.2.3.4", 2), 5)  # this connection was told to retry in 5 s and did not wait
+    held = gate.admit_early(ok, ("1.2.3.4", 2))
+    assert isinstance(held, Refused) and held.wait > 0 and adm.held == 1  # one bound for every held 503
+    gate.refuse_early(("1.2.3.4", 2), held, 0.1)
+    assert adm.held == 0
+    adm.held = gate.settings.max_queue  # as many held as max_queue: answered at once
+    now = gate.admit_early(ok, ("1.2.3.4", 2))
+    assert isinstance(now, Refused) and now.wait == 0 and adm.held == gate.settings.max_queue
+    adm.inside = adm.held = 0
     assert gate.hold_body(gate.total_limit) and not gate.hold_body(1)  # held bodies count in the cap
     gate.release_body(gate.total_limit)
     assert gate.buffered == 0

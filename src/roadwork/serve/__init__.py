@@ -68,12 +68,18 @@ def serve(bundle: str, settings: ServeSettings) -> None:
             timer.daemon = True
             timer.start()
 
+    from roadwork.serve.admission import Gate
     from roadwork.serve.protocol import guarded_protocol
+
+    gate = app.middleware_stack = (
+        app.build_middleware_stack()
+    )  # what Starlette builds on first use, built now
+    assert isinstance(gate, Gate)  # the outermost layer (serve/app.py)
 
     config = uvicorn.Config(
         app,
-        # head limits, head timeout, eviction, admission of small prediction requests
-        http=guarded_protocol(settings, app.state.roadwork.metrics, early=app.state.roadwork),
+        # head limits, head timeout, eviction, and the gate's admission of small prediction requests
+        http=guarded_protocol(settings, app.state.roadwork.metrics, early=gate),
         ws="none",  # no WebSocket routes: an upgrade request is a plain request (and gets a JSON answer)
         host=settings.host,
         port=settings.port,

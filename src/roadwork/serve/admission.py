@@ -51,7 +51,7 @@ class Refused:
     the ``Retry-After`` its connection was told; 0: answer now)."""
 
     reason: str
-    wait: float
+    wait: float  # > 0: counted in ``Admission.held`` until :meth:`Gate.refuse_early`
 
 
 class _BodyTooLarge(Exception):
@@ -345,7 +345,11 @@ class Gate:
             adm.enter()
             self.metrics.inflight.set(adm.inside)
             return True
-        return Refused(refusal, adm.told_to_wait(client))
+        wait = adm.told_to_wait(client)
+        if wait and adm.held < self.settings.max_queue:  # the gate's own holds count in the same bound
+            adm.held += 1
+            return Refused(refusal, wait)
+        return Refused(refusal, 0.0)
 
     def hold_body(self, size: int) -> bool:
         """Count a body the protocol holds for :meth:`admit_early` in the bodies in flight
@@ -359,13 +363,15 @@ class Gate:
         """Give back what :meth:`hold_body` counted (the gate counts the body again while it serves it)."""
         self.buffered -= size
 
-    def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]:
-        """The message and ``Retry-After`` of a 503 the protocol sends (``seconds`` after the request arrived),
-        counted as the gate counts its own."""
+    def refuse_early(self, client: Any, refused: Refused, seconds: float) -> tuple[str, int]:
+        """The message and ``Retry-After`` of the 503 the protocol sends for ``refused`` (``seconds`` after the
+        request arrived, its hold over), counted as the gate counts its own."""
+        if refused.wait:
+            self.admission.held -= 1
         self.metrics.rejected.inc()
         self.metrics.requests.labels("admission", "503").inc()
         self.metrics.latency.labels("admission").observe(seconds)
-        return self.admission.answer(client, reason)
+        return self.admission.answer(client, refused.reason)
 
     async def _body(self, scope: dict[str, Any], receive: Any, answer: _Answer) -> bytearray | None:
         """The whole body, read under ``body_timeout_s`` and the size limit; ``None`` once refused (413/408, the

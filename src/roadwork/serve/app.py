@@ -119,7 +119,7 @@ def _gate_outermost(
     build = app.build_middleware_stack
 
     def gated() -> Any:
-        state.gate = Gate(
+        return Gate(
             build(),
             settings=settings,
             metrics=metrics,
@@ -127,7 +127,6 @@ def _gate_outermost(
             draining=lambda: state.draining,
             fast=fast_routes(state),
         )
-        return state.gate
 
     app.build_middleware_stack = gated  # type: ignore[method-assign]
 

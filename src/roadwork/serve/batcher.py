@@ -88,18 +88,17 @@ class ServiceTime:
 
 @dataclass
 class _Item:
-    x: Any  # (n, 3, H, W) float32 array, or a list of n decoded images (cascade bundles)
+    x: Any  # (n, 3, H, W) float32 array, or a cascade's StageInputs for n images
     meta: dict[str, list[str]]
     future: asyncio.Future[list[Any]]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 def _join(parts: list[Any]) -> Any:
-    """One batch from several requests' inputs: arrays, lists, or anything with a ``concat`` of its own."""
+    """One batch from several requests' inputs: arrays, or anything with a ``concat`` of its own (a cascade's
+    :class:`~roadwork.export.bundle.StageInputs`)."""
     if isinstance(parts[0], np.ndarray):
         return np.concatenate(parts)
-    if isinstance(parts[0], list):
-        return [im for p in parts for im in p]
     return type(parts[0]).concat(parts)
 
 

@@ -11,6 +11,11 @@
   closes the oldest one that has not sent a complete request head, so probes and real clients still get in
   while 2,000 silent sockets knock. Each eviction is counted in ``/metrics``.
 - **Parser errors are JSON** ``{"error": ...}`` 400s, as every other error of the server.
+- **Admission of small prediction requests**: a ``POST /v1/classify`` of up to 64 KiB is held here until its
+  body is in, then admitted or refused once by the gate (:meth:`~roadwork.serve.admission.Gate.admit_early`)
+  before any ASGI scope or task exists: in overload most requests are refused, and a refusal through the whole
+  stack took the CPU the admitted ones needed. A refused one's 503 (held until its connection's
+  ``Retry-After`` is up, if it re-sent early) is written here; answers on a connection stay in order.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import resource
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,9 +41,9 @@ log = logging.getLogger(__name__)
 
 
 class EarlyGate(Protocol):
-    """Admission of a small prediction request the protocol holds whole (the gate's, through the server)."""
+    """Admission of a small prediction request the protocol holds whole: :class:`~roadwork.serve.admission.Gate`."""
 
-    draining: bool
+    draining: Callable[[], bool]
 
     def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused: ...
 
@@ -45,7 +51,7 @@ class EarlyGate(Protocol):
 
     def release_body(self, size: int) -> None: ...
 
-    def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]: ...
+    def refuse_early(self, client: Any, refused: Refused, seconds: float) -> tuple[str, int]: ...
 
 
 class _Queued:
@@ -95,7 +101,6 @@ class _Limits:
     head_limit: int
     idle: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # no complete head yet, oldest first
     early: EarlyGate | None = None  # the gate's admission for small prediction requests (admit_early)
-    held: int = 0  # refusals held until their connection's Retry-After is up
 
 
 def guarded_protocol(
@@ -130,7 +135,7 @@ class GuardedProtocol(HttpToolsProtocol):
     _held: bytearray | None = None  # the body of a small prediction request, held until admission decides
     _body_timer: Any = None
     _holding: Any = None  # the timer of a refusal held until the connection's Retry-After is up
-    _hold_args: tuple[str, bool, float] = ("", False, 0.0)  # its reason, keep-alive and start
+    _hold_args: tuple[Refused, bool, float] | None = None  # its refusal, keep-alive and start
     _closing = False  # uvicorn's shutdown came while a body or a refusal was held: close after its answer
     _held_size = 0  # its declared length, counted in the gate's bodies in flight until the body is in
 
@@ -182,13 +187,11 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
         self._release_held()
-        if self._holding is not None:  # the client left while its 503 was held: counted, as by the gate
-            self._holding.cancel()
+        if self._holding is not None and self.limits.early is not None and self._hold_args is not None:
+            self._holding.cancel()  # the client left while its 503 was held: counted, as by the gate
             self._holding = None
-            self.limits.held -= 1
-            reason, _keep, t0 = self._hold_args
-            if self.limits.early is not None:
-                self.limits.early.refuse_early(self.client, reason, time.perf_counter() - t0)
+            refused, _keep, t0 = self._hold_args
+            self.limits.early.refuse_early(self.client, refused, time.perf_counter() - t0)
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
@@ -267,7 +270,7 @@ class GuardedProtocol(HttpToolsProtocol):
         return True
 
     def _release_held(self) -> None:
-        if self._held_size and self.limits.early is not None:
+        if self._held_size and self.limits.early is not None:  # held only with a gate (_hold_for_admission)
             self.limits.early.release_body(self._held_size)
         self._held_size = 0
 
@@ -297,17 +300,17 @@ class GuardedProtocol(HttpToolsProtocol):
         self._body_timer.cancel()
         self._release_held()
         early = self.limits.early
-        decision = False if self._busy() or early is None else early.admit_early(self.headers, self.client)
+        assert early is not None  # a body is held only with a gate (_hold_for_admission)
+        decision = False if self._busy() else early.admit_early(self.headers, self.client)
         if isinstance(decision, Refused):  # 503 + Retry-After, no ASGI work
             keep = self.parser.should_keep_alive() and self.parser.get_http_version() == "1.1"
-            lim, t0 = self.limits, time.perf_counter()
-            if decision.wait > 0 and lim.held < lim.settings.max_queue:  # as the gate's shed: hold it first
-                lim.held += 1
+            t0 = time.perf_counter()
+            if decision.wait > 0:  # as the gate's shed: held until the connection's Retry-After is up
                 self.flow.pause_reading()
-                self._hold_args = (decision.reason, keep, t0)
+                self._hold_args = (decision, keep, t0)
                 self._holding = self.loop.call_later(decision.wait, self._refuse_held, *self._hold_args)
             else:
-                self._refuse_held(decision.reason, keep, t0)
+                self._refuse_held(decision, keep, t0)
             return
         if decision:
             self.scope[ADMITTED] = True  # type: ignore[literal-required]
@@ -327,15 +330,14 @@ class GuardedProtocol(HttpToolsProtocol):
             or (self.cycle is not None and not self.cycle.response_complete)
         )
 
-    def _refuse_held(self, reason: str, keep: bool, t0: float) -> None:
-        if self._holding is not None:
-            self._holding = None
-            self.limits.held -= 1
+    def _refuse_held(self, refused: Refused, keep: bool, t0: float) -> None:
+        self._holding = self._hold_args = None
         early = self.limits.early
-        if self.transport.is_closing() or early is None:
+        assert early is not None
+        message, retry_after = early.refuse_early(self.client, refused, time.perf_counter() - t0)
+        if self.transport.is_closing():
             return
-        keep = keep and not self._closing and not early.draining  # draining: every answer says close
-        message, retry_after = early.refuse_early(self.client, reason, time.perf_counter() - t0)
+        keep = keep and not self._closing and not early.draining()  # draining: every answer says close
         extra = b"retry-after: %d\r\n" % retry_after
         self.transport.write(_json_response(503, b"Service Unavailable", message, extra, close=not keep))
         if keep:

@@ -7,9 +7,9 @@ once. A version is a sub-folder with a ``manifest.json``; its name is the folder
 
 Loading reads the version the way start-up does (one verified read, ``require_signature`` enforced), refuses a
 version whose model differs in what requests depend on (classes, preprocessing, the cascade's stage inputs:
-those need a rolling restart), warms it off the model thread, then swaps it in between two batches: a batch runs wholly under
-one version, and every answer carries the ``policy_version`` it was decided under. Requests keep being served
-during the load; one load at a time.
+those need a rolling restart), warms it off the model thread, then swaps it in between two batches: a batch runs
+wholly under one version, and every answer carries the ``policy_version`` it was decided under. Requests keep
+being served during the load; one load at a time.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from roadwork.export.runtime import physical_cores
 from roadwork.field.capture import ImageCapture
 from roadwork.field.loop import FieldLoop, Stamper
 from roadwork.field.online import OnlineControl, online_groups, shifted
-from roadwork.serve.admission import Admission, Gate, Refused, Shed
+from roadwork.serve.admission import Admission, Shed
 from roadwork.serve.batcher import DynamicBatcher, QueueFull, QueueTimeout
 from roadwork.serve.decode import RequestError
 from roadwork.serve.metrics import InferenceStats, ServerMetrics
@@ -54,27 +54,8 @@ class ServerState:
     draining: bool = False
     unloaded: bool = False  # the repository API's unload: not serving until a version is loaded
     repository: Any = None  # the folder of bundle versions (serve/repository.py), fixed on first use
-    gate: Gate | None = None  # the outermost ASGI gate, once Starlette has built the middleware stack
 
     parse_pool: ProcessPoolExecutor | None = None  # started on the first large body (see parse)
-
-    def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused:
-        """:meth:`Gate.admit_early` once the gate exists (``False`` before: the gate decides, as always)."""
-        return False if self.gate is None else self.gate.admit_early(headers, client)
-
-    def hold_body(self, size: int) -> bool:
-        """:meth:`Gate.hold_body` (``False`` before the gate exists: nothing is held then)."""
-        return self.gate is not None and self.gate.hold_body(size)
-
-    def release_body(self, size: int) -> None:
-        """:meth:`Gate.release_body`."""
-        if self.gate is not None:
-            self.gate.release_body(size)
-
-    def refuse_early(self, client: Any, reason: str, seconds: float) -> tuple[str, int]:
-        """:meth:`Gate.refuse_early` (only called after :meth:`admit_early` refused, so the gate exists)."""
-        assert self.gate is not None
-        return self.gate.refuse_early(client, reason, seconds)
 
     async def parse(self, fn: Callable[[], T], size: int) -> T:
         """``fn()`` (a pure parse of a request body): here for small bodies, in a parsing process for bodies over
