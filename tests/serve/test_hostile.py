@@ -331,6 +331,38 @@ def test_large_v2_bodies_are_parsed_in_another_process_with_the_same_answers_and
         assert r.status_code == 400 and "id must be a string" in r.json()["error"]
 
 
+def test_large_v1_json_bodies_are_parsed_in_another_process_with_the_same_answers_and_errors(bundle):
+    """A /v1/classify JSON body over OFF_LOOP_BYTES is parsed and base64-decoded in the parsing process (both hold
+    the GIL for a large body): the same predictions as the raw image, and its errors the same JSON 400s."""
+    from roadwork.serve.state import OFF_LOOP_BYTES
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (640, 640, 3), dtype=np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    b64 = base64.b64encode(png).decode()
+    assert len(b64) > OFF_LOOP_BYTES
+    with _client(bundle, max_queue_delay_ms=1) as c:
+        state = c.app.state.roadwork  # type: ignore[attr-defined]
+        raw = c.post("/v1/classify", content=png, headers={"content-type": "image/png"}).json()[
+            "predictions"
+        ][0]
+        assert state.parse_pool is None  # not JSON: nothing to parse
+        r = c.post("/v1/classify", json={"images": [b64, b64], "metadata": {"camera": "a"}})
+        assert r.status_code == 200 and state.parse_pool is not None
+        preds = r.json()["predictions"]
+        assert len(preds) == 2
+        for p in preds:
+            assert p["label"] == raw["label"] and p["probability"] == raw["probability"]
+        r = c.post("/v1/classify", json={"images": [b64, "!" + b64]})
+        assert r.status_code == 400 and "'images[1]' is not valid base64" in r.json()["error"]
+        r = c.post(
+            "/v1/classify",
+            content=b'{"image": "' + b64.encode(),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+
+
 def test_a_strip_image_and_broken_multipart_bodies_are_json_4xx(client):
     """A 300-byte 1x3000 PNG would be resized to 96x288000 pixels: refused by its shape. Starlette's own
     multipart errors come back as our JSON 400s, not 500s."""

@@ -51,8 +51,9 @@ class Stamper:
         with self._lock:
             start, self._count = self._count, self._count + len(records)
             draws = [self._rng.random() < self.audit_rate for _ in records] if self.audit_rate else []
+        bits = os.urandom(4 * len(records)).hex()  # one system call per answer, not per image
         for k, rec in enumerate(records):
-            rec["id"] = f"{self._prefix}-{start + k + 1:x}-{os.urandom(4).hex()}"
+            rec["id"] = f"{self._prefix}-{start + k + 1:x}-{bits[8 * k : 8 * k + 8]}"
             rec.setdefault(
                 "policy_version", self.version
             )  # the model path's, when it stamped the version it used

@@ -461,7 +461,10 @@ async def _classify_images(
     body = await request.body()
     query_meta: dict[str, Any] = {k: v for k, v in request.query_params.items() if k in model.slice_columns}
     if ctype == "application/json":
-        blobs, per_image = v2.json_images(v2.parse_json(body), settings.max_images)
+        # json.loads and base64 of a large body hold the GIL: parsed in the parsing process then
+        blobs, per_image = await state.parse(
+            functools.partial(v2.json_images, body, settings.max_images), len(body)
+        )
     elif ctype == "multipart/form-data":
         form = await request.form(max_files=settings.max_images, max_fields=64)
         blobs = [await f.read() for _, f in form.multi_items() if hasattr(f, "read")]

@@ -41,8 +41,11 @@ def parse_json(body: bytes | bytearray) -> Any:
         raise RequestError(400, f"the body is not valid JSON ({e}).") from None
 
 
-def json_images(req: Any, max_images: int) -> tuple[list[bytes], list[dict[str, Any]]]:
-    """``{"image": b64, "metadata": {...}}`` or ``{"images": [b64, ...], "metadata": [{...}, ...] | {...}}``."""
+def json_images(body: bytes | bytearray, max_images: int) -> tuple[list[bytes], list[dict[str, Any]]]:
+    """A ``/v1/classify`` JSON body, ``{"image": b64, "metadata": {...}}`` or ``{"images": [b64, ...],
+    "metadata": [{...}, ...] | {...}}`` → the image bytes and per-image metadata. Pure, so that a large body is
+    parsed and base64-decoded in the parsing process (:meth:`~roadwork.serve.state.ServerState.parse`)."""
+    req = parse_json(body)
     if not isinstance(req, dict) or ("image" not in req and "images" not in req):
         raise RequestError(400, 'send {"image": "<base64>"} or {"images": ["<base64>", ...]}.')
     if "image" in req:
