@@ -342,3 +342,46 @@ def test_the_gate_admits_early_once_and_gives_the_slot_back(bundle):
     sent = asyncio.run(through_gate())
     assert sent[0]["status"] == 400  # not an image: answered, not refused
     assert state.admission.inside == 0 and state.admission.pending == 0
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+        b"Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n",
+    ],
+)
+@pytest.mark.parametrize("split", [False, True])
+def test_an_upgrade_request_is_answered_as_plain_http_with_its_body_and_what_follows(upgrade, split):
+    """This server switches to no other protocol: the Upgrade is ignored (RFC 9110 allows it; ``curl --http2``
+    sends one). llhttp stops at such a head and used to lose the body (a JSON body read as empty) and every
+    pipelined request; also when the body comes in a later read."""
+
+    async def main() -> tuple[Any, ...]:
+        proto, t, seen = _connection(_Gate(True))
+        head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n" + upgrade + b"Content-Length: 3\r\n\r\n"
+        if split:
+            proto.data_received(head)
+            await asyncio.sleep(0.01)
+            proto.data_received(b"abc" + PROBE)
+        else:
+            proto.data_received(head + b"abc" + PROBE)
+        await asyncio.sleep(0.05)
+        return t, seen
+
+    t, seen = asyncio.run(main())
+    assert _answers(t.out) == [b"200", b"200"] and not t.closed
+    assert [(path, body) for path, _, body in seen] == [("/v1/classify", b"abc"), ("/v2/health/live", b"")]
+    assert b"upgrade" not in t.out.lower()  # no 101: the answer is plain HTTP/1.1
+
+
+def test_connect_is_refused_with_a_json_405():
+    async def main() -> tuple[Any, ...]:
+        proto, t, seen = _connection(_Gate(True))
+        proto.data_received(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n" + PROBE)
+        await asyncio.sleep(0.05)
+        return t, seen
+
+    t, seen = asyncio.run(main())
+    assert _answers(t.out) == [b"405"] and t.closed and seen == []
+    assert b'"error": "CONNECT is not served' in t.out and b"content-type: application/json" in t.out.lower()

@@ -11,6 +11,9 @@
   closes the oldest one that has not sent a complete request head, so probes and real clients still get in
   while 2,000 silent sockets knock. Each eviction is counted in ``/metrics``.
 - **Parser errors are JSON** ``{"error": ...}`` 400s, as every other error of the server.
+- **Upgrade requests are plain requests**: this server switches to no other protocol, so an ``Upgrade`` header
+  (``h2c`` from ``curl --http2``, ``websocket``) is ignored and the request answered as HTTP/1.1, body and
+  pipelined requests included (llhttp stops at such a head); ``CONNECT`` gets a JSON 405.
 - **Admission of small prediction requests**: a ``POST /v1/classify`` of up to 64 KiB is held here until its
   body is in, then admitted or refused once by the gate (:meth:`~roadwork.serve.admission.Gate.admit_early`)
   before any ASGI scope or task exists: in overload most requests are refused, and a refusal through the whole
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from roadwork.serve.admission import ADMITTED, Refused
@@ -138,6 +142,7 @@ class GuardedProtocol(HttpToolsProtocol):
     _hold_args: tuple[Refused, bool, float] | None = None  # its refusal, keep-alive and start
     _closing = False  # uvicorn's shutdown came while a body or a refusal was held: close after its answer
     _held_size = 0  # its declared length, counted in the gate's bodies in flight until the body is in
+    _upgrade: bytes | None = None  # a request head that asked for an Upgrade, without it (see _feed)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -207,12 +212,32 @@ class GuardedProtocol(HttpToolsProtocol):
         waiting = self in self.limits.idle
         if waiting:
             self._head_bytes += len(data)
-        super().data_received(data)  # a read is at most 256 KiB: bounded work per call
+        self._feed(data)  # a read is at most 256 KiB: bounded work per call
         if waiting and self in self.limits.idle and self._head_bytes > self.limits.head_limit:
             kb = self.limits.settings.max_header_kb
             self._refuse(
                 431, b"Request Header Fields Too Large", f"the request head is over max_header_kb={kb} KiB."
             )
+
+    def _feed(self, data: bytes, replayed: bool = False) -> None:
+        """uvicorn's ``data_received``, except for a request asking to switch protocols (``Upgrade: h2c``, as
+        ``curl --http2`` sends, or ``websocket``): this server switches to none, so, as RFC 9110 allows, the
+        Upgrade is ignored and the request answered as HTTP/1.1. llhttp hands everything after such a head over as
+        the new protocol's bytes (the body and any pipelined request were lost: a JSON body read as empty): the
+        head is parsed again without its Upgrade, by a fresh parser, followed by those bytes."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            head, self._upgrade = self._upgrade, None
+            if head is None or replayed:  # CONNECT (refused already), or a second switch in a row
+                self._refuse(400, b"Bad Request", "a protocol switch is not served; send plain HTTP/1.1.")
+                return
+            self.parser = httptools.HttpRequestParser(self)
+            self._feed(head + data[int(e.args[0]) :], replayed=True)
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
 
     def on_message_begin(self) -> None:
         self._head_len = self._head_count = 0  # each request's own head (pipelined ones included)
@@ -237,6 +262,13 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_done()
         if self.transport.is_closing():  # pipelined behind an answer that closed the connection: not run
+            return
+        if self.parser.should_upgrade():  # parsed again without its Upgrade (_feed)
+            method = self.parser.get_method()
+            if method == b"CONNECT":
+                self._refuse(405, b"Method Not Allowed", "CONNECT is not served: this is not a proxy.")
+                raise _Refused
+            self._upgrade = _plain_head(method, self.url, self.parser.get_http_version(), self.headers)
             return
         if self._head_len > self.limits.head_limit:  # a head that arrived whole, in one read
             kb = self.limits.settings.max_header_kb
@@ -292,6 +324,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         if self.transport.is_closing():
+            return
+        if self._upgrade is not None:  # the head with an Upgrade: parsed again (_feed), nothing runs now
             return
         if self._held is None:
             super().on_message_complete()
@@ -364,6 +398,20 @@ class GuardedProtocol(HttpToolsProtocol):
             self.transport.pause_reading()
             return
         self._refuse(400, b"Bad Request", error)
+
+
+def _plain_head(method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A request head again, without ``Upgrade`` and without the ``upgrade`` token of ``Connection``."""
+    lines = [b"%s %s HTTP/%s\r\n" % (method, url, version.encode())]
+    for name, value in headers:
+        if name == b"upgrade":
+            continue
+        if name == b"connection":
+            value = b", ".join(t.strip() for t in value.split(b",") if t.strip().lower() != b"upgrade")
+            if not value:
+                continue
+        lines.append(b"%s: %s\r\n" % (name, value))
+    return b"".join(lines) + b"\r\n"
 
 
 class _Refused(Exception):
