@@ -385,3 +385,24 @@ def test_connect_is_refused_with_a_json_405():
     t, seen = asyncio.run(main())
     assert _answers(t.out) == [b"405"] and t.closed and seen == []
     assert b'"error": "CONNECT is not served' in t.out and b"content-type: application/json" in t.out.lower()
+
+
+def test_bad_requests_pipelined_behind_good_ones_are_refused_after_their_answers():
+    """Several Upgrade requests in one read are each answered (each round of re-parsing answers one); a CONNECT
+    or an oversized head behind a good request gets its 405/431 after that request's answer, then the close."""
+    up = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    connect = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    big = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (9 * 1024) + b"\r\n\r\n"
+
+    async def main(data: bytes) -> tuple[Any, ...]:
+        proto, t, seen = _connection(_Gate(True), max_header_kb=8)
+        proto.data_received(data)
+        await asyncio.sleep(0.05)
+        return t, seen
+
+    t, seen = asyncio.run(main(up * 300 + PROBE))  # many: a loop, not one recursion per request
+    assert _answers(t.out) == [b"200"] * 301 and not t.closed and len(seen) == 301
+    t, seen = asyncio.run(main(PROBE + up + connect + PROBE))
+    assert _answers(t.out) == [b"200", b"200", b"405"] and t.closed and len(seen) == 2
+    t, seen = asyncio.run(main(PROBE + big))
+    assert _answers(t.out) == [b"200", b"431"] and t.closed and len(seen) == 1

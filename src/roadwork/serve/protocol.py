@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -135,7 +136,9 @@ class GuardedProtocol(HttpToolsProtocol):
     subclass made by :func:`guarded_protocol` carries the limits."""
 
     limits: _Limits
-    _error_after: str | None = None  # a parse error after a pipelined good request: answered after it
+    _error_after: tuple[int, bytes, str] | None = (
+        None  # a refusal after a pipelined good request: sent after it
+    )
     _held: bytearray | None = None  # the body of a small prediction request, held until admission decides
     _body_timer: Any = None
     _holding: Any = None  # the timer of a refusal held until the connection's Retry-After is up
@@ -219,25 +222,29 @@ class GuardedProtocol(HttpToolsProtocol):
                 431, b"Request Header Fields Too Large", f"the request head is over max_header_kb={kb} KiB."
             )
 
-    def _feed(self, data: bytes, replayed: bool = False) -> None:
+    def _feed(self, data: bytes) -> None:
         """uvicorn's ``data_received``, except for a request asking to switch protocols (``Upgrade: h2c``, as
         ``curl --http2`` sends, or ``websocket``): this server switches to none, so, as RFC 9110 allows, the
         Upgrade is ignored and the request answered as HTTP/1.1. llhttp hands everything after such a head over as
         the new protocol's bytes (the body and any pipelined request were lost: a JSON body read as empty): the
-        head is parsed again without its Upgrade, by a fresh parser, followed by those bytes."""
+        head is parsed again without its Upgrade, by a fresh parser, followed by those bytes (a loop: every
+        round answers at least that request, however many pipelined Upgrade requests the read holds)."""
         self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            head, self._upgrade = self._upgrade, None
-            if head is None or replayed:  # CONNECT (refused already), or a second switch in a row
-                self._refuse(400, b"Bad Request", "a protocol switch is not served; send plain HTTP/1.1.")
+        while True:
+            try:
+                self.parser.feed_data(data)
                 return
-            self.parser = httptools.HttpRequestParser(self)
-            self._feed(head + data[int(e.args[0]) :], replayed=True)
-        except httptools.HttpParserError:
-            self.logger.warning("Invalid HTTP request received.")
-            self.send_400_response("Invalid HTTP request received.")
+            except httptools.HttpParserUpgrade as e:
+                head, self._upgrade = self._upgrade, None
+                if head is None:  # its connection is closing already: nothing to answer
+                    return
+                self.parser = _parser(self)
+                data = head + data[int(e.args[0]) :]
+            except httptools.HttpParserError:
+                if self._error_after is None and not self.transport.is_closing():  # not refused already
+                    self.logger.warning("Invalid HTTP request received.")
+                    self.send_400_response("Invalid HTTP request received.")
+                return
 
     def on_message_begin(self) -> None:
         self._head_len = self._head_count = 0  # each request's own head (pipelined ones included)
@@ -255,7 +262,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_count += 1
         if self._head_count > self.limits.settings.max_headers:
             n = self.limits.settings.max_headers
-            self._refuse(431, b"Request Header Fields Too Large", f"over max_headers={n} headers.")
+            self._refuse_in_order(431, b"Request Header Fields Too Large", f"over max_headers={n} headers.")
             raise _Refused
         super().on_header(name, value)
 
@@ -266,13 +273,15 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade():  # parsed again without its Upgrade (_feed)
             method = self.parser.get_method()
             if method == b"CONNECT":
-                self._refuse(405, b"Method Not Allowed", "CONNECT is not served: this is not a proxy.")
+                self._refuse_in_order(
+                    405, b"Method Not Allowed", "CONNECT is not served: this is not a proxy."
+                )
                 raise _Refused
             self._upgrade = _plain_head(method, self.url, self.parser.get_http_version(), self.headers)
             return
         if self._head_len > self.limits.head_limit:  # a head that arrived whole, in one read
             kb = self.limits.settings.max_header_kb
-            self._refuse(
+            self._refuse_in_order(
                 431, b"Request Header Fields Too Large", f"the request head is over max_header_kb={kb} KiB."
             )
             raise _Refused
@@ -386,18 +395,33 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._busy() or self.transport.is_closing():  # a pipelined request runs
             return
         error, self._error_after = self._error_after, None
-        if error is not None:  # the malformed request that followed a good one gets its 400 now, in order
-            self._refuse(400, b"Bad Request", error)
+        if error is not None:  # the bad request that followed a good one gets its 4xx now, in order
+            self._refuse(*error)
             return
         self._awaiting_head()
 
     def send_400_response(self, msg: str) -> None:
-        error = f"malformed HTTP request ({msg.rstrip('.')}); send valid HTTP/1.1."
-        if self._busy():  # pipelined after a good request: that
-            self._error_after = error  # one is answered first, then this 400, then the connection closes
+        self._refuse_in_order(
+            400, b"Bad Request", f"malformed HTTP request ({msg.rstrip('.')}); send valid HTTP/1.1."
+        )
+
+    def _refuse_in_order(self, status: int, reason: bytes, message: str) -> None:
+        """:meth:`_refuse`, after the answers still owed on this connection: pipelined after a good request, that
+        one is answered first, then this refusal, then the connection closes."""
+        if self._busy():
+            self._error_after = (status, reason, message)
             self.transport.pause_reading()
             return
-        self._refuse(400, b"Bad Request", error)
+        self._refuse(status, reason, message)
+
+
+def _parser(protocol: Any) -> Any:
+    """A request parser for ``protocol``, with uvicorn's settings (an answer to a request pipelined before a
+    ``Connection: close`` one is still sent)."""
+    parser = httptools.HttpRequestParser(protocol)
+    with contextlib.suppress(AttributeError):  # httptools < 0.6.3
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)
+    return parser
 
 
 def _plain_head(method: bytes, url: bytes, version: str, headers: list[tuple[bytes, bytes]]) -> bytes:
