@@ -564,7 +564,9 @@ def open_loop(bundle: Path, seconds: float) -> None:
 
 def odd_inputs(bundle: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="roadwork-odd-"))
-    images = sorted(Path(bundle).parent.parent.glob("data/images/*.jpg"))[:5]
+    images = sorted(Path(bundle).resolve().parent.parent.glob("data/images/*.jpg"))[
+        :5
+    ]  # absolute: the manifest lives elsewhere
     folder = work / "in"
     folder.mkdir()
     for im in images:

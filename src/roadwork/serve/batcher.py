@@ -186,22 +186,17 @@ class DynamicBatcher:
         return await fut
 
     async def _run(self, items: list[_Item]) -> list[Any]:
-        parts = [it.x for it in items]
+        x = items[0].x if len(items) == 1 else _join([it.x for it in items])
         keys = {k for it in items for k in it.meta}
         meta = {k: [v for it in items for v in it.meta.get(k, [""] * len(it.x))] for k in keys}
-        n = sum(len(p) for p in parts)
+        n = len(x)
         self.running, self._running_since = n, time.perf_counter()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self._call, parts, meta)
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, x, meta)
         finally:
             self.running = 0
         self.service.observe(n, time.perf_counter() - self._running_since)
         return results
-
-    def _call(self, parts: list[Any], meta: dict[str, list[str]]) -> list[Any]:
-        """In the executor: the requests' inputs joined into one batch (a copy of every input: off the event
-        loop), then run."""
-        return self.run_batch(parts[0] if len(parts) == 1 else _join(parts), meta)
 
     async def _worker(self) -> None:
         while True:
