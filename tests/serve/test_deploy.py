@@ -184,3 +184,60 @@ def test_every_quantile_a_panel_title_names_has_a_query():
             for q in re.findall(r"histogram_quantile\(([\d.]+)", t["expr"])
         }
         assert named <= queried, (panel["title"], queried)
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The distributions ``requirements`` install (their own requirements, extras followed), by name."""
+    from importlib import metadata
+
+    seen: set[str] = set()
+    todo = list(requirements)
+    while todo:
+        req = todo.pop()
+        name = _name(req)
+        extras = set(re.findall(r"\[([^\]]*)\]", req.split(";")[0])[0].split(",")) if "[" in req else set()
+        key = name + str(sorted(extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            reqs = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for r in reqs:
+            marker = r.split(";", 1)[1] if ";" in r else ""
+            wanted = re.findall(r"extra\s*==\s*[\"']([^\"']+)[\"']", marker)
+            if wanted and not set(wanted) & {e.strip() for e in extras}:
+                continue
+            todo.append(r.split(";", 1)[0])
+    return {k.split("[")[0] for k in seen}
+
+
+_OPTIONAL = {"orjson", "sniffio", "watchfiles"}  # imported by fastapi, anyio, uvicorn only when installed
+
+
+def test_every_module_the_server_imports_comes_with_the_serve_extra():
+    """``pip install "roadwork[serve]"`` is all a server needs: every third-party module the serving code
+    imports (uvicorn's httptools protocol included) is installed by roadwork's requirements and the serve extra."""
+    code = (
+        "import sys; before = set(sys.modules);"
+        "import roadwork.serve, roadwork.serve.app, roadwork.serve.protocol, roadwork.cli;"
+        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from importlib import metadata
+
+    dists = metadata.packages_distributions()
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]
+    installed = _closure([*project["dependencies"], *project["optional-dependencies"]["serve"]])
+    missing = sorted(
+        m
+        for m in out.stdout.split()
+        if m not in sys.stdlib_module_names
+        and m not in _OPTIONAL
+        and m != "roadwork"
+        and dists.get(m)
+        # a namespace package (opentelemetry) comes from several distributions: one of them is enough
+        and not any(_name(d) in installed for d in dists[m])
+    )
+    assert not missing, f"imported by the server but not installed by roadwork[serve]: {missing}"

@@ -71,9 +71,8 @@ def serve(bundle: str, settings: ServeSettings) -> None:
     from roadwork.serve.admission import Gate
     from roadwork.serve.protocol import guarded_protocol
 
-    gate = app.middleware_stack = (
-        app.build_middleware_stack()
-    )  # what Starlette builds on first use, built now
+    # what Starlette builds on first use, built now: the protocol admits small requests through it
+    gate = app.middleware_stack = app.build_middleware_stack()
     assert isinstance(gate, Gate)  # the outermost layer (serve/app.py)
 
     config = uvicorn.Config(

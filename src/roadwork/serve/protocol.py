@@ -136,9 +136,8 @@ class GuardedProtocol(HttpToolsProtocol):
     subclass made by :func:`guarded_protocol` carries the limits."""
 
     limits: _Limits
-    _error_after: tuple[int, bytes, str] | None = (
-        None  # a refusal after a pipelined good request: sent after it
-    )
+    # a refusal (status, reason, message) of a request pipelined after a good one: sent after its answer
+    _error_after: tuple[int, bytes, str] | None = None
     _held: bytearray | None = None  # the body of a small prediction request, held until admission decides
     _body_timer: Any = None
     _holding: Any = None  # the timer of a refusal held until the connection's Retry-After is up
@@ -299,7 +298,7 @@ class GuardedProtocol(HttpToolsProtocol):
         """A small ``POST /v1/classify`` (declared length up to ``_HOLD_BYTES``, about what uvicorn buffers
         per connection anyway) is held here until its body has arrived, then admitted or refused once, before
         any ASGI scope or task exists (:meth:`on_message_complete`)."""
-        if self.limits.early is None or self.expect_100_continue or self.parser.should_upgrade():
+        if self.limits.early is None or self.expect_100_continue:
             return False
         if self.parser.get_method() != b"POST" or self.url.split(b"?", 1)[0] != b"/v1/classify":
             return False
