@@ -67,6 +67,27 @@ def test_health_and_metadata(client, bundle):
     assert r.status_code == 404 and "error" in r.json()
 
 
+def test_with_the_adaptive_window_a_lone_request_does_not_wait_out_the_window(bundle, images):
+    """``adaptive_window=true``: the batcher asks admission what is still on its way, and a lone request runs
+    without waiting for the (here 60 s) window; the answer is the same."""
+    with _client(bundle) as plain:
+        want = [
+            _strip(p)
+            for p in plain.post("/v1/classify", files={"file": images[0].read_bytes()}).json()["predictions"]
+        ]
+    settings = {"max_queue_delay_ms": 60_000, "max_latency_ms": 120_000}
+    app = create_app(bundle, ServeSettings(name="tiny", adaptive_window=True, **settings))
+    with TestClient(app) as c:
+        state = app.state.roadwork
+        assert state.batcher.incoming is not None and state.batcher.incoming() == state.admission.pending == 0
+        r = c.post("/v1/classify", files={"file": images[0].read_bytes()})
+        assert r.status_code == 200 and [_strip(p) for p in r.json()["predictions"]] == want
+        waited = state.metrics.queue_wait.collect()[0].samples
+        total = next(s.value for s in waited if s.name.endswith("_sum"))
+        assert total < 30  # far from the 60 s window (a fixed window would have waited all of it)
+    assert create_app(bundle, ServeSettings(name="tiny")).state.roadwork.batcher.incoming is None
+
+
 def test_every_classify_body_gives_what_roadwork_predict_gives(client, bundle, images):
     expected = [_strip(r) for r in bundle.predict_paths(images)]
     raw = [

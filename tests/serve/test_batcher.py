@@ -210,3 +210,41 @@ def test_the_batching_window_counts_from_a_request_s_arrival_not_from_when_the_w
         return out
 
     assert _run(main()) == [1.0]
+
+
+def test_the_adaptive_window_closes_when_nothing_is_on_its_way_and_waits_while_something_is():
+    """``incoming``: requests admitted but not yet queued. With none, a lone request runs at once instead of
+    waiting out the (here 60 s) window; while one is on its way, the window stays open for it."""
+    calls: list[int] = []
+    on_the_way = [0]
+
+    def run_batch(x, meta):  # type: ignore[no-untyped-def]
+        calls.append(len(x))
+        return list(x[:, 0])
+
+    async def main():  # type: ignore[no-untyped-def]
+        b = DynamicBatcher(
+            run_batch,
+            max_batch_size=8,
+            max_queue_delay_ms=60_000,
+            max_queue=100,
+            executor=ThreadPoolExecutor(1),
+            incoming=lambda: on_the_way[0],
+        )
+        b.start()
+        # nothing on its way: answered without the window (the 30 s guard only stops a hang)
+        alone = await asyncio.wait_for(b.submit(np.ones((1, 1), np.float32), {}), 30)
+        # one more on its way: the first waits for it, and both go in one batch
+        on_the_way[0] = 1
+        first = asyncio.ensure_future(b.submit(np.full((1, 1), 2.0, np.float32), {}))
+        await asyncio.sleep(0.05)
+        assert not first.done() and calls == [1]
+        on_the_way[0] = 0
+        second = await asyncio.wait_for(b.submit(np.full((1, 1), 3.0, np.float32), {}), 30)
+        pair = await asyncio.wait_for(first, 30)
+        await b.stop()
+        return alone, pair, second
+
+    alone, pair, second = _run(main())
+    assert alone == [1.0] and pair == [2.0] and second == [3.0]
+    assert calls == [1, 2]

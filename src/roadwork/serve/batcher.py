@@ -1,4 +1,5 @@
-"""Dynamic batching: requests wait up to ``max_queue_delay_ms`` for a batch of up to ``max_batch_size`` images.
+"""Dynamic batching: requests wait up to ``max_queue_delay_ms`` for a batch of up to ``max_batch_size`` images
+(with an adaptive window, only while more requests are on their way).
 
 One worker task takes a batch off a queue and runs the model in a thread (ONNX Runtime releases the GIL), so
 the event loop keeps accepting requests.
@@ -116,6 +117,7 @@ class DynamicBatcher:
         on_batch: Callable[[int, list[float]], None] | None = None,
         max_queue_wait_ms: float = 0.0,
         max_latency_ms: float = 0.0,
+        incoming: Callable[[], int] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -126,6 +128,7 @@ class DynamicBatcher:
         self.max_wait = max_queue_wait_ms / 1000  # 0: no limit
         self.budget = max_latency_ms / 1000  # 0: no latency budget
         self.service = ServiceTime()
+        self.incoming = incoming  # requests on their way to the queue (adaptive window); None: fixed window
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.waiting = 0  # images queued, not yet taken into a batch
         self.running = 0  # images in the batch the model runs now
@@ -215,10 +218,13 @@ class DynamicBatcher:
         """Add queued requests to ``items`` until ``max_batch_size`` images or the batching window closes. The
         window is counted from the first request's arrival (Triton's ``max_queue_delay``), not from when the
         worker takes it: requests that queued while the model ran have waited already, so the next batch
-        starts at once instead of leaving the model idle for another window."""
+        starts at once instead of leaving the model idle for another window. With ``incoming`` (the adaptive
+        window), the window also closes when the queue is empty and no request is on its way to it."""
         n = len(items[0].x)
         deadline = items[0].enqueued + self.delay
         while n < self.max_batch_size:
+            if self.incoming is not None and self.queue.empty() and self.incoming() <= 0:
+                return
             timeout = deadline - time.perf_counter()
             try:
                 nxt = (

@@ -37,6 +37,12 @@ class ServeSettings(BaseModel):
     )
     max_batch_size: int = Field(32, ge=1, description="images per ONNX Runtime call")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    adaptive_window: bool = Field(
+        False,
+        description="close the batching window early, as soon as no admitted request is still being read or "
+        "decoded: at low load a request no longer waits max_queue_delay_ms for company that is not coming "
+        "(demo bundle, one client: p50 about 2.5 ms instead of 8); under load batches form as before",
+    )
     max_queue: int = Field(
         256,
         ge=1,

@@ -220,6 +220,9 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
         max_queue_wait_ms=settings.max_queue_wait_ms,
         max_latency_ms=settings.max_latency_ms,
     )
+    admission = Admission(settings, batcher)
+    if settings.adaptive_window:
+        batcher.incoming = lambda: admission.pending
     pred_log = PredictionLog(settings.log_dir, settings.log_rows_per_file) if settings.log_dir else None
     bundle = model.bundle
     field_loop = None
@@ -242,7 +245,7 @@ def build_state(model: ServedModel, settings: ServeSettings, metrics: ServerMetr
         metrics=metrics,
         model=model,
         batcher=batcher,
-        admission=Admission(settings, batcher),
+        admission=admission,
         decode_pool=decode_pool,
         model_pool=model_pool,
         stats=stats,
