@@ -288,3 +288,33 @@ def test_the_help_names_every_preset(capsys):
     assert main(["--help"]) == 0
     listed = capsys.readouterr().out.split("a preset (")[1].split(")")[0]
     assert set(listed.split(", ")) == set(preset_names())
+
+
+def test_option_values_are_read_without_yaml_aliases_and_text_settings_stay_text():
+    """A 300-byte alias bomb as an option value stays a short string (it expanded to gigabytes through
+    yaml.safe_load); a host such as ``::`` or ``0`` is an address, not YAML."""
+    from roadwork.cli.grammar import parse
+    from roadwork.cli.specs import COMMANDS
+
+    bomb = (
+        "["
+        + ",".join(
+            ["&a [x,x,x,x,x,x,x,x,x]"]
+            + [
+                f"&{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]"
+                for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+            ]
+        )
+        + "]"
+    )
+    p = parse(COMMANDS["serve"], ["b", "host=::", f"name={bomb}", "max_batch_size=8"])
+    assert p.options["host"] == "::" and p.options["name"] == bomb and p.options["max_batch_size"] == 8
+    assert parse(COMMANDS["serve"], ["b", "host=0"]).options["host"] == "0"
+    s = parse(COMMANDS["data synthetic"], ["out=o", f"n={bomb}"])
+    assert s.options["n"] == bomb  # the generator's settings then refuse it as not a number
+
+
+def test_a_long_bad_setting_is_shown_shortened(capsys, tiny_run):
+    assert main(["serve", str(tiny_run[1].bundle), "port=" + "9" * 5000]) == 2
+    err = capsys.readouterr().err
+    assert "port=" in err and "(5002 characters)" in err and len(err) < 2000, err

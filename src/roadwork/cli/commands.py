@@ -288,11 +288,13 @@ def serve(p: Parsed) -> int:
             msg = str(err["msg"]).removeprefix("Value error, ")
             raise usage_error(p.command, f"{msg}.") from None
         key = str(err["loc"][0])
-        raise usage_error(p.command, f"{key}={values.get(key)!r}: {err['msg']}.") from None
+        shown = repr(values.get(key))
+        shown = shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
+        raise usage_error(p.command, f"{key}={shown}: {err['msg']}.") from None
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: host={settings.host} without an API key: anyone who reaches this port can classify; set "
-            "ROADWORK_API_KEY (or api_key=) or bind host=127.0.0.1",
+            "ROADWORK_API_KEY or bind host=127.0.0.1",
             file=sys.stderr,
             flush=True,
         )

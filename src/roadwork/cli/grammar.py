@@ -180,10 +180,12 @@ def _convert(cmd: Command, o: Option, raw: str) -> Any:
     if o.kind == "yaml":
         import yaml
 
-        try:
-            return yaml.safe_load(raw) if raw else None
-        except yaml.YAMLError:
-            return raw  # not YAML: the model it feeds decides whether the string is allowed
+        from roadwork.config import yaml_load
+
+        try:  # as configs are read: no aliases, so a few bytes cannot expand into gigabytes
+            return yaml_load(raw) if raw else None
+        except (yaml.YAMLError, RecursionError, ValueError):  # ValueError: an integer of 4,300+ digits
+            return raw  # not YAML (or aliases): the model it feeds decides whether the string is allowed
     if o.choices and raw not in o.choices:
         hint = suggest(raw, o.choices)
         raise usage_error(cmd, f"{o.name}={raw!r} is not one of {', '.join(o.choices)}.{hint}")

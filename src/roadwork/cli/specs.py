@@ -39,7 +39,8 @@ def _serve_options() -> tuple[Option, ...]:
     from roadwork.serve.settings import ServeSettings
 
     return tuple(
-        Option(k, "yaml", f.default, f.description or "")
+        # text settings stay text (host=:: or host=0 are addresses, not YAML); the others are read as YAML
+        Option(k, "str" if f.annotation in (str, str | None) else "yaml", f.default, f.description or "")
         for k, f in ServeSettings.model_fields.items()
         if k != "api_key"  # from ROADWORK_API_KEY only: a secret does not belong on a command line
     )

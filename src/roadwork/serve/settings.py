@@ -1,4 +1,4 @@
-"""Server settings: ``roadwork serve BUNDLE key=value ...`` (or ``ROADWORK_SERVE_<KEY>`` for the API key)."""
+"""Server settings: ``roadwork serve BUNDLE key=value ...``; the API key only from ``ROADWORK_API_KEY``."""
 
 from __future__ import annotations
 
