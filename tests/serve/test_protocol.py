@@ -28,11 +28,15 @@ class _Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.out, self.closed, self.paused = b"", False, False
+        self.proto: Any = None
 
     def write(self, data: Any) -> None:
-        self.out += bytes(data)
+        if not self.closed:  # as asyncio's: nothing is sent after close
+            self.out += bytes(data)
 
     def close(self) -> None:
+        if not self.closed and self.proto is not None:  # as asyncio's: the protocol hears of it next
+            asyncio.get_running_loop().call_soon(self.proto.connection_lost, None)
         self.closed = True
 
     def is_closing(self) -> bool:
@@ -60,6 +64,9 @@ class _Gate:
         self.asked += 1
         return self.decision
 
+    def authorised(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        return (b"authorization", b"Bearer wrong") not in headers
+
     def hold_body(self, size: int) -> bool:
         if self.held + size > self.room:
             return False
@@ -80,7 +87,19 @@ def _connection(
     seen: list[tuple[str, Any, bytes]] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body = (await receive())["body"]
+        if scope["path"] == "/early":  # answers before reading its body, as the gate's 401 and 413
+            seen.append((scope["path"], None, b""))
+            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                break
+        if scope["path"] == "/slow":
+            await asyncio.sleep(0.2)
         seen.append((scope["path"], scope.get(ADMITTED), body))
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -92,6 +111,7 @@ def _connection(
     config.load()
     proto = cls(config=config, server_state=ServerState(), app_state={})
     transport = _Transport()
+    transport.proto = proto
     proto.connection_made(transport)
     return proto, transport, seen
 
@@ -143,7 +163,9 @@ def test_an_admitted_request_reaches_the_app_whole_and_marked_admitted():
         return before, t, seen, held_during, gate.held
 
     before, t, seen, held_during, held_after = asyncio.run(main())
-    assert before == [] and held_during == 3  # nothing is decided before the whole body is in; it is counted
+    # nothing is decided before the whole body is in; what has arrived is counted (1 of 3 bytes), not what
+    # the head declares: a head that declares a body and sends none holds nothing
+    assert before == [] and held_during == 1
     assert held_after == 0  # given back once decided (the gate counts it again while it serves it)
     assert seen == [("/v1/classify", True, b"abc")] and _answers(t.out) == [b"200"]
 
@@ -274,16 +296,39 @@ def test_a_held_body_that_never_completes_gets_a_json_408_and_held_bytes_are_giv
     assert gate.held == 0 and lost.held == 0 and gate.asked == 0
 
 
-def test_bodies_over_the_in_flight_cap_are_not_held_and_go_to_the_gate():
-    async def main() -> tuple[_Gate, list[tuple[str, Any, bytes]]]:
+def test_held_bodies_over_the_in_flight_cap_are_refused_as_they_arrive():
+    async def main() -> tuple[_Gate, _Transport, list[tuple[str, Any, bytes]]]:
         gate = _Gate(Refused("the server is full", 0.0), room=2)  # a 3-byte body does not fit
-        proto, _t, seen = _connection(gate)
+        proto, t, seen = _connection(gate)
         proto.data_received(REQUEST)
         await asyncio.sleep(0.05)
-        return gate, seen
+        return gate, t, seen
 
-    gate, seen = asyncio.run(main())
-    assert gate.asked == 0 and seen == [("/v1/classify", None, b"abc")]
+    gate, t, seen = asyncio.run(main())
+    assert gate.asked == 0 and seen == [] and gate.held == 0
+    assert _answers(t.out) == [b"503"] and t.closed and b"max_inflight_body_mb" in t.out
+
+
+def test_declared_bodies_that_never_arrive_keep_no_one_out():
+    """1,600 heads declaring 64 KiB and sending nothing used to fill max_inflight_body_mb for body_timeout_s:
+    now only arrived bytes count, and a request with a wrong key is not held at all (the gate's 401)."""
+
+    async def main() -> tuple[_Gate, _Transport, list[tuple[str, Any, bytes]]]:
+        gate = _Gate(True, room=10 * 65536)
+        head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 65536\r\n\r\n"
+        wrong = _connection(gate)[0]
+        wrong.data_received(head.replace(b"Host: x", b"Host: x\r\nAuthorization: Bearer wrong"))
+        assert wrong._held is None  # not held: the gate answers it before reading its body
+        silent = [_connection(gate)[0] for _ in range(50)]
+        for proto in silent:
+            proto.data_received(head)
+        proto, t, seen = _connection(gate)
+        proto.data_received(REQUEST)
+        await asyncio.sleep(0.05)
+        return gate, t, seen
+
+    _gate, t, seen = asyncio.run(main())
+    assert seen == [("/v1/classify", True, b"abc")] and _answers(t.out) == [b"200"]
 
 
 def test_the_gate_admits_early_once_and_gives_the_slot_back(bundle):
@@ -406,3 +451,94 @@ def test_bad_requests_pipelined_behind_good_ones_are_refused_after_their_answers
     assert _answers(t.out) == [b"200", b"200", b"405"] and t.closed and len(seen) == 2
     t, seen = asyncio.run(main(PROBE + big))
     assert _answers(t.out) == [b"200", b"431"] and t.closed and len(seen) == 1
+
+
+def test_an_answer_before_the_body_leaves_the_rest_of_the_body_a_body():
+    """A 401 (or 413) sent before the body arrived: the rest of the body is read and dropped, not parsed as the
+    next request's head (it got a bogus 431 and the connection closed), and a pipelined request is answered."""
+
+    async def main() -> tuple[_Transport, list[tuple[str, Any, bytes]]]:
+        proto, t, seen = _connection(_Gate(True), max_header_kb=8)
+        proto.data_received(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        await asyncio.sleep(0.05)
+        for _ in range(10):
+            proto.data_received(b"a" * 10_000)
+        proto.data_received(PROBE)
+        await asyncio.sleep(0.05)
+        return t, seen
+
+    t, seen = asyncio.run(main())
+    assert _answers(t.out) == [b"401", b"200"] and not t.closed, t.out
+    assert [p for p, _, _ in seen] == ["/early", "/v2/health/live"]
+
+
+def test_a_malformed_body_gets_its_400_at_once():
+    """A bad chunk inside the running request's own body: 400 now, not a 408 after body_timeout_s."""
+
+    async def main() -> _Transport:
+        proto, t, _seen = _connection(_Gate(True))
+        head = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        proto.data_received(head + b"ZZ\r\nabc\r\n")
+        await asyncio.sleep(0.05)
+        return t
+
+    t = asyncio.run(main())
+    assert _answers(t.out) == [b"400"] and t.closed and b"malformed request body" in t.out
+
+
+def test_a_head_pipelined_behind_a_running_request_has_the_same_limits():
+    """While a request runs, a pipelined head used to be parsed without a size limit (61 MB accepted) or a
+    timeout: now over max_header_kb it is refused after the running request's answer, and reading stops."""
+
+    async def main() -> tuple[_Transport, list[tuple[str, Any, bytes]]]:
+        proto, t, seen = _connection(_Gate(True), max_header_kb=8)
+        proto.data_received(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        proto.data_received(b"GET /v2/health/live HTTP/1.1\r\nX-A: ")
+        for _ in range(5):
+            proto.data_received(b"a" * 4096)
+        assert t.paused and _answers(t.out) == []  # reading stopped; the running request not yet answered
+        await asyncio.sleep(0.4)
+        return t, seen
+
+    t, seen = asyncio.run(main())
+    assert _answers(t.out) == [b"200", b"431"] and t.closed and seen == [("/slow", None, b"abc")]
+
+
+def test_a_head_pipelined_behind_a_running_request_times_out():
+    async def main() -> _Transport:
+        proto, t, _seen = _connection(_Gate(True), header_timeout_s=0.1)
+        proto.data_received(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        proto.data_received(b"GET /v2/health/live HTTP/1.1\r\nX-A: a")  # and then nothing
+        await asyncio.sleep(0.5)
+        return t
+
+    t = asyncio.run(main())
+    assert _answers(t.out) == [b"200", b"408"] and t.closed
+
+
+def test_beyond_max_connections_a_connection_whose_body_never_came_is_closed():
+    """No idle connection to close: the oldest one that sent a head and no body goes (it held a descriptor
+    until body_timeout_s while probes were reset)."""
+
+    async def main() -> tuple[list[_Transport], _Transport]:
+        gate = _Gate(True)
+        first, t1, _ = _connection(gate, max_connections=2)
+        head = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+        first.data_received(head)
+        second = type(first)(config=first.config, server_state=first.server_state, app_state={})
+        t2 = _Transport()
+        t2.proto = second
+        second.connection_made(t2)
+        second.data_received(head)
+        third = type(first)(config=first.config, server_state=first.server_state, app_state={})
+        t3 = _Transport()
+        t3.proto = third
+        third.connection_made(t3)  # over max_connections=2, nobody idle: the oldest body-less one goes
+        third.data_received(PROBE)
+        await asyncio.sleep(0.05)
+        assert not t2.closed  # (before the loop ends and cancels its handler)
+        return [t1, t2], t3
+
+    (t1, _t2), t3 = asyncio.run(main())
+    assert t1.closed and _answers(t1.out) == [b"503"] and b"body-less" in t1.out
+    assert _answers(t3.out) == [b"200"]

@@ -333,12 +333,8 @@ class Gate:
         In overload most requests are refused; each refusal answered through the ASGI stack took CPU from the
         admitted requests, so goodput fell as the offered load rose. Deciding here also decides once: a
         decision made at the head and again in the gate saw different loads."""
-        if self.draining():
-            return False
-        if self.key is not None:
-            auths = [v for k, v in headers if k == b"authorization"]
-            if len(auths) != 1 or not self._key_matches(auths[0]):
-                return False  # 400/401 from the gate, as without load
+        if self.draining() or not self.authorised(headers):
+            return False  # 400/401 from the gate, as without load
         adm = self.admission
         refusal = adm.refusal()
         if refusal is None:
@@ -351,9 +347,17 @@ class Gate:
             return Refused(refusal, wait)
         return Refused(refusal, 0.0)
 
+    def authorised(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether a request with these headers passes the API key (always, without one): exactly one
+        ``Authorization`` header, with the key. The protocol holds no body of a request that does not."""
+        if self.key is None:
+            return True
+        auths = [v for k, v in headers if k == b"authorization"]
+        return len(auths) == 1 and self._key_matches(auths[0])
+
     def hold_body(self, size: int) -> bool:
-        """Count a body the protocol holds for :meth:`admit_early` in the bodies in flight
-        (``max_inflight_body_mb``); ``False`` when it does not fit (the gate then refuses the request)."""
+        """Count ``size`` more bytes of a body the protocol holds for :meth:`admit_early` (as they arrive) in the
+        bodies in flight (``max_inflight_body_mb``); ``False`` when they do not fit (the protocol refuses it)."""
         if self.buffered + size > self.total_limit:
             return False
         self.buffered += size

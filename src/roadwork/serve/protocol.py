@@ -6,16 +6,23 @@
 - **Head timeout**: a connection must complete each request's head within ``header_timeout_s`` of opening
   (or of its previous answer), however slowly it trickles bytes; else 408 and closed. uvicorn's keep-alive
   timer is reset by every byte and is not armed on a new connection at all: silent connections stayed forever.
+  A head pipelined behind a running request has the same size limit and timeout (from its first byte), and
+  its 431/408 goes out after the running request's answer.
 - **Connections near the fd limit**: at startup the soft ``RLIMIT_NOFILE`` is raised to the hard one; beyond
   ``max_connections`` (default: that limit less a reserve for the model, logs and probes) a new connection
-  closes the oldest one that has not sent a complete request head, so probes and real clients still get in
-  while 2,000 silent sockets knock. Each eviction is counted in ``/metrics``.
-- **Parser errors are JSON** ``{"error": ...}`` 400s, as every other error of the server.
+  closes the oldest one that has not sent a complete request head (else the oldest whose body has not all
+  arrived), so probes and real clients still get in while 2,000 silent sockets knock. Each eviction is counted
+  in ``/metrics``.
+- **Parser errors are JSON** ``{"error": ...}`` 400s, as every other error of the server; a malformed body (a
+  bad chunk) gets its 400 at once, not a 408 when the body timeout is up.
+- **An answer before the body** (401, 413): the rest of the body is read and dropped (at most
+  ``body_timeout_s``), not parsed as the next request's head.
 - **Upgrade requests are plain requests**: this server switches to no other protocol, so an ``Upgrade`` header
   (``h2c`` from ``curl --http2``, ``websocket``) is ignored and the request answered as HTTP/1.1, body and
   pipelined requests included (llhttp stops at such a head); ``CONNECT`` gets a JSON 405.
-- **Admission of small prediction requests**: a ``POST /v1/classify`` of up to 64 KiB is held here until its
-  body is in, then admitted or refused once by the gate (:meth:`~roadwork.serve.admission.Gate.admit_early`)
+- **Admission of small prediction requests**: a ``POST /v1/classify`` of up to 64 KiB with the API key (if
+  one is set) is held here until its body is in (its arrived bytes count in ``max_inflight_body_mb``; a head
+  that declares a body and sends none holds nothing), then admitted or refused once by the gate (:meth:`~roadwork.serve.admission.Gate.admit_early`)
   before any ASGI scope or task exists: in overload most requests are refused, and a refusal through the whole
   stack took the CPU the admitted ones needed. A refused one's 503 (held until its connection's
   ``Retry-After`` is up, if it re-sent early) is written here; answers on a connection stay in order.
@@ -51,6 +58,8 @@ class EarlyGate(Protocol):
     draining: Callable[[], bool]
 
     def admit_early(self, headers: list[tuple[bytes, bytes]], client: Any) -> bool | Refused: ...
+
+    def authorised(self, headers: list[tuple[bytes, bytes]]) -> bool: ...
 
     def hold_body(self, size: int) -> bool: ...
 
@@ -105,6 +114,7 @@ class _Limits:
     max_connections: int
     head_limit: int
     idle: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # no complete head yet, oldest first
+    reading: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # a head, its body not all in yet
     early: EarlyGate | None = None  # the gate's admission for small prediction requests (admit_early)
 
 
@@ -145,6 +155,9 @@ class GuardedProtocol(HttpToolsProtocol):
     _closing = False  # uvicorn's shutdown came while a body or a refusal was held: close after its answer
     _held_size = 0  # its declared length, counted in the gate's bodies in flight until the body is in
     _upgrade: bytes | None = None  # a request head that asked for an Upgrade, without it (see _feed)
+    _head_open = False  # a request's head has begun and is not complete (pipelined ones included)
+    _in_body = False  # a request's head is complete and its body not (it may have been answered already)
+    _discard_timer: Any = None  # answered before its body was in: the rest is read and dropped until this
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -168,31 +181,38 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_timer = None
 
     def _evict_oldest_idle(self) -> None:
-        for conn in self.limits.idle:
-            if conn is not self:
-                self.limits.metrics.connections_evicted.inc()
-                conn._refuse(503, b"Service Unavailable", "too many connections; this idle one is closed.")
-                return
+        """Close the oldest connection without a complete request head; when there is none, the oldest one
+        whose request body has not arrived (a head then silence holds a descriptor as long)."""
+        for waiting, what in ((self.limits.idle, "idle"), (self.limits.reading, "body-less")):
+            for conn in waiting:
+                if conn is not self:
+                    self.limits.metrics.connections_evicted.inc()
+                    msg = f"too many connections; this {what} one is closed."
+                    conn._refuse(503, b"Service Unavailable", msg)
+                    return
 
     def _head_timeout(self) -> None:
         self._head_timer = None
-        if self in self.limits.idle and not self.transport.is_closing():
+        if (self in self.limits.idle or self._head_open) and not self.transport.is_closing():
             self.limits.metrics.connections_evicted.inc()
             timeout = self.limits.settings.header_timeout_s
-            self._refuse(
+            self._refuse_in_order(  # a head pipelined behind a running request: after its answer
                 408, b"Request Timeout", f"no complete request head within header_timeout_s={timeout:g} s."
             )
 
     def _refuse(self, status: int, reason: bytes, message: str) -> None:
         self.limits.idle.pop(self, None)
+        self.limits.reading.pop(self, None)
         if not self.transport.is_closing():
             self.transport.write(_json_response(status, reason, message))
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
-        if self._body_timer is not None:
-            self._body_timer.cancel()
+        self.limits.reading.pop(self, None)
+        for timer in (self._body_timer, self._discard_timer):
+            if timer is not None:
+                timer.cancel()
         self._release_held()
         if self._holding is not None and self.limits.early is not None and self._hold_args is not None:
             self._holding.cancel()  # the client left while its 503 was held: counted, as by the gate
@@ -211,13 +231,15 @@ class GuardedProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._error_after is not None:  # the parser failed: nothing after it is read
             return
-        waiting = self in self.limits.idle
-        if waiting:
+        # bytes of a request head: on an idle connection, or one pipelined behind a running request (counted
+        # from the read after its start: at most one read, 256 KiB, more than the head itself)
+        if self in self.limits.idle or self._head_open:
             self._head_bytes += len(data)
         self._feed(data)  # a read is at most 256 KiB: bounded work per call
-        if waiting and self in self.limits.idle and self._head_bytes > self.limits.head_limit:
+        in_head = self in self.limits.idle or self._head_open
+        if in_head and self._error_after is None and self._head_bytes > self.limits.head_limit:
             kb = self.limits.settings.max_header_kb
-            self._refuse(
+            self._refuse_in_order(
                 431, b"Request Header Fields Too Large", f"the request head is over max_header_kb={kb} KiB."
             )
 
@@ -239,14 +261,32 @@ class GuardedProtocol(HttpToolsProtocol):
                     return
                 self.parser = _parser(self)
                 data = head + data[int(e.args[0]) :]
-            except httptools.HttpParserError:
-                if self._error_after is None and not self.transport.is_closing():  # not refused already
-                    self.logger.warning("Invalid HTTP request received.")
+            except httptools.HttpParserError as e:
+                if self._error_after is not None or self.transport.is_closing():  # refused already
+                    return
+                if self._in_body:  # this request's own body is malformed (a bad chunk): answered now
+                    self._bad_body(str(e))
+                else:
                     self.send_400_response("Invalid HTTP request received.")
                 return
 
+    def _bad_body(self, why: str) -> None:
+        """The running request's body cannot be parsed: 400 now (its handler gets a disconnect), or, when it
+        was answered already (401 before its body), the connection closes."""
+        cycle = self.cycle
+        if self._held is None and cycle is not None and getattr(cycle, "response_started", False):
+            self.transport.close()
+            return
+        self._refuse(400, b"Bad Request", f"malformed request body ({why.rstrip('.')}); send valid HTTP/1.1.")
+
     def on_message_begin(self) -> None:
         self._head_len = self._head_count = 0  # each request's own head (pipelined ones included)
+        self._head_open = True
+        if self not in self.limits.idle:  # pipelined behind a running request: its own limits from now on
+            self._head_bytes = 0
+            if self._head_timer is None:
+                timeout = self.limits.settings.header_timeout_s
+                self._head_timer = self.loop.call_later(timeout, self._head_timeout)
         # a request is arriving: not idle. uvicorn cancels its keep-alive timeout per read, but an answer the
         # protocol writes mid-read (a refusal) arms it again with the rest of that read still to parse
         self._unset_keepalive_if_required()
@@ -267,6 +307,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_done()
+        self._head_open, self._in_body = False, True
+        self.limits.reading[self] = None
         if self.transport.is_closing():  # pipelined behind an answer that closed the connection: not run
             return
         if self.parser.should_upgrade():  # parsed again without its Upgrade (_feed)
@@ -303,9 +345,15 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.parser.get_method() != b"POST" or self.url.split(b"?", 1)[0] != b"/v1/classify":
             return False
         length = dict(self.headers).get(b"content-length", b"")
-        if not length.isdigit() or int(length) > _HOLD_BYTES or not self.limits.early.hold_body(int(length)):
-            return False  # over max_inflight_body_mb with the bodies held already: the gate refuses it
-        self._held, self._held_size = bytearray(), int(length)
+        if (
+            not length.isdigit()
+            or int(length) > _HOLD_BYTES
+            or not self.limits.early.authorised(self.headers)
+        ):
+            return False  # no key or a wrong one: the gate answers 401 without reading the body
+        # its bytes count in the bodies in flight as they arrive (on_body): a head that declares a body and
+        # sends none holds no memory, and cannot keep others out
+        self._held, self._held_size = bytearray(), 0
         self._body_timer = self.loop.call_later(self.limits.settings.body_timeout_s, self._body_timeout)
         return True
 
@@ -327,16 +375,34 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         if self._held is None:
             super().on_body(body)
-        else:  # at most the declared length: the parser ends the message there
-            self._held += body
+            return
+        early = self.limits.early
+        assert early is not None  # a body is held only with a gate (_hold_for_admission)
+        if not early.hold_body(len(body)):  # at most the declared length: the parser ends the message there
+            self.limits.metrics.requests.labels("body", "503").inc()
+            msg = (
+                f"the server holds max_inflight_body_mb={self.limits.settings.max_inflight_body_mb:g} MB of "
+                "request bodies already; retry after a second."
+            )
+            self._refuse(503, b"Service Unavailable", msg)
+            return
+        self._held_size += len(body)
+        self._held += body
 
     def on_message_complete(self) -> None:
+        self._in_body = False
+        self.limits.reading.pop(self, None)
         if self.transport.is_closing():
             return
         if self._upgrade is not None:  # the head with an Upgrade: parsed again (_feed), nothing runs now
             return
         if self._held is None:
             super().on_message_complete()
+            if self._discard_timer is not None:  # answered before its body arrived: now it has
+                self._discard_timer.cancel()
+                self._discard_timer = None
+                if not self._busy():
+                    self._awaiting_head()
             return
         body, self._held = bytes(self._held), None
         self._body_timer.cancel()
@@ -396,6 +462,11 @@ class GuardedProtocol(HttpToolsProtocol):
         error, self._error_after = self._error_after, None
         if error is not None:  # the bad request that followed a good one gets its 4xx now, in order
             self._refuse(*error)
+            return
+        if self._in_body:  # answered before its body was in (401, 413): the rest is read and dropped, not
+            self._unset_keepalive_if_required()  # parsed as the next request's head
+            timeout = self.limits.settings.body_timeout_s
+            self._discard_timer = self.loop.call_later(timeout, self.transport.close)
             return
         self._awaiting_head()
 
