@@ -542,3 +542,53 @@ def test_beyond_max_connections_a_connection_whose_body_never_came_is_closed():
     (t1, _t2), t3 = asyncio.run(main())
     assert t1.closed and _answers(t1.out) == [b"503"] and b"body-less" in t1.out
     assert _answers(t3.out) == [b"200"]
+
+
+def test_a_declared_body_that_never_arrives_holds_nothing_in_the_gate(bundle):
+    """The gate counts what has arrived: a head declaring 900 kB and then silence used to reserve it in
+    max_inflight_body_mb (a few such heads kept every other body out for body_timeout_s)."""
+    app = create_app(bundle, ServeSettings(name="tiny", max_inflight_body_mb=1))
+    gate = app.build_middleware_stack()
+
+    def scope(length: int) -> dict[str, Any]:
+        headers = [(b"content-length", str(length).encode()), (b"content-type", b"image/jpeg")]
+        return {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/classify",
+            "headers": headers,
+            "query_string": b"",
+            "client": ("1.2.3.4", 1),
+            "server": ("x", 80),
+            "scheme": "http",
+            "http_version": "1.1",
+            "root_path": "",
+            "raw_path": b"/v1/classify",
+        }
+
+    async def main() -> tuple[int, list[int]]:
+        never = asyncio.Event()
+
+        async def silent() -> dict[str, Any]:
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        async def whole() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"x" * 300_000, "more_body": False}
+
+        statuses: list[int] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        waiting = asyncio.ensure_future(gate(scope(900_000), silent, send))
+        await asyncio.sleep(0.05)
+        held = gate.buffered
+        await gate(scope(300_000), whole, send)  # 900 kB declared + 300 kB > 1 MiB: refused before
+        never.set()
+        await waiting
+        return held, statuses
+
+    held, statuses = asyncio.run(main())
+    assert held == 0 and statuses[0] == 400 and gate.buffered == 0  # answered (not an image), not 503
