@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["dumps", "jsonable", "threshold_from_json", "threshold_to_json", "write_json"]
+from roadwork.errors import ArtifactError
+
+__all__ = ["dumps", "jsonable", "parse_artifact", "threshold_from_json", "threshold_to_json", "write_json"]
+
+_T = TypeVar("_T")
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 
 
 def jsonable(obj: Any) -> Any:
@@ -51,6 +56,38 @@ def dumps(obj: Any, *, indent: int | None = None) -> str:
 def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     """Write ``obj`` as strict JSON to ``path``."""
     Path(path).write_text(dumps(obj, indent=indent))
+
+
+def parse_artifact(
+    data: str | bytes, build: Callable[[dict[str, Any]], _T], *, where: str, what: str, fix: str
+) -> _T:
+    """``build`` of the JSON object ``data``: how every JSON artefact roadwork reads back is parsed. Anything
+    malformed — not JSON, nested too deeply, not an object, a field missing or of the wrong type or value (whatever
+    ``build`` raises: ``KeyError``, ``TypeError``, ``AttributeError``, ``ValueError``, ``IndexError``,
+    ``OverflowError``, ``RecursionError``, or our :class:`ArtifactError`) — is an :class:`ArtifactError` naming
+    ``where`` (the file), what is wrong with it and ``fix``, never a traceback."""
+
+    def refuse(wrong: str) -> ArtifactError:
+        return ArtifactError(f"{where!r} is not a valid {what}: {wrong[:300]}. {fix}")
+
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise refuse("it is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's digit limit
+        raise refuse(f"it is not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise refuse(f"it holds {_JSON_KINDS.get(type(obj), 'null')}, not a JSON object")
+    try:
+        return build(obj)
+    except ArtifactError as e:
+        raise refuse(str(e).rstrip(".")) from None
+    except KeyError as e:
+        raise refuse(f"it has no {str(e.args[0] if e.args else e)[:80]!r} field") from None
+    except RecursionError:
+        raise refuse("it is nested too deeply") from None
+    except (TypeError, AttributeError, ValueError, IndexError, OverflowError) as e:
+        raise refuse(f"a field has the wrong type or value ({type(e).__name__}: {e})") from None
 
 
 def threshold_to_json(value: float) -> float | None:

@@ -68,6 +68,8 @@ def test_roadwork_recertify_writes_a_new_signed_version_and_leaves_the_old_one(t
         p.name: p.read_bytes() for p in old.iterdir() if p.is_file()
     } == before  # the old version untouched
     assert (out / "model.onnx").read_bytes() == (old / "model.onnx").read_bytes()  # the same model files
+    # every file's size, new ones and kept ones, recorded (signed with the rest) as the export records them
+    assert new.manifest["sizes"] == {n: (out / n).stat().st_size for n in new.manifest["files"]}
     report = json.loads((out / "recertify.json").read_text())
     assert report["fit_rows"] > report["check_rows"] > 0
     # a cascade bundle's /v2 policy (the model alone's) is refitted too, on the model's own outputs

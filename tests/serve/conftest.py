@@ -35,7 +35,16 @@ def rewrite_json(folder: Path, name: str, edit: Callable[[Any], None]) -> None:
     no longer matches."""
     data = json.loads((folder / name).read_text())
     edit(data)
-    (folder / name).write_text(json.dumps(data))
+    replace_file(folder, name, json.dumps(data).encode())
+
+
+def replace_file(folder: Path, name: str, data: bytes) -> None:
+    """Write ``data`` as the bundle file ``name`` and put its sha256 (and size, when the manifest records sizes) in
+    the manifest, listing it if it was not: what an attacker who can write the folder (or a signer of anything)
+    does."""
+    (folder / name).write_bytes(data)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"][name] = file_sha256(folder / name)
+    if "sizes" in manifest:
+        manifest["sizes"][name] = len(data)
     (folder / "manifest.json").write_text(json.dumps(manifest))

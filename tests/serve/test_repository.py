@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from roadwork.export.signing import generate_keypair, sign_bundle
 from roadwork.serve import ServeSettings, create_app
-from tests.serve.conftest import rewrite_json
+from tests.serve.conftest import replace_file, rewrite_json
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::roadwork.errors.RoadworkWarning"
@@ -166,4 +166,31 @@ def test_a_version_whose_cascade_stages_take_other_inputs_is_refused(repo, tmp_p
     with TestClient(create_app(models / "v1", ServeSettings(name="tiny"))) as c:
         r = c.post("/v2/repository/models/tiny/load", json={"parameters": {"version": "other"}})
         assert r.status_code == 400 and "cascade stages" in r.json()["error"], r.text
+        assert c.get("/v2/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize("tamper", ["deep policy", "sparse model"])
+def test_a_signed_version_with_a_malformed_or_oversized_file_is_a_json_400_naming_it(repo, tmp_path, tamper):
+    """A deeply nested policy.json, validly signed (a 500 RecursionError traceback before); a model.onnx swapped
+    for a sparse file after signing (copied whole into TMPDIR before: 8 GB filled it and the load was a 500)."""
+    root, pub, _, _ = repo
+    models = tmp_path / "models"
+    shutil.copytree(root / "models" / "v1", models / "v1")
+    bad = models / "bad"
+    shutil.copytree(root / "models" / "v1", bad)
+    if tamper == "deep policy":
+        replace_file(bad, "policy.json", b"[" * 1200 + b"]" * 1200)
+        sign_bundle(bad, root / "key")
+        name, why = "policy.json", "nested too deeply"
+    else:
+        size = (bad / "model.onnx").stat().st_size
+        (bad / "model.onnx").unlink()
+        with open(bad / "model.onnx", "wb") as f:
+            f.truncate(size + (64 << 20))
+        name, why = "model.onnx", "refused unread"
+    settings = ServeSettings(name="tiny", require_signature=str(pub))
+    with TestClient(create_app(models / "v1", settings)) as c:
+        r = c.post("/v2/repository/models/tiny/load", json={"parameters": {"version": "bad"}})
+        assert r.status_code == 400, r.text
+        assert why in r.json()["error"] and str(bad / name) in r.json()["error"], r.text
         assert c.get("/v2/health/ready").status_code == 200

@@ -109,3 +109,55 @@ def test_a_deeply_nested_policy_file_is_our_error(tmp_path):
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ArtifactError, match="nested too deeply|Could not read policy"):
         TrustPolicy.load(deep)
+
+
+def _policy_dict() -> dict:  # type: ignore[type-arg]
+    return _policy()[0].to_dict()
+
+
+def test_policy_json_of_the_wrong_shape_is_our_error_naming_the_file():
+    """Not an object, a cascade that is a string, stages that are a number, nesting deeper than the parser's
+    recursion: each is an ArtifactError naming the file and the fix, never an AttributeError/TypeError/
+    RecursionError traceback (a bundle's policy.json can be any bytes its signer put there)."""
+    import json
+
+    import pytest
+
+    from roadwork.errors import ArtifactError
+
+    cases = {
+        "[]": "holds an array",
+        "null": "holds null",
+        '"policy"': "holds a string",
+        "[" * 1200 + "]" * 1200: "nested too deeply",
+        json.dumps(_policy_dict() | {"cascade": "cascade"}): "wrong type",
+        json.dumps(_policy_dict() | {"cascade": {"stages": 5}}): "wrong type",
+        json.dumps({k: v for k, v in _policy_dict().items() if k != "conformal"}): "no 'conformal' field",
+        "{": "not JSON",
+    }
+    for text, why in cases.items():
+        with pytest.raises(ArtifactError, match=why) as err:
+            TrustPolicy.from_json(text, where="bundle/policy.json")
+        assert "'bundle/policy.json' is not a valid policy" in str(err.value)
+        assert "Re-export the bundle" in str(err.value)
+
+
+def test_any_field_of_the_wrong_type_is_refused_or_read_never_a_traceback():
+    import contextlib
+    import json
+
+    from roadwork.errors import ArtifactError
+
+    wrong = [[], {}, "x", 5, -1.5, True, None, [[]], {"stages": []}, "[" * 50 + "]" * 50]
+    base = _policy_dict()
+    for key in base:
+        for value in wrong:
+            edits = [base | {key: value}]
+            edits += (
+                [base | {key: base[key] | {sub: value}} for sub in base[key]]
+                if isinstance(base[key], dict)
+                else []
+            )
+            for edited in edits:
+                with contextlib.suppress(ArtifactError):
+                    TrustPolicy.from_json(json.dumps(edited))

@@ -13,9 +13,11 @@
       reference.json  the calibration split through the served policy (drift monitoring)
       stage*-...      earlier cascade stages, when there is a cascade: a tree table (JSON) or an ONNX
                       network with its model.json
-      manifest.json   schema, sha256 of every file above, library versions, export parity
+      manifest.json   schema, sha256 and size of every file above, library versions, export parity
 
-:meth:`Bundle.load` refuses a bundle whose files do not match the manifest's hashes, naming the file.
+:meth:`Bundle.load` refuses a bundle whose files do not match the manifest's hashes, naming the file, and a JSON
+file of it that is malformed (:func:`roadwork.jsonio.parse_artifact`). Every manifest is written by
+:func:`write_manifest`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import json
 import logging
 import platform
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -38,8 +40,10 @@ from roadwork.data.preprocess import load_rgb, preprocess
 from roadwork.errors import ArtifactError, InputError
 from roadwork.export.onnx import onnx_logits
 from roadwork.export.runtime import RuntimeSpec, open_session, runtime_status
-from roadwork.jsonio import write_json
+from roadwork.export.snapshot import MANIFEST_FILE, snapshot
+from roadwork.jsonio import parse_artifact, write_json
 from roadwork.models.factory import ModelCard
+from roadwork.models.trees import TreeEnsemble
 from roadwork.trust.policy import PolicyOutput, TrustPolicy
 
 __all__ = [
@@ -54,6 +58,7 @@ __all__ = [
     "open_image",
     "record_runtime_choice",
     "write_bundle",
+    "write_manifest",
 ]
 
 BUNDLE_SCHEMA = 1
@@ -62,15 +67,69 @@ _FILES = ("model.onnx", "model.json", "policy.json")
 RUNTIME_FILE = "runtime.json"
 """Where ``roadwork bench BUNDLE select=true`` records the selected variant (hashed in the manifest)."""
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_REEXPORT = "Re-export the bundle (roadwork export, with the run's config); do not edit it."
 
 
 def file_sha256(path: Path) -> str:
     """The hex sha256 of a file's bytes (read in 1 MiB blocks), as the manifest lists it."""
-    h = hashlib.sha256()
+    return _sha256_and_size(path)[0]
+
+
+def _sha256_and_size(path: Path) -> tuple[str, int]:
+    """The hex sha256 of a file's bytes and how many there are, from one read."""
+    h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def write_manifest(folder: Path, manifest: Mapping[str, Any], hashed: Iterable[str] = ()) -> dict[str, Any]:
+    """Write ``folder/manifest.json`` whole (a temporary file, renamed) and return it: ``manifest`` with the sha256
+    (``files``) and byte count (``sizes``) of each file named in ``hashed``, read from ``folder``; the other files
+    keep the digest and size ``manifest`` gives (a file with no size, from a bundle exported before sizes were
+    recorded, keeps none). Every bundle manifest is written here: the export, ``roadwork bench select=true`` and
+    ``roadwork recertify``; a signature covers the sizes with the rest."""
+    files, sizes = dict(manifest.get("files", {})), dict(manifest.get("sizes", {}))
+    for name in hashed:
+        files[name], sizes[name] = _sha256_and_size(folder / name)
+    out: dict[str, Any] = {}
+    for key, value in {"schema": BUNDLE_SCHEMA, **manifest, "files": files}.items():
+        if key == "sizes":
+            continue
+        out[key] = value
+        if key == "files":  # the sizes beside the hashes, in the same order
+            out["sizes"] = {n: sizes[n] for n in files if n in sizes}
+    tmp = folder / f".{MANIFEST_FILE}.tmp"
+    try:
+        write_json(tmp, out)
+        tmp.replace(folder / MANIFEST_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _read_json(
+    root: Path,
+    name: str,
+    source: Path,
+    build: Callable[[dict[str, Any]], _T],
+    what: str,
+    fix: str = _REEXPORT,
+) -> _T:
+    """``build`` of the bundle's JSON file ``name``: read from the verified private copy ``root``, named in errors
+    as the bundle folder's file (``source/name``). Every JSON file of a bundle is read here; anything malformed
+    is an :class:`ArtifactError` (:func:`roadwork.jsonio.parse_artifact`)."""
+    try:
+        data = (root / name).read_bytes()
+    except OSError as e:
+        raise ArtifactError(
+            f"Bundle file {str(source / name)!r} could not be read ({e.strerror or e})."
+        ) from None
+    return parse_artifact(data, build, where=str(source / name), what=what, fix=fix)
 
 
 def _versions() -> dict[str, str]:
@@ -118,36 +177,32 @@ def write_bundle(
         described[name] = {"file": fname, **info}
     manifest = {
         "schema": BUNDLE_SCHEMA,
-        "files": {name: file_sha256(out_dir / name) for name in files},
+        "files": {},
         "classes": card.classes,
         "versions": _versions(),
         "export": export_info,
         "variants": described,
     }
-    write_json(out_dir / "manifest.json", manifest)
+    write_manifest(out_dir, manifest, files)
 
 
-def _auto_variant(root: Path, manifest: dict[str, Any], threads: int) -> tuple[str, int, dict[str, Any]]:
-    """The variant ``runtime.json`` names (its hash is checked with the rest), if it can run here."""
+def _auto_variant(
+    root: Path, source: Path, manifest: dict[str, Any], threads: int
+) -> tuple[str, int, dict[str, Any]]:
+    """The variant ``runtime.json`` names (hashed with the rest by the snapshot), if it can run here."""
     if RUNTIME_FILE not in manifest["files"]:
         return (
             "fp32",
             threads,
             {"recorded": None, "reason": "no runtime.json: roadwork bench BUNDLE select=true"},
         )
-    f = root / RUNTIME_FILE
-    if not f.is_file() or file_sha256(f) != manifest["files"][RUNTIME_FILE]:
-        raise ArtifactError(
-            f"Bundle file {RUNTIME_FILE!r} is missing or does not match its sha256 in manifest.json; run "
-            "roadwork bench BUNDLE select=true again, or load a named variant."
-        )
-    try:
-        rec = json.loads(f.read_text())
-        name, info = rec["variant"], manifest.get("variants", {}).get(rec["variant"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ArtifactError(f"{str(root / RUNTIME_FILE)!r} is not a valid runtime choice: {e}") from None
+    fix = "Run roadwork bench BUNDLE select=true again, or load a named variant."
+    rec = _read_json(root, RUNTIME_FILE, source, _runtime_choice, "runtime choice", fix)
+    name, info = rec["variant"], manifest.get("variants", {}).get(rec["variant"])
     if name != "fp32" and info is None:
-        raise ArtifactError(f"{RUNTIME_FILE} selects {name!r}, which the bundle's manifest does not list.")
+        raise ArtifactError(
+            f"{RUNTIME_FILE} selects {name!r}, which the bundle's manifest does not list. {fix}"
+        )
     status = "ok" if name == "fp32" else runtime_status(RuntimeSpec.from_variant(name, info))
     if batch_dependent(info):
         status = BATCH_DEPENDENT
@@ -157,6 +212,16 @@ def _auto_variant(root: Path, manifest: dict[str, Any], threads: int) -> tuple[s
         )
         return "fp32", threads, {"recorded": name, "reason": status}
     return name, threads or int(rec.get("threads", 0)), {"recorded": name, "measured_on": rec.get("cpu")}
+
+
+def _runtime_choice(rec: dict[str, Any]) -> dict[str, Any]:
+    """``runtime.json``'s record, if it names a variant and a count of threads."""
+    if not isinstance(rec.get("variant"), str):
+        raise ArtifactError(f"its 'variant' is {str(rec.get('variant'))[:40]!r}, not a variant's name")
+    threads = rec.get("threads", 0)
+    if type(threads) is not int or threads < 0:
+        raise ArtifactError(f"its 'threads' is {str(threads)[:40]!r}, not a count of threads")
+    return rec
 
 
 def record_runtime_choice(path: str | Path, choice: Mapping[str, Any]) -> Path:
@@ -173,9 +238,7 @@ def record_runtime_choice(path: str | Path, choice: Mapping[str, Any]) -> Path:
             f"(certified: {', '.join(['fp32', *[n for n, v in known.items() if v.get('policy')]])})."
         )
     write_json(root / RUNTIME_FILE, dict(choice))
-    manifest = dict(bundle.manifest)
-    manifest["files"] = {**manifest["files"], RUNTIME_FILE: file_sha256(root / RUNTIME_FILE)}
-    write_json(root / "manifest.json", manifest)
+    write_manifest(root, bundle.manifest, [RUNTIME_FILE])
     return root / RUNTIME_FILE
 
 
@@ -285,17 +348,15 @@ class Bundle:
 
         The folder is read once (:mod:`roadwork.export.snapshot`): the signature is checked over the manifest's
         bytes before any listed file is opened, only plain regular files inside the folder are read, and what is
-        loaded is the copy whose bytes were hashed."""
-        from roadwork.export.snapshot import snapshot
-
+        loaded is the copy whose bytes were hashed. Every error names the bundle folder's file."""
         check = None
         if require_signature is not None:
             from roadwork.export.signing import signature_check
 
             check = signature_check(require_signature, Path(path))
-        with snapshot(path, check_signature=check) as snap:
+        with snapshot(path, check_signature=check) as snap, _errors_name(Path(path), snap.dir):
             return cls._load_verified(
-                Path(path), snap.dir, _check_schema(snap.manifest, snap.dir), threads, variant
+                Path(path), snap.dir, _check_schema(snap.manifest, Path(path)), threads, variant
             )
 
     @classmethod
@@ -305,7 +366,7 @@ class Bundle:
         """:meth:`load` from the verified private copy ``root`` of ``source``."""
         choice: dict[str, Any] | None = None
         if variant == "auto":
-            variant, threads, choice = _auto_variant(root, manifest, threads)
+            variant, threads, choice = _auto_variant(root, source, manifest, threads)
         model_file, policy_file = _variant_files(source, manifest, variant)
         model_policy_file = (manifest.get("export", {}).get("model_policy") or {}).get("file")
         if variant != "fp32":  # each variant's model-alone policy is certified on its own outputs
@@ -315,13 +376,15 @@ class Bundle:
         _check_listed(
             manifest["files"], (model_file, policy_file, *([model_policy_file] if model_policy_file else []))
         )
-        _check_listed(manifest["files"], _policy_stage_files(root, policy_file))
-        card = ModelCard.load(root / "model.json")
-        policy = TrustPolicy.load(root / policy_file)
-        alone = TrustPolicy.load(root / model_policy_file) if model_policy_file else None
+        card = _read_json(root, "model.json", source, ModelCard.from_dict, "model card")
+        policy = _read_json(root, policy_file, source, _served_policy, "policy")
+        alone = None
+        if model_policy_file:
+            alone = _read_json(root, model_policy_file, source, _served_policy, "policy")
+        _check_listed(manifest["files"], _stage_files(policy))
         # several ONNX Runtime sessions take turns on the same cores: no busy-waiting between runs
         spin = policy.cascade is None or all(st.kind != "network" for st in policy.cascade.stages[:-1])
-        runners = _stage_runners(root, policy, threads, spin)
+        runners = _stage_runners(root, source, policy, threads, spin)
         spec = RuntimeSpec.from_variant(variant, manifest.get("variants", {}).get(variant), threads=threads)
         session = open_session(root / model_file, spec, spin=spin)
         info = {"variant": variant, **session.info}
@@ -329,8 +392,7 @@ class Bundle:
             info["auto"] = choice
         reference = None
         if "reference.json" in manifest["files"]:
-            with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):
-                reference = json.loads((root / "reference.json").read_text()).get("rows")
+            reference = _read_json(root, "reference.json", source, _reference_rows, "drift reference")
         return cls(source, card, policy, manifest, session.session, runners, variant, info, alone, reference)
 
     @property
@@ -474,11 +536,44 @@ class Bundle:
         return out
 
 
-def _check_schema(manifest: dict[str, Any], root: Path) -> dict[str, Any]:
-    """``manifest`` if its schema is this roadwork's."""
+def _check_schema(manifest: dict[str, Any], source: Path) -> dict[str, Any]:
+    """``manifest`` if its schema is this roadwork's and the tables loading reads are tables."""
     if manifest.get("schema") != BUNDLE_SCHEMA:
         raise ArtifactError(f"Bundle schema {manifest.get('schema')!r} is not {BUNDLE_SCHEMA}; re-export it.")
+    export, variants = manifest.get("export", {}), manifest.get("variants", {})
+    tables = {
+        "export": export,
+        "export.model_policy": (export.get("model_policy") or {}) if isinstance(export, dict) else {},
+        "variants": variants,
+        **({f"variants.{n}": v for n, v in variants.items()} if isinstance(variants, dict) else {}),
+    }
+    for key, value in tables.items():
+        if not isinstance(value, dict):
+            raise ArtifactError(
+                f"{str(source / MANIFEST_FILE)!r} is not a valid bundle manifest: {key!r} is "
+                f"{str(value)[:60]!r}, not a table. {_REEXPORT}"
+            )
     return manifest
+
+
+def _reference_rows(reference: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """``reference.json``'s rows (the calibration split through the served policy), if they are rows."""
+    rows = reference.get("rows")
+    if rows is not None and not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows)):
+        raise ArtifactError("its 'rows' is not a list of rows")
+    return rows
+
+
+@contextlib.contextmanager
+def _errors_name(source: Path, copy: Path) -> Iterator[None]:
+    """An error raised while loading from the private ``copy`` (a runtime that cannot open a model, say) names the
+    bundle folder's file instead: the copy is gone by the time anyone reads the message."""
+    try:
+        yield
+    except ArtifactError as e:
+        if str(copy) not in str(e):
+            raise
+        raise type(e)(str(e).replace(str(copy), str(source))) from None
 
 
 BATCH_DEPENDENT = (
@@ -508,21 +603,37 @@ def _variant_files(root: Path, manifest: dict[str, Any], variant: str) -> tuple[
         )
     if batch_dependent(known[variant]):
         raise ArtifactError(f"variant={variant!r} of {str(root)!r} is refused: {BATCH_DEPENDENT}.")
-    policy_file = known[variant].get("policy")
+    model_file, policy_file = known[variant].get("file"), known[variant].get("policy")
     if policy_file is None:
         raise ArtifactError(
             f"Bundle {str(root)!r} has a {variant!r} model but no policy certified on its outputs (it was "
             "exported by an older roadwork); re-export it, or serve the fp32 model."
         )
-    return str(known[variant]["file"]), str(policy_file)
+    if not isinstance(model_file, str) or not isinstance(policy_file, str):
+        raise ArtifactError(
+            f"{str(root / MANIFEST_FILE)!r} is not a valid bundle manifest: variant {variant!r} names no model "
+            f"and policy file. {_REEXPORT}"
+        )
+    return model_file, policy_file
 
 
-def _policy_stage_files(root: Path, policy_file: str) -> list[str]:
+def _served_policy(d: dict[str, Any]) -> TrustPolicy:
+    """The policy in ``d``, if a bundle can run its cascade: each earlier stage a boosting tree table, or a
+    network with its model card."""
+    policy = TrustPolicy.from_dict(d)
+    for st in policy.cascade.stages[:-1] if policy.cascade is not None else []:
+        if not (st.kind == "boosting" or (st.kind == "network" and st.info.get("card"))):
+            raise ArtifactError(
+                f"its cascade stage {str(st.name)[:40]!r} is of kind {str(st.kind)[:40]!r} with info "
+                f"{str(st.info)[:80]}, not a boosting table or a network with its model card"
+            )
+    return policy
+
+
+def _stage_files(policy: TrustPolicy) -> list[object]:
     """The files a policy's cascade stages read (tree tables, networks and their cards)."""
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-        stages = (json.loads((root / policy_file).read_text()).get("cascade") or {}).get("stages", [])
-        return [n for st in stages[:-1] for n in (st["file"], st.get("info", {}).get("card")) if n]
-    return []
+    stages = policy.cascade.stages[:-1] if policy.cascade is not None else []
+    return [n for st in stages for n in (st.file, st.info.get("card")) if n]
 
 
 def _check_listed(files: dict[str, str], needed: Sequence[object]) -> None:
@@ -532,17 +643,22 @@ def _check_listed(files: dict[str, str], needed: Sequence[object]) -> None:
             raise ArtifactError(f"Bundle manifest does not list {name!r}; the bundle is incomplete.")
 
 
-def _stage_runners(root: Path, policy: TrustPolicy, threads: int, spin: bool) -> list[Any] | None:
+def _stage_runners(
+    root: Path, source: Path, policy: TrustPolicy, threads: int, spin: bool
+) -> list[Any] | None:
     """The cascade's earlier stages, opened (``None`` without a cascade)."""
     if policy.cascade is None:
         return None
     from roadwork.export.cascade import StageRunner
 
     return [
-        StageRunner.boosting(root / st.file)
+        StageRunner("boosting", trees=_read_json(root, st.file, source, TreeEnsemble.from_dict, "tree table"))
         if st.kind == "boosting"
         else StageRunner.network(
-            root / st.file, ModelCard.load(root / st.info["card"]).preprocess, threads=threads, spin=spin
+            root / st.file,
+            _read_json(root, st.info["card"], source, ModelCard.from_dict, "model card").preprocess,
+            threads=threads,
+            spin=spin,
         )
         for st in policy.cascade.stages[:-1]
     ]

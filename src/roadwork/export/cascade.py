@@ -8,7 +8,6 @@ every path pays once.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from PIL import Image
 from roadwork.data.features import images_features
 from roadwork.data.preprocess import PreprocessSpec, preprocess
 from roadwork.export.onnx import onnx_logits, onnx_session
+from roadwork.jsonio import parse_artifact
 from roadwork.models.trees import TreeEnsemble
 
 __all__ = ["StageRunner", "count_flops", "measure_cost_ms"]
@@ -37,7 +37,15 @@ class StageRunner:
 
     @classmethod
     def boosting(cls, path: Path) -> StageRunner:
-        return cls("boosting", trees=TreeEnsemble.from_dict(json.loads(Path(path).read_text())))
+        """A tree-table stage from its JSON file; a malformed one is an :class:`~roadwork.errors.ArtifactError`."""
+        trees = parse_artifact(
+            Path(path).read_bytes(),
+            TreeEnsemble.from_dict,
+            where=str(path),
+            what="tree table",
+            fix="Rerun the cascade stage, or re-export the bundle.",
+        )
+        return cls("boosting", trees=trees)
 
     @classmethod
     def network(

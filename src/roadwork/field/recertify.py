@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from roadwork.errors import InputError
-from roadwork.export.bundle import Bundle, bundle_name, open_image
+from roadwork.export.bundle import Bundle, bundle_name, open_image, write_manifest
 from roadwork.field.loop import policy_version
 from roadwork.jsonio import threshold_to_json
 from roadwork.trust.conformal import SplitConformal
@@ -304,20 +304,19 @@ def _write_version(
             manifest["files"] = {
                 n: d for n, d in manifest["files"].items() if n not in dropped or n == "model.onnx"
             }
+            manifest["sizes"] = {n: snap.sizes[n] for n in manifest["files"]}  # of the verified bytes
             for name in manifest["files"]:
                 shutil.copyfile(snap.dir / name, staging / name)
         (staging / "policy.json").write_bytes(policy_bytes)
-        manifest["files"]["policy.json"] = hashlib.sha256(policy_bytes).hexdigest()
+        written = ["policy.json", "recertify.json"]
         if alone is not None:  # the /v2 model-alone policy, refitted too
             name = str(manifest["export"]["model_policy"]["file"])
-            alone_bytes = json.dumps(alone.to_dict(), indent=2).encode()
-            (staging / name).write_bytes(alone_bytes)
-            manifest["files"][name] = hashlib.sha256(alone_bytes).hexdigest()
+            (staging / name).write_text(json.dumps(alone.to_dict(), indent=2))
+            written.append(name)
         record = json.dumps(
             report | {"bundle": str(target), "new": report["new"] | {"policy_version": version}}, indent=2
         )
         (staging / "recertify.json").write_text(record)
-        manifest["files"]["recertify.json"] = hashlib.sha256(record.encode()).hexdigest()
         export = manifest.setdefault("export", {})
         export["recertified_from"] = bundle.policy_version
         check = report["new"]["check"]
@@ -330,7 +329,7 @@ def _write_version(
             "delta": policy.abstention.delta,
         }
         manifest["name"] = bundle_name(bundle.manifest, bundle.path)  # every version serves under one name
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        write_manifest(staging, manifest, written)
         if key is not None:
             from roadwork.export.signing import sign_bundle
 

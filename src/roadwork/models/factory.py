@@ -16,6 +16,7 @@ from roadwork._deps import require
 from roadwork.config import ModelConfig
 from roadwork.data.preprocess import PreprocessSpec
 from roadwork.errors import ArtifactError, ConfigError
+from roadwork.jsonio import parse_artifact
 
 __all__ = [
     "BACKBONE_PREFIX",
@@ -63,6 +64,8 @@ class ModelCard:
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         if d.get("schema") != MODEL_SCHEMA:
             raise ArtifactError(f"model.json schema {d.get('schema')!r} is not {MODEL_SCHEMA}.")
+        if not isinstance(d["classes"], list) or not all(isinstance(c, str) for c in d["classes"]):
+            raise ArtifactError(f"its 'classes' is {str(d['classes'])[:80]!r}, not a list of class names")
         return cls(
             backbone=d["backbone"],
             classes=list(d["classes"]),
@@ -75,11 +78,17 @@ class ModelCard:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> ModelCard:
+    def load(cls, path: str | Path, *, where: str | None = None) -> ModelCard:
+        """The card in ``model.json``; an unreadable or malformed file is an :class:`ArtifactError` naming
+        ``where`` (default: ``path``)."""
+        where = str(path) if where is None else where
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError) as e:
-            raise ArtifactError(f"Could not read model card {str(path)!r}: {e}") from None
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ArtifactError(f"Could not read model card {where!r}: {e.strerror or e}.") from None
+        return parse_artifact(
+            data, cls.from_dict, where=where, what="model card", fix="Re-export the bundle (or retrain)."
+        )
 
 
 def _unknown_backbone(name: str) -> ConfigError:

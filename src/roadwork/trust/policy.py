@@ -6,7 +6,6 @@ and the bundle all call :meth:`TrustPolicy.apply`, so offline metrics are the me
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from roadwork.errors import ArtifactError, InputError
-from roadwork.jsonio import dumps
+from roadwork.jsonio import dumps, parse_artifact
 from roadwork.trust._checks import check_logits
 from roadwork.trust.calibration import Calibrator, SliceCalibrator, calibrate_proba, calibrator_from_dict
 from roadwork.trust.cascade import Cascade, run_cascade
@@ -250,17 +249,25 @@ class TrustPolicy:
         return dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> TrustPolicy:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str | bytes, *, where: str = "policy JSON") -> TrustPolicy:
+        """The policy :meth:`to_json` wrote. Anything else (not JSON, nested too deeply, not an object, a field
+        missing or of the wrong type) is an :class:`ArtifactError` naming ``where`` (the file it came from)."""
+        return parse_artifact(
+            text,
+            cls.from_dict,
+            where=where,
+            what="policy",
+            fix="Re-export the bundle (or rerun the policy stage) with this roadwork version.",
+        )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> TrustPolicy:
+        """:meth:`from_json` of a file; an unreadable or malformed one is an :class:`ArtifactError` naming it."""
         try:
-            return cls.from_json(Path(path).read_text())
-        except (OSError, ValueError, KeyError) as e:
-            raise ArtifactError(f"Could not read policy {str(path)!r}: {e}") from None
-        except RecursionError:  # json nested thousands deep: not a policy
-            raise ArtifactError(f"Could not read policy {str(path)!r}: it is nested too deeply.") from None
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ArtifactError(f"Could not read policy {str(path)!r}: {e.strerror or e}.") from None
+        return cls.from_json(data, where=str(path))
