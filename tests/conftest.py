@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -82,3 +83,36 @@ def messy_folder(tmp_path):
     Image.new("L", (3000, 3000)).save(big, format="PNG")  # tiny file, many pixels
     (tmp_path / "no_roadwork" / "bomb.png").write_bytes(big.getvalue())
     return tmp_path
+
+
+@pytest.fixture
+def returns_unblocked():
+    """``call(fn, fifos)``: ``fn()`` in a thread, its result returned (its exception raised). A hang guard for
+    tests of FIFOs, not a time limit on the work: if ``fn`` has not returned after a generous wait it is blocked
+    on one of ``fifos``, which are then opened for writing and closed (the reader gets end-of-file, the thread
+    ends) and the test fails."""
+    import threading
+
+    def call(fn, fifos=()):  # type: ignore[no-untyped-def]
+        box: dict[str, object] = {}
+
+        def target() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as e:  # raised again in the test's thread
+                box["error"] = e
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(120)
+        if thread.is_alive():
+            for fifo in fifos:
+                with contextlib.suppress(OSError):
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(30)
+            pytest.fail(f"{fn} blocked on a FIFO ({', '.join(map(str, fifos))}) instead of refusing it")
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        return box.get("result")
+
+    return call

@@ -171,3 +171,65 @@ def test_decoded_size_predicts_the_decode_from_the_header(
     Image.new("RGB", size, (1, 2, 3)).save(png)
     assert decoded_size(size, "JPEG", min_side) == load_rgb(jpg, min_side).size
     assert decoded_size(size, "PNG", min_side) == load_rgb(png, min_side).size == size
+
+
+def _wide_versions(d: Path) -> tuple[Path, dict[str, Path]]:
+    """One greyscale photo as 8-bit PNG, and as 16-bit PNG/TIFF (little- and big-endian), 16-bit PGM (PIL mode
+    ``I``) and float TIFF in [0, 1]: what a camera pipeline or a scientific tool writes for the same picture."""
+    g8 = np.asarray(_photo(320, 240).convert("L"))
+    eight = d / "g8.png"
+    Image.fromarray(g8).save(eight)
+    g16 = g8.astype(np.uint16) * 257  # 8 -> 16 bit as every tool scales it (0 -> 0, 255 -> 65535)
+    wide = {"I;16.png": d / "g16.png", "I;16.tif": d / "g16.tif", "I;16B.tif": d / "g16b.tif"}
+    Image.fromarray(g16).save(wide["I;16.png"])
+    Image.fromarray(g16).save(wide["I;16.tif"])
+    Image.fromarray(g16.astype(">u2")).save(wide["I;16B.tif"])
+    wide["I.pgm"] = d / "g16.pgm"
+    Image.fromarray(g16).save(wide["I.pgm"])
+    wide["F.tif"] = d / "f.tif"
+    Image.fromarray(g8.astype(np.float32) / 255).save(wide["F.tif"])
+    return eight, wide
+
+
+def test_16_bit_and_float_greyscale_decode_like_the_8_bit_version(tmp_path: Path) -> None:
+    """PIL's convert("RGB") clips 16-bit values to 255 (a 16-bit photo came out ~99 % white, and was predicted on
+    that); the shared decode keeps the top 8 bits, so the 16-bit file gives the 8-bit file's pixels exactly."""
+    eight, wide = _wide_versions(tmp_path)
+    ref = np.asarray(load_rgb(eight))
+    assert 40 < ref.mean() < 215  # a photo, not a white or black page
+    spec = PreprocessSpec(size=96)
+    for name, path in wide.items():
+        with Image.open(path) as im:
+            assert im.mode == name.split(".")[0]  # each of PIL's wide modes is covered
+        np.testing.assert_array_equal(np.asarray(load_rgb(path)), ref, err_msg=name)
+        np.testing.assert_array_equal(load_resized(path, spec), load_resized(eight, spec), err_msg=name)
+    with Image.open(wide["I;16.png"]) as im:  # a PIL image handed to preprocess (the Python API) too
+        np.testing.assert_array_equal(preprocess([im], spec), preprocess([Image.open(eight)], spec))
+
+
+def test_wide_images_without_a_defined_brightness_are_refused_clearly(tmp_path: Path) -> None:
+    Image.fromarray(np.full((8, 8), 200.0, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match=r"values from 200 to 200: only \[0, 1\] has a defined brightness"):
+        load_rgb(tmp_path / "f.tif")
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "i.tif")
+    with pytest.raises(ValueError, match=r"values from 70000 to 70000: only 0..65535 \(16 bit\) is read"):
+        load_rgb(tmp_path / "i.tif")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "LA", "CMYK", "1"])
+def test_8_bit_images_decode_exactly_as_before(tmp_path: Path, mode: str) -> None:
+    """Every 8-bit mode gives PIL's own conversion, bit for bit (an RGB image is not converted at all): the pixels
+    the certified bundles were evaluated on do not move."""
+    im = _photo(160, 120).convert(mode)
+    for fmt in ("png", "jpg", "tif"):
+        if (fmt == "jpg" and mode not in ("RGB", "L", "CMYK")) or (fmt == "png" and mode == "CMYK"):
+            continue  # what the format cannot hold
+        p = tmp_path / f"x.{fmt}"
+        im.save(p)
+        with Image.open(p) as ref:
+            expected = np.asarray(ref.convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(load_rgb(p)), expected, err_msg=f"{mode} {fmt}")
+        with Image.open(p) as ref:  # and with the DCT-scaled decode of a JPEG
+            ref.draft("RGB", (60, 60))
+            expected = np.asarray(ref.convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(load_rgb(p, 60)), expected, err_msg=f"{mode} {fmt} at 60")

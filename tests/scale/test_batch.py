@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from roadwork.errors import InputError
 from roadwork.scale.batch import identical, list_images, predict_local, read_predictions
 
 
@@ -59,8 +59,8 @@ def test_sources_and_cli(tiny_run, items, tmp_path, capsys):
         (tmp_path / "imgs" / p.split("/")[-1]).write_bytes(Path(p).read_bytes())
     listed = list_images([tmp_path / "imgs", manifest])
     assert len(listed) == 40 + 3 and listed["path"].is_unique
-    with pytest.raises(InputError, match="neither an image"):
-        list_images([tmp_path / "nope"])
+    # a path that does not exist is a row: the predictor lists it as unreadable, as a manifest's missing file
+    assert list_images([tmp_path / "nope"])["path"].tolist() == [str(tmp_path / "nope")]
     assert (
         main(["predict", str(result.bundle), str(tmp_path / "imgs"), f"out={tmp_path / 'o'}", "batch=2"]) == 0
     )
@@ -238,11 +238,14 @@ def test_the_cli_counts_this_runs_images_after_a_move(tiny_run, messy_images, tm
     assert f"predicted 0 images ({len(good)} already in {out}, {len(bad)} unreadable" in said
 
 
-def test_predict_skips_and_names_odd_entries_and_predicts_every_good_image(tiny_run, tmp_path, capsys):
+def test_predict_reads_odd_names_names_empty_cells_and_predicts_every_good_image(tiny_run, tmp_path, capsys):
+    """A file name that is not UTF-8 (another system's encoding), in a folder or a Latin-1 manifest, is a good
+    image: predicted, its path written with the odd bytes as \\xNN; an empty manifest cell is named and skipped."""
     import json
     import os
 
     from roadwork.cli import main
+    from roadwork.scale.batch import read_skipped
 
     _, result = tiny_run
     images = sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:3]
@@ -252,18 +255,138 @@ def test_predict_skips_and_names_odd_entries_and_predicts_every_good_image(tiny_
         (folder / im.name).write_bytes(im.read_bytes())
     with open(os.path.join(os.fsencode(folder), b"stra\xdfe.jpg"), "wb") as f:  # Latin-1 'straße'
         f.write(images[0].read_bytes())
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"), "wb") as f:  # Latin-1 'café'
+        f.write(images[2].read_bytes())
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": ["", str(images[1])], "weather": ["fog", "rain"]}).to_csv(manifest, index=False)
-    with open(manifest, "ab") as f:  # a row written in Latin-1: the cell is named, the file still read
+    with open(manifest, "ab") as f:  # a row written in Latin-1: the file it names is read
         f.write(b"caf\xe9.jpg,sun\n")
     assert main(["predict", str(result.bundle), str(folder), str(manifest)]) == 0
     out, err = capsys.readouterr()
-    rows = [json.loads(line) for line in out.splitlines()]
-    assert len(rows) == 4 and {Path(r["path"]).name for r in rows} == {im.name for im in images}
-    assert "skipped " in err and "stra\\xdfe.jpg: its name is not valid UTF-8" in err
-    assert "skipped manifest m.csv row 2: empty path" in err and "caf\\xe9.jpg: its name is not valid" in err
-    assert main(["predict", str(result.bundle), str(folder), str(manifest), f"out={tmp_path / 'o'}"]) == 0
-    assert len(read_predictions(tmp_path / "o")) == 4
+    rows = {r["path"]: r for r in map(json.loads, out.splitlines())}
+    odd = {str(folder / "stra\\xdfe.jpg"), str(tmp_path / "caf\\xe9.jpg")}
+    assert len(rows) == 6 and odd <= set(rows) and rows[str(tmp_path / "caf\\xe9.jpg")]["weather"] == "sun"
+    assert (
+        rows[str(folder / "stra\\xdfe.jpg")]["probability"]
+        == rows[str(folder / images[0].name)]["probability"]
+    )
+    assert "skipped manifest m.csv row 2: empty path" in err and "not valid UTF-8" not in err
+    o = tmp_path / "o"
+    assert main(["predict", str(result.bundle), str(folder), str(manifest), f"out={o}"]) == 0
+    df = read_predictions(o)
+    assert len(df) == 6 and odd <= set(df["path"]) and not len(read_skipped(o))
+    capsys.readouterr()
+    assert main(["predict", str(result.bundle), str(folder), str(manifest), f"out={o}"]) == 0  # resumed
+    assert "predicted 0 images (6 already in" in capsys.readouterr().out and len(read_predictions(o)) == 6
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and /dev/zero are POSIX")
+def test_a_fifo_and_a_link_to_dev_zero_are_listed_never_opened(tiny_run, tmp_path):
+    """`mkfifo a.jpg` blocked the image's open (and out=DIR's hashing) forever; a `z.jpg` link to /dev/zero
+    hashed forever. In a child process, so that the old behaviour fails at the timeout instead of hanging."""
+    import os
+    import subprocess
+
+    from roadwork.scale.batch import read_skipped
+
+    _, result = tiny_run
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for im in sorted((result.run_dir / "data" / "images").glob("*.jpg"))[:3]:
+        (folder / im.name).write_bytes(im.read_bytes())
+    os.mkfifo(folder / "a.jpg")
+    (folder / "z.jpg").symlink_to("/dev/zero")
+    predict = [sys.executable, "-m", "roadwork.cli", "predict", str(result.bundle), str(folder)]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    lines = subprocess.run(predict, capture_output=True, text=True, timeout=300, env=env)
+    assert lines.returncode == 0 and len(lines.stdout.splitlines()) == 3, lines.stderr[-2000:]
+    assert f"skipped {folder / 'a.jpg'}: not a regular file (a FIFO)" in lines.stderr
+    assert f"skipped {folder / 'z.jpg'}: not a regular file (a character device)" in lines.stderr
+    o = tmp_path / "o"
+    batch = subprocess.run([*predict, f"out={o}"], capture_output=True, text=True, timeout=300, env=env)
+    assert batch.returncode == 0, batch.stderr[-2000:]
+    assert len(read_predictions(o)) == 3 and "2 unreadable" in batch.stdout
+    assert {Path(p).name for p in read_skipped(o)["path"]} == {"a.jpg", "z.jpg"}
+
+
+def test_an_image_over_the_size_limit_is_listed_not_read(tiny_run, tmp_path, monkeypatch):
+    import roadwork.scale.batch as batch
+
+    _, result = tiny_run
+    image = sorted((result.run_dir / "data" / "images").glob("*.jpg"))[0]
+    big = tmp_path / "big.jpg"
+    big.write_bytes(image.read_bytes() + b"\0" * 64)  # a readable JPEG, one byte over the limit is enough
+    monkeypatch.setattr(batch, "_MAX_BYTES", image.stat().st_size)
+    out = tmp_path / "o"
+    assert predict_local(result.bundle, list_images([image, big]), out, progress=False) == 1
+    skipped = batch.read_skipped(out)
+    assert skipped["path"].tolist() == [str(big)] and skipped["reason"][0].startswith("file too large (")
+    assert skipped["sha256"].tolist() == [""]  # not hashed either: nothing over the limit is read
+
+
+def test_a_missing_path_named_explicitly_is_listed_and_the_others_predicted(tiny_run, tmp_path, capsys):
+    """As a manifest row naming a missing file: listed, not the end of the job; exit 2 only when nothing is left."""
+    import json
+
+    from roadwork.cli import main
+    from roadwork.scale.batch import read_skipped
+
+    _, result = tiny_run
+    good = str(sorted((result.run_dir / "data" / "images").glob("*.jpg"))[0])
+    missing = str(tmp_path / "missing.jpg")
+    assert main(["predict", str(result.bundle), good, missing]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["path"] for line in out.splitlines()] == [good]
+    assert f"skipped {missing}: unreadable: No such file or directory" in err
+    assert main(["predict", str(result.bundle), good, missing, f"out={tmp_path / 'o'}"]) == 0
+    assert read_predictions(tmp_path / "o")["path"].tolist() == [good]
+    assert read_skipped(tmp_path / "o")["path"].tolist() == [missing]
+    capsys.readouterr()
+    assert main(["predict", str(result.bundle), missing]) == 2  # nothing at all could be predicted
+    assert "error: none of the 1 images could be read" in capsys.readouterr().err
+
+
+def test_a_malformed_manifest_is_one_error_line_and_writes_nothing(tiny_run, tmp_path, capsys):
+    from roadwork.cli import main
+
+    _, result = tiny_run
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('path,weather\na.jpg,fog\n"b.jpg,rain\n')  # an unterminated quote
+    assert main(["predict", str(result.bundle), str(manifest), f"out={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: manifest {str(manifest)!r} is not a valid CSV file (")
+        and "Traceback" not in err
+    )
+    assert "fix that row" in err and not (tmp_path / "o").exists()
+
+
+def test_tiff_gif_and_16_bit_images_in_a_folder_are_predicted_like_their_8_bit_versions(tiny_run, tmp_path):
+    """.tif/.tiff/.gif files in a folder were ignored (neither predicted nor listed); a 16-bit greyscale photo was
+    decoded ~99 % white. Now each is predicted, the 16-bit one exactly as its 8-bit version."""
+    import numpy as np
+    from PIL import Image
+
+    from roadwork.scale.batch import BundlePredictor
+
+    _, result = tiny_run
+    photo = Image.open(sorted((result.run_dir / "data" / "images").glob("*.jpg"))[0]).convert("RGB")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo.save(folder / "rgb.tif")
+    photo.save(folder / "rgb.tiff")
+    photo.convert("P").save(folder / "palette.gif")
+    grey = np.asarray(photo.convert("L"))
+    Image.fromarray(grey).save(folder / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "grey16.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "grey16.tif")
+    items = list_images([folder])
+    assert len(items) == 6
+    rows = BundlePredictor(str(result.bundle))(items).set_index("path")
+    assert (rows["skip_reason"] == "").all()
+    for name in ("grey16.png", "grey16.tif"):
+        a, b = rows.loc[str(folder / name)], rows.loc[str(folder / "grey8.png")]
+        assert a["probability"] == b["probability"] and a["label"] == b["label"]
 
 
 def test_a_full_disk_is_one_error_line_and_leaves_no_temporary_part(tiny_run, tmp_path, monkeypatch, capsys):

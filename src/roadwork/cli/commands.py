@@ -211,7 +211,8 @@ def predict(p: Parsed) -> int:
                 require_signature=key,
             )
         listed = read_skipped(o["out"])  # this run's items only: the list keeps earlier runs' files too
-        skipped = int(listed["path"].isin(set(items["path"].astype(str))).sum()) if len(listed) else 0
+        mine = {shown(str(q)) for q in items["path"]}  # as the list writes them
+        skipped = int(listed["path"].isin(mine).sum()) if len(listed) else 0
         if n == 0 and skipped == len(items):
             raise InputError(
                 f"none of the {len(items)} images could be read: see {Path(o['out']) / SKIPPED}."

@@ -5,8 +5,15 @@ resize or normalise differently from the model that was evaluated.
 
 Decoding is part of that path. A JPEG is reduced *at decode* (libjpeg's DCT scaling, ``Image.draft``) to the
 smallest of 1/1, 1/2, 1/4, 1/8 of its size whose shorter side is still at least the resize target, then
-resized and cropped; a 1920x1080 photo for a 96- or 224-px network is never decoded at full size. PNG, WebP
-and BMP are decoded in full (they have no such scaling). Which scale is chosen depends on the image and on the
+resized and cropped; a 1920x1080 photo for a 96- or 224-px network is never decoded at full size. PNG, WebP,
+BMP, TIFF and GIF are decoded in full (they have no such scaling). A file is only read if it is a regular file
+(:mod:`roadwork.data.files`: a FIFO or ``/dev/zero`` named ``.jpg`` is refused, never waited on).
+
+Every image becomes 8-bit RGB (:func:`to_rgb`): 8-bit modes as PIL converts them (an RGB image is left as is, so
+its pixels are what they always were); a 16-bit greyscale image (PNG, TIFF: modes ``I;16*``, and ``I`` with values
+in 0..65535, e.g. a 16-bit PGM) keeps its top 8 bits (``v >> 8``, as PIL reads 16-bit RGB), so it decodes like
+the 8-bit version of the same photo (PIL's own conversion clips it to white); a float image (``F``) with values in
+[0, 1] is scaled by 255. Other 32-bit integer or float images have no defined brightness and are refused. Which scale is chosen depends on the image and on the
 *decode side* — the largest shorter side any consumer of the decoded image resizes to
 (:func:`decode_side`) — so every path that must agree bit for bit (training, the bundle, the server) decodes
 with the same decode side: :func:`load_for` / :func:`load_rgb` ``(min_side=...)`` here,
@@ -27,6 +34,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from roadwork.data.files import read_regular
+
 __all__ = [
     "MAX_ASPECT",
     "ImageTooLarge",
@@ -42,6 +51,7 @@ __all__ = [
     "resize_uint8",
     "shape_problem",
     "to_float",
+    "to_rgb",
 ]
 
 _INTERP = {
@@ -110,11 +120,15 @@ def shape_problem(w: int, h: int) -> str | None:
     return None
 
 
-def open_checked(src: str | Path | bytes, *, max_pixels: int | None = None) -> Image.Image:
+def open_checked(
+    src: str | Path | bytes, *, max_pixels: int | None = None, max_bytes: int | None = None
+) -> Image.Image:
     """Open lazily and check the header only: nothing is decoded yet. Raises :class:`ImageTooLarge` when the
     header's width x height exceeds ``max_pixels`` or its shape is a strip (:func:`shape_problem`), and PIL's
-    own bomb error beyond its limit."""
-    im = Image.open(io.BytesIO(src)) if isinstance(src, bytes) else Image.open(src)
+    own bomb error beyond its limit. A path is read only if it is a regular file of at most ``max_bytes``
+    (:func:`~roadwork.data.files.read_regular`; else :class:`~roadwork.data.files.UnreadableFile`)."""
+    data = src if isinstance(src, bytes) else read_regular(src, max_bytes=max_bytes)
+    im = Image.open(io.BytesIO(data))
     w, h = im.size
     if max_pixels is not None and w * h > max_pixels:
         im.close()
@@ -136,7 +150,36 @@ def decode_opened(im: Image.Image, min_side: int | None = None) -> Image.Image:
         # >= min_side: ceil(short / s) >= short // s >= min_side. Never below the resize target.
         im.draft("RGB", (min_side, min_side))
     im.load()
-    return im if im.mode == "RGB" else im.convert("RGB")
+    return to_rgb(im)
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any decoded image as 8-bit RGB: ``im`` itself when it is RGB; 8-bit modes through PIL's ``convert``;
+    16-bit greyscale (``I;16*``, or ``I`` within 0..65535) by its top 8 bits (``v >> 8``); float (``F``) within
+    [0, 1] times 255, rounded. Other ``I``/``F`` images raise ``ValueError`` (PIL would clip them to white)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode not in (*_SIXTEEN_BIT, "I", "F"):
+        return im.convert("RGB")
+    a = np.asarray(im)
+    if im.mode == "F":
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise ValueError(
+                f"a floating-point image with values from {a.min():g} to {a.max():g}: only [0, 1] has a defined "
+                "brightness; save it as 8- or 16-bit"
+            )
+        u8 = np.rint(a.astype(np.float64) * 255).astype(np.uint8)
+    else:
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(
+                f"a 32-bit integer image with values from {a.min()} to {a.max()}: only 0..65535 (16 bit) is "
+                "read; save it as 8- or 16-bit"
+            )
+        u8 = (a.astype(np.uint32) >> 8).astype(np.uint8)  # '>u2' (I;16B) too: astype reads the byte order
+    return Image.fromarray(u8).convert("RGB")
 
 
 def decoded_size(size: tuple[int, int], fmt: str | None, min_side: int | None) -> tuple[int, int]:
@@ -151,13 +194,18 @@ def decoded_size(size: tuple[int, int], fmt: str | None, min_side: int | None) -
 
 
 def load_rgb(
-    src: str | Path | bytes, min_side: int | None = None, *, max_pixels: int | None = None
+    src: str | Path | bytes,
+    min_side: int | None = None,
+    *,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
 ) -> Image.Image:
     """Open an image file (or bytes) as RGB: in full, or with ``min_side`` reduced at decode (JPEG) to the
-    smallest DCT scale whose shorter side is still >= ``min_side`` (see :func:`decode_side`)."""
+    smallest DCT scale whose shorter side is still >= ``min_side`` (see :func:`decode_side`). A path must be a
+    regular file (of at most ``max_bytes``, see :func:`open_checked`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = open_checked(src, max_pixels=max_pixels)
+        im = open_checked(src, max_pixels=max_pixels, max_bytes=max_bytes)
     with im:
         out = decode_opened(im, min_side)
         return out.copy() if out is im else out  # the file closes with ``im``; keep decoded pixels only
@@ -212,4 +260,4 @@ def preprocess(images: Sequence[Image.Image], spec: PreprocessSpec) -> np.ndarra
     """PIL images → network input of shape (N, 3, size, size), float32."""
     if not images:
         return np.zeros((0, 3, spec.size, spec.size), np.float32)
-    return to_float(np.stack([resize_uint8(im.convert("RGB"), spec) for im in images]), spec)
+    return to_float(np.stack([resize_uint8(to_rgb(im), spec) for im in images]), spec)

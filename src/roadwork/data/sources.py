@@ -27,10 +27,11 @@ import pandas as pd
 from PIL import Image
 
 from roadwork.config import DataConfig
-from roadwork.data.listing import name_problem, read_manifest_csv, shown
-from roadwork.data.preprocess import shape_problem
+from roadwork.data.files import UnreadableFile, read_regular
+from roadwork.data.listing import name_problem, read_manifest, shown
+from roadwork.data.preprocess import decode_opened, shape_problem
 from roadwork.data.splits import assign_splits
-from roadwork.errors import DataError
+from roadwork.errors import DataError, InputError
 
 __all__ = ["CORE_COLUMNS", "DataReport", "build_dataset", "check_image"]
 
@@ -64,22 +65,17 @@ class DataReport:
 def check_image(path: Path, *, max_pixels: int, max_bytes: int) -> tuple[str | None, str]:
     """Return ``(sha256, "")`` for a usable image, or ``(None, reason)``.
 
-    Decodes the whole file (``Image.verify`` misses truncated JPEGs, a ``load`` does not) from the bytes it
-    hashes; a JPEG at its smallest DCT scale (1/8): every byte of entropy-coded data is still decoded, so a
-    truncated or corrupt file fails the same way, in about half the time of a full decode at 1080p.
+    Only a regular file is read (:mod:`roadwork.data.files`: a FIFO or a link to ``/dev/zero`` is a reason, not a
+    hang), at most ``max_bytes`` of it. Decodes the whole file (``Image.verify`` misses truncated JPEGs, a
+    ``load`` does not) from the bytes it hashes, through the shared decode (so an image the decode refuses, e.g. a
+    float TIFF outside [0, 1], is refused here); a JPEG at its smallest DCT scale (1/8): every byte of
+    entropy-coded data is still decoded, so a truncated or corrupt file fails the same way, in about half the time
+    of a full decode at 1080p.
     """
     try:
-        size = path.stat().st_size
-    except OSError as e:
-        return None, f"unreadable: {e.strerror or e}"
-    if size == 0:
-        return None, "zero-byte file"
-    if size > max_bytes:
-        return None, f"file too large ({size / 2**20:.1f} MiB > {max_bytes / 2**20:.1f} MiB)"
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return None, f"unreadable: {e.strerror or e}"
+        data = read_regular(path, max_bytes=max_bytes)
+    except UnreadableFile as e:
+        return None, str(e)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -90,9 +86,7 @@ def check_image(path: Path, *, max_pixels: int, max_bytes: int) -> tuple[str | N
                 problem = shape_problem(w, h)
                 if problem is not None:
                     return None, problem
-                if im.format == "JPEG":
-                    im.draft("RGB", (1, 1))
-                im.load()
+                decode_opened(im, 1)  # a JPEG at 1/8 (draft), as before; 16-bit and float modes checked
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return None, f"decompression bomb: {e}"
     except Exception as e:  # PIL raises many types for bad files; all of them mean "skip"
@@ -105,6 +99,19 @@ def check_image(path: Path, *, max_pixels: int, max_bytes: int) -> tuple[str | N
     return hashlib.sha256(data).hexdigest(), ""
 
 
+def _stored_problem(path: str) -> str | None:
+    """Why the data stage cannot keep ``path`` in ``dataset.parquet`` (Parquet strings are UTF-8), or ``None``.
+    (``roadwork predict`` reads such a file as is; the dataset table stores paths as text.)"""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return (
+            "its name is not valid UTF-8 (written by another system's encoding), and the dataset table stores "
+            "paths as UTF-8 text: rename the file"
+        )
+    return None
+
+
 def _from_folder(root: Path) -> pd.DataFrame:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
@@ -115,10 +122,10 @@ def _from_folder(root: Path) -> pd.DataFrame:
     rows, skipped = [], []
     for d in class_dirs:
         for f in sorted(d.rglob("*")):
-            if not f.is_file() or f.name.startswith("."):
+            if f.is_dir() or f.name.startswith("."):  # a FIFO or a device is listed: check_image says why
                 continue
             rid = f.relative_to(root).as_posix()
-            reason = name_problem(str(f)) or name_problem(d.name)
+            reason = _stored_problem(str(f))
             if reason is not None:  # one odd name is reported, not the end of the job
                 skipped.append({"id": shown(rid), "path": shown(str(f)), "reason": reason})
                 continue
@@ -130,9 +137,9 @@ def _from_folder(root: Path) -> pd.DataFrame:
 
 def _from_manifest(path: Path) -> pd.DataFrame:
     try:
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else read_manifest_csv(path)
-    except Exception as e:
-        raise DataError(f"data.source={str(path)!r} could not be read as a manifest: {e}") from None
+        df = read_manifest(path)  # not a regular file, or not valid CSV/Parquet: our error, never a hang
+    except InputError as e:
+        raise DataError(f"data.source={shown(str(path))!r}: {e}") from None
     missing = {"path", "label"} - set(df.columns)
     if missing:
         raise DataError(
@@ -148,8 +155,10 @@ def _from_manifest(path: Path) -> pd.DataFrame:
     skipped = []
     keep = []
     for i, (p, label) in enumerate(zip(df["path"].tolist(), df["label"].tolist(), strict=True)):
-        reason = name_problem(p) or (
-            "empty label: give every row a label" if not str(label).strip() else None
+        reason = (
+            name_problem(p)
+            or _stored_problem(p)
+            or ("empty label: give every row a label" if not str(label).strip() else None)
         )
         if reason is not None:
             skipped.append(

@@ -8,9 +8,12 @@ files), locally or on a Ray cluster. Both engines run the whole ``TrustPolicy`` 
   prediction rows stream back and are written as part files. On one machine the actors split the cores; on a
   cluster they spread over it.
 
-Both skip unreadable images (corrupt, truncated, missing, not an image) instead of stopping: each is listed
+Both skip unreadable images (corrupt, truncated, missing, not an image, over ``data.max_file_mb``'s default of
+64 MiB, not a regular file: a FIFO or a link to ``/dev/zero`` is never opened) instead of stopping: each is listed
 with its reason in ``_skipped.csv`` beside the parts, and every other image is predicted. Parts are flushed every
-``part_rows`` rows (256) or ``flush_s`` seconds (10), whichever comes first, so a killed job loses little.
+``part_rows`` rows (256) or ``flush_s`` seconds (10), whichever comes first, so a killed job loses little. A
+``path`` written out (parts, ``_skipped.csv``) is :func:`~roadwork.data.listing.shown`: a file whose name is not
+UTF-8 is predicted too, each undecodable byte of its name written ``\\xNN``.
 
 Both resume, keyed on content: every row carries the image's ``sha256``, and a rerun skips as many images of
 each content hash as the folder already holds (a moved or renamed folder resumes too; two copies of one image
@@ -30,7 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from roadwork.data.listing import list_images
+from roadwork.config import DataConfig
+from roadwork.data.files import file_problem, open_regular
+from roadwork.data.listing import list_images, shown
 from roadwork.errors import InputError
 
 __all__ = [
@@ -59,11 +64,15 @@ SKIPPED = "_skipped.csv"
 """Beside the parts; the leading underscore keeps it out of `pandas.read_parquet(out)` (pyarrow skips `_` files)."""
 
 
+_MAX_BYTES = int(DataConfig().max_file_mb * 2**20)  # the data stage's default limit: larger files are listed
+
+
 def _sha256(path: str) -> str:
-    """The file's content hash; ``""`` when it cannot be read (the predictor then reports why)."""
+    """The file's content hash; ``""`` when it cannot be read (the predictor then reports why): only a regular
+    file of at most ``data.max_file_mb`` (default) is read, so a FIFO or ``/dev/zero`` never hangs it."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, max_bytes=_MAX_BYTES) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except OSError:
@@ -85,14 +94,14 @@ def _todo(items: pd.DataFrame, out: Path) -> pd.DataFrame:
         return items
     hashed = done["sha256"] if "sha256" in done.columns else pd.Series([None] * len(done))
     left = Counter(h for h in hashed if isinstance(h, str) and h)
-    done_paths = set(done.loc[hashed.isna() | (hashed == ""), "path"])
+    done_paths = set(done.loc[hashed.isna() | (hashed == ""), "path"])  # as written: shown()
     keep = []
     for path, h in zip(items["path"], items["sha256"], strict=True):
         if h and left[h] > 0:
             left[h] -= 1
             keep.append(False)
         else:
-            keep.append(path not in done_paths)
+            keep.append(shown(str(path)) not in done_paths)
     return items[keep].reset_index(drop=True)
 
 
@@ -118,12 +127,17 @@ class BundlePredictor:
             )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        """One row per image of ``batch``: its predictions, or (unreadable) a ``skip_reason`` and no predictions."""
+        """One row per image of ``batch``: its predictions, or (unreadable) a ``skip_reason`` and no predictions.
+        ``path`` comes back :func:`~roadwork.data.listing.shown` (storable text, whatever the file's name)."""
         from roadwork.export.bundle import open_image
 
         batch = batch.reset_index(drop=True)
         images, good, reasons = [], [], [""] * len(batch)
         for i, p in enumerate(batch["path"]):
+            # not a regular file (a FIFO would block the open, /dev/zero never end) or too large: not opened
+            reasons[i] = file_problem(str(p), max_bytes=_MAX_BYTES) or ""
+            if reasons[i]:
+                continue
             try:
                 images.append(open_image(str(p), self.bundle.decode_side))
                 good.append(i)
@@ -140,7 +154,7 @@ class BundlePredictor:
         )
         if images and "stage" not in recs.columns:  # which stage answered, as the server says it
             recs["stage"] = "model"
-        recs.insert(0, "path", [str(p) for p in rows["path"]])
+        recs.insert(0, "path", [shown(str(p)) for p in rows["path"]])
         for c in batch.columns:
             if c != "path":
                 recs[c] = rows[c].astype(str).to_numpy()
@@ -148,8 +162,10 @@ class BundlePredictor:
         bad = [i for i, r in enumerate(reasons) if r]
         if not bad:
             return recs
-        skipped = batch.iloc[bad].astype(str).reset_index(drop=True)
-        skipped["skip_reason"] = [reasons[i] for i in bad]
+        skipped = batch.iloc[bad].reset_index(drop=True)
+        skipped["path"] = [shown(str(p)) for p in skipped["path"]]
+        skipped = skipped.astype(str)
+        skipped["skip_reason"] = [shown(reasons[i]) for i in bad]
         return pd.concat([recs, skipped], ignore_index=True)
 
 
@@ -247,7 +263,7 @@ def predict_local(
 
     out = Path(out)
     todo = _todo(items, out)
-    parts = _Parts(out, part_rows, flush_s, retried=set(todo["path"]))
+    parts = _Parts(out, part_rows, flush_s, retried={shown(str(p)) for p in todo["path"]})
     predictor = BundlePredictor(
         str(bundle_dir), threads=threads, device=device, variant=variant, require_signature=require_signature
     )
@@ -305,7 +321,7 @@ def predict_ray(
         compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=threads_per_actor,
     )
-    parts = _Parts(out, part_rows, flush_s, retried=set(todo["path"]))
+    parts = _Parts(out, part_rows, flush_s, retried={shown(str(p)) for p in todo["path"]})
     for batch in preds.iter_batches(batch_format="pandas", batch_size=None):
         parts.add(pd.DataFrame({c: batch[c].tolist() for c in batch.columns}))  # Arrow-backed → plain columns
     parts.flush()
