@@ -88,6 +88,25 @@ def test_with_the_adaptive_window_a_lone_request_does_not_wait_out_the_window(bu
     assert create_app(bundle, ServeSettings(name="tiny")).state.roadwork.batcher.incoming is None
 
 
+def test_tiff_and_gif_are_classified_as_roadwork_predict_reads_them(client, bundle, images, tmp_path):
+    """The formats predict reads from a folder (data.listing.IMAGE_SUFFIXES) are the ones the server decodes: a
+    TIFF (lossless) gets the PNG's answer, a GIF the answer predict gives the same file."""
+    from PIL import Image
+
+    with Image.open(images[0]) as im:
+        rgb = im.convert("RGB")
+    want = {}
+    for fmt, ctype in (("PNG", "image/png"), ("TIFF", "image/tiff"), ("GIF", "image/gif")):
+        path = tmp_path / f"x.{fmt.lower()}"
+        rgb.save(path, format=fmt)
+        r = client.post("/v1/classify", content=path.read_bytes(), headers={"content-type": ctype})
+        assert r.status_code == 200, r.text
+        want[fmt] = [_strip(p) for p in r.json()["predictions"]]
+        local = [_strip(p) for p in bundle.predict_paths([path])]
+        assert want[fmt] == local
+    assert want["TIFF"] == want["PNG"]
+
+
 def test_every_classify_body_gives_what_roadwork_predict_gives(client, bundle, images):
     expected = [_strip(r) for r in bundle.predict_paths(images)]
     raw = [

@@ -249,7 +249,7 @@ def open_image(path: str | Path, min_side: int | None = None) -> Image.Image:
         return load_rgb(path, min_side)
     except Exception as e:  # PIL raises many types for bad files
         raise InputError(
-            f"Cannot read image {str(path)!r} ({type(e).__name__}: {e}); pass a readable JPEG/PNG/BMP/WebP file."
+            f"Cannot read image {str(path)!r} ({type(e).__name__}: {e}); pass a readable JPEG/PNG/BMP/WebP/TIFF/GIF file."
         ) from None
 
 

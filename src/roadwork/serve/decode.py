@@ -15,7 +15,17 @@ from roadwork.data.preprocess import decode_opened, shape_problem
 
 __all__ = ["IMAGE_TYPES", "RequestError", "decode_b64", "decode_image"]
 
-IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "application/octet-stream")
+IMAGE_TYPES = (
+    "image/jpeg",
+    "image/png",
+    "image/webp",
+    "image/bmp",
+    "image/tiff",
+    "image/gif",
+    "application/octet-stream",
+)
+# what roadwork predict reads from a folder (data.listing.IMAGE_SUFFIXES) is what the server decodes
+_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 """Content types ``/v1/classify`` takes as a raw image body."""
 
 
@@ -53,7 +63,7 @@ def decode_image(
     smallest size whose shorter side is still >= it, so a queued request holds e.g. 240x135 pixels instead of
     1920x1080, and the pixels are those training decoded (``data.preprocess.load_rgb``, same ``min_side``)."""
     if not data:
-        raise RequestError(400, f"{what} is empty (0 bytes); send JPEG/PNG/WebP/BMP bytes.")
+        raise RequestError(400, f"{what} is empty (0 bytes); send JPEG/PNG/WebP/BMP/TIFF/GIF bytes.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -66,8 +76,8 @@ def decode_image(
             problem = shape_problem(w, h)
             if problem is not None:
                 raise RequestError(400, f"{what} is {problem}.")
-            if im.format not in ("JPEG", "PNG", "WEBP", "BMP", "MPO"):
-                raise RequestError(415, f"{what} is {im.format}; send JPEG, PNG, WebP or BMP.")
+            if im.format not in _FORMATS:
+                raise RequestError(415, f"{what} is {im.format}; send JPEG, PNG, WebP, BMP, TIFF or GIF.")
             return decode_opened(im, min_side)
     except RequestError:
         raise

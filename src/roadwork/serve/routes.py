@@ -477,7 +477,7 @@ async def _classify_images(
     else:
         raise RequestError(
             415,
-            f"content type {ctype!r} is not accepted; send image/jpeg|png|webp (raw body), "
+            f"content type {ctype!r} is not accepted; send image/jpeg|png|webp|bmp|tiff|gif (raw body), "
             'multipart/form-data (files), or application/json {"image": base64}.',
         )
     if len(blobs) > settings.max_images:
