@@ -24,9 +24,10 @@ IMAGE_TYPES = (
     "image/gif",
     "application/octet-stream",
 )
+"""Content types ``/v1/classify`` takes as a raw image body."""
+
 # what roadwork predict reads from a folder (data.listing.IMAGE_SUFFIXES) is what the server decodes
 _FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
-"""Content types ``/v1/classify`` takes as a raw image body."""
 
 
 class RequestError(Exception):
