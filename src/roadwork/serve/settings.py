@@ -86,10 +86,9 @@ class ServeSettings(BaseModel):
     max_inflight_body_mb: float = Field(
         96.0,
         gt=0,
-        description="bytes of request bodies held by all requests at once, counted as they arrive (one body at "
-        "max_body_mb and change: each costs about twice its size while it is parsed); a body whose declared size "
-        "would go over it is refused before it is read, one that goes over it while arriving when it does "
-        "(503 + Retry-After, connection closed)",
+        description="request bodies held by all requests at once (one body at max_body_mb and change: each "
+        "costs about twice its size while it is parsed); a body that would go over it is refused (503 + "
+        "Retry-After) before it is read",
     )
     max_header_kb: int = Field(
         64, ge=1, description="request line and headers per request (431 above it, connection closed)"
