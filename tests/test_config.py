@@ -204,3 +204,13 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     assert (
         time.perf_counter() - t0 < 30
     )  # generous: the point is that nothing expands (it took 25 s and 1.5 GB)
+
+
+def test_the_synthetic_image_count_is_bounded():
+    """n=10**12 built a list of 1.6e10 jobs (9 GB in a minute) before writing anything: refused now."""
+    from pydantic import ValidationError
+
+    from roadwork.config import SyntheticConfig
+
+    with pytest.raises(ValidationError, match="less than or equal to 10000000"):
+        SyntheticConfig(n=10**12)

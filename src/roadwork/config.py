@@ -53,7 +53,7 @@ class _Strict(BaseModel):
 class SyntheticConfig(_Strict):
     """Procedural roadwork scenes (see :mod:`roadwork.data.synthetic`)."""
 
-    n: int = Field(6000, ge=8, description="number of images to generate")
+    n: int = Field(6000, ge=8, le=10_000_000, description="number of images to generate (at most 10 million)")
     size: int = Field(128, ge=32, le=1024, description="image side in pixels")
     seed: int = Field(0, description="generator seed; same seed, same images")
     positive_fraction: float = Field(0.5, gt=0, lt=1, description="share of work-zone images")

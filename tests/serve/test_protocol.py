@@ -27,7 +27,7 @@ PROBE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
 class _Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
-        self.out, self.closed, self.paused = b"", False, False
+        self.out, self.closed, self.paused, self.aborted = b"", False, False, False
         self.proto: Any = None
 
     def write(self, data: Any) -> None:
@@ -41,6 +41,10 @@ class _Transport(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.close()
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -542,3 +546,45 @@ def test_beyond_max_connections_a_connection_whose_body_never_came_is_closed():
     (t1, _t2), t3 = asyncio.run(main())
     assert t1.closed and _answers(t1.out) == [b"503"] and b"body-less" in t1.out
     assert _answers(t3.out) == [b"200"]
+
+
+def test_a_malformed_body_pipelined_behind_a_good_request_is_refused_after_its_answer():
+    async def main() -> tuple[_Transport, list[tuple[str, Any, bytes]]]:
+        proto, t, seen = _connection(_Gate(True))
+        bad = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        proto.data_received(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc" + bad)
+        await asyncio.sleep(0.4)
+        return t, seen
+
+    t, seen = asyncio.run(main())
+    assert _answers(t.out) == [b"200", b"400"] and t.closed and seen[0] == ("/slow", None, b"abc")
+
+
+def test_a_client_that_does_not_read_its_answer_is_closed_and_goes_first_beyond_max_connections():
+    """135 connections pipelining GET /metrics and never reading held their descriptors forever (probes failed
+    under a 150-fd limit): now each has body_timeout_s to read, and they are evicted before body-less ones."""
+
+    async def main() -> None:
+        first, t1, _ = _connection(_Gate(True), max_connections=2, body_timeout_s=0.2)
+
+        def another() -> tuple[Any, _Transport]:  # on the same server (its limits and connections)
+            proto = type(first)(config=first.config, server_state=first.server_state, app_state={})
+            t = _Transport()
+            t.proto = proto
+            proto.connection_made(t)
+            return proto, t
+
+        first.data_received(PROBE)
+        await asyncio.sleep(0.05)
+        first.pause_writing()  # what asyncio calls when the socket's buffer is full
+        second, t2 = another()
+        second.data_received(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        third, t3 = another()  # over max_connections: the one not reading goes, not the body-less one
+        assert t1.aborted and not t2.closed
+        third.data_received(PROBE)
+        await asyncio.sleep(0.05)
+        third.pause_writing()
+        await asyncio.sleep(0.4)  # past body_timeout_s: the one not reading is closed
+        assert t3.aborted and not t2.closed
+
+    asyncio.run(main())

@@ -115,6 +115,7 @@ class _Limits:
     head_limit: int
     idle: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # no complete head yet, oldest first
     reading: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # a head, its body not all in yet
+    blocked: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # not reading our answer
     early: EarlyGate | None = None  # the gate's admission for small prediction requests (admit_early)
 
 
@@ -158,6 +159,8 @@ class GuardedProtocol(HttpToolsProtocol):
     _head_open = False  # a request's head has begun and is not complete (pipelined ones included)
     _in_body = False  # a request's head is complete and its body not (it may have been answered already)
     _discard_timer: Any = None  # answered before its body was in: the rest is read and dropped until this
+    _doomed: Any = None  # the cycle of a pipelined request whose body was malformed: refused when it starts
+    _write_timer: Any = None  # the client stopped reading our answer: closed when this fires
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -181,14 +184,25 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_timer = None
 
     def _evict_oldest_idle(self) -> None:
-        """Close the oldest connection without a complete request head; when there is none, the oldest one
-        whose request body has not arrived (a head then silence holds a descriptor as long)."""
-        for waiting, what in ((self.limits.idle, "idle"), (self.limits.reading, "body-less")):
+        """Close the oldest connection without a complete request head; when there is none, the oldest one that
+        does not read its answer, then the oldest whose request body has not arrived (a head then silence holds
+        a descriptor as long)."""
+        limits = self.limits
+        for waiting, what in (
+            (limits.idle, "idle"),
+            (limits.blocked, "unread"),
+            (limits.reading, "body-less"),
+        ):
             for conn in waiting:
                 if conn is not self:
-                    self.limits.metrics.connections_evicted.inc()
-                    msg = f"too many connections; this {what} one is closed."
-                    conn._refuse(503, b"Service Unavailable", msg)
+                    limits.metrics.connections_evicted.inc()
+                    if conn in limits.blocked:  # its buffer is full: a close would wait for it forever
+                        limits.blocked.pop(conn, None)
+                        conn.transport.abort()
+                    else:
+                        conn._refuse(
+                            503, b"Service Unavailable", f"too many connections; this {what} one is closed."
+                        )
                     return
 
     def _head_timeout(self) -> None:
@@ -203,6 +217,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, reason: bytes, message: str) -> None:
         self.limits.idle.pop(self, None)
         self.limits.reading.pop(self, None)
+        self.limits.blocked.pop(self, None)
         if not self.transport.is_closing():
             self.transport.write(_json_response(status, reason, message))
             self.transport.close()
@@ -210,7 +225,8 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
         self.limits.reading.pop(self, None)
-        for timer in (self._body_timer, self._discard_timer):
+        self.limits.blocked.pop(self, None)
+        for timer in (self._body_timer, self._discard_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
         self._release_held()
@@ -220,6 +236,28 @@ class GuardedProtocol(HttpToolsProtocol):
             refused, _keep, t0 = self._hold_args
             self.limits.early.refuse_early(self.client, refused, time.perf_counter() - t0)
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client does not read our answer (the socket's buffer is full): it has ``body_timeout_s`` to
+        start again, else the connection is closed; meanwhile it is the first to go beyond ``max_connections``
+        after the idle ones."""
+        super().pause_writing()
+        self.limits.blocked[self] = None
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.settings.body_timeout_s, self._write_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.limits.blocked.pop(self, None)
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timeout(self) -> None:
+        self._write_timer = None
+        self.limits.blocked.pop(self, None)
+        self.limits.metrics.connections_evicted.inc()
+        self.transport.abort()  # no answer can reach a client that does not read
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown closes a connection with no request running; one whose body or 503 is
@@ -274,10 +312,15 @@ class GuardedProtocol(HttpToolsProtocol):
         """The running request's body cannot be parsed: 400 now (its handler gets a disconnect), or, when it
         was answered already (401 before its body), the connection closes."""
         cycle = self.cycle
+        message = f"malformed request body ({why.rstrip('.')}); send valid HTTP/1.1."
+        if any(c is cycle for c, _app in self.pipeline):  # queued behind answers still owed: after them
+            self._doomed, self._error_after = cycle, (400, b"Bad Request", message)
+            self.transport.pause_reading()
+            return
         if self._held is None and cycle is not None and getattr(cycle, "response_started", False):
             self.transport.close()
             return
-        self._refuse(400, b"Bad Request", f"malformed request body ({why.rstrip('.')}); send valid HTTP/1.1.")
+        self._refuse(400, b"Bad Request", message)
 
     def on_message_begin(self) -> None:
         self._head_len = self._head_count = 0  # each request's own head (pipelined ones included)
@@ -455,6 +498,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        doomed = self._doomed
+        if doomed is not None and not any(c is doomed for c, _app in self.pipeline):
+            # every answer owed before the malformed request is out (uvicorn just started it): its 400 now
+            error, self._error_after, self._doomed = self._error_after, None, None
+            if error is not None:
+                self._refuse(*error)
+            return
         if self._held is not None:  # the next request's body is arriving: no keep-alive timeout meanwhile
             self._unset_keepalive_if_required()
         if self._busy() or self.transport.is_closing():  # a pipelined request runs
