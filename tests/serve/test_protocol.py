@@ -588,3 +588,30 @@ def test_a_client_that_does_not_read_its_answer_is_closed_and_goes_first_beyond_
         assert t3.aborted and not t2.closed
 
     asyncio.run(main())
+
+
+def test_a_body_that_times_out_gives_its_reservation_back_before_its_408_is_written(bundle):
+    """The refusal is awaited (a slow client reads it slowly): meanwhile its declared bytes no longer count."""
+    app = create_app(bundle, ServeSettings(name="tiny", body_timeout_s=0.05))
+    gate = app.build_middleware_stack()
+
+    class _Seen:
+        status = 0
+
+        async def refuse(self, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+            self.status, self.buffered = status, gate.buffered
+
+    async def main() -> _Seen:
+        never = asyncio.Event()
+
+        async def silent() -> dict[str, Any]:
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        seen = _Seen()
+        scope = {"headers": [(b"content-length", b"500000")]}
+        assert await gate._body(scope, silent, seen) is None
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen.status == 408 and seen.buffered == 0 and gate.buffered == 0

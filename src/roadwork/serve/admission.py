@@ -396,32 +396,36 @@ class Gate:
             await answer.refuse(503, msg, [*close, (b"retry-after", b"1")])
             return None
         self.buffered += declared  # released by _serve once the request is answered
-        read = False
         try:
-            body = await asyncio.wait_for(self._read(receive, declared), self.settings.body_timeout_s)
-            read = True
-            return body
-        except asyncio.TimeoutError:  # a distinct class before Python 3.11
+            return await asyncio.wait_for(self._read(receive, declared), self.settings.body_timeout_s)
+        except (asyncio.TimeoutError, _BodyTooLarge, _Disconnected, _OverTotal) as e:
+            self.buffered -= declared  # given back before the refusal is written: others may use it meanwhile
+            await self._refuse_body(e, answer)
+        except BaseException:
+            self.buffered -= declared
+            raise
+        return None
+
+    async def _refuse_body(self, e: BaseException, answer: _Answer) -> None:
+        """The answer to a body that could not be read (:meth:`_body`)."""
+        close = [(b"connection", b"close")]
+        if isinstance(e, asyncio.TimeoutError):  # a distinct class before Python 3.11
             self.metrics.body_timeouts.inc()
             msg = (
                 f"the request body did not arrive within body_timeout_s={self.settings.body_timeout_s:g} "
                 "seconds; send it at once."
             )
             await answer.refuse(408, msg, close)
-        except _BodyTooLarge:
+        elif isinstance(e, _BodyTooLarge):
             await answer.refuse(
                 413, f"request body is over the limit of {self.limit} bytes; send less.", close
             )
-        except _Disconnected:
+        elif isinstance(e, _Disconnected):
             answer.status = 499  # nginx's "client closed request"; nothing to answer
-        except _OverTotal:
+        else:  # _OverTotal
             self.metrics.bodies_refused.inc()
             msg = "the server holds too many request bodies at once; retry after a second."
             await answer.refuse(503, msg, [*close, (b"retry-after", b"1")])
-        finally:
-            if not read:
-                self.buffered -= declared
-        return None
 
     async def _read(self, receive: Any, declared: int) -> bytearray:
         """The body, in one buffer of its declared size (no second copy to join chunks: a 60 MB body costs
