@@ -70,7 +70,100 @@ CASES = {
         lambda b: _edited(b, "model.json", lambda d: d.update(classes=5)),
         "not a list of class names",
     ),
+    # wrongly typed fields that loaded and then failed per request (an outside reviewer's variants)
+    "policy classes string": (
+        "policy.json",
+        lambda b: _edited(b, "policy.json", lambda p: p.update(classes="x")),
+        "not a list of class names",
+    ),
+    "policy positive class list": (
+        "policy.json",
+        lambda b: _edited(b, "policy.json", lambda p: p.update(positive_class=[])),
+        "not one of its classes",
+    ),
+    "policy thresholds table": (
+        "policy.json",
+        lambda b: _edited(b, "policy.json", lambda p: p["conformal"].update(thresholds={})),
+        "'thresholds' is",
+    ),
+    "stage card interpolation": (
+        "stage*-model.json",
+        lambda b: _edited(
+            b, _one(b, "stage*-model.json"), lambda d: d["preprocess"].update(interpolation="x")
+        ),
+        "'interpolation' is 'x'",
+    ),
+    "stage card mean string": (
+        "stage*-model.json",
+        lambda b: _edited(b, _one(b, "stage*-model.json"), lambda d: d["preprocess"].update(mean="x")),
+        "'mean' is 'x', not 3 finite numbers",
+    ),
+    "stage card size negative": (
+        "stage*-model.json",
+        lambda b: _edited(b, _one(b, "stage*-model.json"), lambda d: d["preprocess"].update(size=-1)),
+        "'size' is '-1'",
+    ),
+    "model-alone policy temperature zero": (
+        "policy-model.json",
+        lambda b: _edited(b, "policy-model.json", lambda p: p["calibrator"].update(temperature=0)),
+        "'temperature' is '0'",
+    ),
+    "model-alone policy temperature NaN": (
+        "policy-model.json",
+        lambda b: _edited(b, "policy-model.json", lambda p: p["calibrator"].update(temperature=None)),
+        "'temperature' is 'None'",
+    ),
 }
+
+
+def _set_stage_file(value: object):  # type: ignore[no-untyped-def]
+    return lambda b: _edited(b, "policy.json", lambda p: p["cascade"]["stages"][0].update(file=value))
+
+
+SERVED = {  # loaded before, then every request failed (a traceback from predict, a 500 from the server)
+    "stage file null": ("policy.json", _set_stage_file(None), "has file 'None', not a plain file name"),
+    "stage file list": ("policy.json", _set_stage_file([]), r"has file '\[\]'"),
+    "stage file table": ("policy.json", _set_stage_file({}), r"has file '\{\}'"),
+    "stage file number": ("policy.json", _set_stage_file(0), "has file '0'"),
+    "stage gate string": (
+        "policy.json",
+        lambda b: _edited(b, "policy.json", lambda p: p["cascade"]["stages"][0]["info"].update(gate="x")),
+        "served path fails",
+    ),
+    "thresholds empty": (
+        "policy.json",
+        lambda b: _edited(b, "policy.json", lambda p: p["conformal"].update(thresholds=[])),
+        "served path fails",
+    ),
+    "answers string": (
+        "manifest.json",
+        lambda b: _edited(b, "manifest.json", lambda m: m["export"].update(answers="x")),
+        "served path fails",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SERVED))
+def test_a_signed_bundle_whose_served_path_would_fail_is_refused_at_load(
+    bundle, image, tmp_path, capsys, case
+):
+    """The files parse, but the stage file, the cascade gate, the conformal thresholds or the manifest's answers
+    record would fail every request: the load refuses it (ArtifactError naming the bundle; the CLI exits 2)."""
+    from roadwork.cli import main
+    from roadwork.export.signing import generate_keypair, sign_bundle
+
+    name, content, why = SERVED[case]
+    if name == "manifest.json":
+        (bundle / name).write_text(content(bundle))
+    else:
+        replace_file(bundle, name, content(bundle).encode())
+    pub = generate_keypair(tmp_path / "key")
+    sign_bundle(bundle, tmp_path / "key")
+    with pytest.raises(ArtifactError, match=why) as err:
+        Bundle.load(bundle, require_signature=pub)
+    assert "roadwork-bundle-" not in str(err.value)
+    assert main(["predict", str(bundle), image, f"require_signature={pub}"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 @pytest.mark.parametrize("case", list(CASES))

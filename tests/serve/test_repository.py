@@ -194,3 +194,29 @@ def test_a_signed_version_with_a_malformed_or_oversized_file_is_a_json_400_namin
         assert r.status_code == 400, r.text
         assert why in r.json()["error"] and str(bad / name) in r.json()["error"], r.text
         assert c.get("/v2/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda p: p["cascade"]["stages"][0].update(file=None),  # a 500 from the load before
+        lambda p: p.update(positive_class=[]),  # READY before, then every /v1/classify a 500
+        lambda p: p["conformal"].update(thresholds=[]),  # READY before, then every /v1/classify a 500
+    ],
+    ids=["stage file null", "positive class list", "thresholds empty"],
+)
+def test_a_signed_version_whose_served_path_would_fail_is_a_json_400_and_never_swapped_in(
+    repo, image, tmp_path, edit
+):
+    root, pub, _, _ = repo
+    models = tmp_path / "models"
+    shutil.copytree(root / "models" / "v1", models / "v1")
+    bad = models / "bad"
+    shutil.copytree(root / "models" / "v1", bad)
+    rewrite_json(bad, "policy.json", edit)
+    sign_bundle(bad, root / "key")
+    settings = ServeSettings(name="tiny", require_signature=str(pub))
+    with TestClient(create_app(models / "v1", settings)) as c:
+        r = c.post("/v2/repository/models/tiny/load", json={"parameters": {"version": "bad"}})
+        assert r.status_code == 400 and str(bad) in r.json()["error"], r.text
+        assert _versions(c)["v1"]["state"] == "READY" and _classify(c, image)[0] == 200

@@ -24,6 +24,7 @@ stages of different sizes: its decode side is the largest of them (``decode_side
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from roadwork.data.files import read_regular
+from roadwork.errors import ArtifactError
 
 __all__ = [
     "MAX_ASPECT",
@@ -82,10 +84,33 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        """The spec in ``d``; a field of the wrong type or out of range is an :class:`ArtifactError`."""
+        size, crop, interp = d["size"], d["crop_pct"], d["interpolation"]
+        if type(size) is not int or not 1 <= size <= 8192:
+            raise ArtifactError(
+                f"its preprocess 'size' is {str(size)[:40]!r}, not a side from 1 to 8192 pixels"
+            )
+        if type(crop) not in (int, float) or not 0.05 <= crop <= 1:
+            raise ArtifactError(
+                f"its preprocess 'crop_pct' is {str(crop)[:40]!r}, not a fraction in [0.05, 1]"
+            )
+        if not isinstance(interp, str) or interp not in _INTERP:
+            raise ArtifactError(
+                f"its preprocess 'interpolation' is {str(interp)[:40]!r}, not one of {', '.join(_INTERP)}"
+            )
+        for key in ("mean", "std"):
+            v = d[key]
+            if not (
+                isinstance(v, list | tuple)
+                and len(v) == 3
+                and all(type(x) in (int, float) and math.isfinite(x) and (key == "mean" or x > 0) for x in v)
+            ):
+                kind = "finite numbers" if key == "mean" else "finite numbers > 0"
+                raise ArtifactError(f"its preprocess {key!r} is {str(v)[:60]!r}, not 3 {kind}")
         return cls(
-            size=int(d["size"]),
-            crop_pct=float(d["crop_pct"]),
-            interpolation=d["interpolation"],
+            size=size,
+            crop_pct=float(crop),
+            interpolation=interp,  # type: ignore[arg-type]  # one of _INTERP, checked above
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
         )

@@ -393,7 +393,11 @@ class Bundle:
         reference = None
         if "reference.json" in manifest["files"]:
             reference = _read_json(root, "reference.json", source, _reference_rows, "drift reference")
-        return cls(source, card, policy, manifest, session.session, runners, variant, info, alone, reference)
+        bundle = cls(
+            source, card, policy, manifest, session.session, runners, variant, info, alone, reference
+        )
+        _self_test(bundle)
+        return bundle
 
     @property
     def decode_side(self) -> int:
@@ -536,6 +540,29 @@ class Bundle:
         return out
 
 
+def _self_test(bundle: Bundle) -> None:
+    """Run the served path once on one grey image (every cascade stage, the model, the policy, the ``/v2`` tensor
+    policy, the start-up statement): a bundle whose files parse but whose served path fails or answers non-finite
+    probabilities is an :class:`ArtifactError`, never a 500 per request. Only fresh objects are touched; no RNG is
+    drawn from outside the policy's own seeded ones."""
+    try:
+        bundle.decode_side  # noqa: B018 - what predict and the server decode to: it must be readable
+        grey = [Image.new("RGB", (bundle.card.preprocess.resize_side,) * 2, (128, 128, 128))]
+        outs = [bundle.predict_images(grey), bundle.predict_inputs(bundle.stage_inputs(grey))]
+        x = preprocess(grey, bundle.card.preprocess)
+        outs.append(bundle.tensor_policy.apply(onnx_logits(bundle.session, x, batch_size=1)))
+        for out in outs:
+            if not np.isfinite(out.probs).all():
+                raise ValueError("the policy gives non-finite probabilities")
+            out.records(bundle.classes)
+        bundle.answers_statement()
+    except Exception as e:  # anything at all: this is the safety net under the field checks
+        raise ArtifactError(
+            f"Bundle {str(bundle.path)!r}: its files load but its served path fails ({type(e).__name__}: "
+            f"{str(e)[:200]}). {_REEXPORT}"
+        ) from None
+
+
 def _check_schema(manifest: dict[str, Any], source: Path) -> dict[str, Any]:
     """``manifest`` if its schema is this roadwork's and the tables loading reads are tables."""
     if manifest.get("schema") != BUNDLE_SCHEMA:
@@ -622,6 +649,12 @@ def _served_policy(d: dict[str, Any]) -> TrustPolicy:
     network with its model card."""
     policy = TrustPolicy.from_dict(d)
     for st in policy.cascade.stages[:-1] if policy.cascade is not None else []:
+        card = st.info.get("card")
+        for key, name in (("file", st.file), ("card", card)) if card is not None else (("file", st.file),):
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ArtifactError(
+                    f"its cascade stage {str(st.name)[:40]!r} has {key} {str(name)[:40]!r}, not a plain file name"
+                )
         if not (st.kind == "boosting" or (st.kind == "network" and st.info.get("card"))):
             raise ArtifactError(
                 f"its cascade stage {str(st.name)[:40]!r} is of kind {str(st.kind)[:40]!r} with info "
@@ -633,7 +666,7 @@ def _served_policy(d: dict[str, Any]) -> TrustPolicy:
 def _stage_files(policy: TrustPolicy) -> list[object]:
     """The files a policy's cascade stages read (tree tables, networks and their cards)."""
     stages = policy.cascade.stages[:-1] if policy.cascade is not None else []
-    return [n for st in stages for n in (st.file, st.info.get("card")) if n]
+    return [n for st in stages for n in (st.file, *([st.info["card"]] if st.info.get("card") else []))]
 
 
 def _check_listed(files: dict[str, str], needed: Sequence[object]) -> None:

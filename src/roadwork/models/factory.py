@@ -64,8 +64,11 @@ class ModelCard:
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         if d.get("schema") != MODEL_SCHEMA:
             raise ArtifactError(f"model.json schema {d.get('schema')!r} is not {MODEL_SCHEMA}.")
-        if not isinstance(d["classes"], list) or not all(isinstance(c, str) for c in d["classes"]):
-            raise ArtifactError(f"its 'classes' is {str(d['classes'])[:80]!r}, not a list of class names")
+        c = d["classes"]
+        if not (isinstance(c, list) and c and all(isinstance(n, str) for n in c) and len(set(c)) == len(c)):
+            raise ArtifactError(
+                f"its 'classes' is {str(c)[:80]!r}, not a list of class names (non-empty, distinct)"
+            )
         return cls(
             backbone=d["backbone"],
             classes=list(d["classes"]),

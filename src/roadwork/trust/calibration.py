@@ -9,12 +9,13 @@ stay valid exactly in the binary case and up to one fitted parameter otherwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 import numpy as np
 
-from roadwork.errors import InputError, NotFittedError
+from roadwork.errors import ArtifactError, InputError, NotFittedError
 from roadwork.trust._calibrators import AffineCalibrator, BetaCalibrator, HistogramBinning, IsotonicCalibrator
 from roadwork.trust._checks import check_labels, check_logits, log_softmax, softmax
 
@@ -86,7 +87,10 @@ class TemperatureScaler:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TemperatureScaler:
         obj = cls()
-        obj.temperature_ = float(d["temperature"])
+        t = d["temperature"]
+        if type(t) not in (int, float) or not (math.isfinite(t) and t > 0):
+            raise ArtifactError(f"its 'temperature' is {str(t)[:40]!r}, not a finite number > 0")
+        obj.temperature_ = float(t)
         return obj
 
 

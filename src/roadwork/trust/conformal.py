@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from roadwork.errors import InputError, NotFittedError, RoadworkWarning, bad_value
+from roadwork.errors import ArtifactError, InputError, NotFittedError, RoadworkWarning, bad_value
 from roadwork.jsonio import threshold_from_json, threshold_to_json
 from roadwork.trust._checks import check_labels, check_level, check_probs
 from roadwork.trust._hashing import seed_mix, splitmix64
@@ -466,6 +466,8 @@ class SplitConformal:
         )
         obj.k_reg_, obj.lam_ = int(d.get("k_reg", 0)), float(d.get("lam", 0.0))
         obj.threshold_ = threshold_from_json(d["threshold"])  # null: unbounded (every label in the set)
+        if not isinstance(d["thresholds"], list):
+            raise ArtifactError(f"its conformal 'thresholds' is {str(d['thresholds'])[:40]!r}, not a list")
         obj.thresholds_ = np.array([threshold_from_json(t) for t in d["thresholds"]], dtype=np.float64)
         obj.group_thresholds_ = {
             str(k): threshold_from_json(v) for k, v in (d.get("group_thresholds") or {}).items()

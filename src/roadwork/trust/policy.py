@@ -229,8 +229,15 @@ class TrustPolicy:
                 f"policy schema {d.get('schema')!r} is not {POLICY_SCHEMA}; re-export the bundle "
                 "with this roadwork version."
             )
+        c, positive = d["classes"], d.get("positive_class")
+        if not (isinstance(c, list) and c and all(isinstance(n, str) for n in c) and len(set(c)) == len(c)):
+            raise ArtifactError(
+                f"its 'classes' is {str(c)[:80]!r}, not a list of class names (non-empty, distinct)"
+            )
+        if positive is not None and not (isinstance(positive, str) and positive in c):
+            raise ArtifactError(f"its 'positive_class' is {str(positive)[:40]!r}, not one of its classes")
         return cls(
-            classes=list(d["classes"]),
+            classes=list(c),
             calibrator=calibrator_from_dict(d["calibrator"]),
             conformal=SplitConformal.from_dict(d["conformal"]),
             abstention=AbstentionCertificate.from_dict(d["abstention"]),
