@@ -15,7 +15,7 @@
   in ``/metrics``.
 - **Parser errors are JSON** ``{"error": ...}`` 400s, as every other error of the server; a malformed body (a
   bad chunk) gets its 400 at once, not a 408 when the body timeout is up.
-- **An answer before the body** (401, 413): the rest of the body is read and dropped (at most
+- **An answer before the body** that keeps the connection (a 401): the rest of the body is read and dropped (at most
   ``body_timeout_s``), not parsed as the next request's head.
 - **Upgrade requests are plain requests**: this server switches to no other protocol, so an ``Upgrade`` header
   (``h2c`` from ``curl --http2``, ``websocket``) is ignored and the request answered as HTTP/1.1, body and
@@ -513,7 +513,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if error is not None:  # the bad request that followed a good one gets its 4xx now, in order
             self._refuse(*error)
             return
-        if self._in_body:  # answered before its body was in (401, 413): the rest is read and dropped, not
+        if self._in_body:  # answered before its body was in (a 401): the rest is read and dropped, not
             self._unset_keepalive_if_required()  # parsed as the next request's head
             timeout = self.limits.settings.body_timeout_s
             self._discard_timer = self.loop.call_later(timeout, self.transport.close)
