@@ -140,6 +140,14 @@ SERVED = {  # loaded before, then every request failed (a traceback from predict
         lambda b: _edited(b, "manifest.json", lambda m: m["export"].update(answers="x")),
         "served path fails",
     ),
+    **{  # each image would be decoded to this side: a billion pixels, a negative or a text side
+        f"decode side {side!r}": (
+            "manifest.json",
+            lambda b, side=side: _edited(b, "manifest.json", lambda m: m["export"].update(decode_side=side)),
+            r"'export.decode_side' is .*not a side in pixels from 1 to 16384",
+        )
+        for side in (10**9, -3, 0, "96", 96.5, True)
+    },
 }
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("uvicorn")
 import uvicorn
 from uvicorn.server import ServerState
 
-from roadwork.serve import ServeSettings, create_app
+from roadwork.serve import ServeSettings, create_app, linger
 from roadwork.serve.admission import ADMITTED, Refused
 from roadwork.serve.metrics import ServerMetrics
 from roadwork.serve.protocol import guarded_protocol
@@ -27,12 +27,27 @@ PROBE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
 class _Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
-        self.out, self.closed, self.paused, self.aborted = b"", False, False, False
+        self.out, self.closed, self.paused, self.aborted, self.eof = b"", False, False, False, False
         self.proto: Any = None
 
     def write(self, data: Any) -> None:
+        assert not self.eof, "written after write_eof"  # as asyncio's (a RuntimeError there)
         if not self.closed:  # as asyncio's: nothing is sent after close
             self.out += bytes(data)
+
+    @property
+    def ended(self) -> bool:
+        """Answered and closed, or closing: a FIN sent while the client still sends (serve/linger.py)."""
+        return self.closed or self.eof
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
     def close(self) -> None:
         if not self.closed and self.proto is not None:  # as asyncio's: the protocol hears of it next
@@ -310,7 +325,7 @@ def test_held_bodies_over_the_in_flight_cap_are_refused_as_they_arrive():
 
     gate, t, seen = asyncio.run(main())
     assert gate.asked == 0 and seen == [] and gate.held == 0
-    assert _answers(t.out) == [b"503"] and t.closed and b"max_inflight_body_mb" in t.out
+    assert _answers(t.out) == [b"503"] and t.ended and b"max_inflight_body_mb" in t.out
 
 
 def test_declared_bodies_that_never_arrive_keep_no_one_out():
@@ -432,7 +447,7 @@ def test_connect_is_refused_with_a_json_405():
         return t, seen
 
     t, seen = asyncio.run(main())
-    assert _answers(t.out) == [b"405"] and t.closed and seen == []
+    assert _answers(t.out) == [b"405"] and t.ended and seen == []
     assert b'"error": "CONNECT is not served' in t.out and b"content-type: application/json" in t.out.lower()
 
 
@@ -452,9 +467,9 @@ def test_bad_requests_pipelined_behind_good_ones_are_refused_after_their_answers
     t, seen = asyncio.run(main(up * 300 + PROBE))  # many: a loop, not one recursion per request
     assert _answers(t.out) == [b"200"] * 301 and not t.closed and len(seen) == 301
     t, seen = asyncio.run(main(PROBE + up + connect + PROBE))
-    assert _answers(t.out) == [b"200", b"200", b"405"] and t.closed and len(seen) == 2
+    assert _answers(t.out) == [b"200", b"200", b"405"] and t.ended and len(seen) == 2
     t, seen = asyncio.run(main(PROBE + big))
-    assert _answers(t.out) == [b"200", b"431"] and t.closed and len(seen) == 1
+    assert _answers(t.out) == [b"200", b"431"] and t.ended and len(seen) == 1
 
 
 def test_an_answer_before_the_body_leaves_the_rest_of_the_body_a_body():
@@ -487,7 +502,7 @@ def test_a_malformed_body_gets_its_400_at_once():
         return t
 
     t = asyncio.run(main())
-    assert _answers(t.out) == [b"400"] and t.closed and b"malformed request body" in t.out
+    assert _answers(t.out) == [b"400"] and t.ended and b"malformed request body" in t.out
 
 
 def test_a_head_pipelined_behind_a_running_request_has_the_same_limits():
@@ -505,7 +520,7 @@ def test_a_head_pipelined_behind_a_running_request_has_the_same_limits():
         return t, seen
 
     t, seen = asyncio.run(main())
-    assert _answers(t.out) == [b"200", b"431"] and t.closed and seen == [("/slow", None, b"abc")]
+    assert _answers(t.out) == [b"200", b"431"] and t.ended and seen == [("/slow", None, b"abc")]
 
 
 def test_a_head_pipelined_behind_a_running_request_times_out():
@@ -517,7 +532,7 @@ def test_a_head_pipelined_behind_a_running_request_times_out():
         return t
 
     t = asyncio.run(main())
-    assert _answers(t.out) == [b"200", b"408"] and t.closed
+    assert _answers(t.out) == [b"200", b"408"] and t.ended
 
 
 def test_beyond_max_connections_a_connection_whose_body_never_came_is_closed():
@@ -557,7 +572,7 @@ def test_a_malformed_body_pipelined_behind_a_good_request_is_refused_after_its_a
         return t, seen
 
     t, seen = asyncio.run(main())
-    assert _answers(t.out) == [b"200", b"400"] and t.closed and seen[0] == ("/slow", None, b"abc")
+    assert _answers(t.out) == [b"200", b"400"] and t.ended and seen[0] == ("/slow", None, b"abc")
 
 
 def test_a_client_that_does_not_read_its_answer_is_closed_and_goes_first_beyond_max_connections():
@@ -615,3 +630,70 @@ def test_a_body_that_times_out_gives_its_reservation_back_before_its_408_is_writ
 
     seen = asyncio.run(main())
     assert seen.status == 408 and seen.buffered == 0 and gate.buffered == 0
+
+
+def test_a_connection_refused_while_its_body_arrives_lingers_then_closes(monkeypatch):
+    """A close with unread bytes is a TCP reset that can beat the answer to the client (a 60 MiB POST to
+    /metrics saw ConnectionResetError, not its 405): the answer and a FIN go out, what still arrives is read and
+    dropped, and the connection closes after LINGER_IDLE_S of silence or body_timeout_s in all."""
+    monkeypatch.setattr(linger, "LINGER_IDLE_S", 0.1)
+
+    async def main() -> None:
+        proto, t, seen = _connection(_Gate(True), body_timeout_s=0.5)
+        head = b"POST /early HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 1000000\r\n\r\n"
+        proto.data_received(head + b"x" * 1000)
+        await asyncio.sleep(0.02)
+        assert _answers(t.out) == [b"401"] and t.eof and not t.closed  # answered, FIN sent, still reading
+        assert proto.limits.lingering and proto.transport.is_closing()
+        proto.data_received(PROBE)  # the rest of the body, whatever it looks like: dropped, never parsed
+        await asyncio.sleep(0.05)
+        assert not t.closed and _answers(t.out) == [b"401"] and seen == [("/early", None, b"")]
+        await asyncio.sleep(0.2)  # then silence beyond LINGER_IDLE_S: closed
+        assert t.closed and not t.aborted
+        await asyncio.sleep(0.01)
+        assert not proto.limits.lingering  # forgotten once lost
+
+        proto, t, _ = _connection(_Gate(True), body_timeout_s=0.3)
+        proto.data_received(head)
+        for _ in range(10):  # a client that keeps sending: closed when body_timeout_s is up
+            await asyncio.sleep(0.05)
+            proto.data_received(b"x" * 100)
+        assert t.closed and t.eof
+
+    asyncio.run(main())
+
+
+def test_a_connection_with_nothing_more_to_send_closes_at_once():
+    async def main() -> None:
+        proto, t, _ = _connection(_Gate(True))
+        proto.data_received(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await asyncio.sleep(0.05)
+        assert _answers(t.out) == [b"200"] and t.closed and not t.eof
+        proto, t, _ = _connection(_Gate(True), header_timeout_s=0.05)
+        await asyncio.sleep(0.1)  # a silent connection's 408: nothing was being sent
+        assert _answers(t.out) == [b"408"] and t.closed and not t.eof
+
+    asyncio.run(main())
+
+
+def test_beyond_max_connections_a_lingering_connection_goes_first():
+    async def main() -> None:
+        first, t1, _ = _connection(_Gate(True), max_connections=2)
+        first.data_received(
+            b"POST /early HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 99\r\n\r\n"
+        )
+        await asyncio.sleep(0.02)
+        assert t1.eof and not t1.closed
+
+        def another() -> tuple[Any, _Transport]:
+            proto = type(first)(config=first.config, server_state=first.server_state, app_state={})
+            t = _Transport()
+            t.proto = proto
+            proto.connection_made(t)
+            return proto, t
+
+        _second, t2 = another()  # idle
+        _third, t3 = another()  # over max_connections: the lingering one goes, not the idle one
+        assert t1.closed and not t2.closed and not t3.closed
+
+    asyncio.run(main())

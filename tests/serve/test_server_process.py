@@ -5,6 +5,7 @@ admission slot and are cut off after body_timeout_s."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -197,6 +198,7 @@ def test_what_arrives_before_a_request_is_bounded(tiny_run, tmp_path):
         "max_headers=20",
         "header_timeout_s=1.5",
         "max_connections=40",
+        "max_body_mb=2",
         env={"ROADWORK_API_KEY": "k"},
     )
     try:
@@ -230,6 +232,14 @@ def test_what_arrives_before_a_request_is_bounded(tiny_run, tmp_path):
         post = b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
         answer = _raw(base, post + body[:1000])  # refused before the body: the rest is never waited for
         assert answer.startswith(b"HTTP/1.1 405") and b"use GET" in answer
+        # a client that sends its whole body before it reads (http.client, requests) gets the refusal, not a
+        # TCP reset (a lingering close: serve/linger.py)
+        for path, size, status in (("/metrics", 24 << 20, 405), ("/v1/classify", 3 << 20, 413)):
+            conn = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=30)
+            conn.request("POST", path, body=b"x" * size, headers={"Authorization": "Bearer k"})
+            reply = conn.getresponse()
+            assert reply.status == status and b'"error"' in reply.read()
+            conn.close()
         two = b"GET /v2/models/tiny HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nAuthorization: Bearer x\r\n\r\n"
         assert _raw(base, two).startswith(b"HTTP/1.1 400")
         # a valid request pipelined before a malformed one keeps its answer; the 400 follows it

@@ -404,8 +404,13 @@ class Bundle:
         """The side every image is decoded to (JPEG DCT scaling): the one the run's predict stage used, recorded
         at export, so the served logits are the certified ones; else the largest resize side of the stages."""
         recorded = self.manifest.get("export", {}).get("decode_side")
-        if recorded:
-            return int(recorded)
+        if recorded is not None:
+            if type(recorded) is not int or not 1 <= recorded <= _MAX_DECODE_SIDE:
+                raise ArtifactError(
+                    f"{self.path / MANIFEST_FILE}: its 'export.decode_side' is {str(recorded)[:40]!r}, not a side "
+                    f"in pixels from 1 to {_MAX_DECODE_SIDE}; export the bundle again."
+                )
+            return recorded
         from roadwork.data.features import FEATURE_SPEC
         from roadwork.data.preprocess import decode_side
 
@@ -538,6 +543,9 @@ class Bundle:
             for p, rec in zip(chunk, res.records(self.classes), strict=True):
                 out.append({"path": str(p), **rec})
         return out
+
+
+_MAX_DECODE_SIDE = 16384  # pixels: the largest side a bundle may ask images to be decoded to
 
 
 def _self_test(bundle: Bundle) -> None:

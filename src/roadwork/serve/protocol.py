@@ -17,6 +17,9 @@
   bad chunk) gets its 400 at once, not a 408 when the body timeout is up.
 - **An answer before the body** that keeps the connection (a 401): the rest of the body is read and dropped (at most
   ``body_timeout_s``), not parsed as the next request's head.
+- **A close while the client still sends** its request (413, 405 on an open path, 431, a 503 over
+  ``max_inflight_body_mb``) lingers (:mod:`roadwork.serve.linger`): the answer and a FIN, the rest read and dropped,
+  so the client reads its JSON answer instead of a TCP reset.
 - **Upgrade requests are plain requests**: this server switches to no other protocol, so an ``Upgrade`` header
   (``h2c`` from ``curl --http2``, ``websocket``) is ignored and the request answered as HTTP/1.1, body and
   pipelined requests included (llhttp stops at such a head); ``CONNECT`` gets a JSON 405.
@@ -44,6 +47,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from roadwork.serve.admission import ADMITTED, Refused
+from roadwork.serve.linger import LingeringTransport
 from roadwork.serve.metrics import ServerMetrics
 from roadwork.serve.settings import ServeSettings
 
@@ -116,6 +120,9 @@ class _Limits:
     idle: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # no complete head yet, oldest first
     reading: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # a head, its body not all in yet
     blocked: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # not reading our answer
+    lingering: OrderedDict[Any, None] = field(
+        default_factory=OrderedDict
+    )  # answered, closing (serve/linger.py)
     early: EarlyGate | None = None  # the gate's admission for small prediction requests (admit_early)
 
 
@@ -163,7 +170,15 @@ class GuardedProtocol(HttpToolsProtocol):
     _write_timer: Any = None  # the client stopped reading our answer: closed when this fires
 
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
+        # every close of this connection (ours, uvicorn's) lingers while the client still sends its request
+        self._linger = LingeringTransport(
+            transport,
+            self.loop,
+            lambda: self._in_body or self._head_open,
+            self.limits.settings.body_timeout_s,
+            lambda: self.limits.lingering.__setitem__(self, None),
+        )
+        super().connection_made(self._linger)  # type: ignore[arg-type]  # a Transport in all but name
         self._head_bytes = 0
         self._head_timer: Any = None
         self._awaiting_head()
@@ -184,10 +199,15 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_timer = None
 
     def _evict_oldest_idle(self) -> None:
-        """Close the oldest connection without a complete request head; when there is none, the oldest one that
-        does not read its answer, then the oldest whose request body has not arrived (a head then silence holds
-        a descriptor as long)."""
+        """Close the oldest lingering connection (answered, its client still sending); when there is none, the
+        oldest without a complete request head, then the oldest one that does not read its answer, then the
+        oldest whose request body has not arrived (a head then silence holds a descriptor as long)."""
         limits = self.limits
+        for conn in limits.lingering:
+            limits.metrics.connections_evicted.inc()
+            limits.lingering.pop(conn, None)
+            conn._linger.end()
+            return
         for waiting, what in (
             (limits.idle, "idle"),
             (limits.blocked, "unread"),
@@ -203,6 +223,7 @@ class GuardedProtocol(HttpToolsProtocol):
                         conn._refuse(
                             503, b"Service Unavailable", f"too many connections; this {what} one is closed."
                         )
+                        conn._linger.end()  # its descriptor is wanted now: no lingering
                     return
 
     def _head_timeout(self) -> None:
@@ -226,6 +247,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_done()
         self.limits.reading.pop(self, None)
         self.limits.blocked.pop(self, None)
+        self.limits.lingering.pop(self, None)
+        self._linger.end()  # its timer, if it lingered
         for timer in (self._body_timer, self._discard_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
@@ -267,6 +290,8 @@ class GuardedProtocol(HttpToolsProtocol):
             super().shutdown()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger.dropped_data(len(data)):  # answered and closing: the rest of the request is dropped
+            return
         if self._error_after is not None:  # the parser failed: nothing after it is read
             return
         # bytes of a request head: on an idle connection, or one pipelined behind a running request (counted
@@ -516,7 +541,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._in_body:  # answered before its body was in (a 401): the rest is read and dropped, not
             self._unset_keepalive_if_required()  # parsed as the next request's head
             timeout = self.limits.settings.body_timeout_s
-            self._discard_timer = self.loop.call_later(timeout, self.transport.close)
+            self._discard_timer = self.loop.call_later(timeout, self._linger.end)  # no lingering after that
             return
         self._awaiting_head()
 
