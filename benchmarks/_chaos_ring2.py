@@ -307,7 +307,8 @@ async def _metrics_posts(port: int, stop: float) -> str:
                 w.write(chunk)
                 await w.drain()
             status = await asyncio.wait_for(r.readline(), 5)
-            codes[status.decode().split(" ")[1] if status else "closed"] = codes.get("x", 0) + 1
+            key = status.decode().split(" ")[1] if status else "closed"
+            codes[key] = codes.get(key, 0) + 1
             w.close()
         except (OSError, asyncio.TimeoutError, IndexError):
             codes["closed by the server"] = codes.get("closed by the server", 0) + 1
