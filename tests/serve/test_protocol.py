@@ -535,6 +535,23 @@ def test_a_head_pipelined_behind_a_running_request_times_out():
     assert _answers(t.out) == [b"200", b"408"] and t.ended
 
 
+def test_a_partial_head_left_after_an_answer_gets_its_408_not_a_keep_alive_close():
+    """The answer is out, the next head half in, then silence: uvicorn's keep-alive timer (shorter) closed it
+    without a word; now its head timeout answers 408, and the half head counts against max_header_kb whole."""
+
+    async def main() -> _Transport:
+        proto, t, _seen = _connection(_Gate(True), keep_alive_s=0.1, header_timeout_s=0.6)
+        proto.data_received(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        proto.data_received(b"GET /v2/health/live HTTP/1.1\r\nX-A: a")  # and then nothing
+        await asyncio.sleep(0.45)  # answered at 0.2 s; past the keep-alive timeout
+        assert _answers(t.out) == [b"200"] and not t.ended
+        await asyncio.sleep(0.4)
+        return t
+
+    t = asyncio.run(main())
+    assert _answers(t.out) == [b"200", b"408"] and t.ended
+
+
 def test_beyond_max_connections_a_connection_whose_body_never_came_is_closed():
     """No idle connection to close: the oldest one that sent a head and no body goes (it held a descriptor
     until body_timeout_s while probes were reset)."""
@@ -697,3 +714,27 @@ def test_beyond_max_connections_a_lingering_connection_goes_first():
         assert t1.closed and not t2.closed and not t3.closed
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked", b"identity, chunked"])
+def test_a_transfer_coding_other_than_chunked_is_a_json_501(coding):
+    async def main() -> tuple[_Transport, list[tuple[str, Any, bytes]]]:
+        proto, t, seen = _connection(_Gate(True))
+        head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %s\r\n\r\n" % coding
+        proto.data_received(head + b"3\r\nabc\r\n0\r\n\r\n")
+        await asyncio.sleep(0.05)
+        return t, seen
+
+    t, seen = asyncio.run(main())
+    assert _answers(t.out) == [b"501"] and b"is not supported" in t.out and t.ended and seen == []
+
+
+def test_plain_chunked_bodies_still_arrive():
+    async def main() -> list[tuple[str, Any, bytes]]:
+        proto, _t, seen = _connection(_Gate(True))
+        head = b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n"
+        proto.data_received(head + b"3\r\nabc\r\n0\r\n\r\n")
+        await asyncio.sleep(0.05)
+        return seen
+
+    assert asyncio.run(main()) == [("/x", None, b"abc")]

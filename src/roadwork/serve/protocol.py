@@ -13,6 +13,8 @@
   closes the oldest one that has not sent a complete request head (else the oldest whose body has not all
   arrived), so probes and real clients still get in while 2,000 silent sockets knock. Each eviction is counted
   in ``/metrics``.
+- **A transfer coding other than chunked** (``gzip, chunked``, which llhttp reads as chunked and the body then
+  fails as JSON) gets a JSON 501, as RFC 9112 asks.
 - **Parser errors are JSON** ``{"error": ...}`` 400s, as every other error of the server; a malformed body (a
   bad chunk) gets its 400 at once, not a 408 when the body timeout is up.
 - **An answer before the body** that keeps the connection (a 401): the rest of the body is read and dropped (at most
@@ -388,6 +390,18 @@ class GuardedProtocol(HttpToolsProtocol):
                 raise _Refused
             self._upgrade = _plain_head(method, self.url, self.parser.get_http_version(), self.headers)
             return
+        codings = [v for k, v in self.headers if k == b"transfer-encoding"]
+        if (
+            codings and b",".join(codings).replace(b" ", b"").lower() != b"chunked"
+        ):  # llhttp takes "gzip, chunked"
+            coding = b", ".join(codings).decode("latin-1")[:60]
+            self._refuse_in_order(
+                501,
+                b"Not Implemented",
+                f"Transfer-Encoding {coding!r} is not supported; send 'Transfer-Encoding: chunked' or a "
+                "Content-Length (compress nothing).",
+            )
+            raise _Refused
         if self._head_len > self.limits.head_limit:  # a head that arrived whole, in one read
             kb = self.limits.settings.max_header_kb
             self._refuse_in_order(
@@ -542,6 +556,10 @@ class GuardedProtocol(HttpToolsProtocol):
             self._unset_keepalive_if_required()  # parsed as the next request's head
             timeout = self.limits.settings.body_timeout_s
             self._discard_timer = self.loop.call_later(timeout, self._linger.end)  # no lingering after that
+            return
+        if self._head_open:  # the next head is half in (pipelined): its own counts and timer go on, and no
+            self._unset_keepalive_if_required()  # keep-alive close cuts it short without a word (its 408)
+            self.limits.idle[self] = None  # evictable as a connection without a complete head
             return
         self._awaiting_head()
 
