@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from roadwork.config import ModelConfig  # noqa: E402
-from roadwork.errors import ConfigError  # noqa: E402
+from roadwork.errors import ConfigError, RoadworkWarning  # noqa: E402
 from roadwork.training.explora import _backbone, explora_pretrain  # noqa: E402
 
 CFG = ModelConfig(backbone="test_vit", image_size=32, kwargs={"img_size": 32})
@@ -64,10 +66,21 @@ def test_train_stage_runs_the_recipe(tmp_path) -> None:
         "train.finetune": "lora",
         "cascade.enabled": False,
     }
+    # one odd file never ends the run: a FIFO and a truncated JPEG among the unlabelled images are skipped
+    os.mkfifo(tmp_path / "target" / "odd.jpg")
+    first = next((tmp_path / "target").rglob("*.jpg"))
+    (tmp_path / "target" / "cut.jpg").write_bytes(first.read_bytes()[:200])
     cfg = load_config(None, tiny_overrides(tmp_path / "runs", name="ex", **over))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         res = run_pipeline(cfg, progress=False, until="train")
+    said = [str(w.message) for w in caught if "train.unlabeled are skipped" in str(w.message)]
+    assert (
+        len(said) == 1
+        and said[0].startswith("explora: 2 of ")
+        and "odd.jpg" in said[0]
+        and "cut.jpg" in said[0]
+    )
     train_dir = res.run_dir / "train"
     assert (train_dir / "explora-backbone.safetensors").is_file() and (
         train_dir / "explora-history.json"
@@ -77,3 +90,11 @@ def test_train_stage_runs_the_recipe(tmp_path) -> None:
     )
     with pytest.raises(ConfigError, match="train.unlabeled"):
         run_pipeline(bad, progress=False, until="train")
+    only_odd = tmp_path / "odd"
+    only_odd.mkdir()
+    os.mkfifo(only_odd / "a.jpg")
+    none = load_config(
+        None, tiny_overrides(tmp_path / "runs", name="ex3", **{**over, "train.unlabeled": str(only_odd)})
+    )
+    with pytest.warns(RoadworkWarning, match="1 of 1"), pytest.raises(ConfigError, match="no readable image"):
+        run_pipeline(none, progress=False, until="train")

@@ -112,6 +112,33 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- train
 
 
+def _readable_unlabeled(paths: list[str], data: Any, folder: str) -> list[str]:
+    """The unlabelled images the data stage would keep (:func:`~roadwork.data.sources.check_image`: regular
+    files, decodable, within ``data.max_pixels`` and ``data.max_file_mb``); the others are skipped with a warning,
+    as the data stage lists them: one odd file (a FIFO, a truncated JPEG) never ends the run."""
+    from roadwork.data.listing import shown
+    from roadwork.data.sources import check_image
+
+    limits = {"max_pixels": data.max_pixels, "max_bytes": int(data.max_file_mb * 2**20)}
+    checked = [(p, check_image(Path(p), **limits)[1]) for p in paths]
+    bad = [(p, why) for p, why in checked if why]
+    if bad:
+        shown_bad = "; ".join(f"{shown(p)}: {why}" for p, why in bad[:3])
+        warnings.warn(
+            f"explora: {len(bad)} of {len(paths)} files in train.unlabeled are skipped ({shown_bad}"
+            f"{'; ...' if len(bad) > 3 else ''}).",
+            RoadworkWarning,
+            stacklevel=2,
+        )
+    good = [p for p, why in checked if not why]
+    if not good:
+        raise ConfigError(
+            f"train.unlabeled={folder!r} holds no readable image (of {len(paths)} files); pass a folder of "
+            "JPEG/PNG/WebP photos."
+        )
+    return good
+
+
 def _explora(ctx: StageContext) -> Path:
     """ExPLoRA step (a) on ``train.unlabeled``; the backbone it returns starts the supervised training."""
     from roadwork._deps import require
@@ -125,7 +152,7 @@ def _explora(ctx: StageContext) -> Path:
         raise ConfigError(
             f"train.recipe=explora needs train.unlabeled=FOLDER of unlabelled target-domain images; got {t.unlabeled!r}."
         )
-    paths = list_images([t.unlabeled])["path"].tolist()
+    paths = _readable_unlabeled(list_images([t.unlabeled])["path"].tolist(), ctx.cfg.data, t.unlabeled)
     u8 = load_uint8(paths, PreprocessSpec(size=ctx.cfg.model.image_size), "explora: unlabelled", ctx.progress)
     state, history = explora_pretrain(
         ctx.cfg.model,
