@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,21 @@ def test_runtime_choice_is_hashed_and_never_names_an_uncertified_variant(ov_bund
     f.write_text(f.read_text().replace("openvino-fp32", "int8"))
     with pytest.raises(ArtifactError, match="runtime.json"):
         Bundle.load(ov_bundle, variant="auto")
+
+
+@pytest.mark.parametrize("name", ["/proc/self/pagemap", "../model.onnx", "sub/model.onnx", None])
+def test_a_variant_file_the_manifest_does_not_list_is_skipped_unopened(name):
+    """bench opens variant files by path after the load: a name the manifest's files (checked plain names,
+    hashed) do not list is never opened (a /proc file kept an unverified read going)."""
+    from types import SimpleNamespace
+
+    from roadwork.export.bench import _runtime_candidate, _variant_list
+
+    manifest = {
+        "files": {"model.onnx": "0", "policy.json": "0", "policy-int8.json": "0"},
+        "variants": {"int8": {"file": name, "policy": "policy-int8.json"}},
+    }
+    bundle = SimpleNamespace(manifest=manifest, path=Path("/nonexistent"))
+    variant = next(v for v in _variant_list(bundle) if v[0] == "int8")  # type: ignore[arg-type]
+    row, candidate = _runtime_candidate(bundle, variant, SimpleNamespace(threads=0))  # type: ignore[arg-type]
+    assert candidate is None and row["status"].startswith("skipped: the manifest does not list")

@@ -246,6 +246,14 @@ def _runtime_candidate(
         "precision": spec.precision,
         "certified": policy_file is not None,
     }
+    listed = bundle.manifest.get("files", {})
+    odd = [
+        f
+        for f in (fname, *([policy_file] if policy_file else []))
+        if not isinstance(f, str) or f not in listed
+    ]
+    if odd:  # only files the manifest lists (plain names inside the folder, hashed at load) are ever opened
+        return row | {"status": f"skipped: the manifest does not list {str(odd[0])[:60]!r}"}, None
     status = BATCH_DEPENDENT if batch_dependent(known.get(name)) else runtime_status(spec)
     if status != "ok":
         return row | {"status": status}, None
