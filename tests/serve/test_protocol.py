@@ -738,3 +738,34 @@ def test_plain_chunked_bodies_still_arrive():
         return seen
 
     assert asyncio.run(main()) == [("/x", None, b"abc")]
+
+
+def test_a_shutdown_ends_a_lingering_connection_and_nothing_lingers_after_it():
+    """A client trickling its refused body held SIGTERM's exit up to drain_timeout_s."""
+
+    async def main() -> None:
+        proto, t, _ = _connection(_Gate(True))
+        proto.data_received(
+            b"POST /early HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 99\r\n\r\n"
+        )
+        await asyncio.sleep(0.02)
+        assert t.eof and not t.closed  # lingering
+        proto.shutdown()
+        assert t.closed
+        proto, t, _ = _connection(_Gate(True))
+        proto.data_received(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n")
+        proto.shutdown()  # in a shutdown the answer closes the connection, without lingering
+        await asyncio.sleep(0.02)
+        assert _answers(t.out) == [b"401"] and t.closed and not t.eof
+
+    asyncio.run(main())
+
+
+def test_the_connections_an_event_loop_accepts_at_once_are_kept_free_below_the_fd_limit():
+    from roadwork.serve.protocol import raise_fd_limit
+
+    limit = raise_fd_limit()
+    plain = guarded_protocol(ServeSettings(), ServerMetrics())
+    batched = guarded_protocol(ServeSettings(), ServerMetrics(), accept_batch=128)
+    assert plain.limits.max_connections - batched.limits.max_connections == 128  # type: ignore[attr-defined]
+    assert plain.limits.max_connections == max(limit - 64, 16)  # type: ignore[attr-defined]

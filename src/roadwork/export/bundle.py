@@ -564,6 +564,8 @@ def _self_test(bundle: Bundle) -> None:
                 raise ValueError("the policy gives non-finite probabilities")
             out.records(bundle.classes)
         bundle.answers_statement()
+    except ArtifactError:  # a field check's own error (it names the file and the fix)
+        raise
     except Exception as e:  # anything at all: this is the safety net under the field checks
         raise ArtifactError(
             f"Bundle {str(bundle.path)!r}: its files load but its served path fails ({type(e).__name__}: "

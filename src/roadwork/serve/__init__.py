@@ -39,18 +39,26 @@ def _check_port(host: str, port: int) -> None:
             ) from None
 
 
+# asyncio's loop accepts up to its backlog per wake-up, and wakes up again before the connections it accepted reach
+# the protocol (a task, then a callback): the backlog is kept small, and a few backlogs' worth of descriptors free
+_ASYNCIO_BACKLOG = 64
+_ASYNCIO_ACCEPT_BATCH = 4 * _ASYNCIO_BACKLOG
+
+
 def _event_loop() -> str:
     """The event loop the server runs on: ``uvloop`` when installed (the serve extra brings it, except on
     Windows), else asyncio's own, with a warning: the demo bundle served 7 % fewer requests on it and its p99 at
-    0.8x load was three times uvloop's (``benchmarks/serve_chaos.py``)."""
+    0.8x load was three times uvloop's (``benchmarks/serve_loop.py``)."""
     import importlib.util
 
     if importlib.util.find_spec("uvloop") is not None:
         return "uvloop"
     if sys.platform != "win32":
-        log.warning(
-            "uvloop is not installed: serving on asyncio's event loop, slower under load; "
-            "pip install 'roadwork[serve]' (or uvloop) brings it"
+        print(
+            "warning: uvloop is not installed: serving on asyncio's event loop, with less throughput and a longer "
+            "tail under load; pip install 'roadwork[serve]' (or uvloop) brings it.",
+            file=sys.stderr,
+            flush=True,
         )
     return "asyncio"
 
@@ -91,12 +99,20 @@ def serve(bundle: str, settings: ServeSettings) -> None:
     gate = app.middleware_stack = app.build_middleware_stack()
     assert isinstance(gate, Gate)  # the outermost layer (serve/app.py)
 
+    loop = _event_loop()
+    backlog = 2048 if loop == "uvloop" else _ASYNCIO_BACKLOG  # 2048: uvicorn's default
     config = uvicorn.Config(
         app,
         # head limits, head timeout, eviction, and the gate's admission of small prediction requests
-        http=guarded_protocol(settings, app.state.roadwork.metrics, early=gate),
+        http=guarded_protocol(
+            settings,
+            app.state.roadwork.metrics,
+            early=gate,
+            accept_batch=0 if loop == "uvloop" else _ASYNCIO_ACCEPT_BATCH,
+        ),
         ws="none",  # no WebSocket routes: an upgrade request is a plain request (and gets a JSON answer)
-        loop=_event_loop(),
+        loop=loop,
+        backlog=backlog,
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),

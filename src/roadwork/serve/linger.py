@@ -6,8 +6,9 @@ to ``/metrics`` saw ``ConnectionResetError`` instead of the JSON 405 (likewise t
 503 over ``max_inflight_body_mb``, the 431 of an oversized head). So when the request's head or body has not all
 arrived, :meth:`LingeringTransport.close` sends the answer and a FIN (``write_eof``), then keeps reading and dropping
 what arrives: it closes when the client closes its side, after :data:`LINGER_IDLE_S` without a byte, or after
-``limit_s`` in all (``body_timeout_s``), whichever comes first. A connection with nothing more to send closes at
-once, as before. Lingering connections are the first ones evicted beyond ``max_connections``.
+``limit_s`` in all (``body_timeout_s``: an upload slower than that would have had its 408 on any path), whichever
+comes first. A connection with nothing more to send closes at once, as before; so does every connection in a
+shutdown. Lingering connections are the first ones evicted beyond ``max_connections``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 
 __all__ = ["LINGER_IDLE_S", "LingeringTransport"]
 
-LINGER_IDLE_S = 2.0
-"""Seconds without a byte from the client after which a lingering connection closes (nginx: 5 s)."""
+LINGER_IDLE_S = 5.0
+"""Seconds without a byte from the client after which a lingering connection closes (nginx's default)."""
 
 
 class LingeringTransport:

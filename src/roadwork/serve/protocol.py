@@ -122,19 +122,25 @@ class _Limits:
     idle: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # no complete head yet, oldest first
     reading: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # a head, its body not all in yet
     blocked: OrderedDict[Any, None] = field(default_factory=OrderedDict)  # not reading our answer
-    lingering: OrderedDict[Any, None] = field(
-        default_factory=OrderedDict
-    )  # answered, closing (serve/linger.py)
+    # answered and closing while the client still sends (serve/linger.py)
+    lingering: OrderedDict[Any, None] = field(default_factory=OrderedDict)
     early: EarlyGate | None = None  # the gate's admission for small prediction requests (admit_early)
 
 
 def guarded_protocol(
-    settings: ServeSettings, metrics: ServerMetrics, early: EarlyGate | None = None
+    settings: ServeSettings,
+    metrics: ServerMetrics,
+    early: EarlyGate | None = None,
+    accept_batch: int = 0,
 ) -> type[HttpToolsProtocol]:
     """The protocol class uvicorn runs (``uvicorn.Config(http=...)``), bound to ``settings``; ``early``: the
-    gate's admission of a small prediction request (:meth:`~roadwork.serve.admission.Gate.admit_early`)."""
+    gate's admission of a small prediction request (:meth:`~roadwork.serve.admission.Gate.admit_early`).
+    ``accept_batch``: how many connections the event loop may accept before the protocol hears of the first
+    (asyncio's loop accepts up to its backlog at once; uvloop one at a time): kept free below the fd limit too,
+    or eviction comes too late and ``accept`` fails with EMFILE in a loop."""
     fd_limit = raise_fd_limit()
-    if settings.max_connections and settings.max_connections > fd_limit - _FD_RESERVE:
+    reserve = _FD_RESERVE + accept_batch
+    if settings.max_connections and settings.max_connections > fd_limit - reserve:
         log.warning(
             "max_connections=%d is near or over the open-file limit (%d): raise it (ulimit -n) or lower "
             "max_connections",
@@ -144,7 +150,7 @@ def guarded_protocol(
     limits = _Limits(
         settings,
         metrics,
-        settings.max_connections or max(fd_limit - _FD_RESERVE, 16),
+        settings.max_connections or max(fd_limit - reserve, 16),
         settings.max_header_kb * 1024,
         early=early,
     )
@@ -176,7 +182,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._linger = LingeringTransport(
             transport,
             self.loop,
-            lambda: self._in_body or self._head_open,
+            lambda: (self._in_body or self._head_open) and not self._closing,  # no lingering in a shutdown
             self.limits.settings.body_timeout_s,
             lambda: self.limits.lingering.__setitem__(self, None),
         )
@@ -288,7 +294,9 @@ class GuardedProtocol(HttpToolsProtocol):
         """uvicorn's graceful shutdown closes a connection with no request running; one whose body or 503 is
         held gets its answer first (with ``Connection: close``), then closes."""
         self._closing = True
-        if self._held is None and self._holding is None:
+        if self._linger.lingering:  # answered already: the rest of its request is not waited for
+            self._linger.end()
+        elif self._held is None and self._holding is None:
             super().shutdown()
 
     def data_received(self, data: bytes) -> None:
