@@ -244,7 +244,7 @@ def test_every_module_the_server_imports_comes_with_the_serve_extra():
 
 
 def test_the_serve_extra_brings_uvloop_and_the_server_runs_on_it(monkeypatch, capsys):
-    """Without uvloop (a bare uvicorn) the demo bundle's p99 at 0.8x load tripled: the extra and the image bring
+    """Without uvloop (a bare uvicorn) the demo bundle's capacity was 5-7 % lower: the extra and the image bring
     it, the server picks it, and says so when it is missing."""
     import importlib.util
 

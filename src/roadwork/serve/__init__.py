@@ -47,8 +47,9 @@ _ASYNCIO_ACCEPT_BATCH = 4 * _ASYNCIO_BACKLOG
 
 def _event_loop() -> str:
     """The event loop the server runs on: ``uvloop`` when installed (the serve extra brings it, except on
-    Windows), else asyncio's own, with a warning: the demo bundle served 7 % fewer requests on it and its p99 at
-    0.8x load was three times uvloop's (``benchmarks/serve_loop.py``)."""
+    Windows), else asyncio's own, with a warning: the demo bundle's 16-client capacity was 5–7 % lower on it
+    (``benchmarks/serve_loop.py``), and near the fd limit it accepts connections in batches (see
+    :func:`~roadwork.serve.protocol.guarded_protocol`'s ``accept_batch``)."""
     import importlib.util
 
     if importlib.util.find_spec("uvloop") is not None:
