@@ -1,12 +1,23 @@
-"""The machine a benchmark table was measured on: ``lscpu``'s model name and flags, cores, Python."""
+"""What every serving benchmark starts with: the machine its table was measured on (``lscpu``'s model name and
+flags, cores, Python), and the bundle it serves."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+import sys
+from pathlib import Path
 
-__all__ = ["machine_lines"]
+__all__ = ["bundle_or_exit", "machine_lines"]
+
+
+def bundle_or_exit(path: str) -> Path:
+    """``path`` as a bundle folder, or exit with the fix (build the demo's, or pass ``--bundle``)."""
+    bundle = Path(path)
+    if not (bundle / "manifest.json").is_file():
+        sys.exit(f"{bundle} is not a bundle: run 'make demo' first or pass --bundle")
+    return bundle
 
 
 def machine_lines() -> list[str]:

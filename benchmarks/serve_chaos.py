@@ -44,6 +44,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from _machine import bundle_or_exit
+
 HOST = "127.0.0.1"
 
 
@@ -699,7 +701,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     EXTRA_SETTINGS.extend(args.server)
-    bundle = Path(args.bundle)
+    bundle = bundle_or_exit(args.bundle)
     from roadwork.export.bundle import Bundle
 
     size = Bundle.load(bundle).card.preprocess.size

@@ -456,13 +456,11 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=2, help="photo table: old/new rounds, alternating")
     args = ap.parse_args()
-    bundle = Path(args.bundle)
-    if not (bundle / "manifest.json").is_file():
-        sys.exit(f"{bundle} is not a bundle: run 'make demo' first or pass --bundle")
-    if args.images or args.photo_size:
-        sys.path.insert(0, str(HERE))
-        from _machine import machine_lines
+    sys.path.insert(0, str(HERE))
+    from _machine import bundle_or_exit, machine_lines
 
+    bundle = bundle_or_exit(args.bundle)
+    if args.images or args.photo_size:
         for line in machine_lines():
             print(line)
         print(f"bundle {bundle}; batch {args.batch}")

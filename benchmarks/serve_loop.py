@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _chaos_ring2 import _open_loop  # noqa: E402
-from _machine import machine_lines  # noqa: E402
+from _machine import bundle_or_exit, machine_lines  # noqa: E402
 from serve_chaos import Server, _closed_loop, _jpeg_bodies  # noqa: E402
 
 HEADER = "| 1 client p50 ms | p99 ms | 16 clients req/s | open loop p50 ms | p99 ms | 503 |"
@@ -66,9 +66,7 @@ def main() -> None:
     )
     ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
-    bundle = Path(args.bundle)
-    if not (bundle / "manifest.json").is_file():
-        sys.exit(f"{bundle} is not a bundle: run 'make demo' first or pass --bundle")
+    bundle = bundle_or_exit(args.bundle)
     for line in machine_lines():
         print(line)
     bodies = _jpeg_bodies(32)

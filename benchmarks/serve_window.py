@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import machine_lines  # noqa: E402
+from _machine import bundle_or_exit, machine_lines  # noqa: E402
 from serve_chaos import Server, _closed_loop, _jpeg_bodies  # noqa: E402
 
 SETTINGS = {"fixed window": [], "adaptive_window=true": ["adaptive_window=true"]}
@@ -31,9 +31,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)
     args = ap.parse_args()
-    bundle = Path(args.bundle)
-    if not (bundle / "manifest.json").is_file():
-        sys.exit(f"{bundle} is not a bundle: run 'make demo' first or pass --bundle")
+    bundle = bundle_or_exit(args.bundle)
     for line in machine_lines():
         print(line)
     bodies = _jpeg_bodies(32)

@@ -33,7 +33,7 @@ from roadwork.data.preprocess import decode_opened, shape_problem
 from roadwork.data.splits import assign_splits
 from roadwork.errors import DataError, InputError
 
-__all__ = ["CORE_COLUMNS", "DataReport", "build_dataset", "check_image"]
+__all__ = ["CORE_COLUMNS", "DataReport", "build_dataset", "check_image", "check_images"]
 
 CORE_COLUMNS = ("id", "path", "label", "split", "sha256")
 """The columns every ``dataset.parquet`` has; any others are slice columns."""
@@ -183,15 +183,18 @@ def _check_many(paths: list[str], max_pixels: int, max_bytes: int) -> list[tuple
     return [check_image(Path(p), max_pixels=max_pixels, max_bytes=max_bytes) for p in paths]
 
 
-def _validate_files(df: pd.DataFrame, cfg: DataConfig, report: DataReport) -> pd.DataFrame:
-    """Check (decode and hash) every file, in ``data.workers`` processes; drop and report the unusable ones."""
+def check_images(paths: list[str], cfg: DataConfig, progress: bool = True) -> list[tuple[str | None, str]]:
+    """:func:`check_image` on each of ``paths`` with ``cfg``'s limits (``max_pixels``, ``max_file_mb``), in
+    ``cfg.workers`` processes, with a progress bar: ``(sha256, "")`` or ``(None, reason)`` per path, in order."""
     from roadwork._parallel import process_pool, resolve_workers
     from roadwork._progress import progress_bar
 
-    paths, limits = [str(p) for p in df["path"]], (cfg.max_pixels, int(cfg.max_file_mb * 2**20))
+    limits = (cfg.max_pixels, int(cfg.max_file_mb * 2**20))
     chunks = [paths[i : i + _CHECK_CHUNK] for i in range(0, len(paths), _CHECK_CHUNK)]
     workers = min(resolve_workers(cfg.workers), len(chunks))
-    bar = progress_bar(total=len(paths), desc="checking images", unit="img", leave=False)
+    bar = progress_bar(
+        total=len(paths), desc="checking images", unit="img", leave=False, disable=not progress
+    )
     results: list[tuple[str | None, str]] = []
     with bar:
         if workers <= 1:
@@ -204,6 +207,13 @@ def _validate_files(df: pd.DataFrame, cfg: DataConfig, report: DataReport) -> pd
                 for part, fut in zip(chunks, futures, strict=True):
                     results += fut.result()
                     bar.update(len(part))
+    return results
+
+
+def _validate_files(df: pd.DataFrame, cfg: DataConfig, report: DataReport) -> pd.DataFrame:
+    """Check (decode and hash) every file (:func:`check_images`); drop and report the unusable ones."""
+    paths = [str(p) for p in df["path"]]
+    results = check_images(paths, cfg)
     hashes: list[str | None] = []
     for rid, p, (digest, reason) in zip(df["id"], paths, results, strict=True):
         if digest is None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from roadwork.config import CalibrateConfig, RunConfig, dump_config
+from roadwork.config import CalibrateConfig, DataConfig, RunConfig, dump_config
 from roadwork.errors import ConfigError, RoadworkWarning
 from roadwork.jsonio import write_json
 from roadwork.pipeline.artifacts import (
@@ -112,15 +112,14 @@ def stage_data(ctx: StageContext) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- train
 
 
-def _readable_unlabeled(paths: list[str], data: Any, folder: str) -> list[str]:
-    """The unlabelled images the data stage would keep (:func:`~roadwork.data.sources.check_image`: regular
+def _readable_unlabeled(paths: list[str], data: DataConfig, folder: str, progress: bool) -> list[str]:
+    """The unlabelled images the data stage would keep (:func:`~roadwork.data.sources.check_images`: regular
     files, decodable, within ``data.max_pixels`` and ``data.max_file_mb``); the others are skipped with a warning,
     as the data stage lists them: one odd file (a FIFO, a truncated JPEG) never ends the run."""
     from roadwork.data.listing import shown
-    from roadwork.data.sources import check_image
+    from roadwork.data.sources import check_images
 
-    limits = {"max_pixels": data.max_pixels, "max_bytes": int(data.max_file_mb * 2**20)}
-    checked = [(p, check_image(Path(p), **limits)[1]) for p in paths]
+    checked = [(p, why) for p, (_digest, why) in zip(paths, check_images(paths, data, progress), strict=True)]
     bad = [(p, why) for p, why in checked if why]
     if bad:
         shown_bad = "; ".join(f"{shown(p)}: {why}" for p, why in bad[:3])
@@ -152,7 +151,8 @@ def _explora(ctx: StageContext) -> Path:
         raise ConfigError(
             f"train.recipe=explora needs train.unlabeled=FOLDER of unlabelled target-domain images; got {t.unlabeled!r}."
         )
-    paths = _readable_unlabeled(list_images([t.unlabeled])["path"].tolist(), ctx.cfg.data, t.unlabeled)
+    listed = list_images([t.unlabeled])["path"].tolist()
+    paths = _readable_unlabeled(listed, ctx.cfg.data, t.unlabeled, ctx.progress)
     u8 = load_uint8(paths, PreprocessSpec(size=ctx.cfg.model.image_size), "explora: unlabelled", ctx.progress)
     state, history = explora_pretrain(
         ctx.cfg.model,

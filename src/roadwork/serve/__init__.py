@@ -101,7 +101,7 @@ def serve(bundle: str, settings: ServeSettings) -> None:
     assert isinstance(gate, Gate)  # the outermost layer (serve/app.py)
 
     loop = _event_loop()
-    backlog = 2048 if loop == "uvloop" else _ASYNCIO_BACKLOG  # 2048: uvicorn's default
+    uv = loop == "uvloop"
     config = uvicorn.Config(
         app,
         # head limits, head timeout, eviction, and the gate's admission of small prediction requests
@@ -109,11 +109,11 @@ def serve(bundle: str, settings: ServeSettings) -> None:
             settings,
             app.state.roadwork.metrics,
             early=gate,
-            accept_batch=0 if loop == "uvloop" else _ASYNCIO_ACCEPT_BATCH,
+            accept_batch=0 if uv else _ASYNCIO_ACCEPT_BATCH,
         ),
         ws="none",  # no WebSocket routes: an upgrade request is a plain request (and gets a JSON answer)
         loop=loop,
-        backlog=backlog,
+        backlog=2048 if uv else _ASYNCIO_BACKLOG,  # 2048: uvicorn's default
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),

@@ -43,7 +43,6 @@ class LingeringTransport:
         self._timer: Any = None
         self._start = self._last = 0.0
         self.lingering = False
-        self.dropped = 0  # bytes read and dropped while lingering
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._t, name)
@@ -74,13 +73,11 @@ class LingeringTransport:
         self._timer = self._loop.call_later(LINGER_IDLE_S, self._check)
         self._on_linger()
 
-    def dropped_data(self, size: int) -> bool:
-        """``size`` bytes arrived: ``True`` when they are to be dropped (the connection lingers)."""
-        if not self.lingering:
-            return False
-        self._last = self._loop.time()
-        self.dropped += size
-        return True
+    def dropping(self) -> bool:
+        """Bytes arrived: ``True`` when they are to be dropped (the connection lingers)."""
+        if self.lingering:
+            self._last = self._loop.time()
+        return self.lingering
 
     def _check(self) -> None:
         now = self._loop.time()

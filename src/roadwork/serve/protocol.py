@@ -169,7 +169,7 @@ class GuardedProtocol(HttpToolsProtocol):
     _holding: Any = None  # the timer of a refusal held until the connection's Retry-After is up
     _hold_args: tuple[Refused, bool, float] | None = None  # its refusal, keep-alive and start
     _closing = False  # uvicorn's shutdown came while a body or a refusal was held: close after its answer
-    _held_size = 0  # its declared length, counted in the gate's bodies in flight until the body is in
+    _held_size = 0  # its bytes that arrived so far, counted in the gate's bodies in flight until it is in
     _upgrade: bytes | None = None  # a request head that asked for an Upgrade, without it (see _feed)
     _head_open = False  # a request's head has begun and is not complete (pipelined ones included)
     _in_body = False  # a request's head is complete and its body not (it may have been answered already)
@@ -184,7 +184,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self.loop,
             lambda: (self._in_body or self._head_open) and not self._closing,  # no lingering in a shutdown
             self.limits.settings.body_timeout_s,
-            lambda: self.limits.lingering.__setitem__(self, None),
+            self._lingers,
         )
         super().connection_made(self._linger)  # type: ignore[arg-type]  # a Transport in all but name
         self._head_bytes = 0
@@ -192,6 +192,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._awaiting_head()
         if len(self.connections) > self.limits.max_connections:
             self._evict_oldest_idle()
+
+    def _lingers(self) -> None:
+        self.limits.lingering[self] = None  # evicted first beyond max_connections
 
     def _awaiting_head(self) -> None:
         self._head_bytes = self._head_count = self._head_len = 0
@@ -211,9 +214,9 @@ class GuardedProtocol(HttpToolsProtocol):
         oldest without a complete request head, then the oldest one that does not read its answer, then the
         oldest whose request body has not arrived (a head then silence holds a descriptor as long)."""
         limits = self.limits
-        for conn in limits.lingering:
+        if limits.lingering:
             limits.metrics.connections_evicted.inc()
-            limits.lingering.pop(conn, None)
+            conn, _ = limits.lingering.popitem(last=False)
             conn._linger.end()
             return
         for waiting, what in (
@@ -300,7 +303,7 @@ class GuardedProtocol(HttpToolsProtocol):
             super().shutdown()
 
     def data_received(self, data: bytes) -> None:
-        if self._linger.dropped_data(len(data)):  # answered and closing: the rest of the request is dropped
+        if self._linger.dropping():  # answered and closing: the rest of the request is dropped
             return
         if self._error_after is not None:  # the parser failed: nothing after it is read
             return
@@ -398,10 +401,9 @@ class GuardedProtocol(HttpToolsProtocol):
                 raise _Refused
             self._upgrade = _plain_head(method, self.url, self.parser.get_http_version(), self.headers)
             return
+        # llhttp reads "gzip, chunked" as chunked: the body would then fail as JSON
         codings = [v for k, v in self.headers if k == b"transfer-encoding"]
-        if (
-            codings and b",".join(codings).replace(b" ", b"").lower() != b"chunked"
-        ):  # llhttp takes "gzip, chunked"
+        if codings and b",".join(codings).replace(b" ", b"").lower() != b"chunked":
             coding = b", ".join(codings).decode("latin-1")[:60]
             self._refuse_in_order(
                 501,
